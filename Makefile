@@ -1,0 +1,40 @@
+# Two commands a newcomer needs: `make run` (the embedded dev default) and `make test`.
+# Both build the virtualenv they need on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Linters for the deploy files (checkov, hadolint) live in their own venv: checkov pins
+# versions of libraries the relay also uses.
+TOOLS_VENV  ?= .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,speed]'
+	touch $@
+
+$(TOOLS_STAMP): requirements-tools.txt
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install -q --upgrade pip
+	$(TOOLS_VENV)/bin/pip install -q -r requirements-tools.txt
+	touch $@
+
+run: $(STAMP)
+	RELAY_DEV_DIR=$(CURDIR)/.relay-dev $(VENV)/bin/relay serve
+
+test: $(STAMP) $(TOOLS_STAMP)
+	$(PY) -m ruff check relay tests bench
+	RELAY_TOOLS_BIN=$(CURDIR)/$(TOOLS_VENV)/bin $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check relay tests bench
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache .relay-dev

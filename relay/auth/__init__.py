@@ -1,0 +1,1 @@
+"""Who the client is: password hashes and the user directory (SMTP AUTH, RFC 4954)."""

@@ -1,0 +1,211 @@
+"""The `relay` command: serve, check, keygen, hash-password, config validate.
+
+Exit codes: 0 success; 1 a runtime failure (cannot bind, a check failed); 2 a bad config
+or bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import sys
+from pathlib import Path
+
+from relay import __version__
+from relay.config.load import ConfigError, config_path, load_settings
+from relay.config.schema import Settings
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relay", description="SMTP relay proxy for private subnets.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the relay (no config: the embedded dev default)")
+    serve.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the listeners (default 1)")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="preflight of the DNS posture and the path out")
+    check.add_argument("-c", "--config")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(func=cmd_check)
+
+    keygen = sub.add_parser("keygen", help="make a DKIM key pair and print the DNS record")
+    keygen.add_argument("-d", "--domain", required=True)
+    keygen.add_argument("-s", "--selector", required=True)
+    keygen.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], default="rsa-sha256")
+    keygen.add_argument("--bits", type=int, choices=[2048, 3072, 4096], default=2048)
+    keygen.add_argument("--store", metavar="REF", help="write the private key to file:///path or aws-sm://ID")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing file:// key")
+    keygen.add_argument("--print-private-key", action="store_true",
+                        help="also print the private key (PEM) on stdout")
+    keygen.add_argument("--aws-region")
+    keygen.add_argument("--aws-endpoint-url")
+    keygen.set_defaults(func=cmd_keygen)
+
+    hashpw = sub.add_parser("hash-password", help="read a password on stdin, print its hash")
+    hashpw.set_defaults(func=cmd_hash_password)
+
+    config = sub.add_parser("config", help="configuration commands")
+    config_sub = config.add_subparsers(metavar="SUBCOMMAND")
+    validate = config_sub.add_parser("validate", help="load and validate the config")
+    validate.add_argument("-c", "--config")
+    validate.set_defaults(func=cmd_config_validate)
+    return parser
+
+
+def _load(path_arg: str | None) -> tuple[Settings, Path | None]:
+    path = config_path(path_arg)
+    if path is None:
+        from relay.config.dev import dev_settings
+
+        return dev_settings(), None
+    return load_settings(path), path
+
+
+def _full_check(settings: Settings, path: Path | None) -> None:
+    """Everything `serve` checks before it binds: the schema, plus loadable TLS files."""
+    from relay.listen.listeners import check_tls_files
+
+    problem = check_tls_files(settings.tls)
+    if problem:
+        raise ConfigError(str(path or "embedded dev default"), [("tls.cert_file", problem)])
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    try:
+        settings, path = _load(args.config)
+        _full_check(settings, path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    source = str(path) if path else "embedded dev default"
+    keys = ", ".join(f"{k.domain}/{k.selector}" for k in settings.dkim.keys) or "none"
+    print(f"{source}: configuration is valid")
+    print(f"  listeners: {', '.join(f'{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}' for lst in settings.listeners)}")
+    print(f"  users: {len(settings.clients.users)}; DKIM keys: {keys}")
+    print(f"  upstream: {', '.join(u.label + ' (' + u.mode + ')' for u in settings.upstream)}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.app import serve
+    from relay.observe.logs import setup_logging
+
+    try:
+        settings, path = _load(args.config)
+        _full_check(settings, path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(settings.logging.format, settings.logging.level)
+    if path is None:
+        from relay.config.dev import dev_settings
+
+        reload_settings = dev_settings
+        on_started = _print_dev_banner
+    else:
+        reload_settings = None
+        on_started = None
+    _install_uvloop()
+    return asyncio.run(serve(settings, config_path=path, reload_settings=reload_settings,
+                             on_started=on_started))
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def _print_dev_banner(relay) -> None:
+    from relay.config.dev import DEV_DOMAIN, DEV_SELECTOR
+
+    settings = relay.settings
+    base = settings.data_dir
+    outbox = settings.upstream[0].outbox_dir
+    binds = {lst.name: lst.bind for lst in settings.listeners}
+    print(
+        f"""
+relay {__version__} is running on its embedded dev default (loopback only).
+
+  SMTP       {binds['dev-plain']} (plain + STARTTLS), {binds['dev-submission']} (STARTTLS), {binds['dev-submissions']} (implicit TLS)
+             no AUTH needed from loopback; send as anything@{DEV_DOMAIN}
+  outbox     {outbox}/   (each signed message lands here as an .eml file)
+  DKIM key   {base}/{DEV_SELECTOR}.{DEV_DOMAIN}.key  (selector {DEV_SELECTOR}; TXT record in {DEV_SELECTOR}.{DEV_DOMAIN}.txt)
+  TLS cert   {base}/tls.crt  (self-signed)
+  metrics    http://{settings.metrics.bind}/metrics   health: /healthz  /readyz
+
+Try it:
+  swaks --server 127.0.0.1:2525 --from app@{DEV_DOMAIN} --to someone@example.net
+  python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', 2525).sendmail('app@{DEV_DOMAIN}', ['someone@example.net'], 'From: app@{DEV_DOMAIN}\\r\\nTo: someone@example.net\\r\\nSubject: hello\\r\\n\\r\\nhi\\r\\n')"
+
+Stop with Ctrl-C.
+""",
+        flush=True,
+    )
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from relay.auth.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("passwords differ", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("empty password", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(password))
+    return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from relay.keygen import keygen
+
+    return keygen(args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        settings, path = _load(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    from relay.posture.report import run_check
+
+    logging.basicConfig(level=logging.ERROR)
+    report = asyncio.run(run_check(settings))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        print(report.render())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Loading the config: YAML → validated `Settings`, with errors that name the key path."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from relay.config.schema import Settings
+
+# Field names whose values must never be echoed in an error, even when wrong.
+_SECRET_FIELDS = {"password", "password_hash", "key", "token", "secret_id", "proxy_password"}
+
+
+class ConfigError(Exception):
+    """One or more problems, each `(key path, message)`."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [f"{self.source}: invalid configuration ({len(self.problems)} problem"
+                 f"{'s' if len(self.problems) != 1 else ''})"]
+        lines += [f"  {path or '(top level)'}: {message}" for path, message in self.problems]
+        return "\n".join(lines)
+
+
+def config_path(cli_path: str | None) -> Path | None:
+    """`-c FILE`, else `$RELAY_CONFIG`, else None (the embedded dev default)."""
+    chosen = cli_path or os.environ.get("RELAY_CONFIG") or None
+    return Path(chosen) if chosen else None
+
+
+def load_settings(path: Path) -> Settings:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [("", f"YAML syntax error at {where}{problem}")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, [("", "the file must hold a mapping of settings")])
+    return settings_from_mapping(data, source)
+
+
+def settings_from_mapping(data: dict[str, Any], source: str = "config") -> Settings:
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+    problems = list(_cross_checks(settings))
+    if problems:
+        raise ConfigError(source, problems)
+    return settings
+
+
+def _key_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _describe(err: dict[str, Any]) -> tuple[str, str]:
+    loc = list(err["loc"])
+    # Union members show up as extra loc entries ("list[...]", "literal['auto']"); drop them.
+    loc = [p for p in loc if isinstance(p, int) or ("[" not in p and "(" not in p)]
+    path = _key_path(loc)
+    kind = err["type"]
+    message = err["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        field = str(loc[-1])
+        known = _known_fields(loc[:-1])
+        guess = difflib.get_close_matches(field, known, n=1)
+        hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        return path, f"unknown key{hint}"
+    if kind == "missing":
+        return path, "required key is missing"
+    field = next((str(p) for p in reversed(loc) if isinstance(p, str)), "")
+    value = err.get("input")
+    if (
+        kind != "value_error"
+        and field not in _SECRET_FIELDS
+        and isinstance(value, str | int | float | bool)
+        and len(str(value)) <= 80
+        and repr(value) not in message
+    ):
+        message += f" (got {value!r})"
+    return path, message
+
+
+def _known_fields(loc: list[Any]) -> list[str]:
+    """The field names of the model at `loc`, to suggest a correction for a typo."""
+    model: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    metadata = getattr(annotation, "__origin__", None)
+    if metadata is not None:
+        return _model_of(metadata)
+    return None
+
+
+def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
+    """Checks that span sections, reported at the key that has to change."""
+    seen_names: dict[str, int] = {}
+    seen_binds: dict[object, int] = {}
+    for i, listener in enumerate(settings.listeners):
+        if listener.name in seen_names:
+            yield f"listeners[{i}].name", f"{listener.name!r} is already used by listeners[{seen_names[listener.name]}]"
+        seen_names.setdefault(listener.name, i)
+        if listener.bind in seen_binds:
+            yield f"listeners[{i}].bind", f"{listener.bind} is already bound by listeners[{seen_binds[listener.bind]}]"
+        seen_binds.setdefault(listener.bind, i)
+        if listener.tls != "none" and settings.tls.cert_file is None:
+            yield "tls.cert_file", f"needed by listeners[{i}] ({listener.name}, tls: {listener.tls})"
+        if listener.auth != "none" and listener.tls == "none" and not listener.bind.is_loopback:
+            yield f"listeners[{i}].tls", "AUTH is only offered over TLS; a non-loopback listener needs tls"
+        if listener.auth == "required" and not settings.clients.users:
+            yield "clients.users", f"listeners[{i}] ({listener.name}) has auth: required but no users are configured"
+    for name in ("cert_file", "key_file"):
+        path = getattr(settings.tls, name)
+        if path is not None and not path.is_file():
+            yield f"tls.{name}", f"file not found: {path}"
+    upstream_names: dict[str, int] = {}
+    for i, upstream in enumerate(settings.upstream):
+        if upstream.name:
+            if upstream.name in upstream_names:
+                yield f"upstream[{i}].name", f"{upstream.name!r} is already used by upstream[{upstream_names[upstream.name]}]"
+            upstream_names.setdefault(upstream.name, i)
+        if upstream.ca_file is not None and not upstream.ca_file.is_file():
+            yield f"upstream[{i}].ca_file", f"file not found: {upstream.ca_file}"
+        if upstream.mode == "outbox" and len(settings.upstream) > 1:
+            yield f"upstream[{i}].mode", "outbox is a development target and cannot be combined with other upstreams"
+    for i, route in enumerate(settings.routes):
+        if route.upstream not in upstream_names:
+            yield f"routes[{i}].upstream", f"no upstream is named {route.upstream!r}"
+    if settings.secrets.vault is None:
+        for i, key in enumerate(settings.dkim.keys):
+            if key.key.startswith("vault://"):
+                yield f"dkim.keys[{i}].key", "vault:// reference needs a secrets.vault section"
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective config for the startup log. References are kept (they are not
+    secret); password hashes are cut to their scheme."""
+    data = settings.model_dump(mode="json")
+    for user in data["clients"]["users"]:
+        if user.get("password_hash"):
+            user["password_hash"] = "scrypt$<redacted>"
+    for upstream in data["upstream"]:
+        proxy = upstream.get("proxy")
+        if proxy and "@" in proxy:
+            scheme, _, rest = proxy.partition("://")
+            userinfo, _, hostpart = rest.rpartition("@")
+            upstream["proxy"] = f"{scheme}://{userinfo.partition(':')[0]}:<redacted>@{hostpart}"
+    return data

@@ -1,0 +1,379 @@
+"""The configuration, as declared settings (validated once, at load).
+
+Every model forbids unknown keys: a typo must not silently disable a policy. Values that are
+secrets (keys, passwords, tokens) are secret references, never literals (see
+`relay.secrets.base.SecretRef`); the config file itself is therefore not secret.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from relay.auth.passwords import check_hash_format
+from relay.config.defaults import METRICS_PORT
+from relay.config.units import Bind, Duration, HostPort, Size
+from relay.secrets.base import SecretRef
+
+
+def _secret_ref(value: str) -> str:
+    SecretRef.parse(value)
+    return value
+
+
+def _network(value: object) -> str:
+    try:
+        return str(ipaddress.ip_network(str(value), strict=False))
+    except ValueError:
+        raise ValueError(f"expected a network like 10.0.0.0/8, got {value!r}") from None
+
+
+def _ip(value: object) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ValueError(f"expected an IP address, got {value!r}") from None
+
+
+def _egress_ip(value: object) -> str | list[str]:
+    if value == "auto":
+        return "auto"
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("expected auto, an IP address or a list of IP addresses")
+    out = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_address(str(item))))
+        except ValueError:
+            raise ValueError(f"expected auto or IP addresses, got {item!r}") from None
+    return out
+
+
+def _domain(value: str) -> str:
+    value = value.strip().lower().rstrip(".")
+    if not value or " " in value or "@" in value or ".." in value:
+        raise ValueError(f"expected a domain name, got {value!r}")
+    return value
+
+
+def _sender_pattern(value: str) -> str:
+    """A `senders` entry: a domain, `*.domain` for its subdomains, or a full address."""
+    value = value.strip().lower()
+    if "@" in value:
+        local, _, domain = value.rpartition("@")
+        if not local or not domain:
+            raise ValueError(f"expected an address like app@example.com, got {value!r}")
+        return f"{local}@{_domain(domain)}"
+    if value.startswith("*."):
+        return "*." + _domain(value[2:])
+    return _domain(value)
+
+
+SecretRefStr = Annotated[str, AfterValidator(_secret_ref)]
+Network = Annotated[str, BeforeValidator(_network)]
+IpAddress = Annotated[str, BeforeValidator(_ip)]
+Domain = Annotated[str, AfterValidator(_domain)]
+SenderPattern = Annotated[str, AfterValidator(_sender_pattern)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerSettings(Strict):
+    name: str = Field(min_length=1, pattern=r"^[a-z0-9_-]+$")
+    bind: Bind
+    tls: Literal["starttls", "implicit", "none"]
+    auth: Literal["required", "optional", "none"] = "required"
+    proxy_protocol: bool = False
+    # Who an unauthenticated client (auth: optional/none) may send as. Default: the
+    # domains that have DKIM keys.
+    senders: list[SenderPattern] | None = None
+
+    @field_validator("auth")
+    @classmethod
+    def _unauthenticated_only_on_loopback(cls, auth: str, info: ValidationInfo) -> str:
+        # Unauthenticated submission is for a sidecar next to one application: only a
+        # process in the same network namespace can reach a loopback bind.
+        bind = info.data.get("bind")
+        if auth != "required" and bind is not None and not bind.is_loopback:
+            raise ValueError(
+                f"auth: {auth} is only allowed on a loopback bind (127.0.0.1, ::1), "
+                f"not {bind}; shared listeners need auth: required"
+            )
+        return auth
+
+
+class TlsSettings(Strict):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class UserSettings(Strict):
+    username: str = Field(min_length=1)
+    password_hash: str | None = None
+    password: SecretRefStr | None = None
+    senders: list[SenderPattern] = Field(min_length=1)
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_hash_format(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> UserSettings:
+        if (self.password_hash is None) == (self.password is None):
+            raise ValueError("give exactly one of password_hash or password (a secret reference)")
+        return self
+
+
+class ClientSettings(Strict):
+    networks: list[Network] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    users: list[UserSettings] = Field(default_factory=list)
+    max_message_size: Size = 25 * 1024 * 1024
+    max_recipients: int = Field(default=100, ge=1, le=10_000)
+    # Failed AUTH attempts in one session before it is closed (421 4.7.0).
+    max_auth_failures: int = Field(default=3, ge=1)
+    session_timeout: Duration = 300.0
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, users: list[UserSettings]) -> list[UserSettings]:
+        seen: set[str] = set()
+        for user in users:
+            if user.username in seen:
+                raise ValueError(f"username {user.username!r} appears twice")
+            seen.add(user.username)
+        return users
+
+
+DEFAULT_SIGN_HEADERS = [
+    "from", "to", "cc", "subject", "date", "message-id", "reply-to",
+    "mime-version", "content-type", "content-transfer-encoding",
+    "in-reply-to", "references", "list-unsubscribe", "list-unsubscribe-post",
+]
+
+
+class DkimKeySettings(Strict):
+    domain: Domain
+    selector: str = Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+    key: SecretRefStr
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+
+
+class DkimSettings(Strict):
+    keys: list[DkimKeySettings] = Field(default_factory=list)
+    sign_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_SIGN_HEADERS))
+    oversign: list[str] = Field(default_factory=lambda: ["from", "to", "subject"])
+    when_no_key: Literal["reject", "relay_unsigned"] = "reject"
+    # RFC 8301 §3.2: signers MUST use RSA keys of at least 1024 bits; we require 2048
+    # unless this is set (for a legacy selector that cannot be rotated yet).
+    allow_weak_rsa: bool = False
+
+    @field_validator("sign_headers", "oversign")
+    @classmethod
+    def _header_names(cls, names: list[str]) -> list[str]:
+        out = []
+        for name in names:
+            name = name.strip().lower()
+            if not name or any(c in name for c in ": \t"):
+                raise ValueError(f"not a header field name: {name!r}")
+            if name == "dkim-signature":
+                raise ValueError("dkim-signature cannot be signed (RFC 6376 §5.4)")
+            out.append(name)
+        return out
+
+    @model_validator(mode="after")
+    def _from_signed(self) -> DkimSettings:
+        # RFC 6376 §5.4: the From header field MUST be signed.
+        if "from" not in self.sign_headers:
+            raise ValueError("sign_headers must include 'from' (RFC 6376 §5.4)")
+        pairs = [(k.domain, k.selector) for k in self.keys]
+        for pair in pairs:
+            if pairs.count(pair) > 1:
+                raise ValueError(f"selector {pair[1]!r} for {pair[0]} appears twice")
+        return self
+
+
+class AwsSettings(Strict):
+    region: str | None = None
+    endpoint_url: str | None = None
+
+
+class VaultSettings(Strict):
+    url: str
+    mount: str = "secret"
+    auth: Literal["token", "kubernetes", "approle"] = "token"
+    token: SecretRefStr | None = None
+    role: str | None = None
+    role_id: str | None = None
+    secret_id: SecretRefStr | None = None
+    auth_mount: str | None = None
+    kubernetes_token_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    namespace: str | None = None
+    ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _auth_inputs(self) -> VaultSettings:
+        if self.auth == "token" and not self.token:
+            raise ValueError("auth: token needs token (a secret reference, e.g. env://VAULT_TOKEN)")
+        if self.auth == "kubernetes" and not self.role:
+            raise ValueError("auth: kubernetes needs role")
+        if self.auth == "approle" and not (self.role_id and self.secret_id):
+            raise ValueError("auth: approle needs role_id and secret_id")
+        return self
+
+
+class SecretsSettings(Strict):
+    refresh: Duration = 300.0
+    aws: AwsSettings = Field(default_factory=AwsSettings)
+    vault: VaultSettings | None = None
+
+
+class PoolSettings(Strict):
+    max_connections: int = Field(default=8, ge=1, le=1000)
+    max_messages_per_connection: int = Field(default=100, ge=1)
+    idle_timeout: Duration = 30.0
+    # How long a transaction waits for a free upstream connection before 451 4.4.5.
+    acquire_timeout: Duration = 30.0
+
+
+class UpstreamSettings(Strict):
+    name: str | None = None
+    mode: Literal["smarthost", "mx", "outbox"] = "smarthost"
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # smarthost default: starttls; mx default: opportunistic (STARTTLS when offered).
+    tls: Literal["starttls", "implicit", "none", "opportunistic", "require"] | None = None
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    username: str | None = None
+    password: SecretRefStr | None = None
+    proxy: str | None = None
+    proxy_password: SecretRefStr | None = None
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    connect_timeout: Duration = 30.0
+    command_timeout: Duration = 300.0
+    helo_name: str | None = None
+    outbox_dir: Path | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> UpstreamSettings:
+        if self.mode == "smarthost" and not self.host:
+            raise ValueError("mode: smarthost needs host")
+        if self.mode == "outbox" and not self.outbox_dir:
+            raise ValueError("mode: outbox needs outbox_dir")
+        if self.mode == "mx" and self.host:
+            raise ValueError("mode: mx takes no host (recipients' MX hosts are looked up)")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.tls in ("opportunistic", "require") and self.mode != "mx":
+            raise ValueError(f"tls: {self.tls} is for mode: mx; smarthosts use starttls/implicit/none")
+        if self.tls in ("starttls",) and self.mode == "mx":
+            raise ValueError("mode: mx uses tls: opportunistic (default), require or none")
+        if self.proxy is not None:
+            scheme = self.proxy.partition("://")[0]
+            if scheme not in ("socks5", "socks5h", "socks4", "http"):
+                raise ValueError("proxy must be socks5://, socks5h://, socks4:// or http:// (CONNECT)")
+        return self
+
+    @property
+    def effective_tls(self) -> str:
+        if self.tls:
+            return self.tls
+        return "opportunistic" if self.mode == "mx" else "starttls"
+
+    @property
+    def effective_port(self) -> int:
+        if self.port:
+            return self.port
+        if self.mode == "mx":
+            return 25
+        return 465 if self.effective_tls == "implicit" else 587
+
+    @property
+    def label(self) -> str:
+        """Bounded metrics label and log name for this upstream."""
+        if self.name:
+            return self.name
+        if self.mode == "smarthost":
+            return f"{self.host}:{self.effective_port}"
+        return self.mode
+
+
+def _upstream_list(value: object) -> object:
+    # `upstream` is one mapping (the common case) or a list tried in order (failover).
+    return [value] if isinstance(value, dict) else value
+
+
+class RouteSettings(Strict):
+    sender_domain: SenderPattern
+    upstream: str
+
+
+class DnsSettings(Strict):
+    nameservers: list[IpAddress] | None = None
+    port: int = Field(default=53, ge=1, le=65535)
+    timeout: Duration = 3.0
+    attempts: int = Field(default=2, ge=1, le=10)
+
+
+class SpfSettings(Strict):
+    # `auto`, one address, or the list of NAT gateway / proxy public addresses.
+    egress_ip: Annotated[str | list[str], PlainValidator(_egress_ip)] = "auto"
+    ip_echo_url: str | None = None
+    check_interval: Duration = 600.0
+    on_fail: Literal["warn", "refuse"] = "warn"
+
+
+class MetricsSettings(Strict):
+    bind: Bind = HostPort("0.0.0.0", METRICS_PORT)
+
+
+class LoggingSettings(Strict):
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(Strict):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    listeners: list[ListenerSettings] = Field(min_length=1)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    clients: ClientSettings = Field(default_factory=ClientSettings)
+    dkim: DkimSettings = Field(default_factory=DkimSettings)
+    secrets: SecretsSettings = Field(default_factory=SecretsSettings)
+    upstream: Annotated[list[UpstreamSettings], BeforeValidator(_upstream_list)] = Field(min_length=1)
+    routes: list[RouteSettings] = Field(default_factory=list)
+    dns: DnsSettings = Field(default_factory=DnsSettings)
+    spf: SpfSettings = Field(default_factory=SpfSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    # `Received:` header added by the relay (RFC 5321 §4.4). `relay_only` names the relay
+    # and the protocol but not the client's private address; `full` adds the client.
+    received_header: Literal["off", "relay_only", "full"] = "relay_only"
+    drain_timeout: Duration = 30.0
+    data_dir: Path = Path("/var/lib/relay")

@@ -1,0 +1,275 @@
+"""One SMTP connection to an upstream, and the mapping of its failures to SMTP replies.
+
+The connection is opened through a `Dialer` (direct or an egress proxy), so TLS always
+runs end to end with the upstream: SNI and certificate checks use the upstream's own host
+name, never the proxy's (RFC 3207 §4.1, RFC 8314).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiosmtplib
+from prometheus_client import Counter, Histogram
+
+from relay.deliver.base import Envelope
+from relay.deliver.dial import Dialer
+from relay.errors import Reply, SmtpError
+
+log = logging.getLogger("relay.deliver")
+
+UPSTREAM_REPLIES = Counter(
+    "relay_upstream_replies_total",
+    "Final replies from upstreams to DATA and refusals at MAIL/RCPT, by reply class.",
+    ["upstream", "stage", "class"],
+)
+UPSTREAM_LATENCY = Histogram(
+    "relay_upstream_latency_seconds",
+    "Time an upstream took to answer the end of DATA (message transfer included).",
+    ["upstream"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+UPSTREAM_CONNECTS = Counter(
+    "relay_upstream_connections_total",
+    "Upstream connections opened, by result (ok, or the failure label).",
+    ["upstream", "result"],
+)
+
+_QUEUE_ID = re.compile(r"(?:queued as|id=|\bid\s)\s*<?([A-Za-z0-9._@+-]{4,})", re.IGNORECASE)
+
+
+def upstream_id(reply_text: str) -> str | None:
+    """The id an upstream gave the message in its 250 text (Postfix `queued as X`, SES
+    `Ok <id>`, …), so a message can be followed into the provider's logs."""
+    match = _QUEUE_ID.search(reply_text)
+    if match:
+        return match.group(1)
+    words = reply_text.split()
+    if len(words) >= 2 and words[0].lower() == "ok" and len(words[1]) >= 8:
+        return words[1].strip("<>")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamEndpoint:
+    """Where and how to speak SMTP: host/port, TLS mode and credentials."""
+
+    label: str
+    host: str
+    port: int
+    tls: str  # starttls | implicit | none | opportunistic | require
+    tls_context: ssl.SSLContext | None
+    helo_name: str
+    username: str | None = None
+    password: Callable[[], str | None] | None = None  # read at connect time (rotation)
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+
+
+def upstream_tls_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if ca_file:
+        # An extra bundle (a private CA for an internal smarthost), on top of the system's.
+        context.load_verify_locations(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class UpstreamConnection:
+    """An open, greeted, (TLS'd, authenticated) connection; one transaction at a time."""
+
+    def __init__(self, endpoint: UpstreamEndpoint, smtp: aiosmtplib.SMTP) -> None:
+        self.endpoint = endpoint
+        self.smtp = smtp
+        self.messages = 0
+        self.created = time.monotonic()
+        self.last_used = self.created
+        self.fresh = True
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp.is_connected
+
+    def supports(self, extension: str) -> bool:
+        return self.smtp.supports_extension(extension)
+
+    async def mail(self, envelope: Envelope) -> Reply:
+        options = []
+        if envelope.body_8bit and self.supports("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if envelope.smtputf8:
+            if not self.supports("smtputf8"):
+                # RFC 6531 §3.2: without SMTPUTF8 upstream the message cannot be relayed.
+                raise SmtpError(553, "5.6.7", "Upstream does not support SMTPUTF8 addresses",
+                                reason=f"{self.endpoint.label}: no SMTPUTF8", label="smtputf8")
+            options.append("SMTPUTF8")
+        return await self._command("MAIL", self.smtp.mail(envelope.mail_from, options=options,
+                                                          encoding="utf-8"))
+
+    async def rcpt(self, address: str) -> Reply:
+        return await self._command("RCPT", self.smtp.rcpt(address, encoding="utf-8"))
+
+    async def data(self, message: bytes) -> Reply:
+        started = time.perf_counter()
+        reply = await self._command("DATA", self.smtp.data(message))
+        UPSTREAM_LATENCY.labels(self.endpoint.label).observe(time.perf_counter() - started)
+        self.messages += 1
+        return reply
+
+    async def reset(self) -> bool:
+        try:
+            response = await self.smtp.rset()
+            return response.code == 250
+        except aiosmtplib.SMTPException:
+            return False
+
+    async def quit(self) -> None:
+        try:
+            if self.smtp.is_connected:
+                await self.smtp.quit(timeout=5)
+        except (aiosmtplib.SMTPException, OSError):
+            pass
+        finally:
+            self.smtp.close()
+
+    def close(self) -> None:
+        self.smtp.close()
+
+    async def _command(self, stage: str, call) -> Reply:
+        """Run one command; the upstream's refusal becomes a Reply, a broken path an SmtpError."""
+        label = self.endpoint.label
+        try:
+            response = await call
+        except aiosmtplib.SMTPResponseException as exc:
+            # SMTPSenderRefused / SMTPRecipientRefused / SMTPDataError carry the upstream's
+            # own reply; pass it through.
+            if exc.code < 400:
+                self.close()
+                raise _broken(label, stage, f"unexpected reply {exc.code}") from None
+            reply = Reply.from_upstream(exc.code, exc.message)
+            UPSTREAM_REPLIES.labels(label, stage.lower(), f"{exc.code // 100}xx").inc()
+            return reply
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
+            self.close()
+            raise _broken(label, stage, f"connection lost ({exc})", label="upstream_disconnected") from None
+        except aiosmtplib.SMTPTimeoutError:
+            self.close()
+            raise _broken(label, stage, "timed out waiting for a reply", label="upstream_timeout") from None
+        except aiosmtplib.SMTPException as exc:
+            self.close()
+            raise _broken(label, stage, str(exc)) from None
+        finally:
+            self.last_used = time.monotonic()
+        if stage == "DATA":
+            UPSTREAM_REPLIES.labels(label, "data", f"{response.code // 100}xx").inc()
+        return Reply.from_upstream(response.code, response.message)
+
+
+def _broken(upstream: str, stage: str, why: str, label: str = "upstream_error") -> SmtpError:
+    # RFC 3463 §3.5: 4.4.2 "bad connection" — the path, not the message, failed.
+    return SmtpError(451, "4.4.2", "Upstream connection failed, try again later",
+                     reason=f"upstream {upstream} during {stage}: {why}", label=label)
+
+
+class UpstreamConnector:
+    """Opens connections to one endpoint through one dialer."""
+
+    def __init__(self, endpoint: UpstreamEndpoint, dialer: Dialer) -> None:
+        self.endpoint = endpoint
+        self.dialer = dialer
+
+    def describe(self) -> str:
+        via = self.dialer.describe()
+        where = f"{self.endpoint.host}:{self.endpoint.port}"
+        return where if via == "direct" else f"{where} via {via}"
+
+    async def open(self, host: str | None = None) -> UpstreamConnection:
+        ep = self.endpoint
+        host = host or ep.host
+        try:
+            connection = await self._open(host)
+        except SmtpError as exc:
+            UPSTREAM_CONNECTS.labels(ep.label, exc.label).inc()
+            raise
+        UPSTREAM_CONNECTS.labels(ep.label, "ok").inc()
+        return connection
+
+    async def _open(self, host: str) -> UpstreamConnection:
+        ep = self.endpoint
+        where = f"{host}:{ep.port}" + ("" if self.dialer.describe() == "direct" else f" via {self.dialer.describe()}")
+        sock = await self.dialer.connect(host, ep.port)
+        smtp = aiosmtplib.SMTP(
+            hostname=host,
+            port=None,
+            sock=sock,
+            use_tls=ep.tls == "implicit",
+            start_tls=False,
+            tls_context=ep.tls_context,
+            local_hostname=ep.helo_name,
+            timeout=ep.command_timeout,
+        )
+        try:
+            await smtp.connect(timeout=ep.connect_timeout)
+            await smtp.ehlo()
+            wants_tls = ep.tls in ("starttls", "require") or (
+                ep.tls == "opportunistic" and smtp.supports_extension("starttls")
+            )
+            if wants_tls:
+                if not smtp.supports_extension("starttls"):
+                    raise SmtpError(451, "4.7.5", "Upstream does not offer TLS, try again later",
+                                    reason=f"upstream {where} does not offer STARTTLS (tls: {ep.tls})",
+                                    label="upstream_tls")
+                await smtp.starttls(tls_context=ep.tls_context, server_hostname=host)
+            if ep.username:
+                password = ep.password() if ep.password else None
+                if password is None:
+                    raise SmtpError(451, "4.7.0", "Upstream credentials unavailable, try again later",
+                                    reason=f"upstream {where}: password secret not loaded",
+                                    label="upstream_auth")
+                await smtp.login(ep.username, password)
+        except SmtpError:
+            smtp.close()
+            raise
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            smtp.close()
+            raise SmtpError(451, "4.7.0", "Upstream refused the relay's credentials, try again later",
+                            reason=f"upstream {where}: AUTH refused ({exc.code})", label="upstream_auth") from None
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            smtp.close()
+            raise SmtpError(451, "4.4.0", "Upstream refused the connection, try again later",
+                            reason=f"upstream {where}: greeting {exc.code} {_first_line(exc.message)}",
+                            label="upstream_refused") from None
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            smtp.close()
+            raise SmtpError(451, "4.7.5", "TLS with the upstream failed, try again later",
+                            reason=f"upstream {where}: TLS failed ({_tls_reason(exc)})", label="upstream_tls") from None
+        except aiosmtplib.SMTPTimeoutError:
+            smtp.close()
+            raise SmtpError(451, "4.4.2", "Upstream timed out, try again later",
+                            reason=f"upstream {where}: timed out during greeting/EHLO/TLS", label="upstream_timeout") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            smtp.close()
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, ssl.SSLError | ssl.CertificateError):
+                raise SmtpError(451, "4.7.5", "TLS with the upstream failed, try again later",
+                                reason=f"upstream {where}: TLS failed ({_tls_reason(cause)})",
+                                label="upstream_tls") from None
+            raise SmtpError(451, "4.4.2", "Upstream connection failed, try again later",
+                            reason=f"upstream {where}: {_first_line(str(exc))}", label="upstream_error") from None
+        return UpstreamConnection(ep, smtp)
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0][:200] if text and text.strip() else ""
+
+
+def _tls_reason(exc: BaseException) -> str:
+    return getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or type(exc).__name__

@@ -1,0 +1,114 @@
+"""Delivery to one smarthost through a pool of reused connections."""
+
+from __future__ import annotations
+
+import logging
+
+from relay.deliver.base import Envelope
+from relay.deliver.connection import UpstreamConnection, UpstreamConnector
+from relay.deliver.pool import ConnectionPool
+from relay.errors import Reply, SmtpError
+
+log = logging.getLogger("relay.deliver")
+
+
+class SmtpTransaction:
+    """One upstream transaction on one connection (see `relay.deliver.base`)."""
+
+    def __init__(self, upstream: str, conn: UpstreamConnection, pool: ConnectionPool | None) -> None:
+        self.upstream = upstream
+        self._conn: UpstreamConnection | None = conn
+        self._pool = pool
+
+    async def add_recipient(self, address: str) -> Reply:
+        conn = self._require()
+        try:
+            return await conn.rcpt(address)
+        except SmtpError:
+            self._finish(reusable=False)
+            raise
+
+    async def send(self, message: bytes) -> Reply:
+        conn = self._require()
+        try:
+            reply = await conn.data(message)
+        except SmtpError:
+            self._finish(reusable=False)
+            raise
+        # After the final reply (any code) the upstream transaction is over (RFC 5321
+        # §4.1.1.4), so the connection is clean for the next one.
+        self._finish(reusable=True)
+        return reply
+
+    async def abort(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        reusable = conn.alive and await conn.reset()
+        self._release(conn, reusable)
+
+    def _require(self) -> UpstreamConnection:
+        if self._conn is None:
+            raise SmtpError(451, "4.3.0", "Transaction no longer open, try again",
+                            reason="upstream transaction already finished", label="internal")
+        return self._conn
+
+    def _finish(self, *, reusable: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._release(conn, reusable)
+
+    def _release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        if self._pool is not None:
+            self._pool.release(conn, reusable=reusable)
+        else:
+            conn.close()
+
+
+async def begin_on(
+    upstream: str, conn: UpstreamConnection, pool: ConnectionPool | None, envelope: Envelope
+) -> SmtpTransaction:
+    """MAIL FROM on an open connection; an upstream refusal is raised with its own code."""
+    tx = SmtpTransaction(upstream, conn, pool)
+    try:
+        reply = await conn.mail(envelope)
+    except SmtpError:
+        tx._finish(reusable=False)
+        raise
+    if not reply.positive:
+        await tx.abort()
+        raise SmtpError(reply.code, reply.enhanced, reply.text,
+                        reason=f"upstream {upstream} refused MAIL FROM: {reply}", label="upstream_refused")
+    return tx
+
+
+class SmarthostDelivery:
+    def __init__(self, name: str, connector: UpstreamConnector, pool: ConnectionPool) -> None:
+        self.name = name
+        self.connector = connector
+        self.pool = pool
+
+    def describe(self) -> str:
+        return self.connector.describe()
+
+    async def begin(self, envelope: Envelope, recipient: str) -> SmtpTransaction:
+        conn = await self.pool.acquire()
+        reused = not conn.fresh
+        try:
+            return await begin_on(self.name, conn, self.pool, envelope)
+        except SmtpError as exc:
+            # A pooled connection may have been dropped by the upstream while idle; that
+            # is not the message's fault, so try once more on a fresh connection.
+            if not (reused and exc.label in ("upstream_disconnected", "upstream_error")):
+                raise
+        log.debug("stale pooled connection; reconnecting", extra={"upstream": self.name})
+        conn = await self.pool.acquire()
+        return await begin_on(self.name, conn, self.pool, envelope)
+
+    async def probe(self) -> None:
+        conn = await self.connector.open()
+        await conn.quit()
+
+    async def close(self) -> None:
+        await self.pool.close()

@@ -1,0 +1,66 @@
+"""`relay keygen`: a DKIM key pair, optionally stored at a secret reference, and the DNS
+record to publish (RFC 6376 §3.6.1, RFC 8463 §4)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from relay.secrets.base import SecretFetchError, SecretRef
+from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
+
+
+def txt_strings(value: str, limit: int = 255) -> list[str]:
+    """Split a TXT value into character-strings of at most 255 bytes (RFC 1035 §3.3.14);
+    resolvers join them back (RFC 6376 §3.6.2.2)."""
+    return [value[i : i + limit] for i in range(0, len(value), limit)] or [""]
+
+
+def zone_line(domain: str, selector: str, value: str) -> str:
+    strings = " ".join(f'"{s}"' for s in txt_strings(value))
+    return f"{selector}._domainkey.{domain}. 3600 IN TXT ( {strings} )"
+
+
+def keygen(args: argparse.Namespace) -> int:
+    private = generate_private_key(args.algorithm, args.bits)
+    pem = private_key_pem(private)
+    key = load_signing_key(pem, domain=args.domain.lower().rstrip("."), selector=args.selector,
+                           algorithm=args.algorithm)
+    if args.store:
+        try:
+            version = asyncio.run(_store(args, pem))
+        except (SecretFetchError, ValueError) as exc:
+            print(f"relay keygen: cannot store the key: {exc}", file=sys.stderr)
+            return 1
+        print(f"; private key stored at {args.store} (version {version})")
+    elif not args.print_private_key:
+        print("; no --store given and --print-private-key not set: the private key is not kept.",
+              file=sys.stderr)
+    value = key.txt_value()
+    print(f"; DKIM record for {key.domain}, selector {key.selector}, {args.algorithm}"
+          + (f" {key.bits} bits" if key.key_type == "rsa" else ""))
+    print(zone_line(key.domain, key.selector, value))
+    print(f"; value: {value}")
+    print("; config: " + f"{{domain: {key.domain}, selector: {key.selector}, key: \"{args.store or '<secret ref>'}\", "
+          f"algorithm: {args.algorithm}}}")
+    if args.print_private_key:
+        sys.stdout.write(pem.decode("ascii"))
+    return 0
+
+
+async def _store(args: argparse.Namespace, pem: bytes) -> str:
+    ref = SecretRef.parse(args.store)
+    if ref.scheme == "file":
+        from relay.secrets.local import FileBackend
+
+        return await FileBackend().store(ref, pem, force=args.force)
+    if ref.scheme == "aws-sm":
+        from relay.secrets.aws import AwsSecretsBackend
+
+        backend = AwsSecretsBackend(region=args.aws_region, endpoint_url=args.aws_endpoint_url)
+        try:
+            return await backend.store(ref, pem)
+        finally:
+            await backend.close()
+    raise ValueError(f"--store supports file:// and aws-sm:// references, not {ref.scheme}://")

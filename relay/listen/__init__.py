@@ -1,0 +1,1 @@
+"""Listening: the SMTP edge (aiosmtpd), TLS, the PROXY protocol, and one client session."""

@@ -1,0 +1,128 @@
+"""The listening sockets: one asyncio server per configured listener.
+
+STARTTLS listeners (587-style) and plain ones run the SMTP protocol on the raw socket;
+implicit-TLS listeners (465-style, RFC 8314 §3.3) wrap it in TLS before the greeting.
+The server TLS context is shared and reloaded in place on SIGHUP, so a renewed
+certificate is used by new connections without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+
+from relay.config.schema import ListenerSettings, Settings, TlsSettings
+from relay.listen.session import RelayState, SessionHandler
+from relay.listen.smtp import RelaySMTP
+
+log = logging.getLogger("relay.listen")
+
+# aiosmtpd waits this long for a PROXY header before giving up on the connection.
+PROXY_PROTOCOL_TIMEOUT = 10.0
+
+
+class ServerTls:
+    """The server-side TLS context, reloadable in place."""
+
+    def __init__(self, settings: TlsSettings) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.verify_mode = ssl.CERT_NONE  # clients authenticate with AUTH, not certs
+        self.context.options |= ssl.OP_NO_COMPRESSION
+        self.configured = False
+        self.load(settings)
+
+    def load(self, settings: TlsSettings) -> None:
+        self.context.minimum_version = (
+            ssl.TLSVersion.TLSv1_3 if settings.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
+        )
+        if settings.cert_file and settings.key_file:
+            self.context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
+            self.configured = True
+
+
+def check_tls_files(settings: TlsSettings) -> str | None:
+    """Load the certificate and key once, to report a bad pair at config validation."""
+    if not (settings.cert_file and settings.key_file):
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            str(settings.cert_file), str(settings.key_file)
+        )
+    except (ssl.SSLError, OSError) as exc:
+        return f"cannot load certificate/key ({getattr(exc, 'reason', None) or exc})"
+    return None
+
+
+class ListenerServer:
+    def __init__(self, settings: ListenerSettings, relay: RelayState, tls: ServerTls,
+                 global_settings: Settings, *, reuse_port: bool = False) -> None:
+        self.settings = settings
+        self.relay = relay
+        self.tls = tls
+        self.global_settings = global_settings
+        self.reuse_port = reuse_port
+        self.handler = SessionHandler(settings, relay)
+        self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def update(self, global_settings: Settings, settings: ListenerSettings) -> None:
+        """Apply a reloaded config to new connections (same bind, other options)."""
+        self.global_settings = global_settings
+        self.settings = settings
+        self.handler = SessionHandler(settings, self.relay)
+
+    def _protocol(self) -> RelaySMTP:
+        lst, cfg = self.settings, self.global_settings
+        return RelaySMTP(
+            self.handler,
+            implicit_tls=lst.tls == "implicit",
+            advertise_auth=lst.auth != "none",
+            hostname=cfg.hostname,
+            ident="ESMTP relay",
+            data_size_limit=cfg.clients.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=self.tls.context if lst.tls == "starttls" else None,
+            timeout=cfg.clients.session_timeout,
+            # Our own checks decide AUTH/TLS (see RelaySMTP.smtp_AUTH and the pipeline).
+            auth_required=False,
+            auth_require_tls=False,
+            proxy_protocol_timeout=PROXY_PROTOCOL_TIMEOUT if lst.proxy_protocol else None,
+            loop=asyncio.get_running_loop(),
+        )
+
+    async def start(self) -> None:
+        host, port = self.settings.bind
+        loop = asyncio.get_running_loop()
+        implicit = self.settings.tls == "implicit"
+        self._server = await loop.create_server(
+            self._protocol,
+            host=host,
+            port=port,
+            ssl=self.tls.context if implicit else None,
+            ssl_handshake_timeout=30 if implicit else None,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            backlog=1024,
+        )
+        log.info("listening", extra={"listener": self.name, "bind": str(self.settings.bind),
+                                     "tls": self.settings.tls, "auth": self.settings.auth})
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; sessions already open carry on."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    @property
+    def bound(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server else []
+

@@ -1,0 +1,111 @@
+"""One message as the relay sees it at DATA: the header fields parsed once, the body untouched.
+
+The raw bytes are the DATA content after dot-unstuffing, with CRLF line endings only (the
+listener refuses bare CR/LF, RFC 5321 §2.3.8). Parsing splits the header block into fields
+and leaves the body as one slice, so signing canonicalizes the body exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.utils import getaddresses
+
+from relay.errors import SmtpError
+
+# RFC 5322 §2.2: field-name = 1*ftext, printable US-ASCII except ":".
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    name: bytes  # as written (case preserved)
+    value: bytes  # everything after the colon, including folding, ending in CRLF
+
+    @property
+    def lname(self) -> str:
+        return self.name.decode("ascii").lower()
+
+    def unfolded(self) -> str:
+        return self.value.replace(b"\r\n", b"").decode("utf-8", "replace").strip()
+
+
+class Message:
+    """The parsed message. `fields` are in order, top to bottom."""
+
+    __slots__ = ("fields", "body", "_size")
+
+    def __init__(self, fields: list[HeaderField], body: bytes) -> None:
+        self.fields = fields
+        self.body = body
+        self._size: int | None = None
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Message:
+        if raw.startswith(b"\r\n"):
+            return cls([], raw[2:])
+        end = raw.find(b"\r\n\r\n")
+        if end == -1:
+            head, body = raw, b""
+        else:
+            head, body = raw[: end + 2], raw[end + 4 :]
+        fields: list[HeaderField] = []
+        for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
+            if line[:1] in (b" ", b"\t"):
+                if not fields:
+                    raise _malformed("the message starts with a folded line")
+                last = fields[-1]
+                fields[-1] = HeaderField(last.name, last.value + line + b"\r\n")
+                continue
+            match = _FIELD.match(line)
+            if match is None:
+                raise _malformed("a header line has no field name")
+            fields.append(HeaderField(match.group(1), line[match.end() :] + b"\r\n"))
+        return cls(fields, body)
+
+    def get_all(self, name: str) -> list[HeaderField]:
+        return [f for f in self.fields if f.lname == name]
+
+    def header_bytes(self) -> bytes:
+        return b"".join(f.name + b":" + f.value for f in self.fields)
+
+    def to_bytes(self, prepend: bytes = b"") -> bytes:
+        """The message with `prepend` (complete CRLF-terminated header lines) on top."""
+        return b"".join((prepend, self.header_bytes(), b"\r\n", self.body))
+
+    def without(self, drop: list[HeaderField]) -> Message:
+        kept = [f for f in self.fields if not any(f is d for d in drop)]
+        return Message(kept, self.body)
+
+    def from_domain(self) -> tuple[str, str]:
+        """The one author address and its domain (RFC 5322 §3.6.2; RFC 7489 §6.6.1).
+
+        Refuses a message without From, with several From fields, or with several
+        addresses in From: DMARC evaluates exactly one author domain, and signing for
+        one of several would be a guess.
+        """
+        fields = self.get_all("from")
+        if not fields:
+            raise SmtpError(550, "5.6.0", "Message has no From: header (RFC 5322 §3.6)",
+                            reason="no From header", label="no_from")
+        if len(fields) > 1:
+            raise SmtpError(550, "5.6.0", "Message has more than one From: header",
+                            reason="several From headers", label="multiple_from")
+        addresses = [addr for _, addr in getaddresses([fields[0].unfolded()]) if addr]
+        if len(addresses) != 1 or "@" not in addresses[0]:
+            raise SmtpError(
+                550, "5.6.0",
+                "From: must hold exactly one address (name@domain)",
+                reason=f"From has {len(addresses)} usable addresses", label="bad_from",
+            )
+        address = addresses[0]
+        domain = address.rpartition("@")[2].strip().rstrip(".").lower()
+        if not domain:
+            raise SmtpError(550, "5.6.0", "From: address has no domain",
+                            reason="From without domain", label="bad_from")
+        return address, domain
+
+
+def _malformed(why: str) -> SmtpError:
+    return SmtpError(550, "5.6.0", "Malformed message header (RFC 5322 §2.2)",
+                     reason=f"malformed header: {why}", label="malformed_header")

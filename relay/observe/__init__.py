@@ -1,0 +1,1 @@
+"""Observability: structured logs, and the HTTP endpoint for metrics and health."""

@@ -1,0 +1,1 @@
+"""Who may connect and whom they may send as."""

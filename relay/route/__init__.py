@@ -1,0 +1,1 @@
+"""Routing: which delivery takes a message."""

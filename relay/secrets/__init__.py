@@ -1,0 +1,1 @@
+"""Secrets: references in the config, backends that resolve them, and a refreshing store."""

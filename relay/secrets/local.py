@@ -1,0 +1,96 @@
+"""The local backends: mounted files (`file:///path`) and environment variables (`env://NAME`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat
+
+from relay.secrets.base import SecretFetchError, SecretRef, SecretValue
+
+log = logging.getLogger("relay.secrets")
+
+
+class FileBackend:
+    """Kubernetes/Docker mounted secrets. The version is the file's identity and mtime, so a
+    symlink swap (how Kubernetes updates a mounted Secret) is seen as a change."""
+
+    scheme = "file"
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+
+    async def fetch(self, ref: SecretRef) -> SecretValue:
+        return await asyncio.to_thread(self._read, ref)
+
+    def _read(self, ref: SecretRef) -> SecretValue:
+        path = ref.location
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise SecretFetchError(f"{ref}: cannot read ({exc.strerror or type(exc).__name__})") from None
+        if st.st_mode & (stat.S_IRGRP | stat.S_IROTH) and path not in self._warned:
+            self._warned.add(path)
+            log.warning(
+                "secret file is readable by group or others; restrict it to the relay's user "
+                "(chmod 0600, or defaultMode: 0400 on the Kubernetes volume)",
+                extra={"secret": str(ref), "mode": oct(st.st_mode & 0o777)},
+            )
+        if ref.field:
+            data = _json_field(ref, data)
+        return SecretValue(data, version=f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}")
+
+    async def store(self, ref: SecretRef, data: bytes, *, force: bool = False) -> str:
+        return await asyncio.to_thread(self._write, ref, data, force)
+
+    def _write(self, ref: SecretRef, data: bytes, force: bool) -> str:
+        path = ref.location
+        if os.path.exists(path) and not force:
+            raise SecretFetchError(f"{ref}: exists; pass --force to overwrite")
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return "file"
+
+    async def close(self) -> None:
+        return None
+
+
+class EnvBackend:
+    """A variable of the relay's environment; the version is the value's hash."""
+
+    scheme = "env"
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        self._environ = environ if environ is not None else os.environ
+
+    async def fetch(self, ref: SecretRef) -> SecretValue:
+        value = self._environ.get(ref.location)
+        if value is None:
+            raise SecretFetchError(f"{ref}: variable is not set")
+        data = value.encode("utf-8")
+        return SecretValue(data, version=str(hash(data)))
+
+    async def close(self) -> None:
+        return None
+
+
+def _json_field(ref: SecretRef, data: bytes) -> bytes:
+    import json
+
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise SecretFetchError(f"{ref}: #{ref.field} given but the content is not JSON") from None
+    if not isinstance(obj, dict) or ref.field not in obj:
+        raise SecretFetchError(f"{ref}: JSON has no field {ref.field!r}")
+    value = obj[ref.field]
+    return value.encode("utf-8") if isinstance(value, str) else json.dumps(value).encode("utf-8")
