@@ -1,0 +1,1 @@
+"""DNS posture of the signing domains: SPF, DKIM records, DMARC."""
