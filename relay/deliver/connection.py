@@ -206,6 +206,15 @@ class UpstreamConnector:
         ep = self.endpoint
         where = f"{host}:{ep.port}" + ("" if self.dialer.describe() == "direct" else f" via {self.dialer.describe()}")
         sock = await self.dialer.connect(host, ep.port)
+        try:
+            return await self._session(host, where, sock)
+        except BaseException:
+            # The transport owns the socket once connected; before that it is ours.
+            sock.close()
+            raise
+
+    async def _session(self, host: str, where: str, sock) -> UpstreamConnection:
+        ep = self.endpoint
         smtp = aiosmtplib.SMTP(
             hostname=host,
             port=None,
