@@ -25,6 +25,9 @@ from aiosmtpd.smtp import SMTP, Session, syntax
 if TYPE_CHECKING:
     from relay.listen.session import SessionHandler
 
+# RFC 5321 §4.1.2 Mailbox, loosely: a local part without spaces or brackets, then a domain
+# of dotted labels (UTF-8 allowed for SMTPUTF8, RFC 6531) or an address literal.
+_MAILBOX = re.compile(r'^[^\s<>()\[\],;:@]+@(?:[^\s<>()\[\],;:@."]+(?:\.[^\s<>()\[\],;:@."]+)*|\[[^\]\s]+\])$')
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 _SINGLE_LINE = re.compile(r"^(\d{3}) (.*)$", re.DOTALL)
 
@@ -140,6 +143,18 @@ class RelaySMTP(SMTP):
         self.closing = True
         if self.transport is not None:
             self.transport.close()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's parser is lenient ("<a@b" without ">" passes); a relay must not be.
+        address, rest = super()._getaddr(arg)
+        if address is None:
+            return None, None
+        stripped = arg.lstrip()
+        if stripped.startswith("<") and ">" not in stripped:
+            return None, None
+        if address and not _MAILBOX.match(address):
+            return None, None
+        return address, rest
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:

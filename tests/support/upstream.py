@@ -1,0 +1,140 @@
+"""A real SMTP upstream for tests: aiosmtpd on a loopback port, in its own thread.
+
+It records every message it accepts (envelope, bytes, the peer it came from, whether TLS
+was on) and can be told to refuse at MAIL/RCPT/DATA, to stall, or to require AUTH.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.support.procs import free_port
+
+
+@dataclass
+class ReceivedMessage:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    peer: tuple
+    tls: bool
+    user: str | None
+
+
+@dataclass
+class UpstreamBehaviour:
+    mail_reply: str | None = None  # e.g. "451 4.3.0 try later"
+    rcpt_replies: dict[str, str] = field(default_factory=dict)  # address → reply
+    data_reply: str | None = None
+    data_delay: float = 0.0
+    rcpt_delay: float = 0.0
+    queue_id_prefix: str = "Q"
+
+
+class _Handler:
+    def __init__(self, upstream: Upstream) -> None:
+        self.up = upstream
+
+    async def handle_MAIL(self, server, session, envelope, address, options):
+        self.up.mail_commands += 1
+        if self.up.behaviour.mail_reply:
+            return self.up.behaviour.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, options):
+        if self.up.behaviour.rcpt_delay:
+            await asyncio.sleep(self.up.behaviour.rcpt_delay)
+        reply = self.up.behaviour.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        b = self.up.behaviour
+        if b.data_delay:
+            await asyncio.sleep(b.data_delay)
+            if server.transport is None or server.transport.is_closing():
+                # The client gave up waiting: no 250 can reach it, so nothing is committed.
+                return "421 4.4.2 client gone"
+        if b.data_reply:
+            return b.data_reply
+        login = session.login_data
+        with self.up.lock:
+            self.up.messages.append(ReceivedMessage(
+                mail_from=envelope.mail_from,
+                rcpt_tos=list(envelope.rcpt_tos),
+                content=bytes(envelope.original_content),
+                peer=session.peer,
+                tls=session.ssl is not None or self.up.implicit,
+                user=login.decode() if isinstance(login, bytes) else login,
+            ))
+            n = len(self.up.messages)
+        return f"250 2.0.0 Ok: queued as {b.queue_id_prefix}{n:06d}"
+
+
+class Upstream:
+    """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH."""
+
+    def __init__(self, *, tls: str = "none", server_context: ssl.SSLContext | None = None,
+                 users: dict[str, str] | None = None, host: str = "127.0.0.1", port: int | None = None,
+                 hostname: str = "upstream.test") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.implicit = tls == "implicit"
+        self.behaviour = UpstreamBehaviour()
+        self.messages: list[ReceivedMessage] = []
+        self.mail_commands = 0
+        self.lock = threading.Lock()
+        kwargs: dict = {"data_size_limit": 60 * 1024 * 1024}
+        if tls == "starttls":
+            kwargs["tls_context"] = server_context
+            kwargs["require_starttls"] = False
+        if users is not None:
+            def authenticator(server, session, envelope, mechanism, auth_data):
+                ok = isinstance(auth_data, LoginPassword) and users.get(auth_data.login.decode()) == auth_data.password.decode()
+                return AuthResult(success=ok, handled=False)
+
+            kwargs["authenticator"] = authenticator
+            kwargs["auth_required"] = True
+            kwargs["auth_require_tls"] = tls != "none"
+        self._make_controller = lambda: Controller(
+            _Handler(self), hostname=host, port=self.port,
+            ssl_context=server_context if self.implicit else None,
+            server_hostname=hostname, ready_timeout=10, **kwargs,
+        )
+        self._controller = self._make_controller()
+
+    def start(self) -> Upstream:
+        """Start (again: a stopped upstream restarts on the same port)."""
+        if self._controller.loop.is_closed():
+            self._controller = self._make_controller()
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+    def __enter__(self) -> Upstream:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[ReceivedMessage]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.messages) >= count:
+                    return list(self.messages)
+            time.sleep(0.02)
+        raise AssertionError(f"upstream got {len(self.messages)} messages, expected {count}")
