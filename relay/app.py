@@ -21,7 +21,7 @@ from relay.config.load import ConfigError, load_settings, redacted
 from relay.config.schema import Settings, UpstreamSettings
 from relay.deliver.base import Delivery
 from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint, upstream_tls_context
-from relay.deliver.dial import DirectDialer, Dialer
+from relay.deliver.dial import Dialer, DirectDialer
 from relay.deliver.outbox import OutboxDelivery
 from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostDelivery
@@ -191,6 +191,7 @@ class Relay:
         self.listeners: dict[tuple, ListenerServer] = {}
         self.health = HealthServer(self.readiness)
         self._sessions: set[RelaySMTP] = set()
+        self._all_closed = asyncio.Event()
         self._draining = False
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -212,6 +213,8 @@ class Relay:
 
     def untrack(self, server: RelaySMTP) -> None:
         self._sessions.discard(server)
+        if not self._sessions:
+            self._all_closed.set()
 
     # lifecycle
     async def start(self) -> None:
@@ -329,10 +332,10 @@ class Relay:
             if session.session is not None and session.session.transaction is None and session.transport:
                 session.transport.write(b"421 4.3.2 Service shutting down, closing connection\r\n")
                 session.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._sessions and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        if self._sessions:
+            self._all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
         if self._sessions:
             log.warning("drain timeout; closing remaining sessions", extra={"sessions": len(self._sessions)})
             for session in list(self._sessions):

@@ -101,7 +101,8 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     source = str(path) if path else "embedded dev default"
     keys = ", ".join(f"{k.domain}/{k.selector}" for k in settings.dkim.keys) or "none"
     print(f"{source}: configuration is valid")
-    print(f"  listeners: {', '.join(f'{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}' for lst in settings.listeners)}")
+    listeners = ", ".join(f"{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}" for lst in settings.listeners)
+    print(f"  listeners: {listeners}")
     print(f"  users: {len(settings.clients.users)}; DKIM keys: {keys}")
     print(f"  upstream: {', '.join(u.label + ' (' + u.mode + ')' for u in settings.upstream)}")
     return EXIT_OK
@@ -150,16 +151,19 @@ def _print_dev_banner(relay) -> None:
         f"""
 relay {__version__} is running on its embedded dev default (loopback only).
 
-  SMTP       {binds['dev-plain']} (plain + STARTTLS), {binds['dev-submission']} (STARTTLS), {binds['dev-submissions']} (implicit TLS)
+  SMTP       {binds['dev-plain']} (plain + STARTTLS), {binds['dev-submission']} (STARTTLS),
+             {binds['dev-submissions']} (implicit TLS)
              no AUTH needed from loopback; send as anything@{DEV_DOMAIN}
   outbox     {outbox}/   (each signed message lands here as an .eml file)
-  DKIM key   {base}/{DEV_SELECTOR}.{DEV_DOMAIN}.key  (selector {DEV_SELECTOR}; TXT record in {DEV_SELECTOR}.{DEV_DOMAIN}.txt)
+  DKIM key   {base}/{DEV_SELECTOR}.{DEV_DOMAIN}.key
+             (selector {DEV_SELECTOR}; the TXT record to publish is in {DEV_SELECTOR}.{DEV_DOMAIN}.txt)
   TLS cert   {base}/tls.crt  (self-signed)
   metrics    http://{settings.metrics.bind}/metrics   health: /healthz  /readyz
 
 Try it:
   swaks --server 127.0.0.1:2525 --from app@{DEV_DOMAIN} --to someone@example.net
-  python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', 2525).sendmail('app@{DEV_DOMAIN}', ['someone@example.net'], 'From: app@{DEV_DOMAIN}\\r\\nTo: someone@example.net\\r\\nSubject: hello\\r\\n\\r\\nhi\\r\\n')"
+  python3 -c "import smtplib; smtplib.SMTP('127.0.0.1', 2525).sendmail('app@{DEV_DOMAIN}', \\
+    ['someone@example.net'], 'From: app@{DEV_DOMAIN}\\r\\nSubject: hello\\r\\n\\r\\nhi\\r\\n')"
 
 Stop with Ctrl-C.
 """,

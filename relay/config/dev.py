@@ -41,9 +41,12 @@ def dev_settings(base: Path | None = None) -> Settings:
         {
             "hostname": "localhost",
             "listeners": [
-                {"name": "dev-plain", "bind": f"127.0.0.1:{DEV_PLAIN_PORT}", "tls": "starttls", "auth": "optional"},
-                {"name": "dev-submission", "bind": f"127.0.0.1:{DEV_SUBMISSION_PORT}", "tls": "starttls", "auth": "optional"},
-                {"name": "dev-submissions", "bind": f"127.0.0.1:{DEV_SUBMISSIONS_PORT}", "tls": "implicit", "auth": "optional"},
+                {"name": name, "bind": f"127.0.0.1:{port}", "tls": tls, "auth": "optional"}
+                for name, port, tls in (
+                    ("dev-plain", DEV_PLAIN_PORT, "starttls"),
+                    ("dev-submission", DEV_SUBMISSION_PORT, "starttls"),
+                    ("dev-submissions", DEV_SUBMISSIONS_PORT, "implicit"),
+                )
             ],
             "tls": {"cert_file": str(paths["cert"]), "key_file": str(paths["key"])},
             "clients": {"networks": ["127.0.0.0/8", "::1/128"]},

@@ -158,7 +158,8 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
     for i, upstream in enumerate(settings.upstream):
         if upstream.name:
             if upstream.name in upstream_names:
-                yield f"upstream[{i}].name", f"{upstream.name!r} is already used by upstream[{upstream_names[upstream.name]}]"
+                first = upstream_names[upstream.name]
+                yield f"upstream[{i}].name", f"{upstream.name!r} is already used by upstream[{first}]"
             upstream_names.setdefault(upstream.name, i)
         if upstream.ca_file is not None and not upstream.ca_file.is_file():
             yield f"upstream[{i}].ca_file", f"file not found: {upstream.ca_file}"
@@ -179,7 +180,7 @@ def redacted(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     for user in data["clients"]["users"]:
         if user.get("password_hash"):
-            user["password_hash"] = "scrypt$<redacted>"
+            user["password_hash"] = "scrypt$<redacted>"  # noqa: S105 - the redaction marker
     for upstream in data["upstream"]:
         proxy = upstream.get("proxy")
         if proxy and "@" in proxy:

@@ -233,7 +233,7 @@ class VaultSettings(Strict):
     role_id: str | None = None
     secret_id: SecretRefStr | None = None
     auth_mount: str | None = None
-    kubernetes_token_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    kubernetes_token_path: str = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105 - a path
     namespace: str | None = None
     ca_file: Path | None = None
 

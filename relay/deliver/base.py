@@ -53,8 +53,10 @@ class Delivery(Protocol):
 
     async def begin(self, envelope: Envelope, recipient: str) -> UpstreamTransaction: ...
 
-    async def probe(self) -> None:
-        """Check the path (dial, greet, TLS, auth) without sending; raise SmtpError."""
+    async def probe(self) -> str:
+        """Check the path (dial, greet, TLS, auth) without sending a message; raise
+        SmtpError on failure. Returns the upstream's greeting and EHLO reply text (many
+        providers echo the client's public address there: egress IP discovery)."""
         ...
 
     async def close(self) -> None: ...

@@ -86,9 +86,10 @@ def upstream_tls_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
 class UpstreamConnection:
     """An open, greeted, (TLS'd, authenticated) connection; one transaction at a time."""
 
-    def __init__(self, endpoint: UpstreamEndpoint, smtp: aiosmtplib.SMTP) -> None:
+    def __init__(self, endpoint: UpstreamEndpoint, smtp: aiosmtplib.SMTP, banner: str = "") -> None:
         self.endpoint = endpoint
         self.smtp = smtp
+        self.banner = banner  # greeting and first EHLO reply text
         self.messages = 0
         self.created = time.monotonic()
         self.last_used = self.created
@@ -226,8 +227,9 @@ class UpstreamConnector:
             timeout=ep.command_timeout,
         )
         try:
-            await smtp.connect(timeout=ep.connect_timeout)
-            await smtp.ehlo()
+            greeting = await smtp.connect(timeout=ep.connect_timeout)
+            ehlo = await smtp.ehlo()
+            banner = f"{greeting.message}\n{ehlo.message}"
             wants_tls = ep.tls in ("starttls", "require") or (
                 ep.tls == "opportunistic" and smtp.supports_extension("starttls")
             )
@@ -263,7 +265,8 @@ class UpstreamConnector:
         except aiosmtplib.SMTPTimeoutError:
             smtp.close()
             raise SmtpError(451, "4.4.2", "Upstream timed out, try again later",
-                            reason=f"upstream {where}: timed out during greeting/EHLO/TLS", label="upstream_timeout") from None
+                            reason=f"upstream {where}: timed out during greeting/EHLO/TLS",
+                            label="upstream_timeout") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             cause = exc.__cause__ or exc.__context__
@@ -273,7 +276,7 @@ class UpstreamConnector:
                                 label="upstream_tls") from None
             raise SmtpError(451, "4.4.2", "Upstream connection failed, try again later",
                             reason=f"upstream {where}: {_first_line(str(exc))}", label="upstream_error") from None
-        return UpstreamConnection(ep, smtp)
+        return UpstreamConnection(ep, smtp, banner)
 
 
 def _first_line(text: str) -> str:

@@ -53,10 +53,11 @@ class OutboxDelivery:
     async def begin(self, envelope: Envelope, recipient: str) -> OutboxTransaction:
         return OutboxTransaction(self.outbox, envelope)
 
-    async def probe(self) -> None:
+    async def probe(self) -> str:
         if not os.access(self.outbox, os.W_OK):
             raise SmtpError(451, "4.3.0", "Outbox not writable", reason=f"{self.outbox} not writable",
                             label="outbox_error")
+        return ""
 
     async def close(self) -> None:
         return None

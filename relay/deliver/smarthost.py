@@ -106,9 +106,11 @@ class SmarthostDelivery:
         conn = await self.pool.acquire()
         return await begin_on(self.name, conn, self.pool, envelope)
 
-    async def probe(self) -> None:
+    async def probe(self) -> str:
         conn = await self.connector.open()
+        text = conn.banner
         await conn.quit()
+        return text
 
     async def close(self) -> None:
         await self.pool.close()

@@ -13,7 +13,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope as SmtpdEnvelope, LoginPassword
+from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
+from aiosmtpd.smtp import Envelope as SmtpdEnvelope
 from prometheus_client import Counter, Gauge
 
 from relay.config.schema import ListenerSettings

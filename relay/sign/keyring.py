@@ -89,8 +89,9 @@ class KeyRing:
         except KeyMaterialError as exc:
             self._problems[ident] = str(exc)
             KEY_LOAD_FAILURES.labels(cfg.domain, cfg.selector).inc()
+            consequence = "keeping the previous key" if ident in self._keys else "domain cannot be signed"
             log.error(
-                "DKIM key unusable; %s", "keeping the previous key" if ident in self._keys else "domain cannot be signed",
+                "DKIM key unusable; %s", consequence,
                 extra={"domain": cfg.domain, "selector": cfg.selector, "secret": ref, "reason": str(exc)},
             )
             return False

@@ -101,7 +101,8 @@ class Upstream:
             kwargs["require_starttls"] = False
         if users is not None:
             def authenticator(server, session, envelope, mechanism, auth_data):
-                ok = isinstance(auth_data, LoginPassword) and users.get(auth_data.login.decode()) == auth_data.password.decode()
+                ok = (isinstance(auth_data, LoginPassword)
+                      and users.get(auth_data.login.decode()) == auth_data.password.decode())
                 return AuthResult(success=ok, handled=False)
 
             kwargs["authenticator"] = authenticator

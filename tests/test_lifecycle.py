@@ -1,0 +1,81 @@
+"""Process lifecycle: SIGTERM drains (in-flight messages complete, then exit 0), a second
+SIGTERM exits at once, SIGHUP reloads without dropping sessions, a bad reload is refused."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from tests.test_refusals import connect, reply
+from tests.test_relay_smtp import message
+
+
+def test_sigterm_lets_the_message_in_flight_complete_then_exits_0(make_relay, upstream, pki):
+    relay = make_relay(upstream.port)
+    busy = connect(relay, pki)
+    idle = connect(relay, pki)
+    assert reply(busy, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(busy, "RCPT TO:<u@example.net>")[0] == 250
+    assert reply(busy, "DATA")[0] == 354
+    busy.send(b"From: app@example.com\r\nSubject: in flight\r\n\r\nfirst half\r\n")
+
+    relay.signal(signal.SIGTERM)
+    relay.wait_log(lambda e: e.get("msg") == "draining")
+    # No new connections; the idle session is told to go away.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", relay.port("submission")), timeout=2).recv(100)
+    assert idle.getreply() == (421, b"4.3.2 Service shutting down, closing connection")
+
+    busy.send(b"second half\r\n.\r\n")
+    code, text = busy.getreply()
+    assert code == 250, text
+    assert busy.getreply() == (421, b"4.3.2 Service shutting down, closing connection")
+    assert relay.proc.wait(15) == 0
+    [got] = upstream.wait_for(1)
+    assert got.content.endswith(b"first half\r\nsecond half\r\n")
+
+
+def test_second_sigterm_exits_at_once(make_relay, upstream, pki):
+    relay = make_relay(upstream.port, start=False)
+    relay.config["drain_timeout"] = "60s"
+    relay.start()
+    busy = connect(relay, pki)
+    assert reply(busy, "MAIL FROM:<app@example.com>")[0] == 250  # holds the drain open
+    relay.signal(signal.SIGTERM)
+    relay.wait_log(lambda e: e.get("msg") == "draining")
+    started = time.monotonic()
+    relay.signal(signal.SIGTERM)
+    assert relay.proc.wait(10) != 0
+    assert time.monotonic() - started < 5
+
+
+def test_sighup_reload_keeps_sessions_and_applies_new_users(make_relay, upstream, pki, app_password_hash):
+    relay = make_relay(upstream.port)
+    session = connect(relay, pki)
+    relay.config["clients"]["users"].append(
+        {"username": "billing", "password_hash": app_password_hash, "senders": ["example.com"]})
+    relay.write_config()
+    relay.signal(signal.SIGHUP)
+    relay.wait_log(lambda e: e.get("msg") == "configuration reloaded")
+    # The session opened before the reload still works.
+    session.sendmail("app@example.com", ["u@example.net"], message(subject="before"))
+    # The new user exists for new sessions.
+    client = connect(relay, pki, login=False)
+    client.login("billing", "app-password")
+    client.sendmail("app@example.com", ["u@example.net"], message(subject="after"))
+    assert len(upstream.wait_for(2)) == 2
+
+
+def test_invalid_reload_is_refused_and_the_old_config_keeps_running(make_relay, upstream, pki):
+    relay = make_relay(upstream.port)
+    good = relay.config_path.read_text()
+    relay.config_path.write_text(good.replace("tls: starttls", "tls: startls", 1))
+    relay.signal(signal.SIGHUP)
+    line = relay.wait_log(lambda e: e.get("msg", "").startswith("reload refused"))
+    assert ["listeners[0].tls", "Input should be 'starttls', 'implicit' or 'none' (got 'startls')"] in line["problems"]
+    connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
+    assert len(upstream.wait_for(1)) == 1
+    assert relay.proc.poll() is None
