@@ -22,9 +22,13 @@ from relay.config.schema import Settings, UpstreamSettings
 from relay.deliver.base import Delivery
 from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint, upstream_tls_context
 from relay.deliver.dial import Dialer, DirectDialer
+from relay.deliver.failover import FailoverDelivery
+from relay.deliver.mx import MxDelivery
 from relay.deliver.outbox import OutboxDelivery
 from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostDelivery
+from relay.dns.addresses import AddressResolver
+from relay.dns.resolver import DnsResolver, DnsService
 from relay.errors import SmtpError
 from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
 from relay.listen.smtp import RelaySMTP
@@ -97,7 +101,13 @@ def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
     )
 
 
-def build_delivery(upstream: UpstreamSettings, settings: Settings, store: SecretStore) -> Delivery:
+def build_dns(settings: Settings) -> DnsResolver:
+    dns = settings.dns
+    return DnsResolver(dns.nameservers, port=dns.port, timeout=dns.timeout, attempts=dns.attempts)
+
+
+def build_delivery(upstream: UpstreamSettings, settings: Settings, store: SecretStore,
+                   dns: DnsService | None = None) -> Delivery:
     if upstream.mode == "outbox":
         assert upstream.outbox_dir is not None
         upstream.outbox_dir.mkdir(parents=True, exist_ok=True)
@@ -113,12 +123,10 @@ def build_delivery(upstream: UpstreamSettings, settings: Settings, store: Secret
         tls_context = upstream_tls_context(
             str(upstream.ca_file) if upstream.ca_file else None, upstream.verify_tls
         )
-    if upstream.mode == "mx":
-        raise ConfigError("config", [("upstream.mode", "mx delivery is not available in this build")])
-    assert upstream.host is not None
+    dns = dns or build_dns(settings)
     endpoint = UpstreamEndpoint(
         label=upstream.label,
-        host=upstream.host,
+        host=upstream.host or "",
         port=upstream.effective_port,
         tls=upstream.effective_tls,
         tls_context=tls_context,
@@ -128,7 +136,14 @@ def build_delivery(upstream: UpstreamSettings, settings: Settings, store: Secret
         connect_timeout=upstream.connect_timeout,
         command_timeout=upstream.command_timeout,
     )
-    connector = UpstreamConnector(endpoint, build_dialer(upstream, store))
+    if upstream.mode == "mx":
+        # MX hosts are always resolved through the configured DNS service.
+        connector = UpstreamConnector(endpoint, build_dialer(upstream, store), AddressResolver(dns))
+        return MxDelivery(upstream.label, connector, dns)
+    # A smarthost name goes through the configured resolver when one is configured, else
+    # through the system's (which also reads /etc/hosts).
+    resolver = AddressResolver(dns if settings.dns.nameservers else None)
+    connector = UpstreamConnector(endpoint, build_dialer(upstream, store), resolver)
     pool = ConnectionPool(
         upstream.label,
         connector.open,
@@ -146,12 +161,12 @@ class Deliveries:
     def __init__(self) -> None:
         self._by_config: dict[str, Delivery] = {}
 
-    def build(self, settings: Settings, store: SecretStore) -> tuple[list[Delivery], list[Delivery]]:
+    def build(self, settings: Settings, store: SecretStore, dns: DnsService) -> tuple[list[Delivery], list[Delivery]]:
         """Deliveries for `settings`, in config order, and the ones no longer used."""
         wanted: dict[str, Delivery] = {}
         for upstream in settings.upstream:
-            key = upstream.model_dump_json() + settings.hostname
-            wanted[key] = self._by_config.get(key) or build_delivery(upstream, settings, store)
+            key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json()
+            wanted[key] = self._by_config.get(key) or build_delivery(upstream, settings, store, dns)
         retired = [d for k, d in self._by_config.items() if k not in wanted]
         self._by_config = wanted
         return list(wanted.values()), retired
@@ -163,7 +178,8 @@ class Deliveries:
 def build_router(settings: Settings, deliveries: list[Delivery]) -> Router:
     by_name = {u.name: d for u, d in zip(settings.upstream, deliveries, strict=True) if u.name}
     routes = [(r.sender_domain, by_name[r.upstream]) for r in settings.routes]
-    return Router(deliveries[0], routes)
+    default = deliveries[0] if len(deliveries) == 1 else FailoverDelivery(deliveries)
+    return Router(default, routes)
 
 
 def build_pipeline(settings: Settings, store: SecretStore, deliveries: list[Delivery]) -> Pipeline:
@@ -186,6 +202,7 @@ class Relay:
         self.reuse_port = reuse_port
         self.store = SecretStore([FileBackend(), EnvBackend()], settings.secrets.refresh)
         self.deliveries = Deliveries()
+        self.dns = build_dns(settings)
         self._pipeline: Pipeline | None = None
         self.tls = ServerTls(settings.tls)
         self.listeners: dict[tuple, ListenerServer] = {}
@@ -222,7 +239,7 @@ class Relay:
         log.info("effective configuration", extra={"config": redacted(settings),
                                                      "source": str(self.config_path or "embedded dev default")})
         await self._load_secrets(settings)
-        deliveries, _ = self.deliveries.build(settings, self.store)
+        deliveries, _ = self.deliveries.build(settings, self.store, self.dns)
         self._pipeline = build_pipeline(settings, self.store, deliveries)
         self._pipeline.keyring.attach()
         self._report_keys(self._pipeline)
@@ -287,7 +304,8 @@ class Relay:
         old_pipeline = self.pipeline
         try:
             await self._load_secrets(settings)
-            deliveries, retired = self.deliveries.build(settings, self.store)
+            self.dns = build_dns(settings)
+            deliveries, retired = self.deliveries.build(settings, self.store, self.dns)
             pipeline = build_pipeline(settings, self.store, deliveries)
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)

@@ -82,6 +82,7 @@ class Transaction:
     started: float = field(default_factory=time.monotonic)
     upstream: UpstreamTransaction | None = None
     recipients: list[str] = field(default_factory=list)
+    broken: str | None = None  # why the upstream transaction was lost after a recipient
     # What happened, for the log line.
     size: int = 0
     dkim: list[str] = field(default_factory=list)
@@ -155,10 +156,22 @@ class Pipeline:
             raise SmtpError(452, "4.5.3", "Too many recipients for one message",
                             reason=f"more than {self.settings.clients.max_recipients} recipients",
                             label="too_many_recipients")
+        if tx.broken:
+            raise SmtpError(451, "4.4.2", "Upstream connection lost, send the whole message again",
+                            reason=tx.broken, label="upstream_disconnected")
         if tx.upstream is None:
             delivery = self.router.route(tx.envelope.mail_from, recipient)
             tx.upstream = await delivery.begin(tx.envelope, recipient)
-        reply = await tx.upstream.add_recipient(recipient)
+        try:
+            reply = await tx.upstream.add_recipient(recipient)
+        except SmtpError as exc:
+            # The upstream transaction is gone. Without accepted recipients a new one can
+            # be opened for the next RCPT; with some, it cannot be rebuilt faithfully, so
+            # the whole transaction must be retried by the client (451 from here on).
+            tx.upstream = None
+            if tx.recipients:
+                tx.broken = exc.reason
+            raise
         if reply.positive:
             tx.recipients.append(recipient)
         return reply
@@ -180,6 +193,9 @@ class Pipeline:
                                 label="from_denied")
             if self.gate is not None:
                 self.gate.check(domain)
+            if tx.broken:
+                raise SmtpError(451, "4.4.2", "Upstream connection lost, try again",
+                                reason=tx.broken, label="upstream_disconnected")
             message = self._drop_stale_own_signatures(message)
             signatures = self._sign(tx, message, domain)
             if tx.upstream is None:

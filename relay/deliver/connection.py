@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 
 from relay.deliver.base import Envelope
 from relay.deliver.dial import Dialer
+from relay.dns.addresses import AddressResolver
 from relay.errors import Reply, SmtpError
 
 log = logging.getLogger("relay.deliver")
@@ -181,46 +182,66 @@ def _broken(upstream: str, stage: str, why: str, label: str = "upstream_error") 
 
 
 class UpstreamConnector:
-    """Opens connections to one endpoint through one dialer."""
+    """Opens connections to one endpoint through one dialer.
 
-    def __init__(self, endpoint: UpstreamEndpoint, dialer: Dialer) -> None:
+    With an `AddressResolver`, names are resolved through the configured DNS and each
+    address is tried in turn, unless the proxy resolves names itself. TLS always checks the
+    name, never the address."""
+
+    def __init__(self, endpoint: UpstreamEndpoint, dialer: Dialer, resolver: AddressResolver | None = None) -> None:
         self.endpoint = endpoint
         self.dialer = dialer
+        self.resolver = resolver
 
     def describe(self) -> str:
         via = self.dialer.describe()
         where = f"{self.endpoint.host}:{self.endpoint.port}"
         return where if via == "direct" else f"{where} via {via}"
 
-    async def open(self, host: str | None = None) -> UpstreamConnection:
+    async def open(self, host: str | None = None, tls: str | None = None) -> UpstreamConnection:
+        """Connect to `host` (default: the endpoint's); `tls` overrides the endpoint's mode."""
         ep = self.endpoint
         host = host or ep.host
         try:
-            connection = await self._open(host)
+            connection = await self._open(host, tls or ep.tls)
         except SmtpError as exc:
             UPSTREAM_CONNECTS.labels(ep.label, exc.label).inc()
             raise
         UPSTREAM_CONNECTS.labels(ep.label, "ok").inc()
         return connection
 
-    async def _open(self, host: str) -> UpstreamConnection:
+    async def _open(self, host: str, tls: str) -> UpstreamConnection:
         ep = self.endpoint
         where = f"{host}:{ep.port}" + ("" if self.dialer.describe() == "direct" else f" via {self.dialer.describe()}")
-        sock = await self.dialer.connect(host, ep.port)
-        try:
-            return await self._session(host, where, sock)
-        except BaseException:
-            # The transport owns the socket once connected; before that it is ours.
-            sock.close()
-            raise
+        if self.resolver is None or self.dialer.resolves_remotely:
+            targets = [host]
+        else:
+            targets = await self.resolver.addresses(host)
+        error: SmtpError | None = None
+        for target in targets:
+            try:
+                sock = await self.dialer.connect(target, ep.port)
+            except SmtpError as exc:
+                if target != host:
+                    exc.reason = f"{host}: {exc.reason}"
+                error = exc
+                continue
+            try:
+                return await self._session(host, where, sock, tls)
+            except BaseException:
+                # The transport owns the socket once connected; before that it is ours.
+                sock.close()
+                raise
+        assert error is not None
+        raise error
 
-    async def _session(self, host: str, where: str, sock) -> UpstreamConnection:
+    async def _session(self, host: str, where: str, sock, tls: str) -> UpstreamConnection:
         ep = self.endpoint
         smtp = aiosmtplib.SMTP(
             hostname=host,
             port=None,
             sock=sock,
-            use_tls=ep.tls == "implicit",
+            use_tls=tls == "implicit",
             start_tls=False,
             tls_context=ep.tls_context,
             local_hostname=ep.helo_name,
@@ -230,15 +251,20 @@ class UpstreamConnector:
             greeting = await smtp.connect(timeout=ep.connect_timeout)
             ehlo = await smtp.ehlo()
             banner = f"{greeting.message}\n{ehlo.message}"
-            wants_tls = ep.tls in ("starttls", "require") or (
-                ep.tls == "opportunistic" and smtp.supports_extension("starttls")
+            wants_tls = tls in ("starttls", "require") or (
+                tls == "opportunistic" and smtp.supports_extension("starttls")
             )
             if wants_tls:
                 if not smtp.supports_extension("starttls"):
                     raise SmtpError(451, "4.7.5", "Upstream does not offer TLS, try again later",
-                                    reason=f"upstream {where} does not offer STARTTLS (tls: {ep.tls})",
+                                    reason=f"upstream {where} does not offer STARTTLS (tls: {tls})",
                                     label="upstream_tls")
-                await smtp.starttls(tls_context=ep.tls_context, server_hostname=host)
+                context = ep.tls_context
+                if tls == "opportunistic":
+                    # RFC 7435: opportunistic encryption does not authenticate the server;
+                    # a certificate it cannot verify is still better than plaintext.
+                    context = _unverified_context()
+                await smtp.starttls(tls_context=context, server_hostname=host)
             if ep.username:
                 password = ep.password() if ep.password else None
                 if password is None:
@@ -277,6 +303,19 @@ class UpstreamConnector:
             raise SmtpError(451, "4.4.2", "Upstream connection failed, try again later",
                             reason=f"upstream {where}: {_first_line(str(exc))}", label="upstream_error") from None
         return UpstreamConnection(ep, smtp, banner)
+
+
+_UNVERIFIED: ssl.SSLContext | None = None
+
+
+def _unverified_context() -> ssl.SSLContext:
+    global _UNVERIFIED
+    if _UNVERIFIED is None:
+        _UNVERIFIED = ssl.create_default_context()
+        _UNVERIFIED.check_hostname = False
+        _UNVERIFIED.verify_mode = ssl.CERT_NONE
+        _UNVERIFIED.minimum_version = ssl.TLSVersion.TLSv1_2
+    return _UNVERIFIED
 
 
 def _first_line(text: str) -> str:

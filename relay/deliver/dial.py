@@ -18,6 +18,10 @@ from relay.errors import SmtpError
 
 
 class Dialer(Protocol):
+    # True when the proxy resolves the upstream's name (socks5h://, http:// CONNECT): the
+    # name is then passed as is; otherwise callers may pass an address they resolved.
+    resolves_remotely: bool
+
     async def connect(self, host: str, port: int) -> socket.socket: ...
 
     def describe(self) -> str:
@@ -27,6 +31,8 @@ class Dialer(Protocol):
 
 class DirectDialer:
     """Connect straight to the upstream (no egress proxy configured)."""
+
+    resolves_remotely = False
 
     def __init__(self, connect_timeout: float = 30.0) -> None:
         self.connect_timeout = connect_timeout

@@ -172,6 +172,10 @@ class ProxyDialer:
     def username(self) -> str | None:
         return self._creds.username
 
+    @property
+    def resolves_remotely(self) -> bool:
+        return self.scheme in ("socks5h", "http")
+
     def describe(self) -> str:
         """The proxy URL without its password, e.g. ``socks5://user@proxy.internal:1080``."""
         user = f"{quote(self._creds.username, safe='')}@" if self._creds.username else ""

@@ -68,7 +68,7 @@ class _Handler:
                 return "421 4.4.2 client gone"
         if b.data_reply:
             return b.data_reply
-        login = session.login_data
+        login = session.auth_data.login if session.auth_data is not None else None
         with self.up.lock:
             self.up.messages.append(ReceivedMessage(
                 mail_from=envelope.mail_from,
@@ -103,7 +103,7 @@ class Upstream:
             def authenticator(server, session, envelope, mechanism, auth_data):
                 ok = (isinstance(auth_data, LoginPassword)
                       and users.get(auth_data.login.decode()) == auth_data.password.decode())
-                return AuthResult(success=ok, handled=False)
+                return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
             kwargs["authenticator"] = authenticator
             kwargs["auth_required"] = True
