@@ -7,19 +7,18 @@ chain stops there and never probes instance metadata), and shared config files a
 
 from __future__ import annotations
 
-import contextlib
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import boto3
 import pytest
 
 from relay.secrets.aws import AwsSecretsBackend
 from relay.secrets.base import SecretFetchError, SecretRef
+from tests.support.aws import AWS_ENV as _AWS_ENV
+from tests.support.aws import moto_server, stop
+from tests.support.procs import free_port
 
 REGION = "us-east-1"
 PEM = (
@@ -28,44 +27,6 @@ PEM = (
     "-----END PRIVATE KEY-----\n"
 )
 SECRET_MARKERS = ("s3cr3t", "Mat3r1al", "BEGIN PRIVATE KEY", "hunter2")
-
-_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_REGION": REGION,
-    "AWS_DEFAULT_REGION": REGION,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
-
-
-# -- process helpers ---------------------------------------------------------------------------
-
-try:
-    from tests.support.procs import free_port, running
-except ImportError:  # rootdir not on sys.path: pytest put tests/ there instead
-    from support.procs import free_port, running
-
-
-@contextlib.contextmanager
-def moto_server(log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """moto in server mode, a real process on a free loopback port."""
-    port = free_port()
-    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with running(
-        argv, ready=("127.0.0.1", port), log_path=log_path, ready_timeout=30, env=_AWS_ENV
-    ) as proc:
-        yield f"http://127.0.0.1:{port}", proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the server now (`running` finds it gone on exit, which is fine)."""
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 # -- fixtures ----------------------------------------------------------------------------------

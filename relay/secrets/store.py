@@ -32,6 +32,7 @@ SECRET_REFRESH_FAILURES = Counter(
 )
 
 Listener = Callable[[str, SecretValue], None]
+LOCAL_POLL_INTERVAL = 5.0
 
 
 @dataclass(slots=True)
@@ -88,14 +89,19 @@ class SecretStore:
         await asyncio.gather(*(self._fetch(r) for r in list(self._entries)))
 
     async def run(self) -> None:
-        """Refresh forever; also keep the age gauges current between refreshes."""
+        """Refresh forever. Local references (mounted files, which Kubernetes updates by a
+        symlink swap) are re-read every few seconds, since that costs a `stat` and a small
+        read; remote backends every `refresh_interval`. The age gauges stay current."""
         next_refresh = time.monotonic() + self.refresh_interval
         while True:
             self.update_ages()
-            await asyncio.sleep(min(5.0, max(0.0, next_refresh - time.monotonic())))
+            await asyncio.sleep(min(LOCAL_POLL_INTERVAL, max(0.0, next_refresh - time.monotonic())))
             if time.monotonic() >= next_refresh:
                 await self.refresh()
                 next_refresh = time.monotonic() + self.refresh_interval
+            else:
+                local = [r for r in self._entries if r.startswith(("file://", "env://"))]
+                await asyncio.gather(*(self._fetch(r) for r in local))
 
     def update_ages(self) -> None:
         now = time.monotonic()
