@@ -22,6 +22,10 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    # One series per counter, not two: the *_created timestamps add nothing to dashboards.
+    from prometheus_client import disable_created_metrics
+
+    disable_created_metrics()
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -83,6 +83,7 @@ class Transaction:
     upstream: UpstreamTransaction | None = None
     recipients: list[str] = field(default_factory=list)
     broken: str | None = None  # why the upstream transaction was lost after a recipient
+    rcpt_refusal: SmtpError | None = None  # the last refusal of a recipient, by us or upstream
     # What happened, for the log line.
     size: int = 0
     dkim: list[str] = field(default_factory=list)

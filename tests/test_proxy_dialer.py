@@ -518,11 +518,12 @@ async def test_connect_forbidden_by_dante_ruleset_is_proxy_refused(
     assert f"reply {code}" in info.value.reason
 
 
-async def test_microsocks_upstream_refused_is_proxy_refused(microsocks: str, ports: Ports):
+async def test_microsocks_upstream_refused_is_upstream_unreachable(microsocks: str, ports: Ports):
+    # SOCKS5 reply 0x05: the proxy works, the upstream behind it refused the connection.
     dialer = ProxyDialer(f"socks5://{PROXY_USER}@{microsocks}", password=PROXY_PASSWORD)
     with pytest.raises(SmtpError) as info:
         await dialer.connect(LOOP, ports.closed)
-    assert_dial_error(info.value, "proxy_refused", "4.4.1", dialer)
+    assert_dial_error(info.value, "upstream_unreachable", "4.4.1", dialer)
     assert "via proxy" in info.value.reason
 
 
@@ -685,9 +686,21 @@ async def test_connect_request_without_credentials_and_ipv6_target():
         ),
         pytest.param(
             [b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"],
-            "proxy_refused",
+            "upstream_unreachable",
             "CONNECT refused (502 Bad Gateway)",
             id="502",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 504 Gateway Timeout\r\n\r\n"],
+            "upstream_timeout",
+            "CONNECT refused (504 Gateway Timeout)",
+            id="504",
+        ),
+        pytest.param(
+            [b"HTTP/1.1 403 Forbidden\r\n\r\n"],
+            "proxy_refused",
+            "CONNECT refused (403 Forbidden)",
+            id="403",
         ),
         pytest.param(
             [b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n"],

@@ -40,8 +40,11 @@ client text, a log reason naming the hop that failed (never a password) and a fi
     proxy_auth            4.4.0     proxy refused our credentials / wants some we lack
                                     (SOCKS5 auth failure or no acceptable method, HTTP 407
                                     or 401, SOCKS4 identd rejection 0x5C/0x5D)
-    proxy_refused         4.4.1     proxy would not open the tunnel: HTTP non-2xx (403, 502...),
-                                    SOCKS5 reply 0x01-0x08, SOCKS4 reply 0x5B
+    proxy_refused         4.4.1     proxy would not open the tunnel: HTTP non-2xx (403...),
+                                    SOCKS5 reply 0x01-0x02, 0x07-0x08, SOCKS4 reply 0x5B
+    upstream_unreachable  4.4.1     the proxy could not reach the upstream: SOCKS5 0x03-0x05,
+                                    HTTP 502/503 (also: the upstream name does not resolve)
+    upstream_timeout      4.4.1     the proxy timed out reaching it: SOCKS5 0x06, HTTP 504
     proxy_protocol        4.4.0     malformed/unexpected reply, proxy closed or reset mid-handshake
     upstream_unreachable  4.4.1     before the proxy is asked: no local address for the upstream
                                     (socks5://, socks4://), or a name that cannot be sent
@@ -332,9 +335,17 @@ class ProxyDialer:
                 return self._error(
                     "proxy_auth", f"{hop}: user id refused ({kind} reply {code:#04x}: {text})"
                 )
-            return self._error(
-                "proxy_refused", f"{via}: connect refused ({kind} reply {code:#04x}: {text})"
-            )
+            # The proxy worked but the upstream behind it did not answer: that is the
+            # upstream's failure, not the proxy's (alerts tell the two apart by label).
+            # SOCKS5 (RFC 1928 §6) 0x03-0x05: network/host unreachable, connection refused;
+            # 0x06: TTL expired. Others (0x01 general failure, 0x02 ruleset) are the proxy's.
+            if self.scheme != "socks4" and code in (0x03, 0x04, 0x05):
+                label = "upstream_unreachable"
+            elif self.scheme != "socks4" and code == 0x06:
+                label = "upstream_timeout"
+            else:
+                label = "proxy_refused"
+            return self._error(label, f"{via}: connect refused ({kind} reply {code:#04x}: {text})")
         lowered = text.lower()
         if "authentication failure" in lowered or "no acceptable authentication" in lowered:
             hint = "" if self._creds.username else ", and no credentials are configured"
@@ -375,7 +386,10 @@ class ProxyDialer:
             # 407 is the standard answer; tinyproxy 1.11 answers wrong credentials with 401.
             hint = "" if self._creds.username else ", and no credentials are configured"
             raise self._error("proxy_auth", f"{hop}: authentication refused ({status}{hint})")
-        raise self._error("proxy_refused", f"{via}: CONNECT refused ({status})")
+        # 502/503: the proxy could not reach the upstream; 504: it timed out doing so.
+        label = {502: "upstream_unreachable", 503: "upstream_unreachable", 504: "upstream_timeout"}.get(
+            code, "proxy_refused")
+        raise self._error(label, f"{via}: CONNECT refused ({status})")
 
     def _error(self, label: str, reason: str) -> SmtpError:
         return SmtpError(451, _ENHANCED[label], _CLIENT_TEXT, reason=reason, label=label)

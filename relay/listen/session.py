@@ -205,6 +205,7 @@ class SessionHandler:
         try:
             reply = await tx.pipeline.add_recipient(tx, address)
         except SmtpError as exc:
+            tx.rcpt_refusal = exc
             if exc.label != "too_many_recipients":
                 log.info("recipient not accepted", extra={
                     "id": tx.id, "reason": exc.reason, "code": exc.code, "label": exc.label,
@@ -256,6 +257,10 @@ class SessionHandler:
         tx, session.transaction = session.transaction, None
         if tx.upstream is not None:
             asyncio.get_running_loop().create_task(tx.upstream.abort())
+        if not tx.recipients and tx.rcpt_refusal is not None:
+            # No recipient was accepted, so no DATA came: the refusal at RCPT is this
+            # transaction's outcome and gets its one log line (and rejection count).
+            self._log_message(tx, tx.rcpt_refusal.reply, tx.rcpt_refusal)
 
     # -- one log line per transaction -----------------------------------------------------
     def _log_message(self, tx: Transaction, reply: Reply, error: SmtpError | None) -> None:

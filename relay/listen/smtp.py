@@ -107,7 +107,12 @@ class RelaySMTP(SMTP):
         return self._implicit_tls or self._tls_protocol is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        previous = self.session
         super().connection_made(transport)
+        if previous is not None and self.session is not previous and self.session is not None:
+            # STARTTLS starts a new session (RFC 3207 §4.2) with the same client.
+            self.session.client_ip = previous.client_ip
+            self.session.proxy_data = getattr(previous, "proxy_data", None)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None and self.session is not None:
             self.session.tls_version = ssl_object.version()

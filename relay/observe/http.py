@@ -61,6 +61,8 @@ class HealthServer:
             await self._runner.cleanup()
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        # relay_ready tracks readiness even where nothing probes /readyz.
+        READY.set(1 if all(v is None for v in self._readiness().values()) else 0)
         body = await asyncio.to_thread(generate_latest, metrics_registry())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -123,7 +123,7 @@ class Upstream:
         return self
 
     def stop(self) -> None:
-        self._controller.stop()
+        self._controller.stop(no_assert=True)
 
     def __enter__(self) -> Upstream:
         return self.start()
