@@ -35,6 +35,7 @@ from relay.listen.smtp import RelaySMTP
 from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
 from relay.pipeline import Pipeline
+from relay.posture.monitor import PostureMonitor
 from relay.route.router import Router
 from relay.secrets.base import SecretBackend
 from relay.secrets.local import EnvBackend, FileBackend
@@ -85,6 +86,18 @@ def secret_refs(settings: Settings) -> list[str]:
 def vault_bootstrap_refs(settings: Settings) -> list[str]:
     vault = settings.secrets.vault
     return [r for r in (vault.token, vault.secret_id) if r] if vault else []
+
+
+async def load_secrets(store: SecretStore, settings: Settings) -> None:
+    """Install the backends `settings` asks for and fetch every reference it uses."""
+    store.refresh_interval = settings.secrets.refresh
+    # Vault's own credentials come from the other backends, so they load first.
+    await store.ensure(vault_bootstrap_refs(settings))
+    for backend in build_secret_backends(settings, store):
+        store.set_backend(backend)
+    refs = vault_bootstrap_refs(settings) + secret_refs(settings)
+    await store.ensure(refs)
+    store.retain(refs)
 
 
 def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
@@ -182,14 +195,21 @@ def build_router(settings: Settings, deliveries: list[Delivery]) -> Router:
     return Router(default, routes)
 
 
-def build_pipeline(settings: Settings, store: SecretStore, deliveries: list[Delivery]) -> Pipeline:
+def build_pipeline(settings: Settings, store: SecretStore, deliveries: list[Delivery], dns: DnsService,
+                   previous: PostureMonitor | None = None) -> tuple[Pipeline, PostureMonitor]:
+    """The pipeline for one config snapshot, and the DNS posture monitor that gates it."""
     keyring = KeyRing(settings.dkim, store)
-    return Pipeline(
+    router = build_router(settings, deliveries)
+    monitor = PostureMonitor(settings, dns, keyring, router.default,
+                             dialer=build_dialer(settings.upstream[0], store), previous=previous)
+    pipeline = Pipeline(
         settings,
         users=UserDirectory(settings.clients.users, store),
         keyring=keyring,
-        router=build_router(settings, deliveries),
+        router=router,
+        gate=monitor,
     )
+    return pipeline, monitor
 
 
 # -- the running process -------------------------------------------------------------------
@@ -212,6 +232,8 @@ class Relay:
         self._draining = False
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.posture: PostureMonitor | None = None
+        self._posture_task: asyncio.Task | None = None
         self._upstream_problem: str | None = "not probed yet"
         self._signals = 0
 
@@ -240,7 +262,7 @@ class Relay:
                                                      "source": str(self.config_path or "embedded dev default")})
         await self._load_secrets(settings)
         deliveries, _ = self.deliveries.build(settings, self.store, self.dns)
-        self._pipeline = build_pipeline(settings, self.store, deliveries)
+        self._pipeline, self.posture = build_pipeline(settings, self.store, deliveries, self.dns)
         self._pipeline.keyring.attach()
         self._report_keys(self._pipeline)
         for lst in settings.listeners:
@@ -248,19 +270,13 @@ class Relay:
             await server.start()
             self.listeners[_listener_key(lst)] = server
         host, port = settings.metrics.bind
-        await self.health.start(host, port)
+        await self.health.start(host, port, reuse_port=self.reuse_port)
         self._tasks.append(asyncio.create_task(self.store.run(), name="secret-refresh"))
         self._tasks.append(asyncio.create_task(self._probe_upstreams(), name="upstream-probe"))
+        self._posture_task = asyncio.create_task(self.posture.run(), name="posture")
 
     async def _load_secrets(self, settings: Settings) -> None:
-        self.store.refresh_interval = settings.secrets.refresh
-        # Vault's own credentials come from the other backends, so they load first.
-        await self.store.ensure(vault_bootstrap_refs(settings))
-        for backend in build_secret_backends(settings, self.store):
-            self.store.set_backend(backend)
-        refs = vault_bootstrap_refs(settings) + secret_refs(settings)
-        await self.store.ensure(refs)
-        self.store.retain(refs)
+        await load_secrets(self.store, settings)
 
     def _report_keys(self, pipeline: Pipeline) -> None:
         for ident, why in pipeline.keyring.never_loaded().items():
@@ -306,7 +322,7 @@ class Relay:
             await self._load_secrets(settings)
             self.dns = build_dns(settings)
             deliveries, retired = self.deliveries.build(settings, self.store, self.dns)
-            pipeline = build_pipeline(settings, self.store, deliveries)
+            pipeline, posture = build_pipeline(settings, self.store, deliveries, self.dns, previous=self.posture)
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
@@ -315,6 +331,9 @@ class Relay:
         old_pipeline.keyring.detach()
         pipeline.keyring.attach()
         self._pipeline = pipeline
+        self._posture_task.cancel()
+        self.posture = posture
+        self._posture_task = asyncio.create_task(posture.run(), name="posture")
         self.settings = settings
         setup_logging(settings.logging.format, settings.logging.level)
         self._report_keys(pipeline)
@@ -361,6 +380,8 @@ class Relay:
         await self.stop()
 
     async def stop(self) -> None:
+        if self._posture_task is not None:
+            self._tasks.append(self._posture_task)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -395,8 +416,8 @@ def _listener_key(lst) -> tuple:
 
 async def serve(settings: Settings, *, config_path: Path | None,
                 reload_settings: Callable[[], Settings] | None = None,
-                on_started: Callable[[Relay], None] | None = None) -> int:
-    relay = Relay(settings, config_path=config_path, reload_settings=reload_settings)
+                on_started: Callable[[Relay], None] | None = None, reuse_port: bool = False) -> int:
+    relay = Relay(settings, config_path=config_path, reload_settings=reload_settings, reuse_port=reuse_port)
     try:
         await relay.start()
     except OSError as exc:

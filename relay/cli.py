@@ -11,6 +11,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the relay (no config: the embedded dev default)")
     serve.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="worker processes sharing the listeners (default 1)")
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("RELAY_WORKERS", "1")),
+                       help="worker processes sharing the listeners, one core each "
+                            "(default 1, or $RELAY_WORKERS)")
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="preflight of the DNS posture and the path out")
@@ -122,6 +124,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
+    if args.workers > 1:
+        from relay.supervisor import supervise
+
+        return supervise(args.workers, str(path) if path else None, settings.data_dir)
     setup_logging(settings.logging.format, settings.logging.level)
     if path is None:
         from relay.config.dev import dev_settings
@@ -132,8 +138,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reload_settings = None
         on_started = None
     _install_uvloop()
+    worker = os.environ.get("RELAY_WORKER")
+    if worker not in (None, "0"):
+        on_started = None  # the banner once, from the first worker
     return asyncio.run(serve(settings, config_path=path, reload_settings=reload_settings,
-                             on_started=on_started))
+                             on_started=on_started, reuse_port=os.environ.get("RELAY_REUSE_PORT") == "1"))
 
 
 def _install_uvloop() -> None:

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from tests.support.certs import TestPki, make_pki
+from tests.support.procs import free_port
 from tests.support.relayproc import RelayProcess, loopback_bind
 from tests.support.upstream import Upstream
 
@@ -117,6 +118,8 @@ def relay_config(tmp_path: Path, pki: TestPki, dkim_keys: DkimKeys, upstream_por
             "pool": {"max_connections": 4, "acquire_timeout": "5s"},
         },
         "metrics": {"bind": loopback_bind()},
+        # Tests never send DNS beyond loopback: a port where nothing answers (fast temperror).
+        "dns": {"nameservers": ["127.0.0.1"], "port": free_port(), "timeout": "1s", "attempts": 1},
         "logging": {"format": "json", "level": "info"},
         "drain_timeout": "10s",
         "data_dir": str(tmp_path),

@@ -360,7 +360,8 @@ class LoggingSettings(Strict):
 
 
 class Settings(Strict):
-    hostname: str = Field(default_factory=socket.getfqdn)
+    # socket.gethostname, not getfqdn: no DNS lookup just to load a config.
+    hostname: str = Field(default_factory=socket.gethostname)
     listeners: list[ListenerSettings] = Field(min_length=1)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     clients: ClientSettings = Field(default_factory=ClientSettings)

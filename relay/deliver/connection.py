@@ -218,12 +218,15 @@ class UpstreamConnector:
         else:
             targets = await self.resolver.addresses(host)
         error: SmtpError | None = None
+        reasons: list[str] = []
         for target in targets:
             try:
                 sock = await self.dialer.connect(target, ep.port)
             except SmtpError as exc:
+                reasons.append(exc.reason)
                 if target != host:
-                    exc.reason = f"{host}: {exc.reason}"
+                    # Every address tried, in order, so the log shows the whole attempt.
+                    exc.reason = f"{host}: " + "; ".join(reasons)
                 error = exc
                 continue
             try:

@@ -26,6 +26,9 @@ class AddressResolver:
             return [str(ipaddress.ip_address(literal))]
         except ValueError:
             pass
+        if host.lower().rstrip(".") == "localhost" or host.lower().rstrip(".").endswith(".localhost"):
+            # RFC 6761 §6.3: localhost names are loopback and are not asked of DNS.
+            return ["127.0.0.1", "::1"]
         if self.dns is None:
             return await self._system(host)
         found: list[str] = []

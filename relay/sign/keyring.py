@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
-from relay.config.schema import DkimSettings
+from relay.config.schema import DkimKeySettings, DkimSettings
 from relay.secrets.base import SecretValue
 from relay.secrets.store import SecretStore
 from relay.sign.keys import KeyMaterialError, SigningKey, load_signing_key
@@ -30,16 +30,21 @@ class KeyRing:
     def __init__(self, settings: DkimSettings, store: SecretStore) -> None:
         self._settings = settings
         self._store = store
-        self._by_ref = {k.key: k for k in settings.keys}
+        # One reference may hold the key of several selectors/domains (the same key
+        # published under two names), so a reference maps to every entry that uses it.
+        self._by_ref: dict[str, list[DkimKeySettings]] = {}
+        for cfg in settings.keys:
+            self._by_ref.setdefault(cfg.key, []).append(cfg)
         self._keys: dict[tuple[str, str], SigningKey] = {}
         self._problems: dict[tuple[str, str], str] = {}
         self._by_domain: dict[str, tuple[SigningKey, ...]] = {}
-        for cfg in settings.keys:
-            value = store.get(cfg.key)
+        for ref, cfgs in self._by_ref.items():
+            value = store.get(ref)
             if value is None:
-                self._problems[(cfg.domain, cfg.selector)] = store.error(cfg.key) or "not loaded"
+                for cfg in cfgs:
+                    self._problems[(cfg.domain, cfg.selector)] = store.error(ref) or "not loaded"
             else:
-                self._load(cfg.key, value)
+                self._load(ref, value)
         self._rebuild()
 
     @property
@@ -76,7 +81,12 @@ class KeyRing:
         }
 
     def _load(self, ref: str, value: SecretValue) -> bool:
-        cfg = self._by_ref[ref]
+        changed = False
+        for cfg in self._by_ref[ref]:
+            changed |= self._load_one(ref, cfg, value)
+        return changed
+
+    def _load_one(self, ref: str, cfg: DkimKeySettings, value: SecretValue) -> bool:
         ident = (cfg.domain, cfg.selector)
         try:
             key = load_signing_key(
