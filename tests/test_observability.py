@@ -406,3 +406,13 @@ def test_scrape_passes_promtool_check_metrics(relay_scrape):
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
+
+
+def test_kubernetes_prometheusrule_carries_exactly_the_alert_rules():
+    import yaml
+
+    repo = Path(__file__).parent.parent
+    rules = yaml.safe_load((repo / "deploy" / "grafana" / "relay-alerts.yaml").read_text())
+    operator = yaml.safe_load((repo / "deploy" / "kubernetes" / "prometheusrule.yaml").read_text())
+    assert operator["kind"] == "PrometheusRule"
+    assert operator["spec"]["groups"] == rules["groups"]
