@@ -49,13 +49,13 @@ UPSTREAM_PROBE_INTERVAL = 30.0
 
 # -- composition ---------------------------------------------------------------------------
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
-    from relay.secrets.aws import AwsSecretsBackend
+    backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
+    if any(ref.startswith("aws-sm://") for ref in secret_refs(settings) + vault_bootstrap_refs(settings)):
+        # Imported only when used: the AWS SDK costs each worker ~35 MiB of memory.
+        from relay.secrets.aws import AwsSecretsBackend
 
-    backends: list[SecretBackend] = [
-        FileBackend(),
-        EnvBackend(),
-        AwsSecretsBackend(region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url),
-    ]
+        backends.append(AwsSecretsBackend(region=settings.secrets.aws.region,
+                                          endpoint_url=settings.secrets.aws.endpoint_url))
     vault = settings.secrets.vault
     if vault is not None:
         from relay.secrets.vault import VaultBackend

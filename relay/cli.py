@@ -8,25 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from relay import __version__
-from relay.config.load import ConfigError, config_path, load_settings
-from relay.config.schema import Settings
+
+if TYPE_CHECKING:
+    from relay.config.schema import Settings
+
+# Commands import what they need when they run: `relay serve --workers N` keeps its
+# supervisor process small, and `relay hash-password` starts fast.
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    # One series per counter, not two: the *_created timestamps add nothing to dashboards.
-    from prometheus_client import disable_created_metrics
-
-    disable_created_metrics()
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -80,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path_arg: str | None) -> tuple[Settings, Path | None]:
+    from relay.config.load import config_path, load_settings
+
     path = config_path(path_arg)
     if path is None:
         from relay.config.dev import dev_settings
@@ -90,6 +94,7 @@ def _load(path_arg: str | None) -> tuple[Settings, Path | None]:
 
 def _full_check(settings: Settings, path: Path | None) -> None:
     """Everything `serve` checks before it binds: the schema, plus loadable TLS files."""
+    from relay.config.load import ConfigError
     from relay.listen.listeners import check_tls_files
 
     problem = check_tls_files(settings.tls)
@@ -98,6 +103,8 @@ def _full_check(settings: Settings, path: Path | None) -> None:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
+    from relay.config.load import ConfigError
+
     try:
         settings, path = _load(args.config)
         _full_check(settings, path)
@@ -115,19 +122,26 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # One series per counter, not two: the *_created timestamps add nothing to dashboards.
+    from prometheus_client import disable_created_metrics
+
     from relay.app import serve
+    from relay.config.load import ConfigError
     from relay.observe.logs import setup_logging
 
+    disable_created_metrics()
+    if args.workers > 1:
+        # The supervisor stays small (it forks nothing, imports little); each worker loads
+        # and validates the config itself, and a config error (exit 2) stops them all.
+        from relay.supervisor import supervise
+
+        return supervise(args.workers, args.config or os.environ.get("RELAY_CONFIG") or None)
     try:
         settings, path = _load(args.config)
         _full_check(settings, path)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
-    if args.workers > 1:
-        from relay.supervisor import supervise
-
-        return supervise(args.workers, str(path) if path else None, settings.data_dir)
     setup_logging(settings.logging.format, settings.logging.level)
     if path is None:
         from relay.config.dev import dev_settings
@@ -138,11 +152,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         reload_settings = None
         on_started = None
     _install_uvloop()
+    _raise_open_file_limit()
     worker = os.environ.get("RELAY_WORKER")
     if worker not in (None, "0"):
         on_started = None  # the banner once, from the first worker
     return asyncio.run(serve(settings, config_path=path, reload_settings=reload_settings,
                              on_started=on_started, reuse_port=os.environ.get("RELAY_REUSE_PORT") == "1"))
+
+
+def _raise_open_file_limit() -> None:
+    """Every session is a socket (two with its upstream connection): take the hard limit
+    on open files, not the usual soft 1024, so a thousand clients are not refused."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 65536 if hard == resource.RLIM_INFINITY else hard
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _install_uvloop() -> None:
@@ -208,6 +235,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from relay.config.load import ConfigError
+
     try:
         settings, path = _load(args.config)
     except ConfigError as exc:

@@ -28,9 +28,8 @@ from pathlib import Path
 RESTART_PAUSE_MAX = 30.0
 
 
-def supervise(workers: int, config: str | None, state_dir: Path | None = None) -> int:
-    base = state_dir if state_dir is not None and state_dir.is_dir() else None
-    multiproc_dir = Path(tempfile.mkdtemp(prefix="relay-metrics-", dir=base))
+def supervise(workers: int, config: str | None) -> int:
+    multiproc_dir = Path(tempfile.mkdtemp(prefix="relay-metrics-"))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir), "RELAY_REUSE_PORT": "1"}
     argv = [sys.executable, "-m", "relay", "serve", "--workers", "1"] + (["-c", config] if config else [])
     procs: dict[int, subprocess.Popen] = {}

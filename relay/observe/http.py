@@ -2,6 +2,10 @@
 
 `/readyz` answers 200 only when every check passes and 503 otherwise, with a JSON body
 naming each check and why it fails, so a load balancer and a human read the same thing.
+
+The server is a few lines of asyncio on purpose: it answers three GET paths to scrapers
+and probes, one request per connection, and a web framework would cost every worker
+process 25 MiB of memory for that.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ import logging
 import os
 from collections.abc import Callable
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
 
 from relay import __version__
@@ -26,6 +29,10 @@ BUILD_INFO.labels(__version__).set(1)
 READY = Gauge("relay_ready", "1 when /readyz passes, else 0.", multiprocess_mode="min")
 
 ReadinessCheck = Callable[[], dict[str, str | None]]
+
+_MAX_REQUEST_HEAD = 8192
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            503: "Service Unavailable"}
 
 
 def metrics_registry() -> CollectorRegistry:
@@ -43,37 +50,57 @@ def metrics_registry() -> CollectorRegistry:
 class HealthServer:
     def __init__(self, readiness: ReadinessCheck) -> None:
         self._readiness = readiness
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
-        await site.start()
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=_MAX_REQUEST_HEAD), self._serve),
+            host=host, port=port, reuse_address=True, reuse_port=reuse_port or None,
+        )
         log.info("metrics and health listening", extra={"bind": f"{host}:{port}"})
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
 
-    async def _metrics(self, request: web.Request) -> web.Response:
-        # relay_ready tracks readiness even where nothing probes /readyz.
-        READY.set(1 if all(v is None for v in self._readiness().values()) else 0)
-        body = await asyncio.to_thread(generate_latest, metrics_registry())
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            path = path.split("?", 1)[0]
+            status, content_type, body = await self._respond(method, path)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+            status, content_type, body = 400, "text/plain", b"bad request\n"
+        except ConnectionError:
+            writer.close()
+            return
+        head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+        try:
+            writer.write(head + body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        checks = self._readiness()
-        ready = all(v is None for v in checks.values())
-        READY.set(1 if ready else 0)
-        body = {"status": "ready" if ready else "not ready",
-                "checks": {k: ("ok" if v is None else v) for k, v in checks.items()}}
-        return web.Response(text=json.dumps(body), status=200 if ready else 503,
-                            content_type="application/json")
+    async def _respond(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if method != "GET":
+            return 405, "text/plain", b"GET only\n"
+        if path == "/metrics":
+            ready = all(v is None for v in self._readiness().values())
+            READY.set(1 if ready else 0)  # relay_ready tracks readiness even if nothing probes
+            body = await asyncio.to_thread(generate_latest, metrics_registry())
+            return 200, CONTENT_TYPE_LATEST, body
+        if path == "/healthz":
+            return 200, "application/json", b'{"status": "ok"}'
+        if path == "/readyz":
+            checks = self._readiness()
+            ready = all(v is None for v in checks.values())
+            READY.set(1 if ready else 0)
+            body = {"status": "ready" if ready else "not ready",
+                    "checks": {k: ("ok" if v is None else v) for k, v in checks.items()}}
+            return (200 if ready else 503), "application/json", json.dumps(body).encode()
+        return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"
