@@ -213,15 +213,17 @@ def run_anchor(args) -> None:
     config = bench_config(workdir, ANCHOR_KEY, pool=args.pool)
     subprocess.run([str(ANCHOR / "sink_ctl.sh"), "stop"], check=False)
     relay = start_relay(config, args.workers, workdir / "relay.log")
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
     env = {**os.environ, "SIZES": ",".join(map(str, args.sizes)), "CONCS": ",".join(map(str, args.concs)),
            "REPS": str(args.reps), "EXTRA_TARGETS": f"relay=127.0.0.1:{RELAY_PORT}",
-           "EXTRA_PIDS": f"relay={relay.pid}"}
+           "EXTRA_PIDS": f"relay={relay.pid}", "RESULTS_DIR": str(results)}
     try:
         subprocess.run([str(ANCHOR / "run_load.sh")], check=True, env=env)
     finally:
         relay.send_signal(signal.SIGTERM)
         relay.wait(60)
-    raws = sorted((ANCHOR / "results").glob("raw-*.jsonl"))
+    raws = sorted(results.glob("raw-*.jsonl"))
     print(ratios([json.loads(line) for line in raws[-1].read_text().splitlines() if line.strip()]))
     print(f"\nraw results: {raws[-1]}")
 

@@ -122,6 +122,13 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers > 1:
+        # Before anything imports prometheus-client: the supervisor must switch it to
+        # multiprocess mode first. Each worker validates the config itself; a config error
+        # (exit 2) stops them all.
+        from relay.supervisor import supervise
+
+        return supervise(args.workers, args.config or os.environ.get("RELAY_CONFIG") or None)
     # One series per counter, not two: the *_created timestamps add nothing to dashboards.
     from prometheus_client import disable_created_metrics
 
@@ -130,12 +137,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.observe.logs import setup_logging
 
     disable_created_metrics()
-    if args.workers > 1:
-        # The supervisor stays small (it forks nothing, imports little); each worker loads
-        # and validates the config itself, and a config error (exit 2) stops them all.
-        from relay.supervisor import supervise
-
-        return supervise(args.workers, args.config or os.environ.get("RELAY_CONFIG") or None)
     try:
         settings, path = _load(args.config)
         _full_check(settings, path)

@@ -112,3 +112,11 @@ def _data_keys(data, prefix="") -> set[str]:
                 keys.add(f"{prefix}{key}")
                 keys |= _data_keys(value, f"{prefix}{key}.")
     return keys
+
+
+def test_workers_stop_on_a_config_error():
+    path = DATA / "bad" / "bad-tls-mode.yaml"
+    result = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(path), "--workers", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "listeners[0].tls: Input should be 'starttls', 'implicit' or 'none' (got 'startls')" in result.stderr

@@ -33,7 +33,7 @@ SESSIONS_ACTIVE = Gauge(
     multiprocess_mode="livesum",
 )
 SESSIONS_TOTAL = Counter(
-    "relay_sessions_total", "Client sessions accepted, by TLS version at connect (none for plain).",
+    "relay_sessions_total", "Client sessions ended, by the TLS version they used (none for plain).",
     ["listener", "tls"],
 )
 SESSIONS_REFUSED = Counter(
@@ -91,7 +91,6 @@ class SessionHandler:
             return str(refusal.reply)
         self.relay.track(server)
         SESSIONS_ACTIVE.labels(self.listener.name).inc()
-        SESSIONS_TOTAL.labels(self.listener.name, session.tls_version or "none").inc()
         server.tracked = True
         return None
 
@@ -99,6 +98,9 @@ class SessionHandler:
         if getattr(server, "tracked", False):
             server.tracked = False
             SESSIONS_ACTIVE.labels(self.listener.name).dec()
+            # Counted at the end, so a STARTTLS session shows the TLS version it ended with.
+            tls = server.session.tls_version if server.session is not None else None
+            SESSIONS_TOTAL.labels(self.listener.name, tls or "none").inc()
             self.relay.untrack(server)
         self.end_transaction(server)
 
