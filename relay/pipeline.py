@@ -79,6 +79,8 @@ class Transaction:
     senders: SenderPolicy
     envelope: Envelope
     pipeline: Pipeline
+    helo: str = "unknown"
+    tls: str | None = None  # TLS version of the client session
     started: float = field(default_factory=time.monotonic)
     upstream: UpstreamTransaction | None = None
     recipients: list[str] = field(default_factory=list)
@@ -178,7 +180,7 @@ class Pipeline:
         return reply
 
     # -- 5. at DATA: authorize the author, sign, deliver ----------------------------------
-    async def relay_message(self, tx: Transaction, raw: bytes, *, received: bytes) -> Reply:
+    async def relay_message(self, tx: Transaction, raw: bytes) -> Reply:
         """Everything after the client's final dot. Returns the reply for the client."""
         tx.size = len(raw)
         MESSAGES_RECEIVED.labels(tx.listener).inc()
@@ -202,7 +204,7 @@ class Pipeline:
             if tx.upstream is None:
                 raise SmtpError(451, "4.3.0", "No upstream transaction, try again",
                                 reason="DATA without an open upstream transaction", label="internal")
-            reply = await tx.upstream.send(message.to_bytes(signatures + received))
+            reply = await tx.upstream.send(message.to_bytes(signatures + self._received_header(tx)))
         except SmtpError:
             if tx.upstream is not None:
                 await tx.upstream.abort()
@@ -256,16 +258,16 @@ class Pipeline:
                 stale.append(sig)
         return message.without(stale) if stale else message
 
-    def received_header(self, tx: Transaction, *, helo: str, tls: str | None, authenticated: bool) -> bytes:
+    def _received_header(self, tx: Transaction) -> bytes:
         """RFC 5321 §4.4 trace field. `relay_only` (the default) leaves out the client's
         private address and HELO name; `full` includes them."""
         mode = self.settings.received_header
         if mode == "off":
             return b""
         # RFC 3848 protocol types.
-        protocol = "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
-        source = f"from {helo} ([{tx.client}])\r\n\t" if mode == "full" else ""
-        with_tls = f" ({tls})" if tls else ""
+        protocol = "ESMTP" + ("S" if tx.tls else "") + ("A" if tx.user else "")
+        source = f"from {tx.helo} ([{tx.client}])\r\n\t" if mode == "full" else ""
+        with_tls = f" ({tx.tls})" if tx.tls else ""
         stamp = email.utils.format_datetime(email.utils.localtime())
         line = (f"Received: {source}by {self.settings.hostname} (relay) with {protocol}{with_tls}"
                 f"\r\n\tid {tx.id}; {stamp}\r\n")

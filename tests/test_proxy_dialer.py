@@ -15,7 +15,6 @@ import base64
 import contextlib
 import socket
 import ssl
-import time
 import traceback
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -557,10 +556,8 @@ def blackhole_listener():
 async def test_proxy_connect_timeout_is_proxy_timeout():
     with blackhole_listener() as port:
         dialer = ProxyDialer(f"socks5://127.0.0.1:{port}", connect_timeout=0.5)
-        started = time.monotonic()
         with pytest.raises(SmtpError) as info:
             await dialer.connect(LOOP, 25)
-        assert time.monotonic() - started < 5
     assert_dial_error(info.value, "proxy_timeout", "4.4.1", dialer)
     assert "connect timed out after 0.5s" in info.value.reason
 

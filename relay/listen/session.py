@@ -19,6 +19,7 @@ from prometheus_client import Counter, Gauge
 
 from relay.config.schema import ListenerSettings
 from relay.deliver.base import Envelope
+from relay.deliver.connection import upstream_id
 from relay.errors import Reply, SmtpError
 from relay.pipeline import Pipeline, Transaction, new_message_id
 
@@ -194,6 +195,8 @@ class SessionHandler:
                 smtputf8="SMTPUTF8" in mail_options,
             ),
             pipeline=pipeline,
+            helo=session.host_name or "unknown",
+            tls=session.tls_version,
         )
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -223,33 +226,26 @@ class SessionHandler:
         if tx is None:
             return "503 5.5.1 Send MAIL FROM first"
         session.transaction = None
-        received = tx.pipeline.received_header(
-            tx, helo=session.host_name or "unknown", tls=session.tls_version,
-            authenticated=session.user is not None,
-        )
         try:
-            reply = await tx.pipeline.relay_message(tx, envelope.content, received=received)
+            reply = await tx.pipeline.relay_message(tx, envelope.content)
         except SmtpError as exc:
             self._log_message(tx, exc.reply, exc)
             return str(exc.reply)
         self._log_message(tx, reply, None)
         return str(reply)
 
-    def data_refused(self, server: RelaySMTP, status: str, reason: str, size: int) -> str:
+    def data_refused(self, server: RelaySMTP, error: SmtpError, size: int) -> str:
         """DATA refused by the listener itself (too big, bare line endings)."""
         session: RelaySession = server.session  # type: ignore[assignment]
         tx: Transaction | None = session.transaction
-        if tx is not None:
-            session.transaction = None
-            tx.size = size
-            code, enhanced, text = status.split(" ", 2)
-            self._log_message(tx, Reply(int(code), enhanced, text),
-                              SmtpError(int(code), enhanced, text, reason=reason, label=reason))
-            if tx.upstream is not None:
-                asyncio.get_running_loop().create_task(tx.upstream.abort())
-        else:
-            self.relay.pipeline.count_rejection(self.listener.name, reason)
-        return status
+        if tx is None:
+            self.relay.pipeline.count_rejection(self.listener.name, error.label)
+            return str(error.reply)
+        session.transaction = None
+        tx.size = size
+        _abort_upstream(tx)
+        self._log_message(tx, error.reply, error)
+        return str(error.reply)
 
     def end_transaction(self, server: RelaySMTP) -> None:
         """Client RSET, new EHLO, QUIT or disconnect: drop the upstream transaction."""
@@ -257,8 +253,7 @@ class SessionHandler:
         if session is None or session.transaction is None:
             return
         tx, session.transaction = session.transaction, None
-        if tx.upstream is not None:
-            asyncio.get_running_loop().create_task(tx.upstream.abort())
+        _abort_upstream(tx)
         if not tx.recipients and tx.rcpt_refusal is not None:
             # No recipient was accepted, so no DATA came: the refusal at RCPT is this
             # transaction's outcome and gets its one log line (and rejection count).
@@ -266,8 +261,6 @@ class SessionHandler:
 
     # -- one log line per transaction -----------------------------------------------------
     def _log_message(self, tx: Transaction, reply: Reply, error: SmtpError | None) -> None:
-        from relay.deliver.connection import upstream_id
-
         if error is not None:
             tx.pipeline.count_rejection(tx.listener, error.label)
         upstream_reply = tx.upstream_reply
@@ -301,6 +294,11 @@ class SessionHandler:
             "mail_from_domain": mail_from.rpartition("@")[2].lower() or None,
             "code": error.code, "enhanced": error.reply.enhanced, "reason": error.reason,
         })
+
+
+def _abort_upstream(tx: Transaction) -> None:
+    if tx.upstream is not None:
+        asyncio.get_running_loop().create_task(tx.upstream.abort())
 
 
 def _b64(text: str) -> bytes | None:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Session, syntax
 
+from relay.errors import SmtpError
+
 if TYPE_CHECKING:
     from relay.listen.session import SessionHandler
 
@@ -239,12 +241,13 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content, size = await self._read_data()
         if content is None:
-            status = f"552 5.3.4 Message size exceeds the limit of {self.data_size_limit} bytes"
-            status = self.event_handler.data_refused(self, status, "too_big", size)
+            status = self.event_handler.data_refused(self, SmtpError(
+                552, "5.3.4", f"Message size exceeds the limit of {self.data_size_limit} bytes",
+                reason=f"{size} bytes of DATA", label="too_big"), size)
         elif _has_bare_line_ending(content):
-            status = ("550 5.6.0 Message contains a bare CR or LF; lines must end with CRLF "
-                      "(RFC 5321 §2.3.8)")
-            status = self.event_handler.data_refused(self, status, "bare_line_ending", size)
+            status = self.event_handler.data_refused(self, SmtpError(
+                550, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 §2.3.8)",
+                reason="bare CR or LF in DATA", label="bare_line_ending"), size)
         else:
             # Transparency (RFC 5321 §4.5.2): drop the first dot of every line.
             if content.startswith(b"."):
