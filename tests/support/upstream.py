@@ -1,7 +1,8 @@
 """A real SMTP upstream for tests: aiosmtpd on a loopback port, in its own thread.
 
 It records every message it accepts (envelope, bytes, the peer it came from, whether TLS
-was on) and can be told to refuse at MAIL/RCPT/DATA, to stall, or to require AUTH.
+was on) and can be told to refuse at MAIL/RCPT/DATA, to stall, or to require AUTH. With
+`dsn=True` it offers the DSN extension (RFC 3461) and records the DSN parameters it got.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from tests.support.procs import free_port
 
@@ -26,6 +27,10 @@ class ReceivedMessage:
     peer: tuple
     tls: bool
     user: str | None
+    # MAIL parameters as sent (e.g. ["BODY=8BITMIME", "RET=HDRS"]) and RCPT parameters per
+    # recipient; DSN parameters keep their case.
+    mail_options: list[str] = field(default_factory=list)
+    rcpt_options: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,12 +47,19 @@ class _Handler:
     def __init__(self, upstream: Upstream) -> None:
         self.up = upstream
 
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.up.dsn:
+            responses.insert(-1, "250-DSN")
+        return responses
+
     async def handle_MAIL(self, server, session, envelope, address, options):
         self.up.mail_commands += 1
         if self.up.behaviour.mail_reply:
             return self.up.behaviour.mail_reply
         envelope.mail_from = address
-        envelope.mail_options.extend(options)
+        envelope.mail_options.extend(getattr(server, "dsn_mail_params", []) + options)
+        envelope.rcpt_params = {}
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, options):
@@ -57,6 +69,7 @@ class _Handler:
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_params[address] = getattr(server, "dsn_rcpt_params", []) + options
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
@@ -77,18 +90,56 @@ class _Handler:
                 peer=session.peer,
                 tls=session.ssl is not None or self.up.implicit,
                 user=login.decode() if isinstance(login, bytes) else login,
+                mail_options=list(envelope.mail_options),
+                rcpt_options=dict(getattr(envelope, "rcpt_params", {})),
             ))
             n = len(self.up.messages)
         return f"250 2.0.0 Ok: queued as {b.queue_id_prefix}{n:06d}"
 
 
+_DSN_MAIL = ("RET", "ENVID")
+_DSN_RCPT = ("NOTIFY", "ORCPT")
+
+
+class _DsnSMTP(SMTP):
+    """aiosmtpd refuses every MAIL/RCPT parameter it does not know (555); this one takes the
+    DSN parameters off the command first and keeps them for the handler."""
+
+    async def smtp_MAIL(self, arg):
+        arg, self.dsn_mail_params = _take_params(arg, _DSN_MAIL)
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg):
+        arg, self.dsn_rcpt_params = _take_params(arg, _DSN_RCPT)
+        await super().smtp_RCPT(arg)
+
+
+def _take_params(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    if not arg:
+        return arg, []
+    words = arg.split(" ")
+    taken = [w for w in words if w.partition("=")[0].upper() in names]
+    return " ".join(w for w in words if w not in taken), taken
+
+
+class _Controller(Controller):
+    def __init__(self, *args, dsn: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.dsn = dsn
+
+    def factory(self):
+        return (_DsnSMTP if self.dsn else SMTP)(self.handler, **self.SMTP_kwargs)
+
+
 class Upstream:
-    """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH."""
+    """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH.
+    `dsn`: offer the DSN extension (RFC 3461)."""
 
     def __init__(self, *, tls: str = "none", server_context: ssl.SSLContext | None = None,
                  users: dict[str, str] | None = None, host: str = "127.0.0.1", port: int | None = None,
-                 hostname: str = "upstream.test") -> None:
+                 hostname: str = "upstream.test", dsn: bool = False) -> None:
         self.host = host
+        self.dsn = dsn
         self.port = port or free_port(host)
         self.implicit = tls == "implicit"
         self.behaviour = UpstreamBehaviour()
@@ -108,8 +159,8 @@ class Upstream:
             kwargs["authenticator"] = authenticator
             kwargs["auth_required"] = True
             kwargs["auth_require_tls"] = tls != "none"
-        self._make_controller = lambda: Controller(
-            _Handler(self), hostname=host, port=self.port,
+        self._make_controller = lambda: _Controller(
+            _Handler(self), dsn=dsn, hostname=host, port=self.port,
             ssl_context=server_context if self.implicit else None,
             server_hostname=hostname, ready_timeout=10, **kwargs,
         )
