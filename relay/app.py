@@ -54,8 +54,9 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
         # Imported only when used: the AWS SDK costs each worker ~35 MiB of memory.
         from relay.secrets.aws import AwsSecretsBackend
 
-        backends.append(AwsSecretsBackend(region=settings.secrets.aws.region,
-                                          endpoint_url=settings.secrets.aws.endpoint_url))
+        backends.append(
+            AwsSecretsBackend(region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url)
+        )
     vault = settings.secrets.vault
     if vault is not None:
         from relay.secrets.vault import VaultBackend
@@ -66,12 +67,20 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
             value = bootstrap.get(ref)
             return value.text() if value else None
 
-        backends.append(VaultBackend(
-            vault.url, auth=vault.auth, token=resolved(vault.token), role=vault.role,
-            role_id=vault.role_id, secret_id=resolved(vault.secret_id),
-            kubernetes_token_path=vault.kubernetes_token_path, auth_mount=vault.auth_mount,
-            namespace=vault.namespace, ca_file=str(vault.ca_file) if vault.ca_file else None,
-        ))
+        backends.append(
+            VaultBackend(
+                vault.url,
+                auth=vault.auth,
+                token=resolved(vault.token),
+                role=vault.role,
+                role_id=vault.role_id,
+                secret_id=resolved(vault.secret_id),
+                kubernetes_token_path=vault.kubernetes_token_path,
+                auth_mount=vault.auth_mount,
+                namespace=vault.namespace,
+                ca_file=str(vault.ca_file) if vault.ca_file else None,
+            )
+        )
     return backends
 
 
@@ -119,8 +128,9 @@ def build_dns(settings: Settings) -> DnsResolver:
     return DnsResolver(dns.nameservers, port=dns.port, timeout=dns.timeout, attempts=dns.attempts)
 
 
-def build_delivery(upstream: UpstreamSettings, settings: Settings, store: SecretStore,
-                   dns: DnsService | None = None) -> Delivery:
+def build_delivery(
+    upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
+) -> Delivery:
     if upstream.mode == "outbox":
         assert upstream.outbox_dir is not None
         upstream.outbox_dir.mkdir(parents=True, exist_ok=True)
@@ -133,9 +143,7 @@ def build_delivery(upstream: UpstreamSettings, settings: Settings, store: Secret
 
     tls_context = None
     if upstream.effective_tls != "none":
-        tls_context = upstream_tls_context(
-            str(upstream.ca_file) if upstream.ca_file else None, upstream.verify_tls
-        )
+        tls_context = upstream_tls_context(str(upstream.ca_file) if upstream.ca_file else None, upstream.verify_tls)
     dns = dns or build_dns(settings)
     endpoint = UpstreamEndpoint(
         label=upstream.label,
@@ -195,13 +203,19 @@ def build_router(settings: Settings, deliveries: list[Delivery]) -> Router:
     return Router(default, routes)
 
 
-def build_pipeline(settings: Settings, store: SecretStore, deliveries: list[Delivery], dns: DnsService,
-                   previous: PostureMonitor | None = None) -> tuple[Pipeline, PostureMonitor]:
+def build_pipeline(
+    settings: Settings,
+    store: SecretStore,
+    deliveries: list[Delivery],
+    dns: DnsService,
+    previous: PostureMonitor | None = None,
+) -> tuple[Pipeline, PostureMonitor]:
     """The pipeline for one config snapshot, and the DNS posture monitor that gates it."""
     keyring = KeyRing(settings.dkim, store)
     router = build_router(settings, deliveries)
-    monitor = PostureMonitor(settings, dns, keyring, router.default,
-                             dialer=build_dialer(settings.upstream[0], store), previous=previous)
+    monitor = PostureMonitor(
+        settings, dns, keyring, router.default, dialer=build_dialer(settings.upstream[0], store), previous=previous
+    )
     pipeline = Pipeline(
         settings,
         users=UserDirectory(settings.clients.users, store),
@@ -214,8 +228,14 @@ def build_pipeline(settings: Settings, store: SecretStore, deliveries: list[Deli
 
 # -- the running process -------------------------------------------------------------------
 class Relay:
-    def __init__(self, settings: Settings, *, config_path: Path | None,
-                 reload_settings: Callable[[], Settings] | None = None, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: Path | None,
+        reload_settings: Callable[[], Settings] | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self._reload_settings = reload_settings or (lambda: load_settings(config_path))  # type: ignore[arg-type]
@@ -258,8 +278,10 @@ class Relay:
     # lifecycle
     async def start(self) -> None:
         settings = self.settings
-        log.info("effective configuration", extra={"config": redacted(settings),
-                                                     "source": str(self.config_path or "embedded dev default")})
+        log.info(
+            "effective configuration",
+            extra={"config": redacted(settings), "source": str(self.config_path or "embedded dev default")},
+        )
         await self._load_secrets(settings)
         deliveries, _ = self.deliveries.build(settings, self.store, self.dns)
         self._pipeline, self.posture = build_pipeline(settings, self.store, deliveries, self.dns)
@@ -280,8 +302,9 @@ class Relay:
 
     def _report_keys(self, pipeline: Pipeline) -> None:
         for ident, why in pipeline.keyring.never_loaded().items():
-            log.error("DKIM key not loaded; mail from this domain gets 451 until it is",
-                      extra={"key": ident, "reason": why})
+            log.error(
+                "DKIM key not loaded; mail from this domain gets 451 until it is", extra={"key": ident, "reason": why}
+            )
 
     def readiness(self) -> dict[str, str | None]:
         checks: dict[str, str | None] = {}
@@ -414,9 +437,14 @@ def _listener_key(lst) -> tuple:
     return (lst.name, str(lst.bind), lst.tls)
 
 
-async def serve(settings: Settings, *, config_path: Path | None,
-                reload_settings: Callable[[], Settings] | None = None,
-                on_started: Callable[[Relay], None] | None = None, reuse_port: bool = False) -> int:
+async def serve(
+    settings: Settings,
+    *,
+    config_path: Path | None,
+    reload_settings: Callable[[], Settings] | None = None,
+    on_started: Callable[[Relay], None] | None = None,
+    reuse_port: bool = False,
+) -> int:
     relay = Relay(settings, config_path=config_path, reload_settings=reload_settings, reuse_port=reuse_port)
     try:
         await relay.start()

@@ -47,9 +47,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the relay (no config: the embedded dev default)")
     serve.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("RELAY_WORKERS", "1")),
-                       help="worker processes sharing the listeners, one core each "
-                            "(default 1, or $RELAY_WORKERS)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("RELAY_WORKERS", "1")),
+        help="worker processes sharing the listeners, one core each (default 1, or $RELAY_WORKERS)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="preflight of the DNS posture and the path out")
@@ -64,8 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--bits", type=int, choices=[2048, 3072, 4096], default=2048)
     keygen.add_argument("--store", metavar="REF", help="write the private key to file:///path or aws-sm://ID")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file:// key")
-    keygen.add_argument("--print-private-key", action="store_true",
-                        help="also print the private key (PEM) on stdout")
+    keygen.add_argument("--print-private-key", action="store_true", help="also print the private key (PEM) on stdout")
     keygen.add_argument("--aws-region")
     keygen.add_argument("--aws-endpoint-url")
     keygen.set_defaults(func=cmd_keygen)
@@ -157,8 +159,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker = os.environ.get("RELAY_WORKER")
     if worker not in (None, "0"):
         on_started = None  # the banner once, from the first worker
-    return asyncio.run(serve(settings, config_path=path, reload_settings=reload_settings,
-                             on_started=on_started, reuse_port=os.environ.get("RELAY_REUSE_PORT") == "1"))
+    return asyncio.run(
+        serve(
+            settings,
+            config_path=path,
+            reload_settings=reload_settings,
+            on_started=on_started,
+            reuse_port=os.environ.get("RELAY_REUSE_PORT") == "1",
+        )
+    )
 
 
 def _raise_open_file_limit() -> None:
@@ -192,8 +201,8 @@ def _print_dev_banner(relay) -> None:
         f"""
 relay {__version__} is running on its embedded dev default (loopback only).
 
-  SMTP       {binds['dev-plain']} (plain + STARTTLS), {binds['dev-submission']} (STARTTLS),
-             {binds['dev-submissions']} (implicit TLS)
+  SMTP       {binds["dev-plain"]} (plain + STARTTLS), {binds["dev-submission"]} (STARTTLS),
+             {binds["dev-submissions"]} (implicit TLS)
              no AUTH needed from loopback; send as anything@{DEV_DOMAIN}
   outbox     {outbox}/   (each signed message lands here as an .eml file)
   DKIM key   {base}/{DEV_SELECTOR}.{DEV_DOMAIN}.key

@@ -102,8 +102,11 @@ def supervise(workers: int, config: str | None) -> int:
                     forward(signal.SIGTERM, None)
                 continue
             pauses[index] = min(RESTART_PAUSE_MAX, max(1.0, pauses[index] * 2))
-            print(f"relay: worker {index} exited with {code}; restarting in {pauses[index]:g}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"relay: worker {index} exited with {code}; restarting in {pauses[index]:g}s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(pauses[index])
             start(index)
     finally:

@@ -61,14 +61,19 @@ def dkim_keys(tmp_path_factory) -> DkimKeys:
     ed_key = ed25519.Ed25519PrivateKey.generate()
     rsa_path, ed_path = directory / "s1.pem", directory / "ed1.pem"
     for path, key in ((rsa_path, rsa_key), (ed_path, ed_key)):
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         os.chmod(path, 0o600)
-    rsa_pub = rsa_key.public_key().public_bytes(serialization.Encoding.DER,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    rsa_pub = rsa_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     ed_pub = ed_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return DkimKeys(
-        rsa_path, ed_path,
+        rsa_path,
+        ed_path,
         b"v=DKIM1; k=rsa; p=" + base64.b64encode(rsa_pub),
         b"v=DKIM1; k=ed25519; p=" + base64.b64encode(ed_pub),
     )
@@ -87,8 +92,9 @@ def upstream(pki) -> Iterator[Upstream]:
         yield up
 
 
-def relay_config(tmp_path: Path, pki: TestPki, dkim_keys: DkimKeys, upstream_port: int,
-                 password_hash: str, **overrides: Any) -> dict[str, Any]:
+def relay_config(
+    tmp_path: Path, pki: TestPki, dkim_keys: DkimKeys, upstream_port: int, password_hash: str, **overrides: Any
+) -> dict[str, Any]:
     """A complete production-shaped config on loopback ports."""
     config: dict[str, Any] = {
         "hostname": "relay.test",
@@ -108,13 +114,21 @@ def relay_config(tmp_path: Path, pki: TestPki, dkim_keys: DkimKeys, upstream_por
         "dkim": {
             "keys": [
                 {"domain": "example.com", "selector": "s1", "key": f"file://{dkim_keys.rsa_path}"},
-                {"domain": "example.com", "selector": "ed1", "key": f"file://{dkim_keys.ed_path}",
-                 "algorithm": "ed25519-sha256"},
+                {
+                    "domain": "example.com",
+                    "selector": "ed1",
+                    "key": f"file://{dkim_keys.ed_path}",
+                    "algorithm": "ed25519-sha256",
+                },
             ],
         },
         "upstream": {
-            "host": "localhost", "port": upstream_port, "tls": "starttls", "ca_file": str(pki.ca_file),
-            "connect_timeout": "5s", "command_timeout": "5s",
+            "host": "localhost",
+            "port": upstream_port,
+            "tls": "starttls",
+            "ca_file": str(pki.ca_file),
+            "connect_timeout": "5s",
+            "command_timeout": "5s",
             "pool": {"max_connections": 4, "acquire_timeout": "5s"},
         },
         "metrics": {"bind": loopback_bind()},
@@ -133,8 +147,15 @@ def relay_config(tmp_path: Path, pki: TestPki, dkim_keys: DkimKeys, upstream_por
 def make_relay(tmp_path, pki, dkim_keys, app_password_hash) -> Iterator[Callable[..., RelayProcess]]:
     started: list[RelayProcess] = []
 
-    def factory(upstream_port: int, *, config: dict | None = None, env: dict | None = None,
-                start: bool = True, wait_ready: bool = True, **overrides: Any) -> RelayProcess:
+    def factory(
+        upstream_port: int,
+        *,
+        config: dict | None = None,
+        env: dict | None = None,
+        start: bool = True,
+        wait_ready: bool = True,
+        **overrides: Any,
+    ) -> RelayProcess:
         workdir = tmp_path / f"relay{len(started)}"
         workdir.mkdir()
         cfg = config or relay_config(workdir, pki, dkim_keys, upstream_port, app_password_hash, **overrides)

@@ -19,8 +19,7 @@ PROXY_PASSWORD = "Egress-S3cret-77"
 
 
 def via_proxy(relay, url: str, *, tls: str = "starttls", port: int) -> None:
-    relay.config["upstream"].update({"proxy": url, "proxy_password": "env://PROXY_PASSWORD", "tls": tls,
-                                     "port": port})
+    relay.config["upstream"].update({"proxy": url, "proxy_password": "env://PROXY_PASSWORD", "tls": tls, "port": port})
     relay.env["PROXY_PASSWORD"] = PROXY_PASSWORD
 
 
@@ -39,8 +38,10 @@ def test_socks5_proxy_carries_starttls_to_the_upstream(make_relay, upstream, pki
 
 
 def test_http_connect_proxy_carries_implicit_tls(make_relay, pki, dkim_keys, tmp_path):
-    with Upstream(tls="implicit", server_context=pki.server_context()) as smtps, \
-            tinyproxy(tmp_path, user=PROXY_USER, password=PROXY_PASSWORD, connect_ports=[smtps.port]) as proxy_port:
+    with (
+        Upstream(tls="implicit", server_context=pki.server_context()) as smtps,
+        tinyproxy(tmp_path, user=PROXY_USER, password=PROXY_PASSWORD, connect_ports=[smtps.port]) as proxy_port,
+    ):
         relay = make_relay(smtps.port, start=False)
         via_proxy(relay, f"http://{PROXY_USER}@127.0.0.1:{proxy_port}", tls="implicit", port=smtps.port)
         relay.start()
@@ -67,8 +68,10 @@ def test_wrong_upstream_certificate_name_fails_through_the_proxy(make_relay, pki
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
-    with Upstream(tls="starttls", server_context=context) as wrong, \
-            microsocks(tmp_path, user=PROXY_USER, password=PROXY_PASSWORD) as proxy_port:
+    with (
+        Upstream(tls="starttls", server_context=context) as wrong,
+        microsocks(tmp_path, user=PROXY_USER, password=PROXY_PASSWORD) as proxy_port,
+    ):
         relay = make_relay(wrong.port, start=False, wait_ready=False)
         via_proxy(relay, f"socks5h://{PROXY_USER}@127.0.0.1:{proxy_port}", port=wrong.port)
         relay.start(wait_ready=False)
@@ -83,8 +86,11 @@ def test_wrong_upstream_certificate_name_fails_through_the_proxy(make_relay, pki
 
 @pytest.mark.parametrize("case", ["proxy_down", "wrong_password", "connect_forbidden"])
 def test_proxy_failures_give_451_with_the_reason(make_relay, upstream, pki, tmp_path, case):
-    expected_label = {"proxy_down": "proxy_unreachable", "wrong_password": "proxy_auth",
-                      "connect_forbidden": "proxy_refused"}[case]
+    expected_label = {
+        "proxy_down": "proxy_unreachable",
+        "wrong_password": "proxy_auth",
+        "connect_forbidden": "proxy_refused",
+    }[case]
     allowed = [upstream.port] if case != "connect_forbidden" else [upstream.port + 1]
     with tinyproxy(tmp_path, user=PROXY_USER, password=PROXY_PASSWORD, connect_ports=allowed) as proxy_port:
         relay = make_relay(upstream.port, start=False, wait_ready=False)
@@ -140,8 +146,9 @@ def test_routes_pick_the_upstream_by_sender_domain(make_relay, upstream, pki, ap
         two_upstreams(relay, {"name": "main", "port": upstream.port}, {"name": "billing", "port": billing.port})
         relay.config["routes"] = [{"sender_domain": "billing.example.com", "upstream": "billing"}]
         relay.config["clients"]["users"][0]["senders"] = ["example.com", "billing.example.com"]
-        relay.config["dkim"]["keys"].append({"domain": "billing.example.com", "selector": "s1",
-                                             "key": f"file://{dkim_keys.rsa_path}"})
+        relay.config["dkim"]["keys"].append(
+            {"domain": "billing.example.com", "selector": "s1", "key": f"file://{dkim_keys.rsa_path}"}
+        )
         relay.start()
         client = connect(relay, pki)
         client.sendmail("app@example.com", ["u@example.net"], message())

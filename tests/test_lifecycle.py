@@ -55,7 +55,8 @@ def test_sighup_reload_keeps_sessions_and_applies_new_users(make_relay, upstream
     relay = make_relay(upstream.port)
     session = connect(relay, pki)
     relay.config["clients"]["users"].append(
-        {"username": "billing", "password_hash": app_password_hash, "senders": ["example.com"]})
+        {"username": "billing", "password_hash": app_password_hash, "senders": ["example.com"]}
+    )
     relay.write_config()
     relay.signal(signal.SIGHUP)
     relay.wait_log(lambda e: e.get("msg") == "configuration reloaded")

@@ -22,8 +22,10 @@ def mx_world(tmp_path, pki):
     """NSD plus SMTP listeners (STARTTLS) on mx-b, mx-c and implicit; mx-a stays down."""
     port = free_port()
     with dns_server(ZONES, tmp_path / "dns") as (dns_host, dns_port):
-        servers = {name: Upstream(tls="starttls", server_context=pki.server_context(), host=ip, port=port)
-                   for name, ip in HOSTS.items()}
+        servers = {
+            name: Upstream(tls="starttls", server_context=pki.server_context(), host=ip, port=port)
+            for name, ip in HOSTS.items()
+        }
         for server in servers.values():
             server.start()
         try:
@@ -35,8 +37,13 @@ def mx_world(tmp_path, pki):
 
 def mx_relay(make_relay, world, **upstream):
     relay = make_relay(world["port"], start=False)
-    relay.config["upstream"] = {"mode": "mx", "port": world["port"], "connect_timeout": "3s",
-                                "command_timeout": "5s", **upstream}
+    relay.config["upstream"] = {
+        "mode": "mx",
+        "port": world["port"],
+        "connect_timeout": "3s",
+        "command_timeout": "5s",
+        **upstream,
+    }
     relay.config["dns"] = {"nameservers": [world["dns"][0]], "port": world["dns"][1], "timeout": "2s"}
     relay.start()
     return relay
@@ -63,10 +70,13 @@ def test_implicit_mx(make_relay, mx_world, pki):
     assert len(mx_world["implicit"].wait_for(1)) == 1
 
 
-@pytest.mark.parametrize("domain,expected", [
-    ("nullmx.mx.test", (556, "5.1.10 Recipient domain nullmx.mx.test does not accept mail (null MX)")),
-    ("nowhere.mx.test", (550, "5.1.2 Recipient domain nowhere.mx.test does not exist")),
-])
+@pytest.mark.parametrize(
+    "domain,expected",
+    [
+        ("nullmx.mx.test", (556, "5.1.10 Recipient domain nullmx.mx.test does not accept mail (null MX)")),
+        ("nowhere.mx.test", (550, "5.1.2 Recipient domain nowhere.mx.test does not exist")),
+    ],
+)
 def test_null_mx_and_nxdomain(make_relay, mx_world, pki, domain, expected):
     relay = mx_relay(make_relay, mx_world)
     client = connect(relay, pki)
@@ -77,10 +87,12 @@ def test_null_mx_and_nxdomain(make_relay, mx_world, pki, domain, expected):
 def test_one_recipient_domain_per_transaction(make_relay, mx_world, pki):
     relay = mx_relay(make_relay, mx_world)
     client = connect(relay, pki)
-    refused = client.sendmail("app@example.com", ["a@order.mx.test", "b@implicit.mx.test", "c@order.mx.test"],
-                              message())
-    assert refused == {"b@implicit.mx.test": (452, b"4.5.3 Send recipients outside order.mx.test in a separate "
-                                                  b"transaction")}
+    refused = client.sendmail(
+        "app@example.com", ["a@order.mx.test", "b@implicit.mx.test", "c@order.mx.test"], message()
+    )
+    assert refused == {
+        "b@implicit.mx.test": (452, b"4.5.3 Send recipients outside order.mx.test in a separate transaction")
+    }
     # The client sends the refused recipient again, in its own transaction.
     client.sendmail("app@example.com", ["b@implicit.mx.test"], message())
     assert mx_world["mx-b"].wait_for(1)[0].rcpt_tos == ["a@order.mx.test", "c@order.mx.test"]

@@ -37,7 +37,9 @@ def test_ehlo_offers_auth_only_over_tls(make_relay, upstream, pki):
     assert "starttls" in plain.esmtp_features and "auth" not in plain.esmtp_features
     assert "enhancedstatuscodes" in plain.esmtp_features
     assert reply(plain, "AUTH PLAIN " + base64.b64encode(b"\0app\0" + APP_PASSWORD.encode()).decode()) == (
-        538, "5.7.11 Encryption required for requested authentication mechanism")
+        538,
+        "5.7.11 Encryption required for requested authentication mechanism",
+    )
     assert reply(plain, "MAIL FROM:<app@example.com>") == (530, "5.7.0 Authentication required")
     plain.quit()
     tls = connect(relay, pki, login=False)
@@ -75,14 +77,18 @@ def test_unknown_user_is_refused_like_a_wrong_password(make_relay, upstream, pki
     relay = make_relay(upstream.port)
     client = connect(relay, pki, login=False)
     assert reply(client, "AUTH PLAIN " + base64.b64encode(b"\0ghost\0x").decode()) == (
-        535, "5.7.8 Authentication credentials invalid")
+        535,
+        "5.7.8 Authentication credentials invalid",
+    )
 
 
 def test_envelope_sender_outside_senders(make_relay, upstream, pki):
     relay = make_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@other.example>") == (
-        550, "5.7.1 Sender <app@other.example> not allowed for this user")
+        550,
+        "5.7.1 Sender <app@other.example> not allowed for this user",
+    )
     assert upstream.mail_commands == 0
 
 
@@ -92,7 +98,9 @@ def test_header_from_outside_senders(make_relay, upstream, pki):
     with pytest.raises(smtplib.SMTPDataError) as err:
         client.sendmail("app@example.com", ["u@example.net"], message(frm="ceo@other.example"))
     assert (err.value.smtp_code, err.value.smtp_error) == (
-        550, b"5.7.1 From: <ceo@other.example> not allowed for this user")
+        550,
+        b"5.7.1 From: <ceo@other.example> not allowed for this user",
+    )
     assert upstream.messages == []
     line = relay.wait_log(lambda e: e.get("event") == "message" and e.get("code") == 550)
     assert "ceo@other.example" in line["reason"]
@@ -120,9 +128,15 @@ def test_from_domain_without_key_relayed_unsigned_when_configured(make_relay, up
     assert b"DKIM-Signature" not in got.content
 
 
-@pytest.mark.parametrize("body", [b"", b"From: a@example.com\r\nFrom: b@example.com\r\n\r\nx\r\n",
-                                  b"From: a@example.com, b@example.com\r\n\r\nx\r\n"],
-                         ids=["no-from", "two-from-fields", "two-addresses"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"From: a@example.com\r\nFrom: b@example.com\r\n\r\nx\r\n",
+        b"From: a@example.com, b@example.com\r\n\r\nx\r\n",
+    ],
+    ids=["no-from", "two-from-fields", "two-addresses"],
+)
 def test_messages_without_exactly_one_author(make_relay, upstream, pki, body):
     relay = make_relay(upstream.port)
     data = body or b"To: u@example.net\r\nSubject: none\r\n\r\nx\r\n"
@@ -160,14 +174,17 @@ def test_client_outside_networks_refused_at_greeting(make_relay, upstream):
     assert relay.metric("relay_sessions_refused_total", reason="network") == 1
 
 
-@pytest.mark.parametrize("command,expected", [
-    ("MAIL FROM:<app@example.com", (553, "5.1.3 Error: malformed address")),
-    ("MAIL FROM: app", (553, "5.1.3 Error: malformed address")),
-    ("MAIL TO:<app@example.com>", (501, "5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")),
-    ("RCPT TO:<u@example.net>", (503, "5.5.1 Send MAIL FROM first")),
-    ("DATA", (503, "5.5.1 Send RCPT TO first (no recipient was accepted)")),
-    ("FOO bar", (500, '5.5.2 Error: command "FOO" not recognized')),
-])
+@pytest.mark.parametrize(
+    "command,expected",
+    [
+        ("MAIL FROM:<app@example.com", (553, "5.1.3 Error: malformed address")),
+        ("MAIL FROM: app", (553, "5.1.3 Error: malformed address")),
+        ("MAIL TO:<app@example.com>", (501, "5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")),
+        ("RCPT TO:<u@example.net>", (503, "5.5.1 Send MAIL FROM first")),
+        ("DATA", (503, "5.5.1 Send RCPT TO first (no recipient was accepted)")),
+        ("FOO bar", (500, '5.5.2 Error: command "FOO" not recognized')),
+    ],
+)
 def test_malformed_commands(make_relay, upstream, pki, command, expected):
     relay = make_relay(upstream.port)
     client = connect(relay, pki)

@@ -13,13 +13,24 @@ from tests.support.procs import require_binary
 
 
 def message(frm="app@example.com", to="user@example.net", subject="hello", body="Hi there.\r\n") -> bytes:
-    return (f"From: App <{frm}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
-            f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <t-{subject}@example.com>\r\n"
-            f"\r\n{body}").encode()
+    return (
+        f"From: App <{frm}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+        f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <t-{subject}@example.com>\r\n"
+        f"\r\n{body}"
+    ).encode()
 
 
-def submit(relay, pki, *, listener="submission", user="app", password=APP_PASSWORD,
-           mail_from="app@example.com", rcpts=("user@example.net",), data=None):
+def submit(
+    relay,
+    pki,
+    *,
+    listener="submission",
+    user="app",
+    password=APP_PASSWORD,
+    mail_from="app@example.com",
+    rcpts=("user@example.net",),
+    data=None,
+):
     port = relay.port(listener)
     ctx = pki.client_context()
     if listener == "submissions":
@@ -54,11 +65,29 @@ def test_message_arrives_signed_with_rsa_and_ed25519(make_relay, upstream, pki, 
 def test_swaks_submits_over_starttls_with_auth(make_relay, upstream, dkim_keys):
     relay = make_relay(upstream.port)
     result = subprocess.run(
-        [require_binary("swaks"), "--server", f"127.0.0.1:{relay.port('submission')}", "--tls",
-         "--auth", "PLAIN", "--auth-user", "app", "--auth-password", APP_PASSWORD,
-         "--from", "app@example.com", "--to", "someone@example.net",
-         "--header", "From: app@example.com", "--helo", "swaks.test"],
-        capture_output=True, text=True, timeout=30,
+        [
+            require_binary("swaks"),
+            "--server",
+            f"127.0.0.1:{relay.port('submission')}",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "app",
+            "--auth-password",
+            APP_PASSWORD,
+            "--from",
+            "app@example.com",
+            "--to",
+            "someone@example.net",
+            "--header",
+            "From: app@example.com",
+            "--helo",
+            "swaks.test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "250 2.0.0 Ok: relayed" in result.stdout

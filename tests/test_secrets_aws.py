@@ -102,9 +102,7 @@ async def test_json_field(sm, backend):
     import json
 
     name = unique("json")
-    created = sm.create_secret(
-        Name=name, SecretString=json.dumps({"private_key": PEM, "other": "hunter2", "n": 5})
-    )
+    created = sm.create_secret(Name=name, SecretString=json.dumps({"private_key": PEM, "other": "hunter2", "n": 5}))
     value = await backend.fetch(SecretRef.parse(f"aws-sm://{name}#private_key"))
     assert value.data == PEM.encode()
     assert value.version == created["VersionId"]

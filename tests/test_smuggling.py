@@ -8,12 +8,17 @@ import pytest
 
 from tests.test_refusals import connect, reply
 
-SMUGGLED = (b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
-            b"From: ceo@example.com\r\nSubject: smuggled\r\n\r\npay now\r\n")
+SMUGGLED = (
+    b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
+    b"From: ceo@example.com\r\nSubject: smuggled\r\n\r\npay now\r\n"
+)
 
 
-@pytest.mark.parametrize("separator", [b"\n.\n", b"\r.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"],
-                         ids=["LF.LF", "CR.LF", "LF.CRLF", "CR.CRLF", "CRLF.LF", "CRLF.CR"])
+@pytest.mark.parametrize(
+    "separator",
+    [b"\n.\n", b"\r.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"],
+    ids=["LF.LF", "CR.LF", "LF.CRLF", "CR.CRLF", "CRLF.LF", "CRLF.CR"],
+)
 def test_smuggling_sequences_never_yield_a_second_message(make_relay, upstream, pki, separator):
     relay = make_relay(upstream.port)
     client = connect(relay, pki)
@@ -22,8 +27,10 @@ def test_smuggling_sequences_never_yield_a_second_message(make_relay, upstream, 
     assert reply(client, "DATA")[0] == 354
     client.send(b"From: app@example.com\r\nSubject: carrier\r\n\r\nhello" + separator + SMUGGLED + b"\r\n.\r\n")
     code, text = client.getreply()
-    assert (code, text) == (550, b"5.6.0 Message contains a bare CR or LF; lines must end with CRLF "
-                                 b"(RFC 5321 \xc2\xa72.3.8)")
+    assert (code, text) == (
+        550,
+        b"5.6.0 Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 \xc2\xa72.3.8)",
+    )
     # The session is still in sync: the next command is answered as a command.
     assert client.noop()[0] == 250
     assert upstream.messages == []

@@ -22,12 +22,15 @@ def test_on_fail_refuse_holds_the_failing_domain_only(make_relay, upstream, pki,
         relay.config["dns"] = {"nameservers": [host], "port": port, "timeout": "2s"}
         relay.config["spf"] = {"egress_ip": ["192.0.2.10"], "on_fail": "refuse"}
         relay.config["clients"]["users"][0]["senders"] = ["example.com", "example.net"]
-        relay.config["dkim"]["keys"].append({"domain": "example.net", "selector": "s1",
-                                             "key": f"file://{dkim_keys.rsa_path}"})
+        relay.config["dkim"]["keys"].append(
+            {"domain": "example.net", "selector": "s1", "key": f"file://{dkim_keys.rsa_path}"}
+        )
         relay.start()
         deadline = time.monotonic() + 20
-        while relay.metric("relay_spf_egress_pass", domain="example.net") != 0 or \
-                relay.metric("relay_spf_egress_pass", domain="example.com") != 1:
+        while (
+            relay.metric("relay_spf_egress_pass", domain="example.net") != 0
+            or relay.metric("relay_spf_egress_pass", domain="example.com") != 1
+        ):
             assert time.monotonic() < deadline, "the posture check did not run"
             time.sleep(0.2)
 

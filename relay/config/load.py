@@ -26,8 +26,10 @@ class ConfigError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        lines = [f"{self.source}: invalid configuration ({len(self.problems)} problem"
-                 f"{'s' if len(self.problems) != 1 else ''})"]
+        lines = [
+            f"{self.source}: invalid configuration ({len(self.problems)} problem"
+            f"{'s' if len(self.problems) != 1 else ''})"
+        ]
         lines += [f"  {path or '(top level)'}: {message}" for path, message in self.problems]
         return "\n".join(lines)
 

@@ -172,9 +172,20 @@ class ClientSettings(Strict):
 
 
 DEFAULT_SIGN_HEADERS = [
-    "from", "to", "cc", "subject", "date", "message-id", "reply-to",
-    "mime-version", "content-type", "content-transfer-encoding",
-    "in-reply-to", "references", "list-unsubscribe", "list-unsubscribe-post",
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "in-reply-to",
+    "references",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
 ]
 
 

@@ -125,11 +125,15 @@ class UpstreamConnection:
         if envelope.smtputf8:
             if not self.supports("smtputf8"):
                 # RFC 6531 §3.2: without SMTPUTF8 upstream the message cannot be relayed.
-                raise SmtpError(553, "5.6.7", "Upstream does not support SMTPUTF8 addresses",
-                                reason=f"{self.endpoint.label}: no SMTPUTF8", label="smtputf8")
+                raise SmtpError(
+                    553,
+                    "5.6.7",
+                    "Upstream does not support SMTPUTF8 addresses",
+                    reason=f"{self.endpoint.label}: no SMTPUTF8",
+                    label="smtputf8",
+                )
             options.append("SMTPUTF8")
-        return await self._command("MAIL", self.smtp.mail(envelope.mail_from, options=options,
-                                                          encoding="utf-8"))
+        return await self._command("MAIL", self.smtp.mail(envelope.mail_from, options=options, encoding="utf-8"))
 
     async def rcpt(self, address: str) -> Reply:
         return await self._command("RCPT", self.smtp.rcpt(address, encoding="utf-8"))
@@ -192,8 +196,13 @@ class UpstreamConnection:
 
 def _broken(upstream: str, stage: str, why: str, label: str = "upstream_error") -> SmtpError:
     # RFC 3463 §3.5: 4.4.2 "bad connection" — the path, not the message, failed.
-    return SmtpError(451, "4.4.2", "Upstream connection failed, try again later",
-                     reason=f"upstream {upstream} during {stage}: {why}", label=label)
+    return SmtpError(
+        451,
+        "4.4.2",
+        "Upstream connection failed, try again later",
+        reason=f"upstream {upstream} during {stage}: {why}",
+        label=label,
+    )
 
 
 class UpstreamConnector:
@@ -274,9 +283,13 @@ class UpstreamConnector:
             )
             if wants_tls:
                 if not smtp.supports_extension("starttls"):
-                    raise SmtpError(451, "4.7.5", "Upstream does not offer TLS, try again later",
-                                    reason=f"upstream {where} does not offer STARTTLS (tls: {tls})",
-                                    label="upstream_tls")
+                    raise SmtpError(
+                        451,
+                        "4.7.5",
+                        "Upstream does not offer TLS, try again later",
+                        reason=f"upstream {where} does not offer STARTTLS (tls: {tls})",
+                        label="upstream_tls",
+                    )
                 context = ep.tls_context
                 if tls == "opportunistic":
                     # RFC 7435: opportunistic encryption does not authenticate the server;
@@ -286,40 +299,71 @@ class UpstreamConnector:
             if ep.username:
                 password = ep.password() if ep.password else None
                 if password is None:
-                    raise SmtpError(451, "4.7.0", "Upstream credentials unavailable, try again later",
-                                    reason=f"upstream {where}: password secret not loaded",
-                                    label="upstream_auth")
+                    raise SmtpError(
+                        451,
+                        "4.7.0",
+                        "Upstream credentials unavailable, try again later",
+                        reason=f"upstream {where}: password secret not loaded",
+                        label="upstream_auth",
+                    )
                 await smtp.login(ep.username, password)
         except SmtpError:
             smtp.close()
             raise
         except aiosmtplib.SMTPAuthenticationError as exc:
             smtp.close()
-            raise SmtpError(451, "4.7.0", "Upstream refused the relay's credentials, try again later",
-                            reason=f"upstream {where}: AUTH refused ({exc.code})", label="upstream_auth") from None
+            raise SmtpError(
+                451,
+                "4.7.0",
+                "Upstream refused the relay's credentials, try again later",
+                reason=f"upstream {where}: AUTH refused ({exc.code})",
+                label="upstream_auth",
+            ) from None
         except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
-            raise SmtpError(451, "4.4.0", "Upstream refused the connection, try again later",
-                            reason=f"upstream {where}: greeting {exc.code} {_first_line(exc.message)}",
-                            label="upstream_refused") from None
+            raise SmtpError(
+                451,
+                "4.4.0",
+                "Upstream refused the connection, try again later",
+                reason=f"upstream {where}: greeting {exc.code} {_first_line(exc.message)}",
+                label="upstream_refused",
+            ) from None
         except (ssl.SSLError, ssl.CertificateError) as exc:
             smtp.close()
-            raise SmtpError(451, "4.7.5", "TLS with the upstream failed, try again later",
-                            reason=f"upstream {where}: TLS failed ({_tls_reason(exc)})", label="upstream_tls") from None
+            raise SmtpError(
+                451,
+                "4.7.5",
+                "TLS with the upstream failed, try again later",
+                reason=f"upstream {where}: TLS failed ({_tls_reason(exc)})",
+                label="upstream_tls",
+            ) from None
         except aiosmtplib.SMTPTimeoutError:
             smtp.close()
-            raise SmtpError(451, "4.4.2", "Upstream timed out, try again later",
-                            reason=f"upstream {where}: timed out during greeting/EHLO/TLS",
-                            label="upstream_timeout") from None
+            raise SmtpError(
+                451,
+                "4.4.2",
+                "Upstream timed out, try again later",
+                reason=f"upstream {where}: timed out during greeting/EHLO/TLS",
+                label="upstream_timeout",
+            ) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, ssl.SSLError | ssl.CertificateError):
-                raise SmtpError(451, "4.7.5", "TLS with the upstream failed, try again later",
-                                reason=f"upstream {where}: TLS failed ({_tls_reason(cause)})",
-                                label="upstream_tls") from None
-            raise SmtpError(451, "4.4.2", "Upstream connection failed, try again later",
-                            reason=f"upstream {where}: {_first_line(str(exc))}", label="upstream_error") from None
+                raise SmtpError(
+                    451,
+                    "4.7.5",
+                    "TLS with the upstream failed, try again later",
+                    reason=f"upstream {where}: TLS failed ({_tls_reason(cause)})",
+                    label="upstream_tls",
+                ) from None
+            raise SmtpError(
+                451,
+                "4.4.2",
+                "Upstream connection failed, try again later",
+                reason=f"upstream {where}: {_first_line(str(exc))}",
+                label="upstream_error",
+            ) from None
         return UpstreamConnection(ep, smtp, banner)
 
 

@@ -59,13 +59,17 @@ class DirectDialer:
                 raise last or OSError(f"no address for {host}")
         except TimeoutError as exc:
             raise SmtpError(
-                451, "4.4.1", "Upstream not reachable, try again later",
+                451,
+                "4.4.1",
+                "Upstream not reachable, try again later",
                 reason=f"connect to {host}:{port} timed out after {self.connect_timeout:g}s",
                 label="upstream_timeout",
             ) from exc
         except OSError as exc:
             raise SmtpError(
-                451, "4.4.1", "Upstream not reachable, try again later",
+                451,
+                "4.4.1",
+                "Upstream not reachable, try again later",
                 reason=f"connect to {host}:{port} failed: {exc.strerror or exc}",
                 label="upstream_unreachable",
             ) from exc

@@ -19,8 +19,7 @@ log = logging.getLogger("relay.deliver")
 
 
 class FailoverTransaction:
-    def __init__(self, chain: FailoverDelivery, index: int, inner: UpstreamTransaction,
-                 envelope: Envelope) -> None:
+    def __init__(self, chain: FailoverDelivery, index: int, inner: UpstreamTransaction, envelope: Envelope) -> None:
         self._chain = chain
         self._index = index
         self._inner = inner
@@ -52,8 +51,7 @@ class FailoverTransaction:
             retry = await self._replay(index)
             if retry is None:
                 continue
-            log.info("failing over", extra={"from": self._inner.upstream, "to": retry.upstream,
-                                            "reason": str(first)})
+            log.info("failing over", extra={"from": self._inner.upstream, "to": retry.upstream, "reason": str(first)})
             self._inner, self._index = retry, index
             try:
                 reply = await retry.send(message)
@@ -102,8 +100,9 @@ class FailoverDelivery:
                 if not exc.temporary:
                     raise
                 last = exc
-                log.info("upstream unavailable, trying the next", extra={
-                    "upstream": delivery.name, "reason": exc.reason})
+                log.info(
+                    "upstream unavailable, trying the next", extra={"upstream": delivery.name, "reason": exc.reason}
+                )
                 continue
             return FailoverTransaction(self, index, inner, envelope)
         assert last is not None

@@ -51,15 +51,20 @@ class ConnectionPool:
 
     async def acquire(self) -> UpstreamConnection:
         if self._closed:
-            raise SmtpError(451, "4.3.2", "Relay is reloading, try again",
-                            reason=f"pool {self.label} closed", label="shutting_down")
+            raise SmtpError(
+                451, "4.3.2", "Relay is reloading, try again", reason=f"pool {self.label} closed", label="shutting_down"
+            )
         try:
             async with asyncio.timeout(self.acquire_timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise SmtpError(451, "4.4.5", "Upstream busy, try again later",
-                            reason=f"no free connection to {self.label} within {self.acquire_timeout:g}s",
-                            label="upstream_busy") from None
+            raise SmtpError(
+                451,
+                "4.4.5",
+                "Upstream busy, try again later",
+                reason=f"no free connection to {self.label} within {self.acquire_timeout:g}s",
+                label="upstream_busy",
+            ) from None
         try:
             conn = self._take_idle()
             if conn is None:
@@ -76,12 +81,7 @@ class ConnectionPool:
         """Give a connection back. Not reusable (broken, mid-transaction) → closed."""
         self._busy -= 1
         conn.fresh = False
-        if (
-            reusable
-            and not self._closed
-            and conn.alive
-            and conn.messages < self.max_messages
-        ):
+        if reusable and not self._closed and conn.alive and conn.messages < self.max_messages:
             self._idle.append(conn)
         else:
             asyncio.get_running_loop().create_task(conn.quit())

@@ -205,8 +205,7 @@ class ProxyDialer:
         if not is_ip and not _HOSTNAME.fullmatch(host):
             raise self._error(
                 "upstream_unreachable",
-                f"upstream {host!r} port {port} via proxy {self.describe()}: "
-                "host name cannot be sent to a proxy",
+                f"upstream {host!r} port {port} via proxy {self.describe()}: host name cannot be sent to a proxy",
             )
         via = f"upstream {_host_port(host, port)} via proxy {self.describe()}"
         if not (0 < port < 65536):
@@ -225,25 +224,19 @@ class ProxyDialer:
                     sock = await self._socks_connect(loop, sock, dest, port, via)
         except TimeoutError as exc:
             sock.close()
-            raise self._error(
-                "proxy_timeout", f"{via}: handshake timed out after {self.handshake_timeout:g}s"
-            ) from exc
+            raise self._error("proxy_timeout", f"{via}: handshake timed out after {self.handshake_timeout:g}s") from exc
         except SmtpError:
             sock.close()
             raise
         except OSError as exc:
             sock.close()
-            raise self._error(
-                "proxy_protocol", f"{via}: connection lost during handshake: {_os_text(exc)}"
-            ) from exc
+            raise self._error("proxy_protocol", f"{via}: connection lost during handshake: {_os_text(exc)}") from exc
         except BaseException:
             sock.close()
             raise
         return sock
 
-    async def _resolve_upstream(
-        self, loop: asyncio.AbstractEventLoop, host: str, port: int, via: str
-    ) -> str:
+    async def _resolve_upstream(self, loop: asyncio.AbstractEventLoop, host: str, port: int, via: str) -> str:
         """The address to ask the proxy for (socks5://, socks4://): IPv4 first, as python-socks
         does (an egress proxy is more likely to reach IPv4); SOCKS4 can carry nothing else."""
         family = socket.AF_INET if self.scheme == "socks4" else socket.AF_UNSPEC
@@ -256,9 +249,7 @@ class ProxyDialer:
                 f"{via}: resolving the upstream timed out after {self.connect_timeout:g}s",
             ) from exc
         except OSError as exc:
-            raise self._error(
-                "upstream_unreachable", f"{via}: cannot resolve the upstream: {_os_text(exc)}"
-            ) from exc
+            raise self._error("upstream_unreachable", f"{via}: cannot resolve the upstream: {_os_text(exc)}") from exc
         addresses = [info for info in infos if info[0] in (socket.AF_INET, socket.AF_INET6)]
         if not addresses:
             raise self._error("upstream_unreachable", f"{via}: no usable upstream address")
@@ -286,17 +277,11 @@ class ProxyDialer:
                         raise
                 raise last or OSError(f"no address for {self.host}")
         except TimeoutError as exc:
-            raise self._error(
-                "proxy_timeout", f"{hop}: connect timed out after {self.connect_timeout:g}s"
-            ) from exc
+            raise self._error("proxy_timeout", f"{hop}: connect timed out after {self.connect_timeout:g}s") from exc
         except socket.gaierror as exc:
-            raise self._error(
-                "proxy_unreachable", f"{hop}: cannot resolve the proxy: {_os_text(exc)}"
-            ) from exc
+            raise self._error("proxy_unreachable", f"{hop}: cannot resolve the proxy: {_os_text(exc)}") from exc
         except OSError as exc:
-            raise self._error(
-                "proxy_unreachable", f"{hop}: connect failed: {_os_text(exc)}"
-            ) from exc
+            raise self._error("proxy_unreachable", f"{hop}: connect failed: {_os_text(exc)}") from exc
 
     async def _socks_connect(
         self,
@@ -332,9 +317,7 @@ class ProxyDialer:
         hop = f"proxy {self.describe()}"
         if code is not None:
             if self.scheme == "socks4" and code in _SOCKS4_IDENT_FAILURES:
-                return self._error(
-                    "proxy_auth", f"{hop}: user id refused ({kind} reply {code:#04x}: {text})"
-                )
+                return self._error("proxy_auth", f"{hop}: user id refused ({kind} reply {code:#04x}: {text})")
             # The proxy worked but the upstream behind it did not answer: that is the
             # upstream's failure, not the proxy's (alerts tell the two apart by label).
             # SOCKS5 (RFC 1928 §6) 0x03-0x05: network/host unreachable, connection refused;
@@ -388,7 +371,8 @@ class ProxyDialer:
             raise self._error("proxy_auth", f"{hop}: authentication refused ({status}{hint})")
         # 502/503: the proxy could not reach the upstream; 504: it timed out doing so.
         label = {502: "upstream_unreachable", 503: "upstream_unreachable", 504: "upstream_timeout"}.get(
-            code, "proxy_refused")
+            code, "proxy_refused"
+        )
         raise self._error(label, f"{via}: CONNECT refused ({status})")
 
     def _error(self, label: str, reason: str) -> SmtpError:
@@ -442,8 +426,7 @@ def _parse_proxy_url(url: str, password_override: str | None) -> tuple[str, str,
         shown = repr(scheme) if re.fullmatch(r"[a-z0-9+.-]{1,16}", scheme) else "in the URL"
         extra = " (TLS to the proxy is not supported)" if scheme == "https" else ""
         raise ValueError(
-            f"proxy URL scheme {shown} is not supported{extra}: "
-            "use socks5://, socks5h://, socks4:// or http://"
+            f"proxy URL scheme {shown} is not supported{extra}: use socks5://, socks5h://, socks4:// or http://"
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"{scheme} proxy URL must be only [user[:password]@]host:port")
@@ -456,9 +439,7 @@ def _parse_proxy_url(url: str, password_override: str | None) -> tuple[str, str,
         raise ValueError(f"{scheme} proxy URL has no host")
     if port is None:
         if scheme not in _DEFAULT_PORTS:
-            raise ValueError(
-                f"{scheme} proxy URL needs an explicit port (HTTP proxies have no common one)"
-            )
+            raise ValueError(f"{scheme} proxy URL needs an explicit port (HTTP proxies have no common one)")
         port = _DEFAULT_PORTS[scheme]
     if not 0 < port < 65536:
         raise ValueError(f"{scheme} proxy URL port must be 1-65535")
@@ -469,10 +450,7 @@ def _parse_proxy_url(url: str, password_override: str | None) -> tuple[str, str,
 
     if scheme == "socks4":
         if password is not None:
-            raise ValueError(
-                "socks4 proxies have no passwords (only a user id): "
-                "drop the password or use socks5://"
-            )
+            raise ValueError("socks4 proxies have no passwords (only a user id): drop the password or use socks5://")
     elif password is not None and username is None:
         raise ValueError(f"{scheme} proxy password given but the URL has no user name")
     if scheme in ("socks5", "socks5h") and username is not None:
@@ -490,9 +468,7 @@ def _parse_proxy_url(url: str, password_override: str | None) -> tuple[str, str,
 # -- HTTP CONNECT reply -----------------------------------------------------------------
 
 
-async def _read_reply_head(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, limit: int
-) -> bytes:
+async def _read_reply_head(loop: asyncio.AbstractEventLoop, sock: socket.socket, limit: int) -> bytes:
     """Read one HTTP reply head (status line + headers + blank line), not one byte more.
 
     The bytes are peeked first and then consumed exactly up to the end of the head, so

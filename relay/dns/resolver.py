@@ -123,9 +123,7 @@ def _normalise(rdtype: str, rrset) -> tuple:
     if rdtype in ("A", "AAAA"):
         return tuple(r.address for r in rrset)
     if rdtype == "MX":
-        return tuple(
-            (r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in rrset
-        )
+        return tuple((r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in rrset)
     if rdtype == "TXT":
         return tuple(b"".join(r.strings) for r in rrset)
     if rdtype == "PTR":

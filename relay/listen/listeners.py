@@ -56,8 +56,15 @@ def check_tls_files(settings: TlsSettings) -> str | None:
 
 
 class ListenerServer:
-    def __init__(self, settings: ListenerSettings, relay: RelayState, tls: ServerTls,
-                 global_settings: Settings, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        relay: RelayState,
+        tls: ServerTls,
+        global_settings: Settings,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self.settings = settings
         self.relay = relay
         self.tls = tls
@@ -110,8 +117,15 @@ class ListenerServer:
             reuse_port=self.reuse_port or None,
             backlog=1024,
         )
-        log.info("listening", extra={"listener": self.name, "bind": str(self.settings.bind),
-                                     "tls": self.settings.tls, "auth": self.settings.auth})
+        log.info(
+            "listening",
+            extra={
+                "listener": self.name,
+                "bind": str(self.settings.bind),
+                "tls": self.settings.tls,
+                "auth": self.settings.auth,
+            },
+        )
 
     def stop_accepting(self) -> None:
         """Close the listening socket; sessions already open carry on."""
@@ -125,4 +139,3 @@ class ListenerServer:
 
     def sockets(self) -> list[socket.socket]:
         return list(self._server.sockets) if self._server else []
-

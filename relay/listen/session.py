@@ -30,18 +30,22 @@ log = logging.getLogger("relay.session")
 message_log = logging.getLogger("relay.message")
 
 SESSIONS_ACTIVE = Gauge(
-    "relay_sessions_active", "Client sessions currently open.", ["listener"],
+    "relay_sessions_active",
+    "Client sessions currently open.",
+    ["listener"],
     multiprocess_mode="livesum",
 )
 SESSIONS_TOTAL = Counter(
-    "relay_sessions_total", "Client sessions ended, by the TLS version they used (none for plain).",
+    "relay_sessions_total",
+    "Client sessions ended, by the TLS version they used (none for plain).",
     ["listener", "tls"],
 )
 SESSIONS_REFUSED = Counter(
     "relay_sessions_refused_total", "Client connections refused at the greeting.", ["listener", "reason"]
 )
 AUTH_ATTEMPTS = Counter(
-    "relay_auth_attempts_total", "SMTP AUTH attempts by mechanism and result.",
+    "relay_auth_attempts_total",
+    "SMTP AUTH attempts by mechanism and result.",
     ["listener", "mechanism", "result"],
 )
 
@@ -81,14 +85,19 @@ class SessionHandler:
             session.client_ip = str(session.peer[0])
         refusal = self.relay.pipeline.admit(session.client_ip)
         if refusal is None and self.draining:
-            refusal = SmtpError(421, "4.3.2", "Service shutting down, try again",
-                                reason="draining", label="draining")
+            refusal = SmtpError(421, "4.3.2", "Service shutting down, try again", reason="draining", label="draining")
         if refusal is not None:
             SESSIONS_REFUSED.labels(self.listener.name, refusal.label).inc()
-            message_log.info("session refused", extra={
-                "event": "session_refused", "listener": self.listener.name,
-                "client": session.client_ip, "code": refusal.code, "reason": refusal.reason,
-            })
+            message_log.info(
+                "session refused",
+                extra={
+                    "event": "session_refused",
+                    "listener": self.listener.name,
+                    "client": session.client_ip,
+                    "code": refusal.code,
+                    "reason": refusal.reason,
+                },
+            )
             return str(refusal.reply)
         self.relay.track(server)
         SESSIONS_ACTIVE.labels(self.listener.name).inc()
@@ -110,8 +119,11 @@ class SessionHandler:
         return True
 
     async def handle_exception(self, error: Exception) -> str:
-        log.error("session error", exc_info=log.isEnabledFor(logging.DEBUG),
-                  extra={"listener": self.listener.name, "error": type(error).__name__})
+        log.error(
+            "session error",
+            exc_info=log.isEnabledFor(logging.DEBUG),
+            extra={"listener": self.listener.name, "error": type(error).__name__},
+        )
         return "451 4.3.0 Internal error, try again later"
 
     # -- AUTH (RFC 4954; PLAIN RFC 4616, LOGIN) -----------------------------------------
@@ -153,25 +165,31 @@ class SessionHandler:
         if user is not None:
             session.user = user
             AUTH_ATTEMPTS.labels(self.listener.name, mechanism, "success").inc()
-            return AuthResult(success=True, auth_data=LoginPassword(login, b""),
-                              message="235 2.7.0 Authentication successful")
+            return AuthResult(
+                success=True, auth_data=LoginPassword(login, b""), message="235 2.7.0 Authentication successful"
+            )
         session.auth_failures += 1
         AUTH_ATTEMPTS.labels(self.listener.name, mechanism, "failure").inc()
-        log.info("authentication failed", extra={
-            "listener": self.listener.name, "client": session.client_ip, "user": username[:64],
-        })
+        log.info(
+            "authentication failed",
+            extra={
+                "listener": self.listener.name,
+                "client": session.client_ip,
+                "user": username[:64],
+            },
+        )
         if session.auth_failures >= self.relay.pipeline.settings.clients.max_auth_failures:
             await server.push("535 5.7.8 Authentication credentials invalid")
             await server.push("421 4.7.0 Too many failed authentications, closing connection")
             server.close()
             return AuthResult(success=False, handled=True)
         # aiosmtpd 1.4.6 defaults a failed AuthResult to handled=True and then sends nothing.
-        return AuthResult(success=False, handled=False,
-                          message="535 5.7.8 Authentication credentials invalid")
+        return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
 
     # -- the transaction ----------------------------------------------------------------
-    async def handle_MAIL(self, server: RelaySMTP, session: RelaySession, envelope: SmtpdEnvelope,
-                          address: str, mail_options: list[str]) -> str:
+    async def handle_MAIL(
+        self, server: RelaySMTP, session: RelaySession, envelope: SmtpdEnvelope, address: str, mail_options: list[str]
+    ) -> str:
         if self.draining:
             asyncio.get_running_loop().call_soon(server.close)
             return "421 4.3.2 Service shutting down, try again"
@@ -202,8 +220,9 @@ class SessionHandler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
-    async def handle_RCPT(self, server: RelaySMTP, session: RelaySession, envelope: SmtpdEnvelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: RelaySMTP, session: RelaySession, envelope: SmtpdEnvelope, address: str, rcpt_options: list[str]
+    ) -> str:
         tx: Transaction | None = session.transaction
         if tx is None:
             return "503 5.5.1 Send MAIL FROM first"
@@ -212,9 +231,15 @@ class SessionHandler:
         except SmtpError as exc:
             tx.rcpt_refusal = exc
             if exc.label != "too_many_recipients":
-                log.info("recipient not accepted", extra={
-                    "id": tx.id, "reason": exc.reason, "code": exc.code, "label": exc.label,
-                })
+                log.info(
+                    "recipient not accepted",
+                    extra={
+                        "id": tx.id,
+                        "reason": exc.reason,
+                        "code": exc.code,
+                        "label": exc.label,
+                    },
+                )
             return str(exc.reply)
         if reply.positive:
             envelope.rcpt_tos.append(address)
@@ -288,12 +313,20 @@ class SessionHandler:
 
     def _log_refusal(self, session: RelaySession, mail_from: str, error: SmtpError) -> None:
         self.relay.pipeline.count_rejection(self.listener.name, error.label)
-        message_log.info("refused", extra={
-            "event": "message", "id": None, "listener": self.listener.name,
-            "client": session.client_ip, "user": session.user.username if session.user else None,
-            "mail_from_domain": mail_from.rpartition("@")[2].lower() or None,
-            "code": error.code, "enhanced": error.reply.enhanced, "reason": error.reason,
-        })
+        message_log.info(
+            "refused",
+            extra={
+                "event": "message",
+                "id": None,
+                "listener": self.listener.name,
+                "client": session.client_ip,
+                "user": session.user.username if session.user else None,
+                "mail_from_domain": mail_from.rpartition("@")[2].lower() or None,
+                "code": error.code,
+                "enhanced": error.reply.enhanced,
+                "reason": error.reason,
+            },
+        )
 
 
 def _abort_upstream(tx: Transaction) -> None:

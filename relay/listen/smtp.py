@@ -39,10 +39,24 @@ _SINGLE_LINE = re.compile(r"^(\d{3}) (.*)$", re.DOTALL)
 # Default enhanced codes for replies that come without one (RFC 3463 §3).
 _DEFAULT_ENHANCED = {
     "2": "2.0.0",
-    "421": "4.3.0", "450": "4.2.0", "451": "4.3.0", "452": "4.5.3", "454": "4.7.0",
-    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
-    "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.7.1", "552": "5.3.4",
-    "553": "5.1.3", "554": "5.7.0", "555": "5.5.4",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.5.3",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "550": "5.7.1",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
 }
 
 # aiosmtpd's texts that deserve a clearer wording.
@@ -241,13 +255,29 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content, size = await self._read_data()
         if content is None:
-            status = self.event_handler.data_refused(self, SmtpError(
-                552, "5.3.4", f"Message size exceeds the limit of {self.data_size_limit} bytes",
-                reason=f"{size} bytes of DATA", label="too_big"), size)
+            status = self.event_handler.data_refused(
+                self,
+                SmtpError(
+                    552,
+                    "5.3.4",
+                    f"Message size exceeds the limit of {self.data_size_limit} bytes",
+                    reason=f"{size} bytes of DATA",
+                    label="too_big",
+                ),
+                size,
+            )
         elif _has_bare_line_ending(content):
-            status = self.event_handler.data_refused(self, SmtpError(
-                550, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 §2.3.8)",
-                reason="bare CR or LF in DATA", label="bare_line_ending"), size)
+            status = self.event_handler.data_refused(
+                self,
+                SmtpError(
+                    550,
+                    "5.6.0",
+                    "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 §2.3.8)",
+                    reason="bare CR or LF in DATA",
+                    label="bare_line_ending",
+                ),
+                size,
+            )
         else:
             # Transparency (RFC 5321 §4.5.2): drop the first dot of every line.
             if content.startswith(b"."):

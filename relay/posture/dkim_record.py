@@ -77,8 +77,10 @@ class DkimRecordCheck:
             if self.test_mode:
                 return f"once signatures verify, drop t=y: {publish}"
             if self.warnings:
-                return (f"rotate to a {MIN_RSA_BITS}-bit key: relay keygen -d {self.domain} "
-                        f"-s <new selector> --bits {MIN_RSA_BITS}")
+                return (
+                    f"rotate to a {MIN_RSA_BITS}-bit key: relay keygen -d {self.domain} "
+                    f"-s <new selector> --bits {MIN_RSA_BITS}"
+                )
             return None
         if self.status == "temperror":
             return "the DNS lookup failed: check dns.nameservers and run the check again"
@@ -128,31 +130,33 @@ async def check_dkim_record(
             if not isinstance(parsed, str):
                 tags, key_type, _, bits = parsed
                 described.update(dns_key_type=key_type, dns_key_bits=bits, test_mode=_test_mode(tags))
-        return DkimRecordCheck(**base, status="unavailable", **described,
-                               problem=f"the relay's private key is not loaded ({key_problem or 'unknown'})")
+        return DkimRecordCheck(
+            **base,
+            status="unavailable",
+            **described,
+            problem=f"the relay's private key is not loaded ({key_problem or 'unknown'})",
+        )
     if not records:
         return DkimRecordCheck(**base, status="missing", problem=f"no TXT record at {name}")
     if len(records) > 1:
-        return DkimRecordCheck(**base, status="multiple",
-                               problem=f"{len(records)} TXT records at {name}; verifiers use any one")
+        return DkimRecordCheck(
+            **base, status="multiple", problem=f"{len(records)} TXT records at {name}; verifiers use any one"
+        )
     raw = records[0]
     record = raw.decode("ascii", errors="replace")
     parsed = _parse(raw)
     if isinstance(parsed, str):
         return DkimRecordCheck(**base, status="invalid", record=record, problem=parsed)
     tags, key_type, public, bits = parsed
-    common = {**base, "record": record, "dns_key_type": key_type, "dns_key_bits": bits,
-              "test_mode": _test_mode(tags)}
+    common = {**base, "record": record, "dns_key_type": key_type, "dns_key_bits": bits, "test_mode": _test_mode(tags)}
     if public is None:
         return DkimRecordCheck(**common, status="revoked", problem="the key is revoked (empty p=)")
     wanted_type = _KEY_TYPES.get(algorithm, algorithm)
     if key_type != wanted_type:
-        return DkimRecordCheck(**common, status="mismatch",
-                               problem=f"k={key_type} does not fit the {algorithm} key")
+        return DkimRecordCheck(**common, status="mismatch", problem=f"k={key_type} does not fit the {algorithm} key")
     if not _same_key(key, public):
         size = f"{bits}-bit " if key_type == "rsa" and bits else ""
-        return DkimRecordCheck(**common, status="mismatch",
-                               problem=f"the published {size}key is not the relay's key")
+        return DkimRecordCheck(**common, status="mismatch", problem=f"the published {size}key is not the relay's key")
     warnings = []
     if common["test_mode"]:
         warnings.append("test mode (t=y): verifiers may ignore failures")

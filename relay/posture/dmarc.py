@@ -167,13 +167,18 @@ async def check_dmarc(
             continue
         records = [bytes(r) for r in answer.records if _VERSION.match(bytes(r))]
         if len(records) > 1:
-            return DmarcCheck(**base, status="multiple", found_at=name,
-                              problem=f"{len(records)} DMARC records at {name}: no DMARC applies",
-                              **_alignment(base, "r", "r"))
+            return DmarcCheck(
+                **base,
+                status="multiple",
+                found_at=name,
+                problem=f"{len(records)} DMARC records at {name}: no DMARC applies",
+                **_alignment(base, "r", "r"),
+            )
         if records:
             return _evaluate(base, name, records[0], subdomain=name != f"_dmarc.{domain}")
-    return DmarcCheck(**base, status="missing", problem=f"no DMARC record at {' or '.join(names)}",
-                      **_alignment(base, "r", "r"))
+    return DmarcCheck(
+        **base, status="missing", problem=f"no DMARC record at {' or '.join(names)}", **_alignment(base, "r", "r")
+    )
 
 
 def _alignment(base: dict, adkim: str, aspf: str) -> dict:
@@ -188,8 +193,10 @@ def _alignment(base: dict, adkim: str, aspf: str) -> dict:
 def _evaluate(base: dict, name: str, raw: bytes, *, subdomain: bool) -> DmarcCheck:
     record = raw.decode("ascii", errors="replace")
     try:
-        tags = {k.decode("ascii", "replace").lower(): v.decode("ascii", "replace").strip()
-                for k, v in parse_tag_value(raw).items()}
+        tags = {
+            k.decode("ascii", "replace").lower(): v.decode("ascii", "replace").strip()
+            for k, v in parse_tag_value(raw).items()
+        }
     except InvalidTagValueList as exc:
         tags, syntax = {}, f"tag syntax: {exc}"
     else:

@@ -136,8 +136,7 @@ class CheckReport:
         lines += _row(up.level, "upstream", up_text, None, width=9)
         lines += [f"    {' ' * 9}  ! {w}" for w in up.warnings]
         eg = self.egress
-        eg_text = (f"{', '.join(eg.ips)} (from {_SOURCES[eg.source]})" if eg.ips
-                   else f"unknown: {eg.problem}")
+        eg_text = f"{', '.join(eg.ips)} (from {_SOURCES[eg.source]})" if eg.ips else f"unknown: {eg.problem}"
         lines += _row(self.egress_level, "egress IP", eg_text, None, width=9)
         if not self.domains:
             lines += ["", "no signing domains (dkim.keys is empty)"]
@@ -150,8 +149,12 @@ class CheckReport:
         return "\n".join(lines)
 
 
-_SOURCES = {"config": "spf.egress_ip", "upstream": "the upstream's EHLO reply",
-            "ip_echo_url": "spf.ip_echo_url", None: "nowhere"}
+_SOURCES = {
+    "config": "spf.egress_ip",
+    "upstream": "the upstream's EHLO reply",
+    "ip_echo_url": "spf.ip_echo_url",
+    None: "nowhere",
+}
 
 
 def _row(level: str, what: str, text: str, remedy: str | None, width: int = 9) -> list[str]:
@@ -181,8 +184,12 @@ def _spf_json(spf: SpfPosture) -> dict:
         "smells": list(rec.smells),
         "problem": _none(rec.problem),
         "egress": [
-            {"ip": v.ip, "result": v.result.result, "mechanism": _none(v.result.mechanism),
-             "problem": _none(v.result.problem)}
+            {
+                "ip": v.ip,
+                "result": v.result.result,
+                "mechanism": _none(v.result.mechanism),
+                "problem": _none(v.result.problem),
+            }
             for v in spf.egress
         ],
         "remediation": spf.remediation,
@@ -276,8 +283,7 @@ async def check_upstream(upstream: UpstreamSettings, delivery, probe) -> Upstrea
     tls_text = tls if tls == "none" else f"{tls}, certificate {'verified' if upstream.verify_tls else 'NOT verified'}"
     auth = ", authenticated" if upstream.username else ""
     greeting = (banner or "").strip().splitlines()[0][:200] if (banner or "").strip() else None
-    return UpstreamCheck(upstream.label, True, f"reachable: {via} ({tls_text}{auth})", greeting,
-                         tuple(warnings))
+    return UpstreamCheck(upstream.label, True, f"reachable: {via} ({tls_text}{auth})", greeting, tuple(warnings))
 
 
 async def run_check(
@@ -310,8 +316,7 @@ async def run_check(
             probe = _ProbeOnce(delivery.probe) if upstream.mode != "outbox" else None
             upstream_check, egress = await asyncio.gather(
                 check_upstream(upstream, delivery, probe),
-                discover_egress(settings.spf, probe=probe, dialer=dialer, accept=accept,
-                                tls_context=echo_tls_context),
+                discover_egress(settings.spf, probe=probe, dialer=dialer, accept=accept, tls_context=echo_tls_context),
             )
         domains = await assess_all(dns, key_specs(settings.dkim, keyring), egress.ips)
         return CheckReport(upstream_check, egress, egress_level(egress, settings), domains)

@@ -400,10 +400,7 @@ def _checkable_domain(domain: str) -> bool:
     # §4.3: malformed, single-label or literal domains give "none" without a lookup.
     labels = domain.split(".")
     return (
-        _valid_name(domain)
-        and len(labels) >= 2
-        and not labels[-1].isdigit()
-        and not any(c in domain for c in "[]@ ")
+        _valid_name(domain) and len(labels) >= 2 and not labels[-1].isdigit() and not any(c in domain for c in "[]@ ")
     )
 
 

@@ -95,8 +95,10 @@ class SpfPosture:
         if rec.records_found > 1:
             return f"merge the {rec.records_found} SPF records of {self.domain} into one"
         if rec.over_limit:
-            return (f"cut the record to at most {MAX_DNS_TERMS} DNS lookups (now {rec.lookups}): "
-                    "replace include:/a/mx terms with ip4:/ip6:")
+            return (
+                f"cut the record to at most {MAX_DNS_TERMS} DNS lookups (now {rec.lookups}): "
+                "replace include:/a/mx terms with ip4:/ip6:"
+            )
         missing = [v.ip for v in self.egress if v.result.result not in ("pass", "permerror")]
         if status == "permerror":
             return f"fix the SPF record of {self.domain}: {self.failing.result.problem}"  # type: ignore[union-attr]

@@ -132,9 +132,12 @@ class SecretStore:
         except SecretFetchError as exc:
             entry.error = str(exc)
             SECRET_REFRESH_FAILURES.labels(ref).inc()
-            log.warning("secret fetch failed; keeping the last good value" if entry.value
-                        else "secret fetch failed; no value yet",
-                        extra={"secret": ref, "reason": str(exc)})
+            log.warning(
+                "secret fetch failed; keeping the last good value"
+                if entry.value
+                else "secret fetch failed; no value yet",
+                extra={"secret": ref, "reason": str(exc)},
+            )
             return
         except Exception as exc:  # a backend bug must not kill the refresh loop
             entry.error = f"{ref}: {type(exc).__name__}"

@@ -70,9 +70,7 @@ class DkimSigner:
             lines.append(self._signature(key, include, body_hash, timestamp, signed_prefix.copy()))
         return b"".join(lines)
 
-    def _signature(
-        self, key: SigningKey, include: list[bytes], body_hash: bytes, timestamp: bytes, digest
-    ) -> bytes:
+    def _signature(self, key: SigningKey, include: list[bytes], body_hash: bytes, timestamp: bytes, digest) -> bytes:
         fields = [
             (b"v", b"1"),
             (b"a", key.algorithm.encode("ascii")),

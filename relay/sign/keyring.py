@@ -76,9 +76,7 @@ class KeyRing:
 
     def never_loaded(self) -> dict[str, str]:
         """`domain/selector` → why, for selectors that never had a valid key."""
-        return {
-            f"{d}/{s}": why for (d, s), why in self._problems.items() if (d, s) not in self._keys
-        }
+        return {f"{d}/{s}": why for (d, s), why in self._problems.items() if (d, s) not in self._keys}
 
     def _load(self, ref: str, value: SecretValue) -> bool:
         changed = False
@@ -101,7 +99,8 @@ class KeyRing:
             KEY_LOAD_FAILURES.labels(cfg.domain, cfg.selector).inc()
             consequence = "keeping the previous key" if ident in self._keys else "domain cannot be signed"
             log.error(
-                "DKIM key unusable; %s", consequence,
+                "DKIM key unusable; %s",
+                consequence,
                 extra={"domain": cfg.domain, "selector": cfg.selector, "secret": ref, "reason": str(exc)},
             )
             return False

@@ -24,8 +24,9 @@ from tests.support.procs import ProcessError, free_port, log_tail, wait_port
 
 
 class RelayProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any], *, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], *, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.config = config
         self.config_path = workdir / "relay.yaml"
@@ -46,7 +47,11 @@ class RelayProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path), *self.args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=self.workdir,
         )
         log.close()
         try:
