@@ -53,8 +53,8 @@ from relay.posture.dkim_record import DkimRecordCheck
 from relay.posture.dmarc import DmarcCheck
 from relay.posture.egress import Accept, Egress, discover_egress, is_public_unicast
 from relay.posture.levels import FAIL, MARKS, OK, WARN, worst
-from relay.posture.spf import MAX_DNS_TERMS
 from relay.posture.spf_posture import SpfPosture
+from relay.spf import MAX_DNS_TERMS
 
 VERSION = 1
 

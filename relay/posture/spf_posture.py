@@ -4,7 +4,7 @@ record itself sound (one record, at most 10 DNS lookups, no +all/?all)?
 With a smarthost the envelope sender (MAIL FROM) is the client's, an address at the signing
 domain, so receivers evaluate `check_host(egress IP, <domain>, postmaster@<domain>)`
 (RFC 7208 §4.1): that is what runs here, once per egress IP, with the same evaluator the
-relay uses everywhere (`relay.posture.spf`).
+relay uses everywhere (`relay.spf`).
 
 `SpfPosture.status`: "pass" when every egress IP passes; "unchecked" when no egress IP is
 known; else the first result that is not pass (fail, softfail, neutral, none, permerror,
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relay.posture.levels import FAIL, OK, WARN
-from relay.posture.spf import MAX_DNS_TERMS, SpfRecordReport, SpfResult, analyze_record, check_host
+from relay.spf import MAX_DNS_TERMS, SpfRecordReport, SpfResult, analyze_record, check_host
 
 # Smells of analyze_record that are advice rather than risk (the record works as meant).
 _HARMLESS = ("record longer than 255 bytes",)

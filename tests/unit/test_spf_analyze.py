@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relay.dns.resolver import DnsAnswer, DnsTemporaryError
-from relay.posture.spf import analyze_record
+from relay.spf import analyze_record
 
 
 class FakeDns:
