@@ -25,10 +25,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from relay.app import build_delivery
 from relay.config.load import settings_from_mapping
 from relay.config.schema import Settings, SpfSettings
-from relay.deliver.proxy import make_dialer
 from relay.dns.resolver import DnsAnswer, DnsResolver, DnsTemporaryError
 from relay.errors import SmtpError
 from relay.posture.dkim_record import check_dkim_record
@@ -42,10 +40,12 @@ from relay.posture.egress import (
 )
 from relay.posture.monitor import PostureMonitor
 from relay.posture.spf_posture import check_spf, with_terms
+from relay.proxy import dialer_for
 from relay.secrets.local import FileBackend
 from relay.secrets.store import SecretStore
 from relay.sign.keyring import KeyRing
 from relay.sign.keys import load_signing_key
+from relay.wiring import build_target
 from tests.support.dns import black_hole, dns_server
 from tests.support.procs import free_port, require_binary, running
 from tests.support.upstream import Upstream
@@ -436,7 +436,7 @@ async def test_egress_from_upstream_ehlo(tmp_path):
     with Upstream(tls="none", hostname=hostname) as up:
         settings = make_settings(tmp_path, upstream={"host": LOOP, "port": up.port, "tls": "none"})
         store = SecretStore([], 60)
-        delivery = build_delivery(settings.upstream[0], settings, store)
+        delivery = build_target(settings.upstream[0], settings, store)
         try:
             auto = SpfSettings(egress_ip="auto")
             found = await discover_egress(auto, probe=delivery.probe, dialer=None, accept=accept_also("203.0.113.0/24"))
@@ -454,7 +454,7 @@ async def test_egress_from_upstream_ehlo(tmp_path):
 
 async def test_egress_when_upstream_is_down(tmp_path):
     settings = make_settings(tmp_path)  # nothing listens on its port
-    delivery = build_delivery(settings.upstream[0], settings, SecretStore([], 60))
+    delivery = build_target(settings.upstream[0], settings, SecretStore([], 60))
     try:
         egress = await discover_egress(SpfSettings(egress_ip="auto"), probe=delivery.probe, dialer=None)
     finally:
@@ -531,10 +531,10 @@ def socks_proxy(tmp_path_factory) -> Iterator[str]:
 
 
 async def test_egress_from_ip_echo_url_through_the_proxy(tmp_path, socks_proxy):
-    dialer = make_dialer(socks_proxy, password="proxy-secret", connect_timeout=5, handshake_timeout=5)
+    dialer = dialer_for(socks_proxy, password="proxy-secret", connect_timeout=5, handshake_timeout=5)
     with Upstream(tls="none", hostname="upstream.test") as up:  # says nothing about the client
         settings = make_settings(tmp_path, upstream={"host": LOOP, "port": up.port, "tls": "none"})
-        delivery = build_delivery(settings.upstream[0], settings, SecretStore([], 60))
+        delivery = build_target(settings.upstream[0], settings, SecretStore([], 60))
         async with echo_server() as echo:
             spf = SpfSettings(egress_ip="auto", ip_echo_url=f"http://{LOOP}:{echo.port}/ip")
             try:
@@ -553,7 +553,7 @@ async def test_egress_from_ip_echo_url_through_the_proxy(tmp_path, socks_proxy):
 
 
 async def test_ip_echo_over_https_through_the_proxy(pki, socks_proxy):
-    dialer = make_dialer(socks_proxy, password="proxy-secret")
+    dialer = dialer_for(socks_proxy, password="proxy-secret")
     async with echo_server(tls=pki.server_context()) as echo:
         ip = await fetch_echo_ip(f"https://localhost:{echo.port}/", dialer, tls_context=pki.client_context())
         assert ip == PROXY_EGRESS
@@ -572,7 +572,7 @@ async def test_ip_echo_over_https_through_the_proxy(pki, socks_proxy):
     ],
 )
 async def test_ip_echo_responses(mode, expected):
-    dialer = make_dialer(None, connect_timeout=5)
+    dialer = dialer_for(None, connect_timeout=5)
     async with echo_server() as echo:
         echo.mode = mode
         url = f"http://{LOOP}:{echo.port}/"
@@ -587,13 +587,13 @@ async def test_ip_echo_responses(mode, expected):
 async def test_ip_echo_private_answer_is_not_an_egress_ip():
     async with echo_server() as echo:
         spf = SpfSettings(egress_ip="auto", ip_echo_url=f"http://{LOOP}:{echo.port}/")
-        egress = await discover_egress(spf, probe=None, dialer=make_dialer(None))
+        egress = await discover_egress(spf, probe=None, dialer=dialer_for(None))
     assert egress.ips == ()
     assert egress.problem.startswith("spf.ip_echo_url answered 127.0.0.1, not a public address")
 
 
 async def test_ip_echo_unreachable_says_where_without_credentials():
-    dialer = make_dialer(None, connect_timeout=2)
+    dialer = dialer_for(None, connect_timeout=2)
     with pytest.raises(EchoError) as info:
         await fetch_echo_ip(f"http://user:pw-secret@{LOOP}:{free_port()}/ip", dialer)
     assert str(info.value).startswith(f"http://{LOOP}:")

@@ -26,8 +26,8 @@ from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
 
 from relay.deliver.dial import DirectDialer
-from relay.deliver.proxy import FAILURE_LABELS, SCHEMES, ProxyDialer, make_dialer
 from relay.errors import SmtpError
+from relay.proxy import FAILURE_LABELS, SCHEMES, ProxyDialer, dialer_for
 from tests.support.procs import (
     MissingBinaryError,
     ProcessError,
@@ -721,12 +721,12 @@ def test_describe_and_repr_never_show_the_password():
     # percent-encoded user names and passwords
     odd = ProxyDialer("http://us%40er:p%3Aw%40d@p.example:8080")
     assert odd.describe() == "http://us%40er@p.example:8080"
-    assert odd._creds.password == "p:w@d"
+    assert odd.url.password == "p:w@d"
 
 
 def test_password_override_wins():
     dialer = ProxyDialer("socks5://user:old@p.example:1080", password="new")
-    assert dialer._creds.password == "new"
+    assert dialer.url.password == "new"
     assert dialer.username == "user"
 
 
@@ -776,11 +776,11 @@ async def test_socks4_cannot_carry_ipv6(ports: Ports):
     assert "IPv4 addresses only" in info.value.reason
 
 
-def test_make_dialer():
-    assert isinstance(make_dialer(None), DirectDialer)
-    assert isinstance(make_dialer("  "), DirectDialer)
-    assert make_dialer(None, connect_timeout=7).connect_timeout == 7
-    dialer = make_dialer("socks5h://u@p.example:1080", password="x", handshake_timeout=5)
+def test_dialer_for():
+    assert isinstance(dialer_for(None), DirectDialer)
+    assert isinstance(dialer_for("  "), DirectDialer)
+    assert dialer_for(None, connect_timeout=7).connect_timeout == 7
+    dialer = dialer_for("socks5h://u@p.example:1080", password="x", handshake_timeout=5)
     assert isinstance(dialer, ProxyDialer)
     assert (dialer.scheme, dialer.handshake_timeout) == ("socks5h", 5)
 

@@ -8,14 +8,12 @@ name, never the proxy's (RFC 3207 §4.1, RFC 8314).
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiosmtplib
-import aiosmtplib.protocol
 from prometheus_client import Counter, Histogram
 
 from relay.deliver.base import Envelope
@@ -41,34 +39,6 @@ UPSTREAM_CONNECTS = Counter(
     "Upstream connections opened, by result (ok, or the failure label).",
     ["upstream", "result"],
 )
-
-_QUEUE_ID = re.compile(r"(?:queued as|id=|\bid\s)\s*<?([A-Za-z0-9._@+-]{4,})", re.IGNORECASE)
-
-
-def _crlf_only_fast_path(message: bytes) -> bytes:
-    """aiosmtplib rewrites every line ending of a message with a regex before DATA. The
-    listener refuses bare CR/LF, so messages here are CRLF-only already and the rewrite
-    changes nothing; checking that is three C-level scans instead of a regex pass."""
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
-        return message if message.endswith(b"\r\n") else message + b"\r\n"
-    return _normalize_line_endings(message)
-
-
-_normalize_line_endings = aiosmtplib.protocol.normalize_message_line_endings
-aiosmtplib.protocol.normalize_message_line_endings = _crlf_only_fast_path
-
-
-def upstream_id(reply_text: str) -> str | None:
-    """The id an upstream gave the message in its 250 text (Postfix `queued as X`, SES
-    `Ok <id>`, …), so a message can be followed into the provider's logs."""
-    match = _QUEUE_ID.search(reply_text)
-    if match:
-        return match.group(1)
-    words = reply_text.split()
-    if len(words) >= 2 and words[0].lower() == "ok" and len(words[1]) >= 8:
-        return words[1].strip("<>")
-    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,22 +41,9 @@ class DirectDialer:
         return "direct"
 
     async def connect(self, host: str, port: int) -> socket.socket:
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                last: OSError | None = None
-                for family, type_, proto, _, addr in infos:
-                    sock = socket.socket(family, type_, proto)
-                    sock.setblocking(False)
-                    try:
-                        await loop.sock_connect(sock, addr)
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        return sock
-                    except OSError as exc:
-                        sock.close()
-                        last = exc
-                raise last or OSError(f"no address for {host}")
+                return await connect_tcp(host, port)
         except TimeoutError as exc:
             raise SmtpError(
                 451,
@@ -73,3 +60,27 @@ class DirectDialer:
                 reason=f"connect to {host}:{port} failed: {exc.strerror or exc}",
                 label="upstream_unreachable",
             ) from exc
+
+
+async def connect_tcp(host: str, port: int) -> socket.socket:
+    """The connect loop every dialer shares: resolve `host`, try its addresses in turn, and
+    return the first connected socket (non-blocking, TCP_NODELAY). Raises OSError
+    (`socket.gaierror` when the name does not resolve); the caller bounds the time."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            # Cancelled (a timeout) mid-connect: the socket is still ours to close.
+            sock.close()
+            raise
+    raise last or OSError(f"no address for {host}")

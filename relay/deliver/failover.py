@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from relay.deliver.base import Delivery, Envelope, UpstreamTransaction
+from relay.deliver.base import Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply, SmtpError
 
 log = logging.getLogger("relay.deliver")
 
 
 class FailoverTransaction:
-    def __init__(self, chain: FailoverDelivery, index: int, inner: UpstreamTransaction, envelope: Envelope) -> None:
+    def __init__(self, chain: FailoverTarget, index: int, inner: UpstreamTransaction, envelope: Envelope) -> None:
         self._chain = chain
         self._index = index
         self._inner = inner
@@ -86,8 +86,8 @@ class FailoverTransaction:
         await self._inner.abort()
 
 
-class FailoverDelivery:
-    def __init__(self, deliveries: Sequence[Delivery]) -> None:
+class FailoverTarget:
+    def __init__(self, deliveries: Sequence[UpstreamTarget]) -> None:
         self.deliveries = list(deliveries)
         self.name = "failover(" + ",".join(d.name for d in self.deliveries) + ")"
 

@@ -52,7 +52,7 @@ class MxTransaction:
         await self._inner.abort()
 
 
-class MxDelivery:
+class MxTarget:
     def __init__(self, name: str, connector: UpstreamConnector, dns: DnsService) -> None:
         self.name = name
         self.connector = connector

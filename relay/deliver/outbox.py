@@ -47,7 +47,7 @@ class OutboxTransaction:
         return None
 
 
-class OutboxDelivery:
+class OutboxTarget:
     def __init__(self, outbox: Path) -> None:
         self.name = "outbox"
         self.outbox = outbox

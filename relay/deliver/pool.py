@@ -88,9 +88,6 @@ class ConnectionPool:
         self._slots.release()
         self._update_gauges()
 
-    def discard(self, conn: UpstreamConnection) -> None:
-        self.release(conn, reusable=False)
-
     async def close(self) -> None:
         self._closed = True
         if self._reaper:

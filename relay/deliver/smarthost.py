@@ -93,7 +93,7 @@ async def begin_on(
     return tx
 
 
-class SmarthostDelivery:
+class SmarthostTarget:
     def __init__(self, name: str, connector: UpstreamConnector, pool: ConnectionPool) -> None:
         self.name = name
         self.connector = connector

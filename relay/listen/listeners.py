@@ -14,7 +14,8 @@ import socket
 import ssl
 
 from relay.config.schema import ListenerSettings, Settings, TlsSettings
-from relay.listen.session import RelayState, SessionHandler
+from relay.listen.connections import Connections
+from relay.listen.session import ClientSession, SessionContext
 from relay.listen.smtp import RelaySMTP
 
 log = logging.getLogger("relay.listen")
@@ -56,21 +57,25 @@ def check_tls_files(settings: TlsSettings) -> str | None:
 
 
 class ListenerServer:
+    """One listening socket; every connection it accepts gets a `RelaySMTP` edge and a
+    `ClientSession` for the listener's current settings."""
+
     def __init__(
         self,
         settings: ListenerSettings,
-        relay: RelayState,
+        context: SessionContext,
+        connections: Connections,
         tls: ServerTls,
         global_settings: Settings,
         *,
         reuse_port: bool = False,
     ) -> None:
         self.settings = settings
-        self.relay = relay
+        self.context = context
+        self.connections = connections
         self.tls = tls
         self.global_settings = global_settings
         self.reuse_port = reuse_port
-        self.handler = SessionHandler(settings, relay)
         self._server: asyncio.AbstractServer | None = None
 
     @property
@@ -81,12 +86,12 @@ class ListenerServer:
         """Apply a reloaded config to new connections (same bind, other options)."""
         self.global_settings = global_settings
         self.settings = settings
-        self.handler = SessionHandler(settings, self.relay)
 
     def _protocol(self) -> RelaySMTP:
         lst, cfg = self.settings, self.global_settings
         return RelaySMTP(
-            self.handler,
+            ClientSession(lst, self.context),
+            self.connections,
             implicit_tls=lst.tls == "implicit",
             advertise_auth=lst.auth != "none",
             hostname=cfg.hostname,

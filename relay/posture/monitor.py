@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from relay.config.schema import Settings
-from relay.deliver.base import Delivery
+from relay.deliver.base import UpstreamTarget
 from relay.deliver.dial import Dialer
 from relay.dns.resolver import DnsService
 from relay.errors import SmtpError
@@ -104,7 +104,7 @@ class PostureMonitor:
         settings: Settings,
         dns: DnsService,
         keyring: KeyRing,
-        delivery: Delivery | None,
+        delivery: UpstreamTarget | None,
         *,
         dialer: Dialer | None = None,
         accept: Accept = is_public_unicast,

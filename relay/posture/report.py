@@ -1,8 +1,8 @@
 """`relay check`: the preflight of the path out and of every signing domain's DNS posture.
 
-`run_check(settings)` builds the same runtime objects the relay builds (resolver, secret
-store, key ring, the default upstream's delivery and dialer), probes the upstream, finds the
-egress IP, and assesses each signing domain with the code the running relay's monitor uses
+`run_check` takes the same runtime objects the relay builds (resolver, key ring, the
+default upstream's target and dialer: `relay.wiring.preflight` builds them), probes the
+upstream, finds the egress IP, and assesses each signing domain with the code the running relay's monitor uses
 (`relay.posture.assess`). `CheckReport.ok` is false when anything failed (✗); warnings (!)
 do not fail. `to_json()` has a stable schema, version 1:
 
@@ -45,8 +45,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from relay.config.load import ConfigError
 from relay.config.schema import Settings, UpstreamSettings
+from relay.deliver.base import UpstreamTarget
+from relay.deliver.dial import Dialer
+from relay.dns.resolver import DnsService
 from relay.errors import SmtpError
 from relay.posture.assess import DomainPosture, assess_all, key_specs
 from relay.posture.dkim_record import DkimRecordCheck
@@ -54,6 +56,7 @@ from relay.posture.dmarc import DmarcCheck
 from relay.posture.egress import Accept, Egress, discover_egress, is_public_unicast
 from relay.posture.levels import FAIL, MARKS, OK, WARN, worst
 from relay.posture.spf_posture import SpfPosture
+from relay.sign.keyring import KeyRing
 from relay.spf import MAX_DNS_TERMS
 
 VERSION = 1
@@ -266,7 +269,9 @@ def egress_level(egress: Egress, settings: Settings) -> str:
     return FAIL if settings.spf.on_fail == "refuse" else WARN
 
 
-async def check_upstream(upstream: UpstreamSettings, delivery, probe) -> UpstreamCheck:
+async def check_upstream(
+    upstream: UpstreamSettings, target: UpstreamTarget, probe: Callable[[], Awaitable[str]] | None
+) -> UpstreamCheck:
     if upstream.mode == "outbox":
         return UpstreamCheck(upstream.label, True, "outbox mode: messages are written to files, nothing leaves")
     tls = upstream.effective_tls
@@ -275,7 +280,7 @@ async def check_upstream(upstream: UpstreamSettings, delivery, probe) -> Upstrea
         warnings.append("tls: none: mail to the upstream is not encrypted")
     elif not upstream.verify_tls:
         warnings.append("verify_tls: false: the upstream's certificate is not checked")
-    via = delivery.describe() if hasattr(delivery, "describe") else upstream.label
+    via = target.describe() if hasattr(target, "describe") else upstream.label
     try:
         banner = await probe()
     except SmtpError as exc:
@@ -289,38 +294,20 @@ async def check_upstream(upstream: UpstreamSettings, delivery, probe) -> Upstrea
 async def run_check(
     settings: Settings,
     *,
+    dns: DnsService,
+    keyring: KeyRing,
+    target: UpstreamTarget,
+    dialer: Dialer,
     accept: Accept = is_public_unicast,
     echo_tls_context: ssl.SSLContext | None = None,
 ) -> CheckReport:
-    """The whole preflight; never raises for a failed check (it is in the report)."""
-    from relay.app import build_delivery, build_dialer, build_dns, load_secrets
-    from relay.secrets.local import EnvBackend, FileBackend
-    from relay.secrets.store import SecretStore
-    from relay.sign.keyring import KeyRing
-
-    dns = build_dns(settings)
-    store = SecretStore([FileBackend(), EnvBackend()], settings.secrets.refresh)
-    delivery = None
-    try:
-        await load_secrets(store, settings)
-        keyring = KeyRing(settings.dkim, store)
-        upstream = settings.upstream[0]
-        try:
-            delivery = build_delivery(upstream, settings, store, dns)
-            dialer = build_dialer(upstream, store)
-        except (ConfigError, ValueError) as exc:
-            why = "; ".join(m for _, m in exc.problems) if isinstance(exc, ConfigError) else str(exc)
-            upstream_check = UpstreamCheck(upstream.label, False, f"cannot be used: {why}")
-            egress = await discover_egress(settings.spf, probe=None, dialer=None, accept=accept)
-        else:
-            probe = _ProbeOnce(delivery.probe) if upstream.mode != "outbox" else None
-            upstream_check, egress = await asyncio.gather(
-                check_upstream(upstream, delivery, probe),
-                discover_egress(settings.spf, probe=probe, dialer=dialer, accept=accept, tls_context=echo_tls_context),
-            )
-        domains = await assess_all(dns, key_specs(settings.dkim, keyring), egress.ips)
-        return CheckReport(upstream_check, egress, egress_level(egress, settings), domains)
-    finally:
-        if delivery is not None:
-            await delivery.close()
-        await store.close()
+    """The whole preflight over parts built by `relay.wiring.preflight`: the default
+    upstream's `target` and `dialer`; never raises for a failed check (it is in the report)."""
+    upstream = settings.upstream[0]
+    probe = _ProbeOnce(target.probe) if upstream.mode != "outbox" else None
+    upstream_check, egress = await asyncio.gather(
+        check_upstream(upstream, target, probe),
+        discover_egress(settings.spf, probe=probe, dialer=dialer, accept=accept, tls_context=echo_tls_context),
+    )
+    domains = await assess_all(dns, key_specs(settings.dkim, keyring), egress.ips)
+    return CheckReport(upstream_check, egress, egress_level(egress, settings), domains)
