@@ -36,6 +36,8 @@ except ImportError:  # a collection error that says what to do, not a silent ski
 
 from relay.config import defaults
 
+pytestmark = pytest.mark.binaries
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 TERRAFORM = ROOT / "deploy" / "terraform"

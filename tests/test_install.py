@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 
 import dkim
+import pytest
 
 from tests.support.procs import wait_port
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).parent.parent
 

@@ -8,8 +8,9 @@ import socket
 
 import pytest
 
-from tests.test_refusals import connect, reply
-from tests.test_relay_smtp import message
+from tests.support.smtp import connect, message, reply
+
+pytestmark = pytest.mark.e2e
 
 
 def test_sigterm_lets_the_message_in_flight_complete_then_exits_0(make_relay, upstream, pki):

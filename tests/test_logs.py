@@ -11,8 +11,10 @@ import uuid
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import APP_PASSWORD
-from tests.test_relay_smtp import message, submit
+from tests.support.config import APP_PASSWORD
+from tests.support.smtp import message, submit
+
+pytestmark = pytest.mark.e2e
 
 # docs/metrics.md, "Log lines": every message line that got as far as DATA has these.
 MESSAGE_FIELDS = {

@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import APP_PASSWORD, relay_config
+from tests.support.config import APP_PASSWORD, relay_config
 from tests.support.procs import free_port, require_binary, running
 from tests.support.relayproc import RelayProcess, split_bind
+from tests.support.smtp import message, submit
 from tests.support.upstream import Upstream
-from tests.test_relay_smtp import message, submit
+
+pytestmark = pytest.mark.binaries
 
 GRAFANA = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "relay-dashboard.json"

@@ -674,6 +674,7 @@ CHECK_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CHECK_CASES))
+@pytest.mark.e2e
 def test_relay_check_json(case, tmp_path, nameserver, dead_nameserver, key_files, pki):
     keys, upstream_kind, dns_kind, exit_code = CHECK_CASES[case]
     dns_address = nameserver if dns_kind == "nsd" else dead_nameserver
@@ -698,6 +699,7 @@ def test_relay_check_json(case, tmp_path, nameserver, dead_nameserver, key_files
     assert got["ok"] is (exit_code == 0)
 
 
+@pytest.mark.e2e
 def test_relay_check_table(tmp_path, nameserver, key_files):
     with Upstream(tls="none") as up:
         config = check_config(
@@ -722,6 +724,7 @@ def test_relay_check_table(tmp_path, nameserver, key_files):
     assert '               → publish _dmarc.example.net TXT "v=DMARC1; p=none; rua=mailto:dmarc@example.net"' in lines
 
 
+@pytest.mark.e2e
 def test_relay_check_bad_config_exits_2(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("listeners: []\nupstream: {host: x}\nspf: {egress_ip: not-an-ip}\n")
@@ -731,6 +734,7 @@ def test_relay_check_bad_config_exits_2(tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.e2e
 def test_relay_check_refuse_without_egress_ip_fails(tmp_path, nameserver, key_files):
     with Upstream(tls="none", hostname="upstream.test") as up:
         config = check_config(

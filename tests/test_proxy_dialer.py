@@ -37,6 +37,8 @@ from tests.support.procs import (
     wait_port,
 )
 
+pytestmark = pytest.mark.binaries
+
 GREETING = b"220 upstream.test ESMTP greeter ready\r\n"
 PROXY_USER = "user"
 PROXY_PASSWORD = "pA55-w0rd-Zq7"  # distinctive: must never show up in any text

@@ -15,10 +15,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import APP_PASSWORD, verify_all
 from tests.support.aws import AWS_ENV, REGION, moto_server, stop
-from tests.test_refusals import connect
-from tests.test_relay_smtp import message
+from tests.support.config import APP_PASSWORD
+from tests.support.dkim import verify_all
+from tests.support.smtp import connect, message
+
+pytestmark = [pytest.mark.e2e, pytest.mark.binaries]
 
 
 def new_rsa(bits: int = 2048) -> tuple[bytes, bytes]:

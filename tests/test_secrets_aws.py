@@ -19,6 +19,8 @@ from tests.support.aws import AWS_ENV as _AWS_ENV
 from tests.support.aws import moto_server, stop
 from tests.support.procs import free_port
 
+pytestmark = pytest.mark.binaries
+
 REGION = "us-east-1"
 PEM = (
     "-----BEGIN PRIVATE KEY-----\n"

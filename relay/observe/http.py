@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
@@ -59,6 +60,9 @@ class HealthServer:
             reuse_port=reuse_port or None,
         )
         log.info("metrics and health listening", extra={"bind": f"{host}:{port}"})
+
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if self._server else []
 
     async def stop(self) -> None:
         if self._server is not None:
