@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except KeyboardInterrupt:
         return 130
 
@@ -148,7 +149,7 @@ def serve_worker(config: str | None, *, index: int, reuse_port: bool) -> int:
     from relay.observe.logs import setup_logging
     from relay.server import serve
 
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
         settings, path = _load(config)
         _full_check(settings, path)

@@ -91,9 +91,9 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
                 break
             except InterruptedError:
                 continue
-            index = children.pop(pid, None)
-            if index is None:
+            if pid not in children:
                 continue
+            index = children.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             _mark_dead(pid, multiproc_dir)
             if stopping or code == EXIT_CONFIG:
@@ -122,6 +122,6 @@ def _mark_dead(pid: int, directory: Path) -> None:
     from prometheus_client import multiprocess
 
     try:
-        multiprocess.mark_process_dead(pid, str(directory))
+        multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
     except OSError:
         pass

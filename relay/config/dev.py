@@ -77,10 +77,10 @@ def prepare_dev_dir(base: Path) -> dict[str, Path]:
     if not paths["dkim"].exists():
         _write(paths["dkim"], private_key_pem(generate_private_key("rsa-sha256", 2048)))
     if not paths["dkim_txt"].exists():
-        key = load_signing_key(
+        signing = load_signing_key(
             paths["dkim"].read_bytes(), domain=DEV_DOMAIN, selector=DEV_SELECTOR, algorithm="rsa-sha256"
         )
-        _write(paths["dkim_txt"], f'{DEV_SELECTOR}._domainkey.{DEV_DOMAIN}. IN TXT "{key.txt_value()}"\n'.encode())
+        _write(paths["dkim_txt"], f'{DEV_SELECTOR}._domainkey.{DEV_DOMAIN}. IN TXT "{signing.txt_value()}"\n'.encode())
     return paths
 
 

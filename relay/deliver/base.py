@@ -41,7 +41,10 @@ class Envelope:
 
 
 class UpstreamTransaction(Protocol):
-    upstream: str  # bounded label of the upstream that holds the transaction
+    @property
+    def upstream(self) -> str:
+        """The bounded label of the upstream that holds the transaction (logs, metrics)."""
+        ...
 
     async def add_recipient(self, address: str) -> Reply: ...
 

@@ -8,12 +8,14 @@ name, never the proxy's (RFC 3207 §4.1, RFC 8314).
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
+from aiosmtplib import SMTPResponse
 from prometheus_client import Counter, Histogram
 
 from relay.deliver.base import Envelope
@@ -134,7 +136,7 @@ class UpstreamConnection:
     def close(self) -> None:
         self.smtp.close()
 
-    async def _command(self, stage: str, call) -> Reply:
+    async def _command(self, stage: str, call: Awaitable[SMTPResponse]) -> Reply:
         """Run one command; the upstream's refusal becomes a Reply, a broken path an SmtpError."""
         label = self.endpoint.label
         try:
@@ -232,7 +234,7 @@ class UpstreamConnector:
         assert error is not None
         raise error
 
-    async def _session(self, host: str, where: str, sock, tls: str) -> UpstreamConnection:
+    async def _session(self, host: str, where: str, sock: socket.socket, tls: str) -> UpstreamConnection:
         ep = self.endpoint
         smtp = aiosmtplib.SMTP(
             hostname=host,

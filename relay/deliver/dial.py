@@ -18,9 +18,11 @@ from relay.errors import SmtpError
 
 
 class Dialer(Protocol):
-    # True when the proxy resolves the upstream's name (socks5h://, http:// CONNECT): the
-    # name is then passed as is; otherwise callers may pass an address they resolved.
-    resolves_remotely: bool
+    @property
+    def resolves_remotely(self) -> bool:
+        """True when the proxy resolves the upstream's name (socks5h://, http:// CONNECT):
+        the name is then passed as is; otherwise callers may pass an address they resolved."""
+        ...
 
     async def connect(self, host: str, port: int) -> socket.socket: ...
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 
 from relay.deliver.base import Envelope
-from relay.deliver.connection import UpstreamConnector
+from relay.deliver.connection import UpstreamConnection, UpstreamConnector
 from relay.deliver.smarthost import SmtpTransaction, begin_on
 from relay.dns.resolver import DnsNameError, DnsService, DnsTemporaryError
 from relay.errors import Reply, SmtpError
@@ -140,7 +140,7 @@ class MxTarget:
             label=last.label,
         )
 
-    async def _connect(self, host: str):
+    async def _connect(self, host: str) -> UpstreamConnection:
         try:
             return await self.connector.open(host)
         except SmtpError as exc:

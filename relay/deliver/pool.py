@@ -47,7 +47,7 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.acquire_timeout = acquire_timeout
         self._closed = False
-        self._reaper: asyncio.Task | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     async def acquire(self) -> UpstreamConnection:
         if self._closed:

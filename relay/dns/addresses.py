@@ -69,5 +69,5 @@ class AddressResolver:
                 reason=f"resolving {host}: {exc.strerror}",
                 label="dns_no_address",
             ) from None
-        ordered = sorted({info[4][0] for info in infos}, key=lambda a: ":" in a)
+        ordered = sorted({str(info[4][0]) for info in infos}, key=lambda a: ":" in a)
         return ordered

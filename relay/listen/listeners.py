@@ -76,7 +76,7 @@ class ListenerServer:
         self.tls = tls
         self.global_settings = global_settings
         self.reuse_port = reuse_port
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     @property
     def name(self) -> str:
@@ -143,4 +143,4 @@ class ListenerServer:
         return self._server is not None and self._server.is_serving()
 
     def sockets(self) -> list[socket.socket]:
-        return list(self._server.sockets) if self._server else []
+        return list(self._server.sockets) if isinstance(self._server, asyncio.Server) else []

@@ -54,7 +54,7 @@ def apply() -> None:
     if _applied:
         return
     check()
-    aiosmtpd.smtp.inspect = _AuthMemberLookup  # type: ignore[attr-defined]
+    setattr(aiosmtpd.smtp, "inspect", _AuthMemberLookup)  # noqa: B010 - replaces a module global
     aiosmtplib.protocol.normalize_message_line_endings = _crlf_only_fast_path
     _applied = True
 

@@ -145,7 +145,7 @@ class RelaySMTP(SMTP):
     def _set_rset_state(self) -> None:
         # EHLO, HELO, RSET and STARTTLS reset the transaction (RFC 5321 §4.1.1.1, §4.1.1.5,
         # RFC 3207 §4.2); the upstream transaction that mirrors it ends too.
-        super()._set_rset_state()
+        super()._set_rset_state()  # type: ignore[no-untyped-call]
         self.client.on_reset()
 
     async def push(self, status: str | bytes) -> None:
@@ -178,7 +178,7 @@ class RelaySMTP(SMTP):
         """Drain (RFC 5321 §3.8): an idle session gets 421 and is closed now; a session inside
         a transaction gets it right after the transaction's final reply (see smtp_DATA)."""
         self._shutting_down = True
-        if self.client.transaction is None and self.transport is not None:
+        if self.client.transaction is None and isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(_CLOSING)
             self.close()
 
@@ -284,7 +284,7 @@ class RelaySMTP(SMTP):
             if b"\r\n." in content:
                 content = content.replace(b"\r\n.", b"\r\n")
             reply = await self.client.data(content)
-        self._set_post_data_state()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(str(reply))
         if self._shutting_down or self.client.draining:
             await self.push("421 4.3.2 Service shutting down, closing connection")
@@ -360,6 +360,7 @@ class _Hooks:
 
     # -- AUTH (RFC 4954; PLAIN RFC 4616, LOGIN) -----------------------------------------
     async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        blob: Any
         if len(args) == 1:
             blob = await server.challenge_auth("")
             if blob is MISSING:

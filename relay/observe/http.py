@@ -41,7 +41,7 @@ def metrics_registry() -> CollectorRegistry:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return REGISTRY
 
@@ -49,7 +49,7 @@ def metrics_registry() -> CollectorRegistry:
 class HealthServer:
     def __init__(self, readiness: ReadinessCheck) -> None:
         self._readiness = readiness
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self._server = await asyncio.get_running_loop().create_server(
@@ -62,7 +62,7 @@ class HealthServer:
         log.info("metrics and health listening", extra={"bind": f"{host}:{port}"})
 
     def sockets(self) -> list[socket.socket]:
-        return list(self._server.sockets) if self._server else []
+        return list(self._server.sockets) if isinstance(self._server, asyncio.Server) else []
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -107,9 +107,9 @@ class HealthServer:
             checks = self._readiness()
             ready = all(v is None for v in checks.values())
             READY.set(1 if ready else 0)
-            body = {
+            report = {
                 "status": "ready" if ready else "not ready",
                 "checks": {k: ("ok" if v is None else v) for k, v in checks.items()},
             }
-            return (200 if ready else 503), "application/json", json.dumps(body).encode()
+            return (200 if ready else 503), "application/json", json.dumps(report).encode()
         return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"

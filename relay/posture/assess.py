@@ -64,14 +64,16 @@ class DomainPosture:
 async def assess_domain(
     dns: DnsService, domain: str, keys: Sequence[KeySpec], egress_ips: Sequence[str]
 ) -> DomainPosture:
-    spf, dmarc, *dkim = await asyncio.gather(
+    spf, dmarc, dkim = await asyncio.gather(
         check_spf(dns, domain, egress_ips),
         check_dmarc(dns, domain),
-        *(
-            check_dkim_record(
-                dns, domain=domain, selector=k.selector, algorithm=k.algorithm, key=k.key, key_problem=k.problem
+        asyncio.gather(
+            *(
+                check_dkim_record(
+                    dns, domain=domain, selector=k.selector, algorithm=k.algorithm, key=k.key, key_problem=k.problem
+                )
+                for k in keys
             )
-            for k in keys
         ),
     )
     return DomainPosture(domain, spf, tuple(dkim), dmarc)

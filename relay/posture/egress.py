@@ -23,6 +23,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from relay import __version__
@@ -166,7 +167,7 @@ async def fetch_echo_ip(
     try:
         async with asyncio.timeout(timeout):
             sock = await dialer.connect(host, port)
-            ssl_args: dict = {}
+            ssl_args: dict[str, Any] = {}
             if parts.scheme == "https":
                 ssl_args = {"ssl": tls_context or ssl.create_default_context(), "server_hostname": host}
             try:

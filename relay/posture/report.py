@@ -44,6 +44,7 @@ import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from relay.config.schema import Settings, UpstreamSettings
 from relay.deliver.base import UpstreamTarget
@@ -94,7 +95,7 @@ class CheckReport:
     def ok(self) -> bool:
         return worst(self.levels()) != FAIL
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         levels = self.levels()
         return {
             "version": VERSION,
@@ -167,11 +168,11 @@ def _row(level: str, what: str, text: str, remedy: str | None, width: int = 9) -
     return out
 
 
-def _none(value):
+def _none(value: Any) -> Any:
     return value if value not in ("", ()) else None
 
 
-def _spf_json(spf: SpfPosture) -> dict:
+def _spf_json(spf: SpfPosture) -> dict[str, Any]:
     rec = spf.record
     return {
         "level": spf.level,
@@ -199,7 +200,7 @@ def _spf_json(spf: SpfPosture) -> dict:
     }
 
 
-def _dkim_json(k: DkimRecordCheck) -> dict:
+def _dkim_json(k: DkimRecordCheck) -> dict[str, Any]:
     return {
         "selector": k.selector,
         "algorithm": k.algorithm,
@@ -219,7 +220,7 @@ def _dkim_json(k: DkimRecordCheck) -> dict:
     }
 
 
-def _dmarc_json(m: DmarcCheck) -> dict:
+def _dmarc_json(m: DmarcCheck) -> dict[str, Any]:
     return {
         "level": m.level,
         "status": m.status,
@@ -281,6 +282,7 @@ async def check_upstream(
     elif not upstream.verify_tls:
         warnings.append("verify_tls: false: the upstream's certificate is not checked")
     via = target.describe() if hasattr(target, "describe") else upstream.label
+    assert probe is not None  # every mode but outbox has one
     try:
         banner = await probe()
     except SmtpError as exc:

@@ -18,6 +18,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from relay.dns.resolver import DnsService
 from relay.posture.levels import FAIL, OK, WARN
 from relay.spf import MAX_DNS_TERMS, SpfRecordReport, SpfResult, analyze_record, check_host
 
@@ -127,13 +128,12 @@ def with_terms(record: str, terms: str) -> str:
     return f"{record} {terms}"
 
 
-async def check_spf(dns, domain: str, egress_ips: Sequence[str]) -> SpfPosture:
+async def check_spf(dns: DnsService, domain: str, egress_ips: Sequence[str]) -> SpfPosture:
     sender = f"postmaster@{domain}"
-    results = await asyncio.gather(
+    record, verdicts = await asyncio.gather(
         analyze_record(dns, domain),
-        *(check_host(dns, ip, domain, sender) for ip in egress_ips),
+        asyncio.gather(*(check_host(dns, ip, domain, sender) for ip in egress_ips)),
     )
-    record, verdicts = results[0], results[1:]
     return SpfPosture(
         domain=domain,
         egress=tuple(EgressVerdict(ip, r) for ip, r in zip(egress_ips, verdicts, strict=True)),

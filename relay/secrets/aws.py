@@ -177,7 +177,8 @@ class AwsSecretsBackend:
         client = await self._get_client(ref)
         method = getattr(client, _snake(operation))
         try:
-            return await method(**params)
+            result: dict[str, Any] = await method(**params)
+            return result
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = error.get("Code") or "UnknownError"

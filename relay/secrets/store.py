@@ -155,5 +155,5 @@ class SecretStore:
                     log.exception("secret listener failed", extra={"secret": ref})
 
 
-def _has_label(metric, ref: str) -> bool:
+def _has_label(metric: Gauge | Counter, ref: str) -> bool:
     return (ref,) in getattr(metric, "_metrics", {})

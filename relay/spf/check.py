@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from relay.dns.resolver import DnsAnswer, DnsNameError, DnsService, DnsTemporaryError
 from relay.spf.macros import ALL_LETTERS, MacroString, MacroSyntaxError, expand, parse_macro_string
@@ -33,6 +34,8 @@ from relay.spf.record import (
     truncate,
     valid_name,
 )
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class _Evaluation:
         if self.lookups > MAX_DNS_TERMS:
             raise SpfPermError(f"more than {MAX_DNS_TERMS} DNS-querying terms (at {term})")
 
-    async def query(self, name: str, rdtype: str, *, count_void: bool) -> tuple:
+    async def query(self, name: str, rdtype: str, *, count_void: bool) -> tuple[Any, ...]:
         if valid_name(name):
             try:
                 answer = await self.dns.resolve(name, rdtype)
@@ -100,7 +103,7 @@ class _Evaluation:
         name = await expand(spec, {**self.macro_values, "d": domain}, lambda: self.ptr_name(domain))
         return truncate(name.rstrip("."))
 
-    async def addresses(self, name: str, *, count_void: bool) -> list:
+    async def addresses(self, name: str, *, count_void: bool) -> list[IpAddress]:
         rdtype = "A" if self.ip.version == 4 else "AAAA"
         addrs = []
         for record in await self.query(name, rdtype, count_void=count_void):
@@ -220,7 +223,7 @@ async def _matches(ev: _Evaluation, d: Directive, domain: str) -> bool:
     raise AssertionError(d.name)
 
 
-def _in_any(ev: _Evaluation, addrs: list, d: Directive) -> bool:
+def _in_any(ev: _Evaluation, addrs: list[IpAddress], d: Directive) -> bool:
     prefix = d.cidr4 if ev.ip.version == 4 else d.cidr6
     net = ipaddress.ip_network(f"{ev.ip}/{prefix}", strict=False)
     return any(addr in net for addr in addrs)
