@@ -33,12 +33,11 @@ class HeaderField:
 class Message:
     """The parsed message. `fields` are in order, top to bottom."""
 
-    __slots__ = ("fields", "body", "_size")
+    __slots__ = ("fields", "body")
 
     def __init__(self, fields: list[HeaderField], body: bytes) -> None:
         self.fields = fields
         self.body = body
-        self._size: int | None = None
 
     @classmethod
     def parse(cls, raw: bytes) -> Message:

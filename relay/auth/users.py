@@ -53,13 +53,6 @@ class UserDirectory:
         self._cache_key = os.urandom(32)
         self._verified: dict[str, bytes] = {}
 
-    @property
-    def secret_refs(self) -> list[str]:
-        return [u.password for u in self._settings.values() if u.password]
-
-    def __len__(self) -> int:
-        return len(self._users)
-
     async def authenticate(self, username: str, password: bytes) -> User | None:
         cfg = self._settings.get(username)
         if cfg is None:

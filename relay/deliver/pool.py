@@ -96,10 +96,6 @@ class ConnectionPool:
         await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
         self._update_gauges()
 
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
-
     def _take_idle(self) -> UpstreamConnection | None:
         now = time.monotonic()
         while self._idle:

@@ -51,10 +51,6 @@ class DnsAnswer:
     nxdomain: bool = False
     ttl: int = 0
 
-    @property
-    def void(self) -> bool:
-        return not self.records
-
 
 class DnsService(Protocol):
     async def resolve(self, name: str, rdtype: str) -> DnsAnswer:

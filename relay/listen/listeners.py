@@ -31,7 +31,6 @@ class ServerTls:
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.verify_mode = ssl.CERT_NONE  # clients authenticate with AUTH, not certs
         self.context.options |= ssl.OP_NO_COMPRESSION
-        self.configured = False
         self.load(settings)
 
     def load(self, settings: TlsSettings) -> None:
@@ -40,7 +39,6 @@ class ServerTls:
         )
         if settings.cert_file and settings.key_file:
             self.context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
-            self.configured = True
 
 
 def check_tls_files(settings: TlsSettings) -> str | None:

@@ -109,11 +109,6 @@ class SecretStore:
             if entry.value is not None:
                 SECRET_AGE.labels(ref).set(round(now - entry.fetched_at, 1))
 
-    async def fetch_now(self, ref: str) -> SecretValue:
-        """Fetch one reference immediately (used by commands); raises SecretFetchError."""
-        backend = self._backend(ref)
-        return await backend.fetch(SecretRef.parse(ref))
-
     async def close(self) -> None:
         for backend in self._backends.values():
             await backend.close()

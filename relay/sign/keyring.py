@@ -69,10 +69,6 @@ class KeyRing:
                 self._load(ref, value)
         self._rebuild()
 
-    @property
-    def refs(self) -> list[str]:
-        return list(self._by_ref)
-
     def attach(self) -> None:
         self._store.subscribe(self.on_secret)
 
@@ -92,9 +88,6 @@ class KeyRing:
     @property
     def domains(self) -> list[str]:
         return sorted({k.domain for k in self._settings.keys})
-
-    def all_keys(self) -> Sequence[SigningKey]:
-        return list(self._keys.values())
 
     def never_loaded(self) -> dict[str, str]:
         """`domain/selector` → why, for selectors that never had a valid key."""

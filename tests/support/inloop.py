@@ -34,7 +34,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ParamSpec
 
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, Gauge
 
 from relay.config.load import settings_from_mapping
 from relay.config.schema import Settings
@@ -86,9 +86,19 @@ class _Capture(logging.Handler):
             return list(self.lines)
 
 
-def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _forget_gauge_series() -> None:
+    """A relay process starts with no labelled gauge series; so does this one. Counters and
+    histograms are counted from the start instead (`LoopRelay.metric`)."""
+    # prometheus-client has no public list of a registry's collectors.
+    for collector in list(REGISTRY._collector_to_names):
+        if isinstance(collector, Gauge) and collector._labelnames and collector._name != "relay_build_info":
+            collector.clear()
+
+
+def _samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, float]]:
+    """Every sample of the registry: (name, labels) → (family type, value)."""
     return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        (sample.name, tuple(sorted(sample.labels.items()))): (family.type, sample.value)
         for family in REGISTRY.collect()
         for sample in family.samples
     }
@@ -111,7 +121,7 @@ class LoopRelay:
         self._saved_env: dict[str, str | None] = {}
         self.relay: Relay | None = None
         self._capture = _Capture()
-        self._baseline: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._baseline: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, float]] = {}
         self._root_level = logging.WARNING
 
     # -- lifecycle (astart/astop in the loop; start/stop from the test's worker thread) -----
@@ -126,6 +136,9 @@ class LoopRelay:
         root.setLevel(logging.INFO)
         for name in _QUIET:
             logging.getLogger(name).setLevel(logging.WARNING)
+        # A session error's traceback goes with its log line (relay.observe.sessions).
+        logging.getLogger("relay.session").setLevel(logging.DEBUG)
+        _forget_gauge_series()
         self._baseline = _samples()
         self.relay = Relay(settings, config_path=None)
         await self.relay.start()
@@ -208,13 +221,15 @@ class LoopRelay:
         raise AssertionError("no matching log line; last lines:\n" + "\n".join(self._capture.snapshot()[-20:]))
 
     def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of `name` whose labels include `labels`, counted from the
-        relay's start (0 if none)."""
+        """Sum of the samples of `name` whose labels include `labels` (0 if none): counters
+        and histograms counted from the relay's start; gauges as they are (their labelled
+        series were cleared at start)."""
         total = 0.0
-        for (sample, sample_labels), value in _samples().items():
-            found = dict(sample_labels)
+        for key, (kind, value) in _samples().items():
+            sample, found = key[0], dict(key[1])
             if sample == name and all(found.get(k) == v for k, v in labels.items()):
-                total += value - self._baseline.get((sample, sample_labels), 0.0)
+                start = 0.0 if kind == "gauge" else self._baseline.get(key, (kind, 0.0))[1]
+                total += value - start
         return total
 
     def http(self, path: str) -> tuple[int, str]:
