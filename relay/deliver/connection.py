@@ -225,27 +225,31 @@ class UpstreamConnector:
                     exc.reason = f"{host}: " + "; ".join(reasons)
                 error = exc
                 continue
-            try:
-                return await self._session(host, where, sock, tls)
-            except BaseException:
-                # The transport owns the socket once connected; before that it is ours.
-                sock.close()
-                raise
+            # From here the session owns the socket (see _session).
+            return await self._session(host, where, sock, tls)
         assert error is not None
         raise error
 
     async def _session(self, host: str, where: str, sock: socket.socket, tls: str) -> UpstreamConnection:
+        """Greet, TLS, authenticate over `sock`. On any failure the connection is closed:
+        once `smtp.connect` has the socket, its transport closes it (closing the socket here
+        too would free its descriptor while the transport, e.g. in a TLS shutdown, still
+        polls it, and the next socket could get the same number)."""
         ep = self.endpoint
-        smtp = aiosmtplib.SMTP(
-            hostname=host,
-            port=None,
-            sock=sock,
-            use_tls=tls == "implicit",
-            start_tls=False,
-            tls_context=ep.tls_context,
-            local_hostname=ep.helo_name,
-            timeout=ep.command_timeout,
-        )
+        try:
+            smtp = aiosmtplib.SMTP(
+                hostname=host,
+                port=None,
+                sock=sock,
+                use_tls=tls == "implicit",
+                start_tls=False,
+                tls_context=ep.tls_context,
+                local_hostname=ep.helo_name,
+                timeout=ep.command_timeout,
+            )
+        except BaseException:
+            sock.close()  # nothing has taken the socket yet
+            raise
         try:
             greeting = await smtp.connect(timeout=ep.connect_timeout)
             ehlo = await smtp.ehlo()
@@ -336,6 +340,9 @@ class UpstreamConnector:
                 reason=f"upstream {where}: {_first_line(str(exc))}",
                 label="upstream_error",
             ) from None
+        except BaseException:
+            smtp.close()  # cancelled (a client gone, a stop): nothing may stay open
+            raise
         return UpstreamConnection(ep, smtp, banner)
 
 
