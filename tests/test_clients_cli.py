@@ -9,10 +9,13 @@ import subprocess
 
 import pytest
 
-from tests.conftest import APP_PASSWORD, verify_all
+from tests.support.config import APP_PASSWORD
+from tests.support.dkim import verify_all
 from tests.support.procs import require_binary
+from tests.support.smtp import message
 from tests.support.upstream import Upstream
-from tests.test_relay_smtp import message
+
+pytestmark = pytest.mark.binaries
 
 LF_ONLY = (
     b"From: App <app@example.com>\nTo: <u@example.net>\nSubject: lf only\n"

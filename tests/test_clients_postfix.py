@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import APP_PASSWORD, verify_all
+from tests.support.config import APP_PASSWORD
+from tests.support.dkim import verify_all
 from tests.support.postfix import PostfixClient
+from tests.support.smtp import message
 from tests.support.upstream import Upstream
-from tests.test_relay_smtp import message
+
+pytestmark = pytest.mark.binaries
 
 LISTENERS = {"starttls": ("submission", False), "wrappermode": ("submissions", True)}
 

@@ -13,10 +13,10 @@ import uuid
 
 import pytest
 
-from tests.conftest import APP_PASSWORD
+from tests.support.config import APP_PASSWORD
+from tests.support.inloop import in_thread
+from tests.support.smtp import connect, message, reply
 from tests.test_edge import proxied_session
-from tests.test_refusals import connect, reply
-from tests.test_relay_smtp import message
 
 
 def _line(sock: socket.socket | ssl.SSLSocket) -> bytes:
@@ -42,8 +42,9 @@ def _reply(sock: socket.socket | ssl.SSLSocket) -> list[bytes]:
 
 
 @pytest.mark.parametrize("hostname", [b"evil\rX-Injected: yes", b"evil\x0bX-Injected: yes", b"evil X-Injected: yes"])
-def test_ehlo_hostname_cannot_inject_a_header(make_relay, upstream, pki, hostname):
-    relay = make_relay(upstream.port, received_header="full")
+@in_thread
+def test_ehlo_hostname_cannot_inject_a_header(make_loop_relay, upstream, pki, hostname):
+    relay = make_loop_relay(upstream.port, received_header="full")
     sock = socket.create_connection(("127.0.0.1", relay.port("submissions")), timeout=20)
     tls = pki.client_context().wrap_socket(sock, server_hostname="localhost")
     assert _reply(tls)[0].startswith(b"220 ")
@@ -68,8 +69,9 @@ def test_ehlo_hostname_cannot_inject_a_header(make_relay, upstream, pki, hostnam
 # -- PROXY protocol only from the balancer's addresses -------------------------------------
 
 
-def test_proxy_header_is_taken_only_from_proxy_protocol_from(make_relay, upstream):
-    relay = make_relay(upstream.port, start=False)
+@in_thread
+def test_proxy_header_is_taken_only_from_proxy_protocol_from(make_loop_relay, upstream):
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["listeners"][0]["proxy_protocol"] = True
     relay.config["listeners"][0]["proxy_protocol_from"] = ["127.0.0.2/32"]
     relay.config["clients"]["networks"] = ["10.1.0.0/16"]
@@ -92,13 +94,14 @@ def test_proxy_header_is_taken_only_from_proxy_protocol_from(make_relay, upstrea
     assert relay.metric("relay_sessions_refused_total", reason="proxy_source") == 1
 
 
-def test_proxy_protocol_from_needs_proxy_protocol(make_relay, upstream, tmp_path):
+@in_thread
+def test_proxy_protocol_from_needs_proxy_protocol(make_loop_relay, upstream, tmp_path):
     import subprocess
     import sys
 
     import yaml
 
-    relay = make_relay(upstream.port, start=False)
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["listeners"][0]["proxy_protocol_from"] = ["10.0.0.0/8"]
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(relay.config))
@@ -113,10 +116,11 @@ def test_proxy_protocol_from_needs_proxy_protocol(make_relay, upstream, tmp_path
 # -- slowloris: the whole DATA phase and the whole session are bounded ---------------------
 
 
-def test_data_phase_is_bounded_as_a_whole(make_relay, upstream, pki):
+@in_thread
+def test_data_phase_is_bounded_as_a_whole(make_loop_relay, upstream, pki):
     """A body dripped one short line at a time resets any per-read timer; the DATA phase as
     a whole still ends (421 4.4.2), the upstream transaction is dropped, nothing is sent."""
-    relay = make_relay(upstream.port, start=False)
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["clients"]["data_timeout"] = "2s"
     relay.start()
     client = connect(relay, pki)
@@ -147,8 +151,9 @@ def test_data_phase_is_bounded_as_a_whole(make_relay, upstream, pki):
     assert line["recipients"] == 1
 
 
-def test_session_is_bounded_as_a_whole(make_relay, upstream, pki):
-    relay = make_relay(upstream.port, start=False)
+@in_thread
+def test_session_is_bounded_as_a_whole(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["clients"]["max_session_duration"] = "3s"
     relay.start()
     client = connect(relay, pki)
@@ -168,8 +173,9 @@ def test_session_is_bounded_as_a_whole(make_relay, upstream, pki):
 # -- STARTTLS inside TLS --------------------------------------------------------------------
 
 
-def test_second_starttls_is_refused_without_a_traceback(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_second_starttls_is_refused_without_a_traceback(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki, login=False)
     assert reply(client, "STARTTLS") == (503, "5.5.1 TLS already active")
     assert client.noop()[0] == 250
@@ -182,8 +188,9 @@ def test_second_starttls_is_refused_without_a_traceback(make_relay, upstream, pk
 # -- a password typed into the username field is not logged --------------------------------
 
 
-def test_failed_auth_logs_only_configured_usernames(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_failed_auth_logs_only_configured_usernames(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     typed_password = "Pw-" + uuid.uuid4().hex
     client = connect(relay, pki, login=False)
     blob = base64.b64encode(b"\0" + typed_password.encode() + b"\0" + APP_PASSWORD.encode()).decode()
@@ -202,8 +209,9 @@ def test_failed_auth_logs_only_configured_usernames(make_relay, upstream, pki):
 
 
 @pytest.mark.parametrize("ending", ["RSET", "QUIT", "disconnect"])
-def test_cancelled_transaction_gets_its_log_line(make_relay, upstream, pki, ending):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_cancelled_transaction_gets_its_log_line(make_loop_relay, upstream, pki, ending):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     assert reply(client, "RCPT TO:<u@example.net>")[0] == 250

@@ -9,20 +9,22 @@ import smtplib
 
 import pytest
 
-from tests.conftest import verify_all
-from tests.test_refusals import connect, reply
-from tests.test_relay_smtp import message
+from tests.support.dkim import verify_all
+from tests.support.inloop import in_thread
+from tests.support.smtp import connect, message, reply
 
 
-def test_ehlo_offers_dsn(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_ehlo_offers_dsn(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert "dsn" in client.esmtp_features
     assert "8bitmime" in client.esmtp_features and "smtputf8" in client.esmtp_features
 
 
-def test_null_sender_is_relayed_and_the_header_from_still_checked(make_relay, upstream, pki, dkim_keys):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_null_sender_is_relayed_and_the_header_from_still_checked(make_loop_relay, upstream, pki, dkim_keys):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert client.sendmail("<>", ["u@example.net"], message(subject="null-sender")) == {}
     [got] = upstream.wait_for(1)
@@ -54,8 +56,9 @@ def test_null_sender_is_relayed_and_the_header_from_still_checked(make_relay, up
         (["SIZE=300", "BODY=8BITMIME", "AUTH=<>", "RET=HDRS"], ["NOTIFY=FAILURE"]),
     ],
 )
-def test_mail_and_rcpt_parameters_are_accepted(make_relay, upstream, pki, dkim_keys, mail_options, rcpt_options):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_mail_and_rcpt_parameters_are_accepted(make_loop_relay, upstream, pki, dkim_keys, mail_options, rcpt_options):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     refused = client.sendmail(
         "app@example.com", ["u@example.net"], message(subject="params"), mail_options, rcpt_options
@@ -68,8 +71,9 @@ def test_mail_and_rcpt_parameters_are_accepted(make_relay, upstream, pki, dkim_k
     assert got.rcpt_options["u@example.net"] == []
 
 
-def test_smtputf8_address_is_relayed(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_smtputf8_address_is_relayed(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     data = message(to="josé@example.net", subject="utf8").replace(b"jos\xc3\xa9", "josé".encode())
     assert client.sendmail("app@example.com", ["josé@example.net"], data, ["SMTPUTF8", "BODY=8BITMIME"]) == {}
@@ -90,8 +94,9 @@ def test_smtputf8_address_is_relayed(make_relay, upstream, pki):
         ("MAIL FROM:<app@example.com> XFOO=1", (555, "5.5.4")),
     ],
 )
-def test_bad_mail_parameters_get_a_clear_refusal(make_relay, upstream, pki, command, expected):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_bad_mail_parameters_get_a_clear_refusal(make_loop_relay, upstream, pki, command, expected):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     code, text = reply(client, command)
     assert (code, text.split()[0]) == expected
@@ -107,8 +112,9 @@ def test_bad_mail_parameters_get_a_clear_refusal(make_relay, upstream, pki, comm
         ("RCPT TO:<u@example.net> XFOO=1", (555, "5.5.4")),
     ],
 )
-def test_bad_rcpt_parameters_get_a_clear_refusal(make_relay, upstream, pki, rcpt, expected):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_bad_rcpt_parameters_get_a_clear_refusal(make_loop_relay, upstream, pki, rcpt, expected):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     code, text = reply(client, rcpt)
@@ -116,8 +122,9 @@ def test_bad_rcpt_parameters_get_a_clear_refusal(make_relay, upstream, pki, rcpt
     assert text.isascii()
 
 
-def test_nul_bytes_in_data_are_refused_and_never_reach_the_upstream(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_nul_bytes_in_data_are_refused_and_never_reach_the_upstream(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     with pytest.raises(smtplib.SMTPDataError) as refused:
         client.sendmail("app@example.com", ["u@example.net"], message(body="nul \x00 here\r\n"))
@@ -130,9 +137,10 @@ def test_nul_bytes_in_data_are_refused_and_never_reach_the_upstream(make_relay, 
     assert line["reason"]
 
 
-def test_upstream_reply_text_reaches_the_client_as_ascii(make_relay, upstream, pki):
+@in_thread
+def test_upstream_reply_text_reaches_the_client_as_ascii(make_loop_relay, upstream, pki):
     upstream.behaviour.rcpt_replies["u@example.net"] = "550 5.1.1 Bénédicte est inconnue ici"
-    relay = make_relay(upstream.port)
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     code, text = reply(client, "RCPT TO:<u@example.net>")
@@ -141,8 +149,9 @@ def test_upstream_reply_text_reaches_the_client_as_ascii(make_relay, upstream, p
     assert text.startswith("5.1.1 B")
 
 
-def test_no_warning_is_logged_on_the_normal_path(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_no_warning_is_logged_on_the_normal_path(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     for listener in ("submission", "submissions"):
         client = connect(relay, pki, listener=listener)
         assert client.sendmail("app@example.com", ["u@example.net"], message(subject=listener)) == {}

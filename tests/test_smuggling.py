@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_refusals import connect, reply
+from tests.support.inloop import in_thread
+from tests.support.smtp import connect, reply
 
-SMUGGLED = (b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
-            b"From: ceo@example.com\r\nSubject: smuggled\r\n\r\npay now\r\n")
+SMUGGLED = (
+    b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
+    b"From: ceo@example.com\r\nSubject: smuggled\r\n\r\npay now\r\n"
+)
 BARE_LF = {"LF.LF": b"\n.\n", "LF.CRLF": b"\n.\r\n", "CRLF.LF": b"\r\n.\n"}
 BARE_CR = {"CR.LF": b"\r.\n", "CR.CRLF": b"\r.\r\n", "CRLF.CR": b"\r\n.\r"}
 REFUSAL = (550, b"5.6.0 Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 section 2.3.8)")
@@ -28,8 +31,9 @@ def _send_carrier(relay, pki, separator: bytes):
 
 
 @pytest.mark.parametrize("separator", list(BARE_LF.values()), ids=list(BARE_LF))
-def test_bare_lf_look_alikes_stay_inside_the_one_message_by_default(make_relay, upstream, pki, separator):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_bare_lf_look_alikes_stay_inside_the_one_message_by_default(make_loop_relay, upstream, pki, separator):
+    relay = make_loop_relay(upstream.port)
     client, (code, _) = _send_carrier(relay, pki, separator)
     assert code == 250
     # The session is still in sync: the next command is answered as a command.
@@ -44,8 +48,9 @@ def test_bare_lf_look_alikes_stay_inside_the_one_message_by_default(make_relay, 
 
 
 @pytest.mark.parametrize("separator", list(BARE_LF.values()), ids=list(BARE_LF))
-def test_bare_lf_look_alikes_are_refused_with_reject(make_relay, upstream, pki, separator):
-    relay = make_relay(upstream.port, start=False)
+@in_thread
+def test_bare_lf_look_alikes_are_refused_with_reject(make_loop_relay, upstream, pki, separator):
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["clients"]["bare_newline"] = "reject"
     relay.start()
     client, answer = _send_carrier(relay, pki, separator)
@@ -57,8 +62,9 @@ def test_bare_lf_look_alikes_are_refused_with_reject(make_relay, upstream, pki, 
 
 @pytest.mark.parametrize("mode", ["normalize", "reject"])
 @pytest.mark.parametrize("separator", list(BARE_CR.values()), ids=list(BARE_CR))
-def test_bare_cr_look_alikes_are_refused_in_both_modes(make_relay, upstream, pki, separator, mode):
-    relay = make_relay(upstream.port, start=False)
+@in_thread
+def test_bare_cr_look_alikes_are_refused_in_both_modes(make_loop_relay, upstream, pki, separator, mode):
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["clients"]["bare_newline"] = mode
     relay.start()
     client, answer = _send_carrier(relay, pki, separator)
@@ -68,8 +74,9 @@ def test_bare_cr_look_alikes_are_refused_in_both_modes(make_relay, upstream, pki
     assert upstream.mail_commands <= 1
 
 
-def test_dot_stuffing_round_trips(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_dot_stuffing_round_trips(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     body = b"From: app@example.com\r\nSubject: dots\r\n\r\n.leading dot\r\n..two dots\r\nend.\r\n."
     # smtplib stuffs dots itself; the upstream must see the original lines.
@@ -78,8 +85,9 @@ def test_dot_stuffing_round_trips(make_relay, upstream, pki):
     assert got.content.endswith(b"\r\n\r\n.leading dot\r\n..two dots\r\nend.\r\n.\r\n")
 
 
-def test_empty_body_and_only_terminator(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_empty_body_and_only_terminator(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     client.sendmail("app@example.com", ["u@example.net"], b"From: app@example.com\r\nSubject: e\r\n\r\n")
     assert len(upstream.wait_for(1)) == 1
