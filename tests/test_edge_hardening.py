@@ -220,7 +220,7 @@ def test_cancelled_transaction_gets_its_log_line(make_loop_relay, upstream, pki,
     elif ending == "QUIT":
         client.quit()
     else:
-        client.sock.close()
+        client.close()  # the socket goes without QUIT
     line = relay.wait_log(lambda e: e.get("event") == "message" and e.get("msg") == "cancelled")
     assert line["id"] and line["user"] == "app" and line["recipients"] == 1
     assert line["code"] is None

@@ -158,6 +158,8 @@ def test_no_warning_is_logged_on_the_normal_path(make_loop_relay, upstream, pki)
         client.quit()
     upstream.wait_for(2)
     relay.wait_log(lambda e: e.get("event") == "message" and e.get("listener") == "submissions")
-    noisy = [e for e in relay.logs() if e.get("level") not in ("info", "debug")]
+    # The message path (sessions, AUTH, messages, aiosmtpd's own log) stays below warning;
+    # the DNS posture of the test domains is not this test's business.
+    noisy = [e for e in relay.logs() if e.get("level") not in ("info", "debug") and e.get("logger") != "relay.posture"]
     assert noisy == []
     assert "deprecated" not in relay.log_text()

@@ -53,6 +53,9 @@ class UserDirectory:
         self._cache_key = os.urandom(32)
         self._verified: dict[str, bytes] = {}
 
+    def knows(self, username: str) -> bool:
+        return username in self._users
+
     async def authenticate(self, username: str, password: bytes) -> User | None:
         cfg = self._settings.get(username)
         if cfg is None:

@@ -17,6 +17,7 @@ from relay.config.schema import ListenerSettings, Settings, TlsSettings
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession, SessionContext
 from relay.listen.smtp import RelaySMTP
+from relay.policy.senders import ClientNetworks
 
 log = logging.getLogger("relay.listen")
 
@@ -91,6 +92,10 @@ class ListenerServer:
             ClientSession(lst, self.context),
             self.connections,
             implicit_tls=lst.tls == "implicit",
+            bare_newline=cfg.clients.bare_newline,
+            data_timeout=cfg.clients.data_timeout,
+            max_session_duration=cfg.clients.max_session_duration,
+            proxy_from=ClientNetworks(lst.proxy_protocol_from) if lst.proxy_protocol_from is not None else None,
             advertise_auth=lst.auth != "none",
             hostname=cfg.hostname,
             ident="ESMTP relay",

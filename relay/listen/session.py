@@ -80,7 +80,7 @@ class ClientSession:
             self.user = None
             self.auth_failures = 0
 
-    def on_reset(self) -> None:
+    def on_reset(self, why: str = "RSET") -> None:
         """The client transaction ends without DATA; so does the upstream one."""
         tx, self.transaction = self.transaction, None
         if tx is None:
@@ -90,19 +90,39 @@ class ClientSession:
             # No recipient was accepted, so no DATA came: the refusal at RCPT is this
             # transaction's outcome and gets its one log line (and rejection count).
             messages.transaction_ended(tx, tx.rcpt_refusal.reply, tx.rcpt_refusal)
+        else:
+            messages.transaction_cancelled(tx, why)
 
-    def on_close(self) -> None:
+    def on_close(self, why: str = "client disconnected") -> None:
         if self.admitted:
             self.admitted = False
             sessions.session_ended(self.listener.name, self.tls_version)
-        self.on_reset()
+        self.on_reset(why)
+
+    def proxy_refused(self, peer: str) -> None:
+        """A PROXY header from a source outside `proxy_protocol_from`: refused unread."""
+        refusal = SmtpError(
+            554,
+            "5.7.1",
+            "Access denied: PROXY header not accepted from this address",
+            reason=f"PROXY header from {peer}, outside proxy_protocol_from",
+            label="proxy_source",
+        )
+        sessions.session_refused(self.listener.name, peer, refusal)
 
     # -- AUTH (RFC 4954) --------------------------------------------------------------------
     async def authenticate(self, mechanism: str, login: bytes, password: bytes) -> AuthOutcome:
         username = login.decode("utf-8", "replace")
         pipeline = self.context.pipeline
         user = await pipeline.authenticate(username, password)
-        sessions.auth_attempt(self.listener.name, mechanism, user is not None, client=self.client_ip, username=username)
+        sessions.auth_attempt(
+            self.listener.name,
+            mechanism,
+            user is not None,
+            client=self.client_ip,
+            username=username,
+            known=pipeline.users.knows(username),
+        )
         if user is not None:
             self.user = user
             return "accepted"

@@ -9,9 +9,13 @@ What changes against aiosmtpd 1.4.6, and why:
   after STARTTLS, or at once on an implicit-TLS listener (aiosmtpd cannot tell that its
   transport is already TLS there), and never on an `auth: none` listener.
 - DATA is read in large chunks, not line by line, and only CRLF.CRLF ends it (RFC 5321
-  §4.1.1.4). A bare CR or LF anywhere in the content is refused (RFC 5321 §2.3.8), so no
-  `\\n.\\n`-style sequence can be read as an end of data by us or by any hop after us (the
-  2023 SMTP smuggling advisories).
+  §4.1.1.4). A bare LF is read as CRLF or refused (`clients.bare_newline`); a bare CR or a
+  NUL is always refused (see `data_content`), so no `\\n.\\n`-style sequence can be read as
+  an end of data by us or by any hop after us (the 2023 SMTP smuggling advisories).
+- The DATA phase and the whole session have deadlines of their own (`clients.data_timeout`,
+  `clients.max_session_duration`): a client that sends one byte at a time still ends.
+- A PROXY header is taken only from `proxy_protocol_from`; EHLO/HELO names with spaces or
+  control characters are refused (they would reach the Received header); STARTTLS works once.
 
 The edge only translates: aiosmtpd's commands and hooks become calls on the connection's
 `ClientSession` (relay.listen.session), one way; the session never calls back. The private
@@ -24,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import re
+import unicodedata
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
@@ -32,6 +37,7 @@ from relay.errors import SmtpError
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession
 from relay.observe import sessions
+from relay.policy.senders import ClientNetworks
 
 # RFC 5321 §4.1.2 Mailbox, loosely: a local part without spaces or brackets, then a domain
 # of dotted labels (UTF-8 allowed for SMTPUTF8, RFC 6531) or an address literal.
@@ -96,6 +102,39 @@ def with_enhanced_code(status: str) -> str:
 
 
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
+_SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
+_PROXY_REFUSED = b"554 5.7.1 Access denied: PROXY header not accepted from this address\r\n"
+# RFC 5321 §4.1.1.1: EHLO/HELO take a domain or an address literal; neither has a space or a
+# control character (and a CR there would become a header line in `Received:`).
+_BAD_HELO = re.compile(r"[\x00-\x20\x7f]")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+BARE_LINE_ENDING = "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 section 2.3.8)"
+
+
+def data_content(raw: bytes, bare_newline: str) -> bytes:
+    """The message from the raw DATA bytes (up to, not including, the final CRLF.CRLF).
+
+    RFC 5321 §2.3.8 wants CRLF only. A bare CR is refused in every mode: reading it as a
+    line break would change the lines the next hops see, and passing it on is what the
+    smuggling advisories exploit. A bare LF is read as CRLF (`normalize`, like Postfix 3.9)
+    or refused (`reject`). A NUL is refused (RFC 5322 §3.5 has no place for it). Then the
+    transparency rule (RFC 5321 §4.5.2) drops the first dot of every line, whatever its
+    ending was. Costs: a few C-level scans; a copy only when something changes.
+    """
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf:
+        raise SmtpError(550, "5.6.0", BARE_LINE_ENDING, reason="bare CR in DATA", label="bare_line_ending")
+    if b"\x00" in raw:
+        raise SmtpError(550, "5.6.0", "Message contains NUL characters", reason="NUL in DATA", label="nul")
+    if raw.count(b"\n") != crlf:
+        if bare_newline == "reject":
+            raise SmtpError(550, "5.6.0", BARE_LINE_ENDING, reason="bare LF in DATA", label="bare_line_ending")
+        raw = _BARE_LF.sub(b"\r\n", raw)
+    if raw.startswith(b"."):
+        raw = raw[1:]
+    if b"\r\n." in raw:
+        raw = raw.replace(b"\r\n.", b"\r\n")
+    return raw
 
 
 class RelaySMTP(SMTP):
@@ -112,9 +151,20 @@ class RelaySMTP(SMTP):
         *,
         implicit_tls: bool,
         advertise_auth: bool,
+        bare_newline: str = "normalize",
+        data_timeout: float = 600.0,
+        max_session_duration: float = 1800.0,
+        proxy_from: ClientNetworks | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(_HOOKS, **kwargs)
+        self.bare_newline = bare_newline
+        self.data_timeout = data_timeout
+        self.max_session_duration = max_session_duration
+        self.proxy_from = proxy_from
+        self._deadline: float | None = None
+        self._awaiting_upstream = False
+        self._ending = "client disconnected"  # what ends an open transaction, for its log line
         self.client = client
         self._connections = connections
         self._implicit_tls = implicit_tls
@@ -130,6 +180,8 @@ class RelaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called again after STARTTLS with the TLS transport (aiosmtpd starts a new Session).
         restarted = self.session is not None
+        if self._deadline is None:
+            self._deadline = self.loop.time() + self.max_session_duration
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
@@ -140,17 +192,55 @@ class RelaySMTP(SMTP):
             super().connection_lost(error)
         finally:
             self._connections.discard(self)
-            self.client.on_close()
+            self.client.on_close(self._ending)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # The idle timer (session_timeout) never runs past the session's deadline.
+        if self._deadline is not None:
+            remaining = self._deadline - self.loop.time()
+            duration = max(0.01, min(duration or self._timeout_duration, remaining))
+        super()._reset_timeout(duration)
+
+    def _timeout_cb(self) -> None:
+        if self._deadline is not None and self.loop.time() >= self._deadline - 0.05:
+            if self._awaiting_upstream:
+                # The upstream's reply to DATA decides; the session ends right after it.
+                self._shutting_down = True
+                return
+            self._ending = "session time limit"
+            if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
+                self.transport.write(_SESSION_OVER)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def _handle_client(self) -> None:
+        # Only the load balancer may say who the client is (listeners[].proxy_protocol_from).
+        if self._proxy_timeout is not None and self.proxy_from is not None:
+            assert self.session is not None
+            peer = str(self.session.peer[0]) if self.session.peer else ""
+            if not self.proxy_from.allows(peer):
+                self.client.proxy_refused(peer)
+                assert isinstance(self.transport, asyncio.WriteTransport)
+                self.transport.write(_PROXY_REFUSED)
+                self.transport.close()
+                return
+        await super()._handle_client()
 
     def _set_rset_state(self) -> None:
         # EHLO, HELO, RSET and STARTTLS reset the transaction (RFC 5321 §4.1.1.1, §4.1.1.5,
         # RFC 3207 §4.2); the upstream transaction that mirrors it ends too.
         super()._set_rset_state()  # type: ignore[no-untyped-call]
-        self.client.on_reset()
+        self.client.on_reset(self._ending)
+        self._ending = "client disconnected"
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
+        if not status.isascii():
+            # RFC 5321 §4.2: reply texts are ASCII (an upstream's own text may not be).
+            status = _ascii(status)
         if not self._greeted:
             self._greeted = True
             await self._greet(status)
@@ -209,9 +299,16 @@ class RelaySMTP(SMTP):
             return None, None
         return address, rest
 
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname or _BAD_HELO.search(hostname):
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        await super().smtp_HELO(hostname)
+
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        if not hostname:
+        if not hostname or _BAD_HELO.search(hostname):
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self._set_rset_state()
@@ -222,7 +319,7 @@ class RelaySMTP(SMTP):
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
             self.command_size_limits["MAIL"] = 512 + 26
-        lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        lines += ["8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
         self.command_size_limits["MAIL"] += 10
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
@@ -231,6 +328,25 @@ class RelaySMTP(SMTP):
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
             await SMTP.push(self, f"250{sep}{line}")
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # RFC 3207 §4.2: once. aiosmtpd would start a second TLS layer inside the first.
+        if self.tls_active:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        self._ending = "STARTTLS"
+        await super().smtp_STARTTLS(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        self._ending = "RSET"
+        await super().smtp_RSET(arg)
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        self._ending = "QUIT"
+        await super().smtp_QUIT(arg)
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -254,8 +370,28 @@ class RelaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content, size = await self._read_data()
-        if content is None:
+        assert self._deadline is not None
+        budget = min(self.data_timeout, self._deadline - self.loop.time())
+        try:
+            async with asyncio.timeout(max(budget, 0.01)):
+                raw, size = await self._read_data()
+        except TimeoutError:
+            # RFC 5321 §4.5.3.2: the server may close a stalled session; the transaction
+            # ends unanswered (nothing was accepted), with its log line.
+            self.client.data_refused(
+                SmtpError(
+                    421,
+                    "4.4.2",
+                    "Timeout: DATA took too long",
+                    reason="DATA phase over its time limit",
+                    label="timeout",
+                ),
+                0,
+            )
+            await self.push("421 4.4.2 Timeout: DATA took too long, closing connection")
+            self.close()
+            return
+        if raw is None:
             reply = self.client.data_refused(
                 SmtpError(
                     552,
@@ -266,28 +402,25 @@ class RelaySMTP(SMTP):
                 ),
                 size,
             )
-        elif _has_bare_line_ending(content):
-            reply = self.client.data_refused(
-                SmtpError(
-                    550,
-                    "5.6.0",
-                    "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 §2.3.8)",
-                    reason="bare CR or LF in DATA",
-                    label="bare_line_ending",
-                ),
-                size,
-            )
         else:
-            # Transparency (RFC 5321 §4.5.2): drop the first dot of every line.
-            if content.startswith(b"."):
-                content = content[1:]
-            if b"\r\n." in content:
-                content = content.replace(b"\r\n.", b"\r\n")
-            reply = await self.client.data(content)
+            try:
+                content = data_content(raw, self.bare_newline)
+            except SmtpError as refusal:
+                reply = self.client.data_refused(refusal, size)
+            else:
+                del raw
+                self._awaiting_upstream = True
+                try:
+                    reply = await self.client.data(content)
+                finally:
+                    self._awaiting_upstream = False
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(str(reply))
         if self._shutting_down or self.client.draining:
-            await self.push("421 4.3.2 Service shutting down, closing connection")
+            if self._deadline is not None and self.loop.time() >= self._deadline - 0.05:
+                await self.push("421 4.4.2 Session time limit reached, closing connection")
+            else:
+                await self.push("421 4.3.2 Service shutting down, closing connection")
             self.close()
 
     async def _read_data(self) -> tuple[bytes | None, int]:
@@ -323,9 +456,23 @@ class RelaySMTP(SMTP):
         return b"".join(parts), size
 
 
-def _has_bare_line_ending(content: bytes) -> bool:
-    crlf = content.count(b"\r\n")
-    return content.count(b"\n") != crlf or content.count(b"\r") != crlf
+def _ascii(text: str) -> str:
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return folded if folded.strip() else text.encode("ascii", "replace").decode("ascii")
+
+
+class _Session(Session):
+    """aiosmtpd's Session without its deprecated `login_data`, which aiosmtpd itself sets on
+    every successful AUTH and which then logs a warning each time (the relay keeps the user
+    in `ClientSession`)."""
+
+    @property
+    def login_data(self) -> Any:
+        return None
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        pass
 
 
 class _Hooks:

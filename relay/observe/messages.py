@@ -115,6 +115,28 @@ def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | Non
     message_log.info("relayed" if error is None else "refused", extra=fields)
 
 
+def transaction_cancelled(tx: TransactionFacts, why: str) -> None:
+    """The one log line of a transaction that ended without DATA (RSET, QUIT, a new EHLO,
+    a disconnect, a time limit) after at least one recipient: nothing was sent."""
+    message_log.info(
+        "cancelled",
+        extra={
+            "event": "message",
+            "id": tx.id,
+            "listener": tx.listener,
+            "client": tx.client,
+            "user": tx.user,
+            "mail_from_domain": tx.mail_from_domain or None,
+            "recipients": len(tx.recipients),
+            "upstream": tx.upstream.upstream if tx.upstream is not None else None,
+            "code": None,
+            "enhanced": None,
+            "reason": why,
+            "duration_ms": round((time.monotonic() - tx.started) * 1000, 1),
+        },
+    )
+
+
 def mail_refused(listener: str, client: str, user: str | None, mail_from: str, error: SmtpError) -> None:
     """The one log line of a transaction refused at MAIL (no transaction id was given)."""
     count_rejection(listener, error.label)
