@@ -319,7 +319,7 @@ class RelaySMTP(SMTP):
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
             self.command_size_limits["MAIL"] = 512 + 26
-        lines += ["8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
+        lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         self.command_size_limits["MAIL"] += 10
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
