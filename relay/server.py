@@ -28,7 +28,7 @@ from relay.listen.connections import Connections
 from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
 from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
-from relay.pipeline import Pipeline
+from relay.pipeline import Pipeline, finish_background
 from relay.wiring import Components, UpstreamTargets, build_components, new_secret_store
 
 log = logging.getLogger("relay")
@@ -192,9 +192,12 @@ class Relay:
         # Idle sessions go now (RFC 5321 §3.8: 421 then close); a session inside a
         # transaction gets its 421 after the DATA reply (RelaySMTP.shutdown).
         self.connections.shutdown()
+        deadline = asyncio.get_running_loop().time() + timeout
         if not await self.connections.wait_closed(timeout):
             log.warning("drain timeout; closing remaining sessions", extra={"sessions": len(self.connections)})
             self.connections.close()
+        # Work that outlives its session: upstream aborts, "relayed" notices (relay.pipeline).
+        await finish_background(deadline - asyncio.get_running_loop().time())
         await self.stop()
 
     async def stop(self) -> None:
@@ -205,6 +208,7 @@ class Relay:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await finish_background(0)
         await asyncio.gather(*(t.close() for t in self.targets.all()), return_exceptions=True)
         await self.health.stop()
         await self.store.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from relay.deliver.base import Envelope, UpstreamTarget, UpstreamTransaction
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply, SmtpError
 
 log = logging.getLogger("relay.deliver")
@@ -24,16 +24,20 @@ class FailoverTransaction:
         self._index = index
         self._inner = inner
         self._envelope = envelope
-        self._accepted: list[str] = []
+        self._accepted: list[tuple[str, DsnRequest]] = []
 
     @property
     def upstream(self) -> str:
         return self._inner.upstream
 
-    async def add_recipient(self, address: str) -> Reply:
-        reply = await self._inner.add_recipient(address)
+    @property
+    def carries_dsn(self) -> bool:
+        return self._inner.carries_dsn
+
+    async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
+        reply = await self._inner.add_recipient(address, dsn)
         if reply.positive:
-            self._accepted.append(address)
+            self._accepted.append((address, dsn))
         return reply
 
     async def send(self, message: bytes) -> Reply:
@@ -69,12 +73,12 @@ class FailoverTransaction:
         """Open the transaction on upstream `index` with every accepted recipient."""
         delivery = self._chain.deliveries[index]
         try:
-            tx = await delivery.begin(self._envelope, self._accepted[0])
+            tx = await delivery.begin(self._envelope, self._accepted[0][0])
         except SmtpError:
             return None
-        for address in self._accepted:
+        for address, dsn in self._accepted:
             try:
-                reply = await tx.add_recipient(address)
+                reply = await tx.add_recipient(address, dsn)
             except SmtpError:
                 return None
             if not reply.positive:

@@ -9,8 +9,8 @@ through `relay.observe`:
     on_connect(client_ip) -> SmtpError | None   before the greeting: admit or refuse
     on_tls(version, restarted)                  implicit TLS, or STARTTLS (RFC 3207 §4.2)
     authenticate(mechanism, login, password)    AUTH (RFC 4954)
-    mail(address, options, helo) -> Reply       MAIL: opens the transaction
-    rcpt(address) -> Reply                      RCPT: opens/extends the upstream transaction
+    mail(address, params, helo) -> Reply        MAIL: opens the transaction
+    rcpt(address, dsn) -> Reply                 RCPT: opens/extends the upstream transaction
     data(content) -> Reply                      the content after the final dot
     data_refused(error, size) -> Reply          DATA refused by the listener itself
     on_reset()                                  RSET, HELO, EHLO, STARTTLS: the transaction ends
@@ -23,7 +23,9 @@ from typing import Literal, Protocol
 
 from relay.auth.users import User
 from relay.config.schema import ListenerSettings
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.errors import Reply, SmtpError
+from relay.listen.esmtp import MailParams
 from relay.observe import messages, sessions
 from relay.pipeline import Pipeline, Transaction
 
@@ -132,7 +134,8 @@ class ClientSession:
         return "refused"
 
     # -- the transaction ------------------------------------------------------------------
-    def mail(self, address: str, options: list[str], *, helo: str | None) -> Reply:
+    def mail(self, address: str, params: MailParams, *, helo: str | None) -> Reply:
+        """MAIL FROM (`address` "" is the null reverse-path), with its parsed parameters."""
         if self.draining:
             return SHUTTING_DOWN
         pipeline = self.context.pipeline
@@ -141,27 +144,35 @@ class ClientSession:
         try:
             senders = pipeline.senders_for(self.listener, self.user)
             pipeline.authorize_envelope(senders, address, who)
+            pipeline.check_announced_size(params.size)
         except SmtpError as exc:
             messages.mail_refused(self.listener.name, self.client_ip, username, address, exc)
             return exc.reply
+        envelope = Envelope(
+            mail_from=address,
+            body_8bit=params.body_8bit,
+            smtputf8=params.smtputf8,
+            ret=params.ret,
+            envid=params.envid,
+            auth=pipeline.submitter(self.user, senders, params.auth),
+        )
         self.transaction = pipeline.open_transaction(
             listener=self.listener.name,
             client=self.client_ip,
             user=username,
             senders=senders,
-            mail_from=address,
-            mail_options=options,
+            envelope=envelope,
             helo=helo or "unknown",
             tls=self.tls_version,
         )
         return SENDER_OK
 
-    async def rcpt(self, address: str) -> Reply:
+    async def rcpt(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         tx = self.transaction
         if tx is None:
             return NEED_MAIL
         try:
-            return await tx.pipeline.add_recipient(tx, address)
+            return await tx.pipeline.add_recipient(tx, address, dsn)
         except SmtpError as exc:
             messages.recipient_refused(tx.id, exc)
             return exc.reply

@@ -5,7 +5,10 @@ What changes against aiosmtpd 1.4.6, and why:
   ("503 Error: need MAIL command", "552 Error: Too much mail data") do not.
 - A client outside `clients.networks` gets 554 5.7.1 instead of the greeting (RFC 5321
   §3.1), checked after a PROXY header when the listener expects one.
-- EHLO advertises PIPELINING and ENHANCEDSTATUSCODES, and AUTH only where it may be used:
+- MAIL and RCPT are our own: the null reverse-path `<>` (aiosmtpd takes an empty sender for
+  "no MAIL yet"), and every parameter parsed and checked once (relay.listen.esmtp): SIZE,
+  BODY, SMTPUTF8, AUTH= and DSN's RET, ENVID, NOTIFY, ORCPT.
+- EHLO advertises PIPELINING, DSN and ENHANCEDSTATUSCODES, and AUTH only where it may be used:
   after STARTTLS, or at once on an implicit-TLS listener (aiosmtpd cannot tell that its
   transport is already TLS there), and never on an `auth: none` listener.
 - DATA is read in large chunks, not line by line, and only CRLF.CRLF ends it (RFC 5321
@@ -35,13 +38,18 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Se
 
 from relay.errors import SmtpError
 from relay.listen.connections import Connections
+from relay.listen.esmtp import parse_mail_params, parse_rcpt_params
 from relay.listen.session import ClientSession
 from relay.observe import sessions
 from relay.policy.senders import ClientNetworks
 
 # RFC 5321 §4.1.2 Mailbox, loosely: a local part without spaces or brackets, then a domain
-# of dotted labels (UTF-8 allowed for SMTPUTF8, RFC 6531) or an address literal.
-_MAILBOX = re.compile(r'^[^\s<>()\[\],;:@]+@(?:[^\s<>()\[\],;:@."]+(?:\.[^\s<>()\[\],;:@."]+)*|\[[^\]\s]+\])$')
+# of dotted labels (UTF-8 allowed for SMTPUTF8, RFC 6531) or an address literal. Bytes that
+# are not UTF-8 reach us as lone surrogates (aiosmtpd decodes with surrogateescape): never.
+_MAILBOX = re.compile(
+    r'^[^\s<>()\[\],;:@\ud800-\udfff]+@(?:[^\s<>()\[\],;:@."\ud800-\udfff]+'
+    r'(?:\.[^\s<>()\[\],;:@."\ud800-\udfff]+)*|\[[^\]\s\ud800-\udfff]+\])$'
+)
 _SIMPLE_PATH = re.compile(r'^\s*<([^<>\s"()\\,;:]+@[^<>\s"()\\,;:@]+)>\s*(.*)$', re.DOTALL)
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 _SINGLE_LINE = re.compile(r"^(\d{3}) (.*)$", re.DOTALL)
@@ -108,6 +116,12 @@ _PROXY_REFUSED = b"554 5.7.1 Access denied: PROXY header not accepted from this 
 # control character (and a CR there would become a header line in `Received:`).
 _BAD_HELO = re.compile(r"[\x00-\x20\x7f]")
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_MAIL_SYNTAX = "501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
+_RCPT_SYNTAX = "501 5.5.4 Syntax: RCPT TO: <address> [SP <mail-parameters>]"
+_MALFORMED_ADDRESS = "553 5.1.3 Error: malformed address"
+_NULL_PATH = re.compile(r"^<>(?:\s+(.*))?$", re.DOTALL)  # RFC 5321 §4.1.1.2 the null reverse-path
+# RFC 6531 §3.4: a non-ASCII address needs SMTPUTF8 on MAIL (X.6.7, RFC 6531 §3.7.1).
+_NEEDS_SMTPUTF8 = SmtpError(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter", label="smtputf8")
 BARE_LINE_ENDING = "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 section 2.3.8)"
 
 
@@ -299,6 +313,79 @@ class RelaySMTP(SMTP):
             return None, None
         return address, rest
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # Our own: aiosmtpd takes an empty `mail_from` for "no MAIL yet", so it cannot carry
+        # the null reverse-path (RFC 5321 §4.5.5), and it knows no DSN or AUTH= parameter.
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        assert self.session is not None and self.envelope is not None
+        path = self._strip_command_keyword("FROM:", arg) if arg else None
+        if not path:
+            await self.push(_MAIL_SYNTAX)
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Sender already given; send RSET to start over")
+            return
+        null = _NULL_PATH.match(path)
+        address, rest = ("", null.group(1) or "") if null else self._getaddr(path)
+        if address is None or rest is None or not (address or null):
+            await self.push(_MALFORMED_ADDRESS)
+            return
+        words = rest.split()
+        if words and not self.session.extended_smtp:
+            await self.push(_MAIL_SYNTAX)
+            return
+        try:
+            params = parse_mail_params(words)
+            if not address.isascii() and not params.smtputf8:
+                raise _NEEDS_SMTPUTF8
+        except SmtpError as refusal:
+            await self.push(str(refusal.reply))
+            return
+        reply = self.client.mail(address, params, helo=self.session.host_name)
+        if reply.positive:
+            self.envelope.mail_from = address
+            self.envelope.mail_options.extend(words)
+            self.envelope.smtp_utf8 = params.smtputf8
+        elif reply.code == 421:
+            # RFC 5321 §3.8: after 421 the server closes the channel.
+            self.loop.call_soon(self.close)
+        await self.push(str(reply))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        assert self.session is not None and self.envelope is not None
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Send MAIL FROM first")
+            return
+        path = self._strip_command_keyword("TO:", arg) if arg else None
+        if not path:
+            await self.push(_RCPT_SYNTAX)
+            return
+        address, rest = self._getaddr(path)
+        if not address or rest is None:
+            await self.push(_MALFORMED_ADDRESS)
+            return
+        words = rest.split()
+        if words and not self.session.extended_smtp:
+            await self.push(_RCPT_SYNTAX)
+            return
+        try:
+            dsn = parse_rcpt_params(words)
+            if not address.isascii() and not self.envelope.smtp_utf8:
+                raise _NEEDS_SMTPUTF8
+        except SmtpError as refusal:
+            await self.push(str(refusal.reply))
+            return
+        reply = await self.client.rcpt(address, dsn)
+        if reply.positive:
+            self.envelope.rcpt_tos.append(address)
+            self.envelope.rcpt_options.extend(words)
+        await self.push(str(reply))
+
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         if not hostname or _BAD_HELO.search(hostname):
@@ -318,9 +405,12 @@ class RelaySMTP(SMTP):
         lines = [self.hostname, "PIPELINING"]
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
-            self.command_size_limits["MAIL"] = 512 + 26
-        lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
-        self.command_size_limits["MAIL"] += 10
+        lines += ["8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
+        # RFC 5321 §4.5.3.1.4: 512 octets, plus what each extension's parameters may add:
+        # SIZE 26 (RFC 1870 §3), SMTPUTF8 10 (RFC 6531 §3.4), AUTH= 500 (RFC 4954 §5),
+        # RET= and ENVID= 110 on MAIL, NOTIFY= and ORCPT= 500 on RCPT (RFC 3461 §4).
+        self.command_size_limits["MAIL"] = 512 + 26 + 10 + 500 + 110
+        self.command_size_limits["RCPT"] = 512 + 500
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
         if self._advertise_auth and self.tls_active:
@@ -482,28 +572,6 @@ class _Hooks:
     async def handle_PROXY(self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
         # The network check runs on the address the PROXY header carries (RelaySMTP._greet).
         return True
-
-    async def handle_MAIL(
-        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
-    ) -> str:
-        reply = server.client.mail(address, mail_options, helo=session.host_name)
-        if reply.positive:
-            envelope.mail_from = address
-            envelope.mail_options.extend(mail_options)
-        elif reply.code == 421:
-            # RFC 5321 §3.8: after 421 the server closes the channel.
-            asyncio.get_running_loop().call_soon(server.close)
-        return str(reply)
-
-    async def handle_RCPT(
-        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
-    ) -> str:
-        reply = await server.client.rcpt(address)
-        if reply.positive:
-            # An aiosmtpd handle_RCPT hook must record the accepted recipient itself.
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(rcpt_options)
-        return str(reply)
 
     # -- AUTH (RFC 4954; PLAIN RFC 4616, LOGIN) -----------------------------------------
     async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:

@@ -51,6 +51,12 @@ DKIM_SIGN_DURATION = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
 )
 
+DSN_RELAYED_NOTICES = Counter(
+    "relay_dsn_relayed_notices_total",
+    'The "relayed" notices (RFC 3461 §5.2.2) the relay sent itself, by result (sent, failed).',
+    ["result"],
+)
+
 _QUEUE_ID = re.compile(r"(?:queued as|id=|\bid\s)\s*<?([A-Za-z0-9._@+-]{4,})", re.IGNORECASE)
 
 
@@ -185,3 +191,14 @@ def message_received(listener: str, size: int) -> None:
 
 def message_relayed(listener: str, upstream: str) -> None:
     MESSAGES_RELAYED.labels(listener, upstream).inc()
+
+
+def relayed_notice(tx_id: str, reply: Reply | None, failure: str | None) -> None:
+    """The outcome of a "relayed" notice for transaction `tx_id` (relay.deliver.dsn): its own
+    line, beside the transaction's, since it is sent after the client's 250."""
+    DSN_RELAYED_NOTICES.labels("failed" if failure else "sent").inc()
+    fields = {"event": "dsn_relayed", "id": tx_id, "code": reply.code if reply else None}
+    if failure:
+        log.warning("relayed notice not sent", extra={**fields, "reason": failure})
+    else:
+        log.info("relayed notice sent", extra=fields)

@@ -51,6 +51,8 @@ class _Handler:
         session.host_name = hostname
         if self.up.dsn:
             responses.insert(-1, "250-DSN")
+        if not self.up.eightbit:
+            responses = [r for r in responses if r[4:] != "8BITMIME"]
         return responses
 
     async def handle_MAIL(self, server, session, envelope, address, options):
@@ -85,7 +87,8 @@ class _Handler:
         with self.up.lock:
             self.up.messages.append(
                 ReceivedMessage(
-                    mail_from=envelope.mail_from,
+                    # aiosmtpd keeps the null reverse-path as "<>"; recorded as "" (no sender).
+                    mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,
                     rcpt_tos=list(envelope.rcpt_tos),
                     content=bytes(envelope.original_content),
                     peer=session.peer,
@@ -99,20 +102,20 @@ class _Handler:
         return f"250 2.0.0 Ok: queued as {b.queue_id_prefix}{n:06d}"
 
 
-_DSN_MAIL = ("RET", "ENVID")
-_DSN_RCPT = ("NOTIFY", "ORCPT")
-
-
-class _DsnSMTP(SMTP):
+class _ParamSMTP(SMTP):
     """aiosmtpd refuses every MAIL/RCPT parameter it does not know (555); this one takes the
-    DSN parameters off the command first and keeps them for the handler."""
+    DSN parameters (when it offers DSN) and AUTH= (when it offers AUTH, RFC 4954 §5) off
+    the command first and keeps them for the handler."""
+
+    mail_params: tuple[str, ...] = ()
+    rcpt_params: tuple[str, ...] = ()
 
     async def smtp_MAIL(self, arg):
-        arg, self.dsn_mail_params = _take_params(arg, _DSN_MAIL)
+        arg, self.dsn_mail_params = _take_params(arg, self.mail_params)
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg):
-        arg, self.dsn_rcpt_params = _take_params(arg, _DSN_RCPT)
+        arg, self.dsn_rcpt_params = _take_params(arg, self.rcpt_params)
         await super().smtp_RCPT(arg)
 
 
@@ -125,17 +128,21 @@ def _take_params(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, l
 
 
 class _Controller(Controller):
-    def __init__(self, *args, dsn: bool, **kwargs) -> None:
+    def __init__(self, *args, dsn: bool, auth: bool, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.dsn = dsn
+        self.mail_params = ("RET", "ENVID") * dsn + ("AUTH",) * auth
+        self.rcpt_params = ("NOTIFY", "ORCPT") * dsn
 
     def factory(self):
-        return (_DsnSMTP if self.dsn else SMTP)(self.handler, **self.SMTP_kwargs)
+        server = _ParamSMTP(self.handler, **self.SMTP_kwargs)
+        server.mail_params, server.rcpt_params = self.mail_params, self.rcpt_params
+        return server
 
 
 class Upstream:
-    """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH.
-    `dsn`: offer the DSN extension (RFC 3461)."""
+    """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH
+    (and take AUTH= on MAIL). `dsn`: offer the DSN extension (RFC 3461). `eightbit=False`:
+    do not offer 8BITMIME (RFC 6152)."""
 
     def __init__(
         self,
@@ -147,9 +154,11 @@ class Upstream:
         port: int | None = None,
         hostname: str = "upstream.test",
         dsn: bool = False,
+        eightbit: bool = True,
     ) -> None:
         self.host = host
         self.dsn = dsn
+        self.eightbit = eightbit
         self.port = port or free_port(host)
         self.implicit = tls == "implicit"
         self.behaviour = UpstreamBehaviour()
@@ -175,6 +184,7 @@ class Upstream:
         self._make_controller = lambda: _Controller(
             _Handler(self),
             dsn=dsn,
+            auth=users is not None,
             hostname=host,
             port=self.port,
             ssl_context=server_context if self.implicit else None,
