@@ -45,6 +45,7 @@ from relay.sign.keyring import KeyRing
 log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
+KEY_AGE_INTERVAL = 15.0
 
 
 # -- composition ---------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
 
 
 def secret_refs(settings: Settings) -> list[str]:
-    refs = [k.key for k in settings.dkim.keys]
+    refs = [k.key for k in settings.dkim.keys] + [ks.key_set for ks in settings.dkim.key_sets]
     refs += [u.password for u in settings.clients.users if u.password]
     for upstream in settings.upstream:
         refs += [r for r in (upstream.password, upstream.proxy_password) if r]
@@ -264,6 +265,7 @@ class Relay:
         deliveries, _ = self.deliveries.build(settings, self.store, self.dns)
         self._pipeline, self.posture = build_pipeline(settings, self.store, deliveries, self.dns)
         self._pipeline.keyring.attach()
+        await self._pipeline.keyring.fetch_missing()
         self._report_keys(self._pipeline)
         for lst in settings.listeners:
             server = ListenerServer(lst, self, self.tls, settings, reuse_port=self.reuse_port)
@@ -273,6 +275,7 @@ class Relay:
         await self.health.start(host, port, reuse_port=self.reuse_port)
         self._tasks.append(asyncio.create_task(self.store.run(), name="secret-refresh"))
         self._tasks.append(asyncio.create_task(self._probe_upstreams(), name="upstream-probe"))
+        self._tasks.append(asyncio.create_task(self._update_key_ages(), name="key-ages"))
         self._posture_task = asyncio.create_task(self.posture.run(), name="posture")
 
     async def _load_secrets(self, settings: Settings) -> None:
@@ -307,6 +310,11 @@ class Relay:
                 self._upstream_problem = f"probe error: {type(exc).__name__}"
             await asyncio.sleep(UPSTREAM_PROBE_INTERVAL)
 
+    async def _update_key_ages(self) -> None:
+        while True:
+            await asyncio.sleep(KEY_AGE_INTERVAL)
+            self.pipeline.keyring.update_ages()
+
     async def reload(self) -> bool:
         """SIGHUP: load, validate and apply a new config; keep the old one on any error."""
         try:
@@ -323,6 +331,7 @@ class Relay:
             self.dns = build_dns(settings)
             deliveries, retired = self.deliveries.build(settings, self.store, self.dns)
             pipeline, posture = build_pipeline(settings, self.store, deliveries, self.dns, previous=self.posture)
+            await pipeline.keyring.fetch_missing()
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:

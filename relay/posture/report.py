@@ -298,6 +298,7 @@ async def run_check(
     try:
         await load_secrets(store, settings)
         keyring = KeyRing(settings.dkim, store)
+        await keyring.fetch_missing()
         upstream = settings.upstream[0]
         try:
             delivery = build_delivery(upstream, settings, store, dns)
