@@ -163,7 +163,9 @@ class KeyRing:
         # published under two names), so a reference maps to every entry that uses it.
         for entry in self._sets.entries():
             by_ref.setdefault(entry.key, []).append(entry)
-        gone = set(self._by_ref) - set(by_ref)
+        # Refs no entry uses any more: keys a document dropped (retired and removed), and
+        # static entries its document superseded.
+        gone = (set(self._by_ref) | self._static_refs) - set(by_ref)
         self._by_ref = by_ref
         wanted = {(e.domain, e.selector) for cfgs in by_ref.values() for e in cfgs}
         self._own = wanted | {(k.domain, k.selector) for k in self._settings.keys}
@@ -179,9 +181,8 @@ class KeyRing:
                         self._problems[(cfg.domain, cfg.selector)] = self._store.error(ref) or "not loaded"
             else:
                 self._load(ref, value)
-        for ref in gone - self._static_refs:
-            # A key a document no longer lists (retired and removed): stop fetching it.
-            self._store.forget(ref)
+        for ref in gone:
+            self._store.forget(ref)  # stop fetching it (it may be deleted soon)
 
     def _fetch_soon(self) -> None:
         missing = [r for r in self._by_ref if self._store.get(r) is None]
@@ -215,7 +216,8 @@ class KeyRing:
             KEY_LOAD_FAILURES.labels(cfg.domain, cfg.selector).inc()
             consequence = "keeping the previous key" if ident in self._keys else "domain cannot be signed"
             log.error(
-                "DKIM key unusable; %s", consequence,
+                "DKIM key unusable; %s",
+                consequence,
                 extra={"domain": cfg.domain, "selector": cfg.selector, "secret": ref, "reason": str(exc)},
             )
             return False
@@ -239,8 +241,10 @@ class KeyRing:
         for domain, previous in self._by_domain.items():
             if domain not in new and self._sets.document(domain) is not None:
                 wanted = [e.selector for e in self.signing_entries() if e.domain == domain]
-                log.error("DKIM signing set would be empty (keys not loaded yet); keeping the previous one",
-                          extra={"domain": domain, "selectors": [k.selector for k in previous], "wanted": wanted})
+                log.error(
+                    "DKIM signing set would be empty (keys not loaded yet); keeping the previous one",
+                    extra={"domain": domain, "selectors": [k.selector for k in previous], "wanted": wanted},
+                )
                 new[domain] = previous
         for domain in sorted(set(new) | set(self._by_domain)):
             before = [k.selector for k in self._by_domain.get(domain, ())]
