@@ -86,6 +86,7 @@ class KeyRing:
     async def fetch_missing(self) -> None:
         """Fetch what the store does not hold yet: the documents, then the keys they list;
         then load them (also without `attach`, as `relay check` does)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # fetches under way
         await self._store.ensure(self._sets.documents)
         for ref in self._sets.documents:
             value = self._store.get(ref)
