@@ -36,7 +36,7 @@ ALERT_TESTS = GRAFANA / "tests" / "relay-alerts-test.yaml"
 
 EXPECTED_ALERTS = {
     "RelayUpstreamErrorRatioHigh", "RelayProxyFailing", "RelaySpfEgressNotPassing",
-    "RelayDkimDnsMismatch", "RelaySecretRefreshStale", "RelayDown", "RelayNotReady",
+    "RelayDkimDnsMismatch", "RelaySecretRefreshStale", "RelayDown", "RelayNotReady", "RelayDkimKeyTooOld",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).
