@@ -51,7 +51,9 @@ KEY_AGE_INTERVAL = 15.0
 # -- composition ---------------------------------------------------------------------------
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
     backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
-    if any(ref.startswith("aws-sm://") for ref in secret_refs(settings) + vault_bootstrap_refs(settings)):
+    key_patterns = [ks.key for ks in settings.dkim.key_sets]  # keys a key set will list
+    refs = secret_refs(settings) + vault_bootstrap_refs(settings) + key_patterns
+    if any(ref.startswith("aws-sm://") for ref in refs):
         # Imported only when used: the AWS SDK costs each worker ~35 MiB of memory.
         from relay.secrets.aws import AwsSecretsBackend
 

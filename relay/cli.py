@@ -137,7 +137,9 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     print(f"{source}: configuration is valid")
     listeners = ", ".join(f"{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}" for lst in settings.listeners)
     print(f"  listeners: {listeners}")
-    print(f"  users: {len(settings.clients.users)}; DKIM keys: {keys}")
+    key_sets = ", ".join(ks.domain for ks in settings.dkim.key_sets)
+    key_sets = f"; key sets: {key_sets}" if key_sets else ""
+    print(f"  users: {len(settings.clients.users)}; DKIM keys: {keys}{key_sets}")
     print(f"  upstream: {', '.join(u.label + ' (' + u.mode + ')' for u in settings.upstream)}")
     return EXIT_OK
 
