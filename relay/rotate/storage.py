@@ -41,7 +41,10 @@ class RotationSecrets:
             raise SecretFetchError(f"{ref}: {parsed.scheme}:// references cannot be written")
         if parsed.scheme != "file":
             return str(await store(parsed, data))  # the VersionId readers will see
-        await store(parsed, data, force=True)
+        try:
+            await store(parsed, data, force=True)
+        except OSError as exc:
+            raise SecretFetchError(f"{ref}: cannot write ({exc.strerror or type(exc).__name__})") from None
         # A file's version is its inode, mtime and size: known only once written.
         value = await self.read(ref)
         return value.version if value is not None else ""

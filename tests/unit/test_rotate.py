@@ -449,3 +449,14 @@ def test_bad_documents_are_refused_with_the_reason(doc, problem):
     with pytest.raises(KeySetError) as err:
         KeySet.from_bytes(json.dumps(doc).encode(), "example.com")
     assert str(err.value).startswith(problem)
+
+
+async def test_an_unwritable_key_location_fails_with_the_reason(tmp_path):
+    w = World(tmp_path)
+    w.config = w.config.model_copy(update={"key": f"file://{tmp_path}/missing-dir/{{selector}}.key"})
+    outcome = await w.run()
+    assert outcome.status == "failed"
+    assert outcome.message == (
+        f"example.com: file://{tmp_path}/missing-dir/s20261116.key: cannot write (No such file or directory)"
+    )
+    assert w.doc().rotation.step == "generate"  # a later run retries the step
