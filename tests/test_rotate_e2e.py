@@ -28,8 +28,8 @@ import yaml
 
 from relay.config.load import load_settings
 from relay.rotate.command import rotate_command, status_command
-from relay.rotate.keyset import KeySet
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
+from relay.sign.keyset import KeySet
 from tests.conftest import verify_all
 from tests.support.aws import AWS_ENV, REGION, moto_server
 from tests.support.route53_dns import Route53Zone

@@ -15,12 +15,12 @@ import pytest
 
 from relay.config.schema import DkimKeySetSettings, DkimKeySettings, DkimRotationSettings
 from relay.dns.resolver import DnsResolver
-from relay.rotate.keyset import KeySet
 from relay.rotate.publish import Route53Publisher, publisher_for
 from relay.rotate.rotation import Rotation
 from relay.rotate.storage import RotationSecrets
 from relay.secrets.aws import AwsSecretsBackend
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
+from relay.sign.keyset import KeySet
 from tests.support.aws import AWS_ENV, REGION, moto_server
 from tests.support.route53_dns import Route53Zone
 from tests.unit.test_rotate import DAY, T0, Clock

@@ -29,6 +29,7 @@ from relay.auth.passwords import check_hash_format
 from relay.config.defaults import METRICS_PORT
 from relay.config.units import Bind, Duration, HostPort, Size
 from relay.secrets.base import SecretRef
+from relay.sign.keyset import SELECTOR_SYNTAX
 
 
 def _secret_ref(value: str) -> str:
@@ -186,7 +187,6 @@ class DkimKeySettings(Strict):
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
 
 
-SELECTOR_SYNTAX = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"  # as DkimKeySettings.selector
 WRITABLE_SCHEMES = ("file", "aws-sm")  # where `relay dkim rotate` can write and delete
 
 

@@ -15,7 +15,7 @@ A domain can take its keys from a *key set* instead of static `dkim.keys` entrie
       rotation: {overlap: 7d, grace: 7d, dns_wait: 30m, dns_poll: 30s, record_ttl: 3600,
                  max_key_age: 180d, route53: {region: null, endpoint_url: null}}
 
-The key set is one JSON document in the secrets backend (`relay.rotate.keyset`): the
+The key set is one JSON document in the secrets backend (`relay.sign.keyset`): the
 domain's selectors, each with its private-key reference, algorithm, state and dates, and
 the state of the rotation in progress. Only `relay dkim rotate` writes it. Every replica
 reads it like any other secret reference, so it re-reads it every `secrets.refresh` (a

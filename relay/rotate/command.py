@@ -15,12 +15,12 @@ from relay.config.schema import DkimKeySetSettings, Settings
 from relay.config.units import parse_duration
 from relay.dns.resolver import DnsResolver
 from relay.rotate.clock import Clock, SystemClock
-from relay.rotate.keyset import KeySet, KeySetError
 from relay.rotate.publish import publisher_for
 from relay.rotate.rotation import Rotation
 from relay.rotate.status import DomainStatus, domain_status, render, to_json
 from relay.rotate.storage import RotationSecrets
 from relay.secrets.base import SecretBackend, SecretFetchError
+from relay.sign.keyset import KeySet, KeySetError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 Out = Callable[[str], None]

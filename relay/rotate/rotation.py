@@ -24,11 +24,11 @@ from relay.config.schema import DkimKeySetSettings, DkimKeySettings, DkimRotatio
 from relay.dns.resolver import DnsService
 from relay.posture.dkim_record import DkimRecordCheck, check_dkim_record
 from relay.rotate.clock import Clock, SystemClock
-from relay.rotate.keyset import KeyEntry, KeySet, KeySetError, RotationState
 from relay.rotate.publish import PublishError, RecordPublisher
 from relay.rotate.storage import RotationSecrets
 from relay.secrets.base import SecretFetchError
 from relay.sign.keys import KeyMaterialError, SigningKey, generate_private_key, load_signing_key, private_key_pem
+from relay.sign.keyset import KeyEntry, KeySet, KeySetError, RotationState
 
 Say = Callable[[str], None]
 PublisherFactory = Callable[[str], RecordPublisher]

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from relay.config.schema import DkimKeySetSettings, DkimKeySettings, DkimRotationSettings
-from relay.rotate.keyset import KeySet
 from relay.rotate.rotation import PlannedStep, remaining_steps
+from relay.sign.keyset import KeySet
 
 VERSION = 1
 

@@ -19,13 +19,13 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
-from relay.config.schema import DkimKeySettings, DkimSettings
-from relay.rotate.signing import SigningSets
 from relay.secrets.base import SecretValue
 from relay.secrets.store import SecretStore
+from relay.sign.key_sets import HeldKey, KeySetConfig, KeySources, SigningSets, StaticKey
 from relay.sign.keys import KeyMaterialError, SigningKey, load_signing_key
 
 log = logging.getLogger("relay.dkim")
@@ -49,8 +49,26 @@ KEY_MAX_AGE = Gauge(
 )
 
 
+class RotationLimits(Protocol):
+    @property
+    def max_key_age(self) -> float: ...
+
+
+class DkimKeys(KeySources, Protocol):
+    """The `dkim` section as the key ring reads it (relay.config.schema.DkimSettings)."""
+
+    @property
+    def keys(self) -> Sequence[StaticKey]: ...
+    @property
+    def key_sets(self) -> Sequence[KeySetConfig]: ...
+    @property
+    def allow_weak_rsa(self) -> bool: ...
+    @property
+    def rotation(self) -> RotationLimits: ...
+
+
 class KeyRing:
-    def __init__(self, settings: DkimSettings, store: SecretStore) -> None:
+    def __init__(self, settings: DkimKeys, store: SecretStore) -> None:
         self._settings = settings
         self._store = store
         self._sets = SigningSets(settings)
@@ -58,7 +76,7 @@ class KeyRing:
         self._keys: dict[tuple[str, str], SigningKey] = {}
         self._problems: dict[tuple[str, str], str] = {}
         self._by_domain: dict[str, tuple[SigningKey, ...]] = {}
-        self._by_ref: dict[str, list[DkimKeySettings]] = {}
+        self._by_ref: dict[str, list[HeldKey]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._own: set[tuple[str, str]] = set()
         for ref in self._sets.documents:
@@ -124,7 +142,7 @@ class KeyRing:
     def all_keys(self) -> Sequence[SigningKey]:
         return list(self._keys.values())
 
-    def signing_entries(self) -> list[DkimKeySettings]:
+    def signing_entries(self) -> list[HeldKey]:
         """The keys meant to sign now (loaded or not), in signing order per domain."""
         return [e for e in self._sets.entries() if self._sets.signs(e.domain, e.selector)]
 
@@ -159,7 +177,7 @@ class KeyRing:
 
     def _index(self) -> None:
         """Map every reference to the entries that use it; load what the store holds."""
-        by_ref: dict[str, list[DkimKeySettings]] = {}
+        by_ref: dict[str, list[HeldKey]] = {}
         # One reference may hold the key of several selectors/domains (the same key
         # published under two names), so a reference maps to every entry that uses it.
         for entry in self._sets.entries():
@@ -202,7 +220,7 @@ class KeyRing:
             changed |= self._load_one(ref, cfg, value)
         return changed
 
-    def _load_one(self, ref: str, cfg: DkimKeySettings, value: SecretValue) -> bool:
+    def _load_one(self, ref: str, cfg: HeldKey, value: SecretValue) -> bool:
         ident = (cfg.domain, cfg.selector)
         try:
             key = load_signing_key(

@@ -17,12 +17,12 @@ import pytest
 
 from relay.config.schema import DkimKeySetSettings, DkimKeySettings, DkimRotationSettings
 from relay.dns.resolver import DnsAnswer, DnsTemporaryError
-from relay.rotate.keyset import KeySet, KeySetError
 from relay.rotate.rotation import Rotation
 from relay.rotate.status import domain_status, render, to_json
 from relay.rotate.storage import RotationSecrets
 from relay.secrets.local import FileBackend
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
+from relay.sign.keyset import KeySet, KeySetError
 
 T0 = datetime(2026, 11, 16, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

@@ -6,8 +6,8 @@ import json
 import logging
 
 from relay.config.schema import DkimSettings
-from relay.rotate.signing import SigningSets
 from relay.secrets.base import SecretValue
+from relay.sign.key_sets import SigningSets
 
 DOC = "file:///run/relay/key-set.json"
 SETTINGS = DkimSettings.model_validate(

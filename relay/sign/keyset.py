@@ -33,10 +33,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from relay.config.schema import SELECTOR_SYNTAX
 from relay.secrets.base import SecretRef
 
 VERSION = 1
+SELECTOR_SYNTAX = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"  # RFC 6376 §3.1: dot-separated labels
 HISTORY_LIMIT = 50
 KeyState = Literal["pending", "active", "retired"]
 Step = Literal["generate", "publish", "confirm", "overlap", "grace"]

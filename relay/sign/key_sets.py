@@ -18,17 +18,60 @@ JSON, wrong domain) is logged and ignored: the last good one stays in force.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 
-from relay.config.schema import DkimKeySettings, DkimSettings
-from relay.rotate.keyset import KeySet, KeySetError
 from relay.secrets.base import SecretValue
+from relay.sign.keyset import KeySet, KeySetError
 
 log = logging.getLogger("relay.dkim")
 
 
+class StaticKey(Protocol):
+    """A `dkim.keys[]` entry (relay.config.schema.DkimKeySettings)."""
+
+    @property
+    def domain(self) -> str: ...
+    @property
+    def selector(self) -> str: ...
+    @property
+    def key(self) -> str: ...  # a secret reference
+    @property
+    def algorithm(self) -> str: ...
+
+
+class KeySetConfig(Protocol):
+    """A `dkim.key_sets[]` entry (relay.config.schema.DkimKeySetSettings)."""
+
+    @property
+    def domain(self) -> str: ...
+    @property
+    def key_set(self) -> str: ...
+
+
+class KeySources(Protocol):
+    """Where a relay's DKIM keys are configured (relay.config.schema.DkimSettings)."""
+
+    @property
+    def keys(self) -> Sequence[StaticKey]: ...
+    @property
+    def key_sets(self) -> Sequence[KeySetConfig]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeldKey:
+    """A key to hold: a static entry or a key of a document."""
+
+    domain: str
+    selector: str
+    key: str
+    algorithm: str
+
+
 class SigningSets:
-    def __init__(self, settings: DkimSettings) -> None:
+    def __init__(self, settings: KeySources) -> None:
         self._static = list(settings.keys)
         self._by_ref = {ks.key_set: ks for ks in settings.key_sets}
         self._documents: dict[str, KeySet] = {}  # by domain, the last good one
@@ -62,14 +105,13 @@ class SigningSets:
     def document(self, domain: str) -> KeySet | None:
         return self._documents.get(domain)
 
-    def entries(self) -> list[DkimKeySettings]:
+    def entries(self) -> list[HeldKey]:
         """Every key to hold, in signing order within each domain."""
-        out = [k for k in self._static if k.domain not in self._documents]
+        out = [
+            HeldKey(k.domain, k.selector, k.key, k.algorithm) for k in self._static if k.domain not in self._documents
+        ]
         for domain, document in self._documents.items():
-            out += [
-                DkimKeySettings(domain=domain, selector=e.selector, key=e.key, algorithm=e.algorithm)
-                for e in document.keys
-            ]
+            out += [HeldKey(domain, e.selector, e.key, e.algorithm) for e in document.keys]
         return out
 
     def signs(self, domain: str, selector: str) -> bool:
