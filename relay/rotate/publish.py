@@ -116,7 +116,8 @@ class Route53Publisher:
 
         try:
             client = await self._get_client()
-            return await getattr(client, operation)(**params)
+            reply: dict[str, Any] = await getattr(client, operation)(**params)
+            return reply
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = error.get("Code") or "UnknownError"

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from relay.config.schema import DkimKeySetSettings, DkimKeySettings, DkimRotationSettings
 from relay.rotate.rotation import PlannedStep, remaining_steps
@@ -41,7 +42,7 @@ class DomainStatus:
     source: str
     key_set: str | None
     keys: tuple[KeyRow, ...]
-    rotation: dict | None = None
+    rotation: dict[str, Any] | None = None
     next: tuple[PlannedStep, ...] = ()
     problem: str | None = None
     notes: tuple[str, ...] = field(default=())
@@ -109,7 +110,7 @@ def render(statuses: Sequence[DomainStatus]) -> str:
     return "\n".join(lines)
 
 
-def to_json(statuses: Sequence[DomainStatus]) -> dict:
+def to_json(statuses: Sequence[DomainStatus]) -> dict[str, Any]:
     return {
         "version": VERSION,
         "domains": [

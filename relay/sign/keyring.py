@@ -77,7 +77,7 @@ class KeyRing:
         self._problems: dict[tuple[str, str], str] = {}
         self._by_domain: dict[str, tuple[SigningKey, ...]] = {}
         self._by_ref: dict[str, list[HeldKey]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._own: set[tuple[str, str]] = set()
         for ref in self._sets.documents:
             value = store.get(ref)

@@ -35,7 +35,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from relay.secrets.base import SecretRef
 
-VERSION = 1
+VERSION: Literal[1] = 1
 SELECTOR_SYNTAX = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"  # RFC 6376 §3.1: dot-separated labels
 HISTORY_LIMIT = 50
 KeyState = Literal["pending", "active", "retired"]
