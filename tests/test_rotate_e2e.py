@@ -30,15 +30,15 @@ from relay.config.load import load_settings
 from relay.rotate.command import rotate_command, status_command
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
 from relay.sign.keyset import KeySet
-from tests.conftest import verify_all
 from tests.support.aws import AWS_ENV, REGION, moto_server
+from tests.support.clock import StepClock
+from tests.support.dkim import verify_all
 from tests.support.route53_dns import Route53Zone
-from tests.test_refusals import connect
-from tests.test_relay_smtp import message
-from tests.unit.test_rotate import Clock
+from tests.support.smtp import connect, message
 
 S1_REF = "aws-sm://relay/dkim/example.com/s1"
 KEY_SET_ID = "relay/dkim/example.com/key-set"
+pytestmark = [pytest.mark.e2e, pytest.mark.binaries]  # relay processes, moto server, nsd
 
 
 def quoted(value: str) -> str:
@@ -209,7 +209,7 @@ def test_rotation_end_to_end_with_two_replicas_and_mail_throughout(world, pki, u
 
         settings = load_settings(config_path)
         lines: list[str] = []
-        clock = Clock(datetime.now(UTC).replace(microsecond=0))
+        clock = StepClock(datetime.now(UTC).replace(microsecond=0))
 
         def rotate() -> int:
             return asyncio.run(

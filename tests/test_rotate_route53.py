@@ -22,10 +22,11 @@ from relay.secrets.aws import AwsSecretsBackend
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
 from relay.sign.keyset import KeySet
 from tests.support.aws import AWS_ENV, REGION, moto_server
+from tests.support.clock import DAY, T0, StepClock
 from tests.support.route53_dns import Route53Zone
-from tests.unit.test_rotate import DAY, T0, Clock
 
 KEY_SET = "aws-sm://relay/dkim/example.com/key-set"
+pytestmark = pytest.mark.binaries  # moto server, nsd
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ class Setup:
         self.settings = DkimRotationSettings(
             dns_wait="10m", dns_poll="1m", route53={"endpoint_url": endpoint, "region": REGION}
         )
-        self.clock = Clock()
+        self.clock = StepClock()
         self.lines: list[str] = []
         self.backend = AwsSecretsBackend(region=REGION, endpoint_url=endpoint)
         self.resolver = DnsResolver([zone.host], port=zone.port, timeout=1, attempts=1, cache=False)

@@ -166,9 +166,9 @@ def resolver_name(settings: Settings) -> str:
 
 async def secret_backends(settings: Settings) -> list[SecretBackend]:
     """The backends the relay itself would build, plus AWS when a key set lives there."""
-    from relay.app import build_secret_backends, vault_bootstrap_refs
     from relay.secrets.local import EnvBackend, FileBackend
     from relay.secrets.store import SecretStore
+    from relay.wiring import build_secret_backends, vault_bootstrap_refs
 
     bootstrap = SecretStore([FileBackend(), EnvBackend()], settings.secrets.refresh)
     await bootstrap.ensure(vault_bootstrap_refs(settings))

@@ -79,12 +79,7 @@ class KeyRing:
         self._by_ref: dict[str, list[HeldKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._own: set[tuple[str, str]] = set()
-        for ref in self._sets.documents:
-            value = store.get(ref)
-            if value is not None:
-                self._sets.on_document(ref, value)
-        self._index()
-        self._rebuild(initial=True)
+        self._sync(initial=True)
         for key_set in settings.key_sets:
             KEY_MAX_AGE.labels(key_set.domain).set(settings.rotation.max_key_age)
 
@@ -95,6 +90,9 @@ class KeyRing:
 
     def attach(self) -> None:
         self._store.subscribe(self.on_secret)
+        # Values that changed between building the ring and now (a reload awaits in
+        # between) would otherwise be missed until they change again.
+        self._sync()
 
     def detach(self) -> None:
         self._store.unsubscribe(self.on_secret)
@@ -106,18 +104,22 @@ class KeyRing:
         then load them (also without `attach`, as `relay check` does)."""
         await asyncio.gather(*self._tasks, return_exceptions=True)  # fetches under way
         await self._store.ensure(self._sets.documents)
+        self._sync()
+        await self._store.ensure(self.refs)
+        self._sync()
+
+    def owns(self, domain: str, selector: str) -> bool:
+        """Whether `d=domain; s=selector` is one of the relay's own keys (held or not)."""
+        return (domain, selector) in self._own
+
+    def _sync(self, initial: bool = False) -> None:
+        """Take what the store holds now: documents first, then the keys they list."""
         for ref in self._sets.documents:
             value = self._store.get(ref)
             if value is not None:
                 self._sets.on_document(ref, value)
         self._index()
-        await self._store.ensure(self.refs)
-        self._index()
-        self._rebuild()
-
-    def owns(self, domain: str, selector: str) -> bool:
-        """Whether `d=domain; s=selector` is one of the relay's own keys (held or not)."""
-        return (domain, selector) in self._own
+        self._rebuild(initial=initial)
 
     def on_secret(self, ref: str, value: SecretValue) -> None:
         if ref in self._sets.documents:
@@ -138,9 +140,6 @@ class KeyRing:
     @property
     def domains(self) -> list[str]:
         return self._sets.domains
-
-    def all_keys(self) -> Sequence[SigningKey]:
-        return list(self._keys.values())
 
     def signing_entries(self) -> list[HeldKey]:
         """The keys meant to sign now (loaded or not), in signing order per domain."""

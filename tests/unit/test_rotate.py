@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,27 +23,7 @@ from relay.rotate.storage import RotationSecrets
 from relay.secrets.local import FileBackend
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
 from relay.sign.keyset import KeySet, KeySetError
-
-T0 = datetime(2026, 11, 16, 9, 0, tzinfo=UTC)
-DAY = timedelta(days=1)
-
-
-class Clock:
-    """`sleep` advances `now` and then runs `on_sleep` (how a test acts 'meanwhile')."""
-
-    def __init__(self, start: datetime = T0) -> None:
-        self.t = start
-        self.on_sleep = None
-        self.sleeps = 0
-
-    def now(self) -> datetime:
-        return self.t
-
-    async def sleep(self, seconds: float) -> None:
-        self.t += timedelta(seconds=seconds)
-        self.sleeps += 1
-        if self.on_sleep is not None:
-            self.on_sleep()
+from tests.support.clock import DAY, T0, StepClock
 
 
 class Zone:
@@ -108,7 +88,7 @@ class World:
     def __init__(self, tmp_path: Path, *, publish: str = "route53:ZTEST", static: bool = True, **rotation) -> None:
         self.dir = tmp_path
         self.zone = Zone()
-        self.clock = Clock()
+        self.clock = StepClock()
         self.lines: list[str] = []
         self.static = []
         if static:
