@@ -115,10 +115,7 @@ def retry_all(spool: Spool, *, wait: float = LOCK_WAIT) -> tuple[int, list[str]]
 
 def delete(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> None:
     with _lock(spool, entry_id, wait) as held:
-        spool.remove(held)
-        from relay.queue.commit import fsync_directory
-
-        fsync_directory(spool.entries)
+        spool.remove(held)  # durable at once: no event loop here
 
 
 def requeue(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:

@@ -90,7 +90,13 @@ class GroupCommitter:
             raise
 
     def sync_later(self, directory: Path) -> None:
-        """Make renames/unlinks already done in `directory` durable soon (coalesced)."""
+        """Make renames/unlinks already done in `directory` durable soon (coalesced).
+        Without an event loop (the `relay queue` command) it is done at once."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            fsync_directory(directory)
+            return
         self._dirty.add(directory)
         if self._lazy is None and not (self._runner and not self._runner.done()):
             self._lazy = asyncio.get_running_loop().call_later(LAZY_SYNC_DELAY, self._sync_dirty_soon)
