@@ -210,7 +210,9 @@ class QueueRunner:
             held = self.spool.lock(entry_id)
             if held is not None:
                 with held:
-                    self.spool.quarantine(entry_id, "length or header check failed")
+                    why = self.spool.damaged(held)
+                    if why:
+                        self.spool.quarantine(entry_id, why)
         for entry_id, summary in result.entries.items():
             if summary.dsn_pending:
                 self._schedule(entry_id, started)
