@@ -37,6 +37,7 @@ ALERT_TESTS = GRAFANA / "tests" / "relay-alerts-test.yaml"
 EXPECTED_ALERTS = {
     "RelayUpstreamErrorRatioHigh", "RelayProxyFailing", "RelaySpfEgressNotPassing",
     "RelayDkimDnsMismatch", "RelaySecretRefreshStale", "RelayDown", "RelayNotReady",
+    "RelayQueueGrowing", "RelayQueueOldestMessageTooOld", "RelaySpoolNearlyFull",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).

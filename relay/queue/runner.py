@@ -71,6 +71,12 @@ OLDEST = Gauge(
     multiprocess_mode="livemax",
 )
 
+MAX_BYTES = Gauge(
+    "relay_queue_max_bytes",
+    "queue.max_bytes: the spool size at which new mail gets 452 4.3.1.",
+    multiprocess_mode="livemax",
+)
+
 SCAN_INTERVAL = 10.0
 KICK_POLL = 1.0
 DUE_SLACK = 0.5  # recipients due this soon go along with the ones due now
@@ -120,6 +126,8 @@ class QueueRunner:
         self._last_scan = 0.0
         self._last_kick = 0.0
         self._last_sweep = 0.0
+        if spool.max_bytes is not None:
+            MAX_BYTES.set(spool.max_bytes)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
