@@ -8,8 +8,13 @@ answer. The parts, in the order a message meets them:
 - `entry`    the on-disk format: an immutable entry file (envelope + signed message) and a
              small `.state` file replaced whole by rename; both framed with their lengths
              and a CRC-32, so a torn or truncated file is quarantined, never delivered half.
-- `commit`   group commit: concurrent writes are fsynced in parallel and share one
-             directory fsync; nobody is acknowledged before the sync that covers them.
+- `journal`  group commit of new entries: the entry file is written without fsync and the
+             same bytes appended to a per-process journal, one fdatasync per batch of
+             concurrent messages; nobody is acknowledged before the sync that covers them.
+             About once a second the still-queued entry files are fsynced on their own and
+             the journal segment is dropped; a stopped process's segment is replayed.
+- `commit`   durable writes of state files (and, without the journal, of entries): fsyncs
+             in parallel, one directory fsync per batch.
 - `store`    the spool directory: put, flock ownership, state changes (each one rename or
              one unlink), accounting against `max_bytes` and free disk (452 4.3.1), scans,
              quarantine of damaged files.
@@ -24,7 +29,10 @@ Decisions, and why:
 
 - Files per entry, not a log. Postfix and chasquid keep one file per message; it makes
   ownership (a lock per entry), inspection (`relay queue show`), deletion and quarantine
-  local to one entry. The cost of a file is its directory fsync, which group commit shares.
+  local to one entry. The cost of a file is its fsyncs (one for the file, one for its
+  directory: a journal commit of the filesystem each); measured (bench/spool_commit.py),
+  they do not merge well when concurrent, so a short write-ahead journal carries new
+  entries through their first second, when most of them are delivered and removed anyway.
 - The message is written once; state changes go to a separate small file, so a retry of a
   25 MiB message rewrites a few hundred bytes, not the message (chasquid rewrites the whole
   item; Postfix flips a record in place).
