@@ -75,7 +75,6 @@ class Harness:
             mail_from=mail_from,
             recipients=[RecipientState(r) for r in rcpts],
             created=now,
-            since=now,
             **fields,
         )
         held = await self.spool.put(entry, message)

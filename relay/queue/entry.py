@@ -72,6 +72,10 @@ class QueueEntry:
     dsn: str = ""
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not self.since:
+            self.since = self.created
+
     @property
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status == PENDING]

@@ -11,8 +11,8 @@ and concurrent ones do not merge well. So a new entry is made durable differentl
        (whatever arrived while the previous sync ran: no timer, no idle wait);
     4. only then is each writer acknowledged (the client's 250).
 
-Completions ("delivered, entry removed") are appended as small marks, synced with the next
-batch. About once a second (`CHECKPOINT_INTERVAL`) the segment is retired: the entry files
+Completions ("delivered, entry removed") are appended at once as small marks (synced with
+the next batch). About once a second (`CHECKPOINT_INTERVAL`) the segment is retired: the entry files
 it still vouches for are fsynced with their directory, then the segment is removed. What
 ends up on disk is what a spool with one fsync per message would hold; the journal only
 bridges the second in between.
@@ -88,12 +88,16 @@ class Journal:
         # of new acknowledgements.
         self._retire_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-checkpoint")
         self._retiring: set[asyncio.Task] = set()
+        # Segments being retired still take completion marks until they are gone: a kill
+        # during a checkpoint must not let a replay resurrect what was delivered meanwhile.
+        self._retiring_segments: list[tuple[int, set[str]]] = []
         self._seq = 0
         self._fd = -1
         self._segment: Path | None = None
         self._segment_ids: set[str] = set()
         self._opened = 0.0
         self._buffer: list[bytes] = []
+        self._buffer_ids: list[str] = []  # the entries of `_buffer`: they join the segment written to
         self._waiters: list[tuple[asyncio.Future, float]] = []
         self._runner: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -107,16 +111,24 @@ class Journal:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._buffer.append(encode_record(PUT, entry_id, data))
+        self._buffer_ids.append(entry_id)
         self._waiters.append((future, time.perf_counter()))
-        self._segment_ids.add(entry_id)
         self._kick()
         await asyncio.shield(future)
 
     def completed(self, entry_id: str) -> None:
-        """An entry left the spool: no replay may bring it back (synced with the next batch)."""
-        if entry_id in self._segment_ids:
-            self._segment_ids.discard(entry_id)
-            self._buffer.append(encode_record(DONE, entry_id))
+        """An entry left the spool: no replay may bring it back.
+
+        The mark is written at once (one small append, not synced): a killed process's
+        writes survive in the page cache, so a replay after `kill -9` never resurrects a
+        delivered entry; after a power loss the last marks may be lost, and with them a few
+        deliveries repeated (at-least-once)."""
+        for fd, ids in [(self._fd, self._segment_ids), *self._retiring_segments]:
+            if entry_id in ids and fd >= 0:
+                ids.discard(entry_id)
+                with contextlib.suppress(OSError):  # the retirement makes the removal durable anyway
+                    os.write(fd, encode_record(DONE, entry_id))
+                return
 
     def _kick(self) -> None:
         if self._runner is None or self._runner.done():
@@ -124,12 +136,16 @@ class Journal:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._waiters or (self._buffer and self._fd < 0) or self._checkpoint_due():
+        while self._waiters or self._checkpoint_due():
             if self._fd < 0 or self._checkpoint_due():
                 await self._rotate()
             records, self._buffer = self._buffer, []
+            ids, self._buffer_ids = self._buffer_ids, []
             waiters, self._waiters = self._waiters, []
             if records:
+                # The segment these records go to is the one that vouches for them (and takes
+                # their completion marks), whatever rotation comes later.
+                self._segment_ids.update(ids)
                 try:
                     await loop.run_in_executor(self._pool, _append_synced, self._fd, b"".join(records))
                 except OSError as exc:
@@ -183,17 +199,25 @@ class Journal:
 
     async def _retire(self, fd: int, segment: Path | None, ids: set[str]) -> None:
         loop = asyncio.get_running_loop()
+        retiring = (fd, ids)
+        self._retiring_segments.append(retiring)
         try:
-            await asyncio.gather(*(loop.run_in_executor(self._retire_pool, fsync_entry, self.entries / i) for i in ids))
-            await loop.run_in_executor(self._retire_pool, self._retire_segment, fd, segment, set())
+            await asyncio.gather(
+                *(loop.run_in_executor(self._retire_pool, fsync_entry, self.entries / i) for i in list(ids))
+            )
+            await loop.run_in_executor(self._retire_pool, self._retire_segment, segment, set())
         except OSError as exc:
             # The segment stays (and is replayed after a restart): nothing is lost.
             log.error("journal checkpoint failed; the segment is kept", extra={"reason": str(exc)})
+        finally:
+            # Closed here, on the loop, so `completed` never writes to a descriptor closed
+            # (or reused) under it.
+            self._retiring_segments.remove(retiring)
             os.close(fd)
 
     def _open_segment(self, seq: int) -> tuple[int, Path]:
         name = f"{self.prefix}-{seq}{SEGMENT_SUFFIX}"
-        tmp = self.directory / f".tmp-{name}"
+        tmp = self.directory / f".tmp-{name}.new"  # no replay looks at it (not *.log)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(tmp, self.directory / name)
@@ -201,14 +225,13 @@ class Journal:
         fsync_directory(self.directory)
         return fd, self.directory / name
 
-    def _retire_segment(self, fd: int, segment: Path | None, ids: set[str]) -> None:
+    def _retire_segment(self, segment: Path | None, ids: set[str]) -> None:
         make_entries_durable(self.entries, ids)
         if segment is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(segment)
             # Durably gone, or a replay after a crash could bring back entries delivered since.
             fsync_directory(self.directory)
-        os.close(fd)
 
     async def close(self) -> None:
         if self._timer is not None:
@@ -222,7 +245,8 @@ class Journal:
             # A clean stop retires the segment: nothing is left to replay.
             fd, segment, ids = self._fd, self._segment, self._segment_ids
             self._fd, self._segment, self._segment_ids = -1, None, set()
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._retire_segment, fd, segment, ids)
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._retire_segment, segment, ids)
+            os.close(fd)
         self._pool.shutdown(wait=True)
         self._retire_pool.shutdown(wait=True)
 
@@ -256,7 +280,7 @@ def replay_orphans(directory: Path, own_prefix: str, restore: Callable[[str, byt
     it is missing or damaged and says whether it did. Returns how many were restored."""
     restored = 0
     for segment in sorted(directory.glob(f"*{SEGMENT_SUFFIX}")):
-        if segment.name.startswith(own_prefix + "-"):
+        if segment.name.startswith((own_prefix + "-", ".")):
             continue
         try:
             fd = os.open(segment, os.O_RDONLY | os.O_CLOEXEC)

@@ -70,6 +70,11 @@ def test_damaged_entry_is_detected(damage):
         decode_entry(bytes(data))
 
 
+def test_max_age_counts_from_creation_unless_requeued():
+    entry = QueueEntry(id="x", mail_from="a@b.test", recipients=[], created=1000.0)
+    assert entry.since == 1000.0  # a new entry is not born expired
+
+
 def test_state_file_round_trip_and_torn_state():
     entry = make_entry(rcpts=("a@x.test", "b@x.test"))
     entry.recipients[1].status = FAILED
@@ -308,3 +313,22 @@ async def test_live_journal_is_never_replayed_by_another_worker(tmp_path):
     assert len(list(first.journal_dir.glob("*.log"))) == 1  # still there, still locked
     await first.close()
     await second.close()
+
+
+async def test_replay_after_kill_never_resurrects_delivered_entries(tmp_path):
+    """Regression: the first batch of a journal was not tracked by its segment, so its
+    completion marks were never written and a replay after `kill -9` delivered it again."""
+    killed = Spool(tmp_path / "spool")
+    killed.open()
+    killed.journal.checkpoint_interval = 3600
+    locks = await asyncio.gather(*(killed.put(make_entry(f"k{i}"), MESSAGE) for i in range(5)))
+    for held in locks:
+        killed.remove(held)  # delivered
+        held.release()
+    os.close(killed.journal._fd)  # kill -9: no retirement, the segment stays
+    killed.journal._fd = -1
+
+    restarted = Spool(tmp_path / "spool")
+    restarted.open()
+    assert restarted.scan({}).entries == {}
+    await restarted.close()
