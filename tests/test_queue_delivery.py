@@ -335,3 +335,26 @@ async def test_operator_commands_racing_a_delivery_never_double_deliver(harness,
     expected = {f"{t}{i}@example.net" for i, entry_id in enumerate(ids) if entry_id not in deleted for t in tiers}
     assert expected <= set(delivered)
     await h.close()
+
+
+async def test_spool_delivery_stands_in_for_the_upstream_transaction(harness, upstream):
+    """The pipeline's view of spool mode: the delivery contract, ending in a synced entry."""
+    from relay.deliver.base import Envelope
+    from relay.errors import SmtpError
+    from relay.queue.spooled import SpoolDelivery
+
+    h = harness()
+    h.runner.start()
+    spooled = SpoolDelivery(h.spool, h.runner, lambda: Router(h.delivery))
+    tx = await spooled.begin(Envelope("app@example.com"), "one@example.net")
+    assert (await tx.add_recipient("one@example.net")).code == 250
+    assert (await tx.add_recipient("two@example.net")).code == 250
+    reply = await tx.send(MESSAGE)
+    assert reply.code == 250 and tx.queued_id in reply.text
+    await eventually(lambda: len(upstream.messages) == 1, what="delivery of the queued message")
+    assert sorted(upstream.messages[0].rcpt_tos) == ["one@example.net", "two@example.net"]
+
+    h.spool.max_bytes = 1  # full: refused at the first RCPT, before the client sends DATA
+    with pytest.raises(SmtpError) as full:
+        await spooled.begin(Envelope("app@example.com"), "one@example.net")
+    assert (full.value.code, full.value.reply.enhanced) == (452, "4.3.1")

@@ -149,7 +149,14 @@ class Spool:
         self.used_bytes = self.scan({}).bytes
 
     def problem(self) -> str | None:
-        """Why new mail cannot be spooled now (for /readyz), or None."""
+        """Why new mail cannot be spooled now, or None."""
+        problem = self.unwritable()
+        if problem is None and self.max_bytes is not None and self.used_bytes >= self.max_bytes:
+            return f"spool holds {self.used_bytes} bytes, max_bytes is {self.max_bytes}"
+        return problem
+
+    def unwritable(self) -> str | None:
+        """Why the spool cannot be written at all (for /readyz), or None."""
         try:
             stats = os.statvfs(self.entries)
         except OSError as exc:
@@ -158,8 +165,6 @@ class Spool:
             return f"spool {self.entries} is not writable"
         if stats.f_bavail * stats.f_frsize < self.reserve_bytes:
             return f"spool filesystem has less than {self.reserve_bytes} bytes free"
-        if self.max_bytes is not None and self.used_bytes >= self.max_bytes:
-            return f"spool holds {self.used_bytes} bytes, max_bytes is {self.max_bytes}"
         return None
 
     async def close(self) -> None:
