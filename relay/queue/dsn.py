@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import email.utils
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from relay.queue.entry import QueueEntry, RecipientState
+
+if TYPE_CHECKING:
+    from relay.sign.dkim import DkimSigner
+    from relay.sign.keys import SigningKey
 
 
 def wants_report(recipient: RecipientState) -> bool:
@@ -114,3 +119,25 @@ def _status_code(reply: str) -> str:
 def _header_block(message: bytes) -> bytes:
     end = message.find(b"\r\n\r\n")
     return message if end == -1 else message[: end + 2]
+
+
+def report_signer(
+    keys_for: Callable[[str], Sequence[SigningKey]], signer: DkimSigner, hostname: str
+) -> Callable[[bytes], bytes]:
+    """Sign reports with the key of the hostname's domain, if one is configured: the
+    report's From is MAILER-DAEMON@hostname, and a key for the hostname or a parent of it
+    (relay.mail.example.com → mail.example.com → example.com) aligns with it under DMARC's
+    relaxed alignment (RFC 7489 §3.1.1). Without such a key the report goes unsigned."""
+    labels = hostname.lower().rstrip(".").split(".")
+    candidates = [".".join(labels[i:]) for i in range(len(labels) - 1)]
+
+    def sign(report: bytes) -> bytes:
+        from relay.message import Message
+
+        for domain in candidates:
+            keys = keys_for(domain)
+            if keys:
+                return Message.parse(report).to_bytes(signer.sign(Message.parse(report), keys))
+        return report
+
+    return sign

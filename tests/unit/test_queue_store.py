@@ -332,3 +332,23 @@ async def test_replay_after_kill_never_resurrects_delivered_entries(tmp_path):
     restarted.open()
     assert restarted.scan({}).entries == {}
     await restarted.close()
+
+
+def test_reports_are_signed_with_the_hostname_domain_key(dkim_keys):
+    import dkim
+
+    from relay.queue.dsn import report_signer
+    from relay.sign.dkim import DkimSigner
+    from relay.sign.keys import load_signing_key
+
+    key = load_signing_key(dkim_keys.rsa_path.read_bytes(), domain="example.com", selector="s1", algorithm="rsa-sha256")
+    signer = DkimSigner(["from", "to", "subject", "date", "message-id", "auto-submitted"], [])
+    sign = report_signer(lambda d: [key] if d == "example.com" else [], signer, "relay.mail.example.com")
+    entry = make_entry()
+    entry.recipients[0].status, entry.recipients[0].last_reply = FAILED, "550 5.1.1 gone"
+    report = build_dsn(entry, entry.failed, MESSAGE, hostname="relay.mail.example.com", now=time.time())
+    signed = sign(report)
+    assert signed.startswith(b"DKIM-Signature:") and b"d=example.com" in signed
+    assert dkim.verify(signed, dnsfunc=dkim_keys.dns())
+    unsigned = report_signer(lambda d: [], signer, "relay.other.test")(report)
+    assert unsigned == report
