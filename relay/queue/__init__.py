@@ -22,7 +22,7 @@ answer. The parts, in the order a message meets them:
 - `runner`   the delivery loop over the `relay.deliver.base` contract, dead letters kept
              for `dead_letter_age`, failure reports queued with the null sender.
 - `dsn`      RFC 3464 delivery status notifications (RFC 3461 NOTIFY/ORCPT/RET/ENVID).
-- `pacing`   `upstream.max_rate`: a token bucket around a Delivery.
+- `pacing`   `upstream.max_rate`: a token bucket around an upstream target.
 - `admin`    `relay queue list|show|retry|delete|requeue`, safe while the relay runs.
 
 Decisions, and why:

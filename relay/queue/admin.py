@@ -13,9 +13,10 @@ import time
 from dataclasses import asdict
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
+from typing import Any
 
 from relay.queue.entry import FAILED, PENDING, CorruptEntry, QueueEntry
-from relay.queue.store import Spool, instance_name
+from relay.queue.store import EntryLock, Spool, instance_name
 
 LOCK_WAIT = 30.0
 
@@ -31,7 +32,7 @@ def entry_state(entry: QueueEntry, now: float) -> str:
     return "active" if due is not None and due <= now else "deferred"
 
 
-def describe(entry: QueueEntry, now: float) -> dict:
+def describe(entry: QueueEntry, now: float) -> dict[str, Any]:
     due = entry.next_due()
     return {
         "id": entry.id,
@@ -58,7 +59,7 @@ def describe(entry: QueueEntry, now: float) -> dict:
     }
 
 
-def list_entries(spool: Spool) -> list[dict]:
+def list_entries(spool: Spool) -> list[dict[str, Any]]:
     now = time.time()
     out = []
     for entry_id in sorted(spool.scan({}).entries):
@@ -71,7 +72,7 @@ def list_entries(spool: Spool) -> list[dict]:
     return out
 
 
-def show(spool: Spool, entry_id: str) -> dict:
+def show(spool: Spool, entry_id: str) -> dict[str, Any]:
     entry = _read(spool, entry_id)
     info = describe(entry, time.time())
     info["envelope"] = {k: v for k, v in asdict(entry).items() if k in ("ret", "envid", "body_8bit", "smtputf8")}
@@ -147,7 +148,7 @@ class _lock:
             raise QueueCommandError(f"{entry_id} left the queue meanwhile (delivered or removed)")
         self.held = held
 
-    def __enter__(self):
+    def __enter__(self) -> EntryLock:
         return self.held
 
     def __exit__(self, *exc: object) -> None:
@@ -163,7 +164,7 @@ def _read(spool: Spool, entry_id: str) -> QueueEntry:
         raise QueueCommandError(f"{entry_id}: damaged ({exc})") from None
 
 
-def _read_held(spool: Spool, held) -> tuple[QueueEntry, bytes]:
+def _read_held(spool: Spool, held: EntryLock) -> tuple[QueueEntry, bytes]:
     try:
         return spool.read(held)
     except CorruptEntry as exc:

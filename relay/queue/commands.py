@@ -33,7 +33,7 @@ def add_queue_commands(sub: Any, load_settings: Callable[[str | None], Any]) -> 
     queue_sub = queue.add_subparsers(metavar="SUBCOMMAND")
 
     def command(name: str, help_text: str, func: Callable[[Spool, argparse.Namespace], int]) -> argparse.ArgumentParser:
-        parser = queue_sub.add_parser(name, help=help_text)
+        parser: argparse.ArgumentParser = queue_sub.add_parser(name, help=help_text)
         parser.add_argument("-c", "--config")
         parser.set_defaults(func=lambda args: _run(args, load_settings, func))
         return parser

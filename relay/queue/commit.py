@@ -54,7 +54,7 @@ class _Write:
     path: Path
     data: bytes
     lock: bool
-    future: asyncio.Future
+    future: asyncio.Future[int | None]
     queued: float = field(default_factory=time.perf_counter)
     tmp: str = ""
     fd: int = -1
@@ -66,7 +66,7 @@ class GroupCommitter:
         self.batch_max = batch_max if group else 1
         self._pool = ThreadPoolExecutor(max_workers=threads if group else 1, thread_name_prefix="spool-sync")
         self._pending: list[_Write] = []
-        self._runner: asyncio.Task | None = None
+        self._runner: asyncio.Task[None] | None = None
         self._dirty: set[Path] = set()
         self._lazy: asyncio.TimerHandle | None = None
         self.batches = 0
@@ -157,9 +157,11 @@ def _settle(request: _Write, error: BaseException | None) -> None:
         request.future.set_result(request.fd if request.lock else None)
 
 
-def _close_result(future: asyncio.Future) -> None:
-    if not future.cancelled() and future.exception() is None and future.result() is not None:
-        os.close(future.result())
+def _close_result(future: asyncio.Future[int | None]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        fd = future.result()
+        if fd is not None:
+            os.close(fd)
 
 
 def _write_tmp(request: _Write) -> None:

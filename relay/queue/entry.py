@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 ENTRY_MAGIC = b"RELAYQ1"
 STATE_MAGIC = b"RELAYS1"
@@ -70,7 +71,7 @@ class QueueEntry:
     # The failure report for the sender: "" (none due yet), "pending" (due, not yet queued:
     # a crash in between is caught up on), "queued", or "none" (not wanted / not allowed).
     dsn: str = ""
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.since:
@@ -94,10 +95,10 @@ class QueueEntry:
         return min(times) if times else None
 
     # -- serialisation --------------------------------------------------------------------
-    def meta(self) -> dict:
+    def meta(self) -> dict[str, Any]:
         return asdict(self)
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         """The mutable part: what a `.state` file carries."""
         return {
             "since": self.since,
@@ -107,7 +108,7 @@ class QueueEntry:
             "recipients": [asdict(r) for r in self.recipients],
         }
 
-    def apply_state(self, state: dict) -> None:
+    def apply_state(self, state: dict[str, Any]) -> None:
         self.since = float(state["since"])
         self.owner = str(state.get("owner", ""))
         self.finished = float(state.get("finished", 0.0))
@@ -115,7 +116,7 @@ class QueueEntry:
         self.recipients = [RecipientState(**r) for r in state["recipients"]]
 
     @classmethod
-    def from_meta(cls, meta: dict) -> QueueEntry:
+    def from_meta(cls, meta: dict[str, Any]) -> QueueEntry:
         meta = dict(meta)
         meta["recipients"] = [RecipientState(**r) for r in meta["recipients"]]
         return cls(**meta)
@@ -182,14 +183,15 @@ def meta_span(head: bytes) -> int:
     return start + meta_len
 
 
-def decode_state(data: bytes) -> dict:
+def decode_state(data: bytes) -> dict[str, Any]:
     start, (length, crc) = _first_line(data, STATE_MAGIC, 2)
     body = data[start:]
     if len(body) != length or zlib.crc32(body) != crc:
         raise CorruptEntry("state file torn or altered")
     try:
         state = json.loads(body)
-        state["recipients"]  # noqa: B018 - must be present
+        if not isinstance(state, dict) or not isinstance(state.get("recipients"), list):
+            raise ValueError("no recipients")
     except (ValueError, TypeError, KeyError) as exc:
         raise CorruptEntry(f"bad state: {type(exc).__name__}") from None
     return state

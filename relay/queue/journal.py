@@ -87,7 +87,7 @@ class Journal:
         # Retiring a segment fsyncs the entry files still queued: in parallel, off the path
         # of new acknowledgements.
         self._retire_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-checkpoint")
-        self._retiring: set[asyncio.Task] = set()
+        self._retiring: set[asyncio.Task[None]] = set()
         # Segments being retired still take completion marks until they are gone: a kill
         # during a checkpoint must not let a replay resurrect what was delivered meanwhile.
         self._retiring_segments: list[tuple[int, set[str]]] = []
@@ -98,8 +98,8 @@ class Journal:
         self._opened = 0.0
         self._buffer: list[bytes] = []
         self._buffer_ids: list[str] = []  # the entries of `_buffer`: they join the segment written to
-        self._waiters: list[tuple[asyncio.Future, float]] = []
-        self._runner: asyncio.Task | None = None
+        self._waiters: list[tuple[asyncio.Future[None], float]] = []
+        self._runner: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.checkpoint_interval = CHECKPOINT_INTERVAL
         self.batches = 0

@@ -4,7 +4,7 @@ Providers throttle by recipients per second (Amazon SES counts each recipient of
 against its sending rate and answers `454 Throttling failure` beyond it). Hammering them
 into 4xx only fills the retry schedule, so the spool waits before each RCPT instead. A
 token bucket with one second of burst: an idle upstream gets a short burst, a busy one a
-steady rate. Pacing is a wrapper around a `Delivery` (relay.deliver.base), so every path
+steady rate. Pacing is a wrapper around an `UpstreamTarget` (relay.deliver.base), so every path
 it wraps keeps the same begin → add_recipient → send | abort contract.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from relay.deliver.base import Delivery, Envelope, UpstreamTransaction
+from relay.deliver.base import Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply
 
 
@@ -60,10 +60,10 @@ class PacedTransaction:
         await self._inner.abort()
 
 
-class PacedDelivery:
-    """A Delivery whose recipients go out at no more than `rate` per second."""
+class PacedTarget:
+    """An upstream target whose recipients go out at no more than `rate` per second."""
 
-    def __init__(self, inner: Delivery, rate: float) -> None:
+    def __init__(self, inner: UpstreamTarget, rate: float) -> None:
         self.inner = inner
         self.name = inner.name
         self.bucket = TokenBucket(rate)

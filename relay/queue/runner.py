@@ -1,10 +1,10 @@
-"""The delivery loop: spool entries out through the same deliveries as passthrough.
+"""The delivery loop: spool entries out through the same upstream targets as passthrough.
 
 One `QueueRunner` per process. It keeps a schedule of due entries (built by scanning the
 spool, kept current by its own attempts), takes an entry's lock, re-reads its state, and
 delivers the due recipients through the upstream transaction contract of
-`relay.deliver.base` (begin → add_recipient → send | abort), grouped by the delivery the
-router picks for each. Per recipient:
+`relay.deliver.base` (begin → add_recipient → send | abort), to the target the router
+picks for the envelope sender. Per recipient:
 
 - the upstream's 2xx to DATA: delivered;
 - 5xx at MAIL, RCPT or DATA: failed for good;
@@ -33,12 +33,12 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
-from relay.deliver.base import Delivery, Envelope
+from relay.deliver.base import Envelope, UpstreamTarget
 from relay.errors import Reply, SmtpError
 from relay.queue.dsn import build_dsn, reportable
 from relay.queue.entry import DELIVERED, FAILED, CorruptEntry, QueueEntry, RecipientState
@@ -84,7 +84,7 @@ DEAD_SWEEP_INTERVAL = 300.0
 
 
 class RouteSource(Protocol):
-    def route(self, mail_from: str, recipient: str) -> Delivery: ...
+    def target_for(self, mail_from: str) -> UpstreamTarget: ...
 
 
 def queue_id() -> str:
@@ -119,10 +119,10 @@ class QueueRunner:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._summaries: dict[str, EntrySummary] = {}
-        self._inflight: dict[str, asyncio.Task] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
-        self._main: asyncio.Task | None = None
+        self._main: asyncio.Task[None] | None = None
         self._last_scan = 0.0
         self._last_kick = 0.0
         self._last_sweep = 0.0
@@ -176,7 +176,7 @@ class QueueRunner:
         heapq.heappush(self._heap, (when, entry_id))
         self._wake.set()
 
-    def _launch(self, entry_id: str, work) -> None:
+    def _launch(self, entry_id: str, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work, name=f"deliver-{entry_id}")
         self._inflight[entry_id] = task
         task.add_done_callback(lambda _t: self._finished(entry_id))
@@ -307,23 +307,26 @@ class QueueRunner:
             return
         due = [r for r in entry.pending if r.next_attempt <= now + DUE_SLACK]
         if due:
-            router = self.router()
-            groups: dict[int, tuple[Delivery, list[RecipientState]]] = {}
-            for r in due:
-                delivery = router.route(entry.mail_from, r.address)
-                groups.setdefault(id(delivery), (delivery, []))[1].append(r)
-            for delivery, recipients in groups.values():
-                while recipients:
-                    leftover = await self._transact(held, entry, delivery, recipients, message)
-                    if len(leftover) == len(recipients):
-                        # No progress at all: not a split but a refusal; retry later.
-                        self._record(entry, leftover, Reply(452, "4.5.3", "recipient refused"), delivery.name)
-                        break
-                    recipients = leftover
+            # Routes go by the envelope sender, so one target carries every recipient; a
+            # target that takes them in several transactions says so with 452 4.5.3.
+            target = self.router().target_for(entry.mail_from)
+            recipients = due
+            while recipients:
+                leftover = await self._transact(held, entry, target, recipients, message)
+                if len(leftover) == len(recipients):
+                    # No progress at all: not a split but a refusal; retry later.
+                    self._record(entry, leftover, Reply(452, "4.5.3", "recipient refused"), target.name)
+                    break
+                recipients = leftover
         await self._settle(held, entry, message, now)
 
     async def _transact(
-        self, held: EntryLock, entry: QueueEntry, delivery: Delivery, recipients: list[RecipientState], message: bytes
+        self,
+        held: EntryLock,
+        entry: QueueEntry,
+        delivery: UpstreamTarget,
+        recipients: list[RecipientState],
+        message: bytes,
     ) -> list[RecipientState]:
         """One upstream transaction for `recipients`; returns those to send in another."""
         envelope = Envelope(entry.mail_from, body_8bit=entry.body_8bit, smtputf8=entry.smtputf8)

@@ -1,7 +1,7 @@
-"""Spool mode seen from the pipeline: a Delivery whose transaction ends on disk.
+"""Spool mode seen from the pipeline: an upstream target whose transaction ends on disk.
 
 In passthrough the client's transaction mirrors an upstream one. In spool mode no upstream
-transaction exists while the client is connected, so this Delivery stands in for it, with
+transaction exists while the client is connected, so this target stands in for it, with
 the same contract (relay.deliver.base):
 
     begin(envelope, first)  → a SpoolTransaction (nothing is opened)
@@ -22,24 +22,24 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from relay.deliver.base import Delivery, Envelope
+from relay.deliver.base import Envelope, UpstreamTarget
 from relay.errors import Reply, SmtpError
 from relay.queue.entry import QueueEntry, RecipientState
 from relay.queue.runner import QueueRunner, queue_id
-from relay.queue.store import Spool
+from relay.queue.store import Spool, valid_id
 
 UPSTREAM_LABEL = "spool"
 
 
 class Routes(Protocol):
-    def route(self, mail_from: str, recipient: str) -> Delivery: ...
+    def target_for(self, mail_from: str) -> UpstreamTarget: ...
 
 
 class SpoolTransaction:
     upstream = UPSTREAM_LABEL
 
-    def __init__(self, delivery: SpoolDelivery, envelope: Envelope) -> None:
-        self._delivery = delivery
+    def __init__(self, target: SpoolTarget, envelope: Envelope) -> None:
+        self._target = target
         self._envelope = envelope
         self._recipients: list[RecipientState] = []
         self.queued_id: str | None = None
@@ -47,7 +47,7 @@ class SpoolTransaction:
     async def add_recipient(self, address: str) -> Reply:
         # The route that will carry the message must exist now: a recipient that no
         # upstream could take is refused here, while the client can still be told.
-        self._delivery.routes().route(self._envelope.mail_from, address)
+        self._target.routes().target_for(self._envelope.mail_from)
         self._recipients.append(RecipientState(address))
         return Reply(250, "2.1.5", "OK")
 
@@ -58,7 +58,9 @@ class SpoolTransaction:
             )
         envelope = self._envelope
         entry = QueueEntry(
-            id=queue_id(),
+            # Named after the transaction: one id in the client's reply, the log lines and
+            # `relay queue show`.
+            id=envelope.id if valid_id(envelope.id) else queue_id(),
             mail_from=envelope.mail_from,
             recipients=self._recipients,
             created=time.time(),
@@ -69,16 +71,16 @@ class SpoolTransaction:
             ret=getattr(envelope, "ret", None),
             envid=getattr(envelope, "envid", None),
         )
-        held = await self._delivery.spool.put(entry, message)  # SmtpError 452/451 on failure
+        held = await self._target.spool.put(entry, message)  # SmtpError 452/451 on failure
         self.queued_id = entry.id
-        self._delivery.runner.submit(held, entry, message)
+        self._target.runner.submit(held, entry, message)
         return Reply(250, "2.0.0", f"Ok: queued as {entry.id}")
 
     async def abort(self) -> None:
         return None
 
 
-class SpoolDelivery:
+class SpoolTarget:
     """The pipeline's delivery in spool mode. `routes` gives the current router of the real
     deliveries (it changes on reload); the runner delivers through it later."""
 

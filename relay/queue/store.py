@@ -107,7 +107,7 @@ class EntrySummary:
     finished: float
     mail_from: str
     recipients: int
-    key: tuple  # changes whenever the entry's files change
+    key: tuple[int, int, int, int]  # changes whenever the entry's files change
 
 
 @dataclass
@@ -471,7 +471,7 @@ class Spool:
             return 0.0
 
 
-def summarize(entry: QueueEntry, key: tuple, size: int) -> EntrySummary:
+def summarize(entry: QueueEntry, key: tuple[int, int, int, int], size: int) -> EntrySummary:
     return EntrySummary(
         id=entry.id,
         created=entry.created,

@@ -20,7 +20,7 @@ async def main(root: Path, port: int, first: int, count: int) -> None:
     from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint
     from relay.deliver.dial import DirectDialer
     from relay.deliver.pool import ConnectionPool
-    from relay.deliver.smarthost import SmarthostDelivery
+    from relay.deliver.smarthost import SmarthostTarget
     from relay.dns.addresses import AddressResolver
     from relay.queue.entry import QueueEntry, RecipientState
     from relay.queue.runner import QueueRunner
@@ -44,7 +44,7 @@ async def main(root: Path, port: int, first: int, count: int) -> None:
     pool = ConnectionPool(
         "up", connector.open, max_connections=8, max_messages=100, idle_timeout=30.0, acquire_timeout=10.0
     )
-    router = Router(SmarthostDelivery("up", connector, pool))
+    router = Router(SmarthostTarget("up", connector, pool))
     spool = Spool(root)
     spool.open()
     runner = QueueRunner(
