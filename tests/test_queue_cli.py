@@ -14,6 +14,9 @@ import yaml
 from relay.queue.entry import FAILED, QueueEntry, RecipientState
 from relay.queue.store import Spool
 
+# `relay queue` as a process: the process tier.
+pytestmark = pytest.mark.e2e
+
 MESSAGE = b"From: app@example.com\r\nTo: a@example.net\r\nSubject: inspect me\r\n\r\nbody\r\n"
 
 

@@ -21,10 +21,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from relay.queue.runner import QueueRunner
 from relay.queue.schedule import RetryPolicy
 from relay.queue.store import Spool
 from tests.support.upstream import Upstream
+
+# Processes killed with SIGKILL: the process tier.
+pytestmark = pytest.mark.e2e
 
 ROUNDS = 6
 PER_ROUND = 150

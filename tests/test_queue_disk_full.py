@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# A process in its own mount namespace: the process tier.
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 
 
