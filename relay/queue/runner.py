@@ -43,7 +43,7 @@ from relay.errors import Reply, SmtpError
 from relay.queue.dsn import build_dsn, reportable
 from relay.queue.entry import DELIVERED, FAILED, CorruptEntry, QueueEntry, RecipientState
 from relay.queue.schedule import RetryPolicy
-from relay.queue.store import EntryLock, EntrySummary, Spool
+from relay.queue.store import EntryLock, EntrySummary, PreparedChange, Spool
 
 log = logging.getLogger("relay.queue")
 
@@ -341,7 +341,7 @@ class QueueRunner:
         accepted: list[RecipientState] = []
         leftover: list[RecipientState] = []
         answered: set[int] = set()
-        prepared = None
+        prepared: PreparedChange | None = None
         try:
             for r in recipients:
                 reply = await tx.add_recipient(r.address)
@@ -355,8 +355,14 @@ class QueueRunner:
             if not accepted:
                 await tx.abort()
                 return leftover
-            after = self._with_delivered(entry, accepted, upstream)
-            prepared = await self.spool.prepare(held, after)
+            if len(accepted) == len(entry.pending) and not entry.failed:
+                # The common case: this transaction finishes the entry, and its record is
+                # the removal of the entry (no state to prepare, nothing to copy).
+                after = None
+                prepared = self.spool.prepare_removal(held)
+            else:
+                after = self._with_delivered(entry, accepted, upstream)
+                prepared = await self.spool.prepare(held, after)
             reply = await tx.send(message)
         except SmtpError as exc:
             if prepared is not None:
@@ -373,7 +379,12 @@ class QueueRunner:
             raise
         if reply.positive:
             prepared.commit()  # the one syscall between the upstream's 250 and the spool
-            _copy_state(after, entry)
+            if after is not None:
+                _copy_state(after, entry)
+            else:
+                now = time.time()
+                for r in accepted:
+                    self._set(r, DELIVERED, str(reply), upstream, now)
             self._log_attempt(entry, accepted, upstream, "delivered", reply, started)
             ATTEMPTS.labels(upstream, "delivered").inc()
         else:

@@ -349,6 +349,10 @@ class Spool:
         os.rename(tmp, self.state_path(held.id))
         fsync_directory(self.entries)
 
+    def prepare_removal(self, held: EntryLock) -> PreparedChange:
+        """The change "every recipient delivered": the entry's removal, one unlink."""
+        return PreparedChange(self, held, None)
+
     async def prepare(self, held: EntryLock, entry: QueueEntry) -> PreparedChange:
         """Get a state change ready to take effect with one syscall (see PreparedChange)."""
         if entry.done and not entry.failed:
