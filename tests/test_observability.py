@@ -47,6 +47,7 @@ EXPECTED_ALERTS = {
     "RelayQueueGrowing",
     "RelayQueueOldestMessageTooOld",
     "RelaySpoolNearlyFull",
+    "RelayDkimKeyTooOld",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).
