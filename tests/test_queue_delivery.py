@@ -356,7 +356,7 @@ async def test_spool_delivery_stands_in_for_the_upstream_transaction(harness, up
     await eventually(lambda: len(upstream.messages) == 1, what="delivery of the queued message")
     assert sorted(upstream.messages[0].rcpt_tos) == ["one@example.net", "two@example.net"]
 
-    h.spool.max_bytes = 1  # full: refused at the first RCPT, before the client sends DATA
+    h.spool.max_bytes = 0  # full: refused at the first RCPT, before the client sends DATA
     with pytest.raises(SmtpError) as full:
         await spooled.begin(Envelope("app@example.com"), "one@example.net")
     assert (full.value.code, full.value.reply.enhanced) == (452, "4.3.1")
