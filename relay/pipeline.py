@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from dkim.util import InvalidTagValueList, parse_tag_value
@@ -67,6 +67,7 @@ class Transaction:
     dkim: list[str] = field(default_factory=list)
     from_domain: str | None = None
     upstream_reply: Reply | None = None
+    queued: bool = False  # spool mode: the 250 means "on disk", delivery follows
 
     @property
     def mail_from_domain(self) -> str:
@@ -166,13 +167,14 @@ class Pipeline:
         tls: str | None,
     ) -> Transaction:
         """The transaction of an accepted MAIL FROM (no upstream yet: see add_recipient)."""
+        tx_id = new_message_id()
         return Transaction(
-            id=new_message_id(),
+            id=tx_id,
             listener=listener,
             client=client,
             user=user,
             senders=senders,
-            envelope=envelope,
+            envelope=replace(envelope, id=tx_id),
             pipeline=self,
             helo=helo,
             tls=tls,
@@ -269,6 +271,11 @@ class Pipeline:
         tx.upstream_reply = reply
         if reply.positive:
             messages.message_relayed(tx.listener, tx.upstream.upstream)
+            if self.settings.queue.mode == "spool":
+                # The signed message is synced in the spool (relay.queue.spooled); the
+                # delivery loop takes it from here. `relay queue show <id>` follows it.
+                tx.queued = True
+                return Reply(250, "2.0.0", f"Ok: queued, id={tx.id}")
             if tx.notify_success and tx.envelope.mail_from and not tx.upstream.carries_dsn:
                 self._issue_relayed_notice(tx, message, domain, reply)
             return Reply(250, "2.0.0", f"Ok: relayed, id={tx.id}")

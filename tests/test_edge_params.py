@@ -316,3 +316,38 @@ def test_declared_8bit_content_is_refused_for_an_upstream_without_8bitmime(make_
         assert client.sendmail("app@example.com", ["u@example.net"], message(subject="7bit"), ["BODY=8BITMIME"]) == {}
         [got] = seven_bit.wait_for(1)
         assert b"Subject: 7bit" in got.content and got.mail_options == []
+
+
+def spool_queue(path) -> dict[str, object]:
+    return {"mode": "spool", "dir": str(path / "spool"), "retry": ["1s"]}
+
+
+@in_thread
+def test_spool_keeps_the_dsn_request_for_an_upstream_that_offers_dsn(make_loop_relay, pki, tmp_path):
+    """Spool mode: the parameters are stored with the message and passed on at delivery."""
+    with Upstream(tls="starttls", server_context=pki.server_context(), dsn=True) as dsn_upstream:
+        relay = make_loop_relay(dsn_upstream.port, queue=spool_queue(tmp_path))
+        client = connect(relay, pki)
+        assert reply(client, "MAIL FROM:<app@example.com> RET=HDRS ENVID=sp+2B1")[0] == 250
+        assert reply(client, "RCPT TO:<u@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;u@example.net")[0] == 250
+        code, text = client.data(message(subject="spooled-dsn"))
+        assert code == 250 and b"queued" in text
+        [got] = dsn_upstream.wait_for(1, timeout=30)
+        assert [o for o in got.mail_options if o.startswith(("RET=", "ENVID="))] == ["RET=HDRS", "ENVID=sp+2B1"]
+        assert got.rcpt_options["u@example.net"] == ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;u@example.net"]
+
+
+@in_thread
+def test_spool_queues_a_relayed_notice_for_an_upstream_without_dsn(make_loop_relay, upstream, pki, tmp_path):
+    relay = make_loop_relay(upstream.port, queue=spool_queue(tmp_path))
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com> ENVID=sp+2B2")[0] == 250
+    assert reply(client, "RCPT TO:<u@example.net> NOTIFY=SUCCESS")[0] == 250
+    assert client.data(message(subject="spooled-relayed"))[0] == 250
+    original, notice = sorted(upstream.wait_for(2, timeout=30), key=lambda m: m.mail_from, reverse=True)
+    assert original.mail_from == "app@example.com" and original.rcpt_options == {"u@example.net": []}
+    assert (notice.mail_from, notice.rcpt_tos) == ("", ["app@example.com"])
+    report = notice.content.decode()
+    assert "From: Mail Delivery System <MAILER-DAEMON@relay.test>" in report
+    assert "Action: relayed" in report and "Original-Envelope-Id: sp+2" in report
+    assert relay.metric("relay_dsn_relayed_notices_total", result="queued") == 1
