@@ -34,8 +34,7 @@ async def session(upstream: OAuthUpstream, pki) -> aiosmtplib.SMTP:
     smtp = aiosmtplib.SMTP(
         hostname="localhost", port=upstream.port, start_tls=True, tls_context=pki.client_context(), timeout=10
     )
-    await smtp.connect()
-    await smtp.ehlo()
+    await smtp.connect()  # STARTTLS done; the EHLO after it is authenticate()'s to send
     return smtp
 
 

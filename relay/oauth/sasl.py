@@ -68,6 +68,9 @@ async def authenticate(
     name = mechanism.upper()
     if name not in _DUMMY_RESPONSE:
         raise ValueError(f"not an OAuth 2.0 SASL mechanism: {mechanism}")
+    if smtp.is_ehlo_or_helo_needed:
+        # After STARTTLS the server's extensions are forgotten (RFC 3207 §4.2): ask again.
+        await smtp.ehlo()
     if name.lower() not in smtp.server_auth_methods:
         offered = " ".join(m.upper() for m in smtp.server_auth_methods) or "none"
         raise MechanismNotOffered(f"upstream does not offer AUTH {name} (offers: {offered})")
