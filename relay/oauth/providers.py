@@ -150,7 +150,8 @@ class MicrosoftTokenSource:
 
         async def call() -> Mapping[str, Any]:
             async with client:
-                return await client.fetch_token(self.endpoint, grant_type="client_credentials")
+                token: Mapping[str, Any] = await client.fetch_token(self.endpoint, grant_type="client_credentials")
+                return token
 
         return await self._endpoint.request(self.provider, call)
 
@@ -194,7 +195,8 @@ class GoogleTokenSource:
 
         async def call() -> Mapping[str, Any]:
             async with client:
-                return await client.refresh_token()
+                token: Mapping[str, Any] = await client.refresh_token()
+                return token
 
         return await endpoint.request(self.provider, call)
 
@@ -219,7 +221,8 @@ class GenericTokenSource:
 
         async def call() -> Mapping[str, Any]:
             async with client:
-                return await client.fetch_token(self.endpoint, grant_type="client_credentials")
+                token: Mapping[str, Any] = await client.fetch_token(self.endpoint, grant_type="client_credentials")
+                return token
 
         return await self._endpoint.request(self.provider, call)
 

@@ -17,6 +17,8 @@ status) but never shown: the token appears only in the AUTH line.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 import aiosmtplib
 
 from relay.errors import SmtpError
@@ -54,7 +56,7 @@ class UpstreamTokenAuth:
                 raise self._refused(again) from None
         self.cache.accepted()
 
-    async def _token(self, pending) -> AccessToken:
+    async def _token(self, pending: Awaitable[AccessToken]) -> AccessToken:
         try:
             return await pending
         except TokenError as exc:
