@@ -26,9 +26,11 @@ from relay.errors import SmtpError
 from relay.listen import patches
 from relay.listen.connections import Connections
 from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
+from relay.oauth.upstream_auth import UpstreamTokenAuth
 from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
 from relay.pipeline import Pipeline
+from relay.secrets.base import SecretValue
 from relay.wiring import Components, UpstreamTargets, build_components, new_secret_store
 
 log = logging.getLogger("relay")
@@ -89,6 +91,9 @@ class Relay:
             extra={"config": redacted(settings), "source": str(self.config_path or "embedded dev default")},
         )
         self.components = await build_components(settings, self.store, self.targets)
+        self.store.subscribe(self._secret_changed)
+        # Access tokens before the listeners open: the first message finds one ready.
+        await self._start_token_auths(self.components.token_auths)
         self.components.pipeline.keyring.attach()
         self._report_keys(self.components.pipeline)
         for lst in settings.listeners:
@@ -120,7 +125,18 @@ class Relay:
         missing = self.components.pipeline.keyring.never_loaded() if self.components else {"all": "starting"}
         checks["dkim_keys"] = "; ".join(f"{k}: {v}" for k, v in missing.items()) or None
         checks["upstream"] = self._upstream_problem
+        # An upstream that cannot get (or use) an access token cannot take mail: the reason
+        # (invalid_client, consent_missing, ...) and the token endpoint's own words.
+        problems = [(a.label, a.problem) for a in self.targets.token_auths()]
+        checks["upstream_token"] = "; ".join(f"{label}: {p}" for label, p in problems if p) or None
         return checks
+
+    async def _start_token_auths(self, token_auths: list[UpstreamTokenAuth]) -> None:
+        await asyncio.gather(*(a.start() for a in token_auths))
+
+    def _secret_changed(self, ref: str, value: SecretValue) -> None:
+        for token_auth in self.targets.token_auths():
+            token_auth.secret_changed(ref)
 
     async def _probe_upstreams(self) -> None:
         """Check the path to the default upstream now and then, for /readyz."""
@@ -129,7 +145,9 @@ class Relay:
                 await self.pipeline.router.default.probe()
                 self._upstream_problem = None
             except SmtpError as exc:
-                self._upstream_problem = exc.reason
+                # A token failure is the upstream_token check's (which clears as soon as a
+                # token is fetched); the path up to AUTH worked.
+                self._upstream_problem = exc.reason if exc.label != "upstream_token" else None
                 log.warning("upstream probe failed", extra={"reason": exc.reason})
             except Exception as exc:  # a probe must never kill the relay
                 self._upstream_problem = f"probe error: {type(exc).__name__}"
@@ -149,6 +167,7 @@ class Relay:
         assert old is not None
         try:
             new = await build_components(settings, self.store, self.targets, previous=old)
+            await self._start_token_auths(new.token_auths)  # new upstreams' (the others run)
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
@@ -165,6 +184,8 @@ class Relay:
         self._report_keys(new.pipeline)
         for target in new.retired:
             self._in_background(target.close())
+        for token_auth in new.retired_token_auths:
+            self._in_background(token_auth.close())
         log.info("configuration reloaded", extra={"config": redacted(settings)})
         return True
 
@@ -206,6 +227,7 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await asyncio.gather(*(t.close() for t in self.targets.all()), return_exceptions=True)
+        await asyncio.gather(*(a.close() for a in self.targets.token_auths()), return_exceptions=True)
         await self.health.stop()
         await self.store.close()
         self._stopped.set()

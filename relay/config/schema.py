@@ -334,8 +334,10 @@ class UpstreamAuthSettings(Strict):
         if not oauth:
             extra = [k for k in _OAUTH_KEYS if getattr(self, k) is not None]
             if extra:
-                raise ValueError(f"mechanism: {self.mechanism} uses upstream.password; "
-                                 f"{', '.join(extra)} are for xoauth2/oauthbearer")
+                raise ValueError(
+                    f"mechanism: {self.mechanism} uses upstream.password; "
+                    f"{', '.join(extra)} are for xoauth2/oauthbearer"
+                )
             return self
         if self.provider is None:
             raise ValueError(f"mechanism: {self.mechanism} needs provider: microsoft, google or generic")
@@ -366,15 +368,28 @@ class UpstreamAuthSettings(Strict):
         return [r for r in (self.client_secret, self.client_certificate, self.service_account) if r]
 
 
-_OAUTH_KEYS = ("provider", "tenant_id", "client_id", "client_secret", "client_certificate",
-               "service_account", "token_url", "scope", "ca_file")
+_OAUTH_KEYS = (
+    "provider",
+    "tenant_id",
+    "client_id",
+    "client_secret",
+    "client_certificate",
+    "service_account",
+    "token_url",
+    "scope",
+    "ca_file",
+)
 # provider → (keys it needs, keys it accepts)
 _PROVIDER_KEYS = {
-    "microsoft": (("tenant_id", "client_id"),
-                  ("tenant_id", "client_id", "client_secret", "client_certificate", "token_url", "scope", "ca_file")),
+    "microsoft": (
+        ("tenant_id", "client_id"),
+        ("tenant_id", "client_id", "client_secret", "client_certificate", "token_url", "scope", "ca_file"),
+    ),
     "google": (("service_account",), ("service_account", "token_url", "scope", "ca_file")),
-    "generic": (("token_url", "client_id", "client_secret"),
-                ("token_url", "client_id", "client_secret", "scope", "ca_file")),
+    "generic": (
+        ("token_url", "client_id", "client_secret"),
+        ("token_url", "client_id", "client_secret", "scope", "ca_file"),
+    ),
 }
 
 
@@ -408,11 +423,15 @@ class UpstreamSettings(Strict):
             raise ValueError("mode: mx takes no host (recipients' MX hosts are looked up)")
         if self.auth is not None and self.auth.uses_token:
             if not self.username:
-                raise ValueError(f"auth.mechanism: {self.auth.effective_mechanism} needs username "
-                                 "(the mailbox, or the user impersonated)")
+                raise ValueError(
+                    f"auth.mechanism: {self.auth.effective_mechanism} needs username "
+                    "(the mailbox, or the user impersonated)"
+                )
             if self.password is not None:
-                raise ValueError(f"auth.mechanism: {self.auth.effective_mechanism} takes no password "
-                                 "(the relay gets an access token from auth.provider)")
+                raise ValueError(
+                    f"auth.mechanism: {self.auth.effective_mechanism} takes no password "
+                    "(the relay gets an access token from auth.provider)"
+                )
             if self.mode != "smarthost":
                 raise ValueError("auth with a token provider is for mode: smarthost")
         elif (self.username is None) != (self.password is None):

@@ -67,6 +67,10 @@ class TokenSource(Protocol):
 
     async def fetch(self) -> AccessToken: ...
 
+    def describe(self) -> str:
+        """The token URL and the path to it (e.g. `... via socks5://proxy:1080`)."""
+        ...
+
 
 class TokenEndpoint:
     """The HTTPS side every grant shares: the dialer (direct or the egress proxy), the TLS
@@ -131,6 +135,9 @@ class MicrosoftTokenSource:
         self._secret = client_secret
         self._certificate = client_certificate
 
+    def describe(self) -> str:
+        return self._endpoint.describe()
+
     async def fetch(self) -> AccessToken:
         options = self._endpoint.client_options()
         if self._certificate is not None:
@@ -174,6 +181,10 @@ class GoogleTokenSource:
         self._scope = scope
         self._token_url = token_url
         self.endpoint = token_url or "(token_uri of the service account key)"
+        self._last: TokenEndpoint | None = None
+
+    def describe(self) -> str:
+        return self._last.describe() if self._last is not None else self.endpoint
 
     async def fetch(self) -> AccessToken:
         key = service_account_key(_loaded(self._service_account, "service_account"))
@@ -181,7 +192,7 @@ class GoogleTokenSource:
         # is sent (a private endpoint for the same service).
         url = self._token_url or key["token_uri"]
         self.endpoint = url
-        endpoint = self._endpoint_for(url)
+        endpoint = self._last = self._endpoint_for(url)
         client = AsyncAssertionClient(
             token_endpoint=url,
             issuer=key["client_email"],
@@ -212,6 +223,9 @@ class GenericTokenSource:
         self._client_id = client_id
         self._secret = client_secret
         self._scope = scope
+
+    def describe(self) -> str:
+        return self._endpoint.describe()
 
     async def fetch(self) -> AccessToken:
         secret = _loaded(self._secret, "client_secret").decode("utf-8").strip()

@@ -79,3 +79,36 @@ class TokenError(Exception):
         else:
             text = "Upstream authentication unavailable, try again later"
         return SmtpError(451, "4.7.0", text, reason=f"upstream {upstream} token: {self}", label="upstream_token")
+
+
+_REMEDIATION = {
+    ("microsoft", "invalid_client"): "check tenant_id, client_id and the credential: a client secret's value "
+    "(not its ID) that has not expired, or a certificate uploaded to the app registration",
+    ("microsoft", "consent_missing"): "grant admin consent for SMTP.SendAsApp (Office 365 Exchange Online, "
+    "application permission) on the app registration",
+    ("microsoft", "rejected"): "Exchange Online refused a fresh token: register the app's service principal "
+    "(New-ServicePrincipal), give it the mailbox (Add-MailboxPermission) and enable SMTP AUTH for the mailbox "
+    "(Set-CASMailbox -SmtpClientAuthenticationDisabled $false)",
+    ("google", "invalid_client"): "the service account key was deleted or disabled: create a new JSON key and "
+    "store it at the service_account reference",
+    ("google", "consent_missing"): "authorize the service account's client ID for https://mail.google.com/ in "
+    "the Admin console (Security > Access and data control > API controls > Domain-wide delegation)",
+    ("google", "invalid_request"): "check that upstream.username is an existing user of the Workspace domain",
+    ("google", "rejected"): "Gmail refused a fresh token: check that the user may use Gmail and SMTP",
+}
+_REMEDIATION_ANY = {
+    "invalid_client": "check client_id and client_secret",
+    "consent_missing": "the client is not allowed this scope at the token endpoint",
+    "invalid_request": "the token endpoint refused the request: see its error",
+    "credentials_unavailable": "the credential's secret reference could not be read or parsed: see the detail",
+    "rejected": "the upstream refused a fresh token: check the user's permissions there",
+    "timeout": "the token endpoint did not answer in time: check the egress path (upstream.proxy) to it",
+    "unreachable": "the token endpoint could not be reached: let its host, port 443, through upstream.proxy",
+    "server_error": "the token endpoint reported an outage: it usually passes",
+    "bad_response": "the token URL does not answer like a token endpoint: check auth.token_url",
+}
+
+
+def remediation(provider: str, reason: str) -> str | None:
+    """What an operator can do about a token failure (for `relay check`)."""
+    return _REMEDIATION.get((provider, reason)) or _REMEDIATION_ANY.get(reason)

@@ -17,6 +17,8 @@ status) but never shown: the token appears only in the AUTH line.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable
 
 import aiosmtplib
@@ -28,16 +30,51 @@ from relay.oauth.token import AccessToken, TokenError
 
 
 class UpstreamTokenAuth:
-    def __init__(self, cache: TokenCache, *, mechanism: str, username: str) -> None:
+    """The token side of one upstream: its cache and the task that keeps it fresh.
+
+    `start()` fetches the first token (before the first message needs it) and starts the
+    refresh; `close()` stops both. `secrets` are the references its credentials come from:
+    `secret_changed(ref)` after a rotation retries a failed fetch at once."""
+
+    def __init__(self, cache: TokenCache, *, mechanism: str, username: str, secrets: tuple[str, ...] = ()) -> None:
         if mechanism not in sasl.MECHANISMS:
             raise ValueError(f"not an OAuth 2.0 SASL mechanism: {mechanism}")
         self.cache = cache
         self.mechanism = mechanism
         self.username = username
+        self.secrets = secrets
+        self._refresher: asyncio.Task[None] | None = None
 
     @property
     def label(self) -> str:
         return self.cache.upstream
+
+    @property
+    def problem(self) -> TokenError | None:
+        return self.cache.problem
+
+    async def start(self) -> TokenError | None:
+        """Idempotent; returns the first fetch's error (logged and counted already)."""
+        if self._refresher is not None:
+            return None
+        error = await self.cache.prefetch()
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(
+                self.cache.run(), name=f"token-refresh {self.label}"
+            )
+        return error
+
+    def secret_changed(self, ref: str) -> None:
+        if ref in self.secrets:
+            self.cache.credentials_changed()
+
+    async def close(self) -> None:
+        task, self._refresher = self._refresher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.cache.close()
 
     async def authenticate(self, smtp: aiosmtplib.SMTP, host: str, port: int) -> None:
         token = await self._token(self.cache.token())

@@ -272,7 +272,7 @@ class AuthServer:
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._microsoft)
         app.router.add_post("/token", self._google)
         app.router.add_post("/oauth/token", self._generic)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.host, self.port, ssl_context=self.pki.server_context(), reuse_address=True

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from relay.config.schema import UpstreamAuthSettings
-from relay.deliver.proxy import make_dialer
 from relay.oauth.providers import token_source
+from relay.proxy import dialer_for
 from tests.support.oauth import AuthServer
 
 MAILBOX = "sender@example.com"
@@ -80,4 +80,4 @@ def generic(auth: AuthServer, tmp_path: Path, **extra):
 
 
 def source_for(settings: UpstreamAuthSettings, lookup, *, user: str = MAILBOX, proxy: str | None = None):
-    return token_source(settings, user, make_dialer(proxy, connect_timeout=5, handshake_timeout=5), lookup)
+    return token_source(settings, user, dialer_for(proxy, connect_timeout=5, handshake_timeout=5), lookup)
