@@ -44,6 +44,8 @@ EXPECTED_ALERTS = {
     "RelaySecretRefreshStale",
     "RelayDown",
     "RelayNotReady",
+    "RelayUpstreamTokenRefused",
+    "RelayUpstreamTokenEndpointFailing",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).
