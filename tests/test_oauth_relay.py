@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import smtplib
 import subprocess
 import sys
@@ -396,3 +397,39 @@ def test_password_with_a_chosen_mechanism(make_loop_relay, pki, mechanism):
         relay.start()
         assert submit(relay, pki) == {}
         assert up.wait_for(1)[0].user == "relay"
+
+
+# -- the process: reload ------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_reload_keeps_an_unchanged_upstreams_token_and_fetches_a_new_ones(
+    make_relay, auth, oauth_upstream, pki, tmp_path
+):
+    relay = make_relay(oauth_upstream.port, start=False)
+    with_oauth(relay, microsoft_auth(auth, tmp_path))
+    relay.write_config()
+    relay.start()
+    assert submit(relay, pki) == {}
+    assert auth.requests == 1
+    # An unrelated change: the upstream keeps its pool and its token.
+    relay.config["clients"]["max_recipients"] = 4
+    relay.write_config()
+    relay.signal(signal.SIGHUP)
+    relay.wait_log(lambda e: e.get("msg") == "configuration reloaded")
+    assert submit(relay, pki) == {}
+    assert auth.requests == 1
+    # A changed upstream is a new one: its token is fetched before it takes mail.
+    relay.config["upstream"]["pool"]["max_connections"] = 2
+    relay.write_config()
+    relay.signal(signal.SIGHUP)
+    relay.wait_log(
+        lambda e: (
+            e.get("msg") == "configuration reloaded"
+            and e.get("config", {})["upstream"][0]["pool"]["max_connections"] == 2
+        )
+    )
+    assert auth.requests == 2
+    assert submit(relay, pki) == {}
+    assert auth.requests == 2
+    assert len(oauth_upstream.wait_for(3)) == 3
