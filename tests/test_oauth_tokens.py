@@ -177,6 +177,7 @@ async def test_not_a_service_account_key(auth, tmp_path):
 # -- through the egress proxy -------------------------------------------------------------
 
 
+@pytest.mark.binaries
 @pytest.mark.parametrize("scheme", ["socks5", "socks5h"])
 async def test_through_microsocks(auth, tmp_path, scheme):
     *_, settings, lookup = microsoft(auth, tmp_path, certificate=True)
@@ -186,6 +187,7 @@ async def test_through_microsocks(auth, tmp_path, scheme):
     assert auth.peers == ["127.0.0.2"]  # the proxy's egress address, not ours
 
 
+@pytest.mark.binaries
 async def test_through_tinyproxy(auth, tmp_path):
     *_, settings, lookup = google(auth, tmp_path)
     with tinyproxy(tmp_path, user="relay", password="proxy-pass", connect_ports=[auth.port]) as port:
@@ -194,6 +196,7 @@ async def test_through_tinyproxy(auth, tmp_path):
     assert auth.peers == ["127.0.0.2"]
 
 
+@pytest.mark.binaries
 async def test_proxy_refusal_is_unreachable(auth, tmp_path):
     *_, settings, lookup = microsoft(auth, tmp_path)
     with microsocks(tmp_path, user="relay", password="proxy-pass") as port:
