@@ -52,7 +52,9 @@ def new_secret_store(settings: Settings) -> SecretStore:
 
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
     backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
-    if any(ref.startswith("aws-sm://") for ref in secret_refs(settings) + vault_bootstrap_refs(settings)):
+    key_patterns = [ks.key for ks in settings.dkim.key_sets]  # keys a key set will list
+    refs = secret_refs(settings) + vault_bootstrap_refs(settings) + key_patterns
+    if any(ref.startswith("aws-sm://") for ref in refs):
         # Imported only when used: the AWS SDK costs each worker ~35 MiB of memory.
         from relay.secrets.aws import AwsSecretsBackend
 
@@ -87,7 +89,7 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
 
 
 def secret_refs(settings: Settings) -> list[str]:
-    refs = [k.key for k in settings.dkim.keys]
+    refs = [k.key for k in settings.dkim.keys] + [ks.key_set for ks in settings.dkim.key_sets]
     refs += [u.password for u in settings.clients.users if u.password]
     for upstream in settings.upstream:
         refs += [r for r in (upstream.password, upstream.proxy_password) if r]
@@ -302,6 +304,7 @@ async def build_components(
     pipeline, posture = build_pipeline(
         settings, store, built.targets, dns, previous=previous.posture if previous is not None else None
     )
+    await pipeline.keyring.fetch_missing()  # the keys key-set documents list
     return Components(settings, dns, pipeline, posture, built.retired, built.token_auths, built.retired_token_auths)
 
 
@@ -321,10 +324,12 @@ async def preflight(
         tokens = [await check_token(a) for a in token_auths if a is not None]
         upstream = settings.upstream[0]
         target = build_target(upstream, settings, store, dns, token_auths[0])
+        keyring = KeyRing(settings.dkim, store)
+        await keyring.fetch_missing()
         return await run_check(
             settings,
             dns=dns,
-            keyring=KeyRing(settings.dkim, store),
+            keyring=keyring,
             target=target,
             dialer=build_dialer(upstream, store),
             accept=accept,

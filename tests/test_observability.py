@@ -46,6 +46,7 @@ EXPECTED_ALERTS = {
     "RelayNotReady",
     "RelayUpstreamTokenRefused",
     "RelayUpstreamTokenEndpointFailing",
+    "RelayDkimKeyTooOld",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).
