@@ -46,6 +46,9 @@ EXPECTED_ALERTS = {
     "RelayNotReady",
     "RelayUpstreamTokenRefused",
     "RelayUpstreamTokenEndpointFailing",
+    "RelayQueueGrowing",
+    "RelayQueueOldestMessageTooOld",
+    "RelaySpoolNearlyFull",
     "RelayDkimKeyTooOld",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
