@@ -433,3 +433,28 @@ def test_reload_keeps_an_unchanged_upstreams_token_and_fetches_a_new_ones(
     assert submit(relay, pki) == {}
     assert auth.requests == 2
     assert len(oauth_upstream.wait_for(3)) == 3
+
+
+# -- spool mode -----------------------------------------------------------------------------
+
+
+@in_thread
+def test_spool_mode_delivers_with_the_token_and_defers_without_one(
+    make_loop_relay, auth, oauth_upstream, pki, tmp_path
+):
+    relay = make_loop_relay(oauth_upstream.port, start=False)
+    with_oauth(relay, microsoft_auth(auth, tmp_path), max_messages_per_connection=1)  # AUTH per delivery
+    relay.config["queue"] = {"mode": "spool", "dir": str(tmp_path / "spool"), "retry": ["1s"]}
+    relay.start()
+    assert submit(relay, pki) == {}
+    assert oauth_upstream.wait_for(1)[0].user == MAILBOX
+    # The token endpoint refuses the app now, and the token is gone: the spool keeps the
+    # message and retries; nothing bounces.
+    auth.behaviour.fail = "invalid_client"
+    auth.revoke_all()
+    assert submit(relay, pki) == {}  # 250: on disk
+    attempt = relay.wait_log(lambda e: e.get("msg") == "delivery attempt" and e.get("result") == "deferred")
+    assert attempt["reply"] == 451
+    auth.behaviour.fail = None
+    assert len(oauth_upstream.wait_for(2, timeout=60)) == 2
+    assert relay.metric("relay_queue_bounces_total") == 0
