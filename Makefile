@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TOOLS_VENV  ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The TLS load client and its trivial TLS sink (C, OpenSSL: Debian's libssl-dev).
+BENCH_BIN := bench/bin
+bench-tools: $(BENCH_BIN)/tls_load $(BENCH_BIN)/tls_sink
+
+$(BENCH_BIN)/%: bench/tls/%.c
+	@mkdir -p $(BENCH_BIN)
+	$(CC) -O2 -Wall -Wextra -o $@ $< -lssl -lcrypto -lpthread
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache .relay-dev
