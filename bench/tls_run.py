@@ -60,7 +60,7 @@ BASE_PORT = {"relay": 2640, "anchor": 2650, "anchor_unix": 2660, "tls_sink": 267
 RELAY_METRICS = {"ecdsa": 9481, "rsa": 9482}
 CERT_OFFSET = {"ecdsa": 0, "rsa": 2}
 MODE_OFFSET = {"starttls": 0, "implicit": 1}
-DEFAULT_COUNTS = {1: 200, 20: 1500, 100: 1500}
+DEFAULT_COUNTS = {1: 100, 20: 1000, 100: 1000}
 DEFAULT_GRIDS = [
     # the main comparison: what most application libraries do
     "cert=ecdsa,rsa mode=starttls tls=1.3 resume=off conc=1,20,100",
@@ -269,8 +269,20 @@ def run_load(cmd: list[str], limit: float) -> dict:
     return stats
 
 
+def bad_auth(every: int) -> tuple[str, ...]:
+    return ("-b", str(every)) if every else ()
+
+
 def one_run(
-    target: str, cell: dict, rep: int, roots: list[int], client: str, counts: dict, limit: float, drain: float
+    target: str,
+    cell: dict,
+    rep: int,
+    roots: list[int],
+    client: str,
+    counts: dict,
+    limit: float,
+    drain: float,
+    bad_every: int = 0,
 ) -> dict:
     port = BASE_PORT[target] + CERT_OFFSET[cell["cert"]] + MODE_OFFSET[cell["mode"]]
     count = counts.get(cell["conc"], 1500)
@@ -280,7 +292,7 @@ def one_run(
     cpu0, sink0, machine0 = cpu_seconds_all(roots), cpu_seconds_all(sink_root), machine_busy()
     at_sink = sink_count()
     started = time.monotonic()
-    stats = run_load(load_cmd(client, cell, port, count, limit), limit)
+    stats = run_load(load_cmd(client, cell, port, count, limit, bad_auth(bad_every)), limit)
     client_done = time.monotonic()
     arrived = wait_sink(at_sink + stats.get("ok", 0), drain)
     delivered = sink_count() - at_sink
@@ -406,6 +418,8 @@ def summarize(rows: list[dict]) -> str:
             failures: collections.Counter = collections.Counter()
             for r in runs:
                 failures.update(r["client"].get("failures", {}))
+                if r["client"].get("bad_auth_refused"):
+                    failures["wrong password refused"] += r["client"]["bad_auth_refused"]
                 if r["delivered"] < r["client"].get("ok", 0):
                     failures["not at sink"] += r["client"]["ok"] - r["delivered"]
             lines.append(
@@ -554,11 +568,14 @@ def main() -> None:
         "--counts",
         type=lambda s: {int(k): int(v) for k, v in (p.split(":") for p in s.split(","))},
         default=DEFAULT_COUNTS,
-        help="messages per run by clients, e.g. 1:200,20:1500,100:1500",
+        help="messages per run by clients, e.g. 1:100,20:1000,100:1000",
     )
     parser.add_argument("--limit", type=float, default=60.0, help="seconds per run (no message starts after it)")
     parser.add_argument("--drain", type=float, default=60.0, help="seconds to wait for the sink after a run")
     parser.add_argument("--workers", type=int, default=2, help="relay serve --workers")
+    parser.add_argument(
+        "--bad-every", type=int, default=0, help="every N-th message authenticates with a wrong password (expects 535)"
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the DKIM check of every target port")
     parser.add_argument("--client-check", action="store_true", help="only tls_load against tls_sink")
     parser.add_argument(
@@ -621,6 +638,7 @@ def main() -> None:
             "argv": sys.argv[1:],
             "grids": args.grid or DEFAULT_GRIDS,
             "targets": args.targets,
+            "bad_every": args.bad_every,
             "reps": args.reps,
             "counts": args.counts,
             "workers": args.workers,
@@ -647,7 +665,15 @@ def main() -> None:
                 order = args.targets[rep % len(args.targets) :] + args.targets[: rep % len(args.targets)]
                 for target in order:
                     row = one_run(
-                        target, cell, rep, roots[target][cell["cert"]], client, args.counts, args.limit, args.drain
+                        target,
+                        cell,
+                        rep,
+                        roots[target][cell["cert"]],
+                        client,
+                        args.counts,
+                        args.limit,
+                        args.drain,
+                        args.bad_every,
                     )
                     rows.append(row)
                     with open(raw, "a") as fh:
