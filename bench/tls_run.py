@@ -380,6 +380,20 @@ def strip_sink_headers(raw: bytes) -> bytes:
     return b"\r\n".join(lines[i:])
 
 
+def openssl_rsa_signs_per_s() -> float | None:
+    """`openssl speed rsa2048` signatures/s on one core: how fast this shared machine is right
+    now, to put CPU-per-message figures from different hours side by side."""
+    out = subprocess.run(["openssl", "speed", "-seconds", "1", "rsa2048"], capture_output=True, text=True).stdout
+    match = re.search(r"^rsa 2048 bits\s+\S+s\s+\S+s\s+([\d.]+)", out, re.M)
+    return float(match.group(1)) if match else None
+
+
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
 def perf_instructions_available() -> bool:
     if not shutil.which("perf"):
         return False
@@ -501,58 +515,107 @@ def client_check(args, client: str, workdir: Path) -> list[dict]:
 
 
 def profile(args, client: str, workdir: Path, results: Path, stamp: str) -> None:
-    """py-spy on relay (one worker, so one process) at 20 clients, STARTTLS, TLS 1.3, no
-    resumption, once per certificate type; CPU per message from /proc over the same run."""
+    """relay with one worker (one process) at 20 clients, STARTTLS, TLS 1.3, no resumption,
+    once per certificate type: a run without the profiler for CPU per message (/proc), then
+    a run under py-spy (200 Hz) whose folded stacks (speedscope opens them) are summed into
+    categories and a top table."""
     py_spy = shutil.which("py-spy") or str(REPO / ".venv" / "bin" / "py-spy")
     if not Path(py_spy).exists():
         sys.exit("tls_run: --profile needs py-spy (.venv/bin/pip install py-spy)")
     count = args.profile
-    for cert in args.certs:
+    report = results / f"tls-profile-{stamp}.txt"
+    for cert, mode in itertools.product(args.certs, args.modes):
         relay = start_relay(workdir, cert, workers=1)
         try:
-            cell = {"cert": cert, "mode": "starttls", "tls": "1.3", "resume": "off", "conc": 20}
-            run_load(load_cmd(client, cell, BASE_PORT["relay"] + CERT_OFFSET[cert], 200, 30), 30)  # warm up
-            for fmt in ("speedscope", "raw"):
-                out = results / f"tls-profile-{stamp}-{cert}.{'speedscope.json' if fmt == 'speedscope' else 'folded'}"
-                spy = subprocess.Popen(
-                    [py_spy, "record", "-p", str(relay.pid), "-r", "200", "-f", fmt, "-o", str(out), "--nonblocking"],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                time.sleep(1.0)
-                cpu0 = cpu_seconds(relay.pid)
-                stats = run_load(
-                    load_cmd(client, cell, BASE_PORT["relay"] + CERT_OFFSET[cert], count, args.limit), args.limit
-                )
-                cpu = cpu_seconds(relay.pid) - cpu0
-                spy.send_signal(signal.SIGINT)
-                spy.wait(60)
-                line = (
-                    f"profile {cert} ({fmt}): {stats.get('ok')} msgs, {stats.get('msgs_per_s')} msgs/s, "
-                    f"relay CPU {1000 * cpu / max(stats.get('ok', 0), 1):.2f} ms/msg -> {out.name}"
-                )
-                print(line, file=sys.stderr)
-                with open(results / f"tls-profile-{stamp}.txt", "a") as fh:
-                    fh.write(line + "\n")
-                if fmt == "raw":
-                    with open(results / f"tls-profile-{stamp}.txt", "a") as fh:
-                        fh.write(top_table(out) + "\n\n")
+            cell = {"cert": cert, "mode": mode, "tls": "1.3", "resume": "off", "conc": 20}
+            port = BASE_PORT["relay"] + CERT_OFFSET[cert] + MODE_OFFSET[mode]
+            run_load(load_cmd(client, cell, port, 200, 30), 30)  # warm up
+            load_before = loadavg()
+            speed = openssl_rsa_signs_per_s()
+            cpu0, (user0, sys0) = cpu_seconds(relay.pid), user_system_seconds(relay.pid)
+            stats = run_load(load_cmd(client, cell, port, count, args.limit), args.limit)
+            ok = max(stats.get("ok", 0), 1)
+            cpu_ms = 1000 * (cpu_seconds(relay.pid) - cpu0) / ok
+            user1, sys1 = user_system_seconds(relay.pid)
+            split = f"user {1000 * (user1 - user0) / ok:.2f} + system {1000 * (sys1 - sys0) / ok:.2f}"
+            folded = results / f"tls-profile-{stamp}-{cert}-{mode}.folded"
+            spy = subprocess.Popen(
+                [py_spy, "record", "-p", str(relay.pid), "-r", "200", "-F", "-f", "raw", "-o", str(folded)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)
+            profiled = run_load(load_cmd(client, cell, port, count, args.limit), args.limit)
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            text = (
+                f"## relay --workers 1, {cert} certificate, {mode}, TLS 1.3, no resumption, 20 clients\n"
+                f"without profiler: {stats.get('ok')} msgs, {stats.get('msgs_per_s')} msgs/s, "
+                f"relay CPU {cpu_ms:.2f} ms/msg ({split}; load {load_before} -> {loadavg()}; "
+                f"openssl speed rsa2048 {speed} signs/s); "
+                f"under py-spy: {profiled.get('ok')} msgs, {profiled.get('msgs_per_s')} msgs/s\n"
+                f"stacks: {folded.name}\n\n{category_table(folded, cpu_ms)}\n\n{top_table(folded)}\n\n"
+            )
+            print(text)
+            with open(report, "a") as fh:
+                fh.write(text)
         finally:
             stop(relay)
 
 
-def top_table(folded: Path, rows: int = 25) -> str:
-    """Inclusive share of samples per function from py-spy's folded stacks."""
-    inclusive: collections.Counter = collections.Counter()
-    total = 0
+# A sample belongs to the first category that any frame of its stack matches (py-spy frames
+# read "function (file:line)"), so a log call made while delivering counts as logging.
+CATEGORIES = [
+    ("TLS handshake (incl. context wrap)", ("do_handshake", "wrap_bio", "start_tls")),
+    ("DKIM signing", ("relay/sign/",)),
+    ("logging", ("(logging/", "relay/observe/logs")),
+    ("AUTH", ("smtp_AUTH", "relay/auth/")),
+    ("upstream delivery (aiosmtplib, pool)", ("relay/deliver/", "aiosmtplib/")),
+    # uvloop's own TLS transport (implicit TLS) encrypts inside StreamWriter.write.
+    (
+        "TLS record I/O (encrypt/decrypt, writes to the client)",
+        ("(asyncio/sslproto.py", "(ssl.py", "StreamWriter.write"),
+    ),
+    ("session setup (aiosmtpd SMTP.__init__, connection_made)", ("SMTP.__init__", "connection_made")),
+    ("aiosmtpd command loop and parsing", ("aiosmtpd/",)),
+    ("relay: other (pipeline, policy, message)", ("relay/",)),
+    ("asyncio event loop, sockets", ("asyncio/", "selectors")),
+]
+
+
+def folded_stacks(folded: Path):
+    """(stack, samples) from py-spy's folded output, without the default executor's idle
+    workers: py-spy reports them as running, but /proc shows they use no CPU here."""
     for line in folded.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
-        if not stack:
-            continue
-        samples = int(n)
+        if stack and not stack.rsplit(";", 1)[-1].startswith("_worker (concurrent/futures/thread.py"):
+            yield stack, int(n)
+
+
+def category_table(folded: Path, cpu_ms: float) -> str:
+    shares: collections.Counter = collections.Counter()
+    total = 0
+    for stack, samples in folded_stacks(folded):
         total += samples
+        name = next((c for c, marks in CATEGORIES if any(m in stack for m in marks)), "other")
+        shares[name] += samples
+    out = [
+        f"| category ({total} samples) | share | ≈ ms/msg |",
+        "|---|---:|---:|",
+    ]
+    for name, samples in shares.most_common():
+        out.append(f"| {name} | {100 * samples / total:.1f} % | {cpu_ms * samples / total:.2f} |")
+    return "\n".join(out)
+
+
+def top_table(folded: Path, rows: int = 30) -> str:
+    """Inclusive share of samples per function (py-spy -F: one entry per function)."""
+    inclusive: collections.Counter = collections.Counter()
+    total = 0
+    for stack, n in folded_stacks(folded):
+        total += n
         for frame in set(stack.split(";")):
-            inclusive[frame] += samples
+            inclusive[frame] += n
     out = [f"{total} samples; inclusive share of the top functions:"]
     for frame, samples in inclusive.most_common(rows):
         out.append(f"{100 * samples / total:6.1f} %  {frame}")
@@ -585,6 +648,9 @@ def main() -> None:
         "--certs", type=lambda s: s.split(","), default=["ecdsa", "rsa"], help="for --client-check / --profile"
     )
     parser.add_argument(
+        "--modes", type=lambda s: s.split(","), default=["starttls"], help="for --profile: starttls,implicit"
+    )
+    parser.add_argument(
         "--concs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 100], help="for --client-check"
     )
     args = parser.parse_args()
@@ -610,7 +676,7 @@ def main() -> None:
     try:
         if args.profile:
             profile(args, client, workdir, results, stamp)
-            print((results / f"tls-profile-{stamp}.txt").read_text())
+            print(f"report: {(results / f'tls-profile-{stamp}.txt').relative_to(REPO)}")
             return
         cells = [c for g in (args.grid or DEFAULT_GRIDS) for c in parse_grid(g)]
         certs = sorted({c["cert"] for c in cells})
@@ -646,6 +712,7 @@ def main() -> None:
             "uname": os.uname().release,
             "dkim_check": checks,
             "perf_instructions": perf_instructions_available(),
+            "openssl_rsa2048_signs_per_s_before": openssl_rsa_signs_per_s(),
             "postfix": subprocess.run(
                 ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True
             ).stdout.strip(),
@@ -688,6 +755,9 @@ def main() -> None:
                         file=sys.stderr,
                         flush=True,
                     )
+        meta_after = {"openssl_rsa2048_signs_per_s_after": openssl_rsa_signs_per_s(), "loadavg": loadavg()}
+        with open(raw, "a") as fh:
+            fh.write(json.dumps({"meta_after": meta_after}) + "\n")
         table = summarize(rows)
         (results / f"tls-summary-{stamp}.md").write_text(
             f"{time.strftime('%Y-%m-%d')}, relay --workers {args.workers}, medians of {args.reps} reps "
