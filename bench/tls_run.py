@@ -449,6 +449,39 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def compare(rows: list[dict]) -> str:
+    """relay against the faster anchor variant of each cell (medians over the reps)."""
+    lines = [
+        "| cert | mode | TLS | resume | clients | relay msgs/s | faster anchor msgs/s | ratio "
+        "| relay p99 ms | anchor p99 ms (lower) | relay CPU ms/msg | anchor CPU ms/msg (lower) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    key = lambda r: tuple(r[d] for d in DIMS)  # noqa: E731
+    for cell in sorted({key(r) for r in rows}, key=lambda k: (k[4], k[0], k[1], k[2], k[3])):
+
+        def med(target: str, field: str, client: bool = False, cell: tuple = cell) -> float | None:
+            values = [
+                (r["client"] if client else r).get(field) for r in rows if key(r) == cell and r["target"] == target
+            ]
+            values = [v for v in values if v is not None]
+            return median(values) if values else None
+
+        relay = med("relay", "e2e_msgs_per_s")
+        anchors = [a for a in ("anchor", "anchor_unix") if med(a, "e2e_msgs_per_s") is not None]
+        if relay is None or not anchors:
+            continue
+        best = max(anchors, key=lambda a: med(a, "e2e_msgs_per_s"))
+        p99 = min(med(a, "lat_p99_ms", client=True) for a in anchors)
+        cpu = min(med(a, "server_cpu_ms_per_msg") for a in anchors)
+        lines.append(
+            f"| {cell[0]} | {cell[1]} | {cell[2]} | {cell[3]} | {cell[4]} | {relay:.0f} "
+            f"| {med(best, 'e2e_msgs_per_s'):.0f} ({best}) | {relay / med(best, 'e2e_msgs_per_s'):.2f}x "
+            f"| {med('relay', 'lat_p99_ms', client=True):.1f} | {p99:.1f} "
+            f"| {med('relay', 'server_cpu_ms_per_msg'):.2f} | {cpu:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ modes
 
 
@@ -653,7 +686,12 @@ def main() -> None:
     parser.add_argument(
         "--concs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 100], help="for --client-check"
     )
+    parser.add_argument("--summarize", type=Path, metavar="RAW", help="only print the tables of a raw file")
     args = parser.parse_args()
+    if args.summarize:
+        rows = [r for r in map(json.loads, args.summarize.read_text().splitlines()) if "target" in r and r["rep"] >= 0]
+        print(summarize(rows) + "\n\n" + compare(rows))
+        return
 
     client = tool("tls_load")
     results = HERE / "results"
@@ -758,7 +796,7 @@ def main() -> None:
         meta_after = {"openssl_rsa2048_signs_per_s_after": openssl_rsa_signs_per_s(), "loadavg": loadavg()}
         with open(raw, "a") as fh:
             fh.write(json.dumps({"meta_after": meta_after}) + "\n")
-        table = summarize(rows)
+        table = summarize(rows) + "\n\n" + compare(rows)
         (results / f"tls-summary-{stamp}.md").write_text(
             f"{time.strftime('%Y-%m-%d')}, relay --workers {args.workers}, medians of {args.reps} reps "
             f"(each rep in brackets)\n\n{table}\n"
