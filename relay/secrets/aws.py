@@ -40,7 +40,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from relay.secrets.base import SecretFetchError, SecretRef, SecretValue
+from relay.secrets.base import SecretFetchError, SecretNotFoundError, SecretRef, SecretValue
 
 __all__ = ["AwsSecretsBackend"]
 
@@ -99,14 +99,10 @@ class AwsSecretsBackend:
                 )
             except NoRegionError as exc:
                 await stack.aclose()
-                raise SecretFetchError(
-                    f"{ref}: no AWS region configured (set region or AWS_REGION)"
-                ) from exc
+                raise SecretFetchError(f"{ref}: no AWS region configured (set region or AWS_REGION)") from exc
             except BotoCoreError as exc:
                 await stack.aclose()
-                raise SecretFetchError(
-                    f"{ref}: cannot create AWS client ({type(exc).__name__})"
-                ) from exc
+                raise SecretFetchError(f"{ref}: cannot create AWS client ({type(exc).__name__})") from exc
             self._stack, self._client = stack, client
             return client
 
@@ -162,16 +158,12 @@ class AwsSecretsBackend:
             return await self._create(ref, data)
 
     async def _put(self, ref: SecretRef, data: bytes) -> str:
-        response = await self._call(
-            ref, "PutSecretValue", SecretId=ref.location, **_value_kwargs(data)
-        )
+        response = await self._call(ref, "PutSecretValue", SecretId=ref.location, **_value_kwargs(data))
         return str(response["VersionId"])
 
     async def _create(self, ref: SecretRef, data: bytes) -> str:
         try:
-            response = await self._call(
-                ref, "CreateSecret", Name=ref.location, **_value_kwargs(data)
-            )
+            response = await self._call(ref, "CreateSecret", Name=ref.location, **_value_kwargs(data))
         except _AwsError as exc:
             if exc.code != "ResourceExistsException":
                 raise
@@ -179,19 +171,36 @@ class AwsSecretsBackend:
             return await self._put(ref, data)
         return str(response["VersionId"])
 
+    async def delete(self, ref: SecretRef, *, recovery_window_days: int = 7) -> bool:
+        """Schedule the secret for deletion, recoverable for `recovery_window_days` (AWS
+        keeps it that long; `RestoreSecret` brings it back). False if it does not exist or
+        is already scheduled."""
+        if ref.scheme != self.scheme:
+            raise SecretFetchError(f"{ref}: not an {self.scheme}:// reference")
+        try:
+            described = await self._call(ref, "DescribeSecret", SecretId=ref.location)
+        except _AwsNotFound:
+            return False
+        if described.get("DeletedDate"):
+            return False
+        await self._call(ref, "DeleteSecret", SecretId=ref.location, RecoveryWindowInDays=recovery_window_days)
+        return True
+
     # -- plumbing -------------------------------------------------------------------------
 
     async def _call(self, ref: SecretRef, operation: str, **params: Any) -> dict[str, Any]:
         client = await self._get_client(ref)
         method = getattr(client, _snake(operation))
         try:
-            return await method(**params)
+            result: dict[str, Any] = await method(**params)
+            return result
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = error.get("Code") or "UnknownError"
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             suffix = f", HTTP {status}" if status else ""
-            raise _AwsError(f"{ref}: {operation} failed: {code}{suffix}", code) from None
+            error_type = _AwsNotFound if code == "ResourceNotFoundException" else _AwsError
+            raise error_type(f"{ref}: {operation} failed: {code}{suffix}", code) from None
         except (EndpointConnectionError, ConnectTimeoutError) as exc:
             where = getattr(exc, "kwargs", {}).get("endpoint_url", "")
             raise SecretFetchError(
@@ -219,6 +228,10 @@ class _AwsError(SecretFetchError):
         self.code = code
 
 
+class _AwsNotFound(_AwsError, SecretNotFoundError):
+    """ResourceNotFoundException: the secret does not exist."""
+
+
 def _snake(operation: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in operation).lstrip("_")
 
@@ -243,13 +256,9 @@ def _json_object(ref: SecretRef, raw: bytes) -> dict[str, Any]:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         # never include the content: it may be the secret itself
-        raise SecretFetchError(
-            f"{ref}: secret is not JSON, cannot select field {ref.field!r}"
-        ) from None
+        raise SecretFetchError(f"{ref}: secret is not JSON, cannot select field {ref.field!r}") from None
     if not isinstance(obj, dict):
-        raise SecretFetchError(
-            f"{ref}: secret is not a JSON object, cannot select field {ref.field!r}"
-        )
+        raise SecretFetchError(f"{ref}: secret is not a JSON object, cannot select field {ref.field!r}")
     return obj
 
 
