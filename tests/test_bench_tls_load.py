@@ -15,10 +15,14 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.conftest import APP_PASSWORD, verify_all
+from tests.support.config import APP_PASSWORD
+from tests.support.dkim import verify_all
+from tests.support.inloop import in_thread
 from tests.support.procs import require_binary
 
 SOURCE = Path(__file__).resolve().parent.parent / "bench" / "tls" / "tls_load.c"
+
+pytestmark = pytest.mark.binaries  # a C compiler and libssl-dev
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +43,11 @@ def run(tls_load: str, port: int, ca_file: Path, *args: str) -> tuple[int, dict]
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 @pytest.mark.parametrize("listener, mode", [("submission", "starttls"), ("submissions", "implicit")])
+@in_thread
 def test_messages_arrive_signed_and_wrong_passwords_are_counted(
-    make_relay, upstream, pki, dkim_keys, tls_load, listener, mode, version
+    make_loop_relay, upstream, pki, dkim_keys, tls_load, listener, mode, version
 ):
-    relay = make_relay(upstream.port)
+    relay = make_loop_relay(upstream.port)
     rc, stats = run(
         tls_load, relay.port(listener), pki.ca_file, "-e", mode, "-V", version, "-s", "2", "-m", "6", "-b", "3"
     )
@@ -56,8 +61,9 @@ def test_messages_arrive_signed_and_wrong_passwords_are_counted(
         assert verify_all(got.content, dkim_keys.dns()) == [True, True]
 
 
-def test_resumption_offers_the_last_session(make_relay, upstream, pki, tls_load):
-    relay = make_relay(upstream.port)  # one worker: one ticket key
+@in_thread
+def test_resumption_offers_the_last_session(make_loop_relay, upstream, pki, tls_load):
+    relay = make_loop_relay(upstream.port)  # one process: one ticket key
     rc, stats = run(
         tls_load, relay.port("submission"), pki.ca_file, "-e", "starttls", "-V", "1.3", "-s", "1", "-m", "3", "-r"
     )
@@ -65,8 +71,9 @@ def test_resumption_offers_the_last_session(make_relay, upstream, pki, tls_load)
     assert (stats["ok"], stats["handshakes"], stats["resumed"]) == (3, 3, 2)
 
 
-def test_a_certificate_from_another_ca_fails_verification(make_relay, upstream, tmp_path, tls_load):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_a_certificate_from_another_ca_fails_verification(make_loop_relay, upstream, tmp_path, tls_load):
+    relay = make_loop_relay(upstream.port)
     other_ca = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
     rc, stats = run(tls_load, relay.port("submissions"), other_ca, "-e", "implicit", "-s", "1", "-m", "2")
