@@ -33,10 +33,14 @@ from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostTarget
 from relay.dns.addresses import AddressResolver
 from relay.dns.resolver import DnsResolver, DnsService
+from relay.oauth.cache import TokenCache
+from relay.oauth.providers import token_source
+from relay.oauth.token import TokenError, remediation
+from relay.oauth.upstream_auth import UpstreamTokenAuth
 from relay.pipeline import Pipeline
 from relay.posture.egress import Accept, is_public_unicast
 from relay.posture.monitor import PostureMonitor
-from relay.posture.report import CheckReport, run_check
+from relay.posture.report import CheckReport, TokenCheck, run_check
 from relay.proxy import dialer_for
 from relay.queue.dsn import report_signer
 from relay.queue.pacing import PacedTarget
@@ -100,6 +104,8 @@ def secret_refs(settings: Settings) -> list[str]:
     refs += [u.password for u in settings.clients.users if u.password]
     for upstream in settings.upstream:
         refs += [r for r in (upstream.password, upstream.proxy_password) if r]
+        if upstream.auth is not None:
+            refs += upstream.auth.secret_refs
     return list(dict.fromkeys(refs))
 
 
@@ -135,10 +141,33 @@ def build_dns(settings: Settings) -> DnsResolver:
     return DnsResolver(dns.nameservers, port=dns.port, timeout=dns.timeout, attempts=dns.attempts)
 
 
+def build_token_auth(upstream: UpstreamSettings, store: SecretStore) -> UpstreamTokenAuth | None:
+    """The access-token side of an upstream with `auth.provider` (None for the others): its
+    token endpoint is reached through the upstream's own egress path."""
+    auth = upstream.auth
+    if auth is None or not auth.uses_token or upstream.username is None:
+        return None
+
+    def secret(ref: str) -> bytes | None:
+        value = store.get(ref)
+        return value.data if value else None
+
+    source = token_source(auth, upstream.username, build_dialer(upstream, store), secret)
+    cache = TokenCache(source, upstream=upstream.label)
+    mechanism = auth.effective_mechanism
+    assert mechanism is not None
+    return UpstreamTokenAuth(cache, mechanism=mechanism, username=upstream.username, secrets=tuple(auth.secret_refs))
+
+
 def build_target(
-    upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
+    upstream: UpstreamSettings,
+    settings: Settings,
+    store: SecretStore,
+    dns: DnsService | None = None,
+    token_auth: UpstreamTokenAuth | None = None,
 ) -> UpstreamTarget:
-    target = _build_target(upstream, settings, store, dns)
+    """`token_auth` (from `build_token_auth`) when the upstream authenticates with a token."""
+    target = _build_target(upstream, settings, store, dns, token_auth)
     if upstream.max_rate is not None and settings.queue.mode == "spool":
         # Pacing applies to deliveries from the spool; in passthrough the client waits.
         return PacedTarget(target, upstream.max_rate)
@@ -146,7 +175,11 @@ def build_target(
 
 
 def _build_target(
-    upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
+    upstream: UpstreamSettings,
+    settings: Settings,
+    store: SecretStore,
+    dns: DnsService | None = None,
+    token_auth: UpstreamTokenAuth | None = None,
 ) -> UpstreamTarget:
     if upstream.mode == "outbox":
         assert upstream.outbox_dir is not None
@@ -171,6 +204,8 @@ def _build_target(
         helo_name=upstream.helo_name or settings.hostname,
         username=upstream.username,
         password=password if password_ref else None,
+        password_mechanism=upstream.auth.mechanism if upstream.auth and not upstream.auth.uses_token else None,
+        auth=token_auth,
         connect_timeout=upstream.connect_timeout,
         command_timeout=upstream.command_timeout,
     )
@@ -193,26 +228,45 @@ def _build_target(
     return SmarthostTarget(upstream.label, connector, pool)
 
 
+@dataclass
+class BuiltTargets:
+    targets: list[UpstreamTarget]  # in config order
+    retired: list[UpstreamTarget]  # no longer used: to be closed
+    token_auths: list[UpstreamTokenAuth]  # of the upstreams with a token provider
+    retired_token_auths: list[UpstreamTokenAuth]
+
+
 class UpstreamTargets:
-    """Upstream targets by upstream config; an unchanged upstream keeps its pool across reloads."""
+    """Upstream targets by upstream config; an unchanged upstream keeps its pool (and its
+    access token) across reloads."""
 
     def __init__(self) -> None:
-        self._by_config: dict[str, UpstreamTarget] = {}
+        self._by_config: dict[str, tuple[UpstreamTarget, UpstreamTokenAuth | None]] = {}
 
-    def build(
-        self, settings: Settings, store: SecretStore, dns: DnsService
-    ) -> tuple[list[UpstreamTarget], list[UpstreamTarget]]:
-        """The targets for `settings`, in config order, and the ones no longer used."""
-        wanted: dict[str, UpstreamTarget] = {}
+    def build(self, settings: Settings, store: SecretStore, dns: DnsService) -> BuiltTargets:
+        """The targets for `settings`, and what the previous config used that this one does not."""
+        wanted: dict[str, tuple[UpstreamTarget, UpstreamTokenAuth | None]] = {}
         for upstream in settings.upstream:
             key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json() + settings.queue.mode
-            wanted[key] = self._by_config.get(key) or build_target(upstream, settings, store, dns)
-        retired = [t for k, t in self._by_config.items() if k not in wanted]
+            built = self._by_config.get(key)
+            if built is None:
+                token_auth = build_token_auth(upstream, store)
+                built = (build_target(upstream, settings, store, dns, token_auth), token_auth)
+            wanted[key] = built
+        retired = [built for k, built in self._by_config.items() if k not in wanted]
         self._by_config = wanted
-        return list(wanted.values()), retired
+        return BuiltTargets(
+            [t for t, _ in wanted.values()],
+            [t for t, _ in retired],
+            [a for _, a in wanted.values() if a is not None],
+            [a for _, a in retired if a is not None],
+        )
 
     def all(self) -> list[UpstreamTarget]:
-        return list(self._by_config.values())
+        return [t for t, _ in self._by_config.values()]
+
+    def token_auths(self) -> list[UpstreamTokenAuth]:
+        return [a for _, a in self._by_config.values() if a is not None]
 
 
 def build_router(settings: Settings, targets: list[UpstreamTarget]) -> Router:
@@ -258,6 +312,10 @@ class Components:
     router: Router  # the real upstream targets (in spool mode the pipeline's router is the spool's)
     # Targets of the previous snapshot that this one no longer uses (to be closed).
     retired: list[UpstreamTarget] = field(default_factory=list)
+    # Token sides of the upstreams with a token provider (started by the server), and the
+    # previous snapshot's that this one no longer uses (to be closed).
+    token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
+    retired_token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
 
 
 async def build_components(
@@ -275,12 +333,21 @@ async def build_components(
     """
     await load_secrets(store, settings)
     dns = build_dns(settings)
-    upstreams, retired = targets.build(settings, store, dns)
+    built = targets.build(settings, store, dns)
     pipeline, posture = build_pipeline(
-        settings, store, upstreams, dns, previous=previous.posture if previous is not None else None, spool=spool
+        settings, store, built.targets, dns, previous=previous.posture if previous is not None else None, spool=spool
     )
     await pipeline.keyring.fetch_missing()  # the keys key-set documents list
-    return Components(settings, dns, pipeline, posture, build_router(settings, upstreams), retired)
+    return Components(
+        settings,
+        dns,
+        pipeline,
+        posture,
+        build_router(settings, built.targets),
+        built.retired,
+        built.token_auths,
+        built.retired_token_auths,
+    )
 
 
 class SpoolParts:
@@ -322,10 +389,14 @@ async def preflight(
     dns = build_dns(settings)
     store = new_secret_store(settings)
     target: UpstreamTarget | None = None
+    token_auths: list[UpstreamTokenAuth | None] = []
     try:
         await load_secrets(store, settings)
+        token_auths = [build_token_auth(u, store) for u in settings.upstream]
+        # Tokens first: the upstream probe then authenticates with the one just fetched.
+        tokens = [await check_token(a) for a in token_auths if a is not None]
         upstream = settings.upstream[0]
-        target = build_target(upstream, settings, store, dns)
+        target = build_target(upstream, settings, store, dns, token_auths[0])
         keyring = KeyRing(settings.dkim, store)
         await keyring.fetch_missing()
         return await run_check(
@@ -336,8 +407,31 @@ async def preflight(
             dialer=build_dialer(upstream, store),
             accept=accept,
             echo_tls_context=echo_tls_context,
+            tokens=tokens,
         )
     finally:
         if target is not None:
             await target.close()
+        for token_auth in token_auths:
+            if token_auth is not None:
+                await token_auth.close()
         await store.close()
+
+
+async def check_token(token_auth: UpstreamTokenAuth) -> TokenCheck:
+    source = token_auth.cache.source
+    try:
+        token = await token_auth.cache.token()
+    except TokenError as exc:
+        return TokenCheck(
+            token_auth.label,
+            source.provider,
+            source.describe(),
+            False,
+            f"{exc.reason}: {exc.detail}",
+            exc.reason,
+            remediation(source.provider, exc.reason),
+        )
+    return TokenCheck(
+        token_auth.label, source.provider, source.describe(), True, f"token issued, valid for {token.lifetime:.0f} s"
+    )

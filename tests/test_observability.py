@@ -44,6 +44,8 @@ EXPECTED_ALERTS = {
     "RelaySecretRefreshStale",
     "RelayDown",
     "RelayNotReady",
+    "RelayUpstreamTokenRefused",
+    "RelayUpstreamTokenEndpointFailing",
     "RelayQueueGrowing",
     "RelayQueueOldestMessageTooOld",
     "RelaySpoolNearlyFull",

@@ -14,7 +14,17 @@ from pydantic import BaseModel, ValidationError
 from relay.config.schema import Settings
 
 # Field names whose values must never be echoed in an error, even when wrong.
-_SECRET_FIELDS = {"password", "password_hash", "key", "token", "secret_id", "proxy_password"}
+_SECRET_FIELDS = {
+    "password",
+    "password_hash",
+    "key",
+    "token",
+    "secret_id",
+    "proxy_password",
+    "client_secret",
+    "client_certificate",
+    "service_account",
+}
 
 
 class ConfigError(Exception):
@@ -166,6 +176,8 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
             upstream_names.setdefault(upstream.name, i)
         if upstream.ca_file is not None and not upstream.ca_file.is_file():
             yield f"upstream[{i}].ca_file", f"file not found: {upstream.ca_file}"
+        if upstream.auth is not None and upstream.auth.ca_file is not None and not upstream.auth.ca_file.is_file():
+            yield f"upstream[{i}].auth.ca_file", f"file not found: {upstream.auth.ca_file}"
         if upstream.mode == "outbox" and len(settings.upstream) > 1:
             yield f"upstream[{i}].mode", "outbox is a development target and cannot be combined with other upstreams"
     for i, route in enumerate(settings.routes):

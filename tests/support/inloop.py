@@ -46,7 +46,17 @@ from relay.server import Relay
 P = ParamSpec("P")
 
 # Loggers held at WARNING whatever the level, as `relay serve` does (relay.observe.logs).
-_QUIET = ("mail.log", "aiosmtplib", "asyncio", "botocore", "aiobotocore", "urllib3", "aiohttp.access")
+_QUIET = (
+    "mail.log",
+    "aiosmtplib",
+    "asyncio",
+    "botocore",
+    "aiobotocore",
+    "urllib3",
+    "aiohttp.access",
+    "httpx2",
+    "httpcore2",
+)
 
 
 def in_thread(test: Callable[P, None]) -> Callable[P, Coroutine[Any, Any, None]]:
