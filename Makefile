@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 # Linters for the deploy files (checkov, hadolint) and uv (for `make lock`) live in their own
 # venv: checkov pins versions of libraries the relay also uses.
 TOOLS_VENV  ?= .venv-tools
@@ -16,11 +17,18 @@ IMAGE_CACHE ?= $(CURDIR)/.cache/image
 
 .PHONY: run test lint bench clean lock image-cache
 
-$(STAMP): pyproject.toml $(LOCKS)
+# `make run` needs what the image ships (image.txt); `make test` adds the test tools (test.txt,
+# the same pins plus pytest & co). Both refuse lock files older than pyproject.toml.
+$(RUN_STAMP): pyproject.toml $(LOCKS)
 	$(PYTHON) requirements/lock.py check
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --require-hashes -r requirements/test.txt
+	$(PY) -m pip install -q --require-hashes -r requirements/image.txt -r requirements/build.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	touch $@
+
+$(STAMP): $(RUN_STAMP)
+	$(PY) -m pip install -q --require-hashes -r requirements/test.txt
 	$(PY) -m pip check
 	touch $@
 
@@ -30,7 +38,7 @@ $(TOOLS_STAMP): requirements-tools.txt
 	$(TOOLS_VENV)/bin/pip install -q -r requirements-tools.txt
 	touch $@
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	RELAY_DEV_DIR=$(CURDIR)/.relay-dev $(VENV)/bin/relay serve
 
 test: $(STAMP) $(TOOLS_STAMP) image-cache

@@ -53,8 +53,9 @@ def _cache_dir() -> Path:
 
 def _cached(script: str) -> Path:
     """The path `deploy/image/<script> --check` prints; fail naming the step that makes it."""
-    result = subprocess.run([ROOT / "deploy" / "image" / script, "--check", _cache_dir()],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [ROOT / "deploy" / "image" / script, "--check", _cache_dir()], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.fail(f"the image test's input is missing: {result.stderr.strip()}", pytrace=False)
     return Path(result.stdout.strip())
@@ -65,24 +66,32 @@ def _require_own_network_namespace() -> None:
     # container would share the machine's real network.
     interfaces = sorted(name for _, name in socket.if_nameindex())
     if interfaces != ["lo"]:
-        pytest.fail(f"network interfaces {interfaces}: the image test runs only inside tests/loopback-only "
-                    "(as root), where loopback is the only one: `make test` does it",
-                    pytrace=False)
+        pytest.fail(
+            f"network interfaces {interfaces}: the image test runs only inside tests/loopback-only "
+            "(as root), where loopback is the only one: `make test` does it",
+            pytrace=False,
+        )
 
 
 class Docker:
     def __init__(self, client: str, host: str) -> None:
         self.client, self.host = client, host
 
-    def __call__(self, *args: str | os.PathLike[str], check: bool = True, timeout: float = 120,
-                 **env: str) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str | os.PathLike[str], check: bool = True, timeout: float = 120, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [self.client, *map(os.fspath, args)], capture_output=True, text=True, timeout=timeout,
+            [self.client, *map(os.fspath, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             env={**os.environ, "DOCKER_HOST": self.host, "DOCKER_CONFIG": "/nonexistent", **env},
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(map(str, args))} exited {result.returncode}:\n"
-                                 f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+            raise AssertionError(
+                f"docker {' '.join(map(str, args))} exited {result.returncode}:\n"
+                f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         return result
 
 
@@ -110,18 +119,45 @@ def docker() -> Iterator[Docker]:
     run_dir = Path(tempfile.mkdtemp(prefix="relay-docker-", dir="/tmp"))
     try:
         containerd_sock = run_dir / "containerd.sock"
-        with running(["containerd", "--address", containerd_sock, "--root", run_dir / "containerd-root",
-                      "--state", run_dir / "containerd-state"],
-                     ready=None, log_path=run_dir / "containerd.log", stop_timeout=20) as containerd:
+        with running(
+            [
+                "containerd",
+                "--address",
+                containerd_sock,
+                "--root",
+                run_dir / "containerd-root",
+                "--state",
+                run_dir / "containerd-state",
+            ],
+            ready=None,
+            log_path=run_dir / "containerd.log",
+            stop_timeout=20,
+        ) as containerd:
             _wait_for_socket(containerd_sock, containerd, "containerd")
             docker_sock = run_dir / "docker.sock"
             # An engine of its own containerd: dockerd would otherwise use a system containerd
             # if one runs, and its containers would share that containerd's network namespace.
-            with running(["dockerd", "--iptables=false", "--ip6tables=false", "--bridge=none",
-                          "--data-root", data_root, "--exec-root", run_dir / "exec",
-                          "--pidfile", run_dir / "docker.pid", "--host", f"unix://{docker_sock}",
-                          "--containerd", containerd_sock],
-                         ready=None, log_path=run_dir / "dockerd.log", stop_timeout=60) as dockerd:
+            with running(
+                [
+                    "dockerd",
+                    "--iptables=false",
+                    "--ip6tables=false",
+                    "--bridge=none",
+                    "--data-root",
+                    data_root,
+                    "--exec-root",
+                    run_dir / "exec",
+                    "--pidfile",
+                    run_dir / "docker.pid",
+                    "--host",
+                    f"unix://{docker_sock}",
+                    "--containerd",
+                    containerd_sock,
+                ],
+                ready=None,
+                log_path=run_dir / "dockerd.log",
+                stop_timeout=60,
+            ) as dockerd:
                 _wait_for_socket(docker_sock, dockerd, "dockerd")
                 engine = Docker(client, f"unix://{docker_sock}")
                 deadline = time.monotonic() + 60
@@ -180,9 +216,20 @@ def image(docker: Docker, local_base: str, tmp_path_factory) -> str:
     index = _simple_index(_cached("wheelhouse.sh"), tmp_path_factory.mktemp("index"))
     with _serve(index) as port:
         # The classic builder: BuildKit would fetch the `# syntax=` frontend from a registry.
-        docker("build", "--network", "host", "--build-arg", f"BASE_IMAGE={local_base}",
-               "--build-arg", f"PIP_INDEX_URL=http://127.0.0.1:{port}/simple/",
-               "--tag", IMAGE, ROOT, timeout=900, DOCKER_BUILDKIT="0")
+        docker(
+            "build",
+            "--network",
+            "host",
+            "--build-arg",
+            f"BASE_IMAGE={local_base}",
+            "--build-arg",
+            f"PIP_INDEX_URL=http://127.0.0.1:{port}/simple/",
+            "--tag",
+            IMAGE,
+            ROOT,
+            timeout=900,
+            DOCKER_BUILDKIT="0",
+        )
     return IMAGE
 
 
@@ -205,23 +252,36 @@ def _owned_by_image_user(path: Path, mode: int = 0o400) -> Path:
     return path
 
 
-def test_image_relays_signed_mail_read_only_as_uid_10001(docker, image, pki, dkim_keys: DkimKeys,
-                                                        app_password_hash, tmp_path):
+def test_image_relays_signed_mail_read_only_as_uid_10001(
+    docker, image, pki, dkim_keys: DkimKeys, app_password_hash, tmp_path
+):
     # What an operator mounts: the config, the listeners' TLS pair, a DKIM key, the upstream's CA.
     secrets = tmp_path / "secrets"
     secrets.mkdir()
-    for source, name in ((pki.cert_file, "tls.crt"), (pki.key_file, "tls.key"),
-                         (dkim_keys.rsa_path, "dkim.key"), (pki.ca_file, "upstream-ca.pem")):
+    for source, name in (
+        (pki.cert_file, "tls.crt"),
+        (pki.key_file, "tls.key"),
+        (dkim_keys.rsa_path, "dkim.key"),
+        (pki.ca_file, "upstream-ca.pem"),
+    ):
         shutil.copy(source, secrets / name)
         _owned_by_image_user(secrets / name)
     upstream = Upstream(tls="starttls", server_context=pki.server_context())
     config = {
         "hostname": "relay.test",
         "listeners": [
-            {"name": "submission", "bind": f"0.0.0.0:{defaults.SUBMISSION_PORT}", "tls": "starttls",
-             "auth": "required"},
-            {"name": "submissions", "bind": f"0.0.0.0:{defaults.SUBMISSIONS_PORT}", "tls": "implicit",
-             "auth": "required"},
+            {
+                "name": "submission",
+                "bind": f"0.0.0.0:{defaults.SUBMISSION_PORT}",
+                "tls": "starttls",
+                "auth": "required",
+            },
+            {
+                "name": "submissions",
+                "bind": f"0.0.0.0:{defaults.SUBMISSIONS_PORT}",
+                "tls": "implicit",
+                "auth": "required",
+            },
         ],
         "tls": {"cert_file": "/run/secrets/relay/tls.crt", "key_file": "/run/secrets/relay/tls.key"},
         "clients": {
@@ -229,8 +289,12 @@ def test_image_relays_signed_mail_read_only_as_uid_10001(docker, image, pki, dki
             "users": [{"username": "app", "password_hash": app_password_hash, "senders": ["example.com"]}],
         },
         "dkim": {"keys": [{"domain": "example.com", "selector": "s1", "key": "file:///run/secrets/relay/dkim.key"}]},
-        "upstream": {"host": "localhost", "port": upstream.port, "tls": "starttls",
-                     "ca_file": "/run/secrets/relay/upstream-ca.pem"},
+        "upstream": {
+            "host": "localhost",
+            "port": upstream.port,
+            "tls": "starttls",
+            "ca_file": "/run/secrets/relay/upstream-ca.pem",
+        },
         "dns": {"nameservers": ["127.0.0.1"], "timeout": "1s"},
         "metrics": {"bind": f"0.0.0.0:{defaults.METRICS_PORT}"},
         "logging": {"format": "json", "level": "info"},
@@ -240,19 +304,36 @@ def test_image_relays_signed_mail_read_only_as_uid_10001(docker, image, pki, dki
     config_file.chmod(0o644)
 
     with upstream, _unprivileged_ports_from_zero():
-        docker("run", "--detach", "--name", CONTAINER, "--network", "host",
-               "--read-only", "--user", f"{defaults.IMAGE_UID}:{defaults.IMAGE_UID}",
-               "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-               # The image's own HEALTHCHECK command, polled every second rather than every 30.
-               "--health-interval", "1s",
-               "--volume", f"{config_file}:{defaults.IMAGE_CONFIG_PATH}:ro",
-               "--volume", f"{secrets}:/run/secrets/relay:ro",
-               image)
+        docker(
+            "run",
+            "--detach",
+            "--name",
+            CONTAINER,
+            "--network",
+            "host",
+            "--read-only",
+            "--user",
+            f"{defaults.IMAGE_UID}:{defaults.IMAGE_UID}",
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            # The image's own HEALTHCHECK command, polled every second rather than every 30.
+            "--health-interval",
+            "1s",
+            "--volume",
+            f"{config_file}:{defaults.IMAGE_CONFIG_PATH}:ro",
+            "--volume",
+            f"{secrets}:/run/secrets/relay:ro",
+            image,
+        )
         try:
             wait_port("127.0.0.1", defaults.SUBMISSION_PORT, 60)
             context = ssl.create_default_context(cafile=str(pki.ca_file))
-            message = (b"From: app@example.com\r\nTo: someone@example.net\r\nSubject: from the image\r\n"
-                       b"Message-ID: <image-test@example.com>\r\n\r\nhello from the container\r\n")
+            message = (
+                b"From: app@example.com\r\nTo: someone@example.net\r\nSubject: from the image\r\n"
+                b"Message-ID: <image-test@example.com>\r\n\r\nhello from the container\r\n"
+            )
             with smtplib.SMTP("localhost", defaults.SUBMISSION_PORT, timeout=30) as client:
                 client.starttls(context=context)
                 client.login("app", APP_PASSWORD)

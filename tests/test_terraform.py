@@ -34,8 +34,10 @@ MIRROR_CANDIDATES = (
 def _terraform() -> str:
     found = shutil.which("terraform")
     if found is None:
-        pytest.fail("terraform is not installed (not on PATH): these tests validate and plan deploy/terraform "
-                    "with it", pytrace=False)
+        pytest.fail(
+            "terraform is not installed (not on PATH): these tests validate and plan deploy/terraform with it",
+            pytrace=False,
+        )
     return found
 
 
@@ -45,9 +47,11 @@ def _plugin_dir() -> Path:
         directory = Path(candidate).expanduser()
         if (directory / PROVIDER).is_dir():
             return directory
-    pytest.fail(f"no Terraform provider mirror with {PROVIDER} found (looked in $RELAY_TF_PLUGIN_DIR and "
-                f"{', '.join(MIRROR_CANDIDATES)}): set RELAY_TF_PLUGIN_DIR to the directory that holds it",
-                pytrace=False)
+    pytest.fail(
+        f"no Terraform provider mirror with {PROVIDER} found (looked in $RELAY_TF_PLUGIN_DIR and "
+        f"{', '.join(MIRROR_CANDIDATES)}): set RELAY_TF_PLUGIN_DIR to the directory that holds it",
+        pytrace=False,
+    )
 
 
 ENV = {
@@ -60,10 +64,13 @@ ENV = {
 
 
 def _run(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([_terraform(), *map(str, args), "-no-color"], cwd=cwd, env=ENV,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, (f"terraform {' '.join(map(str, args))} in {cwd} exited {result.returncode}:\n"
-                                    f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}")
+    result = subprocess.run(
+        [_terraform(), *map(str, args), "-no-color"], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, (
+        f"terraform {' '.join(map(str, args))} in {cwd} exited {result.returncode}:\n"
+        f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -99,8 +106,12 @@ def test_terraform_test_plans_what_the_module_promises(workdir: Path) -> None:
 
 def test_every_egress_rule_is_checked_by_the_terraform_tests() -> None:
     # "The tasks reach only the proxy and DNS" holds only if no egress rule escapes the plan tests.
-    declared = set(re.findall(r'resource "aws_vpc_security_group_egress_rule" "(\w+)"',
-                              "".join(p.read_text() for p in TERRAFORM.glob("*.tf"))))
+    declared = set(
+        re.findall(
+            r'resource "aws_vpc_security_group_egress_rule" "(\w+)"',
+            "".join(p.read_text() for p in TERRAFORM.glob("*.tf")),
+        )
+    )
     tests = "".join(p.read_text() for p in (TERRAFORM / "tests").glob("*.tftest.hcl"))
     unchecked = {name for name in declared if f"aws_vpc_security_group_egress_rule.{name}" not in tests}
     assert declared and not unchecked, f"egress rules no terraform test looks at: {sorted(unchecked)}"
