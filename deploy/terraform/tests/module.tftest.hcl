@@ -276,80 +276,39 @@ run "the_efs_spool_is_at_queue_dir" {
 
 # --- Inputs the module refuses ----------------------------------------------------------------
 
-run "refuses_a_bad_name" {
+# One plan for every refused input (each plan costs seconds): expect_failures fails the run
+# unless every variable listed reports its validation error.
+run "refuses_bad_inputs" {
   command = plan
   variables {
-    name = "Relay_Prod"
-  }
-  expect_failures = [var.name]
-}
-
-run "refuses_a_bad_vpc_and_subnets" {
-  command = plan
-  variables {
-    vpc_id     = "my-vpc"
-    subnet_ids = []
-  }
-  expect_failures = [var.vpc_id, var.subnet_ids]
-}
-
-run "refuses_an_unpinned_image" {
-  command = plan
-  variables {
-    image = "registry.example.com/relay:latest"
-  }
-  expect_failures = [var.image]
-}
-
-run "refuses_wildcard_secret_arns" {
-  command = plan
-  variables {
+    name                            = "Relay_Prod"
+    vpc_id                          = "my-vpc"
+    subnet_ids                      = []
+    image                           = "registry.example.com/relay:latest"
     tls_secret_arn                  = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:*"
     dkim_key_secret_arns            = ["arn:aws:secretsmanager:eu-west-1:123456789012:secret:relay/*"]
     upstream_credential_secret_arns = ["relay/upstream"]
-  }
-  expect_failures = [var.tls_secret_arn, var.dkim_key_secret_arns, var.upstream_credential_secret_arns]
-}
-
-run "refuses_open_client_and_monitoring_cidrs" {
-  command = plan
-  variables {
-    allowed_client_cidrs = ["0.0.0.0/0"]
-    monitoring_cidrs     = ["10.0.0.0/33"]
-  }
-  expect_failures = [var.allowed_client_cidrs, var.monitoring_cidrs]
-}
-
-run "refuses_bad_sizes_and_ports" {
-  command = plan
-  variables {
-    cpu                = 300
-    desired_count      = 1.5
-    egress_proxy_port  = 70000
-    log_retention_days = 2
-  }
-  expect_failures = [var.cpu, var.desired_count, var.egress_proxy_port, var.log_retention_days]
-}
-
-run "refuses_malformed_dns_records" {
-  command = plan
-  variables {
-    dkim_records  = [{ domain = "example.com", selector = "s1", value = "k=rsa; p=MIIB" }]
-    spf_records   = { "example.com" = "ip4:203.0.113.10 -all" }
-    dmarc_records = { "example.com" = "p=reject" }
-  }
-  expect_failures = [var.dkim_records, var.spf_records, var.dmarc_records]
-}
-
-run "refuses_a_malformed_spool" {
-  command = plan
-  variables {
+    allowed_client_cidrs            = ["0.0.0.0/0"]
+    monitoring_cidrs                = ["10.0.0.0/33"]
+    cpu                             = 300
+    desired_count                   = 1.5
+    egress_proxy_port               = 70000
+    log_retention_days              = 2
+    dkim_records                    = [{ domain = "example.com", selector = "s1", value = "k=rsa; p=MIIB" }]
+    spf_records                     = { "example.com" = "ip4:203.0.113.10 -all" }
+    dmarc_records                   = { "example.com" = "p=reject" }
     spool_efs = {
       file_system_id                 = "efs-prod"
       mount_target_security_group_id = "sg-0123456789abcdef0"
     }
   }
-  expect_failures = [var.spool_efs]
+  expect_failures = [
+    var.name, var.vpc_id, var.subnet_ids, var.image,
+    var.tls_secret_arn, var.dkim_key_secret_arns, var.upstream_credential_secret_arns,
+    var.allowed_client_cidrs, var.monitoring_cidrs,
+    var.cpu, var.desired_count, var.egress_proxy_port, var.log_retention_days,
+    var.dkim_records, var.spf_records, var.dmarc_records, var.spool_efs,
+  ]
 }
 
 run "refuses_a_config_on_other_ports" {
