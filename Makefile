@@ -1,5 +1,5 @@
 # Two commands a newcomer needs: `make run` (the embedded dev default) and `make test`.
-# Both build the virtualenv they need on first use.
+# Both build the virtualenv they need on first use. HACKING.md explains the test tiers.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,7 +15,7 @@ LOCKS := requirements/build.txt requirements/image.txt requirements/test.txt
 # run in their loopback-only namespace: the debootstrap base and the wheels of the lock files.
 IMAGE_CACHE ?= $(CURDIR)/.cache/image
 
-.PHONY: run test lint bench clean lock image-cache
+.PHONY: run test test-fast lint typecheck bench clean lock image-cache
 
 # `make run` needs what the image ships (image.txt); `make test` adds the test tools (test.txt,
 # the same pins plus pytest & co). Both refuse lock files older than pyproject.toml.
@@ -41,13 +41,23 @@ $(TOOLS_STAMP): requirements-tools.txt
 run: $(RUN_STAMP)
 	RELAY_DEV_DIR=$(CURDIR)/.relay-dev $(VENV)/bin/relay serve
 
-test: $(STAMP) $(TOOLS_STAMP) image-cache
-	$(PY) -m ruff check relay tests bench
+# Everything: lint, format, types, then every test (the in-process tier, the process-level
+# e2e tests and those that need system programs, the image and Terraform among them).
+test: lint typecheck $(TOOLS_STAMP) image-cache
 	RELAY_TOOLS_BIN=$(CURDIR)/$(TOOLS_VENV)/bin RELAY_IMAGE_CACHE=$(IMAGE_CACHE) \
 	  tests/loopback-only $(PY) -m pytest $(PYTEST_ARGS)
 
+# The fast tier: the relay in the test's event loop, unit tests; no process, no system
+# program. Seconds, for the edit-test loop.
+test-fast: $(STAMP)
+	tests/loopback-only $(PY) -m pytest -q -m "not e2e and not binaries" $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(PY) -m ruff check relay tests bench
+	$(PY) -m ruff format --check relay tests bench
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

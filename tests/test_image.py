@@ -37,9 +37,12 @@ import pytest
 import yaml
 
 from relay.config import defaults
-from tests.conftest import APP_PASSWORD, DkimKeys, verify_all
+from tests.support.config import APP_PASSWORD
+from tests.support.dkim import DkimKeys, verify_all
 from tests.support.procs import require_binary, running, wait_port
 from tests.support.upstream import Upstream
+
+pytestmark = [pytest.mark.binaries, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "relay:image-test"

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from relay.config import defaults
 from tests.support.procs import require_binary
+
+pytestmark = pytest.mark.binaries
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "relay.service"
 

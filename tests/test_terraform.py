@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.binaries
+
 ROOT = Path(__file__).resolve().parent.parent
 TERRAFORM = ROOT / "deploy" / "terraform"
 PROVIDER = Path("registry.terraform.io") / "hashicorp" / "aws"
