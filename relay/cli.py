@@ -60,18 +60,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="preflight of the DNS posture and the path out")
-    check.add_argument("-c", "--config")
+    check.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(func=cmd_check)
 
     keygen = sub.add_parser("keygen", help="make a DKIM key pair and print the DNS record")
-    keygen.add_argument("-d", "--domain", required=True)
-    keygen.add_argument("-s", "--selector", required=True)
+    keygen.add_argument("-d", "--domain", required=True, help="the signing domain (d=)")
+    keygen.add_argument(
+        "-s", "--selector", required=True, help="the selector (s=): the record is SELECTOR._domainkey.DOMAIN"
+    )
     keygen.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], default="rsa-sha256")
     keygen.add_argument("--bits", type=int, choices=[2048, 3072, 4096], default=2048)
     keygen.add_argument("--store", metavar="REF", help="write the private key to file:///path or aws-sm://ID")
-    keygen.add_argument("--force", action="store_true", help="overwrite an existing file:// key")
-    keygen.add_argument("--print-private-key", action="store_true", help="also print the private key (PEM) on stdout")
+    keygen.add_argument("--out", metavar="FILE", help="write the private key to FILE (mode 0600), like --store file://")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    keygen.add_argument(
+        "--print-private-key", action="store_true", help="print the private key (PEM) on stdout, after the record"
+    )
     keygen.add_argument("--aws-region")
     keygen.add_argument("--aws-endpoint-url")
     keygen.set_defaults(func=cmd_keygen)
@@ -82,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="configuration commands")
     config_sub = config.add_subparsers(metavar="SUBCOMMAND")
     validate = config_sub.add_parser("validate", help="load and validate the config")
-    validate.add_argument("-c", "--config")
+    validate.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
     validate.set_defaults(func=cmd_config_validate)
     return parser
 
@@ -226,13 +231,18 @@ Stop with Ctrl-C.
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from relay.auth.passwords import hash_password
 
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            print("passwords differ", file=sys.stderr)
-            return EXIT_CONFIG
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                print("passwords differ", file=sys.stderr)
+                return EXIT_CONFIG
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    except EOFError:
+        # Ctrl-D at the prompt: no password given, which is not a crash.
+        print("\nno password given", file=sys.stderr)
+        return EXIT_CONFIG
     if not password:
         print("empty password", file=sys.stderr)
         return EXIT_CONFIG
