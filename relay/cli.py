@@ -86,13 +86,21 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="configuration commands")
     config_sub = config.add_subparsers(metavar="SUBCOMMAND")
-    validate = config_sub.add_parser("validate", help="load and validate the config")
+    validate = config_sub.add_parser(
+        "validate",
+        help="validate the config; also read every file and secret it names, unless --offline",
+    )
+    validate.add_argument(
+        "--offline",
+        action="store_true",
+        help="syntax and meaning only: no files, no secrets (for a config checked away from where it runs)",
+    )
     validate.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
     validate.set_defaults(func=cmd_config_validate)
     return parser
 
 
-def _load(path_arg: str | None) -> tuple[Settings, Path | None]:
+def _load(path_arg: str | None, *, offline: bool = False) -> tuple[Settings, Path | None]:
     from relay.config.load import config_path, load_settings
 
     path = config_path(path_arg)
@@ -100,7 +108,7 @@ def _load(path_arg: str | None) -> tuple[Settings, Path | None]:
         from relay.config.dev import dev_settings
 
         return dev_settings(), None
-    return load_settings(path), path
+    return load_settings(path, offline=offline), path
 
 
 def _full_check(settings: Settings, path: Path | None) -> None:
@@ -114,22 +122,53 @@ def _full_check(settings: Settings, path: Path | None) -> None:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    from relay.config.load import ConfigError
+    from relay.config.load import ConfigError, file_problems
 
     try:
-        settings, path = _load(args.config)
-        _full_check(settings, path)
+        settings, path = _load(args.config, offline=True)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
     source = str(path) if path else "embedded dev default"
+    if not args.offline:
+        # What `serve` would need here: the files it names, and every secret it references.
+        problems = file_problems(settings)
+        if not problems:
+            try:
+                _full_check(settings, path)
+            except ConfigError as exc:
+                problems += exc.problems
+        problems += asyncio.run(_unreadable_secrets(settings))
+        if problems:
+            print(ConfigError(source, problems).render(), file=sys.stderr)
+            return EXIT_CONFIG
     keys = ", ".join(f"{k.domain}/{k.selector}" for k in settings.dkim.keys) or "none"
-    print(f"{source}: configuration is valid")
+    print(f"{source}: configuration is valid" + (" (offline: files and secrets not checked)" if args.offline else ""))
     listeners = ", ".join(f"{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}" for lst in settings.listeners)
     print(f"  listeners: {listeners}")
     print(f"  users: {len(settings.clients.users)}; DKIM keys: {keys}")
     print(f"  upstream: {', '.join(u.label + ' (' + u.mode + ')' for u in settings.upstream)}")
     return EXIT_OK
+
+
+async def _unreadable_secrets(settings: Settings) -> list[tuple[str, str]]:
+    """Fetch every secret reference once, as `serve` would; the ones that fail, by key path.
+    Only the backends' reasons are reported, never a value."""
+    from relay.config.load import secret_references
+    from relay.wiring import load_secrets, new_secret_store
+
+    store = new_secret_store(settings)
+    logging.disable(logging.WARNING)  # the store's own warnings: reported below instead
+    try:
+        await load_secrets(store, settings)
+        return [
+            (key_path, f"cannot read: {store.error(ref)}")
+            for key_path, ref in secret_references(settings)
+            if store.get(ref) is None
+        ]
+    finally:
+        logging.disable(logging.NOTSET)
+        await store.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

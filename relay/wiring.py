@@ -17,6 +17,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from relay.auth.users import UserDirectory
+from relay.config.load import secret_references
 from relay.config.schema import Settings, UpstreamSettings
 from relay.deliver.base import UpstreamTarget
 from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint, upstream_tls_context
@@ -83,11 +84,8 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
 
 
 def secret_refs(settings: Settings) -> list[str]:
-    refs = [k.key for k in settings.dkim.keys]
-    refs += [u.password for u in settings.clients.users if u.password]
-    for upstream in settings.upstream:
-        refs += [r for r in (upstream.password, upstream.proxy_password) if r]
-    return list(dict.fromkeys(refs))
+    """The references the relay itself uses (Vault's own credentials are `vault_bootstrap_refs`)."""
+    return list(dict.fromkeys(ref for path, ref in secret_references(settings) if not path.startswith("secrets.")))
 
 
 def vault_bootstrap_refs(settings: Settings) -> list[str]:
