@@ -105,14 +105,23 @@ async def load_secrets(store: SecretStore, settings: Settings) -> None:
     store.retain(refs)
 
 
-def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
+def build_dialer(upstream: UpstreamSettings, store: SecretStore, resolver: AddressResolver | None = None) -> Dialer:
     password = store.get(upstream.proxy_password) if upstream.proxy_password else None
     return dialer_for(
         upstream.proxy,
         password=password.text() if password else None,
         connect_timeout=upstream.connect_timeout,
         handshake_timeout=upstream.connect_timeout,
+        resolver=resolver,
     )
+
+
+def configured_resolver(settings: Settings, dns: DnsService) -> AddressResolver | None:
+    """Names the relay connects to (upstream, proxy) go through `dns.nameservers` when they
+    are configured (a VPC's resolver, not the container's default); else the system's
+    resolver, which also reads /etc/hosts. socks5h:// and CONNECT proxies resolve the
+    upstream's name themselves."""
+    return AddressResolver(dns) if settings.dns.nameservers else None
 
 
 def build_dns(settings: Settings) -> DnsResolver:
@@ -151,12 +160,13 @@ def build_target(
     )
     if upstream.mode == "mx":
         # MX hosts are always resolved through the configured DNS service.
-        connector = UpstreamConnector(endpoint, build_dialer(upstream, store), AddressResolver(dns))
+        connector = UpstreamConnector(
+            endpoint, build_dialer(upstream, store, configured_resolver(settings, dns)), AddressResolver(dns)
+        )
         return MxTarget(upstream.label, connector, dns)
-    # A smarthost name goes through the configured resolver when one is configured, else
-    # through the system's (which also reads /etc/hosts).
-    resolver = AddressResolver(dns if settings.dns.nameservers else None)
-    connector = UpstreamConnector(endpoint, build_dialer(upstream, store), resolver)
+    resolver = configured_resolver(settings, dns)
+    # Without nameservers the smarthost's name goes to the system resolver (AddressResolver(None)).
+    connector = UpstreamConnector(endpoint, build_dialer(upstream, store, resolver), resolver or AddressResolver(None))
     pool = ConnectionPool(
         upstream.label,
         connector.open,
@@ -208,7 +218,12 @@ def build_pipeline(
     keyring = KeyRing(settings.dkim, store)
     router = build_router(settings, targets)
     monitor = PostureMonitor(
-        settings, dns, keyring, router.default, dialer=build_dialer(settings.upstream[0], store), previous=previous
+        settings,
+        dns,
+        keyring,
+        router.default,
+        dialer=build_dialer(settings.upstream[0], store, configured_resolver(settings, dns)),
+        previous=previous,
     )
     pipeline = Pipeline(
         settings,
@@ -266,7 +281,7 @@ async def preflight(
             dns=dns,
             keyring=KeyRing(settings.dkim, store),
             target=target,
-            dialer=build_dialer(upstream, store),
+            dialer=build_dialer(upstream, store, configured_resolver(settings, dns)),
             accept=accept,
             echo_tls_context=echo_tls_context,
         )
