@@ -49,12 +49,16 @@ def new_secret_store(settings: Settings) -> SecretStore:
 
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
     backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
+    # The HTTP backends' host names (Secrets Manager, Vault) also go through dns.nameservers.
+    resolver = configured_resolver(settings, build_dns(settings))
     if any(ref.startswith("aws-sm://") for ref in secret_refs(settings) + vault_bootstrap_refs(settings)):
         # Imported only when used: the AWS SDK costs each worker ~35 MiB of memory.
         from relay.secrets.aws import AwsSecretsBackend
 
         backends.append(
-            AwsSecretsBackend(region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url)
+            AwsSecretsBackend(
+                region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url, resolver=resolver
+            )
         )
     vault = settings.secrets.vault
     if vault is not None:
@@ -78,6 +82,7 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
                 auth_mount=vault.auth_mount,
                 namespace=vault.namespace,
                 ca_file=str(vault.ca_file) if vault.ca_file else None,
+                resolver=resolver,
             )
         )
     return backends
