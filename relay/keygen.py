@@ -9,7 +9,9 @@ import os
 import sys
 
 from relay.secrets.base import SecretFetchError, SecretRef
-from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem, zone_line
+from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem, txt_strings, zone_line
+
+__all__ = ["keygen", "txt_strings", "zone_line"]  # txt_strings, zone_line: relay.rotate.publish uses them
 
 
 def keygen(args: argparse.Namespace) -> int:

@@ -174,8 +174,19 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
         for i, key in enumerate(settings.dkim.keys):
             if key.key.startswith("vault://"):
                 yield f"dkim.keys[{i}].key", "vault:// reference needs a secrets.vault section"
+    rotation = settings.dkim.rotation
+    if settings.dkim.key_sets and rotation.grace < settings.secrets.refresh:
+        # Replicas stop signing with a retired key only when they next read the key set.
+        yield (
+            "dkim.rotation.grace",
+            (
+                f"must be at least secrets.refresh ({settings.secrets.refresh:g}s): "
+                "replicas may sign with the old key until they re-read the key set"
+            ),
+        )
     # The backends' SDKs are extras (pyproject.toml): say which one, not an ImportError later.
-    for key_path, ref in secret_references(settings):
+    key_patterns = [(f"dkim.key_sets[{i}].key", ks.key) for i, ks in enumerate(settings.dkim.key_sets)]
+    for key_path, ref in secret_references(settings) + key_patterns:
         scheme = ref.partition("://")[0]
         extra = _EXTRAS.get(scheme)
         if extra and any(importlib.util.find_spec(module) is None for module in extra[1]):
@@ -210,6 +221,7 @@ def secret_references(settings: Settings) -> list[tuple[str, str]]:
     if vault is not None:
         found += [(f"secrets.vault.{n}", r) for n in ("token", "secret_id") if (r := getattr(vault, n))]
     found += [(f"dkim.keys[{i}].key", k.key) for i, k in enumerate(settings.dkim.keys)]
+    found += [(f"dkim.key_sets[{i}].key_set", ks.key_set) for i, ks in enumerate(settings.dkim.key_sets)]
     found += [(f"clients.users[{i}].password", u.password) for i, u in enumerate(settings.clients.users) if u.password]
     for i, upstream in enumerate(settings.upstream):
         for name in ("password", "proxy_password"):
