@@ -120,15 +120,15 @@ class Pipeline:
             raise SmtpError(530, "5.7.0", "Authentication required", reason="MAIL before AUTH", label="auth_required")
         return self._listener_senders[listener.name]
 
-    def authorize_envelope(self, senders: SenderPolicy, mail_from: str, who: str) -> None:
+    def authorize_envelope(self, senders: SenderPolicy, mail_from: str, user: str | None, client: str) -> None:
         # RFC 5321 §4.1.1.2. The null reverse-path has no domain to check; the header From
         # is still checked at DATA.
         if mail_from and not senders.allows(mail_from):
             raise SmtpError(
                 550,
                 "5.7.1",
-                f"Sender <{mail_from}> not allowed for this user",
-                reason=f"{who} may not use envelope sender {mail_from}",
+                f"Sender <{mail_from}> not allowed {_for_whom(user)}",
+                reason=f"{user or f'unauthenticated client {client}'} may not use envelope sender {mail_from}",
                 label="sender_denied",
             )
 
@@ -222,7 +222,7 @@ class Pipeline:
                 raise SmtpError(
                     550,
                     "5.7.1",
-                    f"From: <{author}> not allowed for this user",
+                    f"From: <{author}> not allowed {_for_whom(tx.user)}",
                     reason=f"{tx.user or 'unauthenticated client'} may not send as From {author}",
                     label="from_denied",
                 )
@@ -350,3 +350,9 @@ class Pipeline:
 
 # Abort tasks in flight (the loop keeps only weak references to tasks).
 _background: set[asyncio.Task[None]] = set()
+
+
+def _for_whom(user: str | None) -> str:
+    # An unauthenticated client (auth: optional/none listeners) has no user to blame: its
+    # senders are the listener's.
+    return "for this user" if user else "for unauthenticated clients"

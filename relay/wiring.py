@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.auth.users import UserDirectory
+from relay.config.load import secret_references
 from relay.config.schema import Settings, UpstreamSettings
 from relay.deliver.base import UpstreamTarget
 from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint, upstream_tls_context
@@ -63,6 +64,8 @@ def new_secret_store(settings: Settings) -> SecretStore:
 
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
     backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
+    # The HTTP backends' host names (Secrets Manager, Vault) also go through dns.nameservers.
+    resolver = configured_resolver(settings, build_dns(settings))
     key_patterns = [ks.key for ks in settings.dkim.key_sets]  # keys a key set will list
     refs = secret_refs(settings) + vault_bootstrap_refs(settings) + key_patterns
     if any(ref.startswith("aws-sm://") for ref in refs):
@@ -70,7 +73,9 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
         from relay.secrets.aws import AwsSecretsBackend
 
         backends.append(
-            AwsSecretsBackend(region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url)
+            AwsSecretsBackend(
+                region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url, resolver=resolver
+            )
         )
     vault = settings.secrets.vault
     if vault is not None:
@@ -94,19 +99,15 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
                 auth_mount=vault.auth_mount,
                 namespace=vault.namespace,
                 ca_file=str(vault.ca_file) if vault.ca_file else None,
+                resolver=resolver,
             )
         )
     return backends
 
 
 def secret_refs(settings: Settings) -> list[str]:
-    refs = [k.key for k in settings.dkim.keys] + [ks.key_set for ks in settings.dkim.key_sets]
-    refs += [u.password for u in settings.clients.users if u.password]
-    for upstream in settings.upstream:
-        refs += [r for r in (upstream.password, upstream.proxy_password) if r]
-        if upstream.auth is not None:
-            refs += upstream.auth.secret_refs
-    return list(dict.fromkeys(refs))
+    """The references the relay itself uses (Vault's own credentials are `vault_bootstrap_refs`)."""
+    return list(dict.fromkeys(ref for path, ref in secret_references(settings) if not path.startswith("secrets.")))
 
 
 def vault_bootstrap_refs(settings: Settings) -> list[str]:
@@ -126,14 +127,23 @@ async def load_secrets(store: SecretStore, settings: Settings) -> None:
     store.retain(refs)
 
 
-def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
+def build_dialer(upstream: UpstreamSettings, store: SecretStore, resolver: AddressResolver | None = None) -> Dialer:
     password = store.get(upstream.proxy_password) if upstream.proxy_password else None
     return dialer_for(
         upstream.proxy,
         password=password.text() if password else None,
         connect_timeout=upstream.connect_timeout,
         handshake_timeout=upstream.connect_timeout,
+        resolver=resolver,
     )
+
+
+def configured_resolver(settings: Settings, dns: DnsService) -> AddressResolver | None:
+    """Names the relay connects to (upstream, proxy) go through `dns.nameservers` when they
+    are configured (a VPC's resolver, not the container's default); else the system's
+    resolver, which also reads /etc/hosts. socks5h:// and CONNECT proxies resolve the
+    upstream's name themselves."""
+    return AddressResolver(dns) if settings.dns.nameservers else None
 
 
 def build_dns(settings: Settings) -> DnsResolver:
@@ -211,12 +221,13 @@ def _build_target(
     )
     if upstream.mode == "mx":
         # MX hosts are always resolved through the configured DNS service.
-        connector = UpstreamConnector(endpoint, build_dialer(upstream, store), AddressResolver(dns))
+        connector = UpstreamConnector(
+            endpoint, build_dialer(upstream, store, configured_resolver(settings, dns)), AddressResolver(dns)
+        )
         return MxTarget(upstream.label, connector, dns)
-    # A smarthost name goes through the configured resolver when one is configured, else
-    # through the system's (which also reads /etc/hosts).
-    resolver = AddressResolver(dns if settings.dns.nameservers else None)
-    connector = UpstreamConnector(endpoint, build_dialer(upstream, store), resolver)
+    resolver = configured_resolver(settings, dns)
+    # Without nameservers the smarthost's name goes to the system resolver (AddressResolver(None)).
+    connector = UpstreamConnector(endpoint, build_dialer(upstream, store, resolver), resolver or AddressResolver(None))
     pool = ConnectionPool(
         upstream.label,
         connector.open,
@@ -289,7 +300,12 @@ def build_pipeline(
     keyring = KeyRing(settings.dkim, store)
     router = build_router(settings, targets)
     monitor = PostureMonitor(
-        settings, dns, keyring, router.default, dialer=build_dialer(settings.upstream[0], store), previous=previous
+        settings,
+        dns,
+        keyring,
+        router.default,
+        dialer=build_dialer(settings.upstream[0], store, configured_resolver(settings, dns)),
+        previous=previous,
     )
     pipeline = Pipeline(
         settings,
@@ -404,7 +420,7 @@ async def preflight(
             dns=dns,
             keyring=keyring,
             target=target,
-            dialer=build_dialer(upstream, store),
+            dialer=build_dialer(upstream, store, configured_resolver(settings, dns)),
             accept=accept,
             echo_tls_context=echo_tls_context,
             tokens=tokens,

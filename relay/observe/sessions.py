@@ -65,6 +65,12 @@ def auth_attempt(listener: str, mechanism: str, ok: bool, *, client: str, userna
         log.info("authentication failed", extra={"listener": listener, "client": client, "user": username[:64]})
 
 
+def auth_unavailable(listener: str, mechanism: str, *, client: str, reason: str) -> None:
+    """A password that could not be checked (its secret is not loaded): answered 454."""
+    AUTH_ATTEMPTS.labels(listener, mechanism, "unavailable").inc()
+    log.warning("authentication unavailable", extra={"listener": listener, "client": client, "reason": reason})
+
+
 def session_error(listener: str, error: Exception) -> None:
     log.error(
         "session error",
