@@ -46,9 +46,10 @@ _KINDS = {1: RATE, 2: DAILY, 3: DAILY_RECIPIENTS}
 # The same steps as `CounterState` (counters.py), per key of KEYS, in one atomic script.
 # Hash fields: t tokens (absent: a full bucket), a the time tokens were last computed,
 # s the current slot, m / r the window's totals, m<i> / r<i> the ring of per-slot counts.
-# ARGV: op (take | give | usage), now in ms (empty: Redis's TIME), slot seconds, slots in
-# the window, key TTL in ms, the slot to give back to; then per key: messages, recipients,
-# rate per second (empty: none), burst, daily, daily recipients (empty: none).
+# ARGV: op (take | give | usage), now in ms (empty: Redis's TIME), the slot to give back to;
+# then one argument per key: "messages recipients rate-per-second burst daily
+# daily-recipients", with "-" for a limit that is not set. (Few arguments: encoding each one
+# costs the client more than the script costs Redis.)
 LUA = r"""
 local op = ARGV[1]
 local now
@@ -58,12 +59,12 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
-local slot_seconds, n_slots, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local give_slot = tonumber(ARGV[6])
+local slot_seconds, n_slots, ttl = @SLOT_SECONDS@, @WINDOW_SLOTS@, @KEY_TTL_MS@
+local give_slot = tonumber(ARGV[3])
 local current = math.floor(now / slot_seconds)
 
 local function num(v, default)
-  if v == false or v == nil or v == '' then return default end
+  if v == false or v == nil or v == '' or v == '-' then return default end
   return tonumber(v)
 end
 
@@ -118,9 +119,10 @@ end
 
 local demands, states = {}, {}
 for k = 1, #KEYS do
-  local b = 6 + (k - 1) * 6
-  local d = {messages = tonumber(ARGV[b + 1]), recipients = tonumber(ARGV[b + 2]), rate = num(ARGV[b + 3], nil),
-             burst = tonumber(ARGV[b + 4]), daily = num(ARGV[b + 5], nil), daily_r = num(ARGV[b + 6], nil)}
+  local f = {}
+  for word in string.gmatch(ARGV[3 + k], '%S+') do table.insert(f, word) end
+  local d = {messages = tonumber(f[1]), recipients = tonumber(f[2]), rate = num(f[3], nil),
+             burst = tonumber(f[4]), daily = num(f[5], nil), daily_r = num(f[6], nil)}
   demands[k] = d
   states[k] = load(KEYS[k], d.rate, d.burst)
 end
@@ -188,6 +190,11 @@ for k = 1, #KEYS do
 end
 return report({1, current, show(now)})
 """
+LUA = (
+    LUA.replace("@SLOT_SECONDS@", str(SLOT_SECONDS))
+    .replace("@WINDOW_SLOTS@", str(WINDOW_SLOTS))
+    .replace("@KEY_TTL_MS@", str(KEY_TTL_MS))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,17 +234,19 @@ class RedisCounters:
         if ca_file is not None:
             options["ssl_ca_certs"] = str(ca_file)
         # Fail fast and let this class decide what a failure means: no retries inside the
-        # client, every wait bounded by `timeout`, at most MAX_CONNECTIONS sockets.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        # client, every wait bounded by `timeout`. At most MAX_CONNECTIONS calls at once, queued
+        # first come first served (redis-py's blocking pool lets a busy task take a freed
+        # connection again ahead of the waiters, which starves some of them into timeouts).
+        pool = aioredis.ConnectionPool.from_url(
             url,
             password=password,
             max_connections=MAX_CONNECTIONS,
-            timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             **options,
         )
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._client = aioredis.Redis(connection_pool=pool)
         self._script = self._client.register_script(LUA)
         self._fallback = fallback
@@ -342,27 +351,18 @@ class RedisCounters:
 
     # -- Redis -------------------------------------------------------------------------
     async def _run(self, op: str, demands: Sequence[Demand], give_slot: int = 0) -> list:
-        args: list[object] = [
-            op,
-            "" if self._clock is None else int(self._clock() * 1000),
-            SLOT_SECONDS,
-            WINDOW_SLOTS,
-            KEY_TTL_MS,
-            give_slot,
-        ]
+        args: list[object] = [op, "" if self._clock is None else int(self._clock() * 1000), give_slot]
         for demand in demands:
             limits = demand.limits
-            args += [
-                demand.messages,
-                demand.recipients,
-                "" if limits.rate is None else repr(limits.rate.per_second),
-                limits.burst,
-                "" if limits.daily is None else limits.daily,
-                "" if limits.daily_recipients is None else limits.daily_recipients,
-            ]
+            args.append(
+                f"{demand.messages} {demand.recipients} "
+                f"{'-' if limits.rate is None else repr(limits.rate.per_second)} {limits.burst} "
+                f"{'-' if limits.daily is None else limits.daily} "
+                f"{'-' if limits.daily_recipients is None else limits.daily_recipients}"
+            )
         keys = [self._prefix + demand.entity.key for demand in demands]
         self.round_trips += 1
-        async with asyncio.timeout(self._timeout):
+        async with asyncio.timeout(self._timeout), self._slots:
             return await self._script(keys=keys, args=args)
 
     def _remember(self, demands: Sequence[Demand], states: list, slot: int, redis_now: float) -> None:
@@ -412,7 +412,7 @@ class RedisCounters:
             await asyncio.sleep(RECOVERY_PAUSES[min(attempt, len(RECOVERY_PAUSES) - 1)])
             attempt += 1
             try:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout(self._timeout), self._slots:
                     await self._client.ping()
             except self._errors as exc:
                 self._down_reason = f"{type(exc).__name__}: {exc}"[:200]
