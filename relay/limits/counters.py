@@ -130,10 +130,11 @@ class CounterState:
 
     @classmethod
     def from_bytes(cls, data: bytes | memoryview | None) -> CounterState:
-        state = cls()
-        if data is not None and len(data) == cls._SIZE:
-            state.tokens, state.at, state.slot, state.messages, state.recipients = cls._HEADER.unpack_from(data)
-            state._ring[:] = data[cls._HEADER.size :]
+        if data is None or len(data) != cls._SIZE:
+            return cls()
+        state = cls.__new__(cls)
+        state.tokens, state.at, state.slot, state.messages, state.recipients = cls._HEADER.unpack_from(data)
+        state._ring = bytearray(memoryview(data)[cls._HEADER.size :])
         return state
 
     def to_bytes(self) -> bytes:

@@ -11,10 +11,10 @@ memory-mapped B-tree with one writer at a time across processes):
   others (a lock in shared memory would);
 - the counts survive a restart (a redeploy does not hand every user a fresh daily quota).
 
-Commits are not fsynced: counters are a brake, not a ledger, and losing the last seconds of
-counts in a power cut is acceptable. A file that cannot be opened or used is set aside and
-started afresh; while counting fails, mail goes through (fail open) and is counted in
-`relay_limit_fail_open_total{backend="local"}`.
+Commits are not fsynced and go straight into the shared map (`writemap`): counters are a
+brake, not a ledger, and losing the last seconds of counts in a power cut is acceptable.
+A file LMDB finds invalid is set aside and started afresh; while counting fails otherwise,
+mail goes through (fail open), counted in `relay_limit_fail_open_total{backend="local"}`.
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ class _Environments:
                 subdir=True,
                 sync=False,
                 metasync=False,
+                writemap=True,  # commits write into the shared map: 2-3x faster than pwrite()
                 max_dbs=0,
                 readahead=False,
                 mode=0o600,
