@@ -119,6 +119,18 @@ class Limiter:
             raise self._refusal(taken, at_rcpt=False)
         return Reservation(self.counters, taken)
 
+    async def pace_delivery(self, from_domain: str | None, recipients: int) -> Reservation | float:
+        """For a queue delivering a message it has already acknowledged (spool mode): count
+        it against its From domain, or say in how many seconds to try again. Never a
+        refusal: a limit never takes back an acknowledged message, it only defers it."""
+        demands = self.demands(None, from_domain, recipients)
+        if not demands:
+            return NOTHING_RESERVED
+        taken = await self.counters.take(demands)
+        if isinstance(taken, Excess):
+            return max(1.0, taken.retry_after)
+        return Reservation(self.counters, taken)
+
     def demands(self, user: str | None, from_domain: str | None, recipients: int) -> Sequence[Demand]:
         demands = []
         user_limits = self.policy.for_user(user)

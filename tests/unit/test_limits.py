@@ -154,6 +154,16 @@ async def test_spool_leaves_domain_limits_to_the_queue(counters):
     await limiter.reserve("app", "example.com", 1, domain_limits=False)  # not refused
 
 
+async def test_a_queue_is_told_when_to_try_again_never_refused(counters):
+    limiter = Limiter(LimitPolicy(settings({"domains": {"example.com": {"rate": "1/h", "burst": 1}}}).limits), counters)
+    first = await limiter.pace_delivery("example.com", 3)
+    assert not isinstance(first, float)
+    wait = await limiter.pace_delivery("example.com", 3)
+    assert isinstance(wait, float) and 3000 < wait <= 3600
+    await first.give_back()  # that delivery failed: its slot is free again
+    assert not isinstance(await limiter.pace_delivery("example.com", 3), float)
+
+
 async def test_unlimited_users_cost_nothing(counters):
     limiter = Limiter(LimitPolicy(settings({"users": {"batch": {"daily": 5}}}).limits), counters)
     limiter.check_recipient("app", 0)
