@@ -172,6 +172,23 @@ async def test_counters_rebuilt_in_one_process_share_the_file(tmp_path):
     await new.close()
 
 
+async def test_entities_idle_for_days_are_forgotten(tmp_path):
+    clock = Clock()
+    counters = LocalCounters(tmp_path / "limits", clock=clock)
+    for name in ("gone", "kept"):
+        await counters.take([Demand(Entity("user", name), Limits(daily=5), 1, 1)])
+    await counters.close()
+    clock.offset = 3 * 86400
+    counters = LocalCounters(tmp_path / "limits", clock=clock)
+    await counters.take([Demand(Entity("user", "kept"), Limits(daily=5), 1, 1)])
+    await counters.close()
+    clock.offset = 4 * 86400 + 3600
+    counters = LocalCounters(tmp_path / "limits", clock=clock)  # idle: "gone" 4 days, "kept" 1 day
+    with counters._env.begin() as txn:
+        assert [bytes(key) for key, _ in txn.cursor()] == [b"user:kept"]
+    await counters.close()
+
+
 async def test_unreadable_counter_file_is_set_aside(tmp_path, caplog):
     directory = tmp_path / "limits"
     directory.mkdir()

@@ -35,6 +35,7 @@ log = logging.getLogger("relay.limits")
 # Room for ~40,000 entities of ~1.6 KB; the file is sparse, so this costs only address space.
 MAP_SIZE = 64 * 1024 * 1024
 PROBLEM_LOG_INTERVAL = 60.0
+FORGET_IDLE = 2 * 86400.0
 
 
 class LocalCounters:
@@ -46,6 +47,7 @@ class LocalCounters:
         self._problem: str | None = None
         self._last_logged = -PROBLEM_LOG_INTERVAL
         self._env = self._open()
+        self._forget_idle()
 
     def _open(self) -> lmdb.Environment | None:
         try:
@@ -154,19 +156,19 @@ class LocalCounters:
             self._failed(f"{type(exc).__name__}: {exc}")
         return out
 
-    def forget_older_than(self, seconds: float) -> int:
-        """Drop entities untouched for `seconds` (users and domains no longer configured)."""
+    def _forget_idle(self) -> None:
+        """Drop entities idle for longer than FORGET_IDLE (users and domains no longer
+        configured): their window is empty and their bucket full, so nothing is lost."""
         if self._env is None:
-            return 0
-        horizon = slot_of(self._clock() - seconds)
-        stale = []
-        with self._env.begin(write=True) as txn:
-            for key, data in txn.cursor():
-                if CounterState.from_bytes(data).slot < horizon:
-                    stale.append(key)
-            for key in stale:
-                txn.delete(key)
-        return len(stale)
+            return
+        horizon = slot_of(self._clock() - FORGET_IDLE)
+        try:
+            with self._env.begin(write=True) as txn:
+                stale = [bytes(key) for key, data in txn.cursor() if CounterState.from_bytes(data).slot < horizon]
+                for key in stale:
+                    txn.delete(key)
+        except lmdb.Error as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
 
     def problem(self) -> str | None:
         return self._problem
