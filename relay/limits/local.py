@@ -27,8 +27,8 @@ from pathlib import Path
 
 import lmdb
 
-from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Entity, Excess, Taken, Usage, slot_of
-from relay.limits.rules import Limits
+from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of
+from relay.limits.rules import Entity, Limits
 
 log = logging.getLogger("relay.limits")
 
@@ -75,7 +75,7 @@ class LocalCounters:
         try:
             with self._env.begin(buffers=True) as txn:
                 for demand in demands:
-                    state = CounterState.from_bytes(_value(txn.get(demand.entity.key.encode())))
+                    state = CounterState.from_bytes(txn.get(demand.entity.key.encode()))
                     state.advance(now, demand.limits)
                     excess = state.excess(demand, now)
                     if excess is not None:
@@ -149,7 +149,7 @@ class LocalCounters:
         try:
             with self._env.begin(buffers=True) as txn:
                 for entity in entities:
-                    state = CounterState.from_bytes(_value(txn.get(entity.key.encode())))
+                    state = CounterState.from_bytes(txn.get(entity.key.encode()))
                     state.advance(now, Limits())
                     out[entity] = Usage(state.messages, state.recipients)
         except lmdb.Error as exc:
@@ -231,10 +231,6 @@ class _Environments:
 
 
 _environments = _Environments()
-
-
-def _value(data: object) -> bytes | None:
-    return None if data is None else bytes(data)  # type: ignore[arg-type]
 
 
 def counters_dir(data_dir: Path) -> Path:

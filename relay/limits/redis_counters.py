@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of
 from relay.limits.local import LocalCounters
@@ -259,8 +260,7 @@ class RedisCounters:
         self._down_reason = ""
         self._fallbacks_unlogged = 0
         self._last_logged = -LOG_INTERVAL
-        self._recovery: asyncio.Task | None = None
-        self._pending: set[asyncio.Task] = set()
+        self._recovery: asyncio.Task[None] | None = None
         self.round_trips = 0  # EVALSHA calls made (for tests and the bench)
 
     @property
@@ -350,8 +350,8 @@ class RedisCounters:
             await self._client.aclose()
 
     # -- Redis -------------------------------------------------------------------------
-    async def _run(self, op: str, demands: Sequence[Demand], give_slot: int = 0) -> list:
-        args: list[object] = [op, "" if self._clock is None else int(self._clock() * 1000), give_slot]
+    async def _run(self, op: str, demands: Sequence[Demand], give_slot: int = 0) -> list[Any]:
+        args: list[str | int] = [op, "" if self._clock is None else int(self._clock() * 1000), give_slot]
         for demand in demands:
             limits = demand.limits
             args.append(
@@ -363,9 +363,10 @@ class RedisCounters:
         keys = [self._prefix + demand.entity.key for demand in demands]
         self.round_trips += 1
         async with asyncio.timeout(self._timeout), self._slots:
-            return await self._script(keys=keys, args=args)
+            reply: list[Any] = await self._script(keys=keys, args=args)
+            return reply
 
-    def _remember(self, demands: Sequence[Demand], states: list, slot: int, redis_now: float) -> None:
+    def _remember(self, demands: Sequence[Demand], states: list[Any], slot: int, redis_now: float) -> None:
         local_now = time.monotonic()
         for i, demand in enumerate(demands):
             tokens = states[3 * i]

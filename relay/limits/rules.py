@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from relay.config.schema import LimitSettings, LimitsSettings
+    from relay.config.schema import LimitsSettings, _LimitFields
 
 USER = "user"
 DOMAIN = "domain"
@@ -108,19 +108,20 @@ class Limits:
 def _limits(fields: Mapping[str, object]) -> Limits:
     rate = fields.get("rate")
     burst = fields.get("burst")
+    daily = fields.get("daily")
+    daily_recipients = fields.get("daily_recipients")
+    assert rate is None or isinstance(rate, Rate)
+    assert burst is None or isinstance(burst, int)
+    assert daily is None or isinstance(daily, int)
+    assert daily_recipients is None or isinstance(daily_recipients, int)
     if rate is not None and burst is None:
         # Without a burst, a rate of N per unit lets N go at once: `600/m` is 600 at once,
         # then 10 a second.
-        burst = rate.count  # type: ignore[attr-defined]
-    return Limits(
-        rate=rate,
-        burst=int(burst or 1),  # type: ignore[arg-type]
-        daily=fields.get("daily"),
-        daily_recipients=fields.get("daily_recipients"),
-    )  # type: ignore[arg-type]
+        burst = rate.count
+    return Limits(rate=rate, burst=burst or 1, daily=daily, daily_recipients=daily_recipients)
 
 
-def _declared(settings: LimitSettings) -> dict[str, object]:
+def _declared(settings: _LimitFields) -> dict[str, object]:
     """The fields written in the config (an explicit `null` included)."""
     return {name: getattr(settings, name) for name in settings.model_fields_set if name in _FIELDS}
 
