@@ -1,5 +1,5 @@
 # Two commands a newcomer needs: `make run` (the embedded dev default) and `make test`.
-# Both build the virtualenv they need on first use.
+# Both build the virtualenv they need on first use. HACKING.md explains the test tiers.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TOOLS_VENV  ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,22 @@ $(TOOLS_STAMP): requirements-tools.txt
 run: $(STAMP)
 	RELAY_DEV_DIR=$(CURDIR)/.relay-dev $(VENV)/bin/relay serve
 
-test: $(STAMP) $(TOOLS_STAMP)
-	$(PY) -m ruff check relay tests bench
+# Everything: lint, format, types, then every test (the in-process tier, the process-level
+# e2e tests and those that need system programs).
+test: lint typecheck $(TOOLS_STAMP)
 	RELAY_TOOLS_BIN=$(CURDIR)/$(TOOLS_VENV)/bin tests/loopback-only $(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast tier: the relay in the test's event loop, unit tests; no process, no system
+# program. Seconds, for the edit-test loop.
+test-fast: $(STAMP)
+	tests/loopback-only $(PY) -m pytest -q -m "not e2e and not binaries" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check relay tests bench
+	$(PY) -m ruff format --check relay tests bench
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)

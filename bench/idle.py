@@ -60,11 +60,16 @@ async def main(args) -> None:
     failures: list = []
     await asyncio.gather(*(session(host, int(port), held, failures) for _ in range(args.sessions)))
     await asyncio.sleep(args.hold)
-    result = {"sessions": args.sessions, "held": len(held), "refused_or_failed": len(failures),
-              "failures": sorted(set(failures))[:5],
-              "relay_rss_mib": round(rss_bytes(args.pid) / 2**20, 1),
-              "relay_pss_mib": round(pss_bytes(args.pid) / 2**20, 1),
-              "relay_rss_idle_mib": round(base_rss / 2**20, 1), "relay_pss_idle_mib": round(base_pss / 2**20, 1)}
+    result = {
+        "sessions": args.sessions,
+        "held": len(held),
+        "refused_or_failed": len(failures),
+        "failures": sorted(set(failures))[:5],
+        "relay_rss_mib": round(rss_bytes(args.pid) / 2**20, 1),
+        "relay_pss_mib": round(pss_bytes(args.pid) / 2**20, 1),
+        "relay_rss_idle_mib": round(base_rss / 2**20, 1),
+        "relay_pss_idle_mib": round(base_pss / 2**20, 1),
+    }
     for writer in held:
         writer.write(b"QUIT\r\n")
         writer.close()

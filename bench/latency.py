@@ -18,8 +18,10 @@ import time
 
 def make_message(size: int, n: int) -> bytes:
     date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
-    head = (f"From: <a@example.com>\r\nTo: <b@example.net>\r\nDate: {date}\r\n"
-            f"Message-Id: <{n}.{time.time_ns()}@bench.example.com>\r\nSubject: bench\r\n\r\n").encode()
+    head = (
+        f"From: <a@example.com>\r\nTo: <b@example.net>\r\nDate: {date}\r\n"
+        f"Message-Id: <{n}.{time.time_ns()}@bench.example.com>\r\nSubject: bench\r\n\r\n"
+    ).encode()
     line = b"X" * 78 + b"\r\n"
     body = line * max(1, size // len(line))
     return head + body + b".\r\n"
@@ -41,8 +43,12 @@ async def one(host: str, port: int, size: int, n: int) -> float:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         await expect(reader, b"220")
-        for command, code in ((b"HELO bench.example.com", b"250"), (b"MAIL FROM:<a@example.com>", b"250"),
-                              (b"RCPT TO:<b@example.net>", b"250"), (b"DATA", b"354")):
+        for command, code in (
+            (b"HELO bench.example.com", b"250"),
+            (b"MAIL FROM:<a@example.com>", b"250"),
+            (b"RCPT TO:<b@example.net>", b"250"),
+            (b"DATA", b"354"),
+        ):
             writer.write(command + b"\r\n")
             await expect(reader, code)
         writer.write(make_message(size, n))
@@ -84,9 +90,19 @@ async def main(args) -> None:
     def pct(p: float) -> float:
         return round(ms[min(len(ms) - 1, int(p * len(ms)))], 2) if ms else 0.0
 
-    print(json.dumps({"ok": len(ms), "errors": errors, "msgs_per_s": round(len(ms) / wall, 1),
-                      "p50_ms": round(statistics.median(ms), 2) if ms else 0.0, "p90_ms": pct(0.90),
-                      "p99_ms": pct(0.99), "max_ms": round(ms[-1], 2) if ms else 0.0}))
+    print(
+        json.dumps(
+            {
+                "ok": len(ms),
+                "errors": errors,
+                "msgs_per_s": round(len(ms) / wall, 1),
+                "p50_ms": round(statistics.median(ms), 2) if ms else 0.0,
+                "p90_ms": pct(0.90),
+                "p99_ms": pct(0.99),
+                "max_ms": round(ms[-1], 2) if ms else 0.0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

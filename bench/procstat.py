@@ -16,7 +16,7 @@ def _stat(pid: int) -> tuple[int, float] | None:
             text = fh.read()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return int(fields[1]), sum(int(x) for x in fields[11:15]) / CLOCK_TICKS
 
 

@@ -59,8 +59,12 @@ def bench_config(workdir: Path, key: Path, pool: int) -> Path:
         "hostname": "bench.relay.test",
         "listeners": [{"name": "bench", "bind": f"127.0.0.1:{RELAY_PORT}", "tls": "none", "auth": "none"}],
         "dkim": {"keys": [{"domain": "example.com", "selector": "s1", "key": f"file://{key}"}]},
-        "upstream": {"host": SINK[0], "port": SINK[1], "tls": "none",
-                     "pool": {"max_connections": pool, "max_messages_per_connection": 1000}},
+        "upstream": {
+            "host": SINK[0],
+            "port": SINK[1],
+            "tls": "none",
+            "pool": {"max_connections": pool, "max_messages_per_connection": 1000},
+        },
         # Loopback only, DNS included: the posture checks ask a port where nothing answers.
         "dns": {"nameservers": ["127.0.0.1"], "port": 5399, "timeout": "1s", "attempts": 1},
         "spf": {"egress_ip": ["192.0.2.1"]},
@@ -89,8 +93,11 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 class Sink:
     def __init__(self, workdir: Path) -> None:
         self.out = workdir / "sink.out"
-        self.proc = subprocess.Popen([require("smtp-sink"), "-c", "-u", "postfix", f"{SINK[0]}:{SINK[1]}", "1024"],
-                                     stdout=open(self.out, "wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [require("smtp-sink"), "-c", "-u", "postfix", f"{SINK[0]}:{SINK[1]}", "1024"],
+            stdout=open(self.out, "wb"),
+            stderr=subprocess.STDOUT,
+        )
         wait_port(SINK[1])
 
     def count(self) -> int:
@@ -106,8 +113,11 @@ class Sink:
 
 def start_relay(config: Path, workers: int, log: Path) -> subprocess.Popen:
     relay = REPO / ".venv" / "bin" / "relay"
-    proc = subprocess.Popen([str(relay), "serve", "-c", str(config), "--workers", str(workers)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(relay), "serve", "-c", str(config), "--workers", str(workers)],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+    )
     wait_port(RELAY_PORT)
     wait_port(METRICS_PORT)
     time.sleep(1.0)  # let every worker bind
@@ -116,12 +126,38 @@ def start_relay(config: Path, workers: int, log: Path) -> subprocess.Popen:
 
 def run_point(tool: str, size: int, conc: int, count: int, relay_pid: int, sink: Sink) -> dict:
     if tool == "smtp-source":
-        cmd = [require("smtp-source"), "-M", "bench.example.com", "-s", str(conc), "-m", str(count),
-               "-l", str(size), "-S", "bench", "-f", "a@example.com", "-t", "b@example.net",
-               f"127.0.0.1:{RELAY_PORT}"]
+        cmd = [
+            require("smtp-source"),
+            "-M",
+            "bench.example.com",
+            "-s",
+            str(conc),
+            "-m",
+            str(count),
+            "-l",
+            str(size),
+            "-S",
+            "bench",
+            "-f",
+            "a@example.com",
+            "-t",
+            "b@example.net",
+            f"127.0.0.1:{RELAY_PORT}",
+        ]
     else:
-        cmd = [sys.executable, str(HERE / "latency.py"), "--sessions", str(conc), "--count", str(count),
-               "--size", str(size), "--limit", str(RUN_LIMIT), f"127.0.0.1:{RELAY_PORT}"]
+        cmd = [
+            sys.executable,
+            str(HERE / "latency.py"),
+            "--sessions",
+            str(conc),
+            "--count",
+            str(count),
+            "--size",
+            str(size),
+            "--limit",
+            str(RUN_LIMIT),
+            f"127.0.0.1:{RELAY_PORT}",
+        ]
     tree = ProcessTree(relay_pid)
     before_sink = sink.count()
     tree.start()
@@ -138,11 +174,19 @@ def run_point(tool: str, size: int, conc: int, count: int, relay_pid: int, sink:
     while sink.count() - before_sink < count and time.monotonic() < deadline:
         time.sleep(0.05)
     delivered = sink.count() - before_sink
-    row = {"tool": tool, "size": size, "conc": conc, "count": count, "delivered": delivered,
-           "wall_s": round(wall, 3), "msgs_per_s": round(delivered / wall, 1), "rc": proc.returncode,
-           "relay_cores": round(usage["cpu_s"] / wall, 2),
-           "relay_cpu_ms_per_msg": round(1000 * usage["cpu_s"] / max(delivered, 1), 2),
-           "relay_pss_mib": round(usage["peak_pss"] / 2**20, 1)}
+    row = {
+        "tool": tool,
+        "size": size,
+        "conc": conc,
+        "count": count,
+        "delivered": delivered,
+        "wall_s": round(wall, 3),
+        "msgs_per_s": round(delivered / wall, 1),
+        "rc": proc.returncode,
+        "relay_cores": round(usage["cpu_s"] / wall, 2),
+        "relay_cpu_ms_per_msg": round(1000 * usage["cpu_s"] / max(delivered, 1), 2),
+        "relay_pss_mib": round(usage["peak_pss"] / 2**20, 1),
+    }
     if tool == "latency":
         stats = json.loads(out.decode().strip().splitlines()[-1])
         row.update(p50_ms=stats["p50_ms"], p99_ms=stats["p99_ms"], errors=stats["errors"])
@@ -155,8 +199,20 @@ def matrix(args) -> list[dict]:
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     key = ANCHOR_KEY if ANCHOR_KEY.exists() else workdir / "s1.key"
     if not key.exists():
-        subprocess.run([str(REPO / ".venv" / "bin" / "relay"), "keygen", "-d", "example.com", "-s", "s1",
-                        "--store", f"file://{key}"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                str(REPO / ".venv" / "bin" / "relay"),
+                "keygen",
+                "-d",
+                "example.com",
+                "-s",
+                "s1",
+                "--store",
+                f"file://{key}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     config = bench_config(workdir, key, pool=args.pool)
     sink = Sink(workdir)
     relay = start_relay(config, args.workers, workdir / "relay.log")
@@ -191,8 +247,10 @@ COLUMNS = [  # (heading, tool, field)
 
 def summarize(rows: list[dict]) -> str:
     """Median of the reps per cell, every rep in brackets; peak PSS over all runs of a point."""
-    lines = ["| size | sessions | " + " | ".join(h for h, _, _ in COLUMNS) + " | peak PSS MiB |",
-             "|---:|---:|" + "---|" * len(COLUMNS) + "---:|"]
+    lines = [
+        "| size | sessions | " + " | ".join(h for h, _, _ in COLUMNS) + " | peak PSS MiB |",
+        "|---:|---:|" + "---|" * len(COLUMNS) + "---:|",
+    ]
     for size, conc in sorted({(r["size"], r["conc"]) for r in rows}):
         point = [r for r in rows if r["size"] == size and r["conc"] == conc]
         cells = []
@@ -215,9 +273,15 @@ def run_anchor(args) -> None:
     relay = start_relay(config, args.workers, workdir / "relay.log")
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    env = {**os.environ, "SIZES": ",".join(map(str, args.sizes)), "CONCS": ",".join(map(str, args.concs)),
-           "REPS": str(args.reps), "EXTRA_TARGETS": f"relay=127.0.0.1:{RELAY_PORT}",
-           "EXTRA_PIDS": f"relay={relay.pid}", "RESULTS_DIR": str(results)}
+    env = {
+        **os.environ,
+        "SIZES": ",".join(map(str, args.sizes)),
+        "CONCS": ",".join(map(str, args.concs)),
+        "REPS": str(args.reps),
+        "EXTRA_TARGETS": f"relay=127.0.0.1:{RELAY_PORT}",
+        "EXTRA_PIDS": f"relay={relay.pid}",
+        "RESULTS_DIR": str(results),
+    }
     try:
         subprocess.run([str(ANCHOR / "run_load.sh")], check=True, env=env)
     finally:
@@ -230,8 +294,10 @@ def run_anchor(args) -> None:
 
 def ratios(records: list[dict]) -> str:
     """relay's figure over each anchor variant's, pair by pair (same size, sessions, tool, rep)."""
-    out = ["| size | sessions | tool | figure | relay | anchor | ratio | anchor_unix | ratio |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| size | sessions | tool | figure | relay | anchor | ratio | anchor_unix | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     index = {(r["target"], r["size"], r["conc"], r["tool"], r["rep"]): r for r in records}
     for (target, size, conc, tool, rep), rec in sorted(index.items()):
         if target != "relay":
@@ -264,8 +330,10 @@ def main() -> None:
     rows = matrix(args)
     if args.json:
         args.json.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    print(f"relay --workers {args.workers}, {time.strftime('%Y-%m-%d')}, "
-          f"medians of {args.reps} reps (each rep in brackets)\n")
+    print(
+        f"relay --workers {args.workers}, {time.strftime('%Y-%m-%d')}, "
+        f"medians of {args.reps} reps (each rep in brackets)\n"
+    )
     print(summarize(rows))
 
 

@@ -20,10 +20,12 @@ from relay.message import Message  # noqa: E402
 from relay.sign.dkim import DkimSigner  # noqa: E402
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem  # noqa: E402
 
-MESSAGE = (b"From: App <app@example.com>\r\nTo: user@example.net\r\nSubject: a 5 KB message\r\n"
-           b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <bench@example.com>\r\n"
-           b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
-           + (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n" * 62))
+MESSAGE = (
+    b"From: App <app@example.com>\r\nTo: user@example.net\r\nSubject: a 5 KB message\r\n"
+    b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <bench@example.com>\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+    + (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n" * 62)
+)
 
 
 def rate(fn, seconds: float = 3.0) -> float:
@@ -36,16 +38,24 @@ def rate(fn, seconds: float = 3.0) -> float:
 
 def main() -> None:
     print(f"message: {len(MESSAGE)} bytes; 3 trials of 3 s; ops/s")
-    signer = DkimSigner(["from", "to", "subject", "date", "message-id", "mime-version", "content-type"],
-                        ["from", "to", "subject"])
+    signer = DkimSigner(
+        ["from", "to", "subject", "date", "message-id", "mime-version", "content-type"], ["from", "to", "subject"]
+    )
     for algorithm in ("rsa-sha256", "ed25519-sha256"):
         pem = private_key_pem(generate_private_key(algorithm, 2048))
         key = load_signing_key(pem, domain="example.com", selector="s1", algorithm=algorithm)
         trials = [rate(lambda key=key: signer.sign(Message.parse(MESSAGE), [key])) for _ in range(3)]
         print(f"relay signer   {algorithm:<15} " + " / ".join(f"{t:,.0f}" for t in trials))
         if algorithm == "rsa-sha256":
-            trials = [rate(lambda pem=pem: dkim.sign(MESSAGE, b"s1", b"example.com", pem,
-                                             canonicalize=(b"relaxed", b"relaxed")), 3.0) for _ in range(3)]
+            trials = [
+                rate(
+                    lambda pem=pem: dkim.sign(
+                        MESSAGE, b"s1", b"example.com", pem, canonicalize=(b"relaxed", b"relaxed")
+                    ),
+                    3.0,
+                )
+                for _ in range(3)
+            ]
             print(f"dkimpy sign()  {algorithm:<15} " + " / ".join(f"{t:,.0f}" for t in trials))
 
 

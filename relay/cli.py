@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING
 from relay import __version__
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from relay.config.schema import Settings
+    from relay.server import Relay
 
 # Commands import what they need when they run: `relay serve --workers N` keeps its
 # supervisor process small, and `relay hash-password` starts fast.
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     try:
-        return args.func(args)
+        code: int = args.func(args)
+        return code
     except KeyboardInterrupt:
         return 130
 
@@ -47,9 +51,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the relay (no config: the embedded dev default)")
     serve.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
-    serve.add_argument("--workers", type=int, default=int(os.environ.get("RELAY_WORKERS", "1")),
-                       help="worker processes sharing the listeners, one core each "
-                            "(default 1, or $RELAY_WORKERS)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("RELAY_WORKERS", "1")),
+        help="worker processes sharing the listeners, one core each (default 1, or $RELAY_WORKERS)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="preflight of the DNS posture and the path out")
@@ -64,8 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--bits", type=int, choices=[2048, 3072, 4096], default=2048)
     keygen.add_argument("--store", metavar="REF", help="write the private key to file:///path or aws-sm://ID")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file:// key")
-    keygen.add_argument("--print-private-key", action="store_true",
-                        help="also print the private key (PEM) on stdout")
+    keygen.add_argument("--print-private-key", action="store_true", help="also print the private key (PEM) on stdout")
     keygen.add_argument("--aws-region")
     keygen.add_argument("--aws-endpoint-url")
     keygen.set_defaults(func=cmd_keygen)
@@ -122,43 +128,48 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    config = args.config or os.environ.get("RELAY_CONFIG") or None
     if args.workers > 1:
         # Before anything imports prometheus-client: the supervisor must switch it to
         # multiprocess mode first. Each worker validates the config itself; a config error
         # (exit 2) stops them all.
         from relay.supervisor import supervise
 
-        return supervise(args.workers, args.config or os.environ.get("RELAY_CONFIG") or None)
+        return supervise(args.workers, lambda index: serve_worker(config, index=index, reuse_port=True))
+    return serve_worker(config, index=0, reuse_port=False)
+
+
+def serve_worker(config: str | None, *, index: int, reuse_port: bool) -> int:
+    """Run one relay process: the only one, or worker `index` of `relay serve --workers N`
+    (which share the listening ports with SO_REUSEPORT)."""
     # One series per counter, not two: the *_created timestamps add nothing to dashboards.
     from prometheus_client import disable_created_metrics
 
-    from relay.app import serve
     from relay.config.load import ConfigError
     from relay.observe.logs import setup_logging
+    from relay.server import serve
 
-    disable_created_metrics()
+    disable_created_metrics()  # type: ignore[no-untyped-call]
     try:
-        settings, path = _load(args.config)
+        settings, path = _load(config)
         _full_check(settings, path)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.logging.format, settings.logging.level)
+    reload_settings: Callable[[], Settings] | None = None
+    on_started: Callable[[Relay], None] | None = None
     if path is None:
         from relay.config.dev import dev_settings
 
         reload_settings = dev_settings
-        on_started = _print_dev_banner
-    else:
-        reload_settings = None
-        on_started = None
+        if index == 0:  # the banner once, from the first worker
+            on_started = _print_dev_banner
     _install_uvloop()
     _raise_open_file_limit()
-    worker = os.environ.get("RELAY_WORKER")
-    if worker not in (None, "0"):
-        on_started = None  # the banner once, from the first worker
-    return asyncio.run(serve(settings, config_path=path, reload_settings=reload_settings,
-                             on_started=on_started, reuse_port=os.environ.get("RELAY_REUSE_PORT") == "1"))
+    return asyncio.run(
+        serve(settings, config_path=path, reload_settings=reload_settings, on_started=on_started, reuse_port=reuse_port)
+    )
 
 
 def _raise_open_file_limit() -> None:
@@ -181,7 +192,7 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def _print_dev_banner(relay) -> None:
+def _print_dev_banner(relay: Relay) -> None:
     from relay.config.dev import DEV_DOMAIN, DEV_SELECTOR
 
     settings = relay.settings
@@ -192,8 +203,8 @@ def _print_dev_banner(relay) -> None:
         f"""
 relay {__version__} is running on its embedded dev default (loopback only).
 
-  SMTP       {binds['dev-plain']} (plain + STARTTLS), {binds['dev-submission']} (STARTTLS),
-             {binds['dev-submissions']} (implicit TLS)
+  SMTP       {binds["dev-plain"]} (plain + STARTTLS), {binds["dev-submission"]} (STARTTLS),
+             {binds["dev-submissions"]} (implicit TLS)
              no AUTH needed from loopback; send as anything@{DEV_DOMAIN}
   outbox     {outbox}/   (each signed message lands here as an .eml file)
   DKIM key   {base}/{DEV_SELECTOR}.{DEV_DOMAIN}.key
@@ -243,10 +254,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
-    from relay.posture.report import run_check
+    from relay.wiring import preflight
 
     logging.basicConfig(level=logging.ERROR)
-    report = asyncio.run(run_check(settings))
+    report = asyncio.run(preflight(settings))
     if args.json:
         print(json.dumps(report.to_json(), indent=2, sort_keys=True))
     else:

@@ -81,11 +81,3 @@ class SmtpError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reply} ({self.reason})"
-
-
-def temporary(enhanced: str, text: str, *, reason: str, label: str, code: int = 451) -> SmtpError:
-    return SmtpError(code, enhanced, text, reason=reason, label=label)
-
-
-def permanent(enhanced: str, text: str, *, reason: str, label: str, code: int = 550) -> SmtpError:
-    return SmtpError(code, enhanced, text, reason=reason, label=label)

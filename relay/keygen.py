@@ -25,8 +25,9 @@ def zone_line(domain: str, selector: str, value: str) -> str:
 def keygen(args: argparse.Namespace) -> int:
     private = generate_private_key(args.algorithm, args.bits)
     pem = private_key_pem(private)
-    key = load_signing_key(pem, domain=args.domain.lower().rstrip("."), selector=args.selector,
-                           algorithm=args.algorithm)
+    key = load_signing_key(
+        pem, domain=args.domain.lower().rstrip("."), selector=args.selector, algorithm=args.algorithm
+    )
     if args.store:
         try:
             version = asyncio.run(_store(args, pem))
@@ -35,15 +36,18 @@ def keygen(args: argparse.Namespace) -> int:
             return 1
         print(f"; private key stored at {args.store} (version {version})")
     elif not args.print_private_key:
-        print("; no --store given and --print-private-key not set: the private key is not kept.",
-              file=sys.stderr)
+        print("; no --store given and --print-private-key not set: the private key is not kept.", file=sys.stderr)
     value = key.txt_value()
-    print(f"; DKIM record for {key.domain}, selector {key.selector}, {args.algorithm}"
-          + (f" {key.bits} bits" if key.key_type == "rsa" else ""))
+    print(
+        f"; DKIM record for {key.domain}, selector {key.selector}, {args.algorithm}"
+        + (f" {key.bits} bits" if key.key_type == "rsa" else "")
+    )
     print(zone_line(key.domain, key.selector, value))
     print(f"; value: {value}")
-    print("; config: " + f"{{domain: {key.domain}, selector: {key.selector}, key: \"{args.store or '<secret ref>'}\", "
-          f"algorithm: {args.algorithm}}}")
+    print(
+        "; config: " + f'{{domain: {key.domain}, selector: {key.selector}, key: "{args.store or "<secret ref>"}", '
+        f"algorithm: {args.algorithm}}}"
+    )
     if args.print_private_key:
         sys.stdout.write(pem.decode("ascii"))
     return 0

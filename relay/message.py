@@ -33,12 +33,11 @@ class HeaderField:
 class Message:
     """The parsed message. `fields` are in order, top to bottom."""
 
-    __slots__ = ("fields", "body", "_size")
+    __slots__ = ("fields", "body")
 
     def __init__(self, fields: list[HeaderField], body: bytes) -> None:
         self.fields = fields
         self.body = body
-        self._size: int | None = None
 
     @classmethod
     def parse(cls, raw: bytes) -> Message:
@@ -86,26 +85,38 @@ class Message:
         """
         fields = self.get_all("from")
         if not fields:
-            raise SmtpError(550, "5.6.0", "Message has no From: header (RFC 5322 §3.6)",
-                            reason="no From header", label="no_from")
+            raise SmtpError(
+                550, "5.6.0", "Message has no From: header (RFC 5322 §3.6)", reason="no From header", label="no_from"
+            )
         if len(fields) > 1:
-            raise SmtpError(550, "5.6.0", "Message has more than one From: header",
-                            reason="several From headers", label="multiple_from")
+            raise SmtpError(
+                550,
+                "5.6.0",
+                "Message has more than one From: header",
+                reason="several From headers",
+                label="multiple_from",
+            )
         addresses = [addr for _, addr in getaddresses([fields[0].unfolded()]) if addr]
         if len(addresses) != 1 or "@" not in addresses[0]:
             raise SmtpError(
-                550, "5.6.0",
+                550,
+                "5.6.0",
                 "From: must hold exactly one address (name@domain)",
-                reason=f"From has {len(addresses)} usable addresses", label="bad_from",
+                reason=f"From has {len(addresses)} usable addresses",
+                label="bad_from",
             )
         address = addresses[0]
         domain = address.rpartition("@")[2].strip().rstrip(".").lower()
         if not domain:
-            raise SmtpError(550, "5.6.0", "From: address has no domain",
-                            reason="From without domain", label="bad_from")
+            raise SmtpError(550, "5.6.0", "From: address has no domain", reason="From without domain", label="bad_from")
         return address, domain
 
 
 def _malformed(why: str) -> SmtpError:
-    return SmtpError(550, "5.6.0", "Malformed message header (RFC 5322 §2.2)",
-                     reason=f"malformed header: {why}", label="malformed_header")
+    return SmtpError(
+        550,
+        "5.6.0",
+        "Malformed message header (RFC 5322 §2.2)",
+        reason=f"malformed header: {why}",
+        label="malformed_header",
+    )

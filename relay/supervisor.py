@@ -29,21 +29,23 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 RESTART_PAUSE_MAX = 30.0
 EXIT_CONFIG = 2
 
 
-def supervise(workers: int, config: str | None) -> int:
+def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
+    """Run `run_worker(index)` in `workers` forked processes until they stop; returns the
+    exit code. The worker function gets its settings as arguments, not from the environment:
+    only PROMETHEUS_MULTIPROC_DIR is set here, because prometheus-client reads it."""
     multiproc_dir = Path(tempfile.mkdtemp(prefix="relay-metrics-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
-    os.environ["RELAY_REUSE_PORT"] = "1"
-    argv = ["serve", "--workers", "1"] + (["-c", config] if config else [])
 
     # Preload everything a worker imports, then fork: the workers share these pages.
-    import relay.app  # noqa: F401
-    import relay.cli
+    import relay.server  # noqa: F401
 
     gc.collect()
     gc.freeze()
@@ -57,17 +59,16 @@ def supervise(workers: int, config: str | None) -> int:
         if pid == 0:  # the worker
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(signum, signal.SIG_DFL)
-            os.environ["RELAY_WORKER"] = str(index)
             code = 1
             try:
-                code = relay.cli.main(argv)
+                code = run_worker(index)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = index
 
-    def forward(signum, _frame) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         if signum in (signal.SIGTERM, signal.SIGINT):
             stopping = True
@@ -90,9 +91,9 @@ def supervise(workers: int, config: str | None) -> int:
                 break
             except InterruptedError:
                 continue
-            index = children.pop(pid, None)
-            if index is None:
+            if pid not in children:
                 continue
+            index = children.pop(pid)
             code = os.waitstatus_to_exitcode(status)
             _mark_dead(pid, multiproc_dir)
             if stopping or code == EXIT_CONFIG:
@@ -102,12 +103,18 @@ def supervise(workers: int, config: str | None) -> int:
                     forward(signal.SIGTERM, None)
                 continue
             pauses[index] = min(RESTART_PAUSE_MAX, max(1.0, pauses[index] * 2))
-            print(f"relay: worker {index} exited with {code}; restarting in {pauses[index]:g}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"relay: worker {index} exited with {code}; restarting in {pauses[index]:g}s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(pauses[index])
             start(index)
     finally:
         shutil.rmtree(multiproc_dir, ignore_errors=True)
+    if EXIT_CONFIG in codes:
+        # The others were stopped because of it (a worker still starting dies of the SIGTERM).
+        return EXIT_CONFIG
     return max(codes, default=0) if all(c >= 0 for c in codes) else 1
 
 
@@ -115,6 +122,6 @@ def _mark_dead(pid: int, directory: Path) -> None:
     from prometheus_client import multiprocess
 
     try:
-        multiprocess.mark_process_dead(pid, str(directory))
+        multiprocess.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
     except OSError:
         pass

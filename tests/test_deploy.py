@@ -36,6 +36,8 @@ except ImportError:  # a collection error that says what to do, not a silent ski
 
 from relay.config import defaults
 
+pytestmark = pytest.mark.binaries
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 TERRAFORM = ROOT / "deploy" / "terraform"
@@ -264,9 +266,7 @@ def test_terraform_module_calls_match_the_called_module(directory: Path) -> None
         called = Module((directory / call["source"]).resolve())
         meta = {"source", "version", "providers", "count", "for_each", "depends_on"}
         passed = set(call) - meta
-        problems += [
-            f"module.{name}: unknown input {k}" for k in sorted(passed - set(called.variables))
-        ]
+        problems += [f"module.{name}: unknown input {k}" for k in sorted(passed - set(called.variables))]
         required = {k for k, v in called.variables.items() if "default" not in v}
         problems += [f"module.{name}: missing input {k}" for k in sorted(required - passed)]
     assert not problems, "\n".join(problems)
@@ -275,23 +275,11 @@ def test_terraform_module_calls_match_the_called_module(directory: Path) -> None
 def test_terraform_variables_and_outputs_are_documented() -> None:
     module = Module(TERRAFORM)
     readme = (TERRAFORM / "README.md").read_text()
-    problems = [
-        f"variable {n} has no description"
-        for n, v in module.variables.items()
-        if not v.get("description")
-    ]
+    problems = [f"variable {n} has no description" for n, v in module.variables.items() if not v.get("description")]
+    problems += [f"variable {n} has no type" for n, v in module.variables.items() if "type" not in v]
+    problems += [f"output {n} has no description" for n, v in module.outputs.items() if not v.get("description")]
     problems += [
-        f"variable {n} has no type" for n, v in module.variables.items() if "type" not in v
-    ]
-    problems += [
-        f"output {n} has no description"
-        for n, v in module.outputs.items()
-        if not v.get("description")
-    ]
-    problems += [
-        f"README.md does not list `{n}`"
-        for n in [*module.variables, *module.outputs]
-        if f"`{n}`" not in readme
+        f"README.md does not list `{n}`" for n in [*module.variables, *module.outputs] if f"`{n}`" not in readme
     ]
     assert not problems, "\n".join(problems)
 
@@ -315,9 +303,7 @@ def test_manifest_parses(path: Path) -> None:
     documents = _documents(path)
     assert documents, f"{path} holds no document"
     for doc in documents:
-        assert doc.get("apiVersion") and doc.get("kind"), (
-            f"{path}: a document without apiVersion/kind"
-        )
+        assert doc.get("apiVersion") and doc.get("kind"), f"{path}: a document without apiVersion/kind"
         if doc["kind"] != "Kustomization":
             assert doc.get("metadata", {}).get("name"), f"{path}: a {doc['kind']} without a name"
 
@@ -432,26 +418,18 @@ def test_ports_paths_and_uid_agree_across_image_kubernetes_and_terraform() -> No
     (healthcheck,) = by_keyword["HEALTHCHECK"]
     assert re.findall(r"https?://[^'\" ]+", healthcheck) == [HEALTH_URL]
     assert json.loads(by_keyword["VOLUME"][0]) == [defaults.IMAGE_DATA_DIR]
-    env = {
-        k: v
-        for line in by_keyword["ENV"]
-        for k, _, v in (token.partition("=") for token in shlex.split(line))
-    }
+    env = {k: v for line in by_keyword["ENV"] for k, _, v in (token.partition("=") for token in shlex.split(line))}
     assert env["RELAY_CONFIG"] == defaults.IMAGE_CONFIG_PATH
     assert env["TMPDIR"].startswith(defaults.IMAGE_DATA_DIR)  # the only writable path
     assert json.loads(by_keyword["ENTRYPOINT"][0]) == ["relay"]
     cmd = json.loads(by_keyword["CMD"][0])
-    assert cmd[0] == "serve" and (
-        "-c" not in cmd or cmd[cmd.index("-c") + 1] == defaults.IMAGE_CONFIG_PATH
-    )
+    assert cmd[0] == "serve" and ("-c" not in cmd or cmd[cmd.index("-c") + 1] == defaults.IMAGE_CONFIG_PATH)
     for keyword, rest in instructions:
         if keyword == "FROM":
             assert re.match(r"python:3\.11\.\d+-slim-bookworm\b", rest), f"unpinned base: {rest}"
 
     # --- Kubernetes: the shared service ------------------------------------------------------
-    (deployment,) = [
-        d for d in _by_kind(KUBERNETES, "Deployment") if d["metadata"]["name"] == "relay"
-    ]
+    (deployment,) = [d for d in _by_kind(KUBERNETES, "Deployment") if d["metadata"]["name"] == "relay"]
     pod = deployment["spec"]["template"]["spec"]
     (relay,) = [c for c in pod["containers"] if c["name"] == "relay"]
     container_ports = _named_ports(relay)
@@ -480,15 +458,11 @@ def test_ports_paths_and_uid_agree_across_image_kubernetes_and_terraform() -> No
     exprs = [r["expr"] for g in rule_file["spec"]["groups"] for r in g["rules"]]
     assert any(f'job="{service["metadata"]["name"]}"' in e for e in exprs)
 
-    (policy,) = [
-        p for p in _by_kind(KUBERNETES, "NetworkPolicy") if p["metadata"]["name"] == "relay"
-    ]
+    (policy,) = [p for p in _by_kind(KUBERNETES, "NetworkPolicy") if p["metadata"]["name"] == "relay"]
     ingress_ports = [{p["port"] for p in rule["ports"]} for rule in policy["spec"]["ingress"]]
     assert sorted(ingress_ports, key=len) == [{defaults.METRICS_PORT}, SMTP_PORTS]
 
-    (config_map,) = [
-        c for c in _by_kind(KUBERNETES, "ConfigMap") if c["metadata"]["name"] == "relay-config"
-    ]
+    (config_map,) = [c for c in _by_kind(KUBERNETES, "ConfigMap") if c["metadata"]["name"] == "relay-config"]
     config = yaml.safe_load(config_map["data"]["relay.yaml"])
     assert {_port_of(listener["bind"]) for listener in config["listeners"]} == SMTP_PORTS
     assert _port_of(config["metrics"]["bind"]) == defaults.METRICS_PORT
@@ -498,9 +472,7 @@ def test_ports_paths_and_uid_agree_across_image_kubernetes_and_terraform() -> No
     (app_deployment,) = _by_kind(sidecar_dir, "Deployment")
     app_pod = app_deployment["spec"]["template"]["spec"]
     all_containers = app_pod.get("initContainers", []) + app_pod["containers"]
-    (sidecar,) = [
-        c for c in all_containers if c["image"].split("@")[0].rsplit(":", 1)[0].endswith("/relay")
-    ]
+    (sidecar,) = [c for c in all_containers if c["image"].split("@")[0].rsplit(":", 1)[0].endswith("/relay")]
     assert _probe(sidecar, "livenessProbe") == (defaults.HEALTH_PATH, defaults.METRICS_PORT)
     assert _probe(sidecar, "readinessProbe") == (defaults.READY_PATH, defaults.METRICS_PORT)
     assert sidecar["securityContext"]["runAsUser"] == defaults.IMAGE_UID
@@ -542,17 +514,12 @@ def test_ports_paths_and_uid_agree_across_image_kubernetes_and_terraform() -> No
     container = module.locals["relay_container"]
     mapped = {int(resolve.value(m["containerPort"])) for m in container["portMappings"]}
     assert mapped == ALL_PORTS
-    assert all(
-        resolve.value(m["hostPort"]) == resolve.value(m["containerPort"])
-        for m in container["portMappings"]
-    )
+    assert all(resolve.value(m["hostPort"]) == resolve.value(m["containerPort"]) for m in container["portMappings"])
     health_command = " ".join(resolve.value(part) for part in container["healthCheck"]["command"])
     assert re.findall(r"https?://[^'\" ]+", health_command) == [HEALTH_URL]
     assert resolve.value(container["user"]) == f"{defaults.IMAGE_UID}:{defaults.IMAGE_UID}"
     assert container["readonlyRootFilesystem"] is True
-    assert [resolve.value(m["containerPath"]) for m in container["mountPoints"]] == [
-        defaults.IMAGE_DATA_DIR
-    ]
+    assert [resolve.value(m["containerPath"]) for m in container["mountPoints"]] == [defaults.IMAGE_DATA_DIR]
 
     def rule_ports(kind: str, group: str) -> set[int]:
         ports: set[int] = set()

@@ -7,8 +7,8 @@ import signal
 import socket
 import time
 
-from tests.test_refusals import connect
-from tests.test_relay_smtp import message
+from tests.support.inloop import in_thread
+from tests.support.smtp import connect, message
 
 
 def proxied_session(port: int, src: str) -> socket.socket:
@@ -17,8 +17,9 @@ def proxied_session(port: int, src: str) -> socket.socket:
     return sock
 
 
-def test_proxy_protocol_uses_the_client_address_from_the_header(make_relay, upstream):
-    relay = make_relay(upstream.port, start=False)
+@in_thread
+def test_proxy_protocol_uses_the_client_address_from_the_header(make_loop_relay, upstream):
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["listeners"][0]["proxy_protocol"] = True
     relay.config["clients"]["networks"] = ["10.1.0.0/16"]
     relay.start()
@@ -36,8 +37,9 @@ def test_proxy_protocol_uses_the_client_address_from_the_header(make_relay, upst
         assert bare.recv(1024) == b""
 
 
-def test_received_header_hides_the_client_by_default(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_received_header_hides_the_client_by_default(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
     [got] = upstream.wait_for(1)
     received = [line for line in got.content.split(b"\r\n\r\n")[0].split(b"\r\n") if line.startswith(b"Received:")]
@@ -47,8 +49,9 @@ def test_received_header_hides_the_client_by_default(make_relay, upstream, pki):
     assert len(received) == 1
 
 
-def test_received_header_full_names_the_client(make_relay, upstream, pki):
-    relay = make_relay(upstream.port, received_header="full")
+@in_thread
+def test_received_header_full_names_the_client(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port, received_header="full")
     connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
     [got] = upstream.wait_for(1)
     assert b"Received: from client.test ([127.0.0.1])" in got.content
@@ -96,7 +99,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_quit_gets_221_with_an_enhanced_code(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_quit_gets_221_with_an_enhanced_code(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert client.quit() == (221, b"2.0.0 Bye")

@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 
 import dkim
+import pytest
 
 from tests.support.procs import wait_port
+
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).parent.parent
 
@@ -42,12 +45,28 @@ def test_clean_install_runs_the_dev_default(tmp_path):
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     # pip of the test environment, installing into the new venv (`--python`): it never
     # touches the test environment's own packages.
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
-                    "--no-deps", "--no-index", "--no-build-isolation", str(context)], check=True,
-                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            str(context),
+        ],
+        check=True,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+        cwd=tmp_path,
+    )
     python, relay = venv / "bin" / "python", venv / "bin" / "relay"
-    where = subprocess.run([python, "-c", "import relay; print(relay.__file__)"], capture_output=True,
-                           text=True, check=True, cwd=tmp_path).stdout.strip()
+    where = subprocess.run(
+        [python, "-c", "import relay; print(relay.__file__)"], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout.strip()
     assert where.startswith(str(venv)), f"relay imported from {where}, not from the clean install"
     assert subprocess.run([relay, "--version"], capture_output=True, text=True).stdout.startswith("relay ")
 
@@ -60,8 +79,11 @@ def test_clean_install_runs_the_dev_default(tmp_path):
         wait_port("127.0.0.1", 2525, 20, proc=proc)
         wait_port("127.0.0.1", 9464, 20, proc=proc)
         with smtplib.SMTP("127.0.0.1", 2525, timeout=20) as client:
-            client.sendmail("app@example.test", ["someone@example.net"],
-                            b"From: app@example.test\r\nTo: someone@example.net\r\nSubject: hi\r\n\r\nhello\r\n")
+            client.sendmail(
+                "app@example.test",
+                ["someone@example.net"],
+                b"From: app@example.test\r\nTo: someone@example.net\r\nSubject: hi\r\n\r\nhello\r\n",
+            )
         deadline = time.monotonic() + 10
         while not list((dev / "outbox").glob("*.eml")) and time.monotonic() < deadline:
             time.sleep(0.1)

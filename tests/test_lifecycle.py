@@ -8,8 +8,9 @@ import socket
 
 import pytest
 
-from tests.test_refusals import connect, reply
-from tests.test_relay_smtp import message
+from tests.support.smtp import connect, message, reply
+
+pytestmark = pytest.mark.e2e
 
 
 def test_sigterm_lets_the_message_in_flight_complete_then_exits_0(make_relay, upstream, pki):
@@ -55,7 +56,8 @@ def test_sighup_reload_keeps_sessions_and_applies_new_users(make_relay, upstream
     relay = make_relay(upstream.port)
     session = connect(relay, pki)
     relay.config["clients"]["users"].append(
-        {"username": "billing", "password_hash": app_password_hash, "senders": ["example.com"]})
+        {"username": "billing", "password_hash": app_password_hash, "senders": ["example.com"]}
+    )
     relay.write_config()
     relay.signal(signal.SIGHUP)
     relay.wait_log(lambda e: e.get("msg") == "configuration reloaded")

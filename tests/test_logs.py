@@ -11,17 +11,32 @@ import uuid
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from tests.conftest import APP_PASSWORD
-from tests.test_relay_smtp import message, submit
+from tests.support.config import APP_PASSWORD
+from tests.support.smtp import message, submit
+
+pytestmark = pytest.mark.e2e
 
 # docs/metrics.md, "Log lines": every message line that got as far as DATA has these.
 MESSAGE_FIELDS = {
-    "event", "id", "listener", "client", "user", "mail_from_domain", "from_domain", "recipients",
-    "size", "dkim", "upstream", "upstream_reply", "upstream_id", "code", "enhanced", "duration_ms",
+    "event",
+    "id",
+    "listener",
+    "client",
+    "user",
+    "mail_from_domain",
+    "from_domain",
+    "recipients",
+    "size",
+    "dkim",
+    "upstream",
+    "upstream_reply",
+    "upstream_id",
+    "code",
+    "enhanced",
+    "duration_ms",
 }
 # A transaction refused at MAIL has no id, no recipients and no upstream yet.
-MAIL_REFUSAL_FIELDS = {"event", "id", "listener", "client", "user", "mail_from_domain", "code",
-                       "enhanced", "reason"}
+MAIL_REFUSAL_FIELDS = {"event", "id", "listener", "client", "user", "mail_from_domain", "code", "enhanced", "reason"}
 
 WRONG_PASSWORD = "wrong-" + uuid.uuid4().hex
 
@@ -41,8 +56,7 @@ def key_material(path) -> list[str]:
     and its raw private bytes in base64 and hex."""
     pem = path.read_bytes()
     key = serialization.load_pem_private_key(pem, password=None)
-    raw = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    raw = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     lines = [line for line in pem.decode().splitlines() if not line.startswith("-----")]
     # A short last line ("Aw==") could occur anywhere by chance; 16 characters cannot.
     return [line for line in lines if len(line) >= 16] + [base64.b64encode(raw).decode(), raw.hex()]
@@ -54,8 +68,15 @@ def test_one_log_line_per_message_without_secrets_or_content(make_relay, upstrea
     relayed_body = f"The body says {marker}-relayed.\r\n"
 
     # 1. relayed, with two recipients
-    assert submit(relay, pki, rcpts=("a@example.net", "b@example.net"),
-                  data=message(subject=f"{marker}-subject", body=relayed_body)) == {}
+    assert (
+        submit(
+            relay,
+            pki,
+            rcpts=("a@example.net", "b@example.net"),
+            data=message(subject=f"{marker}-subject", body=relayed_body),
+        )
+        == {}
+    )
     # 2. refused by the upstream at DATA
     upstream.behaviour.data_reply = "451 4.3.0 Try again later"
     with pytest.raises(smtplib.SMTPDataError):
@@ -63,8 +84,7 @@ def test_one_log_line_per_message_without_secrets_or_content(make_relay, upstrea
     upstream.behaviour.data_reply = None
     # 3. refused at DATA by policy: From domain the user may not use
     with pytest.raises(smtplib.SMTPDataError):
-        submit(relay, pki, data=message(frm="app@other.example", subject="from",
-                                        body=f"{marker}-from\r\n"))
+        submit(relay, pki, data=message(frm="app@other.example", subject="from", body=f"{marker}-from\r\n"))
     # 4. refused at MAIL: envelope sender not allowed
     with pytest.raises(smtplib.SMTPSenderRefused):
         submit(relay, pki, mail_from="app@elsewhere.example")
@@ -128,7 +148,6 @@ def test_one_log_line_per_message_without_secrets_or_content(make_relay, upstrea
         assert text not in log_text, f"{what} is in the log"
         assert text not in scrape, f"{what} is in the metrics"
     assert "PRIVATE KEY" not in log_text and "PRIVATE KEY" not in scrape
-
 
 
 @pytest.mark.parametrize("listener", ["submissions", "submission"])

@@ -23,11 +23,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import APP_PASSWORD, relay_config
+from tests.support.config import APP_PASSWORD, relay_config
 from tests.support.procs import free_port, require_binary, running
 from tests.support.relayproc import RelayProcess, split_bind
+from tests.support.smtp import message, submit
 from tests.support.upstream import Upstream
-from tests.test_relay_smtp import message, submit
+
+pytestmark = pytest.mark.binaries
 
 GRAFANA = Path(__file__).resolve().parents[1] / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "relay-dashboard.json"
@@ -35,14 +37,23 @@ ALERTS = GRAFANA / "relay-alerts.yaml"
 ALERT_TESTS = GRAFANA / "tests" / "relay-alerts-test.yaml"
 
 EXPECTED_ALERTS = {
-    "RelayUpstreamErrorRatioHigh", "RelayProxyFailing", "RelaySpfEgressNotPassing",
-    "RelayDkimDnsMismatch", "RelaySecretRefreshStale", "RelayDown", "RelayNotReady",
+    "RelayUpstreamErrorRatioHigh",
+    "RelayProxyFailing",
+    "RelaySpfEgressNotPassing",
+    "RelayDkimDnsMismatch",
+    "RelaySecretRefreshStale",
+    "RelayDown",
+    "RelayNotReady",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).
 CORE_PANELS = {
-    "Messages", "Rejections by reason", "Upstream latency (end of DATA)",
-    "DKIM signatures by domain/selector", "Active sessions", "Sessions",
+    "Messages",
+    "Rejections by reason",
+    "Upstream latency (end of DATA)",
+    "DKIM signatures by domain/selector",
+    "Active sessions",
+    "Sessions",
 }
 # Grafana's template variables, as Prometheus sees them with "All" selected.
 GRAFANA_VARIABLES = {"instance": ".*", "upstream": ".*", "domain": ".*", "__rate_interval": "1m"}
@@ -149,12 +160,14 @@ class Prometheus:
         self.config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],
-            "scrape_configs": [{
-                "job_name": "relay",
-                "scrape_interval": "1s",
-                "scrape_timeout": "1s",
-                "static_configs": [{"targets": [f"{target[0]}:{target[1]}"]}],
-            }],
+            "scrape_configs": [
+                {
+                    "job_name": "relay",
+                    "scrape_interval": "1s",
+                    "scrape_timeout": "1s",
+                    "static_configs": [{"targets": [f"{target[0]}:{target[1]}"]}],
+                }
+            ],
         }
 
     @contextmanager
@@ -168,8 +181,7 @@ class Prometheus:
             f"--storage.tsdb.path={self.workdir / 'data'}",
             f"--web.listen-address=127.0.0.1:{self.port}",
         ]
-        with running(argv, ready=("127.0.0.1", self.port), log_path=self.workdir / "prometheus.log",
-                     ready_timeout=20):
+        with running(argv, ready=("127.0.0.1", self.port), log_path=self.workdir / "prometheus.log", ready_timeout=20):
             self.wait(lambda: self._status("/-/ready") == 200, "Prometheus ready")
             yield self
 
@@ -212,8 +224,7 @@ class Prometheus:
             time.sleep(0.2)
 
 
-def proxied_relay_config(workdir: Path, pki, dkim_keys, upstream_port: int, password_hash: str,
-                         proxy_url: str) -> dict:
+def proxied_relay_config(workdir: Path, pki, dkim_keys, upstream_port: int, password_hash: str, proxy_url: str) -> dict:
     """The production-shaped test config, sending through the egress proxy; user "app" may
     also send as unsigned.example, a domain the relay has no DKIM key for."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -233,8 +244,9 @@ def send_mixed_traffic(relay: RelayProcess, pki) -> None:
         submit(relay, pki, mail_from="app@unsigned.example")
     assert no_key.value.smtp_code == 550
     with pytest.raises(smtplib.SMTPSenderRefused):
-        submit(relay, pki, mail_from="app@elsewhere.example",
-               data=message(frm="app@elsewhere.example", subject="denied"))
+        submit(
+            relay, pki, mail_from="app@elsewhere.example", data=message(frm="app@elsewhere.example", subject="denied")
+        )
 
 
 # -- (a) promtool on the rule file ---------------------------------------------------------------
@@ -255,8 +267,7 @@ def test_alert_rules_are_complete():
         assert rule["labels"]["severity"] in ("critical", "warning"), name
         assert rule["annotations"].get("summary") and rule["annotations"].get("description"), name
         assert rule.get("for"), f"{name} fires on a single evaluation"
-        cases = [case for test in tested["tests"] for case in test["alert_rule_test"]
-                 if case["alertname"] == name]
+        cases = [case for test in tested["tests"] for case in test["alert_rule_test"] if case["alertname"] == name]
         assert any(c["exp_alerts"] for c in cases), f"no unit test where {name} fires"
         assert any(not c["exp_alerts"] for c in cases), f"no unit test where {name} stays quiet"
 
@@ -292,16 +303,14 @@ def test_dashboard_is_importable_with_its_variables():
 
 
 # -- (c) a real Prometheus scraping the real relay ------------------------------------------------------
-def test_dashboard_and_alert_queries_evaluate_in_prometheus(tmp_path, pki, dkim_keys, app_password_hash,
-                                                           make_relay):
+def test_dashboard_and_alert_queries_evaluate_in_prometheus(tmp_path, pki, dkim_keys, app_password_hash, make_relay):
     # Our own upstream, not the `upstream` fixture: this test stops it, and aiosmtpd refuses
     # a second stop (the fixture's teardown).
     up = Upstream(tls="starttls", server_context=pki.server_context()).start()
     upstream_running = True
     try:
         with socks_proxy(tmp_path) as proxy_url:
-            config = proxied_relay_config(tmp_path / "data", pki, dkim_keys, up.port, app_password_hash,
-                                          proxy_url)
+            config = proxied_relay_config(tmp_path / "data", pki, dkim_keys, up.port, app_password_hash, proxy_url)
             metrics_addr = split_bind(config["metrics"]["bind"])
             # Prometheus first: it applies new scrape targets only every 5s, so it gets ready
             # while the relay starts.
@@ -322,10 +331,11 @@ def test_dashboard_and_alert_queries_evaluate_in_prometheus(tmp_path, pki, dkim_
 
                 # Wait for two scrapes after the last message (a rate needs two samples).
                 done = time.time()
-                prom.wait(lambda: (prom.value("timestamp(relay_build_info)") or 0) > done + 2.2,
-                          "two scrapes after the traffic")
-                assert prom.value("sum(relay_messages_rejected_total)") == relay.metric(
-                    "relay_messages_rejected_total")
+                prom.wait(
+                    lambda: (prom.value("timestamp(relay_build_info)") or 0) > done + 2.2,
+                    "two scrapes after the traffic",
+                )
+                assert prom.value("sum(relay_messages_rejected_total)") == relay.metric("relay_messages_rejected_total")
 
                 failures = []
                 results = {}
@@ -343,8 +353,9 @@ def test_dashboard_and_alert_queries_evaluate_in_prometheus(tmp_path, pki, dkim_
                     assert results.get(f"variable ${variable}"), f"${variable} has no values"
 
                 # The data itself tells what happened.
-                reasons = {r["metric"]["reason"]
-                           for r in prom.vector("sum by (reason) (relay_messages_rejected_total)")}
+                reasons = {
+                    r["metric"]["reason"] for r in prom.vector("sum by (reason) (relay_messages_rejected_total)")
+                }
                 assert {"no_key", "sender_denied", "upstream_temporary"} <= reasons, reasons
                 assert prom.value('sum(relay_auth_attempts_total{result="failure"})') >= 1
                 assert prom.value('sum(relay_upstream_replies_total{stage="data", class="4xx"})') == 1
@@ -391,10 +402,10 @@ def test_every_metric_used_by_dashboard_and_rules_is_exported(relay_scrape):
         for name in metric_names(expr):
             used.setdefault(name, set()).add(where)
     assert used, "no relay_ metric found in the dashboard or the rules"
-    missing = {name: sorted(wheres) for name, wheres in sorted(used.items())
-               if not is_exported(name, families)}
+    missing = {name: sorted(wheres) for name, wheres in sorted(used.items()) if not is_exported(name, families)}
     assert not missing, "used but not in the relay's scrape:\n" + "\n".join(
-        f"  {name}: {', '.join(wheres)}" for name, wheres in missing.items())
+        f"  {name}: {', '.join(wheres)}" for name, wheres in missing.items()
+    )
     for rule in load_alerts():
         for name in re.findall(r"\b([a-z_]+)\{", rule["expr"]):
             assert name.startswith("relay_") or name in PROMETHEUS_MADE, (rule["alert"], name)
@@ -402,8 +413,7 @@ def test_every_metric_used_by_dashboard_and_rules_is_exported(relay_scrape):
 
 def test_scrape_passes_promtool_check_metrics(relay_scrape):
     promtool = require_binary("promtool")
-    check = subprocess.run([promtool, "check", "metrics"], input=relay_scrape,
-                           capture_output=True, text=True)
+    check = subprocess.run([promtool, "check", "metrics"], input=relay_scrape, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert not check.stdout.strip() and not check.stderr.strip(), check.stdout + check.stderr
 

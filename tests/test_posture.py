@@ -25,10 +25,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from relay.app import build_delivery
 from relay.config.load import settings_from_mapping
 from relay.config.schema import Settings, SpfSettings
-from relay.deliver.proxy import make_dialer
 from relay.dns.resolver import DnsAnswer, DnsResolver, DnsTemporaryError
 from relay.errors import SmtpError
 from relay.posture.dkim_record import check_dkim_record
@@ -42,10 +40,12 @@ from relay.posture.egress import (
 )
 from relay.posture.monitor import PostureMonitor
 from relay.posture.spf_posture import check_spf, with_terms
+from relay.proxy import dialer_for
 from relay.secrets.local import FileBackend
 from relay.secrets.store import SecretStore
 from relay.sign.keyring import KeyRing
 from relay.sign.keys import load_signing_key
+from relay.wiring import build_target
 from tests.support.dns import black_hole, dns_server
 from tests.support.procs import free_port, require_binary, running
 from tests.support.upstream import Upstream
@@ -57,8 +57,9 @@ EXPECTED = DATA / "check"
 EGRESS = "192.0.2.10"
 LOOP = "127.0.0.1"
 PROXY_EGRESS = "127.0.0.2"  # microsocks binds its outgoing connections here
-RSA_PUBLIC = load_signing_key((KEYS / "rsa2048.pem").read_bytes(), domain="x", selector="x",
-                              algorithm="rsa-sha256").public_b64
+RSA_PUBLIC = load_signing_key(
+    (KEYS / "rsa2048.pem").read_bytes(), domain="x", selector="x", algorithm="rsa-sha256"
+).public_b64
 
 
 # -- fixtures --------------------------------------------------------------------------------
@@ -110,8 +111,14 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
     config = {
         "hostname": "relay.test",
         "listeners": [{"name": "submission", "bind": "127.0.0.1:2587", "tls": "none", "auth": "none"}],
-        "upstream": {"name": "smarthost", "host": LOOP, "port": free_port(), "tls": "none",
-                     "connect_timeout": "3s", "command_timeout": "3s"},
+        "upstream": {
+            "name": "smarthost",
+            "host": LOOP,
+            "port": free_port(),
+            "tls": "none",
+            "connect_timeout": "3s",
+            "command_timeout": "3s",
+        },
         "data_dir": str(tmp_path),
         **overrides,
     }
@@ -135,8 +142,11 @@ DKIM_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("domain", "selector", "algorithm", "status", "level", "key_type", "bits", "test_mode"),
-                         DKIM_CASES, ids=[f"{c[0]}/{c[1]}-{c[3]}" for c in DKIM_CASES])
+@pytest.mark.parametrize(
+    ("domain", "selector", "algorithm", "status", "level", "key_type", "bits", "test_mode"),
+    DKIM_CASES,
+    ids=[f"{c[0]}/{c[1]}-{c[3]}" for c in DKIM_CASES],
+)
 async def test_dkim_record(resolver, domain, selector, algorithm, status, level, key_type, bits, test_mode):
     key = signing_key(domain, selector, algorithm)
     check = await check_dkim_record(resolver, domain=domain, selector=selector, algorithm=algorithm, key=key)
@@ -159,7 +169,8 @@ async def test_dkim_problems_say_what_is_wrong(resolver):
     assert await problem("plusall.example.org") == "h=sha1 excludes sha256, which the relay signs with"
     assert await problem("example.org") == "the key is revoked (empty p=)"
     assert await problem("multi.example.org") == (
-        "2 TXT records at s1._domainkey.multi.example.org; verifiers use any one")
+        "2 TXT records at s1._domainkey.multi.example.org; verifiers use any one"
+    )
 
 
 async def test_dkim_mismatch_remediation_is_the_exact_record(resolver):
@@ -169,8 +180,14 @@ async def test_dkim_mismatch_remediation_is_the_exact_record(resolver):
 
 
 async def test_dkim_key_not_loaded(resolver):
-    check = await check_dkim_record(resolver, domain="example.com", selector="s1", algorithm="rsa-sha256",
-                                    key=None, key_problem="file:///k.pem: cannot read")
+    check = await check_dkim_record(
+        resolver,
+        domain="example.com",
+        selector="s1",
+        algorithm="rsa-sha256",
+        key=None,
+        key_problem="file:///k.pem: cannot read",
+    )
     assert check.status == "unavailable"
     assert check.level == "fail"
     assert "cannot read" in check.problem
@@ -178,8 +195,9 @@ async def test_dkim_key_not_loaded(resolver):
 
 
 async def test_dkim_dns_timeout_is_temperror(dead_resolver):
-    check = await check_dkim_record(dead_resolver, domain="example.com", selector="s1", algorithm="rsa-sha256",
-                                    key=signing_key("example.com", "s1"))
+    check = await check_dkim_record(
+        dead_resolver, domain="example.com", selector="s1", algorithm="rsa-sha256", key=signing_key("example.com", "s1")
+    )
     assert check.status == "temperror"
     assert check.level == "fail"
     assert "timed out" in check.problem
@@ -189,23 +207,53 @@ async def test_dkim_dns_timeout_is_temperror(dead_resolver):
 
 DMARC_CASES = [
     # domain, status, level, found at, applied policy, p, sp, adkim, rua
-    ("example.com", "ok", "ok", "_dmarc.example.com", "reject", "reject", "quarantine", "s",
-     ("mailto:dmarc@example.com",)),
+    (
+        "example.com",
+        "ok",
+        "ok",
+        "_dmarc.example.com",
+        "reject",
+        "reject",
+        "quarantine",
+        "s",
+        ("mailto:dmarc@example.com",),
+    ),
     # No record of its own: the organizational domain's, whose sp= applies to subdomains.
-    ("mail.example.com", "ok", "ok", "_dmarc.example.com", "quarantine", "reject", "quarantine", "s",
-     ("mailto:dmarc@example.com",)),
+    (
+        "mail.example.com",
+        "ok",
+        "ok",
+        "_dmarc.example.com",
+        "quarantine",
+        "reject",
+        "quarantine",
+        "s",
+        ("mailto:dmarc@example.com",),
+    ),
     ("example.net", "missing", "warn", None, "missing", None, None, "r", ()),
     ("example.org", "ok", "warn", "_dmarc.example.org", "none", "none", None, "r", ()),
     # No sp=: p= applies to subdomains too.
     ("lookups.example.org", "ok", "warn", "_dmarc.example.org", "none", "none", None, "r", ()),
     ("multi.example.org", "multiple", "fail", "_dmarc.multi.example.org", "missing", None, None, "r", ()),
-    ("kx.example.org", "invalid", "warn", "_dmarc.kx.example.org", "none", "block", None, "r",
-     ("mailto:reports@example.org",)),
+    (
+        "kx.example.org",
+        "invalid",
+        "warn",
+        "_dmarc.kx.example.org",
+        "none",
+        "block",
+        None,
+        "r",
+        ("mailto:reports@example.org",),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("domain", "status", "level", "found_at", "applied", "p", "sp", "adkim", "rua"),
-                         DMARC_CASES, ids=[c[0] for c in DMARC_CASES])
+@pytest.mark.parametrize(
+    ("domain", "status", "level", "found_at", "applied", "p", "sp", "adkim", "rua"),
+    DMARC_CASES,
+    ids=[c[0] for c in DMARC_CASES],
+)
 async def test_dmarc(resolver, domain, status, level, found_at, applied, p, sp, adkim, rua):
     check = await check_dmarc(resolver, domain)
     assert (check.status, check.level, check.found_at) == (status, level, found_at), check.problem
@@ -219,15 +267,17 @@ async def test_dmarc_alignment_texts(resolver):
     assert sub.organizational_domain == "example.com"
     assert sub.dkim_alignment == "DKIM d=mail.example.com aligns with From mail.example.com (strict, adkim=s)"
     assert sub.spf_alignment == (
-        "SPF aligned if MAIL FROM uses mail.example.com or any domain under example.com (aspf=r)")
+        "SPF aligned if MAIL FROM uses mail.example.com or any domain under example.com (aspf=r)"
+    )
     assert sub.remediation is None
 
 
 async def test_dmarc_alignment_is_computed_not_assumed(resolver):
     # adkim=s at example.com: a signature with d=example.com does not align with a From
     # at mail.example.com, and a bounce domain elsewhere cannot align SPF.
-    check = await check_dmarc(resolver, "mail.example.com", dkim_domain="example.com",
-                              envelope_domain="bounce.example.net")
+    check = await check_dmarc(
+        resolver, "mail.example.com", dkim_domain="example.com", envelope_domain="bounce.example.net"
+    )
     assert not check.dkim_aligned
     assert not check.spf_aligned
     assert check.level == "fail"
@@ -248,13 +298,16 @@ async def test_dmarc_dns_timeout(dead_resolver):
     assert (check.status, check.level) == ("temperror", "fail")
 
 
-@pytest.mark.parametrize(("domain", "org"), [
-    ("example.com", "example.com"),
-    ("a.b.mail.example.com", "example.com"),
-    ("a.b.example.co.uk", "example.co.uk"),
-    ("mail.example.test", "example.test"),  # .test is not in the PSL: the default rule "*"
-    ("test", "test"),
-])
+@pytest.mark.parametrize(
+    ("domain", "org"),
+    [
+        ("example.com", "example.com"),
+        ("a.b.mail.example.com", "example.com"),
+        ("a.b.example.co.uk", "example.co.uk"),
+        ("mail.example.test", "example.test"),  # .test is not in the PSL: the default rule "*"
+        ("test", "test"),
+    ],
+)
 def test_organizational_domain(domain, org):
     assert organizational_domain(domain) == org
 
@@ -273,21 +326,42 @@ SPF_CASES = [
     # domain, status, level, lookups, remediation
     ("example.com", "pass", "ok", 0, None),
     ("mail.example.com", "pass", "ok", 3, None),  # include → include → a
-    ("example.net", "fail", "fail", 0,
-     'add ip4:192.0.2.10: example.net TXT "v=spf1 ip4:198.51.100.0/24 ip4:192.0.2.10 -all"'),
-    ("example.org", "softfail", "fail", 0,
-     'add ip4:192.0.2.10: example.org TXT "v=spf1 ip4:198.51.100.7 ip4:192.0.2.10 ~all"'),
-    ("lookups.example.org", "permerror", "fail", 11,
-     "cut the record to at most 10 DNS lookups (now 11): replace include:/a/mx terms with ip4:/ip6:"),
+    (
+        "example.net",
+        "fail",
+        "fail",
+        0,
+        'add ip4:192.0.2.10: example.net TXT "v=spf1 ip4:198.51.100.0/24 ip4:192.0.2.10 -all"',
+    ),
+    (
+        "example.org",
+        "softfail",
+        "fail",
+        0,
+        'add ip4:192.0.2.10: example.org TXT "v=spf1 ip4:198.51.100.7 ip4:192.0.2.10 ~all"',
+    ),
+    (
+        "lookups.example.org",
+        "permerror",
+        "fail",
+        11,
+        "cut the record to at most 10 DNS lookups (now 11): replace include:/a/mx terms with ip4:/ip6:",
+    ),
     ("multi.example.org", "permerror", "fail", 0, "merge the 2 SPF records of multi.example.org into one"),
-    ("plusall.example.org", "pass", "warn", 0,
-     "end the SPF record of plusall.example.org with -all or ~all instead of +all"),
+    (
+        "plusall.example.org",
+        "pass",
+        "warn",
+        0,
+        "end the SPF record of plusall.example.org with -all or ~all instead of +all",
+    ),
     ("ns1.example.com", "none", "fail", 0, 'publish ns1.example.com TXT "v=spf1 ip4:192.0.2.10 ~all"'),
 ]
 
 
-@pytest.mark.parametrize(("domain", "status", "level", "lookups", "remediation"), SPF_CASES,
-                         ids=[c[0] for c in SPF_CASES])
+@pytest.mark.parametrize(
+    ("domain", "status", "level", "lookups", "remediation"), SPF_CASES, ids=[c[0] for c in SPF_CASES]
+)
 async def test_spf_posture(resolver, domain, status, level, lookups, remediation):
     spf = await check_spf(resolver, domain, [EGRESS])
     assert (spf.status, spf.level, spf.record.lookups) == (status, level, lookups), spf.summary
@@ -298,8 +372,7 @@ async def test_spf_ipv6_egress_and_several_ips(resolver):
     spf = await check_spf(resolver, "example.com", [EGRESS, "2001:db8::10"])
     assert [v.result.result for v in spf.egress] == ["pass", "fail"]
     assert spf.status == "fail"
-    assert spf.remediation == (
-        'add ip6:2001:db8::10: example.com TXT "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::10 -all"')
+    assert spf.remediation == ('add ip6:2001:db8::10: example.com TXT "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::10 -all"')
 
 
 async def test_spf_without_egress_ip_is_unchecked(resolver):
@@ -314,11 +387,14 @@ async def test_spf_dns_timeout(dead_resolver):
     assert spf.remediation.startswith("the DNS lookup failed")
 
 
-@pytest.mark.parametrize(("record", "expected"), [
-    ("v=spf1 -all", "v=spf1 ip4:192.0.2.10 -all"),
-    ("v=spf1 mx ~ALL", "v=spf1 mx ip4:192.0.2.10 ~ALL"),
-    ("v=spf1 include:x.example redirect=y.example", "v=spf1 include:x.example redirect=y.example ip4:192.0.2.10"),
-])
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ("v=spf1 -all", "v=spf1 ip4:192.0.2.10 -all"),
+        ("v=spf1 mx ~ALL", "v=spf1 mx ip4:192.0.2.10 ~ALL"),
+        ("v=spf1 include:x.example redirect=y.example", "v=spf1 include:x.example redirect=y.example ip4:192.0.2.10"),
+    ],
+)
 def test_with_terms(record, expected):
     assert with_terms(record, "ip4:192.0.2.10") == expected
 
@@ -326,21 +402,25 @@ def test_with_terms(record, expected):
 # -- egress IP discovery -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "found"), [
-    ("mx.google.com at your service, [203.0.113.9]", ["203.0.113.9"]),
-    ("mx.example Hello relay.test [IPv6:2001:db8::9]", ["2001:db8::9"]),
-    ("220 mx.example ESMTP\nmx.example Hello [10.0.0.5]\nSIZE 1000", []),  # private: says nothing
-    ("Hello [127.0.0.1] and [198.51.100.4] and [198.51.100.4]", ["198.51.100.4"]),
-    ("Hello [999.1.1.1] [not-an-ip] 203.0.113.5", []),  # unbracketed addresses do not count
-])
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("mx.google.com at your service, [203.0.113.9]", ["203.0.113.9"]),
+        ("mx.example Hello relay.test [IPv6:2001:db8::9]", ["2001:db8::9"]),
+        ("220 mx.example ESMTP\nmx.example Hello [10.0.0.5]\nSIZE 1000", []),  # private: says nothing
+        ("Hello [127.0.0.1] and [198.51.100.4] and [198.51.100.4]", ["198.51.100.4"]),
+        ("Hello [999.1.1.1] [not-an-ip] 203.0.113.5", []),  # unbracketed addresses do not count
+    ],
+)
 def test_addresses_in_banner(text, found):
-    assert addresses_in_banner(text, accept_also("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",
-                                                 "2001:db8::/32")) == found
+    assert (
+        addresses_in_banner(text, accept_also("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "2001:db8::/32"))
+        == found
+    )
 
 
 def test_public_unicast_filter_is_the_default():
-    assert addresses_in_banner("[8.8.8.8] [203.0.113.9] [127.0.0.1] [10.1.2.3] [100.64.0.1] [224.0.0.1]") == [
-        "8.8.8.8"]
+    assert addresses_in_banner("[8.8.8.8] [203.0.113.9] [127.0.0.1] [10.1.2.3] [100.64.0.1] [224.0.0.1]") == ["8.8.8.8"]
 
 
 async def test_egress_from_config_does_not_probe():
@@ -356,11 +436,10 @@ async def test_egress_from_upstream_ehlo(tmp_path):
     with Upstream(tls="none", hostname=hostname) as up:
         settings = make_settings(tmp_path, upstream={"host": LOOP, "port": up.port, "tls": "none"})
         store = SecretStore([], 60)
-        delivery = build_delivery(settings.upstream[0], settings, store)
+        delivery = build_target(settings.upstream[0], settings, store)
         try:
             auto = SpfSettings(egress_ip="auto")
-            found = await discover_egress(auto, probe=delivery.probe, dialer=None,
-                                          accept=accept_also("203.0.113.0/24"))
+            found = await discover_egress(auto, probe=delivery.probe, dialer=None, accept=accept_also("203.0.113.0/24"))
             # 203.0.113.0/24 is documentation space: the default filter refuses it.
             refused = await discover_egress(auto, probe=delivery.probe, dialer=None)
         finally:
@@ -369,12 +448,13 @@ async def test_egress_from_upstream_ehlo(tmp_path):
     assert refused.ips == ()
     assert refused.problem == (
         "the upstream's greeting and EHLO reply name no public address; no spf.ip_echo_url configured; "
-        "set spf.egress_ip to the public address(es) mail leaves from")
+        "set spf.egress_ip to the public address(es) mail leaves from"
+    )
 
 
 async def test_egress_when_upstream_is_down(tmp_path):
     settings = make_settings(tmp_path)  # nothing listens on its port
-    delivery = build_delivery(settings.upstream[0], settings, SecretStore([], 60))
+    delivery = build_target(settings.upstream[0], settings, SecretStore([], 60))
     try:
         egress = await discover_egress(SpfSettings(egress_ip="auto"), probe=delivery.probe, dialer=None)
     finally:
@@ -405,8 +485,12 @@ async def echo_server(tls: ssl.SSLContext | None = None):
         state.requests.append(head)
         body = f"{peer}\n".encode()
         if state.mode == "chunked":
-            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                         + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + f"{len(body):x}\r\n".encode()
+                + body
+                + b"\r\n0\r\n\r\n"
+            )
         elif state.mode == "close":
             writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body)
         elif state.mode == "status500":
@@ -429,22 +513,34 @@ async def echo_server(tls: ssl.SSLContext | None = None):
 def socks_proxy(tmp_path_factory) -> Iterator[str]:
     """microsocks with user/password, sending its outgoing connections from 127.0.0.2."""
     port = free_port()
-    argv = [require_binary("microsocks"), "-i", LOOP, "-p", str(port), "-u", "relay", "-P", "proxy-secret",
-            "-b", PROXY_EGRESS]
+    argv = [
+        require_binary("microsocks"),
+        "-i",
+        LOOP,
+        "-p",
+        str(port),
+        "-u",
+        "relay",
+        "-P",
+        "proxy-secret",
+        "-b",
+        PROXY_EGRESS,
+    ]
     with running(argv, ready=(LOOP, port), log_path=tmp_path_factory.mktemp("socks") / "microsocks.log"):
         yield f"socks5://relay@{LOOP}:{port}"
 
 
 async def test_egress_from_ip_echo_url_through_the_proxy(tmp_path, socks_proxy):
-    dialer = make_dialer(socks_proxy, password="proxy-secret", connect_timeout=5, handshake_timeout=5)
+    dialer = dialer_for(socks_proxy, password="proxy-secret", connect_timeout=5, handshake_timeout=5)
     with Upstream(tls="none", hostname="upstream.test") as up:  # says nothing about the client
         settings = make_settings(tmp_path, upstream={"host": LOOP, "port": up.port, "tls": "none"})
-        delivery = build_delivery(settings.upstream[0], settings, SecretStore([], 60))
+        delivery = build_target(settings.upstream[0], settings, SecretStore([], 60))
         async with echo_server() as echo:
             spf = SpfSettings(egress_ip="auto", ip_echo_url=f"http://{LOOP}:{echo.port}/ip")
             try:
-                egress = await discover_egress(spf, probe=delivery.probe, dialer=dialer,
-                                               accept=accept_also("127.0.0.0/8"))
+                egress = await discover_egress(
+                    spf, probe=delivery.probe, dialer=dialer, accept=accept_also("127.0.0.0/8")
+                )
             finally:
                 await delivery.close()
     # The echo service saw the proxy's outgoing address: the request went through the proxy.
@@ -457,7 +553,7 @@ async def test_egress_from_ip_echo_url_through_the_proxy(tmp_path, socks_proxy):
 
 
 async def test_ip_echo_over_https_through_the_proxy(pki, socks_proxy):
-    dialer = make_dialer(socks_proxy, password="proxy-secret")
+    dialer = dialer_for(socks_proxy, password="proxy-secret")
     async with echo_server(tls=pki.server_context()) as echo:
         ip = await fetch_echo_ip(f"https://localhost:{echo.port}/", dialer, tls_context=pki.client_context())
         assert ip == PROXY_EGRESS
@@ -466,14 +562,17 @@ async def test_ip_echo_over_https_through_the_proxy(pki, socks_proxy):
             await fetch_echo_ip(f"https://localhost:{echo.port}/", dialer)  # system CAs only
 
 
-@pytest.mark.parametrize(("mode", "expected"), [
-    ("chunked", LOOP),
-    ("close", LOOP),
-    ("status500", EchoError("HTTP 500 Internal Server Error")),
-    ("garbage", EchoError("the body is not an IP address ('hello world!')")),
-])
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("chunked", LOOP),
+        ("close", LOOP),
+        ("status500", EchoError("HTTP 500 Internal Server Error")),
+        ("garbage", EchoError("the body is not an IP address ('hello world!')")),
+    ],
+)
 async def test_ip_echo_responses(mode, expected):
-    dialer = make_dialer(None, connect_timeout=5)
+    dialer = dialer_for(None, connect_timeout=5)
     async with echo_server() as echo:
         echo.mode = mode
         url = f"http://{LOOP}:{echo.port}/"
@@ -488,13 +587,13 @@ async def test_ip_echo_responses(mode, expected):
 async def test_ip_echo_private_answer_is_not_an_egress_ip():
     async with echo_server() as echo:
         spf = SpfSettings(egress_ip="auto", ip_echo_url=f"http://{LOOP}:{echo.port}/")
-        egress = await discover_egress(spf, probe=None, dialer=make_dialer(None))
+        egress = await discover_egress(spf, probe=None, dialer=dialer_for(None))
     assert egress.ips == ()
     assert egress.problem.startswith("spf.ip_echo_url answered 127.0.0.1, not a public address")
 
 
 async def test_ip_echo_unreachable_says_where_without_credentials():
-    dialer = make_dialer(None, connect_timeout=2)
+    dialer = dialer_for(None, connect_timeout=2)
     with pytest.raises(EchoError) as info:
         await fetch_echo_ip(f"http://user:pw-secret@{LOOP}:{free_port()}/ip", dialer)
     assert str(info.value).startswith(f"http://{LOOP}:")
@@ -504,8 +603,14 @@ async def test_ip_echo_unreachable_says_where_without_credentials():
 # -- relay check ---------------------------------------------------------------------------
 
 
-def check_config(tmp_path: Path, nameserver: tuple[str, int], key_files: dict[str, Path],
-                 keys: list[tuple[str, str, str]], upstream: dict, **overrides) -> Path:
+def check_config(
+    tmp_path: Path,
+    nameserver: tuple[str, int],
+    key_files: dict[str, Path],
+    keys: list[tuple[str, str, str]],
+    upstream: dict,
+    **overrides,
+) -> Path:
     key_entries = []
     for domain, selector, algorithm in keys:
         # One file per key: the key ring loads each secret reference for one key only.
@@ -513,8 +618,7 @@ def check_config(tmp_path: Path, nameserver: tuple[str, int], key_files: dict[st
         path = source.with_name(f"{domain}.{selector}.pem")
         shutil.copyfile(source, path)
         os.chmod(path, 0o600)
-        key_entries.append({"domain": domain, "selector": selector, "algorithm": algorithm,
-                            "key": f"file://{path}"})
+        key_entries.append({"domain": domain, "selector": selector, "algorithm": algorithm, "key": f"file://{path}"})
     host, port = nameserver
     config = {
         "hostname": "relay.test",
@@ -532,8 +636,13 @@ def check_config(tmp_path: Path, nameserver: tuple[str, int], key_files: dict[st
 
 
 def run_check_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "relay", "check", "-c", str(config), *args],
-                          capture_output=True, text=True, timeout=90, cwd=Path(__file__).parent.parent)
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "check", "-c", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=Path(__file__).parent.parent,
+    )
 
 
 def normalized(output: str, ports: list[int]) -> dict:
@@ -548,16 +657,24 @@ def normalized(output: str, ports: list[int]) -> dict:
 
 CHECK_CASES = {
     # name: (DKIM keys, upstream kind, DNS, exit code)
-    "pass": ([("example.com", "s1", "rsa-sha256"), ("example.com", "ed1", "ed25519-sha256")],
-             "starttls", "nsd", 0),
-    "problems": ([("mail.example.com", "s1", "rsa-sha256"), ("example.net", "s1", "rsa-sha256"),
-                  ("example.org", "s1", "rsa-sha256"), ("lookups.example.org", "s1", "rsa-sha256")],
-                 "plain", "nsd", 1),
+    "pass": ([("example.com", "s1", "rsa-sha256"), ("example.com", "ed1", "ed25519-sha256")], "starttls", "nsd", 0),
+    "problems": (
+        [
+            ("mail.example.com", "s1", "rsa-sha256"),
+            ("example.net", "s1", "rsa-sha256"),
+            ("example.org", "s1", "rsa-sha256"),
+            ("lookups.example.org", "s1", "rsa-sha256"),
+        ],
+        "plain",
+        "nsd",
+        1,
+    ),
     "dns-timeout": ([("example.com", "s1", "rsa-sha256")], "down", "black-hole", 1),
 }
 
 
 @pytest.mark.parametrize("case", list(CHECK_CASES))
+@pytest.mark.e2e
 def test_relay_check_json(case, tmp_path, nameserver, dead_nameserver, key_files, pki):
     keys, upstream_kind, dns_kind, exit_code = CHECK_CASES[case]
     dns_address = nameserver if dns_kind == "nsd" else dead_nameserver
@@ -582,11 +699,16 @@ def test_relay_check_json(case, tmp_path, nameserver, dead_nameserver, key_files
     assert got["ok"] is (exit_code == 0)
 
 
+@pytest.mark.e2e
 def test_relay_check_table(tmp_path, nameserver, key_files):
     with Upstream(tls="none") as up:
-        config = check_config(tmp_path, nameserver, key_files,
-                              [("example.com", "s1", "rsa-sha256"), ("example.net", "s1", "rsa-sha256")],
-                              {"host": LOOP, "port": up.port, "tls": "none"})
+        config = check_config(
+            tmp_path,
+            nameserver,
+            key_files,
+            [("example.com", "s1", "rsa-sha256"), ("example.net", "s1", "rsa-sha256")],
+            {"host": LOOP, "port": up.port, "tls": "none"},
+        )
         result = run_check_cli(config)
     assert result.returncode == 1, result.stderr
     lines = result.stdout.splitlines()
@@ -595,13 +717,14 @@ def test_relay_check_table(tmp_path, nameserver, key_files):
     assert "  ✓ egress IP  192.0.2.10 (from spf.egress_ip)" in lines
     assert "example.com  ✓" in lines and "example.net  ✗" in lines
     assert "  ✗ SPF        fail for 192.0.2.10; 0/10 DNS lookups" in lines
-    assert ('               → add ip4:192.0.2.10: example.net TXT '
-            '"v=spf1 ip4:198.51.100.0/24 ip4:192.0.2.10 -all"') in lines
+    assert (
+        '               → add ip4:192.0.2.10: example.net TXT "v=spf1 ip4:198.51.100.0/24 ip4:192.0.2.10 -all"'
+    ) in lines
     assert f'               → publish s1._domainkey.example.net TXT "v=DKIM1; k=rsa; p={RSA_PUBLIC}"' in lines
-    assert ('               → publish _dmarc.example.net TXT "v=DMARC1; p=none; rua=mailto:dmarc@example.net"'
-            in lines)
+    assert '               → publish _dmarc.example.net TXT "v=DMARC1; p=none; rua=mailto:dmarc@example.net"' in lines
 
 
+@pytest.mark.e2e
 def test_relay_check_bad_config_exits_2(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("listeners: []\nupstream: {host: x}\nspf: {egress_ip: not-an-ip}\n")
@@ -611,11 +734,17 @@ def test_relay_check_bad_config_exits_2(tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.e2e
 def test_relay_check_refuse_without_egress_ip_fails(tmp_path, nameserver, key_files):
     with Upstream(tls="none", hostname="upstream.test") as up:
-        config = check_config(tmp_path, nameserver, key_files, [("example.com", "s1", "rsa-sha256")],
-                              {"host": LOOP, "port": up.port, "tls": "none"},
-                              spf={"egress_ip": "auto", "on_fail": "refuse"})
+        config = check_config(
+            tmp_path,
+            nameserver,
+            key_files,
+            [("example.com", "s1", "rsa-sha256")],
+            {"host": LOOP, "port": up.port, "tls": "none"},
+            spf={"egress_ip": "auto", "on_fail": "refuse"},
+        )
         result = run_check_cli(config, "--json")
     assert result.returncode == 1, result.stderr
     doc = json.loads(result.stdout)
@@ -654,8 +783,9 @@ def posture_zone(domain: str, spf: str = "v=spf1 ip4:192.0.2.0/24 -all") -> dict
     }
 
 
-async def make_monitor(tmp_path, key_files, domain: str, dns: FakeDns, on_fail: str = "refuse",
-                       delivery=None, previous=None, **spf) -> PostureMonitor:
+async def make_monitor(
+    tmp_path, key_files, domain: str, dns: FakeDns, on_fail: str = "refuse", delivery=None, previous=None, **spf
+) -> PostureMonitor:
     settings = make_settings(
         tmp_path,
         upstream={"name": "smarthost", "host": LOOP, "port": 2525, "tls": "none"},  # never dialled
@@ -689,7 +819,8 @@ async def test_monitor_refuse_holds_until_spf_passes(tmp_path, key_files):
     refused = held(monitor, domain)
     assert (refused.code, refused.reply.enhanced, refused.temporary) == (451, "4.7.23", True)
     assert refused.reply.text == (
-        "SPF for refuse.example.com does not authorize egress IP 192.0.2.10 (result fail); try again later")
+        "SPF for refuse.example.com does not authorize egress IP 192.0.2.10 (result fail); try again later"
+    )
     assert sample("relay_spf_egress_pass", domain=domain) == 0
     assert held(monitor, "not-signed.example.com") is None  # not the monitor's business
     dns.txt[domain] = ["v=spf1 ip4:192.0.2.10 -all"]
@@ -709,8 +840,9 @@ async def test_monitor_gauges(tmp_path, key_files):
     assert sample("relay_spf_egress_pass", domain=domain) == 1
     assert sample("relay_spf_lookups", domain=domain) == 3
     assert sample("relay_dkim_dns_key_match", domain=domain, selector="s1") == 1
-    assert [sample("relay_dmarc_policy", domain=domain, policy=p)
-            for p in ("none", "quarantine", "reject", "missing")] == [0, 0, 1, 0]
+    assert [
+        sample("relay_dmarc_policy", domain=domain, policy=p) for p in ("none", "quarantine", "reject", "missing")
+    ] == [0, 0, 1, 0]
     assert sample("relay_posture_last_check_timestamp_seconds") > 1.7e9
     del dns.txt[f"_dmarc.{domain}"]
     dns.txt[f"s1._domainkey.{domain}"] = ["v=DKIM1; k=rsa; p="]
@@ -825,11 +957,17 @@ async def test_monitor_run_survives_errors(tmp_path, key_files):
 async def test_monitor_against_the_real_zones(tmp_path, key_files, resolver):
     settings = make_settings(
         tmp_path,
-        dkim={"keys": [
-            {"domain": "example.com", "selector": "s1", "key": f"file://{key_files['rsa2048.pem']}"},
-            {"domain": "example.net", "selector": "s1", "key": f"file://{key_files['ed25519.pem']}",
-             "algorithm": "ed25519-sha256"},
-        ]},
+        dkim={
+            "keys": [
+                {"domain": "example.com", "selector": "s1", "key": f"file://{key_files['rsa2048.pem']}"},
+                {
+                    "domain": "example.net",
+                    "selector": "s1",
+                    "key": f"file://{key_files['ed25519.pem']}",
+                    "algorithm": "ed25519-sha256",
+                },
+            ]
+        },
         spf={"egress_ip": [EGRESS], "on_fail": "refuse"},
     )
     store = SecretStore([FileBackend()], 60)
@@ -838,7 +976,8 @@ async def test_monitor_against_the_real_zones(tmp_path, key_files, resolver):
     found = {p.domain: p for p in await monitor.run_once()}
     assert held(monitor, "example.com") is None
     assert held(monitor, "example.net").reply.text == (
-        "SPF for example.net does not authorize egress IP 192.0.2.10 (result fail); try again later")
+        "SPF for example.net does not authorize egress IP 192.0.2.10 (result fail); try again later"
+    )
     assert found["example.net"].dkim[0].problem == "k=rsa does not fit the ed25519-sha256 key"
     assert sample("relay_dkim_dns_key_match", domain="example.net", selector="s1") == 0
     assert sample("relay_dmarc_policy", domain="example.net", policy="missing") == 1

@@ -26,8 +26,8 @@ from aiosmtpd.controller import Controller
 from prometheus_client import REGISTRY
 
 from relay.deliver.dial import DirectDialer
-from relay.deliver.proxy import FAILURE_LABELS, SCHEMES, ProxyDialer, make_dialer
 from relay.errors import SmtpError
+from relay.proxy import FAILURE_LABELS, SCHEMES, ProxyDialer, dialer_for
 from tests.support.procs import (
     MissingBinaryError,
     ProcessError,
@@ -36,6 +36,8 @@ from tests.support.procs import (
     running,
     wait_port,
 )
+
+pytestmark = pytest.mark.binaries
 
 GREETING = b"220 upstream.test ESMTP greeter ready\r\n"
 PROXY_USER = "user"
@@ -106,8 +108,7 @@ class Recorder:
             Received(
                 peer=session.peer[0],
                 # session.ssl: after STARTTLS; the transport's ssl_object: implicit TLS
-                tls=session.ssl is not None
-                or server.transport.get_extra_info("ssl_object") is not None,
+                tls=session.ssl is not None or server.transport.get_extra_info("ssl_object") is not None,
                 mail_from=envelope.mail_from,
                 rcpt_tos=list(envelope.rcpt_tos),
                 content=envelope.original_content,
@@ -204,9 +205,7 @@ def tinyproxy(tmp_path_factory, ports: Ports) -> str:
             ]
         )
     )
-    with running(
-        [binary, "-d", "-c", str(conf)], ready=(LOOP, port), log_path=workdir / "tinyproxy.log"
-    ):
+    with running([binary, "-d", "-c", str(conf)], ready=(LOOP, port), log_path=workdir / "tinyproxy.log"):
         yield f"{LOOP}:{port}"
 
 
@@ -219,8 +218,7 @@ def danted(tmp_path_factory, ports: Ports) -> str:
     workdir = tmp_path_factory.mktemp("danted")
     conf = workdir / "danted.conf"
     allowed = "\n".join(
-        f"socks pass {{\n  from: 127.0.0.1/32 to: 127.0.0.1/32 port = {p}\n"
-        "  command: connect\n  protocol: tcp\n}"
+        f"socks pass {{\n  from: 127.0.0.1/32 to: 127.0.0.1/32 port = {p}\n  command: connect\n  protocol: tcp\n}}"
         for p in (ports.greeter, ports.smtp, ports.smtps)
     )
     conf.write_text(
@@ -314,9 +312,7 @@ def assert_dial_error(exc: SmtpError, label: str, enhanced: str, dialer: ProxyDi
 
 
 def failures(scheme: str, label: str) -> float:
-    value = REGISTRY.get_sample_value(
-        "relay_proxy_failures_total", {"scheme": scheme, "reason": label}
-    )
+    value = REGISTRY.get_sample_value("relay_proxy_failures_total", {"scheme": scheme, "reason": label})
     return value or 0.0
 
 
@@ -329,9 +325,7 @@ def connects(scheme: str) -> float:
 
 
 @pytest.mark.parametrize(("fixture", "template", "password", "host"), route_params())
-async def test_greeting_arrives_intact_through_proxy(
-    request, greeter: Greeter, fixture, template, password, host
-):
+async def test_greeting_arrives_intact_through_proxy(request, greeter: Greeter, fixture, template, password, host):
     dialer = make_route(request, fixture, template, password)
     before = connects(dialer.scheme)
     sock = await dialer.connect(host, greeter.port)
@@ -353,9 +347,7 @@ async def test_aiosmtplib_sends_through_proxy(
 ):
     dialer = make_route(request, fixture, template, password)
     sock = await dialer.connect(host, ports.smtp)
-    smtp = aiosmtplib.SMTP(
-        hostname=host, port=None, sock=sock, start_tls=False, local_hostname=CLIENT_NAME, timeout=10
-    )
+    smtp = aiosmtplib.SMTP(hostname=host, port=None, sock=sock, start_tls=False, local_hostname=CLIENT_NAME, timeout=10)
     msg = EmailMessage()
     msg["From"] = "sender@example.org"
     msg["To"] = "rcpt@example.net"
@@ -404,9 +396,7 @@ async def test_tls_through_proxy_checks_upstream_name(
     await smtp.connect()
     try:
         assert smtp.get_transport_info("sslcontext") is not None
-        errors, _ = await smtp.sendmail(
-            "a@example.org", ["b@example.net"], b"Subject: tls\r\n\r\nx\r\n"
-        )
+        errors, _ = await smtp.sendmail("a@example.org", ["b@example.net"], b"Subject: tls\r\n\r\nx\r\n")
     finally:
         await smtp.quit()
     assert errors == {}
@@ -414,9 +404,7 @@ async def test_tls_through_proxy_checks_upstream_name(
     assert (got.peer, got.tls) == (EGRESS_IP, True)
 
 
-async def test_tls_name_mismatch_is_not_masked_by_proxy(
-    danted: str, smtp_upstream: Recorder, ports: Ports, client_tls
-):
+async def test_tls_name_mismatch_is_not_masked_by_proxy(danted: str, smtp_upstream: Recorder, ports: Ports, client_tls):
     """Control for the test above: checked against the IP address, the same certificate fails."""
     dialer = ProxyDialer(f"socks4://{danted}")
     sock = await dialer.connect(LOOP, ports.smtps)
@@ -498,15 +486,12 @@ async def test_connect_forbidden_by_tinyproxy_is_proxy_refused(tinyproxy: str, p
         await dialer.connect(LOOP, ports.forbidden)
     assert_dial_error(info.value, "proxy_refused", "4.4.1", dialer)
     assert info.value.reason == (
-        f"upstream {LOOP}:{ports.forbidden} via proxy {dialer.describe()}: "
-        "CONNECT refused (403 Access violation)"
+        f"upstream {LOOP}:{ports.forbidden} via proxy {dialer.describe()}: CONNECT refused (403 Access violation)"
     )
 
 
 @pytest.mark.parametrize(("scheme", "code"), [("socks4", "0x5b"), ("socks5", "0x02")])
-async def test_connect_forbidden_by_dante_ruleset_is_proxy_refused(
-    danted: str, ports: Ports, scheme, code
-):
+async def test_connect_forbidden_by_dante_ruleset_is_proxy_refused(danted: str, ports: Ports, scheme, code):
     dialer = ProxyDialer(f"{scheme}://{danted}")
     with pytest.raises(SmtpError) as info:
         await dialer.connect(LOOP, ports.forbidden)
@@ -642,20 +627,14 @@ async def test_connect_request_without_credentials_and_ipv6_target():
     async with FakeHttpProxy([HEAD, GREETING]).serve() as fake:
         sock = await ProxyDialer(f"http://127.0.0.1:{fake.port}").connect("2001:db8::25", 25)
         sock.close()
-    assert fake.requests == [
-        b"CONNECT [2001:db8::25]:25 HTTP/1.1\r\nHost: [2001:db8::25]:25\r\n\r\n"
-    ]
+    assert fake.requests == [b"CONNECT [2001:db8::25]:25 HTTP/1.1\r\nHost: [2001:db8::25]:25\r\n\r\n"]
 
 
 @pytest.mark.parametrize(
     ("chunks", "label", "fragment"),
     [
-        pytest.param(
-            [b"SSH-2.0-OpenSSH_9.2\r\n"], "proxy_protocol", "not an HTTP reply", id="not-http"
-        ),
-        pytest.param(
-            [b"HTTP/1.1 2OO OK\r\n\r\n"], "proxy_protocol", "malformed status line", id="bad-status"
-        ),
+        pytest.param([b"SSH-2.0-OpenSSH_9.2\r\n"], "proxy_protocol", "not an HTTP reply", id="not-http"),
+        pytest.param([b"HTTP/1.1 2OO OK\r\n\r\n"], "proxy_protocol", "malformed status line", id="bad-status"),
         pytest.param(
             [b"HTTP/1.1 200 OK\r\nX: y", CLOSE],
             "proxy_protocol",
@@ -744,12 +723,12 @@ def test_describe_and_repr_never_show_the_password():
     # percent-encoded user names and passwords
     odd = ProxyDialer("http://us%40er:p%3Aw%40d@p.example:8080")
     assert odd.describe() == "http://us%40er@p.example:8080"
-    assert odd._creds.password == "p:w@d"
+    assert odd.url.password == "p:w@d"
 
 
 def test_password_override_wins():
     dialer = ProxyDialer("socks5://user:old@p.example:1080", password="new")
-    assert dialer._creds.password == "new"
+    assert dialer.url.password == "new"
     assert dialer.username == "user"
 
 
@@ -799,11 +778,11 @@ async def test_socks4_cannot_carry_ipv6(ports: Ports):
     assert "IPv4 addresses only" in info.value.reason
 
 
-def test_make_dialer():
-    assert isinstance(make_dialer(None), DirectDialer)
-    assert isinstance(make_dialer("  "), DirectDialer)
-    assert make_dialer(None, connect_timeout=7).connect_timeout == 7
-    dialer = make_dialer("socks5h://u@p.example:1080", password="x", handshake_timeout=5)
+def test_dialer_for():
+    assert isinstance(dialer_for(None), DirectDialer)
+    assert isinstance(dialer_for("  "), DirectDialer)
+    assert dialer_for(None, connect_timeout=7).connect_timeout == 7
+    dialer = dialer_for("socks5h://u@p.example:1080", password="x", handshake_timeout=5)
     assert isinstance(dialer, ProxyDialer)
     assert (dialer.scheme, dialer.handshake_timeout) == ("socks5h", 5)
 
@@ -811,9 +790,7 @@ def test_make_dialer():
 def test_metrics_series_are_preinitialised_and_bounded():
     ProxyDialer("socks4://p.example")
     for label in FAILURE_LABELS:
-        value = REGISTRY.get_sample_value(
-            "relay_proxy_failures_total", {"scheme": "socks4", "reason": label}
-        )
+        value = REGISTRY.get_sample_value("relay_proxy_failures_total", {"scheme": "socks4", "reason": label})
         assert value is not None
     # whatever ran before (this module dials a lot): only schemes and fixed labels, no addresses
     for metric in REGISTRY.collect():

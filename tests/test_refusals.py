@@ -8,36 +8,21 @@ import socket
 
 import pytest
 
-from tests.conftest import APP_PASSWORD
-from tests.test_relay_smtp import message
+from tests.support.config import APP_PASSWORD
+from tests.support.inloop import in_thread
+from tests.support.smtp import connect, message, reply
 
 
-def connect(relay, pki, *, listener="submission", tls=True, login=True) -> smtplib.SMTP:
-    port = relay.port(listener)
-    if listener == "submissions":
-        client = smtplib.SMTP_SSL("127.0.0.1", port, context=pki.client_context(), timeout=20)
-    else:
-        client = smtplib.SMTP("127.0.0.1", port, timeout=20)
-        if tls:
-            client.starttls(context=pki.client_context())
-    client.ehlo("client.test")
-    if login:
-        client.login("app", APP_PASSWORD)
-    return client
-
-
-def reply(client: smtplib.SMTP, command: str) -> tuple[int, str]:
-    code, text = client.docmd(command)
-    return code, text.decode()
-
-
-def test_ehlo_offers_auth_only_over_tls(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_ehlo_offers_auth_only_over_tls(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     plain = connect(relay, pki, tls=False, login=False)
     assert "starttls" in plain.esmtp_features and "auth" not in plain.esmtp_features
     assert "enhancedstatuscodes" in plain.esmtp_features
     assert reply(plain, "AUTH PLAIN " + base64.b64encode(b"\0app\0" + APP_PASSWORD.encode()).decode()) == (
-        538, "5.7.11 Encryption required for requested authentication mechanism")
+        538,
+        "5.7.11 Encryption required for requested authentication mechanism",
+    )
     assert reply(plain, "MAIL FROM:<app@example.com>") == (530, "5.7.0 Authentication required")
     plain.quit()
     tls = connect(relay, pki, login=False)
@@ -49,8 +34,9 @@ def test_ehlo_offers_auth_only_over_tls(make_relay, upstream, pki):
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
-def test_wrong_password_gets_535_not_a_hang(make_relay, upstream, pki, mechanism):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_wrong_password_gets_535_not_a_hang(make_loop_relay, upstream, pki, mechanism):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki, login=False)
     client.user, client.password = "app", "wrong"
     method = client.auth_plain if mechanism == "PLAIN" else client.auth_login
@@ -61,8 +47,9 @@ def test_wrong_password_gets_535_not_a_hang(make_relay, upstream, pki, mechanism
     assert relay.metric("relay_auth_attempts_total", mechanism=mechanism, result="failure") == 1
 
 
-def test_repeated_auth_failures_close_the_session(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_repeated_auth_failures_close_the_session(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki, login=False)
     bad = "AUTH PLAIN " + base64.b64encode(b"\0app\0nope").decode()
     assert reply(client, bad)[0] == 535
@@ -71,35 +58,45 @@ def test_repeated_auth_failures_close_the_session(make_relay, upstream, pki):
     assert client.getreply() == (421, b"4.7.0 Too many failed authentications, closing connection")
 
 
-def test_unknown_user_is_refused_like_a_wrong_password(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_unknown_user_is_refused_like_a_wrong_password(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki, login=False)
     assert reply(client, "AUTH PLAIN " + base64.b64encode(b"\0ghost\0x").decode()) == (
-        535, "5.7.8 Authentication credentials invalid")
+        535,
+        "5.7.8 Authentication credentials invalid",
+    )
 
 
-def test_envelope_sender_outside_senders(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_envelope_sender_outside_senders(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@other.example>") == (
-        550, "5.7.1 Sender <app@other.example> not allowed for this user")
+        550,
+        "5.7.1 Sender <app@other.example> not allowed for this user",
+    )
     assert upstream.mail_commands == 0
 
 
-def test_header_from_outside_senders(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_header_from_outside_senders(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     with pytest.raises(smtplib.SMTPDataError) as err:
         client.sendmail("app@example.com", ["u@example.net"], message(frm="ceo@other.example"))
     assert (err.value.smtp_code, err.value.smtp_error) == (
-        550, b"5.7.1 From: <ceo@other.example> not allowed for this user")
+        550,
+        b"5.7.1 From: <ceo@other.example> not allowed for this user",
+    )
     assert upstream.messages == []
     line = relay.wait_log(lambda e: e.get("event") == "message" and e.get("code") == 550)
     assert "ceo@other.example" in line["reason"]
 
 
-def test_from_domain_without_key(make_relay, upstream, pki, app_password_hash):
-    relay = make_relay(upstream.port, start=False)
+@in_thread
+def test_from_domain_without_key(make_loop_relay, upstream, pki, app_password_hash):
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["clients"]["users"][0]["senders"] = ["example.com", "nokey.example"]
     relay.start()
     client = connect(relay, pki)
@@ -110,8 +107,9 @@ def test_from_domain_without_key(make_relay, upstream, pki, app_password_hash):
     assert relay.metric("relay_messages_rejected_total", reason="no_key") == 1
 
 
-def test_from_domain_without_key_relayed_unsigned_when_configured(make_relay, upstream, pki):
-    relay = make_relay(upstream.port, start=False)
+@in_thread
+def test_from_domain_without_key_relayed_unsigned_when_configured(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["clients"]["users"][0]["senders"] = ["example.com", "nokey.example"]
     relay.config["dkim"]["when_no_key"] = "relay_unsigned"
     relay.start()
@@ -120,11 +118,18 @@ def test_from_domain_without_key_relayed_unsigned_when_configured(make_relay, up
     assert b"DKIM-Signature" not in got.content
 
 
-@pytest.mark.parametrize("body", [b"", b"From: a@example.com\r\nFrom: b@example.com\r\n\r\nx\r\n",
-                                  b"From: a@example.com, b@example.com\r\n\r\nx\r\n"],
-                         ids=["no-from", "two-from-fields", "two-addresses"])
-def test_messages_without_exactly_one_author(make_relay, upstream, pki, body):
-    relay = make_relay(upstream.port)
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"From: a@example.com\r\nFrom: b@example.com\r\n\r\nx\r\n",
+        b"From: a@example.com, b@example.com\r\n\r\nx\r\n",
+    ],
+    ids=["no-from", "two-from-fields", "two-addresses"],
+)
+@in_thread
+def test_messages_without_exactly_one_author(make_loop_relay, upstream, pki, body):
+    relay = make_loop_relay(upstream.port)
     data = body or b"To: u@example.net\r\nSubject: none\r\n\r\nx\r\n"
     with pytest.raises(smtplib.SMTPDataError) as err:
         connect(relay, pki).sendmail("app@example.com", ["u@example.net"], data)
@@ -132,8 +137,9 @@ def test_messages_without_exactly_one_author(make_relay, upstream, pki, body):
     assert upstream.messages == []
 
 
-def test_oversize_message(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)  # max_message_size: 1MiB
+@in_thread
+def test_oversize_message(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)  # max_message_size: 1MiB
     client = connect(relay, pki)
     assert client.esmtp_features["size"] == str(1024 * 1024)
     assert reply(client, "MAIL FROM:<app@example.com> SIZE=2000000")[0] == 552
@@ -149,8 +155,9 @@ def test_oversize_message(make_relay, upstream, pki):
     assert len(upstream.wait_for(1)) == 1
 
 
-def test_client_outside_networks_refused_at_greeting(make_relay, upstream):
-    relay = make_relay(upstream.port, start=False)
+@in_thread
+def test_client_outside_networks_refused_at_greeting(make_loop_relay, upstream):
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["clients"]["networks"] = ["10.0.0.0/8"]
     relay.start()
     with socket.create_connection(("127.0.0.1", relay.port("submission")), timeout=10) as sock:
@@ -160,31 +167,37 @@ def test_client_outside_networks_refused_at_greeting(make_relay, upstream):
     assert relay.metric("relay_sessions_refused_total", reason="network") == 1
 
 
-@pytest.mark.parametrize("command,expected", [
-    ("MAIL FROM:<app@example.com", (553, "5.1.3 Error: malformed address")),
-    ("MAIL FROM: app", (553, "5.1.3 Error: malformed address")),
-    ("MAIL TO:<app@example.com>", (501, "5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")),
-    ("RCPT TO:<u@example.net>", (503, "5.5.1 Send MAIL FROM first")),
-    ("DATA", (503, "5.5.1 Send RCPT TO first (no recipient was accepted)")),
-    ("FOO bar", (500, '5.5.2 Error: command "FOO" not recognized')),
-])
-def test_malformed_commands(make_relay, upstream, pki, command, expected):
-    relay = make_relay(upstream.port)
+@pytest.mark.parametrize(
+    "command,expected",
+    [
+        ("MAIL FROM:<app@example.com", (553, "5.1.3 Error: malformed address")),
+        ("MAIL FROM: app", (553, "5.1.3 Error: malformed address")),
+        ("MAIL TO:<app@example.com>", (501, "5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]")),
+        ("RCPT TO:<u@example.net>", (503, "5.5.1 Send MAIL FROM first")),
+        ("DATA", (503, "5.5.1 Send RCPT TO first (no recipient was accepted)")),
+        ("FOO bar", (500, '5.5.2 Error: command "FOO" not recognized')),
+    ],
+)
+@in_thread
+def test_malformed_commands(make_loop_relay, upstream, pki, command, expected):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, command) == expected
     assert client.noop()[0] == 250  # the session survives
 
 
-def test_malformed_rcpt(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_malformed_rcpt(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     assert reply(client, "RCPT TO:<u@@example.net") == (553, "5.1.3 Error: malformed address")
     assert reply(client, "RCPT TO:") == (501, "5.5.4 Syntax: RCPT TO: <address> [SP <mail-parameters>]")
 
 
-def test_more_recipients_than_allowed(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)  # max_recipients: 5
+@in_thread
+def test_more_recipients_than_allowed(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)  # max_recipients: 5
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     for i in range(5):

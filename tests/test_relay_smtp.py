@@ -3,40 +3,21 @@ upstream SMTP listener, with every message checked by dkimpy against the public 
 
 from __future__ import annotations
 
-import smtplib
 import subprocess
 
 import pytest
 
-from tests.conftest import APP_PASSWORD, verify_all
+from tests.support.config import APP_PASSWORD
+from tests.support.dkim import verify_all
+from tests.support.inloop import in_thread
 from tests.support.procs import require_binary
-
-
-def message(frm="app@example.com", to="user@example.net", subject="hello", body="Hi there.\r\n") -> bytes:
-    return (f"From: App <{frm}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
-            f"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMessage-ID: <t-{subject}@example.com>\r\n"
-            f"\r\n{body}").encode()
-
-
-def submit(relay, pki, *, listener="submission", user="app", password=APP_PASSWORD,
-           mail_from="app@example.com", rcpts=("user@example.net",), data=None):
-    port = relay.port(listener)
-    ctx = pki.client_context()
-    if listener == "submissions":
-        client = smtplib.SMTP_SSL("127.0.0.1", port, context=ctx, timeout=20)
-    else:
-        client = smtplib.SMTP("127.0.0.1", port, timeout=20)
-        client.starttls(context=ctx)
-    with client:
-        client.ehlo("client.test")
-        if user:
-            client.login(user, password)
-        return client.sendmail(mail_from, list(rcpts), data or message(frm=mail_from))
+from tests.support.smtp import message, submit
 
 
 @pytest.mark.parametrize("listener", ["submission", "submissions"])
-def test_message_arrives_signed_with_rsa_and_ed25519(make_relay, upstream, pki, dkim_keys, listener):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_message_arrives_signed_with_rsa_and_ed25519(make_loop_relay, upstream, pki, dkim_keys, listener):
+    relay = make_loop_relay(upstream.port)
     refused = submit(relay, pki, listener=listener)
     assert refused == {}
     [got] = upstream.wait_for(1)
@@ -51,14 +32,34 @@ def test_message_arrives_signed_with_rsa_and_ed25519(make_relay, upstream, pki, 
     assert line["user"] == "app" and line["recipients"] == 1
 
 
-def test_swaks_submits_over_starttls_with_auth(make_relay, upstream, dkim_keys):
-    relay = make_relay(upstream.port)
+@pytest.mark.binaries
+@in_thread
+def test_swaks_submits_over_starttls_with_auth(make_loop_relay, upstream, dkim_keys):
+    relay = make_loop_relay(upstream.port)
     result = subprocess.run(
-        [require_binary("swaks"), "--server", f"127.0.0.1:{relay.port('submission')}", "--tls",
-         "--auth", "PLAIN", "--auth-user", "app", "--auth-password", APP_PASSWORD,
-         "--from", "app@example.com", "--to", "someone@example.net",
-         "--header", "From: app@example.com", "--helo", "swaks.test"],
-        capture_output=True, text=True, timeout=30,
+        [
+            require_binary("swaks"),
+            "--server",
+            f"127.0.0.1:{relay.port('submission')}",
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "app",
+            "--auth-password",
+            APP_PASSWORD,
+            "--from",
+            "app@example.com",
+            "--to",
+            "someone@example.net",
+            "--header",
+            "From: app@example.com",
+            "--helo",
+            "swaks.test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "250 2.0.0 Ok: relayed" in result.stdout
@@ -66,9 +67,10 @@ def test_swaks_submits_over_starttls_with_auth(make_relay, upstream, dkim_keys):
     assert verify_all(got.content, dkim_keys.dns()) == [True, True]
 
 
-def test_one_message_to_several_recipients_and_a_refused_one(make_relay, upstream, pki):
+@in_thread
+def test_one_message_to_several_recipients_and_a_refused_one(make_loop_relay, upstream, pki):
     upstream.behaviour.rcpt_replies["nobody@example.net"] = "550 5.1.1 No such user here"
-    relay = make_relay(upstream.port)
+    relay = make_loop_relay(upstream.port)
     refused = submit(relay, pki, rcpts=("a@example.net", "nobody@example.net", "b@example.net"))
     # The upstream's per-recipient refusal comes back for that recipient only.
     assert refused == {"nobody@example.net": (550, b"5.1.1 No such user here")}
@@ -76,8 +78,9 @@ def test_one_message_to_several_recipients_and_a_refused_one(make_relay, upstrea
     assert got.rcpt_tos == ["a@example.net", "b@example.net"]
 
 
-def test_pooled_connection_is_reused(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_pooled_connection_is_reused(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     before = relay.metric("relay_upstream_connections_total", result="ok")  # the readiness probe
     for i in range(3):
         submit(relay, pki, data=message(subject=f"n{i}"))
@@ -86,8 +89,9 @@ def test_pooled_connection_is_reused(make_relay, upstream, pki):
     assert relay.metric("relay_upstream_connections_total", result="ok") == before + 1
 
 
-def test_existing_own_signature_is_replaced_and_foreign_kept(make_relay, upstream, pki, dkim_keys):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_existing_own_signature_is_replaced_and_foreign_kept(make_loop_relay, upstream, pki, dkim_keys):
+    relay = make_loop_relay(upstream.port)
     stale = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=AAAA; b=BBBB\r\n"
     foreign = b"DKIM-Signature: v=1; a=rsa-sha256; d=other.example; s=x; h=from; bh=AAAA; b=CCCC\r\n"
     submit(relay, pki, data=stale + foreign + message())

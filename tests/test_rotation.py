@@ -15,17 +15,20 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.conftest import APP_PASSWORD, verify_all
 from tests.support.aws import AWS_ENV, REGION, moto_server, stop
-from tests.test_refusals import connect
-from tests.test_relay_smtp import message
+from tests.support.config import APP_PASSWORD
+from tests.support.dkim import verify_all
+from tests.support.smtp import connect, message
+
+pytestmark = [pytest.mark.e2e, pytest.mark.binaries]
 
 
 def new_rsa(bits: int = 2048) -> tuple[bytes, bytes]:
     """(private PEM, TXT value) of a fresh RSA key."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return pem, b"v=DKIM1; k=rsa; p=" + base64.b64encode(pub)
 
@@ -49,8 +52,13 @@ def test_aws_secrets_manager_key_rotation_and_outage(make_relay, upstream, pki, 
     key_a, txt_a = new_rsa()
     key_b, txt_b = new_rsa()
     with moto_server(tmp_path / "moto.log") as (endpoint, moto):
-        sm = boto3.client("secretsmanager", endpoint_url=endpoint, region_name=REGION,
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        sm = boto3.client(
+            "secretsmanager",
+            endpoint_url=endpoint,
+            region_name=REGION,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         sm.create_secret(Name="relay/dkim/example.com", SecretString=key_a.decode())
         relay = make_relay(upstream.port, start=False, env=dict(AWS_ENV))
         only_rsa_key(relay, "aws-sm://relay/dkim/example.com")
@@ -106,8 +114,14 @@ def test_adding_a_selector_and_sighup_starts_dual_signing(make_relay, upstream, 
     relay.config["dkim"]["keys"] = relay.config["dkim"]["keys"][:1]  # s1 only
     relay.start()
     assert b"s=ed1" not in send_one(relay, pki, upstream, 1, "a")
-    relay.config["dkim"]["keys"].append({"domain": "example.com", "selector": "ed1",
-                                         "key": f"file://{dkim_keys.ed_path}", "algorithm": "ed25519-sha256"})
+    relay.config["dkim"]["keys"].append(
+        {
+            "domain": "example.com",
+            "selector": "ed1",
+            "key": f"file://{dkim_keys.ed_path}",
+            "algorithm": "ed25519-sha256",
+        }
+    )
     relay.write_config()
     relay.signal(signal.SIGHUP)
     relay.wait_log(lambda e: e.get("msg") == "configuration reloaded")
@@ -149,8 +163,13 @@ def test_short_rsa_key_is_refused_unless_allowed(make_relay, upstream, pki, tmp_
 
 
 def keygen(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "relay", "keygen", *args], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "keygen", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def txt_value(output: str) -> bytes:
@@ -165,8 +184,9 @@ def zone_strings(output: str) -> list[str]:
 @pytest.mark.parametrize("algorithm,bits", [("rsa-sha256", "2048"), ("rsa-sha256", "4096"), ("ed25519-sha256", "2048")])
 def test_keygen_stores_a_key_that_verifies_against_its_txt(make_relay, upstream, pki, tmp_path, algorithm, bits):
     path = tmp_path / "k1.key"
-    result = keygen("-d", "example.com", "-s", "k1", "--algorithm", algorithm, "--bits", bits,
-                    "--store", f"file://{path}")
+    result = keygen(
+        "-d", "example.com", "-s", "k1", "--algorithm", algorithm, "--bits", bits, "--store", f"file://{path}"
+    )
     assert result.returncode == 0, result.stderr
     assert "PRIVATE KEY" not in result.stdout  # never printed unless asked
     assert oct(path.stat().st_mode & 0o777) == "0o600"
@@ -176,8 +196,9 @@ def test_keygen_stores_a_key_that_verifies_against_its_txt(make_relay, upstream,
     assert dict(p.strip().split("=", 1) for p in value.decode().split(";"))["v"] == "DKIM1"
 
     relay = make_relay(upstream.port, start=False)
-    relay.config["dkim"]["keys"] = [{"domain": "example.com", "selector": "k1", "key": f"file://{path}",
-                                     "algorithm": algorithm}]
+    relay.config["dkim"]["keys"] = [
+        {"domain": "example.com", "selector": "k1", "key": f"file://{path}", "algorithm": algorithm}
+    ]
     relay.start()
     signed = send_one(relay, pki, upstream, 1, "keygen")
     assert verify_all(signed, dns_for({"k1._domainkey.example.com.": value})) == [True]
@@ -189,14 +210,29 @@ def test_keygen_stores_a_key_that_verifies_against_its_txt(make_relay, upstream,
 
 def test_keygen_stores_in_aws_secrets_manager(tmp_path):
     with moto_server(tmp_path / "moto.log") as (endpoint, _):
-        args = ["-d", "example.com", "-s", "k2", "--store", "aws-sm://relay/dkim/k2",
-                "--aws-region", REGION, "--aws-endpoint-url", endpoint]
+        args = [
+            "-d",
+            "example.com",
+            "-s",
+            "k2",
+            "--store",
+            "aws-sm://relay/dkim/k2",
+            "--aws-region",
+            REGION,
+            "--aws-endpoint-url",
+            endpoint,
+        ]
         first = keygen(*args, env=AWS_ENV)
         assert first.returncode == 0, first.stderr
         second = keygen(*args, env=AWS_ENV)  # a new version of the same secret
         assert second.returncode == 0, second.stderr
-        sm = boto3.client("secretsmanager", endpoint_url=endpoint, region_name=REGION,
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+        sm = boto3.client(
+            "secretsmanager",
+            endpoint_url=endpoint,
+            region_name=REGION,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
         stored = sm.get_secret_value(SecretId="relay/dkim/k2")["SecretString"]
         assert "BEGIN PRIVATE KEY" in stored and stored not in second.stdout
         versions = sm.list_secret_version_ids(SecretId="relay/dkim/k2")["Versions"]
@@ -211,10 +247,12 @@ def test_no_secret_reaches_logs_metrics_or_replies(make_relay, pki, tmp_path, dk
     secrets = {"USER_PW": "User-Pa55-QX81", "UP_PW": "Upstream-Pa55-ZK42", "PROXY_PW": "Proxy-Pa55-WM27"}
     with Upstream(tls="starttls", server_context=pki.server_context(), users={"relayuser": secrets["UP_PW"]}) as up:
         relay = make_relay(up.port, start=False, env=dict(secrets))
-        relay.config["clients"]["users"].append({"username": "svc", "password": "env://USER_PW",
-                                                 "senders": ["example.com"]})
-        relay.config["upstream"].update({"username": "relayuser", "password": "env://UP_PW",
-                                         "proxy_password": "env://PROXY_PW"})
+        relay.config["clients"]["users"].append(
+            {"username": "svc", "password": "env://USER_PW", "senders": ["example.com"]}
+        )
+        relay.config["upstream"].update(
+            {"username": "relayuser", "password": "env://UP_PW", "proxy_password": "env://PROXY_PW"}
+        )
         relay.start()
         replies: list[str] = []
         client = connect(relay, pki, login=False)
@@ -230,11 +268,19 @@ def test_no_secret_reaches_logs_metrics_or_replies(make_relay, pki, tmp_path, dk
         except Exception as exc:
             replies.append(str(exc))
         up.wait_for(1)
-        validate = subprocess.run([sys.executable, "-m", "relay", "config", "validate", "-c", str(relay.config_path)],
-                                  capture_output=True, text=True, env={**os.environ, **secrets})
+        validate = subprocess.run(
+            [sys.executable, "-m", "relay", "config", "validate", "-c", str(relay.config_path)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **secrets},
+        )
         texts = [relay.log_text(), relay.scrape(), "\n".join(replies), validate.stdout + validate.stderr]
     key_material = dkim_keys.rsa_path.read_text().splitlines()[1]
-    for needle in [*secrets.values(), key_material, base64.b64encode(f"\0svc\0{secrets['USER_PW']}".encode()).decode(),
-                   APP_PASSWORD]:
+    for needle in [
+        *secrets.values(),
+        key_material,
+        base64.b64encode(f"\0svc\0{secrets['USER_PW']}".encode()).decode(),
+        APP_PASSWORD,
+    ]:
         for text in texts:
             assert needle not in text

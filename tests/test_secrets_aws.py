@@ -19,6 +19,8 @@ from tests.support.aws import AWS_ENV as _AWS_ENV
 from tests.support.aws import moto_server, stop
 from tests.support.procs import free_port
 
+pytestmark = pytest.mark.binaries
+
 REGION = "us-east-1"
 PEM = (
     "-----BEGIN PRIVATE KEY-----\n"
@@ -102,9 +104,7 @@ async def test_json_field(sm, backend):
     import json
 
     name = unique("json")
-    created = sm.create_secret(
-        Name=name, SecretString=json.dumps({"private_key": PEM, "other": "hunter2", "n": 5})
-    )
+    created = sm.create_secret(Name=name, SecretString=json.dumps({"private_key": PEM, "other": "hunter2", "n": 5}))
     value = await backend.fetch(SecretRef.parse(f"aws-sm://{name}#private_key"))
     assert value.data == PEM.encode()
     assert value.version == created["VersionId"]

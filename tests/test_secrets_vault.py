@@ -31,11 +31,7 @@ from aiohttp import web
 from relay.secrets.base import SecretFetchError, SecretRef
 from relay.secrets.vault import VaultBackend
 
-PEM = (
-    "-----BEGIN PRIVATE KEY-----\n"
-    "MC4CAQAwBQYDK2VwBCIEIS3cr3tK3yMat3r1al0123456789\n"
-    "-----END PRIVATE KEY-----\n"
-)
+PEM = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIS3cr3tK3yMat3r1al0123456789\n-----END PRIVATE KEY-----\n"
 ROOT_TOKEN = "hvs.R00tT0kenDoNotLeak"
 K8S_JWT = "eyJhbGciOiJSUzI1NiJ9.k8s-service-account-jwt-DoNotLeak.sig"
 ROLE_ID = "role-id-1234"
@@ -99,9 +95,7 @@ class FakeVault:
 
     def _issue(self) -> dict:
         token = "hvs." + secrets.token_urlsafe(16)
-        self.tokens[token] = Token(
-            self.login_ttl, self.login_renewable, self.now, self.login_max_ttl, self.now
-        )
+        self.tokens[token] = Token(self.login_ttl, self.login_renewable, self.now, self.login_max_ttl, self.now)
         self.issued_tokens.append(token)
         return self._auth_reply(token)
 
@@ -336,9 +330,7 @@ async def test_kubernetes_login(vault, make_backend, jwt_file):
 
 
 async def test_kubernetes_custom_mount(vault, make_backend, jwt_file):
-    backend = make_backend(
-        auth="kubernetes", role="relay", kubernetes_token_path=jwt_file, auth_mount="k8s-prod"
-    )
+    backend = make_backend(auth="kubernetes", role="relay", kubernetes_token_path=jwt_file, auth_mount="k8s-prod")
     assert (await backend.fetch(REF)).data == PEM.encode()
     assert len(vault.calls("auth/k8s-prod/login")) == 1
 
@@ -353,9 +345,7 @@ async def test_kubernetes_bad_jwt_and_missing_file(vault, make_backend, tmp_path
     assert "not-the-jwt" not in str(info.value)
     assert str(REF) in str(info.value)
 
-    missing = make_backend(
-        auth="kubernetes", role="relay", kubernetes_token_path=str(tmp_path / "nope")
-    )
+    missing = make_backend(auth="kubernetes", role="relay", kubernetes_token_path=str(tmp_path / "nope"))
     with pytest.raises(SecretFetchError) as info:
         await missing.fetch(REF)
     assert "cannot read kubernetes service account token" in str(info.value)
@@ -366,9 +356,7 @@ async def test_approle_login(vault, make_backend):
     assert (await backend.fetch(REF)).data == PEM.encode()
     logins = vault.calls("auth/approle/login")
     assert len(logins) == 1 and logins[0][3] == {"role_id": ROLE_ID, "secret_id": SECRET_ID}
-    custom = make_backend(
-        auth="approle", role_id=ROLE_ID, secret_id=SECRET_ID, auth_mount="approle-relay"
-    )
+    custom = make_backend(auth="approle", role_id=ROLE_ID, secret_id=SECRET_ID, auth_mount="approle-relay")
     assert (await custom.fetch(REF)).data == PEM.encode()
     assert len(vault.calls("auth/approle-relay/login")) == 1
 
@@ -386,9 +374,7 @@ async def test_approle_bad_secret_id(vault, make_backend):
 async def test_namespace_header(vault, make_backend):
     vault.put("secret", "ns/only", {"k": "in-namespace"}, namespace="team-a")
     backend = make_backend(auth="approle", role_id=ROLE_ID, secret_id=SECRET_ID, namespace="team-a")
-    assert (await backend.fetch(SecretRef.parse("vault://secret/ns/only#k"))).data == (
-        b"in-namespace"
-    )
+    assert (await backend.fetch(SecretRef.parse("vault://secret/ns/only#k"))).data == (b"in-namespace")
     assert vault.requests and all(r[2].get("X-Vault-Namespace") == "team-a" for r in vault.requests)
     # The root namespace does not see it.
     plain = make_backend(auth="token", token=ROOT_TOKEN)

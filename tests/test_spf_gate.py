@@ -10,24 +10,30 @@ from pathlib import Path
 import pytest
 
 from tests.support.dns import dns_server
-from tests.test_refusals import connect
-from tests.test_relay_smtp import message
+from tests.support.inloop import in_thread
+from tests.support.smtp import connect, message
+
+pytestmark = pytest.mark.binaries
 
 ZONES = Path(__file__).parent / "data" / "dns"
 
 
-def test_on_fail_refuse_holds_the_failing_domain_only(make_relay, upstream, pki, dkim_keys, tmp_path):
+@in_thread
+def test_on_fail_refuse_holds_the_failing_domain_only(make_loop_relay, upstream, pki, dkim_keys, tmp_path):
     with dns_server(ZONES, tmp_path / "dns") as (host, port):
-        relay = make_relay(upstream.port, start=False)
+        relay = make_loop_relay(upstream.port, start=False)
         relay.config["dns"] = {"nameservers": [host], "port": port, "timeout": "2s"}
         relay.config["spf"] = {"egress_ip": ["192.0.2.10"], "on_fail": "refuse"}
         relay.config["clients"]["users"][0]["senders"] = ["example.com", "example.net"]
-        relay.config["dkim"]["keys"].append({"domain": "example.net", "selector": "s1",
-                                             "key": f"file://{dkim_keys.rsa_path}"})
+        relay.config["dkim"]["keys"].append(
+            {"domain": "example.net", "selector": "s1", "key": f"file://{dkim_keys.rsa_path}"}
+        )
         relay.start()
         deadline = time.monotonic() + 20
-        while relay.metric("relay_spf_egress_pass", domain="example.net") != 0 or \
-                relay.metric("relay_spf_egress_pass", domain="example.com") != 1:
+        while (
+            relay.metric("relay_spf_egress_pass", domain="example.net") != 0
+            or relay.metric("relay_spf_egress_pass", domain="example.com") != 1
+        ):
             assert time.monotonic() < deadline, "the posture check did not run"
             time.sleep(0.2)
 

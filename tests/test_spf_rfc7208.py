@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from relay.dns.resolver import DnsAnswer, DnsNameError, DnsTemporaryError
-from relay.posture.spf import check_host
+from relay.spf import check_host
 
 SUITE = Path(__file__).parent / "data" / "spf" / "rfc7208-tests.yml"
 

@@ -9,13 +9,14 @@ import time
 
 import pytest
 
+from tests.support.inloop import in_thread
 from tests.support.procs import free_port
-from tests.test_refusals import connect, reply
-from tests.test_relay_smtp import message
+from tests.support.smtp import connect, message, reply
 
 
-def test_upstream_down_gives_451_at_rcpt(make_relay, pki):
-    relay = make_relay(free_port(), wait_ready=False)  # nothing listens there
+@in_thread
+def test_upstream_down_gives_451_at_rcpt(make_loop_relay, pki):
+    relay = make_loop_relay(free_port(), wait_ready=False)  # nothing listens there
     relay_ready = relay.http_json("/readyz")
     assert relay_ready[0] == 503 and "upstream" in relay_ready[1]["checks"]
     client = connect(relay, pki)
@@ -26,9 +27,10 @@ def test_upstream_down_gives_451_at_rcpt(make_relay, pki):
     assert line["reason"].startswith("localhost: connect to 127.0.0.1:") and line["label"] == "upstream_unreachable"
 
 
-def test_upstream_tempfail_at_data_is_passed_through(make_relay, upstream, pki):
+@in_thread
+def test_upstream_tempfail_at_data_is_passed_through(make_loop_relay, upstream, pki):
     upstream.behaviour.data_reply = "451 4.3.0 Mailbox store busy, try later"
-    relay = make_relay(upstream.port)
+    relay = make_loop_relay(upstream.port)
     with pytest.raises(smtplib.SMTPDataError) as err:
         connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
     assert (err.value.smtp_code, err.value.smtp_error) == (451, b"4.3.0 Mailbox store busy, try later")
@@ -38,25 +40,28 @@ def test_upstream_tempfail_at_data_is_passed_through(make_relay, upstream, pki):
     assert relay.metric("relay_upstream_replies_total", stage="data", **{"class": "4xx"}) == 1
 
 
-def test_upstream_permanent_failure_is_passed_through(make_relay, upstream, pki):
+@in_thread
+def test_upstream_permanent_failure_is_passed_through(make_loop_relay, upstream, pki):
     upstream.behaviour.data_reply = "554 5.7.1 Message rejected: content policy"
-    relay = make_relay(upstream.port)
+    relay = make_loop_relay(upstream.port)
     with pytest.raises(smtplib.SMTPDataError) as err:
         connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
     assert (err.value.smtp_code, err.value.smtp_error) == (554, b"5.7.1 Message rejected: content policy")
 
 
-def test_upstream_refuses_sender(make_relay, upstream, pki):
+@in_thread
+def test_upstream_refuses_sender(make_loop_relay, upstream, pki):
     upstream.behaviour.mail_reply = "550 5.7.60 Sender not verified"
-    relay = make_relay(upstream.port)
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     assert reply(client, "RCPT TO:<u@example.net>") == (550, "5.7.60 Sender not verified")
 
 
-def test_upstream_stall_before_data_gives_451_and_nothing_delivered(make_relay, upstream, pki):
+@in_thread
+def test_upstream_stall_before_data_gives_451_and_nothing_delivered(make_loop_relay, upstream, pki):
     upstream.behaviour.rcpt_delay = 4.0
-    relay = make_relay(upstream.port, start=False)
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["upstream"]["command_timeout"] = "1s"
     relay.start()
     client = connect(relay, pki)
@@ -67,9 +72,10 @@ def test_upstream_stall_before_data_gives_451_and_nothing_delivered(make_relay, 
     assert upstream.messages == []
 
 
-def test_upstream_stall_after_data_gives_451(make_relay, upstream, pki):
+@in_thread
+def test_upstream_stall_after_data_gives_451(make_loop_relay, upstream, pki):
     upstream.behaviour.data_delay = 3.0
-    relay = make_relay(upstream.port, start=False)
+    relay = make_loop_relay(upstream.port, start=False)
     relay.config["upstream"]["command_timeout"] = "1s"
     relay.start()
     with pytest.raises(smtplib.SMTPDataError) as err:
@@ -81,8 +87,9 @@ def test_upstream_stall_after_data_gives_451(make_relay, upstream, pki):
     assert relay.metric("relay_messages_relayed_total") == 0
 
 
-def test_client_disconnect_mid_data_sends_nothing_upstream(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_client_disconnect_mid_data_sends_nothing_upstream(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     assert reply(client, "RCPT TO:<u@example.net>")[0] == 250
@@ -97,8 +104,9 @@ def test_client_disconnect_mid_data_sends_nothing_upstream(make_relay, upstream,
     assert len(upstream.wait_for(1)) == 1
 
 
-def test_upstream_restart_between_messages_is_transparent(make_relay, upstream, pki):
-    relay = make_relay(upstream.port)
+@in_thread
+def test_upstream_restart_between_messages_is_transparent(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port)
     connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message(subject="one"))
     upstream.wait_for(1)
     upstream.stop()  # drops the pooled connection

@@ -20,9 +20,7 @@ _DKLEN = 32
 def hash_password(password: str) -> str:
     salt = os.urandom(16)
     digest = _scrypt(password.encode("utf-8"), salt, _N, _R, _P)
-    return "$".join(
-        ["scrypt", str(_N), str(_R), str(_P), _b64(salt), _b64(digest)]
-    )
+    return "$".join(["scrypt", str(_N), str(_R), str(_P), _b64(salt), _b64(digest)])
 
 
 def verify_password(password: bytes, encoded: str) -> bool:

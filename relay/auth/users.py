@@ -13,16 +13,30 @@ import asyncio
 import hashlib
 import hmac
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from relay.auth.passwords import hash_password, verify_password
-from relay.config.schema import UserSettings
 from relay.policy.senders import SenderPolicy
 from relay.secrets.store import SecretStore
 
 # Verified against when the username is unknown, so that unknown users cost the same time
 # as known ones (no username discovery by timing).
 _DUMMY_HASH = hash_password(os.urandom(16).hex())
+
+
+class UserEntry(Protocol):
+    """One configured user (`clients.users[]`, relay.config.schema.UserSettings)."""
+
+    @property
+    def username(self) -> str: ...
+    @property
+    def password_hash(self) -> str | None: ...
+    @property
+    def password(self) -> str | None: ...  # a secret reference
+    @property
+    def senders(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,19 +46,12 @@ class User:
 
 
 class UserDirectory:
-    def __init__(self, users: list[UserSettings], store: SecretStore) -> None:
+    def __init__(self, users: Sequence[UserEntry], store: SecretStore) -> None:
         self._settings = {u.username: u for u in users}
         self._users = {u.username: User(u.username, SenderPolicy(u.senders)) for u in users}
         self._store = store
         self._cache_key = os.urandom(32)
         self._verified: dict[str, bytes] = {}
-
-    @property
-    def secret_refs(self) -> list[str]:
-        return [u.password for u in self._settings.values() if u.password]
-
-    def __len__(self) -> int:
-        return len(self._users)
 
     async def authenticate(self, username: str, password: bytes) -> User | None:
         cfg = self._settings.get(username)

@@ -50,8 +50,7 @@ def dev_settings(base: Path | None = None) -> Settings:
             ],
             "tls": {"cert_file": str(paths["cert"]), "key_file": str(paths["key"])},
             "clients": {"networks": ["127.0.0.0/8", "::1/128"]},
-            "dkim": {"keys": [{"domain": DEV_DOMAIN, "selector": DEV_SELECTOR,
-                               "key": f"file://{paths['dkim']}"}]},
+            "dkim": {"keys": [{"domain": DEV_DOMAIN, "selector": DEV_SELECTOR, "key": f"file://{paths['dkim']}"}]},
             "upstream": {"mode": "outbox", "outbox_dir": str(paths["outbox"])},
             "metrics": {"bind": "127.0.0.1:9464"},
             "logging": {"format": "text", "level": "info"},
@@ -78,9 +77,10 @@ def prepare_dev_dir(base: Path) -> dict[str, Path]:
     if not paths["dkim"].exists():
         _write(paths["dkim"], private_key_pem(generate_private_key("rsa-sha256", 2048)))
     if not paths["dkim_txt"].exists():
-        key = load_signing_key(paths["dkim"].read_bytes(), domain=DEV_DOMAIN, selector=DEV_SELECTOR,
-                               algorithm="rsa-sha256")
-        _write(paths["dkim_txt"], f"{DEV_SELECTOR}._domainkey.{DEV_DOMAIN}. IN TXT \"{key.txt_value()}\"\n".encode())
+        signing = load_signing_key(
+            paths["dkim"].read_bytes(), domain=DEV_DOMAIN, selector=DEV_SELECTOR, algorithm="rsa-sha256"
+        )
+        _write(paths["dkim_txt"], f'{DEV_SELECTOR}._domainkey.{DEV_DOMAIN}. IN TXT "{signing.txt_value()}"\n'.encode())
     return paths
 
 
@@ -97,17 +97,20 @@ def self_signed_certificate(hostname: str) -> tuple[bytes, bytes]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=825))
         .add_extension(
-            x509.SubjectAlternativeName([
-                x509.DNSName(hostname),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.IPAddress(ipaddress.ip_address("::1")),
-            ]),
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName(hostname),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
             critical=False,
         )
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 

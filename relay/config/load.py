@@ -26,8 +26,10 @@ class ConfigError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        lines = [f"{self.source}: invalid configuration ({len(self.problems)} problem"
-                 f"{'s' if len(self.problems) != 1 else ''})"]
+        lines = [
+            f"{self.source}: invalid configuration ({len(self.problems)} problem"
+            f"{'s' if len(self.problems) != 1 else ''})"
+        ]
         lines += [f"  {path or '(top level)'}: {message}" for path, message in self.problems]
         return "\n".join(lines)
 
@@ -60,7 +62,7 @@ def settings_from_mapping(data: dict[str, Any], source: str = "config") -> Setti
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(source, [_describe(err) for err in exc.errors()]) from None
+        raise ConfigError(source, [_describe(dict(err)) for err in exc.errors()]) from None
     problems = list(_cross_checks(settings))
     if problems:
         raise ConfigError(source, problems)
@@ -116,9 +118,10 @@ def _known_fields(loc: list[Any]) -> list[str]:
         field = model.model_fields.get(part)
         if field is None:
             return []
-        model = _model_of(field.annotation)
-        if model is None:
+        inner = _model_of(field.annotation)
+        if inner is None:
             return []
+        model = inner
     return list(model.model_fields)
 
 

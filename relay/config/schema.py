@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     ValidationInfo,
     field_validator,
@@ -29,6 +30,7 @@ from pydantic import (
 from relay.auth.passwords import check_hash_format
 from relay.config.defaults import METRICS_PORT
 from relay.config.units import Bind, Duration, HostPort, Size
+from relay.proxy.url import ProxyUrl, check_credentials, parse_proxy_url
 from relay.secrets.base import SecretRef
 
 
@@ -86,7 +88,18 @@ def _sender_pattern(value: str) -> str:
     return _domain(value)
 
 
+def _proxy_url(value: object) -> ProxyUrl:
+    # The dialer's own parser: a URL it would refuse is refused here, at load, with the key path.
+    if isinstance(value, ProxyUrl):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a proxy URL like socks5h://proxy.internal:1080")
+    return parse_proxy_url(value, check=False)  # credentials: see UpstreamSettings._shape
+
+
 SecretRefStr = Annotated[str, AfterValidator(_secret_ref)]
+# Parsed once; dumped (for the redacted config log and reload comparison) as written.
+ProxyUrlField = Annotated[ProxyUrl, PlainValidator(_proxy_url), PlainSerializer(lambda url: url.text, return_type=str)]
 Network = Annotated[str, BeforeValidator(_network)]
 IpAddress = Annotated[str, BeforeValidator(_ip)]
 Domain = Annotated[str, AfterValidator(_domain)]
@@ -174,9 +187,20 @@ class ClientSettings(Strict):
 
 
 DEFAULT_SIGN_HEADERS = [
-    "from", "to", "cc", "subject", "date", "message-id", "reply-to",
-    "mime-version", "content-type", "content-transfer-encoding",
-    "in-reply-to", "references", "list-unsubscribe", "list-unsubscribe-post",
+    "from",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "in-reply-to",
+    "references",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
 ]
 
 
@@ -275,7 +299,7 @@ class UpstreamSettings(Strict):
     ca_file: Path | None = None
     username: str | None = None
     password: SecretRefStr | None = None
-    proxy: str | None = None
+    proxy: ProxyUrlField | None = None
     proxy_password: SecretRefStr | None = None
     pool: PoolSettings = Field(default_factory=PoolSettings)
     connect_timeout: Duration = 30.0
@@ -298,9 +322,10 @@ class UpstreamSettings(Strict):
         if self.tls in ("starttls",) and self.mode == "mx":
             raise ValueError("mode: mx uses tls: opportunistic (default), require or none")
         if self.proxy is not None:
-            scheme = self.proxy.partition("://")[0]
-            if scheme not in ("socks5", "socks5h", "socks4", "http"):
-                raise ValueError("proxy must be socks5://, socks5h://, socks4:// or http:// (CONNECT)")
+            # proxy_password is resolved later, but whether the proxy's protocol can carry
+            # the credentials is known now.
+            password = "<proxy_password>" if self.proxy_password is not None else self.proxy.password  # noqa: S105
+            check_credentials(self.proxy.scheme, self.proxy.username, password)
         return self
 
     @property

@@ -3,9 +3,11 @@
 The relay is a passthrough, not a queue: the client's RCPT answers are the upstream's RCPT
 answers and the client's final DATA answer is the upstream's. So a delivery opens an
 upstream transaction at the client's first accepted recipient and follows it command by
-command (maddy's Start → AddRcpt → Body → Commit/Abort):
+command (maddy's Start → AddRcpt → Body → Commit/Abort). An `UpstreamTarget` is where a
+message can go (a smarthost, MX hosts, a failover chain, the dev outbox); it opens one
+`UpstreamTransaction` per client transaction:
 
-    tx = await delivery.begin(envelope, first_recipient)   # connect (or reuse), MAIL FROM
+    tx = await target.begin(envelope, first_recipient)     # connect (or reuse), MAIL FROM
     reply = await tx.add_recipient(rcpt)                     # upstream RCPT reply, per rcpt
     reply = await tx.send(signed_message)                    # DATA; the upstream's final reply
     await tx.abort()                                         # client RSET/QUIT/disconnect
@@ -39,7 +41,10 @@ class Envelope:
 
 
 class UpstreamTransaction(Protocol):
-    upstream: str  # bounded label of the upstream that holds the transaction
+    @property
+    def upstream(self) -> str:
+        """The bounded label of the upstream that holds the transaction (logs, metrics)."""
+        ...
 
     async def add_recipient(self, address: str) -> Reply: ...
 
@@ -48,7 +53,9 @@ class UpstreamTransaction(Protocol):
     async def abort(self) -> None: ...
 
 
-class Delivery(Protocol):
+class UpstreamTarget(Protocol):
+    """Where messages go; `begin` opens one upstream transaction (see the module docstring)."""
+
     name: str
 
     async def begin(self, envelope: Envelope, recipient: str) -> UpstreamTransaction: ...

@@ -8,14 +8,14 @@ name, never the proxy's (RFC 3207 §4.1, RFC 8314).
 from __future__ import annotations
 
 import logging
-import re
+import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
-import aiosmtplib.protocol
+from aiosmtplib import SMTPResponse
 from prometheus_client import Counter, Histogram
 
 from relay.deliver.base import Envelope
@@ -41,34 +41,6 @@ UPSTREAM_CONNECTS = Counter(
     "Upstream connections opened, by result (ok, or the failure label).",
     ["upstream", "result"],
 )
-
-_QUEUE_ID = re.compile(r"(?:queued as|id=|\bid\s)\s*<?([A-Za-z0-9._@+-]{4,})", re.IGNORECASE)
-
-
-def _crlf_only_fast_path(message: bytes) -> bytes:
-    """aiosmtplib rewrites every line ending of a message with a regex before DATA. The
-    listener refuses bare CR/LF, so messages here are CRLF-only already and the rewrite
-    changes nothing; checking that is three C-level scans instead of a regex pass."""
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
-        return message if message.endswith(b"\r\n") else message + b"\r\n"
-    return _normalize_line_endings(message)
-
-
-_normalize_line_endings = aiosmtplib.protocol.normalize_message_line_endings
-aiosmtplib.protocol.normalize_message_line_endings = _crlf_only_fast_path
-
-
-def upstream_id(reply_text: str) -> str | None:
-    """The id an upstream gave the message in its 250 text (Postfix `queued as X`, SES
-    `Ok <id>`, …), so a message can be followed into the provider's logs."""
-    match = _QUEUE_ID.search(reply_text)
-    if match:
-        return match.group(1)
-    words = reply_text.split()
-    if len(words) >= 2 and words[0].lower() == "ok" and len(words[1]) >= 8:
-        return words[1].strip("<>")
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +97,15 @@ class UpstreamConnection:
         if envelope.smtputf8:
             if not self.supports("smtputf8"):
                 # RFC 6531 §3.2: without SMTPUTF8 upstream the message cannot be relayed.
-                raise SmtpError(553, "5.6.7", "Upstream does not support SMTPUTF8 addresses",
-                                reason=f"{self.endpoint.label}: no SMTPUTF8", label="smtputf8")
+                raise SmtpError(
+                    553,
+                    "5.6.7",
+                    "Upstream does not support SMTPUTF8 addresses",
+                    reason=f"{self.endpoint.label}: no SMTPUTF8",
+                    label="smtputf8",
+                )
             options.append("SMTPUTF8")
-        return await self._command("MAIL", self.smtp.mail(envelope.mail_from, options=options,
-                                                          encoding="utf-8"))
+        return await self._command("MAIL", self.smtp.mail(envelope.mail_from, options=options, encoding="utf-8"))
 
     async def rcpt(self, address: str) -> Reply:
         return await self._command("RCPT", self.smtp.rcpt(address, encoding="utf-8"))
@@ -160,7 +136,7 @@ class UpstreamConnection:
     def close(self) -> None:
         self.smtp.close()
 
-    async def _command(self, stage: str, call) -> Reply:
+    async def _command(self, stage: str, call: Awaitable[SMTPResponse]) -> Reply:
         """Run one command; the upstream's refusal becomes a Reply, a broken path an SmtpError."""
         label = self.endpoint.label
         try:
@@ -192,8 +168,13 @@ class UpstreamConnection:
 
 def _broken(upstream: str, stage: str, why: str, label: str = "upstream_error") -> SmtpError:
     # RFC 3463 §3.5: 4.4.2 "bad connection" — the path, not the message, failed.
-    return SmtpError(451, "4.4.2", "Upstream connection failed, try again later",
-                     reason=f"upstream {upstream} during {stage}: {why}", label=label)
+    return SmtpError(
+        451,
+        "4.4.2",
+        "Upstream connection failed, try again later",
+        reason=f"upstream {upstream} during {stage}: {why}",
+        label=label,
+    )
 
 
 class UpstreamConnector:
@@ -244,27 +225,31 @@ class UpstreamConnector:
                     exc.reason = f"{host}: " + "; ".join(reasons)
                 error = exc
                 continue
-            try:
-                return await self._session(host, where, sock, tls)
-            except BaseException:
-                # The transport owns the socket once connected; before that it is ours.
-                sock.close()
-                raise
+            # From here the session owns the socket (see _session).
+            return await self._session(host, where, sock, tls)
         assert error is not None
         raise error
 
-    async def _session(self, host: str, where: str, sock, tls: str) -> UpstreamConnection:
+    async def _session(self, host: str, where: str, sock: socket.socket, tls: str) -> UpstreamConnection:
+        """Greet, TLS, authenticate over `sock`. On any failure the connection is closed:
+        once `smtp.connect` has the socket, its transport closes it (closing the socket here
+        too would free its descriptor while the transport, e.g. in a TLS shutdown, still
+        polls it, and the next socket could get the same number)."""
         ep = self.endpoint
-        smtp = aiosmtplib.SMTP(
-            hostname=host,
-            port=None,
-            sock=sock,
-            use_tls=tls == "implicit",
-            start_tls=False,
-            tls_context=ep.tls_context,
-            local_hostname=ep.helo_name,
-            timeout=ep.command_timeout,
-        )
+        try:
+            smtp = aiosmtplib.SMTP(
+                hostname=host,
+                port=None,
+                sock=sock,
+                use_tls=tls == "implicit",
+                start_tls=False,
+                tls_context=ep.tls_context,
+                local_hostname=ep.helo_name,
+                timeout=ep.command_timeout,
+            )
+        except BaseException:
+            sock.close()  # nothing has taken the socket yet
+            raise
         try:
             greeting = await smtp.connect(timeout=ep.connect_timeout)
             ehlo = await smtp.ehlo()
@@ -274,9 +259,13 @@ class UpstreamConnector:
             )
             if wants_tls:
                 if not smtp.supports_extension("starttls"):
-                    raise SmtpError(451, "4.7.5", "Upstream does not offer TLS, try again later",
-                                    reason=f"upstream {where} does not offer STARTTLS (tls: {tls})",
-                                    label="upstream_tls")
+                    raise SmtpError(
+                        451,
+                        "4.7.5",
+                        "Upstream does not offer TLS, try again later",
+                        reason=f"upstream {where} does not offer STARTTLS (tls: {tls})",
+                        label="upstream_tls",
+                    )
                 context = ep.tls_context
                 if tls == "opportunistic":
                     # RFC 7435: opportunistic encryption does not authenticate the server;
@@ -286,40 +275,74 @@ class UpstreamConnector:
             if ep.username:
                 password = ep.password() if ep.password else None
                 if password is None:
-                    raise SmtpError(451, "4.7.0", "Upstream credentials unavailable, try again later",
-                                    reason=f"upstream {where}: password secret not loaded",
-                                    label="upstream_auth")
+                    raise SmtpError(
+                        451,
+                        "4.7.0",
+                        "Upstream credentials unavailable, try again later",
+                        reason=f"upstream {where}: password secret not loaded",
+                        label="upstream_auth",
+                    )
                 await smtp.login(ep.username, password)
         except SmtpError:
             smtp.close()
             raise
         except aiosmtplib.SMTPAuthenticationError as exc:
             smtp.close()
-            raise SmtpError(451, "4.7.0", "Upstream refused the relay's credentials, try again later",
-                            reason=f"upstream {where}: AUTH refused ({exc.code})", label="upstream_auth") from None
+            raise SmtpError(
+                451,
+                "4.7.0",
+                "Upstream refused the relay's credentials, try again later",
+                reason=f"upstream {where}: AUTH refused ({exc.code})",
+                label="upstream_auth",
+            ) from None
         except aiosmtplib.SMTPConnectResponseError as exc:
             smtp.close()
-            raise SmtpError(451, "4.4.0", "Upstream refused the connection, try again later",
-                            reason=f"upstream {where}: greeting {exc.code} {_first_line(exc.message)}",
-                            label="upstream_refused") from None
+            raise SmtpError(
+                451,
+                "4.4.0",
+                "Upstream refused the connection, try again later",
+                reason=f"upstream {where}: greeting {exc.code} {_first_line(exc.message)}",
+                label="upstream_refused",
+            ) from None
         except (ssl.SSLError, ssl.CertificateError) as exc:
             smtp.close()
-            raise SmtpError(451, "4.7.5", "TLS with the upstream failed, try again later",
-                            reason=f"upstream {where}: TLS failed ({_tls_reason(exc)})", label="upstream_tls") from None
+            raise SmtpError(
+                451,
+                "4.7.5",
+                "TLS with the upstream failed, try again later",
+                reason=f"upstream {where}: TLS failed ({_tls_reason(exc)})",
+                label="upstream_tls",
+            ) from None
         except aiosmtplib.SMTPTimeoutError:
             smtp.close()
-            raise SmtpError(451, "4.4.2", "Upstream timed out, try again later",
-                            reason=f"upstream {where}: timed out during greeting/EHLO/TLS",
-                            label="upstream_timeout") from None
+            raise SmtpError(
+                451,
+                "4.4.2",
+                "Upstream timed out, try again later",
+                reason=f"upstream {where}: timed out during greeting/EHLO/TLS",
+                label="upstream_timeout",
+            ) from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, ssl.SSLError | ssl.CertificateError):
-                raise SmtpError(451, "4.7.5", "TLS with the upstream failed, try again later",
-                                reason=f"upstream {where}: TLS failed ({_tls_reason(cause)})",
-                                label="upstream_tls") from None
-            raise SmtpError(451, "4.4.2", "Upstream connection failed, try again later",
-                            reason=f"upstream {where}: {_first_line(str(exc))}", label="upstream_error") from None
+                raise SmtpError(
+                    451,
+                    "4.7.5",
+                    "TLS with the upstream failed, try again later",
+                    reason=f"upstream {where}: TLS failed ({_tls_reason(cause)})",
+                    label="upstream_tls",
+                ) from None
+            raise SmtpError(
+                451,
+                "4.4.2",
+                "Upstream connection failed, try again later",
+                reason=f"upstream {where}: {_first_line(str(exc))}",
+                label="upstream_error",
+            ) from None
+        except BaseException:
+            smtp.close()  # cancelled (a client gone, a stop): nothing may stay open
+            raise
         return UpstreamConnection(ep, smtp, banner)
 
 

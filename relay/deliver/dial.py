@@ -18,9 +18,11 @@ from relay.errors import SmtpError
 
 
 class Dialer(Protocol):
-    # True when the proxy resolves the upstream's name (socks5h://, http:// CONNECT): the
-    # name is then passed as is; otherwise callers may pass an address they resolved.
-    resolves_remotely: bool
+    @property
+    def resolves_remotely(self) -> bool:
+        """True when the proxy resolves the upstream's name (socks5h://, http:// CONNECT):
+        the name is then passed as is; otherwise callers may pass an address they resolved."""
+        ...
 
     async def connect(self, host: str, port: int) -> socket.socket: ...
 
@@ -41,31 +43,46 @@ class DirectDialer:
         return "direct"
 
     async def connect(self, host: str, port: int) -> socket.socket:
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                last: OSError | None = None
-                for family, type_, proto, _, addr in infos:
-                    sock = socket.socket(family, type_, proto)
-                    sock.setblocking(False)
-                    try:
-                        await loop.sock_connect(sock, addr)
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                        return sock
-                    except OSError as exc:
-                        sock.close()
-                        last = exc
-                raise last or OSError(f"no address for {host}")
+                return await connect_tcp(host, port)
         except TimeoutError as exc:
             raise SmtpError(
-                451, "4.4.1", "Upstream not reachable, try again later",
+                451,
+                "4.4.1",
+                "Upstream not reachable, try again later",
                 reason=f"connect to {host}:{port} timed out after {self.connect_timeout:g}s",
                 label="upstream_timeout",
             ) from exc
         except OSError as exc:
             raise SmtpError(
-                451, "4.4.1", "Upstream not reachable, try again later",
+                451,
+                "4.4.1",
+                "Upstream not reachable, try again later",
                 reason=f"connect to {host}:{port} failed: {exc.strerror or exc}",
                 label="upstream_unreachable",
             ) from exc
+
+
+async def connect_tcp(host: str, port: int) -> socket.socket:
+    """The connect loop every dialer shares: resolve `host`, try its addresses in turn, and
+    return the first connected socket (non-blocking, TCP_NODELAY). Raises OSError
+    (`socket.gaierror` when the name does not resolve); the caller bounds the time."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, addr)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            # Cancelled (a timeout) mid-connect: the socket is still ours to close.
+            sock.close()
+            raise
+    raise last or OSError(f"no address for {host}")

@@ -12,15 +12,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from relay.deliver.base import Delivery, Envelope, UpstreamTransaction
+from relay.deliver.base import Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply, SmtpError
 
 log = logging.getLogger("relay.deliver")
 
 
 class FailoverTransaction:
-    def __init__(self, chain: FailoverDelivery, index: int, inner: UpstreamTransaction,
-                 envelope: Envelope) -> None:
+    def __init__(self, chain: FailoverTarget, index: int, inner: UpstreamTransaction, envelope: Envelope) -> None:
         self._chain = chain
         self._index = index
         self._inner = inner
@@ -52,8 +51,7 @@ class FailoverTransaction:
             retry = await self._replay(index)
             if retry is None:
                 continue
-            log.info("failing over", extra={"from": self._inner.upstream, "to": retry.upstream,
-                                            "reason": str(first)})
+            log.info("failing over", extra={"from": self._inner.upstream, "to": retry.upstream, "reason": str(first)})
             self._inner, self._index = retry, index
             try:
                 reply = await retry.send(message)
@@ -88,8 +86,8 @@ class FailoverTransaction:
         await self._inner.abort()
 
 
-class FailoverDelivery:
-    def __init__(self, deliveries: Sequence[Delivery]) -> None:
+class FailoverTarget:
+    def __init__(self, deliveries: Sequence[UpstreamTarget]) -> None:
         self.deliveries = list(deliveries)
         self.name = "failover(" + ",".join(d.name for d in self.deliveries) + ")"
 
@@ -102,8 +100,9 @@ class FailoverDelivery:
                 if not exc.temporary:
                     raise
                 last = exc
-                log.info("upstream unavailable, trying the next", extra={
-                    "upstream": delivery.name, "reason": exc.reason})
+                log.info(
+                    "upstream unavailable, trying the next", extra={"upstream": delivery.name, "reason": exc.reason}
+                )
                 continue
             return FailoverTransaction(self, index, inner, envelope)
         assert last is not None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 
 from relay.deliver.base import Envelope
-from relay.deliver.connection import UpstreamConnector
+from relay.deliver.connection import UpstreamConnection, UpstreamConnector
 from relay.deliver.smarthost import SmtpTransaction, begin_on
 from relay.dns.resolver import DnsNameError, DnsService, DnsTemporaryError
 from relay.errors import Reply, SmtpError
@@ -52,7 +52,7 @@ class MxTransaction:
         await self._inner.abort()
 
 
-class MxDelivery:
+class MxTarget:
     def __init__(self, name: str, connector: UpstreamConnector, dns: DnsService) -> None:
         self.name = name
         self.connector = connector
@@ -67,19 +67,39 @@ class MxDelivery:
         try:
             answer = await self.dns.resolve(domain, "MX")
         except DnsTemporaryError as exc:
-            raise SmtpError(451, "4.4.3", f"DNS lookup for {domain} failed, try again later",
-                            reason=f"MX lookup for {domain}: {exc}", label="dns_temporary") from None
+            raise SmtpError(
+                451,
+                "4.4.3",
+                f"DNS lookup for {domain} failed, try again later",
+                reason=f"MX lookup for {domain}: {exc}",
+                label="dns_temporary",
+            ) from None
         except DnsNameError:
-            raise SmtpError(550, "5.1.2", f"Recipient domain {domain} is not a valid domain",
-                            reason=f"invalid recipient domain {domain!r}", label="bad_domain") from None
+            raise SmtpError(
+                550,
+                "5.1.2",
+                f"Recipient domain {domain} is not a valid domain",
+                reason=f"invalid recipient domain {domain!r}",
+                label="bad_domain",
+            ) from None
         if answer.nxdomain:
-            raise SmtpError(550, "5.1.2", f"Recipient domain {domain} does not exist",
-                            reason=f"{domain}: NXDOMAIN", label="no_domain")
+            raise SmtpError(
+                550,
+                "5.1.2",
+                f"Recipient domain {domain} does not exist",
+                reason=f"{domain}: NXDOMAIN",
+                label="no_domain",
+            )
         records = answer.records
         if len(records) == 1 and records[0][1] in ("", ".", "@"):
             # RFC 7505 §3: a single MX of "." declares that the domain accepts no mail.
-            raise SmtpError(556, "5.1.10", f"Recipient domain {domain} does not accept mail (null MX)",
-                            reason=f"{domain}: null MX", label="null_mx")
+            raise SmtpError(
+                556,
+                "5.1.10",
+                f"Recipient domain {domain} does not accept mail (null MX)",
+                reason=f"{domain}: null MX",
+                label="null_mx",
+            )
         if not records:
             return [domain]  # RFC 5321 §5.1: the implicit MX
         by_preference: dict[int, list[str]] = {}
@@ -112,12 +132,15 @@ class MxDelivery:
                 raise  # the MX answered: its refusal is the answer
             return MxTransaction(inner, domain)
         assert last is not None
-        raise SmtpError(451, last.reply.enhanced if last.temporary else "4.4.1",
-                        f"No MX host of {domain} could be reached, try again later",
-                        reason=f"all {len(hosts)} MX hosts of {domain} failed; last: {last.reason}",
-                        label=last.label)
+        raise SmtpError(
+            451,
+            last.reply.enhanced if last.temporary else "4.4.1",
+            f"No MX host of {domain} could be reached, try again later",
+            reason=f"all {len(hosts)} MX hosts of {domain} failed; last: {last.reason}",
+            label=last.label,
+        )
 
-    async def _connect(self, host: str):
+    async def _connect(self, host: str) -> UpstreamConnection:
         try:
             return await self.connector.open(host)
         except SmtpError as exc:

@@ -34,15 +34,20 @@ class OutboxTransaction:
         try:
             await asyncio.to_thread(_write_durably, self._outbox / name, head.encode("utf-8") + message)
         except OSError as exc:
-            raise SmtpError(451, "4.3.0", "Could not store the message, try again",
-                            reason=f"outbox write failed: {exc.strerror or exc}", label="outbox_error") from None
+            raise SmtpError(
+                451,
+                "4.3.0",
+                "Could not store the message, try again",
+                reason=f"outbox write failed: {exc.strerror or exc}",
+                label="outbox_error",
+            ) from None
         return Reply(250, "2.0.0", f"Ok: written to outbox as {name}")
 
     async def abort(self) -> None:
         return None
 
 
-class OutboxDelivery:
+class OutboxTarget:
     def __init__(self, outbox: Path) -> None:
         self.name = "outbox"
         self.outbox = outbox
@@ -55,8 +60,9 @@ class OutboxDelivery:
 
     async def probe(self) -> str:
         if not os.access(self.outbox, os.W_OK):
-            raise SmtpError(451, "4.3.0", "Outbox not writable", reason=f"{self.outbox} not writable",
-                            label="outbox_error")
+            raise SmtpError(
+                451, "4.3.0", "Outbox not writable", reason=f"{self.outbox} not writable", label="outbox_error"
+            )
         return ""
 
     async def close(self) -> None:

@@ -47,19 +47,24 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.acquire_timeout = acquire_timeout
         self._closed = False
-        self._reaper: asyncio.Task | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     async def acquire(self) -> UpstreamConnection:
         if self._closed:
-            raise SmtpError(451, "4.3.2", "Relay is reloading, try again",
-                            reason=f"pool {self.label} closed", label="shutting_down")
+            raise SmtpError(
+                451, "4.3.2", "Relay is reloading, try again", reason=f"pool {self.label} closed", label="shutting_down"
+            )
         try:
             async with asyncio.timeout(self.acquire_timeout):
                 await self._slots.acquire()
         except TimeoutError:
-            raise SmtpError(451, "4.4.5", "Upstream busy, try again later",
-                            reason=f"no free connection to {self.label} within {self.acquire_timeout:g}s",
-                            label="upstream_busy") from None
+            raise SmtpError(
+                451,
+                "4.4.5",
+                "Upstream busy, try again later",
+                reason=f"no free connection to {self.label} within {self.acquire_timeout:g}s",
+                label="upstream_busy",
+            ) from None
         try:
             conn = self._take_idle()
             if conn is None:
@@ -76,20 +81,12 @@ class ConnectionPool:
         """Give a connection back. Not reusable (broken, mid-transaction) → closed."""
         self._busy -= 1
         conn.fresh = False
-        if (
-            reusable
-            and not self._closed
-            and conn.alive
-            and conn.messages < self.max_messages
-        ):
+        if reusable and not self._closed and conn.alive and conn.messages < self.max_messages:
             self._idle.append(conn)
         else:
             asyncio.get_running_loop().create_task(conn.quit())
         self._slots.release()
         self._update_gauges()
-
-    def discard(self, conn: UpstreamConnection) -> None:
-        self.release(conn, reusable=False)
 
     async def close(self) -> None:
         self._closed = True
@@ -98,10 +95,6 @@ class ConnectionPool:
         idle, self._idle = list(self._idle), deque()
         await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
         self._update_gauges()
-
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
 
     def _take_idle(self) -> UpstreamConnection | None:
         now = time.monotonic()

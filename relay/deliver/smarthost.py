@@ -50,8 +50,13 @@ class SmtpTransaction:
 
     def _require(self) -> UpstreamConnection:
         if self._conn is None:
-            raise SmtpError(451, "4.3.0", "Transaction no longer open, try again",
-                            reason="upstream transaction already finished", label="internal")
+            raise SmtpError(
+                451,
+                "4.3.0",
+                "Transaction no longer open, try again",
+                reason="upstream transaction already finished",
+                label="internal",
+            )
         return self._conn
 
     def _finish(self, *, reusable: bool) -> None:
@@ -78,12 +83,17 @@ async def begin_on(
         raise
     if not reply.positive:
         await tx.abort()
-        raise SmtpError(reply.code, reply.enhanced, reply.text,
-                        reason=f"upstream {upstream} refused MAIL FROM: {reply}", label="upstream_refused")
+        raise SmtpError(
+            reply.code,
+            reply.enhanced,
+            reply.text,
+            reason=f"upstream {upstream} refused MAIL FROM: {reply}",
+            label="upstream_refused",
+        )
     return tx
 
 
-class SmarthostDelivery:
+class SmarthostTarget:
     def __init__(self, name: str, connector: UpstreamConnector, pool: ConnectionPool) -> None:
         self.name = name
         self.connector = connector

@@ -36,14 +36,25 @@ class AddressResolver:
             for rdtype in ("A", "AAAA"):
                 found += list((await self.dns.resolve(host, rdtype)).records)
         except DnsTemporaryError as exc:
-            raise SmtpError(451, "4.4.3", "DNS lookup failed, try again later",
-                            reason=f"resolving {host}: {exc}", label="dns_temporary") from None
+            raise SmtpError(
+                451,
+                "4.4.3",
+                "DNS lookup failed, try again later",
+                reason=f"resolving {host}: {exc}",
+                label="dns_temporary",
+            ) from None
         except DnsNameError as exc:
-            raise SmtpError(451, "4.4.4", "Upstream host name invalid",
-                            reason=str(exc), label="dns_no_address") from None
+            raise SmtpError(
+                451, "4.4.4", "Upstream host name invalid", reason=str(exc), label="dns_no_address"
+            ) from None
         if not found:
-            raise SmtpError(451, "4.4.4", "Upstream host has no address, try again later",
-                            reason=f"{host} has no A/AAAA record", label="dns_no_address")
+            raise SmtpError(
+                451,
+                "4.4.4",
+                "Upstream host has no address, try again later",
+                reason=f"{host} has no A/AAAA record",
+                label="dns_no_address",
+            )
         return found
 
     async def _system(self, host: str) -> list[str]:
@@ -51,7 +62,12 @@ class AddressResolver:
         try:
             infos = await loop.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
-            raise SmtpError(451, "4.4.4", "Upstream host name not found, try again later",
-                            reason=f"resolving {host}: {exc.strerror}", label="dns_no_address") from None
-        ordered = sorted({info[4][0] for info in infos}, key=lambda a: ":" in a)
+            raise SmtpError(
+                451,
+                "4.4.4",
+                "Upstream host name not found, try again later",
+                reason=f"resolving {host}: {exc.strerror}",
+                label="dns_no_address",
+            ) from None
+        ordered = sorted({str(info[4][0]) for info in infos}, key=lambda a: ":" in a)
         return ordered

@@ -18,13 +18,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
+import dns.rrset
 
 SUPPORTED_TYPES = frozenset({"A", "AAAA", "MX", "TXT", "PTR"})
 # Negative answers carry the SOA minimum as their TTL (RFC 2308); without an SOA we still
@@ -44,13 +46,10 @@ class DnsNameError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class DnsAnswer:
-    records: tuple
+    # By type: A/AAAA and PTR str, MX (preference, host), TXT bytes (strings joined).
+    records: tuple[Any, ...]
     nxdomain: bool = False
     ttl: int = 0
-
-    @property
-    def void(self) -> bool:
-        return not self.records
 
 
 class DnsService(Protocol):
@@ -105,7 +104,8 @@ class DnsResolver:
         try:
             answer = await self._resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN as exc:
-            return DnsAnswer((), nxdomain=True, ttl=_negative_ttl(exc.response(qname) if exc.responses() else None))
+            response = exc.response(qname) if exc.responses() else None  # type: ignore[no-untyped-call]
+            return DnsAnswer((), nxdomain=True, ttl=_negative_ttl(response))
         except dns.resolver.NoNameservers as exc:
             raise DnsTemporaryError(f"{rdtype} {name}: no server answered ({_brief(exc)})") from exc
         except (dns.resolver.LifetimeTimeout, dns.exception.Timeout) as exc:
@@ -119,13 +119,11 @@ class DnsResolver:
         return DnsAnswer(_normalise(rdtype, answer.rrset), nxdomain=False, ttl=answer.rrset.ttl)
 
 
-def _normalise(rdtype: str, rrset) -> tuple:
+def _normalise(rdtype: str, rrset: dns.rrset.RRset) -> tuple[Any, ...]:
     if rdtype in ("A", "AAAA"):
         return tuple(r.address for r in rrset)
     if rdtype == "MX":
-        return tuple(
-            (r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in rrset
-        )
+        return tuple((r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in rrset)
     if rdtype == "TXT":
         return tuple(b"".join(r.strings) for r in rrset)
     if rdtype == "PTR":
@@ -133,12 +131,12 @@ def _normalise(rdtype: str, rrset) -> tuple:
     raise AssertionError(rdtype)
 
 
-def _negative_ttl(response) -> int:
+def _negative_ttl(response: dns.message.Message | None) -> int:
     if response is None:
         return _DEFAULT_NEGATIVE_TTL
     for rrset in response.authority:
         if rrset.rdtype == dns.rdatatype.SOA:
-            return min(rrset.ttl, rrset[0].minimum)
+            return min(int(rrset.ttl), int(rrset[0].minimum))
     return _DEFAULT_NEGATIVE_TTL
 
 

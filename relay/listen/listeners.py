@@ -14,7 +14,8 @@ import socket
 import ssl
 
 from relay.config.schema import ListenerSettings, Settings, TlsSettings
-from relay.listen.session import RelayState, SessionHandler
+from relay.listen.connections import Connections
+from relay.listen.session import ClientSession, SessionContext
 from relay.listen.smtp import RelaySMTP
 
 log = logging.getLogger("relay.listen")
@@ -30,7 +31,6 @@ class ServerTls:
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.verify_mode = ssl.CERT_NONE  # clients authenticate with AUTH, not certs
         self.context.options |= ssl.OP_NO_COMPRESSION
-        self.configured = False
         self.load(settings)
 
     def load(self, settings: TlsSettings) -> None:
@@ -39,7 +39,6 @@ class ServerTls:
         )
         if settings.cert_file and settings.key_file:
             self.context.load_cert_chain(str(settings.cert_file), str(settings.key_file))
-            self.configured = True
 
 
 def check_tls_files(settings: TlsSettings) -> str | None:
@@ -56,15 +55,26 @@ def check_tls_files(settings: TlsSettings) -> str | None:
 
 
 class ListenerServer:
-    def __init__(self, settings: ListenerSettings, relay: RelayState, tls: ServerTls,
-                 global_settings: Settings, *, reuse_port: bool = False) -> None:
+    """One listening socket; every connection it accepts gets a `RelaySMTP` edge and a
+    `ClientSession` for the listener's current settings."""
+
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        context: SessionContext,
+        connections: Connections,
+        tls: ServerTls,
+        global_settings: Settings,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         self.settings = settings
-        self.relay = relay
+        self.context = context
+        self.connections = connections
         self.tls = tls
         self.global_settings = global_settings
         self.reuse_port = reuse_port
-        self.handler = SessionHandler(settings, relay)
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     @property
     def name(self) -> str:
@@ -74,12 +84,12 @@ class ListenerServer:
         """Apply a reloaded config to new connections (same bind, other options)."""
         self.global_settings = global_settings
         self.settings = settings
-        self.handler = SessionHandler(settings, self.relay)
 
     def _protocol(self) -> RelaySMTP:
         lst, cfg = self.settings, self.global_settings
         return RelaySMTP(
-            self.handler,
+            ClientSession(lst, self.context),
+            self.connections,
             implicit_tls=lst.tls == "implicit",
             advertise_auth=lst.auth != "none",
             hostname=cfg.hostname,
@@ -110,8 +120,15 @@ class ListenerServer:
             reuse_port=self.reuse_port or None,
             backlog=1024,
         )
-        log.info("listening", extra={"listener": self.name, "bind": str(self.settings.bind),
-                                     "tls": self.settings.tls, "auth": self.settings.auth})
+        log.info(
+            "listening",
+            extra={
+                "listener": self.name,
+                "bind": str(self.settings.bind),
+                "tls": self.settings.tls,
+                "auth": self.settings.auth,
+            },
+        )
 
     def stop_accepting(self) -> None:
         """Close the listening socket; sessions already open carry on."""
@@ -124,5 +141,4 @@ class ListenerServer:
         return self._server is not None and self._server.is_serving()
 
     def sockets(self) -> list[socket.socket]:
-        return list(self._server.sockets) if self._server else []
-
+        return list(self._server.sockets) if isinstance(self._server, asyncio.Server) else []

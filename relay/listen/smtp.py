@@ -12,22 +12,26 @@ What changes against aiosmtpd 1.4.6, and why:
   §4.1.1.4). A bare CR or LF anywhere in the content is refused (RFC 5321 §2.3.8), so no
   `\\n.\\n`-style sequence can be read as an end of data by us or by any hop after us (the
   2023 SMTP smuggling advisories).
+
+The edge only translates: aiosmtpd's commands and hooks become calls on the connection's
+`ClientSession` (relay.listen.session), one way; the session never calls back. The private
+aiosmtpd members used here are listed and checked in `relay.listen.patches`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import base64
+import binascii
 import re
-from typing import TYPE_CHECKING
+from typing import Any
 
-import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay.errors import SmtpError
-
-if TYPE_CHECKING:
-    from relay.listen.session import SessionHandler
+from relay.listen.connections import Connections
+from relay.listen.session import ClientSession
+from relay.observe import sessions
 
 # RFC 5321 §4.1.2 Mailbox, loosely: a local part without spaces or brackets, then a domain
 # of dotted labels (UTF-8 allowed for SMTPUTF8, RFC 6531) or an address literal.
@@ -39,10 +43,24 @@ _SINGLE_LINE = re.compile(r"^(\d{3}) (.*)$", re.DOTALL)
 # Default enhanced codes for replies that come without one (RFC 3463 §3).
 _DEFAULT_ENHANCED = {
     "2": "2.0.0",
-    "421": "4.3.0", "450": "4.2.0", "451": "4.3.0", "452": "4.5.3", "454": "4.7.0",
-    "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1", "504": "5.5.4",
-    "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "550": "5.7.1", "552": "5.3.4",
-    "553": "5.1.3", "554": "5.7.0", "555": "5.5.4",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.5.3",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "538": "5.7.11",
+    "550": "5.7.1",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.7.0",
+    "555": "5.5.4",
 }
 
 # aiosmtpd's texts that deserve a clearer wording.
@@ -77,38 +95,7 @@ def with_enhanced_code(status: str) -> str:
     return f"{code} {enhanced} {text}"
 
 
-class _AuthMemberLookup:
-    """Stands in for the `inspect` module inside aiosmtpd.smtp.
-
-    aiosmtpd's SMTP.__init__ calls inspect.getmembers() on the protocol and on the handler for
-    every connection, only to find their `auth_*` methods; getmembers evaluates every
-    attribute, which cost about 8% of the relay's CPU under load. The auth_* names depend on
-    the class alone, so they are looked up once per class."""
-
-    _names: dict[type, list[str]] = {}
-    signature = staticmethod(inspect.signature)
-
-    @classmethod
-    def getmembers(cls, obj: object) -> list[tuple[str, object]]:
-        names = cls._names.get(type(obj))
-        if names is None:
-            names = cls._names[type(obj)] = [n for n in dir(type(obj)) if n.startswith("auth_")]
-        return [(name, getattr(obj, name)) for name in names]
-
-
-aiosmtpd.smtp.inspect = _AuthMemberLookup  # type: ignore[attr-defined]
-
-
-class RelaySession(Session):
-    """aiosmtpd's session plus what the relay tracks per connection."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self.user = None  # relay.auth.users.User once authenticated
-        self.auth_failures = 0
-        self.transaction = None  # relay.transaction.Transaction while one is open
-        self.tls_version: str | None = None
-        self.client_ip: str = ""
+_CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
 
 
 class RelaySMTP(SMTP):
@@ -118,64 +105,92 @@ class RelaySMTP(SMTP):
     # Command lines are still limited to 512 octets (RFC 5321 §4.5.3.1.4) by aiosmtpd.
     line_length_limit = 64 * 1024
 
-    def __init__(self, handler: SessionHandler, *, implicit_tls: bool, advertise_auth: bool, **kwargs) -> None:
-        super().__init__(handler, **kwargs)
-        self.event_handler: SessionHandler = handler
+    def __init__(
+        self,
+        client: ClientSession,
+        connections: Connections,
+        *,
+        implicit_tls: bool,
+        advertise_auth: bool,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(_HOOKS, **kwargs)
+        self.client = client
+        self._connections = connections
         self._implicit_tls = implicit_tls
         self._advertise_auth = advertise_auth
         self._greeted = False
-        self.closing = False
-
-    def _create_session(self) -> RelaySession:
-        return RelaySession(self.loop)
+        self._shutting_down = False
 
     @property
     def tls_active(self) -> bool:
         return self._implicit_tls or self._tls_protocol is not None
 
+    # -- the connection's events --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        previous = self.session
+        # Called again after STARTTLS with the TLS transport (aiosmtpd starts a new Session).
+        restarted = self.session is not None
         super().connection_made(transport)
-        if previous is not None and self.session is not previous and self.session is not None:
-            # STARTTLS starts a new session (RFC 3207 §4.2) with the same client.
-            self.session.client_ip = previous.client_ip
-            self.session.proxy_data = getattr(previous, "proxy_data", None)
         ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None and self.session is not None:
-            self.session.tls_version = ssl_object.version()
+        if ssl_object is not None:
+            self.client.on_tls(ssl_object.version(), restarted=restarted)
 
     def connection_lost(self, error: Exception | None) -> None:
         try:
             super().connection_lost(error)
         finally:
-            self.event_handler.session_closed(self)
+            self._connections.discard(self)
+            self.client.on_close()
 
     def _set_rset_state(self) -> None:
-        # EHLO, HELO and RSET reset the transaction (RFC 5321 §4.1.1.1, §4.1.1.5); the
-        # upstream transaction that mirrors it goes too.
-        super()._set_rset_state()
-        if self.session is not None and self.session.transaction is not None:
-            self.event_handler.end_transaction(self)
+        # EHLO, HELO, RSET and STARTTLS reset the transaction (RFC 5321 §4.1.1.1, §4.1.1.5,
+        # RFC 3207 §4.2); the upstream transaction that mirrors it ends too.
+        super()._set_rset_state()  # type: ignore[no-untyped-call]
+        self.client.on_reset()
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
         if not self._greeted:
             self._greeted = True
-            refusal = self.event_handler.admit(self)
-            if refusal is not None:
-                await super().push(refusal)
-                self.close()
-                return
-            await super().push(status)
+            await self._greet(status)
             return
         await super().push(with_enhanced_code(status))
 
+    async def _greet(self, greeting: str) -> None:
+        """aiosmtpd sends its greeting through push() once the PROXY header (if any) is read:
+        the moment the client is admitted, or refused instead of greeted (RFC 5321 §3.1)."""
+        assert self.session is not None
+        proxy = self.session.proxy_data
+        if proxy is not None and proxy.src_addr is not None:
+            client_ip = str(proxy.src_addr)
+        else:
+            client_ip = str(self.session.peer[0]) if self.session.peer else ""
+        refusal = self.client.on_connect(client_ip)
+        if refusal is not None:
+            await super().push(str(refusal.reply))
+            self.close()
+            return
+        self._connections.add(self)
+        await super().push(greeting)
+
+    def shutdown(self) -> None:
+        """Drain (RFC 5321 §3.8): an idle session gets 421 and is closed now; a session inside
+        a transaction gets it right after the transaction's final reply (see smtp_DATA)."""
+        self._shutting_down = True
+        if self.client.transaction is None and isinstance(self.transport, asyncio.WriteTransport):
+            self.transport.write(_CLOSING)
+            self.close()
+
     def close(self) -> None:
-        self.closing = True
         if self.transport is not None:
             self.transport.close()
 
+    async def handle_exception(self, error: Exception) -> str:
+        sessions.session_error(self.client.listener.name, error)
+        return "451 4.3.0 Internal error, try again later"
+
+    # -- commands -------------------------------------------------------------------------
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # The common `<local@domain> [params]` is matched directly: the email package's
         # parser that aiosmtpd uses costs about 13% of the relay's CPU under load.
@@ -241,24 +256,37 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content, size = await self._read_data()
         if content is None:
-            status = self.event_handler.data_refused(self, SmtpError(
-                552, "5.3.4", f"Message size exceeds the limit of {self.data_size_limit} bytes",
-                reason=f"{size} bytes of DATA", label="too_big"), size)
+            reply = self.client.data_refused(
+                SmtpError(
+                    552,
+                    "5.3.4",
+                    f"Message size exceeds the limit of {self.data_size_limit} bytes",
+                    reason=f"{size} bytes of DATA",
+                    label="too_big",
+                ),
+                size,
+            )
         elif _has_bare_line_ending(content):
-            status = self.event_handler.data_refused(self, SmtpError(
-                550, "5.6.0", "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 §2.3.8)",
-                reason="bare CR or LF in DATA", label="bare_line_ending"), size)
+            reply = self.client.data_refused(
+                SmtpError(
+                    550,
+                    "5.6.0",
+                    "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 §2.3.8)",
+                    reason="bare CR or LF in DATA",
+                    label="bare_line_ending",
+                ),
+                size,
+            )
         else:
             # Transparency (RFC 5321 §4.5.2): drop the first dot of every line.
             if content.startswith(b"."):
                 content = content[1:]
             if b"\r\n." in content:
                 content = content.replace(b"\r\n.", b"\r\n")
-            self.envelope.content = self.envelope.original_content = content
-            status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
-        self._set_post_data_state()
-        await self.push(status)
-        if self.event_handler.draining:
+            reply = await self.client.data(content)
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(str(reply))
+        if self._shutting_down or self.client.draining:
             await self.push("421 4.3.2 Service shutting down, closing connection")
             self.close()
 
@@ -298,3 +326,94 @@ class RelaySMTP(SMTP):
 def _has_bare_line_ending(content: bytes) -> bool:
     crlf = content.count(b"\r\n")
     return content.count(b"\n") != crlf or content.count(b"\r") != crlf
+
+
+class _Hooks:
+    """aiosmtpd's handler: each hook only translates to the connection's `ClientSession`.
+    Stateless, so one instance serves every connection."""
+
+    async def handle_PROXY(self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
+        # The network check runs on the address the PROXY header carries (RelaySMTP._greet).
+        return True
+
+    async def handle_MAIL(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
+    ) -> str:
+        reply = server.client.mail(address, mail_options, helo=session.host_name)
+        if reply.positive:
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+        elif reply.code == 421:
+            # RFC 5321 §3.8: after 421 the server closes the channel.
+            asyncio.get_running_loop().call_soon(server.close)
+        return str(reply)
+
+    async def handle_RCPT(
+        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
+    ) -> str:
+        reply = await server.client.rcpt(address)
+        if reply.positive:
+            # An aiosmtpd handle_RCPT hook must record the accepted recipient itself.
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return str(reply)
+
+    # -- AUTH (RFC 4954; PLAIN RFC 4616, LOGIN) -----------------------------------------
+    async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        blob: Any
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = _b64(args[1])
+            if blob is None:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        assert isinstance(blob, bytes)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Cannot split AUTH PLAIN response")
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, "PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:
+        login: Any
+        if len(args) == 2:
+            login = _b64(args[1])
+            if login is None:
+                await server.push("501 5.5.2 Cannot decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            login = await server.challenge_auth("Username:")
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(login, bytes) and isinstance(password, bytes)
+        return await self._check(server, "LOGIN", login, password)
+
+    async def _check(self, server: RelaySMTP, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        outcome = await server.client.authenticate(mechanism, login, password)
+        if outcome == "accepted":
+            return AuthResult(
+                success=True, auth_data=LoginPassword(login, b""), message="235 2.7.0 Authentication successful"
+            )
+        if outcome == "closing":
+            await server.push("535 5.7.8 Authentication credentials invalid")
+            await server.push("421 4.7.0 Too many failed authentications, closing connection")
+            server.close()
+            return AuthResult(success=False, handled=True)
+        # aiosmtpd 1.4.6 defaults a failed AuthResult to handled=True and then sends nothing.
+        return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+
+
+_HOOKS = _Hooks()
+
+
+def _b64(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
@@ -23,16 +24,14 @@ from relay import __version__
 log = logging.getLogger("relay.http")
 
 # A gauge rather than an Info: Info does not work in prometheus-client's multiprocess mode.
-BUILD_INFO = Gauge("relay_build_info", "Version of the running relay (always 1).", ["version"],
-                   multiprocess_mode="max")
+BUILD_INFO = Gauge("relay_build_info", "Version of the running relay (always 1).", ["version"], multiprocess_mode="max")
 BUILD_INFO.labels(__version__).set(1)
 READY = Gauge("relay_ready", "1 when /readyz passes, else 0.", multiprocess_mode="min")
 
 ReadinessCheck = Callable[[], dict[str, str | None]]
 
 _MAX_REQUEST_HEAD = 8192
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            503: "Service Unavailable"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 def metrics_registry() -> CollectorRegistry:
@@ -42,7 +41,7 @@ def metrics_registry() -> CollectorRegistry:
         from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return registry
     return REGISTRY
 
@@ -50,14 +49,20 @@ def metrics_registry() -> CollectorRegistry:
 class HealthServer:
     def __init__(self, readiness: ReadinessCheck) -> None:
         self._readiness = readiness
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self._server = await asyncio.get_running_loop().create_server(
             lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=_MAX_REQUEST_HEAD), self._serve),
-            host=host, port=port, reuse_address=True, reuse_port=reuse_port or None,
+            host=host,
+            port=port,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
         )
         log.info("metrics and health listening", extra={"bind": f"{host}:{port}"})
+
+    def sockets(self) -> list[socket.socket]:
+        return list(self._server.sockets) if isinstance(self._server, asyncio.Server) else []
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -76,8 +81,10 @@ class HealthServer:
         except ConnectionError:
             writer.close()
             return
-        head = (f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1")
+        head = (
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode("latin-1")
         try:
             writer.write(head + body)
             await writer.drain()
@@ -100,7 +107,9 @@ class HealthServer:
             checks = self._readiness()
             ready = all(v is None for v in checks.values())
             READY.set(1 if ready else 0)
-            body = {"status": "ready" if ready else "not ready",
-                    "checks": {k: ("ok" if v is None else v) for k, v in checks.items()}}
-            return (200 if ready else 503), "application/json", json.dumps(body).encode()
+            report = {
+                "status": "ready" if ready else "not ready",
+                "checks": {k: ("ok" if v is None else v) for k, v in checks.items()},
+            }
+            return (200 if ready else 503), "application/json", json.dumps(report).encode()
         return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"

@@ -37,10 +37,15 @@ def key_specs(settings: DkimSettings, keyring: KeyRing) -> dict[str, list[KeySpe
     out: dict[str, list[KeySpec]] = {}
     for cfg in sorted(settings.keys, key=lambda k: k.domain):
         loaded = {k.selector: k for k in keyring.keys_for(cfg.domain)}
-        out.setdefault(cfg.domain, []).append(KeySpec(
-            cfg.domain, cfg.selector, cfg.algorithm, loaded.get(cfg.selector),
-            missing.get(f"{cfg.domain}/{cfg.selector}"),
-        ))
+        out.setdefault(cfg.domain, []).append(
+            KeySpec(
+                cfg.domain,
+                cfg.selector,
+                cfg.algorithm,
+                loaded.get(cfg.selector),
+                missing.get(f"{cfg.domain}/{cfg.selector}"),
+            )
+        )
     return out
 
 
@@ -59,11 +64,17 @@ class DomainPosture:
 async def assess_domain(
     dns: DnsService, domain: str, keys: Sequence[KeySpec], egress_ips: Sequence[str]
 ) -> DomainPosture:
-    spf, dmarc, *dkim = await asyncio.gather(
+    spf, dmarc, dkim = await asyncio.gather(
         check_spf(dns, domain, egress_ips),
         check_dmarc(dns, domain),
-        *(check_dkim_record(dns, domain=domain, selector=k.selector, algorithm=k.algorithm,
-                            key=k.key, key_problem=k.problem) for k in keys),
+        asyncio.gather(
+            *(
+                check_dkim_record(
+                    dns, domain=domain, selector=k.selector, algorithm=k.algorithm, key=k.key, key_problem=k.problem
+                )
+                for k in keys
+            )
+        ),
     )
     return DomainPosture(domain, spf, tuple(dkim), dmarc)
 
@@ -71,6 +82,4 @@ async def assess_domain(
 async def assess_all(
     dns: DnsService, specs: dict[str, list[KeySpec]], egress_ips: Sequence[str]
 ) -> list[DomainPosture]:
-    return list(await asyncio.gather(
-        *(assess_domain(dns, domain, keys, egress_ips) for domain, keys in specs.items())
-    ))
+    return list(await asyncio.gather(*(assess_domain(dns, domain, keys, egress_ips) for domain, keys in specs.items())))

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -77,8 +77,10 @@ class DkimRecordCheck:
             if self.test_mode:
                 return f"once signatures verify, drop t=y: {publish}"
             if self.warnings:
-                return (f"rotate to a {MIN_RSA_BITS}-bit key: relay keygen -d {self.domain} "
-                        f"-s <new selector> --bits {MIN_RSA_BITS}")
+                return (
+                    f"rotate to a {MIN_RSA_BITS}-bit key: relay keygen -d {self.domain} "
+                    f"-s <new selector> --bits {MIN_RSA_BITS}"
+                )
             return None
         if self.status == "temperror":
             return "the DNS lookup failed: check dns.nameservers and run the check again"
@@ -103,62 +105,60 @@ async def check_dkim_record(
     """Check one configured key against DNS. `key` is None when it is not loaded; then
     `key_problem` says why, the status is "unavailable" (or "temperror") and the record is
     only described."""
-    base = {
-        "domain": domain,
-        "selector": selector,
-        "algorithm": algorithm,
-        "local_key_bits": key.bits if key else None,
-        "expected": key.txt_value() if key else None,
-    }
+    base = DkimRecordCheck(
+        domain=domain,
+        selector=selector,
+        algorithm=algorithm,
+        status="",
+        local_key_bits=key.bits if key else None,
+        expected=key.txt_value() if key else None,
+    )
     name = f"{selector}._domainkey.{domain}"
     try:
         answer = await dns.resolve(name, "TXT")
     except DnsTemporaryError as exc:
-        return DkimRecordCheck(**base, status="temperror", problem=f"DNS lookup failed: {exc}")
+        return replace(base, status="temperror", problem=f"DNS lookup failed: {exc}")
     except DnsNameError as exc:
-        return DkimRecordCheck(**base, status="invalid", problem=str(exc))
+        return replace(base, status="invalid", problem=str(exc))
     records = [bytes(r) for r in answer.records]
     if key is None:
         # Without the private key there is nothing to compare, nor a record to suggest;
         # still describe what is published.
-        described: dict = {}
+        described = replace(
+            base, status="unavailable", problem=f"the relay's private key is not loaded ({key_problem or 'unknown'})"
+        )
         if len(records) == 1:
-            described["record"] = records[0].decode("ascii", errors="replace")
+            described = replace(described, record=records[0].decode("ascii", errors="replace"))
             parsed = _parse(records[0])
             if not isinstance(parsed, str):
                 tags, key_type, _, bits = parsed
-                described.update(dns_key_type=key_type, dns_key_bits=bits, test_mode=_test_mode(tags))
-        return DkimRecordCheck(**base, status="unavailable", **described,
-                               problem=f"the relay's private key is not loaded ({key_problem or 'unknown'})")
+                described = replace(described, dns_key_type=key_type, dns_key_bits=bits, test_mode=_test_mode(tags))
+        return described
     if not records:
-        return DkimRecordCheck(**base, status="missing", problem=f"no TXT record at {name}")
+        return replace(base, status="missing", problem=f"no TXT record at {name}")
     if len(records) > 1:
-        return DkimRecordCheck(**base, status="multiple",
-                               problem=f"{len(records)} TXT records at {name}; verifiers use any one")
+        return replace(base, status="multiple", problem=f"{len(records)} TXT records at {name}; verifiers use any one")
     raw = records[0]
     record = raw.decode("ascii", errors="replace")
     parsed = _parse(raw)
     if isinstance(parsed, str):
-        return DkimRecordCheck(**base, status="invalid", record=record, problem=parsed)
+        return replace(base, status="invalid", record=record, problem=parsed)
     tags, key_type, public, bits = parsed
-    common = {**base, "record": record, "dns_key_type": key_type, "dns_key_bits": bits,
-              "test_mode": _test_mode(tags)}
+    common = replace(base, record=record, dns_key_type=key_type, dns_key_bits=bits, test_mode=_test_mode(tags))
     if public is None:
-        return DkimRecordCheck(**common, status="revoked", problem="the key is revoked (empty p=)")
+        return replace(common, status="revoked", problem="the key is revoked (empty p=)")
     wanted_type = _KEY_TYPES.get(algorithm, algorithm)
     if key_type != wanted_type:
-        return DkimRecordCheck(**common, status="mismatch",
-                               problem=f"k={key_type} does not fit the {algorithm} key")
+        return replace(common, status="mismatch", problem=f"k={key_type} does not fit the {algorithm} key")
     if not _same_key(key, public):
         size = f"{bits}-bit " if key_type == "rsa" and bits else ""
-        return DkimRecordCheck(**common, status="mismatch",
-                               problem=f"the published {size}key is not the relay's key")
+        return replace(common, status="mismatch", problem=f"the published {size}key is not the relay's key")
     warnings = []
-    if common["test_mode"]:
+    if common.test_mode:
         warnings.append("test mode (t=y): verifiers may ignore failures")
     if key_type == "rsa" and bits is not None and bits < MIN_RSA_BITS:
         warnings.append(f"{bits}-bit RSA key: {MIN_RSA_BITS} bits recommended (RFC 8301 §3.2)")
-    return DkimRecordCheck(**common, status="match", warnings=tuple(warnings))
+    return replace(common, status="match", warnings=tuple(warnings))
 
 
 def _test_mode(tags: dict[str, str]) -> bool:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dkim.util import InvalidTagValueList, parse_tag_value
 from publicsuffixlist import PublicSuffixList
@@ -151,45 +151,57 @@ async def check_dmarc(
     `domain` (the relay signs with d= the From domain; a smarthost keeps the client's MAIL FROM)."""
     domain = domain.lower().rstrip(".")
     org = organizational_domain(domain)
-    base = {
-        "domain": domain,
-        "organizational_domain": org,
-        "dkim_domain": (dkim_domain or domain).lower(),
-        "envelope_domain": (envelope_domain or domain).lower(),
-    }
+    base = _aligned(
+        DmarcCheck(
+            domain=domain,
+            organizational_domain=org,
+            status="",
+            dkim_domain=(dkim_domain or domain).lower(),
+            envelope_domain=(envelope_domain or domain).lower(),
+        ),
+        "r",
+        "r",
+    )
     names = [f"_dmarc.{domain}"] + ([f"_dmarc.{org}"] if org != domain else [])
     for name in names:
         try:
             answer = await dns.resolve(name, "TXT")
         except DnsTemporaryError as exc:
-            return DmarcCheck(**base, status="temperror", problem=str(exc), **_alignment(base, "r", "r"))
+            return replace(base, status="temperror", problem=str(exc))
         except DnsNameError:
             continue
         records = [bytes(r) for r in answer.records if _VERSION.match(bytes(r))]
         if len(records) > 1:
-            return DmarcCheck(**base, status="multiple", found_at=name,
-                              problem=f"{len(records)} DMARC records at {name}: no DMARC applies",
-                              **_alignment(base, "r", "r"))
+            return replace(
+                base,
+                status="multiple",
+                found_at=name,
+                problem=f"{len(records)} DMARC records at {name}: no DMARC applies",
+            )
         if records:
             return _evaluate(base, name, records[0], subdomain=name != f"_dmarc.{domain}")
-    return DmarcCheck(**base, status="missing", problem=f"no DMARC record at {' or '.join(names)}",
-                      **_alignment(base, "r", "r"))
+    return replace(base, status="missing", problem=f"no DMARC record at {' or '.join(names)}")
 
 
-def _alignment(base: dict, adkim: str, aspf: str) -> dict:
-    return {
-        "adkim": adkim,
-        "aspf": aspf,
-        "dkim_aligned": aligned(base["dkim_domain"], base["domain"], adkim),
-        "spf_aligned": aligned(base["envelope_domain"], base["domain"], aspf),
-    }
+def _aligned(check: DmarcCheck, adkim: str, aspf: str) -> DmarcCheck:
+    """`check` with the alignment modes and whether DKIM and SPF align under them (§3.1)."""
+    return replace(
+        check,
+        adkim=adkim,
+        aspf=aspf,
+        dkim_aligned=aligned(check.dkim_domain, check.domain, adkim),
+        spf_aligned=aligned(check.envelope_domain, check.domain, aspf),
+    )
 
 
-def _evaluate(base: dict, name: str, raw: bytes, *, subdomain: bool) -> DmarcCheck:
+def _evaluate(base: DmarcCheck, name: str, raw: bytes, *, subdomain: bool) -> DmarcCheck:
     record = raw.decode("ascii", errors="replace")
+    syntax: str | None
     try:
-        tags = {k.decode("ascii", "replace").lower(): v.decode("ascii", "replace").strip()
-                for k, v in parse_tag_value(raw).items()}
+        tags = {
+            k.decode("ascii", "replace").lower(): v.decode("ascii", "replace").strip()
+            for k, v in parse_tag_value(raw).items()
+        }
     except InvalidTagValueList as exc:
         tags, syntax = {}, f"tag syntax: {exc}"
     else:
@@ -232,8 +244,8 @@ def _evaluate(base: dict, name: str, raw: bytes, *, subdomain: bool) -> DmarcChe
         warnings.append("no rua=: no aggregate reports")
     if pct < 100:
         warnings.append(f"pct={pct}: the policy applies to {pct}% of failing mail")
-    return DmarcCheck(
-        **base,
+    return replace(
+        _aligned(base, adkim, aspf),
         status=status,
         found_at=name,
         record=record,
@@ -245,7 +257,6 @@ def _evaluate(base: dict, name: str, raw: bytes, *, subdomain: bool) -> DmarcChe
         ruf=ruf,
         problem=problem,
         warnings=tuple(warnings),
-        **_alignment(base, adkim, aspf),
     )
 
 

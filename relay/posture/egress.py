@@ -5,7 +5,7 @@
   is, source "config";
 - `auto`: (1) the address the upstream says it sees, as an address literal in its greeting
   or EHLO reply (RFC 5321 §4.1.3, e.g. "mx.google.com at your service, [203.0.113.9]"),
-  from `Delivery.probe()`, source "upstream"; else (2) `spf.ip_echo_url`, an http:// or
+  from `UpstreamTarget.probe()`, source "upstream"; else (2) `spf.ip_echo_url`, an http:// or
   https:// URL whose body is the caller's address, fetched through the same dialer (egress
   proxy) as the mail, source "ip_echo_url". There is no default URL: nothing phones home
   unless configured.
@@ -23,6 +23,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from relay import __version__
@@ -91,7 +92,7 @@ async def discover_egress(
 ) -> Egress:
     """Find the egress address(es) as `spf.egress_ip` says (see the module docstring).
 
-    `probe` is the default upstream's `Delivery.probe` (it may be a cached one); `dialer` is
+    `probe` is the default upstream's `UpstreamTarget.probe` (it may be a cached one); `dialer` is
     the same dialer the mail uses, for `spf.ip_echo_url`. Never raises for a failed source:
     the reasons end up in `Egress.problem`.
     """
@@ -166,7 +167,7 @@ async def fetch_echo_ip(
     try:
         async with asyncio.timeout(timeout):
             sock = await dialer.connect(host, port)
-            ssl_args: dict = {}
+            ssl_args: dict[str, Any] = {}
             if parts.scheme == "https":
                 ssl_args = {"ssl": tls_context or ssl.create_default_context(), "server_hostname": host}
             try:

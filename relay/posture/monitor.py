@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from relay.config.schema import Settings
-from relay.deliver.base import Delivery
+from relay.deliver.base import UpstreamTarget
 from relay.deliver.dial import Dialer
 from relay.dns.resolver import DnsService
 from relay.errors import SmtpError
@@ -51,22 +51,26 @@ log = logging.getLogger("relay.posture")
 SPF_EGRESS_PASS = Gauge(
     "relay_spf_egress_pass",
     "1 if the domain's SPF record authorizes every egress IP, 0 if not (last definite verdict).",
-    ["domain"], multiprocess_mode="livemin",
+    ["domain"],
+    multiprocess_mode="livemin",
 )
 DKIM_DNS_KEY_MATCH = Gauge(
     "relay_dkim_dns_key_match",
     "1 if the DKIM key published in DNS is the relay's key for the selector, 0 if not.",
-    ["domain", "selector"], multiprocess_mode="livemin",
+    ["domain", "selector"],
+    multiprocess_mode="livemin",
 )
 DMARC_POLICY = Gauge(
     "relay_dmarc_policy",
     "1 for the DMARC policy that applies to the domain (none, quarantine, reject or missing), 0 for the others.",
-    ["domain", "policy"], multiprocess_mode="livemax",
+    ["domain", "policy"],
+    multiprocess_mode="livemax",
 )
 SPF_LOOKUPS = Gauge(
     "relay_spf_lookups",
     "DNS lookups the domain's SPF record needs (RFC 7208 §4.6.4 allows 10).",
-    ["domain"], multiprocess_mode="livemax",
+    ["domain"],
+    multiprocess_mode="livemax",
 )
 LAST_CHECK = Gauge(
     "relay_posture_last_check_timestamp_seconds",
@@ -100,7 +104,7 @@ class PostureMonitor:
         settings: Settings,
         dns: DnsService,
         keyring: KeyRing,
-        delivery: Delivery | None,
+        delivery: UpstreamTarget | None,
         *,
         dialer: Dialer | None = None,
         accept: Accept = is_public_unicast,
@@ -125,8 +129,7 @@ class PostureMonitor:
             self.verdicts = {d: v for d, v in previous.verdicts.items() if d in self.domains}
 
     def _same_path(self, other: PostureMonitor) -> bool:
-        return (other.settings.spf == self.settings.spf
-                and other.settings.upstream[0] == self.settings.upstream[0])
+        return other.settings.spf == self.settings.spf and other.settings.upstream[0] == self.settings.upstream[0]
 
     # -- SendGate --------------------------------------------------------------------------
     def check(self, from_domain: str) -> None:
@@ -145,9 +148,13 @@ class PostureMonitor:
             text = f"{verdict.reason}; try again later"
             raise SmtpError(451, "4.7.23", text, reason=text, label="spf_egress")
         why = self.pending.get(domain, "the first check has not finished")
-        raise SmtpError(451, "4.7.24", f"SPF for {domain} not verified yet; try again later",
-                        reason=f"SPF for {domain} not verified yet ({why}); on_fail: refuse holds mail",
-                        label="spf_egress")
+        raise SmtpError(
+            451,
+            "4.7.24",
+            f"SPF for {domain} not verified yet; try again later",
+            reason=f"SPF for {domain} not verified yet ({why}); on_fail: refuse holds mail",
+            label="spf_egress",
+        )
 
     # -- checking --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -187,8 +194,10 @@ class PostureMonitor:
             return found
         CHECK_ERRORS.labels("egress").inc()
         if self.egress.ips:
-            log.warning("egress IP not found; keeping the last known one",
-                        extra={"reason": found.problem, "egress_ips": list(self.egress.ips)})
+            log.warning(
+                "egress IP not found; keeping the last known one",
+                extra={"reason": found.problem, "egress_ips": list(self.egress.ips)},
+            )
             return self.egress
         log.warning("egress IP unknown; SPF cannot be checked", extra={"reason": found.problem})
         self.egress = found
@@ -204,21 +213,28 @@ class PostureMonitor:
             if failing is None:
                 reason = f"SPF for {domain} authorizes egress IP {', '.join(egress.ips)}"
             else:
-                reason = (f"SPF for {domain} does not authorize egress IP {failing.ip} "
-                          f"(result {failing.result.result})")
+                reason = f"SPF for {domain} does not authorize egress IP {failing.ip} (result {failing.result.result})"
             self.verdicts[domain] = SpfVerdict(failing is None, reason, self.clock())
             self.pending.pop(domain, None)
             SPF_EGRESS_PASS.labels(domain).set(1 if failing is None else 0)
             if failing is not None:
-                log.warning("SPF does not authorize the egress IP",
-                            extra={"domain": domain, "reason": reason, "on_fail": self.settings.spf.on_fail})
+                log.warning(
+                    "SPF does not authorize the egress IP",
+                    extra={"domain": domain, "reason": reason, "on_fail": self.settings.spf.on_fail},
+                )
         else:
-            why = (egress.problem or "egress IP unknown") if not spf.egress else (
-                next(v.result.problem for v in spf.egress if v.result.result == "temperror"))
+            why = (
+                (egress.problem or "egress IP unknown")
+                if not spf.egress
+                else (next(v.result.problem for v in spf.egress if v.result.result == "temperror"))
+            )
             self.pending[domain] = why
             kept = self.verdicts.get(domain)
-            log.warning("SPF check inconclusive; %s", "keeping the last verdict" if kept else "no verdict yet",
-                        extra={"domain": domain, "reason": why})
+            log.warning(
+                "SPF check inconclusive; %s",
+                "keeping the last verdict" if kept else "no verdict yet",
+                extra={"domain": domain, "reason": why},
+            )
         if spf.record.record is not None and not spf.record.problem.startswith("temperror"):
             SPF_LOOKUPS.labels(domain).set(spf.record.lookups)
         # DKIM
@@ -228,8 +244,10 @@ class PostureMonitor:
             elif key.status != "unavailable":
                 DKIM_DNS_KEY_MATCH.labels(domain, key.selector).set(1 if key.status == "match" else 0)
                 if key.status != "match":
-                    log.warning("DKIM key in DNS does not match", extra={
-                        "domain": domain, "selector": key.selector, "reason": key.problem})
+                    log.warning(
+                        "DKIM key in DNS does not match",
+                        extra={"domain": domain, "selector": key.selector, "reason": key.problem},
+                    )
         # DMARC
         dmarc = posture.dmarc
         if dmarc.status == "temperror":

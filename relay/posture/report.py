@@ -1,8 +1,8 @@
 """`relay check`: the preflight of the path out and of every signing domain's DNS posture.
 
-`run_check(settings)` builds the same runtime objects the relay builds (resolver, secret
-store, key ring, the default upstream's delivery and dialer), probes the upstream, finds the
-egress IP, and assesses each signing domain with the code the running relay's monitor uses
+`run_check` takes the same runtime objects the relay builds (resolver, key ring, the
+default upstream's target and dialer: `relay.wiring.preflight` builds them), probes the
+upstream, finds the egress IP, and assesses each signing domain with the code the running relay's monitor uses
 (`relay.posture.assess`). `CheckReport.ok` is false when anything failed (✗); warnings (!)
 do not fail. `to_json()` has a stable schema, version 1:
 
@@ -44,17 +44,21 @@ import asyncio
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from relay.config.load import ConfigError
 from relay.config.schema import Settings, UpstreamSettings
+from relay.deliver.base import UpstreamTarget
+from relay.deliver.dial import Dialer
+from relay.dns.resolver import DnsService
 from relay.errors import SmtpError
 from relay.posture.assess import DomainPosture, assess_all, key_specs
 from relay.posture.dkim_record import DkimRecordCheck
 from relay.posture.dmarc import DmarcCheck
 from relay.posture.egress import Accept, Egress, discover_egress, is_public_unicast
 from relay.posture.levels import FAIL, MARKS, OK, WARN, worst
-from relay.posture.spf import MAX_DNS_TERMS
 from relay.posture.spf_posture import SpfPosture
+from relay.sign.keyring import KeyRing
+from relay.spf import MAX_DNS_TERMS
 
 VERSION = 1
 
@@ -91,7 +95,7 @@ class CheckReport:
     def ok(self) -> bool:
         return worst(self.levels()) != FAIL
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         levels = self.levels()
         return {
             "version": VERSION,
@@ -136,8 +140,7 @@ class CheckReport:
         lines += _row(up.level, "upstream", up_text, None, width=9)
         lines += [f"    {' ' * 9}  ! {w}" for w in up.warnings]
         eg = self.egress
-        eg_text = (f"{', '.join(eg.ips)} (from {_SOURCES[eg.source]})" if eg.ips
-                   else f"unknown: {eg.problem}")
+        eg_text = f"{', '.join(eg.ips)} (from {_SOURCES[eg.source]})" if eg.ips else f"unknown: {eg.problem}"
         lines += _row(self.egress_level, "egress IP", eg_text, None, width=9)
         if not self.domains:
             lines += ["", "no signing domains (dkim.keys is empty)"]
@@ -150,8 +153,12 @@ class CheckReport:
         return "\n".join(lines)
 
 
-_SOURCES = {"config": "spf.egress_ip", "upstream": "the upstream's EHLO reply",
-            "ip_echo_url": "spf.ip_echo_url", None: "nowhere"}
+_SOURCES = {
+    "config": "spf.egress_ip",
+    "upstream": "the upstream's EHLO reply",
+    "ip_echo_url": "spf.ip_echo_url",
+    None: "nowhere",
+}
 
 
 def _row(level: str, what: str, text: str, remedy: str | None, width: int = 9) -> list[str]:
@@ -161,11 +168,11 @@ def _row(level: str, what: str, text: str, remedy: str | None, width: int = 9) -
     return out
 
 
-def _none(value):
+def _none(value: Any) -> Any:
     return value if value not in ("", ()) else None
 
 
-def _spf_json(spf: SpfPosture) -> dict:
+def _spf_json(spf: SpfPosture) -> dict[str, Any]:
     rec = spf.record
     return {
         "level": spf.level,
@@ -181,15 +188,19 @@ def _spf_json(spf: SpfPosture) -> dict:
         "smells": list(rec.smells),
         "problem": _none(rec.problem),
         "egress": [
-            {"ip": v.ip, "result": v.result.result, "mechanism": _none(v.result.mechanism),
-             "problem": _none(v.result.problem)}
+            {
+                "ip": v.ip,
+                "result": v.result.result,
+                "mechanism": _none(v.result.mechanism),
+                "problem": _none(v.result.problem),
+            }
             for v in spf.egress
         ],
         "remediation": spf.remediation,
     }
 
 
-def _dkim_json(k: DkimRecordCheck) -> dict:
+def _dkim_json(k: DkimRecordCheck) -> dict[str, Any]:
     return {
         "selector": k.selector,
         "algorithm": k.algorithm,
@@ -209,7 +220,7 @@ def _dkim_json(k: DkimRecordCheck) -> dict:
     }
 
 
-def _dmarc_json(m: DmarcCheck) -> dict:
+def _dmarc_json(m: DmarcCheck) -> dict[str, Any]:
     return {
         "level": m.level,
         "status": m.status,
@@ -259,7 +270,9 @@ def egress_level(egress: Egress, settings: Settings) -> str:
     return FAIL if settings.spf.on_fail == "refuse" else WARN
 
 
-async def check_upstream(upstream: UpstreamSettings, delivery, probe) -> UpstreamCheck:
+async def check_upstream(
+    upstream: UpstreamSettings, target: UpstreamTarget, probe: Callable[[], Awaitable[str]] | None
+) -> UpstreamCheck:
     if upstream.mode == "outbox":
         return UpstreamCheck(upstream.label, True, "outbox mode: messages are written to files, nothing leaves")
     tls = upstream.effective_tls
@@ -268,7 +281,8 @@ async def check_upstream(upstream: UpstreamSettings, delivery, probe) -> Upstrea
         warnings.append("tls: none: mail to the upstream is not encrypted")
     elif not upstream.verify_tls:
         warnings.append("verify_tls: false: the upstream's certificate is not checked")
-    via = delivery.describe() if hasattr(delivery, "describe") else upstream.label
+    via = target.describe() if hasattr(target, "describe") else upstream.label
+    assert probe is not None  # every mode but outbox has one
     try:
         banner = await probe()
     except SmtpError as exc:
@@ -276,46 +290,26 @@ async def check_upstream(upstream: UpstreamSettings, delivery, probe) -> Upstrea
     tls_text = tls if tls == "none" else f"{tls}, certificate {'verified' if upstream.verify_tls else 'NOT verified'}"
     auth = ", authenticated" if upstream.username else ""
     greeting = (banner or "").strip().splitlines()[0][:200] if (banner or "").strip() else None
-    return UpstreamCheck(upstream.label, True, f"reachable: {via} ({tls_text}{auth})", greeting,
-                         tuple(warnings))
+    return UpstreamCheck(upstream.label, True, f"reachable: {via} ({tls_text}{auth})", greeting, tuple(warnings))
 
 
 async def run_check(
     settings: Settings,
     *,
+    dns: DnsService,
+    keyring: KeyRing,
+    target: UpstreamTarget,
+    dialer: Dialer,
     accept: Accept = is_public_unicast,
     echo_tls_context: ssl.SSLContext | None = None,
 ) -> CheckReport:
-    """The whole preflight; never raises for a failed check (it is in the report)."""
-    from relay.app import build_delivery, build_dialer, build_dns, load_secrets
-    from relay.secrets.local import EnvBackend, FileBackend
-    from relay.secrets.store import SecretStore
-    from relay.sign.keyring import KeyRing
-
-    dns = build_dns(settings)
-    store = SecretStore([FileBackend(), EnvBackend()], settings.secrets.refresh)
-    delivery = None
-    try:
-        await load_secrets(store, settings)
-        keyring = KeyRing(settings.dkim, store)
-        upstream = settings.upstream[0]
-        try:
-            delivery = build_delivery(upstream, settings, store, dns)
-            dialer = build_dialer(upstream, store)
-        except (ConfigError, ValueError) as exc:
-            why = "; ".join(m for _, m in exc.problems) if isinstance(exc, ConfigError) else str(exc)
-            upstream_check = UpstreamCheck(upstream.label, False, f"cannot be used: {why}")
-            egress = await discover_egress(settings.spf, probe=None, dialer=None, accept=accept)
-        else:
-            probe = _ProbeOnce(delivery.probe) if upstream.mode != "outbox" else None
-            upstream_check, egress = await asyncio.gather(
-                check_upstream(upstream, delivery, probe),
-                discover_egress(settings.spf, probe=probe, dialer=dialer, accept=accept,
-                                tls_context=echo_tls_context),
-            )
-        domains = await assess_all(dns, key_specs(settings.dkim, keyring), egress.ips)
-        return CheckReport(upstream_check, egress, egress_level(egress, settings), domains)
-    finally:
-        if delivery is not None:
-            await delivery.close()
-        await store.close()
+    """The whole preflight over parts built by `relay.wiring.preflight`: the default
+    upstream's `target` and `dialer`; never raises for a failed check (it is in the report)."""
+    upstream = settings.upstream[0]
+    probe = _ProbeOnce(target.probe) if upstream.mode != "outbox" else None
+    upstream_check, egress = await asyncio.gather(
+        check_upstream(upstream, target, probe),
+        discover_egress(settings.spf, probe=probe, dialer=dialer, accept=accept, tls_context=echo_tls_context),
+    )
+    domains = await assess_all(dns, key_specs(settings.dkim, keyring), egress.ips)
+    return CheckReport(upstream_check, egress, egress_level(egress, settings), domains)

@@ -4,7 +4,7 @@ record itself sound (one record, at most 10 DNS lookups, no +all/?all)?
 With a smarthost the envelope sender (MAIL FROM) is the client's, an address at the signing
 domain, so receivers evaluate `check_host(egress IP, <domain>, postmaster@<domain>)`
 (RFC 7208 §4.1): that is what runs here, once per egress IP, with the same evaluator the
-relay uses everywhere (`relay.posture.spf`).
+relay uses everywhere (`relay.spf`).
 
 `SpfPosture.status`: "pass" when every egress IP passes; "unchecked" when no egress IP is
 known; else the first result that is not pass (fail, softfail, neutral, none, permerror,
@@ -18,8 +18,9 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from relay.dns.resolver import DnsService
 from relay.posture.levels import FAIL, OK, WARN
-from relay.posture.spf import MAX_DNS_TERMS, SpfRecordReport, SpfResult, analyze_record, check_host
+from relay.spf import MAX_DNS_TERMS, SpfRecordReport, SpfResult, analyze_record, check_host
 
 # Smells of analyze_record that are advice rather than risk (the record works as meant).
 _HARMLESS = ("record longer than 255 bytes",)
@@ -95,8 +96,10 @@ class SpfPosture:
         if rec.records_found > 1:
             return f"merge the {rec.records_found} SPF records of {self.domain} into one"
         if rec.over_limit:
-            return (f"cut the record to at most {MAX_DNS_TERMS} DNS lookups (now {rec.lookups}): "
-                    "replace include:/a/mx terms with ip4:/ip6:")
+            return (
+                f"cut the record to at most {MAX_DNS_TERMS} DNS lookups (now {rec.lookups}): "
+                "replace include:/a/mx terms with ip4:/ip6:"
+            )
         missing = [v.ip for v in self.egress if v.result.result not in ("pass", "permerror")]
         if status == "permerror":
             return f"fix the SPF record of {self.domain}: {self.failing.result.problem}"  # type: ignore[union-attr]
@@ -125,13 +128,12 @@ def with_terms(record: str, terms: str) -> str:
     return f"{record} {terms}"
 
 
-async def check_spf(dns, domain: str, egress_ips: Sequence[str]) -> SpfPosture:
+async def check_spf(dns: DnsService, domain: str, egress_ips: Sequence[str]) -> SpfPosture:
     sender = f"postmaster@{domain}"
-    results = await asyncio.gather(
+    record, verdicts = await asyncio.gather(
         analyze_record(dns, domain),
-        *(check_host(dns, ip, domain, sender) for ip in egress_ips),
+        asyncio.gather(*(check_host(dns, ip, domain, sender) for ip in egress_ips)),
     )
-    record, verdicts = results[0], results[1:]
     return SpfPosture(
         domain=domain,
         egress=tuple(EgressVerdict(ip, r) for ip, r in zip(egress_ips, verdicts, strict=True)),

@@ -99,14 +99,10 @@ class AwsSecretsBackend:
                 )
             except NoRegionError as exc:
                 await stack.aclose()
-                raise SecretFetchError(
-                    f"{ref}: no AWS region configured (set region or AWS_REGION)"
-                ) from exc
+                raise SecretFetchError(f"{ref}: no AWS region configured (set region or AWS_REGION)") from exc
             except BotoCoreError as exc:
                 await stack.aclose()
-                raise SecretFetchError(
-                    f"{ref}: cannot create AWS client ({type(exc).__name__})"
-                ) from exc
+                raise SecretFetchError(f"{ref}: cannot create AWS client ({type(exc).__name__})") from exc
             self._stack, self._client = stack, client
             return client
 
@@ -162,16 +158,12 @@ class AwsSecretsBackend:
             return await self._create(ref, data)
 
     async def _put(self, ref: SecretRef, data: bytes) -> str:
-        response = await self._call(
-            ref, "PutSecretValue", SecretId=ref.location, **_value_kwargs(data)
-        )
+        response = await self._call(ref, "PutSecretValue", SecretId=ref.location, **_value_kwargs(data))
         return str(response["VersionId"])
 
     async def _create(self, ref: SecretRef, data: bytes) -> str:
         try:
-            response = await self._call(
-                ref, "CreateSecret", Name=ref.location, **_value_kwargs(data)
-            )
+            response = await self._call(ref, "CreateSecret", Name=ref.location, **_value_kwargs(data))
         except _AwsError as exc:
             if exc.code != "ResourceExistsException":
                 raise
@@ -185,7 +177,8 @@ class AwsSecretsBackend:
         client = await self._get_client(ref)
         method = getattr(client, _snake(operation))
         try:
-            return await method(**params)
+            result: dict[str, Any] = await method(**params)
+            return result
         except ClientError as exc:
             error = exc.response.get("Error", {})
             code = error.get("Code") or "UnknownError"
@@ -243,13 +236,9 @@ def _json_object(ref: SecretRef, raw: bytes) -> dict[str, Any]:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         # never include the content: it may be the secret itself
-        raise SecretFetchError(
-            f"{ref}: secret is not JSON, cannot select field {ref.field!r}"
-        ) from None
+        raise SecretFetchError(f"{ref}: secret is not JSON, cannot select field {ref.field!r}") from None
     if not isinstance(obj, dict):
-        raise SecretFetchError(
-            f"{ref}: secret is not a JSON object, cannot select field {ref.field!r}"
-        )
+        raise SecretFetchError(f"{ref}: secret is not a JSON object, cannot select field {ref.field!r}")
     return obj
 
 

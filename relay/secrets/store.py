@@ -109,11 +109,6 @@ class SecretStore:
             if entry.value is not None:
                 SECRET_AGE.labels(ref).set(round(now - entry.fetched_at, 1))
 
-    async def fetch_now(self, ref: str) -> SecretValue:
-        """Fetch one reference immediately (used by commands); raises SecretFetchError."""
-        backend = self._backend(ref)
-        return await backend.fetch(SecretRef.parse(ref))
-
     async def close(self) -> None:
         for backend in self._backends.values():
             await backend.close()
@@ -132,9 +127,12 @@ class SecretStore:
         except SecretFetchError as exc:
             entry.error = str(exc)
             SECRET_REFRESH_FAILURES.labels(ref).inc()
-            log.warning("secret fetch failed; keeping the last good value" if entry.value
-                        else "secret fetch failed; no value yet",
-                        extra={"secret": ref, "reason": str(exc)})
+            log.warning(
+                "secret fetch failed; keeping the last good value"
+                if entry.value
+                else "secret fetch failed; no value yet",
+                extra={"secret": ref, "reason": str(exc)},
+            )
             return
         except Exception as exc:  # a backend bug must not kill the refresh loop
             entry.error = f"{ref}: {type(exc).__name__}"
@@ -152,5 +150,5 @@ class SecretStore:
                     log.exception("secret listener failed", extra={"secret": ref})
 
 
-def _has_label(metric, ref: str) -> bool:
+def _has_label(metric: Gauge | Counter, ref: str) -> bool:
     return (ref,) in getattr(metric, "_metrics", {})

@@ -146,9 +146,7 @@ class VaultBackend:
         """One Vault API call; returns the JSON body or raises `_HttpError` / aiohttp errors."""
         headers = {"X-Vault-Token": token} if token else {}
         session = self._get_session()
-        async with session.request(
-            method, f"{self.url}/v1/{path}", headers=headers, json=body
-        ) as resp:
+        async with session.request(method, f"{self.url}/v1/{path}", headers=headers, json=body) as resp:
             text = await resp.text()
             if resp.status >= 400:
                 raise _HttpError(resp.status, self._error_detail(text))
@@ -192,9 +190,7 @@ class VaultBackend:
         """Obtain a token (or, for `token` auth, learn the given token's TTL)."""
         if self.auth == "token":
             try:
-                reply = await self._request(
-                    "GET", "auth/token/lookup-self", token=self._static_token
-                )
+                reply = await self._request("GET", "auth/token/lookup-self", token=self._static_token)
             except _HttpError as exc:
                 # A token may lack lookup-self permission; use it anyway, without renewal
                 # (if it is invalid, the read says so). Transport errors propagate instead,
@@ -210,8 +206,7 @@ class VaultBackend:
                 jwt = (await asyncio.to_thread(Path(self.kubernetes_token_path).read_text)).strip()
             except OSError as exc:
                 raise _LoginError(
-                    f"cannot read kubernetes service account token {self.kubernetes_token_path}"
-                    f" ({type(exc).__name__})"
+                    f"cannot read kubernetes service account token {self.kubernetes_token_path} ({type(exc).__name__})"
                 ) from None
             body = {"role": self.role, "jwt": jwt}
             what = f"kubernetes login (mount {self.auth_mount}, role {self.role})"
@@ -287,17 +282,13 @@ class VaultBackend:
             raise SecretFetchError(f"{ref}: {exc}") from None
         except _HttpError as exc:
             hint = {404: " (no such secret)", 403: " (permission denied or token invalid)"}
-            raise SecretFetchError(
-                f"{ref}: vault read failed: {exc}{hint.get(exc.status, '')}"
-            ) from None
+            raise SecretFetchError(f"{ref}: vault read failed: {exc}{hint.get(exc.status, '')}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise SecretFetchError(f"{ref}: vault request failed: {_describe(exc)}") from None
 
         data = reply.get("data")
         if not isinstance(data, dict) or not isinstance(data.get("data"), dict):
-            raise SecretFetchError(
-                f"{ref}: vault reply is not a KV v2 secret (is {mount} a KV v2 mount?)"
-            )
+            raise SecretFetchError(f"{ref}: vault reply is not a KV v2 secret (is {mount} a KV v2 mount?)")
         fields = data["data"]
         if ref.field not in fields:
             raise SecretFetchError(f"{ref}: secret has no field {ref.field!r}")

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding
@@ -31,8 +32,10 @@ def relaxed_body(body: bytes) -> bytes:
     have no tab, no double space and no space before a line end, and then the whitespace
     rules change nothing and only the trailing empty lines are handled."""
     if b"\t" in body or b"  " in body or b" \r\n" in body:
-        return Relaxed.canonicalize_body(body)
-    return correct_empty_body(strip_trailing_lines(body))
+        canonical: bytes = Relaxed.canonicalize_body(body)
+        return canonical
+    trimmed: bytes = correct_empty_body(strip_trailing_lines(body))
+    return trimmed
 
 
 class DkimSigner:
@@ -71,7 +74,7 @@ class DkimSigner:
         return b"".join(lines)
 
     def _signature(
-        self, key: SigningKey, include: list[bytes], body_hash: bytes, timestamp: bytes, digest
+        self, key: SigningKey, include: list[bytes], body_hash: bytes, timestamp: bytes, digest: Any
     ) -> bytes:
         fields = [
             (b"v", b"1"),
@@ -100,4 +103,4 @@ class DkimSigner:
             signature = key.private.sign(hashed, padding.PKCS1v15(), _PREHASHED_SHA256)
         fields[-1] = (b"b", base64.b64encode(signature))
         value = fold(b"; ".join(b"=".join(f) for f in fields) + b"\r\n", namelen=len(_SIG_NAME))
-        return _SIG_NAME + b": " + value
+        return _SIG_NAME + b": " + bytes(value)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 from prometheus_client import Counter
 
-from relay.config.schema import DkimKeySettings, DkimSettings
 from relay.secrets.base import SecretValue
 from relay.secrets.store import SecretStore
 from relay.sign.keys import KeyMaterialError, SigningKey, load_signing_key
@@ -26,13 +26,35 @@ KEY_LOAD_FAILURES = Counter(
 )
 
 
+class KeyEntry(Protocol):
+    """One configured key (`dkim.keys[]`, relay.config.schema.DkimKeySettings)."""
+
+    @property
+    def domain(self) -> str: ...
+    @property
+    def selector(self) -> str: ...
+    @property
+    def key(self) -> str: ...  # a secret reference
+    @property
+    def algorithm(self) -> str: ...
+
+
+class DkimKeys(Protocol):
+    """The `dkim` section as the key ring reads it (relay.config.schema.DkimSettings)."""
+
+    @property
+    def keys(self) -> Sequence[KeyEntry]: ...
+    @property
+    def allow_weak_rsa(self) -> bool: ...
+
+
 class KeyRing:
-    def __init__(self, settings: DkimSettings, store: SecretStore) -> None:
+    def __init__(self, settings: DkimKeys, store: SecretStore) -> None:
         self._settings = settings
         self._store = store
         # One reference may hold the key of several selectors/domains (the same key
         # published under two names), so a reference maps to every entry that uses it.
-        self._by_ref: dict[str, list[DkimKeySettings]] = {}
+        self._by_ref: dict[str, list[KeyEntry]] = {}
         for cfg in settings.keys:
             self._by_ref.setdefault(cfg.key, []).append(cfg)
         self._keys: dict[tuple[str, str], SigningKey] = {}
@@ -46,10 +68,6 @@ class KeyRing:
             else:
                 self._load(ref, value)
         self._rebuild()
-
-    @property
-    def refs(self) -> list[str]:
-        return list(self._by_ref)
 
     def attach(self) -> None:
         self._store.subscribe(self.on_secret)
@@ -71,14 +89,9 @@ class KeyRing:
     def domains(self) -> list[str]:
         return sorted({k.domain for k in self._settings.keys})
 
-    def all_keys(self) -> Sequence[SigningKey]:
-        return list(self._keys.values())
-
     def never_loaded(self) -> dict[str, str]:
         """`domain/selector` → why, for selectors that never had a valid key."""
-        return {
-            f"{d}/{s}": why for (d, s), why in self._problems.items() if (d, s) not in self._keys
-        }
+        return {f"{d}/{s}": why for (d, s), why in self._problems.items() if (d, s) not in self._keys}
 
     def _load(self, ref: str, value: SecretValue) -> bool:
         changed = False
@@ -86,7 +99,7 @@ class KeyRing:
             changed |= self._load_one(ref, cfg, value)
         return changed
 
-    def _load_one(self, ref: str, cfg: DkimKeySettings, value: SecretValue) -> bool:
+    def _load_one(self, ref: str, cfg: KeyEntry, value: SecretValue) -> bool:
         ident = (cfg.domain, cfg.selector)
         try:
             key = load_signing_key(
@@ -101,7 +114,8 @@ class KeyRing:
             KEY_LOAD_FAILURES.labels(cfg.domain, cfg.selector).inc()
             consequence = "keeping the previous key" if ident in self._keys else "domain cannot be signed"
             log.error(
-                "DKIM key unusable; %s", consequence,
+                "DKIM key unusable; %s",
+                consequence,
                 extra={"domain": cfg.domain, "selector": cfg.selector, "secret": ref, "reason": str(exc)},
             )
             return False

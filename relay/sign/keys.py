@@ -60,9 +60,7 @@ def load_signing_key(
             raise KeyMaterialError(f"the key is Ed25519 but the algorithm is {algorithm}")
         bits = 256
         # RFC 8463 §4: p= is the raw 32-byte public key, base64.
-        public = private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return SigningKey(
         domain=domain,
         selector=selector,

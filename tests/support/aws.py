@@ -31,16 +31,12 @@ AWS_ENV = {
 }
 
 
-
-
 @contextlib.contextmanager
 def moto_server(log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """moto in server mode, a real process on a free loopback port."""
     port = free_port()
     argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    with running(
-        argv, ready=("127.0.0.1", port), log_path=log_path, ready_timeout=30, env=AWS_ENV
-    ) as proc:
+    with running(argv, ready=("127.0.0.1", port), log_path=log_path, ready_timeout=30, env=AWS_ENV) as proc:
         yield f"http://127.0.0.1:{port}", proc
 
 
@@ -48,5 +44,3 @@ def stop(proc: subprocess.Popen) -> None:
     """Stop the server now (`running` finds it gone on exit, which is fine)."""
     proc.terminate()
     proc.wait(timeout=10)
-
-

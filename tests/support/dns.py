@@ -127,12 +127,16 @@ def dns_server(
         waiting = list(files)
         while waiting:
             if proc.poll() is not None:
-                raise ProcessError(f"nsd exited with {proc.returncode} before serving its zones\n"
-                                   f"--- {log_path} ---\n{log_tail(log_path)}")
+                raise ProcessError(
+                    f"nsd exited with {proc.returncode} before serving its zones\n"
+                    f"--- {log_path} ---\n{log_tail(log_path)}"
+                )
             if time.monotonic() > deadline:
-                raise ProcessError(f"nsd does not serve zone(s) {', '.join(waiting)} after "
-                                   f"{ready_timeout:g}s (zone file errors?)\n"
-                                   f"--- {log_path} ---\n{log_tail(log_path)}")
+                raise ProcessError(
+                    f"nsd does not serve zone(s) {', '.join(waiting)} after "
+                    f"{ready_timeout:g}s (zone file errors?)\n"
+                    f"--- {log_path} ---\n{log_tail(log_path)}"
+                )
             waiting = [z for z in waiting if not _answers_soa(port, z)]
             if waiting:
                 time.sleep(0.05)

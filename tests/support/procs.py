@@ -92,8 +92,7 @@ def wait_port(
     while True:
         if proc is not None and proc.poll() is not None:
             raise ProcessError(
-                f"process exited with status {proc.returncode} "
-                f"before {host}:{port} accepted connections"
+                f"process exited with status {proc.returncode} before {host}:{port} accepted connections"
             )
         try:
             with socket.create_connection((host, port), timeout=max(0.1, min(1.0, timeout))):
@@ -168,9 +167,7 @@ def running(
             yield proc
         except BaseException as exc:
             status = "running" if proc.poll() is None else f"exited with {proc.returncode}"
-            exc.add_note(
-                f"--- {name} ({status}), last lines of {log_path} ---\n{log_tail(log_path)}"
-            )
+            exc.add_note(f"--- {name} ({status}), last lines of {log_path} ---\n{log_tail(log_path)}")
             raise
     finally:
         _stop(proc, stop_timeout)

@@ -22,16 +22,25 @@ def microsocks(workdir: Path, *, user: str, password: str, egress_ip: str = "127
 
 
 @contextlib.contextmanager
-def tinyproxy(workdir: Path, *, user: str, password: str, connect_ports: Iterable[int],
-              egress_ip: str = "127.0.0.2") -> Iterator[int]:
+def tinyproxy(
+    workdir: Path, *, user: str, password: str, connect_ports: Iterable[int], egress_ip: str = "127.0.0.2"
+) -> Iterator[int]:
     port = free_port()
     conf = workdir / "tinyproxy.conf"
-    lines = [f"Listen {LOOP}", f"Port {port}", f"Bind {egress_ip}", f"Allow {LOOP}",
-             f"BasicAuth {user} {password}", "Timeout 60", "LogLevel Info",
-             f'PidFile "{workdir / "tinyproxy.pid"}"']
+    lines = [
+        f"Listen {LOOP}",
+        f"Port {port}",
+        f"Bind {egress_ip}",
+        f"Allow {LOOP}",
+        f"BasicAuth {user} {password}",
+        "Timeout 60",
+        "LogLevel Info",
+        f'PidFile "{workdir / "tinyproxy.pid"}"',
+    ]
     # tinyproxy allows CONNECT only to 443 and 563 unless told otherwise.
     lines += [f"ConnectPort {p}" for p in connect_ports]
     conf.write_text("\n".join(lines) + "\n")
-    with running([require_binary("tinyproxy"), "-d", "-c", str(conf)], ready=(LOOP, port),
-                 log_path=workdir / "tinyproxy.log"):
+    with running(
+        [require_binary("tinyproxy"), "-d", "-c", str(conf)], ready=(LOOP, port), log_path=workdir / "tinyproxy.log"
+    ):
         yield port

@@ -1,13 +1,14 @@
-"""Run the real relay (`python -m relay serve -c FILE`) as a subprocess for tests.
+"""Run the real relay (`python -m relay serve -c FILE`) as a subprocess for tests (e2e).
 
 The relay is driven strictly from outside, as a user would: a YAML file, SMTP on its
-ports, its metrics endpoint, its log lines on stderr, and signals.
+ports, its metrics endpoint, its log lines on stderr, and signals. The process is run by
+`tests.support.procs.running` (its own session, log file, stopped with its children).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal as signals
 import subprocess
 import sys
@@ -20,12 +21,14 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.procs import ProcessError, free_port, log_tail, wait_port
+from tests.support.config import loopback_bind
+from tests.support.procs import ProcessError, log_tail, running, wait_port
 
 
 class RelayProcess:
-    def __init__(self, workdir: Path, config: dict[str, Any], *, env: dict[str, str] | None = None,
-                 args: list[str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, config: dict[str, Any], *, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.config = config
         self.config_path = workdir / "relay.yaml"
@@ -33,6 +36,7 @@ class RelayProcess:
         self.env = env or {}
         self.args = args or []
         self.proc: subprocess.Popen | None = None
+        self._stack: contextlib.ExitStack | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def write_config(self, config: dict[str, Any] | None = None) -> None:
@@ -42,13 +46,16 @@ class RelayProcess:
 
     def start(self, *, wait_ready: bool = True, timeout: float = 20.0) -> RelayProcess:
         self.write_config()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path), *self.args],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=self.workdir,
+        self._stack = contextlib.ExitStack()
+        self.proc = self._stack.enter_context(
+            running(
+                [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path), *self.args],
+                ready=None,
+                log_path=self.log_path,
+                env={"PYTHONUNBUFFERED": "1", **self.env},
+                cwd=self.workdir,
+            )
         )
-        log.close()
         try:
             for listener in self.config["listeners"]:
                 host, port = split_bind(listener["bind"])
@@ -99,6 +106,9 @@ class RelayProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signals.SIGKILL)
             self.proc.wait(10)
+        if self._stack is not None:
+            self._stack.__exit__(*exc)  # reaps what the relay left in its session
+            self._stack = None
 
     # -- observation -------------------------------------------------------------------------
     @property
@@ -175,5 +185,4 @@ def split_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def loopback_bind() -> str:
-    return f"127.0.0.1:{free_port()}"
+__all__ = ["RelayProcess", "loopback_bind", "split_bind"]

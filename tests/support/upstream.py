@@ -70,14 +70,16 @@ class _Handler:
             return b.data_reply
         login = session.auth_data.login if session.auth_data is not None else None
         with self.up.lock:
-            self.up.messages.append(ReceivedMessage(
-                mail_from=envelope.mail_from,
-                rcpt_tos=list(envelope.rcpt_tos),
-                content=bytes(envelope.original_content),
-                peer=session.peer,
-                tls=session.ssl is not None or self.up.implicit,
-                user=login.decode() if isinstance(login, bytes) else login,
-            ))
+            self.up.messages.append(
+                ReceivedMessage(
+                    mail_from=envelope.mail_from,
+                    rcpt_tos=list(envelope.rcpt_tos),
+                    content=bytes(envelope.original_content),
+                    peer=session.peer,
+                    tls=session.ssl is not None or self.up.implicit,
+                    user=login.decode() if isinstance(login, bytes) else login,
+                )
+            )
             n = len(self.up.messages)
         return f"250 2.0.0 Ok: queued as {b.queue_id_prefix}{n:06d}"
 
@@ -85,9 +87,16 @@ class _Handler:
 class Upstream:
     """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH."""
 
-    def __init__(self, *, tls: str = "none", server_context: ssl.SSLContext | None = None,
-                 users: dict[str, str] | None = None, host: str = "127.0.0.1", port: int | None = None,
-                 hostname: str = "upstream.test") -> None:
+    def __init__(
+        self,
+        *,
+        tls: str = "none",
+        server_context: ssl.SSLContext | None = None,
+        users: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        hostname: str = "upstream.test",
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.implicit = tls == "implicit"
@@ -100,18 +109,25 @@ class Upstream:
             kwargs["tls_context"] = server_context
             kwargs["require_starttls"] = False
         if users is not None:
+
             def authenticator(server, session, envelope, mechanism, auth_data):
-                ok = (isinstance(auth_data, LoginPassword)
-                      and users.get(auth_data.login.decode()) == auth_data.password.decode())
+                ok = (
+                    isinstance(auth_data, LoginPassword)
+                    and users.get(auth_data.login.decode()) == auth_data.password.decode()
+                )
                 return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
             kwargs["authenticator"] = authenticator
             kwargs["auth_required"] = True
             kwargs["auth_require_tls"] = tls != "none"
         self._make_controller = lambda: Controller(
-            _Handler(self), hostname=host, port=self.port,
+            _Handler(self),
+            hostname=host,
+            port=self.port,
             ssl_context=server_context if self.implicit else None,
-            server_hostname=hostname, ready_timeout=10, **kwargs,
+            server_hostname=hostname,
+            ready_timeout=10,
+            **kwargs,
         )
         self._controller = self._make_controller()
 

@@ -21,8 +21,9 @@ def load(data: bytes, algorithm="rsa-sha256", **kw):
     return load_signing_key(data, domain="example.com", selector="s1", algorithm=algorithm, **kw)
 
 
-@pytest.mark.parametrize("fmt", [serialization.PrivateFormat.TraditionalOpenSSL, serialization.PrivateFormat.PKCS8],
-                         ids=["pkcs1", "pkcs8"])
+@pytest.mark.parametrize(
+    "fmt", [serialization.PrivateFormat.TraditionalOpenSSL, serialization.PrivateFormat.PKCS8], ids=["pkcs1", "pkcs8"]
+)
 def test_rsa_pem(fmt):
     key = load(pem(RSA, fmt))
     assert key.bits == 2048 and key.key_type == "rsa"
@@ -31,8 +32,9 @@ def test_rsa_pem(fmt):
 
 
 def test_ed25519_pem_and_raw_seed_give_the_same_public_key():
-    raw_seed = ED.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                serialization.NoEncryption())
+    raw_seed = ED.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     from_pem = load(pem(ED, serialization.PrivateFormat.PKCS8), "ed25519-sha256")
     from_seed = load(base64.b64encode(raw_seed), "ed25519-sha256")  # dkimpy's key file format
     raw_public = ED.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -45,12 +47,19 @@ def test_short_rsa_key_is_refused_unless_allowed():
     assert load(pem(RSA_1024, serialization.PrivateFormat.PKCS8), allow_weak_rsa=True).bits == 1024
 
 
-@pytest.mark.parametrize("data,algorithm,message", [
-    (pem(RSA, serialization.PrivateFormat.PKCS8), "ed25519-sha256", "the key is RSA but the algorithm is ed25519"),
-    (pem(ED, serialization.PrivateFormat.PKCS8), "rsa-sha256", "the key is Ed25519 but the algorithm is rsa"),
-    (b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n", "rsa-sha256", "could not be parsed"),
-    (b"not a key at all", "rsa-sha256", "not a PEM key and not a base64 Ed25519 seed"),
-])
+@pytest.mark.parametrize(
+    "data,algorithm,message",
+    [
+        (pem(RSA, serialization.PrivateFormat.PKCS8), "ed25519-sha256", "the key is RSA but the algorithm is ed25519"),
+        (pem(ED, serialization.PrivateFormat.PKCS8), "rsa-sha256", "the key is Ed25519 but the algorithm is rsa"),
+        (
+            b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+            "rsa-sha256",
+            "could not be parsed",
+        ),
+        (b"not a key at all", "rsa-sha256", "not a PEM key and not a base64 Ed25519 seed"),
+    ],
+)
 def test_unusable_material_is_named_without_echoing_it(data, algorithm, message):
     with pytest.raises(KeyMaterialError, match=message) as err:
         load(data, algorithm)

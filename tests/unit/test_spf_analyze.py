@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relay.dns.resolver import DnsAnswer, DnsTemporaryError
-from relay.posture.spf import analyze_record
+from relay.spf import analyze_record
 
 
 class FakeDns:
@@ -129,17 +129,13 @@ async def test_no_record() -> None:
 
 
 async def test_syntax_error_is_a_problem() -> None:
-    report = await analyze_record(
-        FakeDns({"example.com": ["v=spf1 ip4:192.0.2 -all"]}), "example.com"
-    )
+    report = await analyze_record(FakeDns({"example.com": ["v=spf1 ip4:192.0.2 -all"]}), "example.com")
     assert "permerror" in report.problem
     assert report.records_found == 1
 
 
 async def test_missing_include_target_is_a_problem() -> None:
-    report = await analyze_record(
-        FakeDns({"example.com": ["v=spf1 include:gone.example.net -all"]}), "example.com"
-    )
+    report = await analyze_record(FakeDns({"example.com": ["v=spf1 include:gone.example.net -all"]}), "example.com")
     assert report.lookups == 1
     assert "gone.example.net" in report.problem
     assert "permerror" in report.problem
@@ -161,9 +157,7 @@ async def test_temperror_is_reported() -> None:
     top = await analyze_record(FakeDns({}, broken=("example.com",)), "example.com")
     assert top.problem.startswith("temperror")
     nested = await analyze_record(
-        FakeDns(
-            {"example.com": ["v=spf1 include:slow.example.net -all"]}, broken=("slow.example.net",)
-        ),
+        FakeDns({"example.com": ["v=spf1 include:slow.example.net -all"]}, broken=("slow.example.net",)),
         "example.com",
     )
     assert "temperror" in nested.problem

@@ -39,9 +39,7 @@ Token = str | Macro
 MacroString = tuple[Token, ...]
 
 
-def parse_macro_string(
-    text: str, *, letters: frozenset[str] = DOMAIN_LETTERS, spaces: bool = False
-) -> MacroString:
+def parse_macro_string(text: str, *, letters: frozenset[str] = DOMAIN_LETTERS, spaces: bool = False) -> MacroString:
     """Tokenise `text`; `spaces` allows SP (explanation-string, §6.2)."""
     tokens, _, _ = _parse(text, letters, spaces)
     return tokens

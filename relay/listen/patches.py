@@ -1,0 +1,107 @@
+"""Every change the relay makes to aiosmtpd and aiosmtplib beyond their public API, in one place.
+
+Applied once, explicitly, by `apply()` (the server calls it at start; the in-process tests
+too), and checked against the installed versions first: these touch private members, so a
+version outside the tested range refuses to start rather than misbehave. pyproject.toml caps
+both libraries to the same range.
+
+1. aiosmtpd's `SMTP.__init__` calls `inspect.getmembers()` on the protocol and the handler of
+   every connection, only to find their `auth_*` methods; getmembers evaluates every
+   attribute, which cost about 8% of the relay's CPU under load. The names depend on the
+   class alone, so they are looked up once per class.
+2. aiosmtplib rewrites every line ending of a message with a regex before DATA. The listener
+   refuses bare CR/LF (RFC 5321 §2.3.8), so messages here are CRLF-only already and the
+   rewrite changes nothing; checking that is three C-level scans instead of a regex pass.
+
+`RelaySMTP` (relay.listen.smtp) also overrides private members of aiosmtpd's `SMTP`; they
+are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from importlib.metadata import version
+
+import aiosmtpd.smtp
+import aiosmtplib.protocol
+
+# The versions these patches were written and tested against: [lowest, first untested).
+AIOSMTPD_VERSIONS = ((1, 4, 6), (1, 5))
+AIOSMTPLIB_VERSIONS = ((3, 0), (6, 0))
+
+# Private members of aiosmtpd.smtp.SMTP that RelaySMTP overrides or reads.
+AIOSMTPD_PRIVATE_MEMBERS = (
+    "_set_rset_state",  # RSET/HELO/EHLO/STARTTLS reset: ends the upstream transaction too
+    "_set_post_data_state",  # after our own DATA handling
+    "_getaddr",  # a stricter, faster path parser
+    "_reset_timeout",  # DATA is read by RelaySMTP in chunks: each chunk resets the timer
+    "_handle_client",  # sends the greeting through push(): where a client is admitted
+)
+# Instance attributes set in SMTP.__init__ that RelaySMTP reads.
+AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_tls_protocol")
+
+_applied = False
+
+
+class IncompatibleLibrary(RuntimeError):
+    """An installed aiosmtpd/aiosmtplib is not one the relay's patches fit."""
+
+
+def apply() -> None:
+    """Check the installed versions and private members, then patch (once)."""
+    global _applied
+    if _applied:
+        return
+    check()
+    setattr(aiosmtpd.smtp, "inspect", _AuthMemberLookup)  # noqa: B010 - replaces a module global
+    aiosmtplib.protocol.normalize_message_line_endings = _crlf_only_fast_path
+    _applied = True
+
+
+def check() -> None:
+    _check_version("aiosmtpd", AIOSMTPD_VERSIONS)
+    _check_version("aiosmtplib", AIOSMTPLIB_VERSIONS)
+    missing = [name for name in AIOSMTPD_PRIVATE_MEMBERS if not callable(getattr(aiosmtpd.smtp.SMTP, name, None))]
+    source = inspect.getsource(aiosmtpd.smtp.SMTP)
+    missing += [name for name in AIOSMTPD_PRIVATE_ATTRIBUTES if f"self.{name} = " not in source]
+    if getattr(aiosmtpd.smtp, "inspect", None) is not inspect and not _applied:
+        missing.append("aiosmtpd.smtp.inspect")
+    if not callable(getattr(aiosmtplib.protocol, "normalize_message_line_endings", None)):
+        missing.append("aiosmtplib.protocol.normalize_message_line_endings")
+    if missing:
+        raise IncompatibleLibrary(f"installed aiosmtpd/aiosmtplib lack what relay patches: {', '.join(missing)}")
+
+
+def _check_version(package: str, supported: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+    installed = version(package)
+    parsed = tuple(int(part) for part in installed.split(".")[:3] if part.isdigit())
+    low, high = supported
+    if not (low <= parsed < high):
+        shown = f"{'.'.join(map(str, low))} up to (not including) {'.'.join(map(str, high))}"
+        raise IncompatibleLibrary(f"relay supports {package} {shown}; {installed} is installed")
+
+
+class _AuthMemberLookup:
+    """Stands in for the `inspect` module inside aiosmtpd.smtp (patch 1)."""
+
+    _names: dict[type, list[str]] = {}
+    signature = staticmethod(inspect.signature)
+
+    @classmethod
+    def getmembers(cls, obj: object) -> list[tuple[str, object]]:
+        names = cls._names.get(type(obj))
+        if names is None:
+            names = cls._names[type(obj)] = [n for n in dir(type(obj)) if n.startswith("auth_")]
+        return [(name, getattr(obj, name)) for name in names]
+
+
+_normalize_line_endings: Callable[[bytes], bytes] = aiosmtplib.protocol.normalize_message_line_endings
+
+
+def _crlf_only_fast_path(message: bytes) -> bytes:
+    """aiosmtplib's line-ending rewrite, skipped for CRLF-only messages (patch 2)."""
+    crlf = message.count(b"\r\n")
+    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
+        return message if message.endswith(b"\r\n") else message + b"\r\n"
+    return _normalize_line_endings(message)

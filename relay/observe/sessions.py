@@ -1,0 +1,73 @@
+"""What the SMTP edge reports about client sessions: metrics, and the refused-session log line.
+
+The edge (`relay.listen`) calls these at the session's events; nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge
+
+from relay.errors import SmtpError
+
+log = logging.getLogger("relay.session")
+message_log = logging.getLogger("relay.message")
+
+SESSIONS_ACTIVE = Gauge(
+    "relay_sessions_active",
+    "Client sessions currently open.",
+    ["listener"],
+    multiprocess_mode="livesum",
+)
+SESSIONS_TOTAL = Counter(
+    "relay_sessions_total",
+    "Client sessions ended, by the TLS version they used (none for plain).",
+    ["listener", "tls"],
+)
+SESSIONS_REFUSED = Counter(
+    "relay_sessions_refused_total", "Client connections refused at the greeting.", ["listener", "reason"]
+)
+AUTH_ATTEMPTS = Counter(
+    "relay_auth_attempts_total",
+    "SMTP AUTH attempts by mechanism and result.",
+    ["listener", "mechanism", "result"],
+)
+
+
+def session_admitted(listener: str) -> None:
+    SESSIONS_ACTIVE.labels(listener).inc()
+
+
+def session_refused(listener: str, client: str, refusal: SmtpError) -> None:
+    SESSIONS_REFUSED.labels(listener, refusal.label).inc()
+    message_log.info(
+        "session refused",
+        extra={
+            "event": "session_refused",
+            "listener": listener,
+            "client": client,
+            "code": refusal.code,
+            "reason": refusal.reason,
+        },
+    )
+
+
+def session_ended(listener: str, tls_version: str | None) -> None:
+    """Counted at the end, so a STARTTLS session shows the TLS version it ended with."""
+    SESSIONS_ACTIVE.labels(listener).dec()
+    SESSIONS_TOTAL.labels(listener, tls_version or "none").inc()
+
+
+def auth_attempt(listener: str, mechanism: str, ok: bool, *, client: str, username: str) -> None:
+    AUTH_ATTEMPTS.labels(listener, mechanism, "success" if ok else "failure").inc()
+    if not ok:
+        log.info("authentication failed", extra={"listener": listener, "client": client, "user": username[:64]})
+
+
+def session_error(listener: str, error: Exception) -> None:
+    log.error(
+        "session error",
+        exc_info=log.isEnabledFor(logging.DEBUG),
+        extra={"listener": listener, "error": type(error).__name__},
+    )

@@ -1,0 +1,261 @@
+"""The process lifecycle: start, reload (SIGHUP), drain (SIGTERM), stop.
+
+`Relay` runs what `relay.wiring` builds: startup → serve → graceful shutdown (the first
+SIGTERM drains, the second exits at once, like uvicorn), and SIGHUP reloads the config and
+keys without dropping a session (an invalid new config is refused and the running one stays).
+
+    relay = Relay(settings, config_path=path)
+    await relay.start()            # binds the listeners and the metrics port
+    ...                            # relay.listeners[...].sockets() for port 0 binds
+    await relay.drain()            # or relay.stop() at once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+
+from relay.config.load import ConfigError, load_settings, redacted
+from relay.config.schema import ListenerSettings, Settings
+from relay.errors import SmtpError
+from relay.listen import patches
+from relay.listen.connections import Connections
+from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
+from relay.observe.http import HealthServer
+from relay.observe.logs import setup_logging
+from relay.pipeline import Pipeline
+from relay.wiring import Components, UpstreamTargets, build_components, new_secret_store
+
+log = logging.getLogger("relay")
+
+UPSTREAM_PROBE_INTERVAL = 30.0
+
+ListenerKey = tuple[str, str, str]
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        config_path: Path | None,
+        reload_settings: Callable[[], Settings] | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self._reload_settings = reload_settings or self._load_config_file
+        self.reuse_port = reuse_port
+        self.store = new_secret_store(settings)
+        self.targets = UpstreamTargets()
+        self.components: Components | None = None
+        self.tls = ServerTls(settings.tls)
+        self.listeners: dict[ListenerKey, ListenerServer] = {}
+        self.connections = Connections()
+        self.health = HealthServer(self.readiness)
+        self._draining = False
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []  # run until stop()
+        self._background: set[asyncio.Task[object]] = set()  # drain, reload, closing retired targets
+        self._posture_task: asyncio.Task[None] | None = None
+        self._upstream_problem: str | None = "not probed yet"
+        self._signals = 0
+
+    def _load_config_file(self) -> Settings:
+        assert self.config_path is not None, "the dev default reloads through reload_settings"
+        return load_settings(self.config_path)
+
+    # -- what the SMTP sessions see (relay.listen.session.SessionContext) -------------------
+    @property
+    def pipeline(self) -> Pipeline:
+        assert self.components is not None
+        return self.components.pipeline
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        patches.apply()
+        settings = self.settings
+        log.info(
+            "effective configuration",
+            extra={"config": redacted(settings), "source": str(self.config_path or "embedded dev default")},
+        )
+        self.components = await build_components(settings, self.store, self.targets)
+        self.components.pipeline.keyring.attach()
+        self._report_keys(self.components.pipeline)
+        for lst in settings.listeners:
+            server = self._listener(lst, settings)
+            await server.start()
+            self.listeners[_listener_key(lst)] = server
+        host, port = settings.metrics.bind
+        await self.health.start(host, port, reuse_port=self.reuse_port)
+        self._tasks.append(asyncio.create_task(self.store.run(), name="secret-refresh"))
+        self._tasks.append(asyncio.create_task(self._probe_upstreams(), name="upstream-probe"))
+        self._posture_task = asyncio.create_task(self.components.posture.run(), name="posture")
+
+    def _listener(self, lst: ListenerSettings, settings: Settings) -> ListenerServer:
+        return ListenerServer(lst, self, self.connections, self.tls, settings, reuse_port=self.reuse_port)
+
+    def _report_keys(self, pipeline: Pipeline) -> None:
+        for ident, why in pipeline.keyring.never_loaded().items():
+            log.error(
+                "DKIM key not loaded; mail from this domain gets 451 until it is",
+                extra={"key": ident, "reason": why},
+            )
+
+    def readiness(self) -> dict[str, str | None]:
+        checks: dict[str, str | None] = {}
+        unbound = [s.name for s in self.listeners.values() if not s.bound]
+        checks["listeners"] = f"not listening: {', '.join(unbound)}" if unbound else None
+        if self._draining:
+            checks["listeners"] = "draining"
+        missing = self.components.pipeline.keyring.never_loaded() if self.components else {"all": "starting"}
+        checks["dkim_keys"] = "; ".join(f"{k}: {v}" for k, v in missing.items()) or None
+        checks["upstream"] = self._upstream_problem
+        return checks
+
+    async def _probe_upstreams(self) -> None:
+        """Check the path to the default upstream now and then, for /readyz."""
+        while True:
+            try:
+                await self.pipeline.router.default.probe()
+                self._upstream_problem = None
+            except SmtpError as exc:
+                self._upstream_problem = exc.reason
+                log.warning("upstream probe failed", extra={"reason": exc.reason})
+            except Exception as exc:  # a probe must never kill the relay
+                self._upstream_problem = f"probe error: {type(exc).__name__}"
+            await asyncio.sleep(UPSTREAM_PROBE_INTERVAL)
+
+    async def reload(self) -> bool:
+        """SIGHUP: load, validate and apply a new config; keep the old one on any error."""
+        try:
+            settings = self._reload_settings()
+            problem = check_tls_files(settings.tls)
+            if problem:
+                raise ConfigError(str(self.config_path), [("tls", problem)])
+        except ConfigError as exc:
+            log.error("reload refused; the running configuration stays", extra={"problems": exc.problems})
+            return False
+        old = self.components
+        assert old is not None
+        try:
+            new = await build_components(settings, self.store, self.targets, previous=old)
+            await self._apply_listeners(settings)
+            self.tls.load(settings.tls)
+        except (ConfigError, OSError) as exc:
+            log.error("reload failed; the running configuration stays", extra={"reason": str(exc)})
+            return False
+        old.pipeline.keyring.detach()
+        new.pipeline.keyring.attach()
+        self.components = new
+        if self._posture_task is not None:
+            self._posture_task.cancel()
+        self._posture_task = asyncio.create_task(new.posture.run(), name="posture")
+        self.settings = settings
+        setup_logging(settings.logging.format, settings.logging.level)
+        self._report_keys(new.pipeline)
+        for target in new.retired:
+            self._in_background(target.close())
+        log.info("configuration reloaded", extra={"config": redacted(settings)})
+        return True
+
+    async def _apply_listeners(self, settings: Settings) -> None:
+        wanted = {_listener_key(lst): lst for lst in settings.listeners}
+        for key, lst in wanted.items():
+            if key in self.listeners:
+                self.listeners[key].update(settings, lst)
+            else:
+                server = self._listener(lst, settings)
+                await server.start()
+                self.listeners[key] = server
+        for key in [k for k in self.listeners if k not in wanted]:
+            self.listeners.pop(key).stop_accepting()
+
+    async def drain(self) -> None:
+        """Stop accepting, let transactions in flight finish, then stop."""
+        if self._draining:
+            return
+        self._draining = True
+        timeout = self.settings.drain_timeout
+        log.info("draining", extra={"sessions": len(self.connections), "timeout_s": timeout})
+        for server in self.listeners.values():
+            server.stop_accepting()
+        # Idle sessions go now (RFC 5321 §3.8: 421 then close); a session inside a
+        # transaction gets its 421 after the DATA reply (RelaySMTP.shutdown).
+        self.connections.shutdown()
+        if not await self.connections.wait_closed(timeout):
+            log.warning("drain timeout; closing remaining sessions", extra={"sessions": len(self.connections)})
+            self.connections.close()
+        await self.stop()
+
+    async def stop(self) -> None:
+        if self._posture_task is not None:
+            self._tasks.append(self._posture_task)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.gather(*(t.close() for t in self.targets.all()), return_exceptions=True)
+        await self.health.stop()
+        await self.store.close()
+        self._stopped.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_term() -> None:
+            self._signals += 1
+            if self._signals > 1:
+                log.warning("second stop signal: exiting now")
+                os._exit(1)
+            self._in_background(self.drain())
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_term)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reload()))
+
+    def _in_background(self, work: Coroutine[object, object, object]) -> None:
+        # The loop keeps only weak references to tasks: hold them until they are done.
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _listener_key(lst: ListenerSettings) -> ListenerKey:
+    return (lst.name, str(lst.bind), lst.tls)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    config_path: Path | None,
+    reload_settings: Callable[[], Settings] | None = None,
+    on_started: Callable[[Relay], None] | None = None,
+    reuse_port: bool = False,
+) -> int:
+    relay = Relay(settings, config_path=config_path, reload_settings=reload_settings, reuse_port=reuse_port)
+    try:
+        await relay.start()
+    except OSError as exc:
+        log.error("cannot start", extra={"reason": f"{exc.strerror or exc}"})
+        await relay.stop()
+        return 1
+    relay.install_signal_handlers()
+    if on_started:
+        on_started(relay)
+    await relay.wait_stopped()
+    log.info("stopped")
+    return 0

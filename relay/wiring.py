@@ -1,0 +1,278 @@
+"""The composition root: every runtime object is built from `Settings` here, and only here.
+
+`relay serve` (through `relay.server`), `relay check` (`preflight`) and the tests build
+their parts with these functions, so what is tested is what runs. Nothing here starts a
+task or binds a socket: `relay.server` runs what this module builds (like uvicorn's
+`Config.load()` → `Server.serve()`).
+
+    store = new_secret_store(settings)
+    targets = UpstreamTargets()
+    parts = await build_components(settings, store, targets)      # at start
+    parts = await build_components(new, store, targets, previous=parts)   # at reload
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+from relay.auth.users import UserDirectory
+from relay.config.schema import Settings, UpstreamSettings
+from relay.deliver.base import UpstreamTarget
+from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint, upstream_tls_context
+from relay.deliver.dial import Dialer
+from relay.deliver.failover import FailoverTarget
+from relay.deliver.mx import MxTarget
+from relay.deliver.outbox import OutboxTarget
+from relay.deliver.pool import ConnectionPool
+from relay.deliver.smarthost import SmarthostTarget
+from relay.dns.addresses import AddressResolver
+from relay.dns.resolver import DnsResolver, DnsService
+from relay.pipeline import Pipeline
+from relay.posture.egress import Accept, is_public_unicast
+from relay.posture.monitor import PostureMonitor
+from relay.posture.report import CheckReport, run_check
+from relay.proxy import dialer_for
+from relay.route.router import Router
+from relay.secrets.base import SecretBackend
+from relay.secrets.local import EnvBackend, FileBackend
+from relay.secrets.store import SecretStore
+from relay.sign.keyring import KeyRing
+
+
+def new_secret_store(settings: Settings) -> SecretStore:
+    """The store every secret reference is read from; file:// and env:// are always there,
+    the other backends are installed by `load_secrets` as the config asks for them."""
+    return SecretStore([FileBackend(), EnvBackend()], settings.secrets.refresh)
+
+
+def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
+    backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
+    if any(ref.startswith("aws-sm://") for ref in secret_refs(settings) + vault_bootstrap_refs(settings)):
+        # Imported only when used: the AWS SDK costs each worker ~35 MiB of memory.
+        from relay.secrets.aws import AwsSecretsBackend
+
+        backends.append(
+            AwsSecretsBackend(region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url)
+        )
+    vault = settings.secrets.vault
+    if vault is not None:
+        from relay.secrets.vault import VaultBackend
+
+        def resolved(ref: str | None) -> str | None:
+            if ref is None or bootstrap is None:
+                return None
+            value = bootstrap.get(ref)
+            return value.text() if value else None
+
+        backends.append(
+            VaultBackend(
+                vault.url,
+                auth=vault.auth,
+                token=resolved(vault.token),
+                role=vault.role,
+                role_id=vault.role_id,
+                secret_id=resolved(vault.secret_id),
+                kubernetes_token_path=vault.kubernetes_token_path,
+                auth_mount=vault.auth_mount,
+                namespace=vault.namespace,
+                ca_file=str(vault.ca_file) if vault.ca_file else None,
+            )
+        )
+    return backends
+
+
+def secret_refs(settings: Settings) -> list[str]:
+    refs = [k.key for k in settings.dkim.keys]
+    refs += [u.password for u in settings.clients.users if u.password]
+    for upstream in settings.upstream:
+        refs += [r for r in (upstream.password, upstream.proxy_password) if r]
+    return list(dict.fromkeys(refs))
+
+
+def vault_bootstrap_refs(settings: Settings) -> list[str]:
+    vault = settings.secrets.vault
+    return [r for r in (vault.token, vault.secret_id) if r] if vault else []
+
+
+async def load_secrets(store: SecretStore, settings: Settings) -> None:
+    """Install the backends `settings` asks for and fetch every reference it uses."""
+    store.refresh_interval = settings.secrets.refresh
+    # Vault's own credentials come from the other backends, so they load first.
+    await store.ensure(vault_bootstrap_refs(settings))
+    for backend in build_secret_backends(settings, store):
+        store.set_backend(backend)
+    refs = vault_bootstrap_refs(settings) + secret_refs(settings)
+    await store.ensure(refs)
+    store.retain(refs)
+
+
+def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
+    password = store.get(upstream.proxy_password) if upstream.proxy_password else None
+    return dialer_for(
+        upstream.proxy,
+        password=password.text() if password else None,
+        connect_timeout=upstream.connect_timeout,
+        handshake_timeout=upstream.connect_timeout,
+    )
+
+
+def build_dns(settings: Settings) -> DnsResolver:
+    dns = settings.dns
+    return DnsResolver(dns.nameservers, port=dns.port, timeout=dns.timeout, attempts=dns.attempts)
+
+
+def build_target(
+    upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
+) -> UpstreamTarget:
+    if upstream.mode == "outbox":
+        assert upstream.outbox_dir is not None
+        upstream.outbox_dir.mkdir(parents=True, exist_ok=True)
+        return OutboxTarget(upstream.outbox_dir)
+    password_ref = upstream.password
+
+    def password() -> str | None:
+        value = store.get(password_ref) if password_ref else None
+        return value.text() if value else None
+
+    tls_context = None
+    if upstream.effective_tls != "none":
+        tls_context = upstream_tls_context(str(upstream.ca_file) if upstream.ca_file else None, upstream.verify_tls)
+    dns = dns or build_dns(settings)
+    endpoint = UpstreamEndpoint(
+        label=upstream.label,
+        host=upstream.host or "",
+        port=upstream.effective_port,
+        tls=upstream.effective_tls,
+        tls_context=tls_context,
+        helo_name=upstream.helo_name or settings.hostname,
+        username=upstream.username,
+        password=password if password_ref else None,
+        connect_timeout=upstream.connect_timeout,
+        command_timeout=upstream.command_timeout,
+    )
+    if upstream.mode == "mx":
+        # MX hosts are always resolved through the configured DNS service.
+        connector = UpstreamConnector(endpoint, build_dialer(upstream, store), AddressResolver(dns))
+        return MxTarget(upstream.label, connector, dns)
+    # A smarthost name goes through the configured resolver when one is configured, else
+    # through the system's (which also reads /etc/hosts).
+    resolver = AddressResolver(dns if settings.dns.nameservers else None)
+    connector = UpstreamConnector(endpoint, build_dialer(upstream, store), resolver)
+    pool = ConnectionPool(
+        upstream.label,
+        connector.open,
+        max_connections=upstream.pool.max_connections,
+        max_messages=upstream.pool.max_messages_per_connection,
+        idle_timeout=upstream.pool.idle_timeout,
+        acquire_timeout=upstream.pool.acquire_timeout,
+    )
+    return SmarthostTarget(upstream.label, connector, pool)
+
+
+class UpstreamTargets:
+    """Upstream targets by upstream config; an unchanged upstream keeps its pool across reloads."""
+
+    def __init__(self) -> None:
+        self._by_config: dict[str, UpstreamTarget] = {}
+
+    def build(
+        self, settings: Settings, store: SecretStore, dns: DnsService
+    ) -> tuple[list[UpstreamTarget], list[UpstreamTarget]]:
+        """The targets for `settings`, in config order, and the ones no longer used."""
+        wanted: dict[str, UpstreamTarget] = {}
+        for upstream in settings.upstream:
+            key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json()
+            wanted[key] = self._by_config.get(key) or build_target(upstream, settings, store, dns)
+        retired = [t for k, t in self._by_config.items() if k not in wanted]
+        self._by_config = wanted
+        return list(wanted.values()), retired
+
+    def all(self) -> list[UpstreamTarget]:
+        return list(self._by_config.values())
+
+
+def build_router(settings: Settings, targets: list[UpstreamTarget]) -> Router:
+    by_name = {u.name: t for u, t in zip(settings.upstream, targets, strict=True) if u.name}
+    routes = [(r.sender_domain, by_name[r.upstream]) for r in settings.routes]
+    default = targets[0] if len(targets) == 1 else FailoverTarget(targets)
+    return Router(default, routes)
+
+
+def build_pipeline(
+    settings: Settings,
+    store: SecretStore,
+    targets: list[UpstreamTarget],
+    dns: DnsService,
+    previous: PostureMonitor | None = None,
+) -> tuple[Pipeline, PostureMonitor]:
+    """The pipeline for one config snapshot, and the DNS posture monitor that gates it."""
+    keyring = KeyRing(settings.dkim, store)
+    router = build_router(settings, targets)
+    monitor = PostureMonitor(
+        settings, dns, keyring, router.default, dialer=build_dialer(settings.upstream[0], store), previous=previous
+    )
+    pipeline = Pipeline(
+        settings,
+        users=UserDirectory(settings.clients.users, store),
+        keyring=keyring,
+        router=router,
+        gate=monitor,
+    )
+    return pipeline, monitor
+
+
+@dataclass
+class Components:
+    """Everything one config snapshot needs at run time, built by `build_components`."""
+
+    settings: Settings
+    dns: DnsResolver
+    pipeline: Pipeline
+    posture: PostureMonitor
+    # Targets of the previous snapshot that this one no longer uses (to be closed).
+    retired: list[UpstreamTarget] = field(default_factory=list)
+
+
+async def build_components(
+    settings: Settings, store: SecretStore, targets: UpstreamTargets, *, previous: Components | None = None
+) -> Components:
+    """Load the secrets `settings` uses and build its pipeline, targets and posture monitor.
+
+    `previous` (at a reload) hands over the posture monitor's verdicts; unchanged upstreams
+    keep their targets (and pools) through `targets`. Raises OSError for unreadable files.
+    """
+    await load_secrets(store, settings)
+    dns = build_dns(settings)
+    upstreams, retired = targets.build(settings, store, dns)
+    pipeline, posture = build_pipeline(
+        settings, store, upstreams, dns, previous=previous.posture if previous is not None else None
+    )
+    return Components(settings, dns, pipeline, posture, retired)
+
+
+async def preflight(
+    settings: Settings, *, accept: Accept = is_public_unicast, echo_tls_context: ssl.SSLContext | None = None
+) -> CheckReport:
+    """`relay check`: the same parts the relay builds, probed once; never raises for a
+    failed check (it is in the report)."""
+    dns = build_dns(settings)
+    store = new_secret_store(settings)
+    target: UpstreamTarget | None = None
+    try:
+        await load_secrets(store, settings)
+        upstream = settings.upstream[0]
+        target = build_target(upstream, settings, store, dns)
+        return await run_check(
+            settings,
+            dns=dns,
+            keyring=KeyRing(settings.dkim, store),
+            target=target,
+            dialer=build_dialer(upstream, store),
+            accept=accept,
+            echo_tls_context=echo_tls_context,
+        )
+    finally:
+        if target is not None:
+            await target.close()
+        await store.close()
