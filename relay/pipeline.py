@@ -23,6 +23,7 @@ from relay.auth.users import User, UserDirectory
 from relay.config.schema import ListenerSettings, Settings
 from relay.deliver.base import Envelope, UpstreamTransaction
 from relay.errors import Reply, SmtpError
+from relay.limits.limiter import NOTHING_RESERVED, Limiter, LimitExceeded, Reservation
 from relay.message import Message
 from relay.observe import messages
 from relay.policy.senders import ClientNetworks, SenderPolicy
@@ -63,6 +64,7 @@ class Transaction:
     dkim: list[str] = field(default_factory=list)
     from_domain: str | None = None
     upstream_reply: Reply | None = None
+    limit: str | None = None  # the sending limit that refused it (`user:billing:daily`)
 
     @property
     def mail_from_domain(self) -> str:
@@ -82,12 +84,14 @@ class Pipeline:
         keyring: KeyRing,
         router: Router,
         gate: SendGate | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
         self.users = users
         self.keyring = keyring
         self.router = router
         self.gate = gate
+        self.limiter = limiter
         self.networks = ClientNetworks(settings.clients.networks)
         self.signer = DkimSigner(settings.dkim.sign_headers, settings.dkim.oversign)
         self._own_signatures = {(k.domain, k.selector) for k in settings.dkim.keys}
@@ -180,6 +184,13 @@ class Pipeline:
                 reason=tx.broken,
                 label="upstream_disconnected",
             )
+        if self.limiter is not None:
+            # Before the upstream hears of it: a user over its limits opens nothing upstream.
+            try:
+                self.limiter.check_recipient(tx.user, len(tx.recipients))
+            except LimitExceeded as exc:
+                tx.limit = exc.limit
+                raise
         if tx.upstream is None:
             target = self.router.target_for(tx.envelope.mail_from)
             tx.upstream = await target.begin(tx.envelope, recipient)
@@ -212,6 +223,7 @@ class Pipeline:
         tx.size = len(raw)
         messages.message_received(tx.listener, tx.size)
         started = time.perf_counter()
+        reservation = NOTHING_RESERVED
         try:
             message = Message.parse(raw)
             author, domain = message.from_domain()
@@ -230,6 +242,8 @@ class Pipeline:
                 raise SmtpError(
                     451, "4.4.2", "Upstream connection lost, try again", reason=tx.broken, label="upstream_disconnected"
                 )
+            # Counted here, before the signing work; given back below if not delivered.
+            reservation = await self._reserve(tx, domain)
             message = self._drop_stale_own_signatures(message)
             signatures = self._sign(tx, message, domain)
             if tx.upstream is None:
@@ -244,6 +258,7 @@ class Pipeline:
         except SmtpError:
             if tx.upstream is not None:
                 await tx.upstream.abort()
+            await reservation.give_back()
             raise
         finally:
             messages.RELAY_DURATION.labels(tx.listener).observe(time.perf_counter() - started)
@@ -251,6 +266,7 @@ class Pipeline:
         if reply.positive:
             messages.message_relayed(tx.listener, tx.upstream.upstream)
             return Reply(250, "2.0.0", f"Ok: relayed, id={tx.id}")
+        await reservation.give_back()
         raise SmtpError(
             reply.code,
             reply.enhanced,
@@ -258,6 +274,17 @@ class Pipeline:
             reason=f"upstream {tx.upstream.upstream} answered DATA with {reply}",
             label="upstream_temporary" if reply.temporary else "upstream_permanent",
         )
+
+    async def _reserve(self, tx: Transaction, from_domain: str) -> Reservation:
+        """Count the message against its user's and From domain's limits (all or nothing),
+        or refuse it (451 4.7.0) having counted nothing."""
+        if self.limiter is None:
+            return NOTHING_RESERVED
+        try:
+            return await self.limiter.reserve(tx.user, from_domain, len(tx.recipients))
+        except LimitExceeded as exc:
+            tx.limit = exc.limit
+            raise
 
     def _sign(self, tx: Transaction, message: Message, domain: str) -> bytes:
         keys = self.keyring.keys_for(domain)

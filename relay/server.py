@@ -23,13 +23,14 @@ from pathlib import Path
 from relay.config.load import ConfigError, load_settings, redacted
 from relay.config.schema import ListenerSettings, Settings
 from relay.errors import SmtpError
+from relay.limits.usage import LimitUsage
 from relay.listen import patches
 from relay.listen.connections import Connections
 from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
 from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
 from relay.pipeline import Pipeline
-from relay.wiring import Components, UpstreamTargets, build_components, new_secret_store
+from relay.wiring import Components, LimitCounters, UpstreamTargets, build_components, new_secret_store
 
 log = logging.getLogger("relay")
 
@@ -53,11 +54,12 @@ class Relay:
         self.reuse_port = reuse_port
         self.store = new_secret_store(settings)
         self.targets = UpstreamTargets()
+        self.limit_counters = LimitCounters()
         self.components: Components | None = None
         self.tls = ServerTls(settings.tls)
         self.listeners: dict[ListenerKey, ListenerServer] = {}
         self.connections = Connections()
-        self.health = HealthServer(self.readiness)
+        self.health = HealthServer(self.readiness, detail=self.readiness_detail, scraped=self._scraped)
         self._draining = False
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []  # run until stop()
@@ -88,7 +90,7 @@ class Relay:
             "effective configuration",
             extra={"config": redacted(settings), "source": str(self.config_path or "embedded dev default")},
         )
-        self.components = await build_components(settings, self.store, self.targets)
+        self.components = await build_components(settings, self.store, self.targets, counters=self.limit_counters)
         self.components.pipeline.keyring.attach()
         self._report_keys(self.components.pipeline)
         for lst in settings.listeners:
@@ -122,6 +124,17 @@ class Relay:
         checks["upstream"] = self._upstream_problem
         return checks
 
+    def readiness_detail(self) -> dict[str, str | None]:
+        """What /readyz reports without failing: limits running on local counters because
+        Redis is unreachable (fail open) is worth knowing, not worth taking relay out of
+        the load balancer."""
+        counters = self.limit_counters.current
+        return {"limits": counters.problem() if counters is not None else None}
+
+    def _scraped(self) -> list[LimitUsage]:
+        usage = self.components.limit_usage if self.components is not None else None
+        return [usage] if usage is not None else []
+
     async def _probe_upstreams(self) -> None:
         """Check the path to the default upstream now and then, for /readyz."""
         while True:
@@ -148,7 +161,7 @@ class Relay:
         old = self.components
         assert old is not None
         try:
-            new = await build_components(settings, self.store, self.targets, previous=old)
+            new = await build_components(settings, self.store, self.targets, previous=old, counters=self.limit_counters)
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
@@ -165,6 +178,8 @@ class Relay:
         self._report_keys(new.pipeline)
         for target in new.retired:
             self._in_background(target.close())
+        if new.retired_counters is not None:
+            self._in_background(new.retired_counters.close())
         log.info("configuration reloaded", extra={"config": redacted(settings)})
         return True
 
@@ -206,6 +221,8 @@ class Relay:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await asyncio.gather(*(t.close() for t in self.targets.all()), return_exceptions=True)
+        if self.limit_counters.current is not None:
+            await self.limit_counters.current.close()
         await self.health.stop()
         await self.store.close()
         self._stopped.set()

@@ -28,6 +28,11 @@ from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostTarget
 from relay.dns.addresses import AddressResolver
 from relay.dns.resolver import DnsResolver, DnsService
+from relay.limits.counters import Counters
+from relay.limits.limiter import Limiter
+from relay.limits.local import LocalCounters, counters_dir
+from relay.limits.rules import LimitPolicy
+from relay.limits.usage import LimitUsage
 from relay.pipeline import Pipeline
 from relay.posture.egress import Accept, is_public_unicast
 from relay.posture.monitor import PostureMonitor
@@ -87,6 +92,8 @@ def secret_refs(settings: Settings) -> list[str]:
     refs += [u.password for u in settings.clients.users if u.password]
     for upstream in settings.upstream:
         refs += [r for r in (upstream.password, upstream.proxy_password) if r]
+    if settings.limits is not None and settings.limits.redis is not None and settings.limits.redis.password:
+        refs.append(settings.limits.redis.password)
     return list(dict.fromkeys(refs))
 
 
@@ -205,6 +212,7 @@ def build_pipeline(
     targets: list[UpstreamTarget],
     dns: DnsService,
     previous: PostureMonitor | None = None,
+    limiter: Limiter | None = None,
 ) -> tuple[Pipeline, PostureMonitor]:
     """The pipeline for one config snapshot, and the DNS posture monitor that gates it."""
     keyring = KeyRing(settings.dkim, store)
@@ -218,8 +226,63 @@ def build_pipeline(
         keyring=keyring,
         router=router,
         gate=monitor,
+        limiter=limiter,
     )
     return pipeline, monitor
+
+
+class LimitCounters:
+    """The counters of sending limits. Built once and kept across reloads while the backend
+    settings stay the same: the counts live on, whatever the limits become."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._counters: Counters | None = None
+
+    @property
+    def current(self) -> Counters | None:
+        return self._counters
+
+    def build(self, settings: Settings, store: SecretStore) -> tuple[Counters | None, Counters | None]:
+        """The counters `settings` asks for, and the ones they replace (to be closed)."""
+        limits = settings.limits
+        key = None if limits is None else f"{limits.backend} {limits.redis} {settings.data_dir}"
+        if key == self._key:
+            return self._counters, None
+        retired = self._counters
+        self._counters = None if limits is None else build_counters(settings, store)
+        self._key = key
+        return self._counters, retired
+
+
+def build_counters(settings: Settings, store: SecretStore) -> Counters:
+    assert settings.limits is not None
+    local = LocalCounters(counters_dir(settings.data_dir))
+    redis = settings.limits.redis
+    if settings.limits.backend != "redis" or redis is None:
+        return local
+    from relay.limits.redis_counters import RedisCounters
+
+    password = store.get(redis.password) if redis.password else None
+    return RedisCounters(
+        redis.url,
+        fallback=local,
+        password=password.text() if password else None,
+        timeout=redis.timeout,
+        key_prefix=redis.key_prefix,
+        ca_file=redis.ca_file,
+    )
+
+
+def build_limiter(settings: Settings, counters: Counters | None) -> tuple[Limiter | None, LimitUsage | None]:
+    """The limits stage and its usage gauge, or None when nothing is limited."""
+    if settings.limits is None or counters is None:
+        return None, None
+    policy = LimitPolicy(settings.limits)
+    if not policy.limits_anything:
+        return None, None
+    usage = LimitUsage(policy, counters, [user.username for user in settings.clients.users])
+    return Limiter(policy, counters), usage
 
 
 @dataclass
@@ -232,10 +295,17 @@ class Components:
     posture: PostureMonitor
     # Targets of the previous snapshot that this one no longer uses (to be closed).
     retired: list[UpstreamTarget] = field(default_factory=list)
+    limit_usage: LimitUsage | None = None  # relay_limit_usage_ratio, read at scrape
+    retired_counters: Counters | None = None  # limit counters this snapshot replaced
 
 
 async def build_components(
-    settings: Settings, store: SecretStore, targets: UpstreamTargets, *, previous: Components | None = None
+    settings: Settings,
+    store: SecretStore,
+    targets: UpstreamTargets,
+    *,
+    previous: Components | None = None,
+    counters: LimitCounters | None = None,
 ) -> Components:
     """Load the secrets `settings` uses and build its pipeline, targets and posture monitor.
 
@@ -245,10 +315,12 @@ async def build_components(
     await load_secrets(store, settings)
     dns = build_dns(settings)
     upstreams, retired = targets.build(settings, store, dns)
+    limit_counters, retired_counters = (counters or LimitCounters()).build(settings, store)
+    limiter, limit_usage = build_limiter(settings, limit_counters)
     pipeline, posture = build_pipeline(
-        settings, store, upstreams, dns, previous=previous.posture if previous is not None else None
+        settings, store, upstreams, dns, previous=previous.posture if previous is not None else None, limiter=limiter
     )
-    return Components(settings, dns, pipeline, posture, retired)
+    return Components(settings, dns, pipeline, posture, retired, limit_usage, retired_counters)
 
 
 async def preflight(

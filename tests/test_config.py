@@ -95,8 +95,11 @@ def test_example_config_covers_every_key():
     shown = _data_keys(yaml.safe_load(text))
     # Keys that only apply in another mode are shown commented out ("# token: ...").
     commented = set(re.findall(r"#\s*([a-z_]+):", text))
-    missing = sorted(k for k in _model_keys(Settings) - shown if k.rpartition(".")[2] not in commented
-                     and not any(fnmatch.fnmatchcase(key, k) for key in shown))
+    missing = sorted(
+        k
+        for k in _model_keys(Settings) - shown
+        if k.rpartition(".")[2] not in commented and not any(fnmatch.fnmatchcase(key, k) for key in shown)
+    )
     assert not missing, f"keys not shown in config/relay.example.yaml: {missing}"
 
 

@@ -62,7 +62,7 @@ def make_counters(kind: str, tmp_path: Path, clock: Clock, redis_server: RedisSe
     return RedisCounters(redis_server.url, fallback=local, clock=clock, timeout=10, key_prefix=prefix)
 
 
-@pytest.mark.parametrize("kind", ["local", "redis"])
+@pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=pytest.mark.binaries)])
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 async def test_scenario(path, kind, tmp_path, request):
     redis_server = request.getfixturevalue("redis_server") if kind == "redis" else None
@@ -202,6 +202,7 @@ async def test_unreadable_counter_file_is_set_aside(tmp_path, caplog):
 
 
 # -- redis: shared, atomic, one round trip, fail-open -----------------------------------
+@pytest.mark.binaries
 async def test_redis_one_round_trip_per_message(redis_server, tmp_path):
     counters = RedisCounters(
         redis_server.url, fallback=LocalCounters(tmp_path / "l"), timeout=10, key_prefix="test:rt:"
@@ -220,6 +221,7 @@ async def test_redis_one_round_trip_per_message(redis_server, tmp_path):
     await counters.close()
 
 
+@pytest.mark.binaries
 async def test_redis_replicas_share_one_limit_atomically(redis_server, tmp_path):
     """Two replicas (two clients, their own local fallbacks) race for a quota of 100."""
     # A generous timeout: this is about atomicity, and a loaded machine must not look like
@@ -242,6 +244,7 @@ async def test_redis_replicas_share_one_limit_atomically(redis_server, tmp_path)
         await counters.close()
 
 
+@pytest.mark.binaries
 async def test_redis_outage_fails_open_then_reconnects(tmp_path, caplog):
     """Redis killed mid-run: checks go on against local counters (counted, logged once,
     said in the problem for /readyz); Redis restarted: the counters are shared again

@@ -453,7 +453,8 @@ class UserLimitSettings(LimitSettings):
                     hint = f" (did you mean {guess[0]!r}?)" if guess else ""
                     raise ValueError(
                         f"{key!r} is neither a limit ({', '.join(_LIMIT_FIELDS)}) nor a user's "
-                        f"overrides (a mapping like {key}: {{daily: 1000}}){hint}")
+                        f"overrides (a mapping like {key}: {{daily: 1000}}){hint}"
+                    )
         return data
 
     @model_validator(mode="after")

@@ -33,8 +33,8 @@ from relay.limits.rules import DAILY, DAILY_RECIPIENTS, RATE, SLOT_SECONDS, WIND
 
 FAIL_OPEN = Counter(
     "relay_limit_fail_open_total",
-    "Limit checks answered without the configured counters (Redis unreachable: local "
-    "counters; local counter file broken: not counted).",
+    "Messages counted without the configured counters (Redis unreachable: on this host's "
+    "counters; local counter file broken: not counted at all).",
     ["backend"],
 )
 
