@@ -94,7 +94,6 @@ class Pipeline:
         self.limiter = limiter
         self.networks = ClientNetworks(settings.clients.networks)
         self.signer = DkimSigner(settings.dkim.sign_headers, settings.dkim.oversign)
-        self._own_signatures = {(k.domain, k.selector) for k in settings.dkim.keys}
         self._listener_senders = {
             lst.name: SenderPolicy(lst.senders if lst.senders is not None else keyring.domains)
             for lst in settings.listeners
@@ -331,7 +330,7 @@ class Pipeline:
                 tags.get(b"d", b"").decode("ascii", "replace").lower(),
                 tags.get(b"s", b"").decode("ascii", "replace"),
             )
-            if ident in self._own_signatures:
+            if self.keyring.owns(*ident):
                 stale.append(sig)
         return message.without(stale) if stale else message
 

@@ -35,6 +35,7 @@ from relay.wiring import Components, LimitCounters, UpstreamTargets, build_compo
 log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
+KEY_AGE_INTERVAL = 15.0
 
 ListenerKey = tuple[str, str, str]
 
@@ -101,6 +102,7 @@ class Relay:
         await self.health.start(host, port, reuse_port=self.reuse_port)
         self._tasks.append(asyncio.create_task(self.store.run(), name="secret-refresh"))
         self._tasks.append(asyncio.create_task(self._probe_upstreams(), name="upstream-probe"))
+        self._tasks.append(asyncio.create_task(self._update_key_ages(), name="key-ages"))
         self._posture_task = asyncio.create_task(self.components.posture.run(), name="posture")
 
     def _listener(self, lst: ListenerSettings, settings: Settings) -> ListenerServer:
@@ -147,6 +149,13 @@ class Relay:
             except Exception as exc:  # a probe must never kill the relay
                 self._upstream_problem = f"probe error: {type(exc).__name__}"
             await asyncio.sleep(UPSTREAM_PROBE_INTERVAL)
+
+    async def _update_key_ages(self) -> None:
+        """Key ages grow by themselves: `relay_dkim_key_age_seconds` is set now and then."""
+        while True:
+            await asyncio.sleep(KEY_AGE_INTERVAL)
+            if self.components is not None:
+                self.components.pipeline.keyring.update_ages()
 
     async def reload(self) -> bool:
         """SIGHUP: load, validate and apply a new config; keep the old one on any error."""

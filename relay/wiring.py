@@ -53,7 +53,9 @@ def new_secret_store(settings: Settings) -> SecretStore:
 
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
     backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
-    if any(ref.startswith("aws-sm://") for ref in secret_refs(settings) + vault_bootstrap_refs(settings)):
+    key_patterns = [ks.key for ks in settings.dkim.key_sets]  # keys a key set will list
+    refs = secret_refs(settings) + vault_bootstrap_refs(settings) + key_patterns
+    if any(ref.startswith("aws-sm://") for ref in refs):
         # Imported only when used: the AWS SDK costs each worker ~35 MiB of memory.
         from relay.secrets.aws import AwsSecretsBackend
 
@@ -88,7 +90,7 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
 
 
 def secret_refs(settings: Settings) -> list[str]:
-    refs = [k.key for k in settings.dkim.keys]
+    refs = [k.key for k in settings.dkim.keys] + [ks.key_set for ks in settings.dkim.key_sets]
     refs += [u.password for u in settings.clients.users if u.password]
     for upstream in settings.upstream:
         refs += [r for r in (upstream.password, upstream.proxy_password) if r]
@@ -320,6 +322,7 @@ async def build_components(
     pipeline, posture = build_pipeline(
         settings, store, upstreams, dns, previous=previous.posture if previous is not None else None, limiter=limiter
     )
+    await pipeline.keyring.fetch_missing()  # the keys key-set documents list
     return Components(settings, dns, pipeline, posture, retired, limit_usage, retired_counters)
 
 
@@ -335,10 +338,12 @@ async def preflight(
         await load_secrets(store, settings)
         upstream = settings.upstream[0]
         target = build_target(upstream, settings, store, dns)
+        keyring = KeyRing(settings.dkim, store)
+        await keyring.fetch_missing()
         return await run_check(
             settings,
             dns=dns,
-            keyring=KeyRing(settings.dkim, store),
+            keyring=keyring,
             target=target,
             dialer=build_dialer(upstream, store),
             accept=accept,

@@ -44,6 +44,7 @@ EXPECTED_ALERTS = {
     "RelaySecretRefreshStale",
     "RelayDown",
     "RelayNotReady",
+    "RelayDkimKeyTooOld",
     "RelayUserNearDailyQuota",
     "RelayLimitsNotShared",
 }

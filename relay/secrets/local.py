@@ -7,7 +7,7 @@ import logging
 import os
 import stat
 
-from relay.secrets.base import SecretFetchError, SecretRef, SecretValue
+from relay.secrets.base import SecretFetchError, SecretNotFoundError, SecretRef, SecretValue
 
 log = logging.getLogger("relay.secrets")
 
@@ -30,6 +30,8 @@ class FileBackend:
             st = os.stat(path)
             with open(path, "rb") as fh:
                 data = fh.read()
+        except FileNotFoundError:
+            raise SecretNotFoundError(f"{ref}: cannot read (no such file)") from None
         except OSError as exc:
             raise SecretFetchError(f"{ref}: cannot read ({exc.strerror or type(exc).__name__})") from None
         if st.st_mode & (stat.S_IRGRP | stat.S_IROTH) and path not in self._warned:
@@ -59,6 +61,16 @@ class FileBackend:
             os.close(fd)
         os.replace(tmp, path)
         return "file"
+
+    async def delete(self, ref: SecretRef) -> bool:
+        """Remove the file; False if it was already gone."""
+        try:
+            await asyncio.to_thread(os.unlink, ref.location)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise SecretFetchError(f"{ref}: cannot delete ({exc.strerror or type(exc).__name__})") from None
+        return True
 
     async def close(self) -> None:
         return None
