@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     validate = config_sub.add_parser("validate", help="load and validate the config")
     validate.add_argument("-c", "--config")
     validate.set_defaults(func=cmd_config_validate)
+
+    from relay.queue.commands import add_queue_commands
+
+    add_queue_commands(sub, _load)
     return parser
 
 

@@ -65,6 +65,7 @@ class Transaction:
     from_domain: str | None = None
     upstream_reply: Reply | None = None
     limit: str | None = None  # the sending limit that refused it (`user:billing:daily`)
+    queued: bool = False  # spool mode: the 250 means "on disk", delivery follows
 
     @property
     def mail_from_domain(self) -> str:
@@ -148,14 +149,16 @@ class Pipeline:
         tls: str | None,
     ) -> Transaction:
         """The transaction of an accepted MAIL FROM (no upstream yet: see add_recipient)."""
+        tx_id = new_message_id()
         return Transaction(
-            id=new_message_id(),
+            id=tx_id,
             listener=listener,
             client=client,
             user=user,
             senders=senders,
             envelope=Envelope(
                 mail_from=mail_from,
+                id=tx_id,
                 body_8bit="BODY=8BITMIME" in mail_options,
                 smtputf8="SMTPUTF8" in mail_options,
             ),
@@ -264,6 +267,11 @@ class Pipeline:
         tx.upstream_reply = reply
         if reply.positive:
             messages.message_relayed(tx.listener, tx.upstream.upstream)
+            if self.settings.queue.mode == "spool":
+                # The signed message is synced in the spool (relay.queue.spooled); the
+                # delivery loop takes it from here. `relay queue show <id>` follows it.
+                tx.queued = True
+                return Reply(250, "2.0.0", f"Ok: queued, id={tx.id}")
             return Reply(250, "2.0.0", f"Ok: relayed, id={tx.id}")
         await reservation.give_back()
         raise SmtpError(
@@ -280,7 +288,10 @@ class Pipeline:
         if self.limiter is None:
             return NOTHING_RESERVED
         try:
-            return await self.limiter.reserve(tx.user, from_domain, len(tx.recipients))
+            # Spool mode: the domain's limits stand for what the upstream takes, so the
+            # delivery loop paces them (defers); the user's limits are refused here.
+            spool = self.settings.queue.mode == "spool"
+            return await self.limiter.reserve(tx.user, from_domain, len(tx.recipients), domain_limits=not spool)
         except LimitExceeded as exc:
             tx.limit = exc.limit
             raise

@@ -30,7 +30,15 @@ from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
 from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
 from relay.pipeline import Pipeline
-from relay.wiring import Components, LimitCounters, UpstreamTargets, build_components, new_secret_store
+from relay.wiring import (
+    Components,
+    LimitCounters,
+    SpoolParts,
+    UpstreamTargets,
+    build_components,
+    build_spool,
+    new_secret_store,
+)
 
 log = logging.getLogger("relay")
 
@@ -68,6 +76,7 @@ class Relay:
         self._posture_task: asyncio.Task[None] | None = None
         self._upstream_problem: str | None = "not probed yet"
         self._signals = 0
+        self.queue: SpoolParts | None = None  # spool mode: the spool and its delivery loop
 
     def _load_config_file(self) -> Settings:
         assert self.config_path is not None, "the dev default reloads through reload_settings"
@@ -91,7 +100,13 @@ class Relay:
             "effective configuration",
             extra={"config": redacted(settings), "source": str(self.config_path or "embedded dev default")},
         )
-        self.components = await build_components(settings, self.store, self.targets, counters=self.limit_counters)
+        self.queue = build_spool(settings, self._components)
+        if self.queue is not None:
+            await asyncio.to_thread(self.queue.spool.open)  # OSError: "cannot start"
+        spool = self.queue.target if self.queue is not None else None
+        self.components = await build_components(
+            settings, self.store, self.targets, spool=spool, counters=self.limit_counters
+        )
         self.components.pipeline.keyring.attach()
         self._report_keys(self.components.pipeline)
         for lst in settings.listeners:
@@ -104,6 +119,12 @@ class Relay:
         self._tasks.append(asyncio.create_task(self._probe_upstreams(), name="upstream-probe"))
         self._tasks.append(asyncio.create_task(self._update_key_ages(), name="key-ages"))
         self._posture_task = asyncio.create_task(self.components.posture.run(), name="posture")
+        if self.queue is not None:
+            self.queue.runner.start()  # what an earlier run left in the spool goes out now
+
+    def _components(self) -> Components:
+        assert self.components is not None
+        return self.components
 
     def _listener(self, lst: ListenerSettings, settings: Settings) -> ListenerServer:
         return ListenerServer(lst, self, self.connections, self.tls, settings, reuse_port=self.reuse_port)
@@ -124,6 +145,8 @@ class Relay:
         missing = self.components.pipeline.keyring.never_loaded() if self.components else {"all": "starting"}
         checks["dkim_keys"] = "; ".join(f"{k}: {v}" for k, v in missing.items()) or None
         checks["upstream"] = self._upstream_problem
+        if self.queue is not None:
+            checks["spool"] = self.queue.spool.unwritable()
         return checks
 
     def readiness_detail(self) -> dict[str, str | None]:
@@ -141,7 +164,8 @@ class Relay:
         """Check the path to the default upstream now and then, for /readyz."""
         while True:
             try:
-                await self.pipeline.router.default.probe()
+                # The real upstream, also in spool mode (where the pipeline's target is the spool).
+                await self._components().router.default.probe()
                 self._upstream_problem = None
             except SmtpError as exc:
                 self._upstream_problem = exc.reason
@@ -170,7 +194,12 @@ class Relay:
         old = self.components
         assert old is not None
         try:
-            new = await build_components(settings, self.store, self.targets, previous=old, counters=self.limit_counters)
+            if settings.queue != old.settings.queue:
+                log.warning("queue settings changed; they take effect at the next restart")
+            spool = self.queue.target if self.queue is not None else None
+            new = await build_components(
+                settings, self.store, self.targets, previous=old, spool=spool, counters=self.limit_counters
+            )
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
@@ -216,7 +245,11 @@ class Relay:
         # Idle sessions go now (RFC 5321 §3.8: 421 then close); a session inside a
         # transaction gets its 421 after the DATA reply (RelaySMTP.shutdown).
         self.connections.shutdown()
-        if not await self.connections.wait_closed(timeout):
+        # Spool mode: deliveries under way finish within the same timeout; what is left
+        # stays in the spool for the next start.
+        runner = self.queue.runner.stop(timeout) if self.queue is not None else asyncio.sleep(0)
+        closed, _ = await asyncio.gather(self.connections.wait_closed(timeout), runner)
+        if not closed:
             log.warning("drain timeout; closing remaining sessions", extra={"sessions": len(self.connections)})
             self.connections.close()
         await self.stop()
@@ -229,6 +262,9 @@ class Relay:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.queue is not None:
+            await self.queue.runner.stop(0)  # a no-op after a drain
+            await self.queue.spool.close()
         await asyncio.gather(*(t.close() for t in self.targets.all()), return_exceptions=True)
         if self.limit_counters.current is not None:
             await self.limit_counters.current.close()

@@ -9,11 +9,16 @@ task or binds a socket: `relay.server` runs what this module builds (like uvicor
     targets = UpstreamTargets()
     parts = await build_components(settings, store, targets)      # at start
     parts = await build_components(new, store, targets, previous=parts)   # at reload
+
+Spool mode (`queue.mode: spool`): the spool and its delivery loop outlive config snapshots
+(`build_spool` once, at start); each snapshot's pipeline delivers to the spool, and the
+delivery loop to the snapshot's real targets (`Components.router`).
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.auth.users import UserDirectory
@@ -38,6 +43,12 @@ from relay.posture.egress import Accept, is_public_unicast
 from relay.posture.monitor import PostureMonitor
 from relay.posture.report import CheckReport, run_check
 from relay.proxy import dialer_for
+from relay.queue.dsn import report_signer
+from relay.queue.pacing import PacedTarget
+from relay.queue.runner import QueueRunner
+from relay.queue.schedule import RetryPolicy
+from relay.queue.spooled import SpoolTarget
+from relay.queue.store import Spool
 from relay.route.router import Router
 from relay.secrets.base import SecretBackend
 from relay.secrets.local import EnvBackend, FileBackend
@@ -134,6 +145,16 @@ def build_dns(settings: Settings) -> DnsResolver:
 def build_target(
     upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
 ) -> UpstreamTarget:
+    target = _build_target(upstream, settings, store, dns)
+    if upstream.max_rate is not None and settings.queue.mode == "spool":
+        # Pacing applies to deliveries from the spool; in passthrough the client waits.
+        return PacedTarget(target, upstream.max_rate)
+    return target
+
+
+def _build_target(
+    upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
+) -> UpstreamTarget:
     if upstream.mode == "outbox":
         assert upstream.outbox_dir is not None
         upstream.outbox_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +212,7 @@ class UpstreamTargets:
         """The targets for `settings`, in config order, and the ones no longer used."""
         wanted: dict[str, UpstreamTarget] = {}
         for upstream in settings.upstream:
-            key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json()
+            key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json() + settings.queue.mode
             wanted[key] = self._by_config.get(key) or build_target(upstream, settings, store, dns)
         retired = [t for k, t in self._by_config.items() if k not in wanted]
         self._by_config = wanted
@@ -214,9 +235,11 @@ def build_pipeline(
     targets: list[UpstreamTarget],
     dns: DnsService,
     previous: PostureMonitor | None = None,
+    spool: UpstreamTarget | None = None,
     limiter: Limiter | None = None,
 ) -> tuple[Pipeline, PostureMonitor]:
-    """The pipeline for one config snapshot, and the DNS posture monitor that gates it."""
+    """The pipeline for one config snapshot, and the DNS posture monitor that gates it.
+    With `spool`, every transaction goes to it (the real targets are the delivery loop's)."""
     keyring = KeyRing(settings.dkim, store)
     router = build_router(settings, targets)
     monitor = PostureMonitor(
@@ -226,7 +249,7 @@ def build_pipeline(
         settings,
         users=UserDirectory(settings.clients.users, store),
         keyring=keyring,
-        router=router,
+        router=Router(spool) if spool is not None else router,
         gate=monitor,
         limiter=limiter,
     )
@@ -295,6 +318,7 @@ class Components:
     dns: DnsResolver
     pipeline: Pipeline
     posture: PostureMonitor
+    router: Router  # the real upstream targets (in spool mode the pipeline's router is the spool's)
     # Targets of the previous snapshot that this one no longer uses (to be closed).
     retired: list[UpstreamTarget] = field(default_factory=list)
     limit_usage: LimitUsage | None = None  # relay_limit_usage_ratio, read at scrape
@@ -307,6 +331,7 @@ async def build_components(
     targets: UpstreamTargets,
     *,
     previous: Components | None = None,
+    spool: SpoolTarget | None = None,
     counters: LimitCounters | None = None,
 ) -> Components:
     """Load the secrets `settings` uses and build its pipeline, targets and posture monitor.
@@ -320,10 +345,50 @@ async def build_components(
     limit_counters, retired_counters = (counters or LimitCounters()).build(settings, store)
     limiter, limit_usage = build_limiter(settings, limit_counters)
     pipeline, posture = build_pipeline(
-        settings, store, upstreams, dns, previous=previous.posture if previous is not None else None, limiter=limiter
+        settings,
+        store,
+        upstreams,
+        dns,
+        previous=previous.posture if previous is not None else None,
+        spool=spool,
+        limiter=limiter,
     )
     await pipeline.keyring.fetch_missing()  # the keys key-set documents list
-    return Components(settings, dns, pipeline, posture, retired, limit_usage, retired_counters)
+    return Components(
+        settings, dns, pipeline, posture, build_router(settings, upstreams), retired, limit_usage, retired_counters
+    )
+
+
+class SpoolParts:
+    """Spool mode's long-lived parts: the spool, its delivery loop, the pipeline's target."""
+
+    def __init__(self, settings: Settings, current: Callable[[], Components]) -> None:
+        queue = settings.queue
+        self.spool = Spool(queue.dir, max_bytes=queue.max_bytes)
+
+        def sign_report(report: bytes) -> bytes:
+            pipeline = current().pipeline
+            return report_signer(pipeline.keyring.keys_for, pipeline.signer, settings.hostname)(report)
+
+        self.runner = QueueRunner(
+            self.spool,
+            lambda: current().router,
+            RetryPolicy(queue.retry, max_age=queue.max_age),
+            hostname=settings.hostname,
+            bounce=queue.bounce,
+            dead_letter_age=queue.dead_letter_age,
+            sign_report=sign_report,
+            pacer=lambda: current().pipeline.limiter,
+        )
+        self.target = SpoolTarget(self.spool, self.runner, lambda: current().router)
+
+
+def build_spool(settings: Settings, current: Callable[[], Components]) -> SpoolParts | None:
+    """The spool parts when `queue.mode: spool`, else None. Opening the spool (directories,
+    a scan, the journal replay of a stopped process) is `SpoolParts.spool.open()`."""
+    if settings.queue.mode != "spool":
+        return None
+    return SpoolParts(settings, current)
 
 
 async def preflight(

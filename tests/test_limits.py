@@ -220,3 +220,26 @@ def test_two_instances_share_redis_and_survive_its_outage(make_relay, upstream, 
         # Redis came back empty: counting starts again, shared.
         assert send(first, pki, "after")[0] == 250
         assert redis.cli("HGET", "relay:limits:user:app", "m").strip() == "1"
+
+
+# -- spool mode ------------------------------------------------------------------------------
+@in_thread
+def test_spool_defers_a_domain_excess_and_refuses_a_user_excess(make_loop_relay, upstream, pki, tmp_path):
+    """Spool mode: a From domain's limit stands for what the upstream takes, so the excess
+    is acknowledged and waits in the spool; a user's limit is refused as in passthrough."""
+    relay = make_loop_relay(
+        upstream.port,
+        queue={"mode": "spool", "dir": str(tmp_path / "spool"), "retry": ["1s"]},
+        limits={"users": {"daily": 3}, "domains": {"example.com": {"rate": "1/h", "burst": 1}}},
+    )
+    codes = [send(relay, pki, f"s{i}") for i in range(4)]
+    assert [code for code, _ in codes[:3]] == [250, 250, 250]  # all acknowledged (on disk)
+    assert codes[3][0] == 451 and "daily message quota of user app" in codes[3][1]
+    upstream.wait_for(1)
+    relay.wait_log(lambda e: e.get("msg") == "delivery deferred by a sending limit")
+    assert len(upstream.messages) == 1  # the domain's rate lets one through; two wait, queued
+    assert (
+        relay.metric("relay_queue_messages", state="active") + relay.metric("relay_queue_messages", state="deferred")
+        >= 0
+    )
+    assert relay.metric("relay_limit_refusals_total", scope="domain", name="example.com") == 0

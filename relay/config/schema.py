@@ -30,7 +30,7 @@ from pydantic import (
 
 from relay.auth.passwords import check_hash_format
 from relay.config.defaults import METRICS_PORT
-from relay.config.units import Bind, Duration, HostPort, Size
+from relay.config.units import Bind, Duration, HostPort, Rate, Size
 from relay.proxy.url import ProxyUrl, check_credentials, parse_proxy_url
 from relay.secrets.base import SecretRef
 from relay.sign.keyset import SELECTOR_SYNTAX
@@ -395,6 +395,9 @@ class UpstreamSettings(Strict):
     command_timeout: Duration = 300.0
     helo_name: str | None = None
     outbox_dir: Path | None = None
+    # Spool mode: deliveries to this upstream are paced to this many recipients per second
+    # (Amazon SES counts each recipient against its per-second quota).
+    max_rate: Rate | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> UpstreamSettings:
@@ -575,6 +578,26 @@ class LimitsSettings(Strict):
         return self
 
 
+class QueueSettings(Strict):
+    """Store-and-forward (relay.queue): `spool` answers 250 once the signed message is on disk."""
+
+    mode: Literal["passthrough", "spool"] = "passthrough"
+    dir: Path = Path("/var/lib/relay/spool")
+    # Backoff per recipient; the last step repeats. Each delay gets some jitter.
+    retry: list[Duration] = Field(default_factory=lambda: [60.0, 300.0, 900.0, 3600.0, 14400.0], min_length=1)
+    max_age: Duration = 5 * 86400.0
+    max_bytes: Size = 10 * 1024**3
+    bounce: Literal["dsn", "drop"] = "dsn"
+    dead_letter_age: Duration = 14 * 86400.0
+
+    @field_validator("retry")
+    @classmethod
+    def _positive_steps(cls, steps: list[float]) -> list[float]:
+        if any(step <= 0 for step in steps):
+            raise ValueError("every retry step must be longer than 0s")
+        return steps
+
+
 class Settings(Strict):
     # socket.gethostname, not getfqdn: no DNS lookup just to load a config.
     hostname: str = Field(default_factory=socket.gethostname)
@@ -589,6 +612,7 @@ class Settings(Strict):
     spf: SpfSettings = Field(default_factory=SpfSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     # `Received:` header added by the relay (RFC 5321 §4.4). `relay_only` names the relay
     # and the protocol but not the client's private address; `full` adds the client.
     received_header: Literal["off", "relay_only", "full"] = "relay_only"

@@ -80,6 +80,8 @@ class TransactionFacts(Protocol):
     @property
     def upstream_reply(self) -> Reply | None: ...
     @property
+    def queued(self) -> bool: ...
+    @property
     def started(self) -> float: ...
     @property
     def limit(self) -> str | None: ...
@@ -108,6 +110,9 @@ def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | Non
         "upstream": tx.upstream.upstream if tx.upstream is not None else None,
         "upstream_reply": str(upstream_reply) if upstream_reply else None,
         "upstream_id": upstream_id(upstream_reply.text) if upstream_reply and upstream_reply.positive else None,
+        # Spool mode: the 250 meant "on disk"; the delivery attempts have lines of their own
+        # (logger relay.queue, "delivery attempt", same id).
+        "queued": tx.queued,
         "code": reply.code,
         "enhanced": reply.enhanced,
         "duration_ms": round((time.monotonic() - tx.started) * 1000, 1),
