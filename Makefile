@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TOOLS_VENV  ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck bench clean
+.PHONY: run test test-fast lint typecheck bench bench-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The TLS load client and its trivial TLS sink (C, OpenSSL: Debian's libssl-dev).
+BENCH_BIN := bench/bin
+bench-tools: $(BENCH_BIN)/tls_load $(BENCH_BIN)/tls_sink
+
+$(BENCH_BIN)/%: bench/tls/%.c
+	@mkdir -p $(BENCH_BIN)
+	$(CC) -O2 -Wall -Wextra -o $@ $< -lssl -lcrypto -lpthread
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache .relay-dev
