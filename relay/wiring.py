@@ -34,6 +34,11 @@ from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostTarget
 from relay.dns.addresses import AddressResolver
 from relay.dns.resolver import DnsResolver, DnsService
+from relay.limits.counters import Counters
+from relay.limits.limiter import Limiter
+from relay.limits.local import LocalCounters, counters_dir
+from relay.limits.rules import LimitPolicy
+from relay.limits.usage import LimitUsage
 from relay.oauth.cache import TokenCache
 from relay.oauth.providers import token_source
 from relay.oauth.token import TokenError, remediation
@@ -294,6 +299,7 @@ def build_pipeline(
     dns: DnsService,
     previous: PostureMonitor | None = None,
     spool: UpstreamTarget | None = None,
+    limiter: Limiter | None = None,
 ) -> tuple[Pipeline, PostureMonitor]:
     """The pipeline for one config snapshot, and the DNS posture monitor that gates it.
     With `spool`, every transaction goes to it (the real targets are the delivery loop's)."""
@@ -313,8 +319,63 @@ def build_pipeline(
         keyring=keyring,
         router=Router(spool) if spool is not None else router,
         gate=monitor,
+        limiter=limiter,
     )
     return pipeline, monitor
+
+
+class LimitCounters:
+    """The counters of sending limits. Built once and kept across reloads while the backend
+    settings stay the same: the counts live on, whatever the limits become."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._counters: Counters | None = None
+
+    @property
+    def current(self) -> Counters | None:
+        return self._counters
+
+    def build(self, settings: Settings, store: SecretStore) -> tuple[Counters | None, Counters | None]:
+        """The counters `settings` asks for, and the ones they replace (to be closed)."""
+        limits = settings.limits
+        key = None if limits is None else f"{limits.backend} {limits.redis} {settings.data_dir}"
+        if key == self._key:
+            return self._counters, None
+        retired = self._counters
+        self._counters = None if limits is None else build_counters(settings, store)
+        self._key = key
+        return self._counters, retired
+
+
+def build_counters(settings: Settings, store: SecretStore) -> Counters:
+    assert settings.limits is not None
+    local = LocalCounters(counters_dir(settings.data_dir))
+    redis = settings.limits.redis
+    if settings.limits.backend != "redis" or redis is None:
+        return local
+    from relay.limits.redis_counters import RedisCounters
+
+    password = store.get(redis.password) if redis.password else None
+    return RedisCounters(
+        redis.url,
+        fallback=local,
+        password=password.text() if password else None,
+        timeout=redis.timeout,
+        key_prefix=redis.key_prefix,
+        ca_file=redis.ca_file,
+    )
+
+
+def build_limiter(settings: Settings, counters: Counters | None) -> tuple[Limiter | None, LimitUsage | None]:
+    """The limits stage and its usage gauge, or None when nothing is limited."""
+    if settings.limits is None or counters is None:
+        return None, None
+    policy = LimitPolicy(settings.limits)
+    if not policy.limits_anything:
+        return None, None
+    usage = LimitUsage(policy, counters, [user.username for user in settings.clients.users])
+    return Limiter(policy, counters), usage
 
 
 @dataclass
@@ -332,6 +393,8 @@ class Components:
     # previous snapshot's that this one no longer uses (to be closed).
     token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
     retired_token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
+    limit_usage: LimitUsage | None = None  # relay_limit_usage_ratio, read at scrape
+    retired_counters: Counters | None = None  # limit counters this snapshot replaced
 
 
 async def build_components(
@@ -341,6 +404,7 @@ async def build_components(
     *,
     previous: Components | None = None,
     spool: SpoolTarget | None = None,
+    counters: LimitCounters | None = None,
 ) -> Components:
     """Load the secrets `settings` uses and build its pipeline, targets and posture monitor.
 
@@ -350,8 +414,16 @@ async def build_components(
     await load_secrets(store, settings)
     dns = build_dns(settings)
     built = targets.build(settings, store, dns)
+    limit_counters, retired_counters = (counters or LimitCounters()).build(settings, store)
+    limiter, limit_usage = build_limiter(settings, limit_counters)
     pipeline, posture = build_pipeline(
-        settings, store, built.targets, dns, previous=previous.posture if previous is not None else None, spool=spool
+        settings,
+        store,
+        built.targets,
+        dns,
+        previous=previous.posture if previous is not None else None,
+        spool=spool,
+        limiter=limiter,
     )
     await pipeline.keyring.fetch_missing()  # the keys key-set documents list
     return Components(
@@ -360,9 +432,11 @@ async def build_components(
         pipeline,
         posture,
         build_router(settings, built.targets),
-        built.retired,
-        built.token_auths,
-        built.retired_token_auths,
+        retired=built.retired,
+        token_auths=built.token_auths,
+        retired_token_auths=built.retired_token_auths,
+        limit_usage=limit_usage,
+        retired_counters=retired_counters,
     )
 
 
@@ -385,6 +459,7 @@ class SpoolParts:
             bounce=queue.bounce,
             dead_letter_age=queue.dead_letter_age,
             sign_report=sign_report,
+            pacer=lambda: current().pipeline.limiter,
         )
         self.target = SpoolTarget(self.spool, self.runner, lambda: current().router)
 

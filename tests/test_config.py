@@ -5,11 +5,13 @@ tests/data/configs/bad/ must exit 2 and print the error line named in the file's
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import io
 import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -131,7 +133,11 @@ def test_example_config_covers_every_key():
     shown = _data_keys(yaml.safe_load(text))
     # Keys that only apply in another mode are shown commented out ("# token: ...").
     commented = set(re.findall(r"#\s*([a-z_]+):", text))
-    missing = sorted(k for k in _model_keys(Settings) - shown if k.rpartition(".")[2] not in commented)
+    missing = sorted(
+        k
+        for k in _model_keys(Settings) - shown
+        if k.rpartition(".")[2] not in commented and not any(fnmatch.fnmatchcase(key, k) for key in shown)
+    )
     assert not missing, f"keys not shown in config/relay.example.yaml: {missing}"
 
 
@@ -140,8 +146,10 @@ def _model_keys(model, prefix="") -> set[str]:
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         keys.add(path)
+        # A mapping of models (limits.domains) has data for keys: shown as "*".
+        below = path + (".*." if typing.get_origin(field.annotation) is dict else ".")
         for candidate in _models_in(field.annotation):
-            keys |= _model_keys(candidate, path + ".")
+            keys |= _model_keys(candidate, below)
     return keys
 
 

@@ -89,6 +89,8 @@ def _key_path(loc: Iterable[Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif "." in str(part) or " " in str(part):
+            out += f"[{str(part)!r}]"  # a key that is data (a domain), not a field name
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -201,6 +203,21 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
         extra = _EXTRAS.get(scheme)
         if extra and any(importlib.util.find_spec(module) is None for module in extra[1]):
             yield key_path, f"{scheme}:// needs relay's {extra[0]} extra: pip install 'relay[{extra[0]}]'"
+    if settings.limits is not None:
+        yield from _limits_checks(settings)
+
+
+def _limits_checks(settings: Settings) -> Iterable[tuple[str, str]]:
+    assert settings.limits is not None
+    usernames = [user.username for user in settings.clients.users]
+    for username in settings.limits.users.model_extra or {}:
+        if username not in usernames:
+            guess = difflib.get_close_matches(username, usernames, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            yield _key_path(["limits", "users", username]), f"no user named {username!r} in clients.users{hint}"
+    redis = settings.limits.redis
+    if redis is not None and redis.ca_file is not None and not redis.ca_file.is_file():
+        yield "limits.redis.ca_file", f"file not found: {redis.ca_file}"
 
 
 # scheme → (extra, the modules it provides)
@@ -244,6 +261,9 @@ def secret_references(settings: Settings) -> list[tuple[str, str]]:
             for name in ("client_secret", "client_certificate", "service_account"):
                 if ref := getattr(upstream.auth, name):
                     found.append((f"upstream[{i}].auth.{name}", ref))
+    limits = settings.limits
+    if limits is not None and limits.redis is not None and limits.redis.password:
+        found.append(("limits.redis.password", limits.redis.password))
     return found
 
 
