@@ -23,6 +23,7 @@ from pathlib import Path
 from relay.config.load import ConfigError, load_settings, redacted
 from relay.config.schema import ListenerSettings, Settings
 from relay.errors import SmtpError
+from relay.limits.usage import LimitUsage
 from relay.listen import patches
 from relay.listen.connections import Connections
 from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
@@ -31,7 +32,15 @@ from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
 from relay.pipeline import Pipeline, finish_background
 from relay.secrets.base import SecretValue
-from relay.wiring import Components, SpoolParts, UpstreamTargets, build_components, build_spool, new_secret_store
+from relay.wiring import (
+    Components,
+    LimitCounters,
+    SpoolParts,
+    UpstreamTargets,
+    build_components,
+    build_spool,
+    new_secret_store,
+)
 
 log = logging.getLogger("relay")
 
@@ -56,11 +65,12 @@ class Relay:
         self.reuse_port = reuse_port
         self.store = new_secret_store(settings)
         self.targets = UpstreamTargets()
+        self.limit_counters = LimitCounters()
         self.components: Components | None = None
         self.tls = ServerTls(settings.tls)
         self.listeners: dict[ListenerKey, ListenerServer] = {}
         self.connections = Connections()
-        self.health = HealthServer(self.readiness)
+        self.health = HealthServer(self.readiness, detail=self.readiness_detail, scraped=self._scraped)
         self._draining = False
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []  # run until stop()
@@ -96,7 +106,9 @@ class Relay:
         if self.queue is not None:
             await asyncio.to_thread(self.queue.spool.open)  # OSError: "cannot start"
         spool = self.queue.target if self.queue is not None else None
-        self.components = await build_components(settings, self.store, self.targets, spool=spool)
+        self.components = await build_components(
+            settings, self.store, self.targets, spool=spool, counters=self.limit_counters
+        )
         self.store.subscribe(self._secret_changed)
         # Access tokens before the listeners open: the first message finds one ready.
         await self._start_token_auths(self.components.token_auths)
@@ -153,6 +165,17 @@ class Relay:
         for token_auth in self.targets.token_auths():
             token_auth.secret_changed(ref)
 
+    def readiness_detail(self) -> dict[str, str | None]:
+        """What /readyz reports without failing: limits running on local counters because
+        Redis is unreachable (fail open) is worth knowing, not worth taking relay out of
+        the load balancer."""
+        counters = self.limit_counters.current
+        return {"limits": counters.problem() if counters is not None else None}
+
+    def _scraped(self) -> list[LimitUsage]:
+        usage = self.components.limit_usage if self.components is not None else None
+        return [usage] if usage is not None else []
+
     async def _probe_upstreams(self) -> None:
         """Check the path to the default upstream now and then, for /readyz."""
         while True:
@@ -192,7 +215,9 @@ class Relay:
             if settings.queue != old.settings.queue:
                 log.warning("queue settings changed; they take effect at the next restart")
             spool = self.queue.target if self.queue is not None else None
-            new = await build_components(settings, self.store, self.targets, previous=old, spool=spool)
+            new = await build_components(
+                settings, self.store, self.targets, previous=old, spool=spool, counters=self.limit_counters
+            )
             await self._start_token_auths(new.token_auths)  # new upstreams' (the others run)
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
@@ -212,6 +237,8 @@ class Relay:
             self._in_background(target.close())
         for token_auth in new.retired_token_auths:
             self._in_background(token_auth.close())
+        if new.retired_counters is not None:
+            self._in_background(new.retired_counters.close())
         log.info("configuration reloaded", extra={"config": redacted(settings)})
         return True
 
@@ -265,6 +292,8 @@ class Relay:
             await self.queue.spool.close()
         await asyncio.gather(*(t.close() for t in self.targets.all()), return_exceptions=True)
         await asyncio.gather(*(a.close() for a in self.targets.token_auths()), return_exceptions=True)
+        if self.limit_counters.current is not None:
+            await self.limit_counters.current.close()
         await self.health.stop()
         await self.store.close()
         self._stopped.set()

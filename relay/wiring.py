@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.auth.users import UserDirectory
+from relay.config.load import secret_references
 from relay.config.schema import Settings, UpstreamSettings
 from relay.deliver.base import UpstreamTarget
 from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint, upstream_tls_context
@@ -33,6 +34,11 @@ from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostTarget
 from relay.dns.addresses import AddressResolver
 from relay.dns.resolver import DnsResolver, DnsService
+from relay.limits.counters import Counters
+from relay.limits.limiter import Limiter
+from relay.limits.local import LocalCounters, counters_dir
+from relay.limits.rules import LimitPolicy
+from relay.limits.usage import LimitUsage
 from relay.oauth.cache import TokenCache
 from relay.oauth.providers import token_source
 from relay.oauth.token import TokenError, remediation
@@ -63,6 +69,8 @@ def new_secret_store(settings: Settings) -> SecretStore:
 
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
     backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
+    # The HTTP backends' host names (Secrets Manager, Vault) also go through dns.nameservers.
+    resolver = configured_resolver(settings, build_dns(settings))
     key_patterns = [ks.key for ks in settings.dkim.key_sets]  # keys a key set will list
     refs = secret_refs(settings) + vault_bootstrap_refs(settings) + key_patterns
     if any(ref.startswith("aws-sm://") for ref in refs):
@@ -70,7 +78,9 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
         from relay.secrets.aws import AwsSecretsBackend
 
         backends.append(
-            AwsSecretsBackend(region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url)
+            AwsSecretsBackend(
+                region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url, resolver=resolver
+            )
         )
     vault = settings.secrets.vault
     if vault is not None:
@@ -94,19 +104,15 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
                 auth_mount=vault.auth_mount,
                 namespace=vault.namespace,
                 ca_file=str(vault.ca_file) if vault.ca_file else None,
+                resolver=resolver,
             )
         )
     return backends
 
 
 def secret_refs(settings: Settings) -> list[str]:
-    refs = [k.key for k in settings.dkim.keys] + [ks.key_set for ks in settings.dkim.key_sets]
-    refs += [u.password for u in settings.clients.users if u.password]
-    for upstream in settings.upstream:
-        refs += [r for r in (upstream.password, upstream.proxy_password) if r]
-        if upstream.auth is not None:
-            refs += upstream.auth.secret_refs
-    return list(dict.fromkeys(refs))
+    """The references the relay itself uses (Vault's own credentials are `vault_bootstrap_refs`)."""
+    return list(dict.fromkeys(ref for path, ref in secret_references(settings) if not path.startswith("secrets.")))
 
 
 def vault_bootstrap_refs(settings: Settings) -> list[str]:
@@ -126,14 +132,23 @@ async def load_secrets(store: SecretStore, settings: Settings) -> None:
     store.retain(refs)
 
 
-def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
+def build_dialer(upstream: UpstreamSettings, store: SecretStore, resolver: AddressResolver | None = None) -> Dialer:
     password = store.get(upstream.proxy_password) if upstream.proxy_password else None
     return dialer_for(
         upstream.proxy,
         password=password.text() if password else None,
         connect_timeout=upstream.connect_timeout,
         handshake_timeout=upstream.connect_timeout,
+        resolver=resolver,
     )
+
+
+def configured_resolver(settings: Settings, dns: DnsService) -> AddressResolver | None:
+    """Names the relay connects to (upstream, proxy) go through `dns.nameservers` when they
+    are configured (a VPC's resolver, not the container's default); else the system's
+    resolver, which also reads /etc/hosts. socks5h:// and CONNECT proxies resolve the
+    upstream's name themselves."""
+    return AddressResolver(dns) if settings.dns.nameservers else None
 
 
 def build_dns(settings: Settings) -> DnsResolver:
@@ -211,12 +226,13 @@ def _build_target(
     )
     if upstream.mode == "mx":
         # MX hosts are always resolved through the configured DNS service.
-        connector = UpstreamConnector(endpoint, build_dialer(upstream, store), AddressResolver(dns))
+        connector = UpstreamConnector(
+            endpoint, build_dialer(upstream, store, configured_resolver(settings, dns)), AddressResolver(dns)
+        )
         return MxTarget(upstream.label, connector, dns)
-    # A smarthost name goes through the configured resolver when one is configured, else
-    # through the system's (which also reads /etc/hosts).
-    resolver = AddressResolver(dns if settings.dns.nameservers else None)
-    connector = UpstreamConnector(endpoint, build_dialer(upstream, store), resolver)
+    resolver = configured_resolver(settings, dns)
+    # Without nameservers the smarthost's name goes to the system resolver (AddressResolver(None)).
+    connector = UpstreamConnector(endpoint, build_dialer(upstream, store, resolver), resolver or AddressResolver(None))
     pool = ConnectionPool(
         upstream.label,
         connector.open,
@@ -283,13 +299,19 @@ def build_pipeline(
     dns: DnsService,
     previous: PostureMonitor | None = None,
     spool: UpstreamTarget | None = None,
+    limiter: Limiter | None = None,
 ) -> tuple[Pipeline, PostureMonitor]:
     """The pipeline for one config snapshot, and the DNS posture monitor that gates it.
     With `spool`, every transaction goes to it (the real targets are the delivery loop's)."""
     keyring = KeyRing(settings.dkim, store)
     router = build_router(settings, targets)
     monitor = PostureMonitor(
-        settings, dns, keyring, router.default, dialer=build_dialer(settings.upstream[0], store), previous=previous
+        settings,
+        dns,
+        keyring,
+        router.default,
+        dialer=build_dialer(settings.upstream[0], store, configured_resolver(settings, dns)),
+        previous=previous,
     )
     pipeline = Pipeline(
         settings,
@@ -297,8 +319,63 @@ def build_pipeline(
         keyring=keyring,
         router=Router(spool) if spool is not None else router,
         gate=monitor,
+        limiter=limiter,
     )
     return pipeline, monitor
+
+
+class LimitCounters:
+    """The counters of sending limits. Built once and kept across reloads while the backend
+    settings stay the same: the counts live on, whatever the limits become."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._counters: Counters | None = None
+
+    @property
+    def current(self) -> Counters | None:
+        return self._counters
+
+    def build(self, settings: Settings, store: SecretStore) -> tuple[Counters | None, Counters | None]:
+        """The counters `settings` asks for, and the ones they replace (to be closed)."""
+        limits = settings.limits
+        key = None if limits is None else f"{limits.backend} {limits.redis} {settings.data_dir}"
+        if key == self._key:
+            return self._counters, None
+        retired = self._counters
+        self._counters = None if limits is None else build_counters(settings, store)
+        self._key = key
+        return self._counters, retired
+
+
+def build_counters(settings: Settings, store: SecretStore) -> Counters:
+    assert settings.limits is not None
+    local = LocalCounters(counters_dir(settings.data_dir))
+    redis = settings.limits.redis
+    if settings.limits.backend != "redis" or redis is None:
+        return local
+    from relay.limits.redis_counters import RedisCounters
+
+    password = store.get(redis.password) if redis.password else None
+    return RedisCounters(
+        redis.url,
+        fallback=local,
+        password=password.text() if password else None,
+        timeout=redis.timeout,
+        key_prefix=redis.key_prefix,
+        ca_file=redis.ca_file,
+    )
+
+
+def build_limiter(settings: Settings, counters: Counters | None) -> tuple[Limiter | None, LimitUsage | None]:
+    """The limits stage and its usage gauge, or None when nothing is limited."""
+    if settings.limits is None or counters is None:
+        return None, None
+    policy = LimitPolicy(settings.limits)
+    if not policy.limits_anything:
+        return None, None
+    usage = LimitUsage(policy, counters, [user.username for user in settings.clients.users])
+    return Limiter(policy, counters), usage
 
 
 @dataclass
@@ -316,6 +393,8 @@ class Components:
     # previous snapshot's that this one no longer uses (to be closed).
     token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
     retired_token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
+    limit_usage: LimitUsage | None = None  # relay_limit_usage_ratio, read at scrape
+    retired_counters: Counters | None = None  # limit counters this snapshot replaced
 
 
 async def build_components(
@@ -325,6 +404,7 @@ async def build_components(
     *,
     previous: Components | None = None,
     spool: SpoolTarget | None = None,
+    counters: LimitCounters | None = None,
 ) -> Components:
     """Load the secrets `settings` uses and build its pipeline, targets and posture monitor.
 
@@ -334,8 +414,16 @@ async def build_components(
     await load_secrets(store, settings)
     dns = build_dns(settings)
     built = targets.build(settings, store, dns)
+    limit_counters, retired_counters = (counters or LimitCounters()).build(settings, store)
+    limiter, limit_usage = build_limiter(settings, limit_counters)
     pipeline, posture = build_pipeline(
-        settings, store, built.targets, dns, previous=previous.posture if previous is not None else None, spool=spool
+        settings,
+        store,
+        built.targets,
+        dns,
+        previous=previous.posture if previous is not None else None,
+        spool=spool,
+        limiter=limiter,
     )
     await pipeline.keyring.fetch_missing()  # the keys key-set documents list
     return Components(
@@ -344,9 +432,11 @@ async def build_components(
         pipeline,
         posture,
         build_router(settings, built.targets),
-        built.retired,
-        built.token_auths,
-        built.retired_token_auths,
+        retired=built.retired,
+        token_auths=built.token_auths,
+        retired_token_auths=built.retired_token_auths,
+        limit_usage=limit_usage,
+        retired_counters=retired_counters,
     )
 
 
@@ -369,6 +459,7 @@ class SpoolParts:
             bounce=queue.bounce,
             dead_letter_age=queue.dead_letter_age,
             sign_report=sign_report,
+            pacer=lambda: current().pipeline.limiter,
         )
         self.target = SpoolTarget(self.spool, self.runner, lambda: current().router)
 
@@ -404,7 +495,7 @@ async def preflight(
             dns=dns,
             keyring=keyring,
             target=target,
-            dialer=build_dialer(upstream, store),
+            dialer=build_dialer(upstream, store, configured_resolver(settings, dns)),
             accept=accept,
             echo_tls_context=echo_tls_context,
             tokens=tokens,

@@ -7,11 +7,13 @@ secrets (keys, passwords, tokens) are secret references, never literals (see
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -615,6 +617,106 @@ class LoggingSettings(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def _limit_rate(value: object) -> object:
+    from relay.limits.rules import parse_rate
+
+    return None if value is None else parse_rate(value)
+
+
+def _redis_url(value: str) -> str:
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if url.scheme not in ("redis", "rediss"):
+        raise ValueError("expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS)")
+    if not url.hostname:
+        raise ValueError("the URL has no host (expected redis://HOST:PORT/DB)")
+    if url.password is not None:
+        raise ValueError("no password in the URL: put it in limits.redis.password as a secret reference")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError("port must be 1-65535")
+    if url.path.strip("/") and not url.path.strip("/").isdigit():
+        raise ValueError(f"the path is the database number, got {url.path!r}")
+    return value
+
+
+LimitRate = Annotated[object, PlainValidator(_limit_rate)]
+_LIMIT_FIELDS = ("rate", "burst", "daily", "daily_recipients")
+
+
+class _LimitFields(Strict):
+    rate: LimitRate = None  # messages per time: 10/s, 600/m, 1000/h (a token bucket)
+    burst: int | None = Field(default=None, ge=1)  # default: the rate's count
+    daily: int | None = Field(default=None, ge=0)  # messages in a rolling 24 h
+    daily_recipients: int | None = Field(default=None, ge=0)  # recipients in a rolling 24 h
+
+
+class LimitSettings(_LimitFields):
+    """One domain's limits, or the default of every user; an omitted field is not limited."""
+
+    @model_validator(mode="after")
+    def _burst_with_rate(self) -> LimitSettings:
+        if self.burst is not None and self.rate is None:
+            raise ValueError("burst needs a rate")
+        return self
+
+
+class UserOverrideSettings(_LimitFields):
+    """One user's overrides: each field given replaces the default's; null lifts it."""
+
+
+class UserLimitSettings(LimitSettings):
+    """The default for every authenticated user, and per-user overrides keyed by username:
+    `{rate: 10/s, daily: 50000, billing: {daily: 200000}}`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, UserOverrideSettings] = Field(init=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _overrides_are_mappings(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if key not in _LIMIT_FIELDS and not isinstance(value, dict):
+                    guess = difflib.get_close_matches(str(key), _LIMIT_FIELDS, n=1)
+                    hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+                    raise ValueError(
+                        f"{key!r} is neither a limit ({', '.join(_LIMIT_FIELDS)}) nor a user's "
+                        f"overrides (a mapping like {key}: {{daily: 1000}}){hint}"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _override_burst_with_rate(self) -> UserLimitSettings:
+        for username, override in (self.model_extra or {}).items():
+            if override.burst is not None and override.rate is None and self.rate is None:
+                raise ValueError(f"{username}: burst needs a rate (its own or the default's)")
+        return self
+
+
+class RedisLimitSettings(Strict):
+    url: Annotated[str, AfterValidator(_redis_url)]
+    password: SecretRefStr | None = None
+    timeout: Duration = 1.0  # per call, waiting for a connection included; then local counters
+    key_prefix: str = Field(default="relay:limits:", min_length=1)
+    ca_file: Path | None = None  # for rediss://, on top of the system's CAs
+
+
+class LimitsSettings(Strict):
+    users: UserLimitSettings = Field(default_factory=UserLimitSettings)
+    domains: dict[Domain, LimitSettings] = Field(default_factory=dict)
+    backend: Literal["local", "redis"] = "local"
+    redis: RedisLimitSettings | None = None
+
+    @model_validator(mode="after")
+    def _redis_section(self) -> LimitsSettings:
+        if self.backend == "redis" and self.redis is None:
+            raise ValueError("backend: redis needs redis: {url: redis://HOST:PORT/DB}")
+        return self
+
+
 class QueueSettings(Strict):
     """Store-and-forward (relay.queue): `spool` answers 250 once the signed message is on disk."""
 
@@ -655,3 +757,4 @@ class Settings(Strict):
     received_header: Literal["off", "relay_only", "full"] = "relay_only"
     drain_timeout: Duration = 30.0
     data_dir: Path = Path("/var/lib/relay")
+    limits: LimitsSettings | None = None

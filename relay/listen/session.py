@@ -29,7 +29,8 @@ from relay.listen.esmtp import MailParams
 from relay.observe import messages, sessions
 from relay.pipeline import Pipeline, Transaction
 
-AuthOutcome = Literal["accepted", "refused", "closing"]
+# Or the reply to give when the password could not be checked at all.
+AuthOutcome = Literal["accepted", "refused", "closing"] | Reply
 
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 NEED_MAIL = Reply(503, "5.5.1", "Send MAIL FROM first")
@@ -116,7 +117,13 @@ class ClientSession:
     async def authenticate(self, mechanism: str, login: bytes, password: bytes) -> AuthOutcome:
         username = login.decode("utf-8", "replace")
         pipeline = self.context.pipeline
-        user = await pipeline.authenticate(username, password)
+        try:
+            user = await pipeline.authenticate(username, password)
+        except SmtpError as exc:
+            # The user's password could not be checked (its secret is not loaded): a
+            # temporary failure (RFC 4954 §6: 454 4.7.0), not the client's fault.
+            sessions.auth_unavailable(self.listener.name, mechanism, client=self.client_ip, reason=exc.reason)
+            return exc.reply
         sessions.auth_attempt(
             self.listener.name,
             mechanism,
@@ -140,10 +147,9 @@ class ClientSession:
             return SHUTTING_DOWN
         pipeline = self.context.pipeline
         username = self.user.username if self.user else None
-        who = username or f"unauthenticated client {self.client_ip}"
         try:
             senders = pipeline.senders_for(self.listener, self.user)
-            pipeline.authorize_envelope(senders, address, who)
+            pipeline.authorize_envelope(senders, address, username, self.client_ip)
             pipeline.check_announced_size(params.size)
         except SmtpError as exc:
             messages.mail_refused(self.listener.name, self.client_ip, username, address, exc)

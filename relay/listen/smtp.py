@@ -36,7 +36,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from relay.errors import SmtpError
+from relay.errors import Reply, SmtpError
 from relay.listen.connections import Connections
 from relay.listen.esmtp import parse_mail_params, parse_rcpt_params
 from relay.listen.session import ClientSession
@@ -611,6 +611,8 @@ class _Hooks:
 
     async def _check(self, server: RelaySMTP, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         outcome = await server.client.authenticate(mechanism, login, password)
+        if isinstance(outcome, Reply):
+            return AuthResult(success=False, handled=False, message=str(outcome))
         if outcome == "accepted":
             return AuthResult(
                 success=True, auth_data=LoginPassword(login, b""), message="235 2.7.0 Authentication successful"

@@ -78,6 +78,12 @@ def _short_hash(text: str) -> str:
 _HASH_KEY = os.urandom(16)
 
 
+def auth_unavailable(listener: str, mechanism: str, *, client: str, reason: str) -> None:
+    """A password that could not be checked (its secret is not loaded): answered 454."""
+    AUTH_ATTEMPTS.labels(listener, mechanism, "unavailable").inc()
+    log.warning("authentication unavailable", extra={"listener": listener, "client": client, "reason": reason})
+
+
 def session_error(listener: str, error: Exception) -> None:
     log.error(
         "session error",

@@ -236,7 +236,7 @@ class LoopRelay:
             time.sleep(0.02)
         raise AssertionError("no matching log line; last lines:\n" + "\n".join(self._capture.snapshot()[-20:]))
 
-    def metric(self, name: str, **labels: str) -> float:
+    def metric(self, name: str, /, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels` (0 if none): counters
         and histograms counted from the relay's start; gauges as they are (their labelled
         series were cleared at start)."""
