@@ -156,9 +156,12 @@ def build_dns(settings: Settings) -> DnsResolver:
     return DnsResolver(dns.nameservers, port=dns.port, timeout=dns.timeout, attempts=dns.attempts)
 
 
-def build_token_auth(upstream: UpstreamSettings, store: SecretStore) -> UpstreamTokenAuth | None:
+def build_token_auth(
+    upstream: UpstreamSettings, store: SecretStore, resolver: AddressResolver | None = None
+) -> UpstreamTokenAuth | None:
     """The access-token side of an upstream with `auth.provider` (None for the others): its
-    token endpoint is reached through the upstream's own egress path."""
+    token endpoint is reached through the upstream's own egress path, names resolved by
+    `resolver` (`configured_resolver`: dns.nameservers) like the upstream's own."""
     auth = upstream.auth
     if auth is None or not auth.uses_token or upstream.username is None:
         return None
@@ -167,7 +170,7 @@ def build_token_auth(upstream: UpstreamSettings, store: SecretStore) -> Upstream
         value = store.get(ref)
         return value.data if value else None
 
-    source = token_source(auth, upstream.username, build_dialer(upstream, store), secret)
+    source = token_source(auth, upstream.username, build_dialer(upstream, store, resolver), secret)
     cache = TokenCache(source, upstream=upstream.label)
     mechanism = auth.effective_mechanism
     assert mechanism is not None
@@ -266,7 +269,7 @@ class UpstreamTargets:
             key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json() + settings.queue.mode
             built = self._by_config.get(key)
             if built is None:
-                token_auth = build_token_auth(upstream, store)
+                token_auth = build_token_auth(upstream, store, configured_resolver(settings, dns))
                 built = (build_target(upstream, settings, store, dns, token_auth), token_auth)
             wanted[key] = built
         retired = [built for k, built in self._by_config.items() if k not in wanted]
@@ -483,7 +486,7 @@ async def preflight(
     token_auths: list[UpstreamTokenAuth | None] = []
     try:
         await load_secrets(store, settings)
-        token_auths = [build_token_auth(u, store) for u in settings.upstream]
+        token_auths = [build_token_auth(u, store, configured_resolver(settings, dns)) for u in settings.upstream]
         # Tokens first: the upstream probe then authenticates with the one just fetched.
         tokens = [await check_token(a) for a in token_auths if a is not None]
         upstream = settings.upstream[0]

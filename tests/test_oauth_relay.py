@@ -5,6 +5,7 @@ real proxy), and AUTHs to a real upstream that accepts only live tokens."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import signal
 import smtplib
@@ -19,6 +20,7 @@ import pytest
 from relay.config.load import settings_from_mapping
 from relay.wiring import preflight
 from tests.support.config import relay_config
+from tests.support.dns import dns_server
 from tests.support.inloop import in_thread
 from tests.support.oauth import AuthServer
 from tests.support.oauth_upstream import OAuthUpstream
@@ -294,6 +296,45 @@ def test_token_and_mail_go_through_the_proxy(make_loop_relay, auth, oauth_upstre
     # Both the token endpoint and the upstream saw the proxy's egress address only.
     assert auth.peers == ["127.0.0.2"]
     assert message.peer[0] == "127.0.0.2"
+
+
+# -- names through dns.nameservers ---------------------------------------------------------
+
+NAMED_ZONES = {
+    # upstream.test is on the test PKI's server certificate: the token endpoint and the
+    # SMTP upstream both answer to it here.
+    "upstream.test": "@ 3600 IN SOA ns.upstream.test. admin.upstream.test. 1 3600 600 86400 60\n"
+    "@ 3600 IN NS ns\nns 3600 IN A 127.0.0.1\n@ 3600 IN A 127.0.0.1\n",
+    "proxy.test": "@ 3600 IN SOA ns.proxy.test. admin.proxy.test. 1 3600 600 86400 60\n"
+    "@ 3600 IN NS ns\nns 3600 IN A 127.0.0.1\negress 3600 IN A 127.0.0.1\n",
+}
+
+
+@pytest.mark.binaries
+@pytest.mark.parametrize("proxy", [None, "socks5"])
+@in_thread
+def test_token_endpoint_and_proxy_names_resolve_through_the_configured_dns(make_loop_relay, pki, tmp_path, proxy):
+    """Names only NSD knows (the test namespace has no other resolver): the token
+    endpoint's, and the proxy's, go through `dns.nameservers` like the upstream's."""
+    with contextlib.ExitStack() as stack:
+        ns_host, ns_port = stack.enter_context(dns_server(NAMED_ZONES, tmp_path / "dns"))
+        named_auth = stack.enter_context(AuthServer(pki, hostname="upstream.test"))
+        up = stack.enter_context(OAuthUpstream(named_auth, tls="starttls", server_context=pki.server_context()))
+        relay = make_loop_relay(up.port, start=False)
+        with_oauth(relay, microsoft_auth(named_auth, tmp_path))
+        relay.config["upstream"]["host"] = "upstream.test"
+        relay.config["dns"] = {"nameservers": [ns_host], "port": ns_port, "timeout": "2s", "attempts": 1}
+        if proxy is not None:
+            # socks5 (not 5h): the relay resolves the endpoint's name and the proxy's.
+            port = stack.enter_context(microsocks(tmp_path, user="relay", password="proxy-pass"))
+            relay.config["upstream"]["proxy"] = f"{proxy}://relay:proxy-pass@egress.proxy.test:{port}"
+        relay.start()
+        assert named_auth.requests == 1
+        assert submit(relay, pki) == {}
+        [message] = up.wait_for(1)
+    assert message.user == MAILBOX and message.tls
+    if proxy is not None:
+        assert named_auth.peers == ["127.0.0.2"] and message.peer[0] == "127.0.0.2"
 
 
 # -- nothing secret shows -----------------------------------------------------------------
