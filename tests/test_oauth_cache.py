@@ -180,6 +180,32 @@ async def test_rejected_is_a_problem_until_a_token_is_accepted(make_cache):
     assert cache.problem is None
 
 
+async def test_refused_fresh_tokens_back_off_the_refetch(auth, make_cache, clock):
+    cache = make_cache("refused-backoff", retry_min=5, retry_max=40)
+    first = await cache.token()
+    cache.rejected("535 5.7.139 SmtpClientAuthentication is disabled")  # a fresh token refused
+    # Within the wait, a 535 gets the rejection at once: no token request per message.
+    for _ in range(10):
+        with pytest.raises(TokenError, match="rejected"):
+            await cache.refetch(first)
+    assert auth.requests == 1
+    clock.now += 5
+    second = await cache.refetch(first)  # the wait is over: one more try
+    assert second.value != first.value and auth.requests == 2
+    cache.rejected("535 5.7.139 SmtpClientAuthentication is disabled")
+    clock.now += 5
+    with pytest.raises(TokenError, match="rejected"):  # the wait doubled
+        await cache.refetch(second)
+    clock.now += 5
+    third = await cache.refetch(second)
+    assert auth.requests == 3
+    cache.accepted()  # an admin fixed the mailbox: the next refusal starts over
+    assert cache.problem is None
+    cache.rejected("535 5.7.3 Authentication unsuccessful")
+    clock.now += 5
+    assert (await cache.refetch(third)).value != third.value and auth.requests == 4
+
+
 async def test_run_keeps_a_short_lived_token_fresh(auth, make_cache):
     auth.behaviour.token_lifetime = 2  # refreshed every 1.5 s
     cache = make_cache("run", clock=time.monotonic, retry_min=0.1)

@@ -202,6 +202,36 @@ def test_upstream_refusing_fresh_tokens_is_451_and_not_ready(make_loop_relay, au
     assert oauth_upstream.messages == []
 
 
+@in_thread
+def test_upstream_refusing_every_token_is_not_asked_for_a_new_one_per_message(
+    make_loop_relay, auth, oauth_upstream, pki, tmp_path
+):
+    relay = make_loop_relay(oauth_upstream.port, start=False)
+    with_oauth(relay, microsoft_auth(auth, tmp_path), max_messages_per_connection=1)
+    oauth_upstream.refuse_all = True  # SMTP AUTH disabled for the mailbox (535 5.7.139), for long
+    relay.start(wait_ready=False)
+    # The readiness probe at start got a fresh token refused; from now on the wait before
+    # the next refetch is long (the default doubles from 1 s to 60 s; here fixed, so that
+    # nothing depends on how fast the messages go).
+    relay.wait_log(lambda e: e.get("msg") == "upstream refused a fresh access token")
+    [token_auth] = relay.running.targets.token_auths()
+    token_auth.cache.retry_min = token_auth.cache.retry_max = 3600
+    before, auths_before = auth.requests, len(oauth_upstream.attempts())
+    for _ in range(6):
+        assert refusal(relay, pki) == (451, "4.7.0 Upstream authentication failed, try again later")
+    # At most one refetch (if the probe's short wait was over), and one AUTH per message:
+    # the upstream's refusal is not turned into a token request per message.
+    assert auth.requests - before <= 1
+    assert len(oauth_upstream.attempts()) - auths_before <= 6 + 1
+    status, body = relay.http_json("/readyz")
+    assert status == 503 and "rejected" in body["checks"]["upstream_token"]
+    # An admin enables SMTP AUTH: the next AUTH (a message's, or the probe's) is accepted,
+    # with the token in hand.
+    oauth_upstream.refuse_all = False
+    assert submit(relay, pki) == {}
+    assert relay.http_json("/readyz")[0] == 200
+
+
 @pytest.mark.parametrize(
     "provider,fail,endpoint_says",
     [

@@ -18,7 +18,10 @@ failed refresh costs nothing but a log line until the old token runs out.
 Failure: with no usable token, a failed fetch is remembered for a short, growing while
 (`retry_min` doubling to `retry_max`); messages in that while get the same error at once
 instead of piling onto a failing endpoint. `credentials_changed()` (a rotated secret) ends
-the wait.
+the wait. A fresh token that the upstream refuses too (`rejected`: SMTP AUTH disabled for
+the mailbox, a missing permission) is paced the same way: until the wait is over, a 535
+gets that rejection at once instead of one more token request per message; the next
+accepted AUTH ends it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,9 @@ class TokenCache:
         self._failure: TokenError | None = None
         self._retry_at = 0.0
         self._backoff = retry_min
+        # Pacing of refetches while the upstream refuses fresh tokens (see `rejected`).
+        self._rejections = 0
+        self._refetch_after = 0.0
         self._wake = asyncio.Event()
         self.fetches = 0  # requests sent to the token endpoint (for `relay check` and tests)
         for reason in REASONS:  # every series exists from the start, at 0
@@ -79,7 +85,11 @@ class TokenCache:
     async def refetch(self, refused: AccessToken) -> AccessToken:
         """The upstream refused `refused` while it should still be valid (revoked, or a
         permission changed since it was issued): drop it and fetch once more. Connections
-        that saw the same refusal share that one fetch."""
+        that saw the same refusal share that one fetch. While the upstream refuses fresh
+        tokens (`rejected`), raises that rejection at once until the wait is over."""
+        failure = self._failure
+        if failure is not None and failure.reason == "rejected" and self._clock() < self._refetch_after:
+            raise TokenError(failure.reason, failure.detail)
         if self._token is refused:
             self._token = None
             log.info("upstream refused a valid token; fetching a new one", extra={"upstream": self.upstream})
@@ -91,8 +101,12 @@ class TokenCache:
     def rejected(self, detail: str) -> TokenError:
         """The upstream refused a freshly fetched token too: an operator must act (the
         mailbox's permissions, SMTP AUTH disabled for it...). Counted, logged, remembered
-        for readiness until a token is accepted again."""
+        for readiness until a token is accepted again; the next refetch waits (`retry_min`
+        doubling to `retry_max`), as such a refusal lasts until an admin acts."""
         error = TokenError("rejected", detail)
+        delay = min(self.retry_max, self.retry_min * 2 ** min(self._rejections, 16))
+        self._refetch_after = self._clock() + delay
+        self._rejections += 1
         TOKEN_FAILURES.labels(self.upstream, "rejected").inc()
         log.error(
             "upstream refused a fresh access token",
@@ -103,6 +117,8 @@ class TokenCache:
 
     def accepted(self) -> None:
         """The upstream accepted a token: a 'rejected' state is over."""
+        self._rejections = 0
+        self._refetch_after = 0.0
         if self._failure is not None and self._failure.reason == "rejected":
             self._failure = None
 
