@@ -3,6 +3,8 @@ as the 4xx the relay's client will hear."""
 
 from __future__ import annotations
 
+import ssl
+
 import aiosmtplib
 import pytest
 from prometheus_client import REGISTRY
@@ -141,3 +143,39 @@ async def test_mechanism_not_offered_is_rejected(auth, pki, login):
         smtp.close()
     assert "does not offer AUTH OAUTHBEARER" in caught.value.reason
     assert auth_.cache.problem.reason == "rejected"
+
+
+async def test_authenticates_over_implicit_tls(auth, pki, login):
+    auth_ = login("implicit")
+    with OAuthUpstream(auth, tls="implicit", server_context=pki.server_context()) as up:
+        smtp = aiosmtplib.SMTP(
+            hostname="localhost", port=up.port, use_tls=True, tls_context=pki.client_context(), timeout=10
+        )
+        await smtp.connect()
+        await auth_.authenticate(smtp, "localhost", up.port)
+        smtp.close()
+        assert [a.accepted for a in up.attempts()] == [True]
+
+
+@pytest.mark.parametrize("tls", ["none", "unverified"])
+async def test_token_is_never_sent_without_verified_tls(auth, pki, login, tls):
+    """Validation refuses such a config (upstream.tls, upstream.verify_tls); this is the
+    check at the AUTH itself, in case a session gets here anyway."""
+    auth_ = login(f"clear-text-{tls}")
+    mode = "none" if tls == "none" else "starttls"
+    with OAuthUpstream(auth, tls=mode, server_context=pki.server_context()) as up:
+        if tls == "none":
+            smtp = aiosmtplib.SMTP(hostname="localhost", port=up.port, start_tls=False, timeout=10)
+        else:
+            unverified = ssl.create_default_context()
+            unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+            smtp = aiosmtplib.SMTP(
+                hostname="localhost", port=up.port, start_tls=True, tls_context=unverified, timeout=10
+            )
+        await smtp.connect()
+        with pytest.raises(SmtpError) as caught:
+            await auth_.authenticate(smtp, "localhost", up.port)
+        smtp.close()
+        assert up.attempts() == []  # no AUTH line: the token never crossed the wire
+    assert (caught.value.code, caught.value.reply.enhanced) == (451, "4.7.0")
+    assert "verified TLS" in caught.value.reason

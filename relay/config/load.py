@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from relay.config.schema import Settings
+from relay.config.schema import Settings, UpstreamSettings
 
 # Field names whose values must never be echoed in an error, even when wrong.
 _SECRET_FIELDS = {
@@ -179,6 +179,7 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
             upstream_names.setdefault(upstream.name, i)
         if upstream.mode == "outbox" and len(settings.upstream) > 1:
             yield f"upstream[{i}].mode", "outbox is a development target and cannot be combined with other upstreams"
+        yield from _token_checks(f"upstream[{i}]", upstream)
     for i, route in enumerate(settings.routes):
         if route.upstream not in upstream_names:
             yield f"routes[{i}].upstream", f"no upstream is named {route.upstream!r}"
@@ -205,6 +206,22 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
             yield key_path, f"{scheme}:// needs relay's {extra[0]} extra: pip install 'relay[{extra[0]}]'"
     if settings.limits is not None:
         yield from _limits_checks(settings)
+
+
+def _token_checks(key: str, upstream: UpstreamSettings) -> Iterable[tuple[str, str]]:
+    """An access token from client credentials acts for every mailbox the app may use,
+    for up to an hour: it goes only over TLS, to an upstream whose certificate is checked."""
+    if upstream.auth is None or not upstream.auth.uses_token:
+        return
+    mechanism = upstream.auth.effective_mechanism
+    if upstream.effective_tls == "none":
+        yield f"{key}.tls", f"auth.mechanism: {mechanism} sends a bearer token: it needs tls: starttls or implicit"
+    elif not upstream.verify_tls:
+        yield (
+            f"{key}.verify_tls",
+            f"auth.mechanism: {mechanism} sends a bearer token: only to a verified upstream "
+            "(a private CA goes in upstream.ca_file)",
+        )
 
 
 def _limits_checks(settings: Settings) -> Iterable[tuple[str, str]]:

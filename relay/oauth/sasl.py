@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import ssl
 
 import aiosmtplib
 
@@ -48,6 +49,10 @@ class MechanismNotOffered(aiosmtplib.SMTPException):
     """The upstream does not advertise the configured mechanism in its EHLO reply."""
 
 
+class NotVerifiedTls(aiosmtplib.SMTPException):
+    """The session is not TLS with a verified certificate: the token is not sent."""
+
+
 def xoauth2_response(username: str, token: str) -> bytes:
     _check_user(username)
     return f"user={username}\x01auth=Bearer {token}\x01\x01".encode()
@@ -63,11 +68,16 @@ def oauthbearer_response(username: str, token: str, host: str, port: int) -> byt
 async def authenticate(
     smtp: aiosmtplib.SMTP, mechanism: str, username: str, token: str, *, host: str, port: int
 ) -> aiosmtplib.SMTPResponse:
-    """Authenticate an EHLO'd session; raises `OAuthRejected` or `MechanismNotOffered`
-    (and aiosmtplib's errors for a broken connection)."""
+    """Authenticate an EHLO'd session; raises `OAuthRejected`, `MechanismNotOffered` or
+    `NotVerifiedTls` (and aiosmtplib's errors for a broken connection)."""
     name = mechanism.upper()
     if name not in _DUMMY_RESPONSE:
         raise ValueError(f"not an OAuth 2.0 SASL mechanism: {mechanism}")
+    # A bearer token works for whoever holds it (RFC 6750 §5.3): never in clear text, never
+    # to an unverified peer. Validation refuses such a config; this is the last line.
+    context = smtp.get_transport_info("sslcontext")
+    if not isinstance(context, ssl.SSLContext) or context.verify_mode != ssl.CERT_REQUIRED:
+        raise NotVerifiedTls(f"AUTH {name} needs verified TLS: the session is not (the token was not sent)")
     if smtp.is_ehlo_or_helo_needed:
         # After STARTTLS the server's extensions are forgotten (RFC 3207 §4.2): ask again.
         await smtp.ehlo()

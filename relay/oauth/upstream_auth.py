@@ -102,7 +102,7 @@ class UpstreamTokenAuth:
     async def _auth(self, smtp: aiosmtplib.SMTP, token: AccessToken, host: str, port: int) -> None:
         try:
             await sasl.authenticate(smtp, self.mechanism, self.username, token.value, host=host, port=port)
-        except sasl.MechanismNotOffered as exc:
+        except (sasl.MechanismNotOffered, sasl.NotVerifiedTls) as exc:
             raise self.cache.rejected(f"{host}:{port}: {exc}").smtp_error(self.label) from None
 
     def _refused(self, exc: sasl.OAuthRejected) -> SmtpError:

@@ -170,7 +170,8 @@ class OAuthUpstream(Upstream):
         kwargs: dict = {
             "data_size_limit": 60 * 1024 * 1024,
             "auth_required": True,
-            "auth_require_tls": tls != "none",
+            # aiosmtpd counts only STARTTLS as TLS for AUTH; implicit TLS is TLS from the start.
+            "auth_require_tls": tls == "starttls",
             "auth_exclude_mechanism": excluded,
         }
         if tls == "starttls":
