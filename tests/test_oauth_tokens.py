@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
 
 import pytest
 from cryptography import x509
@@ -68,6 +69,39 @@ async def test_google_service_account_impersonates_the_user(auth, tmp_path):
     assert claims["iss"] == account.email and claims["sub"] == MAILBOX
     assert claims["scope"] == "https://mail.google.com/" and claims["aud"] == auth.google_url
     assert claims["exp"] - claims["iat"] <= 3600
+
+
+@pytest.mark.parametrize("make", ["google", "microsoft-certificate"])
+async def test_private_key_is_parsed_once_per_secret_and_off_the_event_loop(auth, tmp_path, make, monkeypatch):
+    """RSA key loading validates the key (tens of ms for 2048 bits, hundreds for 4096): it
+    must not stall every session on the loop, nor happen at every fetch."""
+    import relay.oauth.providers as providers
+
+    if make == "google":
+        _, _, settings, lookup = google(auth, tmp_path)
+    else:
+        _, _, settings, lookup = microsoft(auth, tmp_path, certificate=True)
+    loads: list[bool] = []  # for each key load: was it on the event loop's thread?
+    real = providers.serialization.load_pem_private_key
+
+    def spy(*args, **kwargs):
+        loads.append(threading.current_thread() is threading.main_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(providers.serialization, "load_pem_private_key", spy)
+    rotated: list[bytes] = []
+
+    def secret(ref: str) -> bytes | None:
+        value = lookup(ref)
+        return value + b"\n" if rotated and value else value  # a new version of the secret
+
+    source = source_for(settings, secret)
+    for _ in range(3):
+        assert auth.check((await source.fetch()).value, MAILBOX) is None
+    assert loads == [False]  # once, in a thread
+    rotated.append(b"yes")
+    assert auth.check((await source.fetch()).value, MAILBOX) is None
+    assert loads == [False, False]  # a new secret value is parsed again
 
 
 async def test_generic_client_credentials(auth, tmp_path):

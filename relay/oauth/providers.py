@@ -13,7 +13,9 @@
                RFC 6749 §2.3.1 makes every server support).
 
 Secrets are read at each fetch through a callable, so a rotated secret is used at the next
-fetch without a restart. Every failure becomes a `TokenError` with a fixed reason; its
+fetch without a restart. A private key is parsed once per value of its secret, in a thread
+(loading an RSA key validates it: tens of milliseconds for 2048 bits, hundreds for 4096,
+which on the loop would stall every session). Every failure becomes a `TokenError` with a fixed reason; its
 detail quotes the endpoint's `error` and `error_description` (which name the problem, e.g.
 `AADSTS7000215: Invalid client secret provided`) and never the request.
 """
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
 import httpx2
 from authlib.integrations.base_client import OAuthError
@@ -134,6 +138,7 @@ class MicrosoftTokenSource:
         self._scope = scope
         self._secret = client_secret
         self._certificate = client_certificate
+        self._certificate_key = ParsedSecret(certificate_credential)
 
     def describe(self) -> str:
         return self._endpoint.describe()
@@ -141,7 +146,7 @@ class MicrosoftTokenSource:
     async def fetch(self) -> AccessToken:
         options = self._endpoint.client_options()
         if self._certificate is not None:
-            key, thumbprint = certificate_credential(_loaded(self._certificate, "client_certificate"))
+            key, thumbprint = await self._certificate_key.get(_loaded(self._certificate, "client_certificate"))
             now = int(time.time())
             assertion = PrivateKeyJWT(
                 self.endpoint,  # aud: the token endpoint itself
@@ -182,25 +187,26 @@ class GoogleTokenSource:
         self._token_url = token_url
         self.endpoint = token_url or "(token_uri of the service account key)"
         self._last: TokenEndpoint | None = None
+        self._key = ParsedSecret(service_account_key)
 
     def describe(self) -> str:
         return self._last.describe() if self._last is not None else self.endpoint
 
     async def fetch(self) -> AccessToken:
-        key = service_account_key(_loaded(self._service_account, "service_account"))
+        key = await self._key.get(_loaded(self._service_account, "service_account"))
         # The assertion's audience is the key's token_uri; `token_url` only changes where it
         # is sent (a private endpoint for the same service).
-        url = self._token_url or key["token_uri"]
+        url = self._token_url or key.token_uri
         self.endpoint = url
         endpoint = self._last = self._endpoint_for(url)
         client = AsyncAssertionClient(
             token_endpoint=url,
-            issuer=key["client_email"],
+            issuer=key.client_email,
             subject=self._subject,
-            audience=key["token_uri"],
+            audience=key.token_uri,
             claims={"scope": self._scope},
-            key=RSAKey.import_key(key["private_key"]),
-            header={"alg": "RS256", "typ": "JWT", "kid": key["private_key_id"]},
+            key=key.private_key,
+            header={"alg": "RS256", "typ": "JWT", "kid": key.private_key_id},
             **endpoint.client_options(),
         )
 
@@ -249,6 +255,33 @@ def _oauth2_client(
 
 # -- credentials ------------------------------------------------------------------------
 
+T = TypeVar("T")
+
+
+class ParsedSecret(Generic[T]):
+    """What `parse` makes of a secret's value, kept until the value changes; parsed in a
+    thread. A failed parse (`TokenError`) is not kept: the next fetch tries again."""
+
+    def __init__(self, parse: Callable[[bytes], T]) -> None:
+        self._parse = parse
+        self._parsed: tuple[bytes, T] | None = None  # (SHA-256 of the value, what it gave)
+
+    async def get(self, value: bytes) -> T:
+        digest = hashlib.sha256(value).digest()
+        if self._parsed is None or self._parsed[0] != digest:
+            self._parsed = (digest, await asyncio.to_thread(self._parse, value))
+        return self._parsed[1]
+
+
+@dataclass(frozen=True)
+class ServiceAccountKey:
+    """The fields of a Google service-account JSON key that the JWT-bearer grant uses."""
+
+    client_email: str
+    private_key_id: str
+    token_uri: str
+    private_key: RSAKey = field(repr=False)
+
 
 def certificate_credential(pem: bytes) -> tuple[RSAKey, str]:
     """The private key and the `x5t#S256` thumbprint (base64url SHA-256 of the DER) of
@@ -274,8 +307,8 @@ def certificate_credential(pem: bytes) -> tuple[RSAKey, str]:
     raise TokenError("credentials_unavailable", "client_certificate: the PEM has no certificate for its private key")
 
 
-def service_account_key(data: bytes) -> dict[str, str]:
-    """The fields of a Google service-account JSON key that the JWT-bearer grant uses."""
+def service_account_key(data: bytes) -> ServiceAccountKey:
+    """The key in a Google service-account JSON key file, and what the grant needs with it."""
     try:
         info = json.loads(data)
     except (ValueError, UnicodeDecodeError):
@@ -297,7 +330,7 @@ def service_account_key(data: bytes) -> dict[str, str]:
         raise TokenError("credentials_unavailable", "service_account: private_key is not a PEM private key") from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise TokenError("credentials_unavailable", "service_account: private_key is not an RSA key")
-    return {k: info[k] for k in ("client_email", "private_key", "private_key_id", "token_uri")}
+    return ServiceAccountKey(info["client_email"], info["private_key_id"], info["token_uri"], RSAKey.import_key(key))
 
 
 def _loaded(credential: Credential | None, name: str) -> bytes:
