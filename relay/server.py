@@ -236,7 +236,7 @@ class Relay:
         for target in new.retired:
             self._in_background(target.close())
         for token_auth in new.retired_token_auths:
-            self._in_background(token_auth.close())
+            self._in_background(token_auth.retire())
         if new.retired_counters is not None:
             self._in_background(new.retired_counters.close())
         log.info("configuration reloaded", extra={"config": redacted(settings)})

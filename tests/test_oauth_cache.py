@@ -86,6 +86,34 @@ async def test_a_waiter_that_leaves_does_not_cancel_the_fetch(auth, make_cache):
     assert auth.requests == 1
 
 
+async def test_a_stopped_fetch_gives_its_waiters_an_error(auth, make_cache):
+    cache = make_cache("stopped")
+    auth.behaviour.delay = 2
+    waiters = [asyncio.create_task(cache.token()) for _ in range(3)]
+    while auth.inflight == 0:
+        await asyncio.sleep(0.01)
+    await cache.close()  # the relay stops
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    # A TokenError (the client's 451), not a CancelledError (a dropped connection).
+    assert all(isinstance(r, TokenError) and r.reason == "unreachable" for r in results), results
+
+
+async def test_a_retired_cache_finishes_the_fetch_its_waiters_wait_for(auth, make_cache):
+    cache = make_cache("retired")
+    auth.behaviour.delay = 0.5
+    waiters = [asyncio.create_task(cache.token()) for _ in range(3)]
+    while auth.inflight == 0:
+        await asyncio.sleep(0.01)
+    await cache.retire()  # a reload replaced the upstream
+    tokens = await asyncio.gather(*waiters)
+    assert len({t.value for t in tokens}) == 1 and auth.check(tokens[0].value, MAILBOX) is None
+    # Nothing more is fetched for a retired cache.
+    auth.revoke_all()
+    with pytest.raises(TokenError, match="closed"):
+        await cache.refetch(tokens[0])
+    assert auth.requests == 1
+
+
 async def test_refreshed_ahead_of_expiry_without_waiting(auth, make_cache, clock):
     cache = make_cache("refresh")
     first = await cache.token()

@@ -506,6 +506,50 @@ def test_reload_keeps_an_unchanged_upstreams_token_and_fetches_a_new_ones(
     assert len(oauth_upstream.wait_for(3)) == 3
 
 
+# -- reload, in the test's loop --------------------------------------------------------------
+
+
+def reload_with(relay, **listener: Any) -> bool:
+    """Reload the in-loop relay with its (changed) `relay.config`; `listener` adds one."""
+    from relay.config.schema import ListenerSettings
+    from tests.support.inloop import on_port_zero
+
+    new = on_port_zero(settings_from_mapping(relay.config, source="relay.yaml"))
+    if listener:
+        new = new.model_copy(update={"listeners": [*new.listeners, ListenerSettings(**listener)]})
+    relay.running._reload_settings = lambda: new
+    return relay._in_loop(relay.running.reload(), 30)
+
+
+@in_thread
+def test_reload_lets_the_fetch_a_message_waits_for_finish(make_loop_relay, auth, oauth_upstream, pki, tmp_path):
+    relay = make_loop_relay(oauth_upstream.port, start=False)
+    with_oauth(relay, microsoft_auth(auth, tmp_path), max_connections=1)
+    auth.behaviour.unavailable = True  # no token at start: the next message waits on a fetch
+    relay.start(wait_ready=False)
+    auth.behaviour.unavailable = False
+    auth.behaviour.delay = 2  # the refresh task's retry (after 1 s) is slow to answer
+    pool = relay.running.components.router.default.pool
+    deadline = time.monotonic() + 20
+    while not auth.inflight:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with concurrent.futures.ThreadPoolExecutor(1) as clients:
+        waiting = clients.submit(lambda: submit(relay, pki))
+        # Until the message's upstream connection waits for that fetch (it holds the pool's
+        # one slot while it waits).
+        while not pool._slots.locked():
+            assert auth.inflight and time.monotonic() < deadline
+            time.sleep(0.01)
+        # A new config whose first fetch ends sooner than the old one's (a shorter
+        # auth.timeout here; a fixed token_url or a secret that fails fast alike).
+        relay.config["upstream"]["auth"]["timeout"] = "300ms"
+        assert reload_with(relay) is True
+        # The message gets the old config's token and its reply: relayed.
+        assert waiting.result(timeout=30) == {}
+    assert len(oauth_upstream.wait_for(1)) == 1
+
+
 # -- spool mode -----------------------------------------------------------------------------
 
 

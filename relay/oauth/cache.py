@@ -8,7 +8,8 @@
 
 Single flight: whatever the number of connections that need a token at once, one request
 goes to the token endpoint and they all wait for its answer. A waiter that gives up (its
-client left) does not cancel the request for the others.
+client left) does not cancel the request for the others; a request that is stopped (the
+relay stops) gives its waiters a `TokenError`, so their clients get a reply.
 
 Refresh: a token is handed out until shortly before it expires (`usable_until`), and a new
 one is fetched from `refresh_at` on (a quarter of its lifetime ahead, at most 5 minutes), in
@@ -64,6 +65,7 @@ class TokenCache:
         self._rejections = 0
         self._refetch_after = 0.0
         self._wake = asyncio.Event()
+        self._closed = False
         self.fetches = 0  # requests sent to the token endpoint (for `relay check` and tests)
         for reason in REASONS:  # every series exists from the start, at 0
             TOKEN_FAILURES.labels(upstream, reason)
@@ -75,7 +77,7 @@ class TokenCache:
         now = self._clock()
         current = self._token
         if current is not None and now < current.usable_until:
-            if now >= current.refresh_at and now >= self._retry_at:
+            if now >= current.refresh_at and now >= self._retry_at and not self._closed:
                 self._start_fetch()  # ahead of expiry, without making this message wait
             return current
         if self._inflight is None and self._failure is not None and now < self._retry_at:
@@ -159,11 +161,21 @@ class TokenCache:
             self._wake.set()
 
     async def close(self) -> None:
+        """Stop now: a fetch in flight is cancelled (its waiters get a `TokenError`)."""
+        self._closed = True
         task, self._inflight = self._inflight, None
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+    async def retire(self) -> None:
+        """Stop once a fetch in flight is done (it has its own deadline): connections of a
+        replaced config may be waiting on it, and get its token or its error."""
+        self._closed = True
+        task = self._inflight
+        if task is not None:
+            await asyncio.wait([task])
 
     # -- state, for /readyz, `relay check` and logs -----------------------------------------
 
@@ -185,6 +197,8 @@ class TokenCache:
 
     def _start_fetch(self) -> asyncio.Task[AccessToken]:
         if self._inflight is None:
+            if self._closed:
+                raise TokenError("unreachable", f"{self.source.endpoint}: token source closed")
             task = asyncio.get_running_loop().create_task(self._fetch(), name=f"token-fetch {self.upstream}")
             # A background refresh may have no waiter: its outcome is logged in _fetch.
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -194,7 +208,16 @@ class TokenCache:
     async def _shared_fetch(self) -> AccessToken:
         # shield: a waiter that is cancelled (its client left) leaves the fetch running for
         # the others.
-        return await asyncio.shield(self._start_fetch())
+        task = self._start_fetch()
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            waiter = asyncio.current_task()
+            if task.cancelled() and (waiter is None or not waiter.cancelling()):
+                # The fetch was stopped, not this waiter: its client gets a 4xx reply, not
+                # a dropped connection.
+                raise TokenError("unreachable", f"{self.source.endpoint}: token request stopped") from None
+            raise
 
     async def _fetch(self) -> AccessToken:
         self.fetches += 1

@@ -69,12 +69,22 @@ class UpstreamTokenAuth:
             self.cache.credentials_changed()
 
     async def close(self) -> None:
+        """At stop: the refresh task and a fetch in flight end now."""
+        await self._stop_refresher()
+        await self.cache.close()
+
+    async def retire(self) -> None:
+        """At a reload that replaced this upstream: no more refreshes, but a fetch in flight
+        finishes for the messages of the old config that wait on it."""
+        await self._stop_refresher()
+        await self.cache.retire()
+
+    async def _stop_refresher(self) -> None:
         task, self._refresher = self._refresher, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self.cache.close()
 
     async def authenticate(self, smtp: aiosmtplib.SMTP, host: str, port: int) -> None:
         token = await self._token(self.cache.token())
