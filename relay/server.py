@@ -109,6 +109,8 @@ class Relay:
         self.components = await build_components(
             settings, self.store, self.targets, spool=spool, counters=self.limit_counters
         )
+        assert self.components.upstreams is not None
+        self.targets.commit(self.components.upstreams)
         self.store.subscribe(self._secret_changed)
         # Access tokens before the listeners open: the first message finds one ready.
         await self._start_token_auths(self.components.token_auths)
@@ -211,6 +213,7 @@ class Relay:
             return False
         old = self.components
         assert old is not None
+        new: Components | None = None
         try:
             if settings.queue != old.settings.queue:
                 log.warning("queue settings changed; they take effect at the next restart")
@@ -222,8 +225,13 @@ class Relay:
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
+            # What was built for the refused config goes; what runs stays as it was.
+            if new is not None and new.upstreams is not None:
+                self._in_background(self.targets.discard(new.upstreams))
             log.error("reload failed; the running configuration stays", extra={"reason": str(exc)})
             return False
+        assert new.upstreams is not None
+        self.targets.commit(new.upstreams)
         old.pipeline.keyring.detach()
         new.pipeline.keyring.attach()
         self.components = new
@@ -243,14 +251,24 @@ class Relay:
         return True
 
     async def _apply_listeners(self, settings: Settings) -> None:
+        """New listeners are bound first: if one cannot be (OSError), those just bound close
+        again and the running ones are left as they are."""
         wanted = {_listener_key(lst): lst for lst in settings.listeners}
+        started: dict[ListenerKey, ListenerServer] = {}
+        try:
+            for key, lst in wanted.items():
+                if key not in self.listeners:
+                    server = self._listener(lst, settings)
+                    await server.start()
+                    started[key] = server
+        except BaseException:
+            for server in started.values():
+                server.stop_accepting()
+            raise
         for key, lst in wanted.items():
             if key in self.listeners:
                 self.listeners[key].update(settings, lst)
-            else:
-                server = self._listener(lst, settings)
-                await server.start()
-                self.listeners[key] = server
+        self.listeners.update(started)
         for key in [k for k in self.listeners if k not in wanted]:
             self.listeners.pop(key).stop_accepting()
 

@@ -8,7 +8,9 @@ task or binds a socket: `relay.server` runs what this module builds (like uvicor
     store = new_secret_store(settings)
     targets = UpstreamTargets()
     parts = await build_components(settings, store, targets)      # at start
+    targets.commit(parts.upstreams)
     parts = await build_components(new, store, targets, previous=parts)   # at reload
+    targets.commit(parts.upstreams)       # once it runs (else: targets.discard(parts.upstreams))
 
 Spool mode (`queue.mode: spool`): the spool and its delivery loop outlive config snapshots
 (`build_spool` once, at start); each snapshot's pipeline delivers to the spool, and the
@@ -17,6 +19,7 @@ delivery loop to the snapshot's real targets (`Components.router`).
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,17 +256,23 @@ class BuiltTargets:
     retired: list[UpstreamTarget]  # no longer used: to be closed
     token_auths: list[UpstreamTokenAuth]  # of the upstreams with a token provider
     retired_token_auths: list[UpstreamTokenAuth]
+    by_config: dict[str, tuple[UpstreamTarget, UpstreamTokenAuth | None]] = field(default_factory=dict, repr=False)
 
 
 class UpstreamTargets:
     """Upstream targets by upstream config; an unchanged upstream keeps its pool (and its
-    access token) across reloads."""
+    access token) across reloads.
+
+    Two steps, so that a reload that fails leaves the running ones as they are: `build`
+    makes what a config needs (reusing the running ones) without changing what runs;
+    `commit` makes it what runs, once the config is in use; `discard` closes what was
+    built for a config that was not."""
 
     def __init__(self) -> None:
         self._by_config: dict[str, tuple[UpstreamTarget, UpstreamTokenAuth | None]] = {}
 
     def build(self, settings: Settings, store: SecretStore, dns: DnsService) -> BuiltTargets:
-        """The targets for `settings`, and what the previous config used that this one does not."""
+        """The targets for `settings`, and what the running config uses that this one does not."""
         wanted: dict[str, tuple[UpstreamTarget, UpstreamTokenAuth | None]] = {}
         for upstream in settings.upstream:
             key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json() + settings.queue.mode
@@ -273,12 +282,24 @@ class UpstreamTargets:
                 built = (build_target(upstream, settings, store, dns, token_auth), token_auth)
             wanted[key] = built
         retired = [built for k, built in self._by_config.items() if k not in wanted]
-        self._by_config = wanted
         return BuiltTargets(
             [t for t, _ in wanted.values()],
             [t for t, _ in retired],
             [a for _, a in wanted.values() if a is not None],
             [a for _, a in retired if a is not None],
+            wanted,
+        )
+
+    def commit(self, built: BuiltTargets) -> None:
+        self._by_config = built.by_config
+
+    async def discard(self, built: BuiltTargets) -> None:
+        running = {id(part) for pair in self._by_config.values() for part in pair}
+        unused = [pair for pair in built.by_config.values() if id(pair[0]) not in running]
+        await asyncio.gather(
+            *(target.close() for target, _ in unused),
+            *(auth.close() for _, auth in unused if auth is not None),
+            return_exceptions=True,
         )
 
     def all(self) -> list[UpstreamTarget]:
@@ -398,6 +419,8 @@ class Components:
     retired_token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
     limit_usage: LimitUsage | None = None  # relay_limit_usage_ratio, read at scrape
     retired_counters: Counters | None = None  # limit counters this snapshot replaced
+    # The upstream targets and token sides as built (`UpstreamTargets.commit` / `discard`).
+    upstreams: BuiltTargets | None = None
 
 
 async def build_components(
@@ -412,7 +435,8 @@ async def build_components(
     """Load the secrets `settings` uses and build its pipeline, targets and posture monitor.
 
     `previous` (at a reload) hands over the posture monitor's verdicts; unchanged upstreams
-    keep their targets (and pools) through `targets`. Raises OSError for unreadable files.
+    keep their targets (and pools) through `targets`, which changes only at
+    `targets.commit(components.upstreams)`. Raises OSError for unreadable files.
     """
     await load_secrets(store, settings)
     dns = build_dns(settings)
@@ -440,6 +464,7 @@ async def build_components(
         retired_token_auths=built.retired_token_auths,
         limit_usage=limit_usage,
         retired_counters=retired_counters,
+        upstreams=built,
     )
 
 

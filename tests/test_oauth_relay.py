@@ -4,11 +4,13 @@ real proxy), and AUTHs to a real upstream that accepts only live tokens."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import json
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -548,6 +550,51 @@ def test_reload_lets_the_fetch_a_message_waits_for_finish(make_loop_relay, auth,
         # The message gets the old config's token and its reply: relayed.
         assert waiting.result(timeout=30) == {}
     assert len(oauth_upstream.wait_for(1)) == 1
+
+
+def token_refresh_tasks(relay, expected: int) -> int:
+    """The token refresh tasks running in the relay's loop, once there are `expected` (or
+    after a bounded wait: closing a discarded one happens in the background)."""
+
+    async def count() -> int:
+        return sum(1 for t in asyncio.all_tasks() if t.get_name().startswith("token-refresh") and not t.done())
+
+    deadline = time.monotonic() + 10
+    while (found := relay._in_loop(count(), 10)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+@in_thread
+def test_failed_reload_keeps_the_running_token_auth(make_loop_relay, auth, oauth_upstream, pki, tmp_path):
+    relay = make_loop_relay(oauth_upstream.port, start=False)
+    with_oauth(relay, microsoft_auth(auth, tmp_path))
+    relay.start()
+    [running_auth] = relay.running.targets.token_auths()
+    # A new config that changes the upstream (a new token auth, fetched while the reload
+    # runs) and adds a listener on a port already taken: the reload fails after that.
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    relay.config["upstream"]["auth"]["timeout"] = "6s"
+    extra = {"name": "extra", "bind": f"127.0.0.1:{busy.getsockname()[1]}", "tls": "none", "auth": "none"}
+    with busy:
+        assert reload_with(relay, **extra) is False
+    assert auth.requests == 2
+    # What runs is what is tracked (rotation wake-ups, /readyz, stop); what was built for
+    # the refused config is closed.
+    assert relay.running.targets.token_auths() == [running_auth]
+    assert relay.running.components.router.default.connector.endpoint.auth is running_auth
+    assert token_refresh_tasks(relay, 1) == 1
+    assert "extra" not in {server.name for server in relay.running.listeners.values()}
+    assert submit(relay, pki) == {}
+    # A later reload that works retires the running one: one refresh task, the new one's.
+    relay.config["upstream"]["auth"]["timeout"] = "7s"
+    assert reload_with(relay) is True
+    [new_auth] = relay.running.targets.token_auths()
+    assert new_auth is not running_auth
+    assert token_refresh_tasks(relay, 1) == 1 and running_auth._refresher is None
+    assert submit(relay, pki) == {}
 
 
 # -- spool mode -----------------------------------------------------------------------------
