@@ -214,6 +214,8 @@ def _token_checks(key: str, upstream: UpstreamSettings) -> Iterable[tuple[str, s
     if upstream.auth is None or not upstream.auth.uses_token:
         return
     mechanism = upstream.auth.effective_mechanism
+    if upstream.auth.provider == "microsoft" and mechanism == "oauthbearer":
+        yield f"{key}.auth.mechanism", "Exchange Online takes xoauth2 (it offers AUTH XOAUTH2, not OAUTHBEARER)"
     if upstream.effective_tls == "none":
         yield f"{key}.tls", f"auth.mechanism: {mechanism} sends a bearer token: it needs tls: starttls or implicit"
     elif not upstream.verify_tls:
