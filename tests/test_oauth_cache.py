@@ -148,6 +148,30 @@ async def test_forced_refetch_once_for_many_connections(auth, make_cache):
     assert (await cache.refetch(refused)).value == fresh[0].value and auth.requests == 2
 
 
+async def test_a_refetch_keeps_the_refused_token_for_the_others_until_a_new_one_is_in_hand(auth, make_cache, clock):
+    cache = make_cache("keep-on-refetch")
+    token = await cache.token()  # valid for an hour
+    auth.behaviour.unavailable = True  # the endpoint has a bad minute
+    with pytest.raises(TokenError, match="server_error"):
+        await cache.refetch(token)  # one connection got a (maybe spurious) 535: it gets 451
+    # Every other connection goes on with the token the upstream took a moment ago.
+    assert await cache.token() is token and cache.problem is None
+    # More 535s to it within the endpoint's backoff: no request each.
+    for _ in range(5):
+        with pytest.raises(TokenError, match="server_error"):
+            await cache.refetch(token)
+    assert auth.requests == 2
+    auth.behaviour.unavailable = False
+    auth.behaviour.delay = 0.3
+    clock.now += cache.retry_min
+    refetch = asyncio.create_task(cache.refetch(token))
+    while auth.inflight == 0:
+        await asyncio.sleep(0.01)
+    assert await cache.token() is token  # while the new one is on its way: no waiting
+    new = await refetch
+    assert new.value != token.value and await cache.token() is new and auth.requests == 3
+
+
 async def test_failure_backs_off_then_retries(auth, make_cache, clock):
     cache = make_cache("backoff", retry_min=5, retry_max=40)
     auth.behaviour.unavailable = True

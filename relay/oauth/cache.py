@@ -86,17 +86,22 @@ class TokenCache:
 
     async def refetch(self, refused: AccessToken) -> AccessToken:
         """The upstream refused `refused` while it should still be valid (revoked, or a
-        permission changed since it was issued): drop it and fetch once more. Connections
-        that saw the same refusal share that one fetch. While the upstream refuses fresh
-        tokens (`rejected`), raises that rejection at once until the wait is over."""
+        permission changed since it was issued): fetch once more. Connections that saw the
+        same refusal share that one fetch; the others keep getting `refused` until the new
+        one is in hand (a 535 may be one connection's, and if the fetch fails, the token
+        that worked a moment ago is still the best there is).
+
+        Paced like `token`: while the endpoint is failing (its backoff) or the upstream
+        refuses fresh tokens (`rejected`), raises that failure at once until the wait is
+        over."""
         failure = self._failure
-        if failure is not None and failure.reason == "rejected" and self._clock() < self._refetch_after:
-            raise TokenError(failure.reason, failure.detail)
-        if self._token is refused:
-            self._token = None
-            log.info("upstream refused a valid token; fetching a new one", extra={"upstream": self.upstream})
-            return await self._shared_fetch()
-        if self._inflight is not None:
+        if failure is not None and self._inflight is None:
+            wait_until = self._refetch_after if failure.reason == "rejected" else self._retry_at
+            if self._clock() < wait_until:
+                raise TokenError(failure.reason, failure.detail)
+        if self._token is refused or self._inflight is not None:
+            if self._inflight is None:
+                log.info("upstream refused a valid token; fetching a new one", extra={"upstream": self.upstream})
             return await self._shared_fetch()
         return await self.token()
 
