@@ -78,6 +78,10 @@ class Relay:
         self._posture_task: asyncio.Task[None] | None = None
         self._upstream_problem: str | None = "not probed yet"
         self._signals = 0
+        # One reload at a time (each may wait on the network: secrets, tokens); a SIGHUP
+        # during one queues one more, and further ones meanwhile add nothing to it.
+        self._reloading = asyncio.Lock()
+        self._reload_queued = False
         self.queue: SpoolParts | None = None  # spool mode: the spool and its delivery loop
 
     def _load_config_file(self) -> Settings:
@@ -202,7 +206,18 @@ class Relay:
                 self.components.pipeline.keyring.update_ages()
 
     async def reload(self) -> bool:
-        """SIGHUP: load, validate and apply a new config; keep the old one on any error."""
+        """SIGHUP: load, validate and apply a new config; keep the old one on any error.
+        Reloads run one after the other, each reading the config as it is when it starts."""
+        async with self._reloading:
+            self._reload_queued = False
+            return await self._reload()
+
+    def _sighup(self) -> None:
+        if not self._reload_queued:
+            self._reload_queued = True
+            self._in_background(self.reload())
+
+    async def _reload(self) -> bool:
         try:
             settings = self._reload_settings()
             problem = check_tls_files(settings.tls)
@@ -328,7 +343,7 @@ class Relay:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_term)
-        loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self._sighup)
 
     def _in_background(self, work: Coroutine[object, object, object]) -> None:
         # The loop keeps only weak references to tasks: hold them until they are done.

@@ -22,7 +22,7 @@ import pytest
 from relay.config.load import settings_from_mapping
 from relay.wiring import preflight
 from tests.support.config import relay_config
-from tests.support.dns import dns_server
+from tests.support.dns import black_hole, dns_server
 from tests.support.inloop import in_thread
 from tests.support.oauth import AuthServer
 from tests.support.oauth_upstream import OAuthUpstream
@@ -594,6 +594,72 @@ def test_failed_reload_keeps_the_running_token_auth(make_loop_relay, auth, oauth
     [new_auth] = relay.running.targets.token_auths()
     assert new_auth is not running_auth
     assert token_refresh_tasks(relay, 1) == 1 and running_auth._refresher is None
+    assert submit(relay, pki) == {}
+
+
+def reload_versions(relay, black_hole_at: tuple[str, int]) -> list[str]:
+    """The relay's next two reloads read v2, a typo'd token_url (an endpoint that never
+    answers: the reload waits auth.timeout for the new upstream's first token), then v3,
+    the fix. Returns the token URLs of the versions read, as they are read."""
+    from tests.support.inloop import on_port_zero
+
+    host, port = black_hole_at
+    auth_settings = relay.config["upstream"]["auth"]
+    auth_settings.update(token_url=f"https://{host}:{port}/t/oauth2/v2.0/token", timeout="2s")
+    v2 = on_port_zero(settings_from_mapping(relay.config, source="relay.yaml"))
+    auth_settings.update(token_url=relay.running.settings.upstream[0].auth.token_url, timeout="4s")
+    v3 = on_port_zero(settings_from_mapping(relay.config, source="relay.yaml"))
+    read: list[str] = []
+
+    def next_version():
+        settings = v2 if not read else v3  # v3 again for any reload after those two
+        read.append(settings.upstream[0].auth.token_url)
+        return settings
+
+    relay.running._reload_settings = next_version
+    return read
+
+
+@in_thread
+def test_overlapping_reloads_run_one_after_the_other(make_loop_relay, auth, oauth_upstream, pki, tmp_path):
+    relay = make_loop_relay(oauth_upstream.port, start=False)
+    with_oauth(relay, microsoft_auth(auth, tmp_path))
+    relay.start()
+    good_url = relay.running.settings.upstream[0].auth.token_url
+    with black_hole() as address:
+        read = reload_versions(relay, address)
+        first = asyncio.run_coroutine_threadsafe(relay.running.reload(), relay.loop)
+        time.sleep(0.5)  # the first reload waits on the new upstream's token
+        second = asyncio.run_coroutine_threadsafe(relay.running.reload(), relay.loop)
+        # Both complete (neither dies with CancelledError), in the order they were asked:
+        # the last config read is the one that runs.
+        assert first.result(30) is True and second.result(30) is True
+    assert read[-1] == good_url
+    assert relay.running.settings.upstream[0].auth.token_url == good_url
+    assert submit(relay, pki) == {}
+
+
+@in_thread
+def test_sighups_during_a_reload_make_one_more(make_loop_relay, auth, oauth_upstream, pki, tmp_path):
+    relay = make_loop_relay(oauth_upstream.port, start=False)
+    with_oauth(relay, microsoft_auth(auth, tmp_path))
+    relay.start()
+    good_url = relay.running.settings.upstream[0].auth.token_url
+    with black_hole() as address:
+        read = reload_versions(relay, address)
+        relay.loop.call_soon_threadsafe(relay.running._sighup)
+        deadline = time.monotonic() + 10
+        while not relay.running._reloading.locked():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(3):  # while the first runs: one more reload (it reads the file then)
+            relay.loop.call_soon_threadsafe(relay.running._sighup)
+        deadline = time.monotonic() + 30
+        while len(read) < 2 or relay.running._reloading.locked() or relay.running._reload_queued:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert read == [read[0], good_url] and read[0] != good_url  # two reloads, not four
+    assert relay.running.settings.upstream[0].auth.token_url == good_url
     assert submit(relay, pki) == {}
 
 
