@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 
 import pytest
 from prometheus_client import REGISTRY
@@ -196,6 +197,22 @@ async def test_failure_backs_off_then_retries(auth, make_cache, clock):
     cache.credentials_changed()  # e.g. a rotated secret: try again now
     assert (await cache.token()).value in auth.tokens()
     assert cache.problem is None and cache.last_failure is None
+
+
+async def test_the_remembered_failure_does_not_grow_with_each_message(auth, make_cache):
+    cache = make_cache("traceback", retry_min=60)
+    auth.behaviour.unavailable = True
+    assert await cache.prefetch() is not None
+    depth = []
+    for _ in range(3):
+        for _ in range(100):  # refused messages within the backoff
+            with pytest.raises(TokenError) as caught:
+                await cache.token()
+            assert len(traceback.extract_tb(caught.value.__traceback__)) < 10
+        depth.append(len(traceback.extract_tb(cache.last_failure.__traceback__)))
+    assert auth.requests == 1
+    # Each message's frames are not appended to one shared exception for the whole wait.
+    assert depth[0] == depth[1] == depth[2] < 20
 
 
 async def test_failed_refresh_keeps_the_valid_token(auth, make_cache, clock):

@@ -80,8 +80,11 @@ class TokenCache:
             if now >= current.refresh_at and now >= self._retry_at and not self._closed:
                 self._start_fetch()  # ahead of expiry, without making this message wait
             return current
-        if self._inflight is None and self._failure is not None and now < self._retry_at:
-            raise self._failure
+        failure = self._failure
+        if self._inflight is None and failure is not None and now < self._retry_at:
+            # A new exception each time: raising the remembered one would append every
+            # message's frames to its traceback for the whole wait.
+            raise TokenError(failure.reason, failure.detail)
         return await self._shared_fetch()
 
     async def refetch(self, refused: AccessToken) -> AccessToken:
