@@ -13,9 +13,10 @@
                RFC 6749 §2.3.1 makes every server support).
 
 Secrets are read at each fetch through a callable, so a rotated secret is used at the next
-fetch without a restart. A private key is parsed once per value of its secret, in a thread
-(loading an RSA key validates it: tens of milliseconds for 2048 bits, hundreds for 4096,
-which on the loop would stall every session). Every failure becomes a `TokenError` with a fixed reason; its
+fetch without a restart. A private key is parsed once per value of its secret: loading an
+RSA key validates it (~0.1 s for 2048 bits, ~1 s for 4096 on a busy core), holding the GIL
+(a thread would not spare the event loop), so it happens at the first fetch (before the
+listeners open) and after a rotation, not at every fetch. Every failure becomes a `TokenError` with a fixed reason; its
 detail quotes the endpoint's `error` and `error_description` (which name the problem, e.g.
 `AADSTS7000215: Invalid client secret provided`) and never the request.
 """
@@ -146,7 +147,7 @@ class MicrosoftTokenSource:
     async def fetch(self) -> AccessToken:
         options = self._endpoint.client_options()
         if self._certificate is not None:
-            key, thumbprint = await self._certificate_key.get(_loaded(self._certificate, "client_certificate"))
+            key, thumbprint = self._certificate_key.get(_loaded(self._certificate, "client_certificate"))
             now = int(time.time())
             assertion = PrivateKeyJWT(
                 self.endpoint,  # aud: the token endpoint itself
@@ -193,7 +194,7 @@ class GoogleTokenSource:
         return self._last.describe() if self._last is not None else self.endpoint
 
     async def fetch(self) -> AccessToken:
-        key = await self._key.get(_loaded(self._service_account, "service_account"))
+        key = self._key.get(_loaded(self._service_account, "service_account"))
         # The assertion's audience is the key's token_uri; `token_url` only changes where it
         # is sent (a private endpoint for the same service).
         url = self._token_url or key.token_uri
@@ -259,17 +260,17 @@ T = TypeVar("T")
 
 
 class ParsedSecret(Generic[T]):
-    """What `parse` makes of a secret's value, kept until the value changes; parsed in a
-    thread. A failed parse (`TokenError`) is not kept: the next fetch tries again."""
+    """What `parse` makes of a secret's value, kept until the value changes. A failed
+    parse (`TokenError`) is not kept: the next fetch tries again."""
 
     def __init__(self, parse: Callable[[bytes], T]) -> None:
         self._parse = parse
         self._parsed: tuple[bytes, T] | None = None  # (SHA-256 of the value, what it gave)
 
-    async def get(self, value: bytes) -> T:
+    def get(self, value: bytes) -> T:
         digest = hashlib.sha256(value).digest()
         if self._parsed is None or self._parsed[0] != digest:
-            self._parsed = (digest, await asyncio.to_thread(self._parse, value))
+            self._parsed = (digest, self._parse(value))
         return self._parsed[1]
 
 
