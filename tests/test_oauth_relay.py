@@ -526,11 +526,13 @@ def reload_with(relay, **listener: Any) -> bool:
 @in_thread
 def test_reload_lets_the_fetch_a_message_waits_for_finish(make_loop_relay, auth, oauth_upstream, pki, tmp_path):
     relay = make_loop_relay(oauth_upstream.port, start=False)
-    with_oauth(relay, microsoft_auth(auth, tmp_path), max_connections=1)
+    with_oauth(relay, microsoft_auth(auth, tmp_path, timeout="20s"), max_connections=1)
     auth.behaviour.unavailable = True  # no token at start: the next message waits on a fetch
     relay.start(wait_ready=False)
     auth.behaviour.unavailable = False
-    auth.behaviour.delay = 2  # the refresh task's retry (after 1 s) is slow to answer
+    # The refresh task's retry (after 1 s) is slow to answer: it is still out when the
+    # reload below is done, however loaded the machine.
+    auth.behaviour.delay = 8
     pool = relay.running.components.router.default.pool
     deadline = time.monotonic() + 20
     while not auth.inflight:
