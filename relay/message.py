@@ -8,6 +8,7 @@ and leaves the body as one slice, so signing canonicalizes the body exactly once
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from email.utils import getaddresses
 
@@ -49,17 +50,24 @@ class Message:
         else:
             head, body = raw[: end + 2], raw[end + 4 :]
         fields: list[HeaderField] = []
+        # A field's lines are collected and joined once: appending each folded line to
+        # the value would copy the value again per line (quadratic in a field's length).
+        name = b""
+        lines: list[bytes] = []
         for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
             if line[:1] in (b" ", b"\t"):
-                if not fields:
+                if not lines:
                     raise _malformed("the message starts with a folded line")
-                last = fields[-1]
-                fields[-1] = HeaderField(last.name, last.value + line + b"\r\n")
+                lines.append(line)
                 continue
             match = _FIELD.match(line)
             if match is None:
                 raise _malformed("a header line has no field name")
-            fields.append(HeaderField(match.group(1), line[match.end() :] + b"\r\n"))
+            if lines:
+                fields.append(HeaderField(name, b"\r\n".join(lines) + b"\r\n"))
+            name, lines = match.group(1), [line[match.end() :]]
+        if lines:
+            fields.append(HeaderField(name, b"\r\n".join(lines) + b"\r\n"))
         return cls(fields, body)
 
     def get_all(self, name: str) -> list[HeaderField]:
@@ -72,8 +80,12 @@ class Message:
         """The message with `prepend` (complete CRLF-terminated header lines) on top."""
         return b"".join((prepend, self.header_bytes(), b"\r\n", self.body))
 
-    def without(self, drop: list[HeaderField]) -> Message:
-        kept = [f for f in self.fields if not any(f is d for d in drop)]
+    def without(self, drop: Iterable[HeaderField]) -> Message:
+        """The message without the fields in `drop` (these objects, not equal copies).
+        One pass with a set of identities: comparing every field with every dropped one
+        is quadratic, and a message can carry tens of thousands of fields."""
+        dropped = {id(f) for f in drop}
+        kept = [f for f in self.fields if id(f) not in dropped]
         return Message(kept, self.body)
 
     def from_domain(self) -> tuple[str, str]:
