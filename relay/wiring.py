@@ -108,10 +108,16 @@ async def load_secrets(store: SecretStore, settings: Settings) -> None:
 
 
 def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
-    password = store.get(upstream.proxy_password) if upstream.proxy_password else None
+    password_ref = upstream.proxy_password
+
+    def current_password() -> str | None:
+        # Read at every dial: the store keeps the secret current (rotation, no reload).
+        value = store.get(password_ref) if password_ref else None
+        return value.text() if value else None
+
     return dialer_for(
         upstream.proxy,
-        password=password.text() if password else None,
+        current_password=current_password if password_ref else None,
         connect_timeout=upstream.connect_timeout,
         handshake_timeout=upstream.connect_timeout,
     )

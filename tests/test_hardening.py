@@ -3,12 +3,18 @@ a client that vanishes, a slow upstream or a drain must not leak, duplicate or l
 
 from __future__ import annotations
 
+import asyncio
+import smtplib
+import socket
 import time
 from collections.abc import Callable
 
+import pytest
+
 from tests.support.dkim import verify_all
 from tests.support.inloop import in_thread
-from tests.support.smtp import connect, message, reply
+from tests.support.proxies import microsocks
+from tests.support.smtp import connect, message, reply, submit
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -48,3 +54,116 @@ def test_a_message_with_20000_own_signatures_leaves_other_sessions_served(make_l
     assert verify_all(received.content, dkim_keys.dns()) == [True, True]
     other.quit()
     sender.quit()
+
+
+def vanish(client: smtplib.SMTP) -> None:
+    """The client is gone: no QUIT, the connection just ends."""
+    client.sock.shutdown(socket.SHUT_RDWR)
+    client.close()
+
+
+def busy_upstream_connections(relay) -> float:
+    return relay.metric("relay_upstream_pool_connections", state="busy")
+
+
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
+@in_thread
+def test_a_client_gone_while_the_upstream_answers_frees_the_pool_slot(make_loop_relay, upstream, pki, stage):
+    """The client vanishes while the relay waits for the upstream's reply to MAIL, RCPT or
+    DATA: the upstream connection is ended (QUIT) and its pool slot freed, so with a pool
+    of one the next message still goes through (before: 451 4.4.5 Upstream busy)."""
+    setattr(upstream.behaviour, f"{stage.lower()}_delay", 3.0)
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["upstream"]["pool"] = {"max_connections": 1, "acquire_timeout": "5s"}
+    relay.start()
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    if stage == "DATA":
+        assert reply(client, "RCPT TO:<u@example.net>")[0] == 250
+        assert reply(client, "DATA")[0] == 354
+        client.send(message() + b".\r\n")
+    else:
+        client.send(b"RCPT TO:<u@example.net>\r\n")
+    wait_until(lambda: stage in upstream.commands)  # the relay now waits for the reply
+    vanish(client)
+    wait_until(lambda: "QUIT" in upstream.commands or "RSET" in upstream.commands[upstream.commands.index(stage) :])
+    wait_until(lambda: busy_upstream_connections(relay) == 0)
+    setattr(upstream.behaviour, f"{stage.lower()}_delay", 0.0)
+    assert submit(relay, pki) == {}
+
+
+@in_thread
+def test_session_timeout_equal_to_command_timeout_gets_a_reply_and_frees_the_slot(make_loop_relay, upstream, pki):
+    """With session_timeout == command_timeout and an upstream slower than both, the client
+    got EOF and no reply, and the slot leaked. The session's idle timer does not run while
+    the relay itself waits for the upstream: the client gets 451 and the slot is free."""
+    upstream.behaviour.rcpt_delay = 4.0
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["upstream"]["command_timeout"] = "2s"
+    relay.config["upstream"]["pool"] = {"max_connections": 1, "acquire_timeout": "5s"}
+    relay.config["clients"]["session_timeout"] = "2s"
+    relay.start()
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    code, text = reply(client, "RCPT TO:<u@example.net>")
+    assert (code, text[:5]) == (451, "4.4.2")
+    wait_until(lambda: busy_upstream_connections(relay) == 0)
+    upstream.behaviour.rcpt_delay = 0.0
+    assert submit(relay, pki) == {}
+    assert len(upstream.wait_for(1)) == 1
+
+
+@in_thread
+def test_drain_while_the_upstream_answers_data_gives_the_real_reply_then_421(make_loop_relay, upstream, pki):
+    """SIGTERM's drain while the upstream is answering DATA: the client gets the upstream's
+    answer (250: delivered once), then 421; before, it got 421 at once and retried a
+    message the upstream had accepted (a duplicate)."""
+    upstream.behaviour.data_delay = 2.0
+    relay = make_loop_relay(upstream.port)
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(client, "RCPT TO:<u@example.net>")[0] == 250
+    assert reply(client, "DATA")[0] == 354
+    client.send(message() + b".\r\n")
+    wait_until(lambda: "DATA" in upstream.commands)
+    drained = asyncio.run_coroutine_threadsafe(relay.running.drain(), relay.loop)
+    code, text = client.getreply()
+    assert code == 250, text
+    assert client.getreply() == (421, b"4.3.2 Service shutting down, closing connection")
+    drained.result(timeout=30)
+    assert len(upstream.wait_for(1)) == 1
+    assert busy_upstream_connections(relay) == 0
+
+
+@pytest.mark.binaries
+@in_thread
+def test_a_rotated_proxy_password_is_used_without_a_reload(make_loop_relay, upstream, pki, tmp_path):
+    """The proxy password is read at every dial, like the upstream's: before, it was read
+    once at start, so after a rotation every message got 451 until a reload."""
+    secret = tmp_path / "proxy-password"
+    secret.write_text("old-secret")
+    secret.chmod(0o600)
+    with microsocks(tmp_path, user="relay", password="new-secret") as proxy_port:
+        relay = make_loop_relay(upstream.port, start=False, wait_ready=False)
+        relay.config["upstream"]["proxy"] = f"socks5://relay@127.0.0.1:{proxy_port}"
+        relay.config["upstream"]["proxy_password"] = f"file://{secret}"
+        relay.config["secrets"] = {"refresh": "1s"}
+        relay.start(wait_ready=False)
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            submit(relay, pki)
+        assert refused.value.recipients["user@example.net"][0] == 451
+        rotated = tmp_path / "proxy-password.new"
+        rotated.write_text("new-secret")
+        rotated.chmod(0o600)
+        rotated.replace(secret)
+        # The secret store refreshes every second; no reload, no restart.
+        delivered = None
+        for _ in range(40):
+            try:
+                delivered = submit(relay, pki)
+                break
+            except smtplib.SMTPRecipientsRefused:
+                time.sleep(0.5)
+        assert delivered == {}
+        [received] = upstream.wait_for(1)
+        assert received.peer[0] == "127.0.0.2"  # through the proxy

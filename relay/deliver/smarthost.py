@@ -24,7 +24,10 @@ class SmtpTransaction:
         conn = self._require()
         try:
             return await conn.rcpt(address)
-        except SmtpError:
+        except BaseException:
+            # A broken path, or the caller cancelled (the client vanished while we waited
+            # for the reply): the connection's state is unknown, so it is closed (QUIT),
+            # and its pool slot is free either way.
             self._finish(reusable=False)
             raise
 
@@ -32,7 +35,7 @@ class SmtpTransaction:
         conn = self._require()
         try:
             reply = await conn.data(message)
-        except SmtpError:
+        except BaseException:
             self._finish(reusable=False)
             raise
         # After the final reply (any code) the upstream transaction is over (RFC 5321
@@ -45,8 +48,11 @@ class SmtpTransaction:
         if conn is None:
             return
         self._conn = None
-        reusable = conn.alive and await conn.reset()
-        self._release(conn, reusable)
+        reusable = False
+        try:
+            reusable = conn.alive and await conn.reset()
+        finally:
+            self._release(conn, reusable)
 
     def _require(self) -> UpstreamConnection:
         if self._conn is None:
@@ -78,8 +84,8 @@ async def begin_on(
     tx = SmtpTransaction(upstream, conn, pool)
     try:
         reply = await conn.mail(envelope)
-    except SmtpError:
-        tx._finish(reusable=False)
+    except BaseException:
+        tx._finish(reusable=False)  # see SmtpTransaction.add_recipient
         raise
     if not reply.positive:
         await tx.abort()

@@ -39,7 +39,7 @@ AIOSMTPD_PRIVATE_MEMBERS = (
     "_handle_client",  # sends the greeting through push(): where a client is admitted
 )
 # Instance attributes set in SMTP.__init__ that RelaySMTP reads.
-AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_tls_protocol")
+AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_tls_protocol", "_timeout_handle")
 
 _applied = False
 

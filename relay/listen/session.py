@@ -53,11 +53,19 @@ class ClientSession:
         self.user: User | None = None
         self.auth_failures = 0
         self.transaction: Transaction | None = None
+        self.relaying = False  # from the end of DATA to its reply
         self.admitted = False
 
     @property
     def draining(self) -> bool:
         return self.context.draining
+
+    @property
+    def idle(self) -> bool:
+        """No transaction open and no message on its way: a drain may close the session now.
+        A message being relayed is not idle although its transaction has left the session:
+        closing then would send 421 for a message the upstream may accept (a duplicate)."""
+        return self.transaction is None and not self.relaying
 
     # -- connection -----------------------------------------------------------------------
     def on_connect(self, client_ip: str) -> SmtpError | None:
@@ -150,11 +158,14 @@ class ClientSession:
         tx, self.transaction = self.transaction, None
         if tx is None:
             return NEED_MAIL
+        self.relaying = True
         try:
             reply = await tx.pipeline.relay_message(tx, content)
         except SmtpError as exc:
             messages.transaction_ended(tx, exc.reply, exc)
             return exc.reply
+        finally:
+            self.relaying = False
         messages.transaction_ended(tx, reply, None)
         return reply
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
@@ -178,7 +180,7 @@ class RelaySMTP(SMTP):
         """Drain (RFC 5321 §3.8): an idle session gets 421 and is closed now; a session inside
         a transaction gets it right after the transaction's final reply (see smtp_DATA)."""
         self._shutting_down = True
-        if self.client.transaction is None and isinstance(self.transport, asyncio.WriteTransport):
+        if self.client.idle and isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(_CLOSING)
             self.close()
 
@@ -283,12 +285,26 @@ class RelaySMTP(SMTP):
                 content = content[1:]
             if b"\r\n." in content:
                 content = content.replace(b"\r\n.", b"\r\n")
-            reply = await self.client.data(content)
+            with self._waiting_for_upstream():
+                reply = await self.client.data(content)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(str(reply))
         if self._shutting_down or self.client.draining:
             await self.push("421 4.3.2 Service shutting down, closing connection")
             self.close()
+
+    @contextlib.contextmanager
+    def _waiting_for_upstream(self) -> Iterator[None]:
+        """While the relay waits for the upstream's answer, the client waits for ours: it is
+        not idle, so `session_timeout` does not run (the upstream's `command_timeout`
+        bounds the wait). Otherwise, with session_timeout <= command_timeout, a slow
+        upstream would cost the client its connection with no reply at all."""
+        assert self._timeout_handle is not None
+        self._timeout_handle.cancel()
+        try:
+            yield
+        finally:
+            self._reset_timeout()
 
     async def _read_data(self) -> tuple[bytes | None, int]:
         """Read up to CRLF.CRLF. Returns (content, size); content is None when the size
@@ -351,7 +367,8 @@ class _Hooks:
     async def handle_RCPT(
         self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        reply = await server.client.rcpt(address)
+        with server._waiting_for_upstream():
+            reply = await server.client.rcpt(address)
         if reply.positive:
             # An aiosmtpd handle_RCPT hook must record the accepted recipient itself.
             envelope.rcpt_tos.append(address)

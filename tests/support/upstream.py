@@ -35,6 +35,7 @@ class UpstreamBehaviour:
     data_reply: str | None = None
     data_delay: float = 0.0
     rcpt_delay: float = 0.0
+    mail_delay: float = 0.0
     queue_id_prefix: str = "Q"
 
 
@@ -44,13 +45,25 @@ class _Handler:
 
     async def handle_MAIL(self, server, session, envelope, address, options):
         self.up.mail_commands += 1
+        self.up.commands.append("MAIL")
+        if self.up.behaviour.mail_delay:
+            await asyncio.sleep(self.up.behaviour.mail_delay)
         if self.up.behaviour.mail_reply:
             return self.up.behaviour.mail_reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
 
+    async def handle_RSET(self, server, session, envelope):
+        self.up.commands.append("RSET")
+        return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.up.commands.append("QUIT")
+        return "221 2.0.0 Bye"
+
     async def handle_RCPT(self, server, session, envelope, address, options):
+        self.up.commands.append("RCPT")
         if self.up.behaviour.rcpt_delay:
             await asyncio.sleep(self.up.behaviour.rcpt_delay)
         reply = self.up.behaviour.rcpt_replies.get(address)
@@ -60,6 +73,7 @@ class _Handler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self.up.commands.append("DATA")
         b = self.up.behaviour
         if b.data_delay:
             await asyncio.sleep(b.data_delay)
@@ -103,6 +117,7 @@ class Upstream:
         self.behaviour = UpstreamBehaviour()
         self.messages: list[ReceivedMessage] = []
         self.mail_commands = 0
+        self.commands: list[str] = []  # MAIL, RCPT, RSET, QUIT as they arrive
         self.lock = threading.Lock()
         kwargs: dict = {"data_size_limit": 60 * 1024 * 1024}
         if tls == "starttls":
