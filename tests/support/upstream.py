@@ -68,6 +68,9 @@ class _Handler:
             await asyncio.sleep(self.up.behaviour.rcpt_delay)
         reply = self.up.behaviour.rcpt_replies.get(address)
         if reply:
+            if reply.startswith("421"):
+                # RFC 5321 §3.8: 421, then the server closes the channel (once the reply is out).
+                asyncio.get_running_loop().call_soon(server.transport.close)
             return reply
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
