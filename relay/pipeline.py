@@ -19,7 +19,8 @@ from typing import Protocol
 
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from relay.auth.users import User, UserDirectory
+from relay.auth.throttle import AuthThrottle
+from relay.auth.users import AuthBusy, User, UserDirectory
 from relay.config.schema import ListenerSettings, Settings
 from relay.deliver.base import Envelope, UpstreamTransaction
 from relay.errors import Reply, SmtpError
@@ -69,6 +70,16 @@ class Transaction:
         return self.envelope.mail_from.rpartition("@")[2].lower()
 
 
+def new_auth_throttle(settings: Settings) -> AuthThrottle:
+    limits = settings.clients.auth_throttle
+    return AuthThrottle(
+        per_address=limits.per_address,
+        per_username=limits.per_username,
+        window=limits.window,
+        max_tracked=limits.max_tracked,
+    )
+
+
 def new_message_id() -> str:
     return os.urandom(8).hex()
 
@@ -82,8 +93,10 @@ class Pipeline:
         keyring: KeyRing,
         router: Router,
         gate: SendGate | None = None,
+        throttle: AuthThrottle | None = None,
     ) -> None:
         self.settings = settings
+        self.throttle = throttle or new_auth_throttle(settings)
         self.users = users
         self.keyring = keyring
         self.router = router
@@ -109,8 +122,35 @@ class Pipeline:
         )
 
     # -- 2. authenticate ------------------------------------------------------------------
-    async def authenticate(self, username: str, password: bytes) -> User | None:
-        return await self.users.authenticate(username, password)
+    async def authenticate(self, username: str, password: bytes, client: str = "") -> User | None:
+        """The user, or None for wrong credentials. Raises SmtpError when the attempt is not
+        checked at all: the client address has failed too often (421, relay.auth.throttle),
+        or too many password checks are already waiting (454, RFC 4954 §6)."""
+        throttle = self.throttle
+        if throttle.address_blocked(client):
+            raise SmtpError(
+                421,
+                "4.7.0",
+                "Too many failed authentications, try again later",
+                reason=f"AUTH from {client} throttled after repeated failures",
+                label="auth_throttled",
+            )
+        limited = throttle.username_limited(username)
+        try:
+            user = await self.users.authenticate(username, password, verify=not limited)
+        except AuthBusy:
+            raise SmtpError(
+                454,
+                "4.7.0",
+                "Temporary authentication failure, try again later",
+                reason="too many password checks in progress",
+                label="auth_busy",
+            ) from None
+        if user is None:
+            throttle.failed(client, username, username_limited=limited)
+        else:
+            throttle.succeeded(client)
+        return user
 
     # -- 3. authorize the envelope sender -------------------------------------------------
     def senders_for(self, listener: ListenerSettings, user: User | None) -> SenderPolicy:

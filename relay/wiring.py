@@ -211,6 +211,7 @@ def build_pipeline(
     targets: list[UpstreamTarget],
     dns: DnsService,
     previous: PostureMonitor | None = None,
+    previous_pipeline: Pipeline | None = None,
 ) -> tuple[Pipeline, PostureMonitor]:
     """The pipeline for one config snapshot, and the DNS posture monitor that gates it."""
     keyring = KeyRing(settings.dkim, store)
@@ -224,6 +225,13 @@ def build_pipeline(
         keyring=keyring,
         router=router,
         gate=monitor,
+        # AUTH failures counted so far survive a reload that keeps the same limits.
+        throttle=(
+            previous_pipeline.throttle
+            if previous_pipeline is not None
+            and previous_pipeline.settings.clients.auth_throttle == settings.clients.auth_throttle
+            else None
+        ),
     )
     return pipeline, monitor
 
@@ -252,7 +260,12 @@ async def build_components(
     dns = build_dns(settings)
     upstreams, retired = targets.build(settings, store, dns)
     pipeline, posture = build_pipeline(
-        settings, store, upstreams, dns, previous=previous.posture if previous is not None else None
+        settings,
+        store,
+        upstreams,
+        dns,
+        previous=previous.posture if previous is not None else None,
+        previous_pipeline=previous.pipeline if previous is not None else None,
     )
     return Components(settings, dns, pipeline, posture, retired)
 

@@ -27,7 +27,9 @@ from relay.errors import Reply, SmtpError
 from relay.observe import messages, sessions
 from relay.pipeline import Pipeline, Transaction
 
-AuthOutcome = Literal["accepted", "refused", "closing"]
+# refused: wrong credentials (535); closing: too many in this session (535, then 421 and
+# close); throttled: too many from this address (421 and close); busy: try again (454).
+AuthOutcome = Literal["accepted", "refused", "closing", "throttled", "busy"]
 
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 NEED_MAIL = Reply(503, "5.5.1", "Send MAIL FROM first")
@@ -109,7 +111,11 @@ class ClientSession:
     async def authenticate(self, mechanism: str, login: bytes, password: bytes) -> AuthOutcome:
         username = login.decode("utf-8", "replace")
         pipeline = self.context.pipeline
-        user = await pipeline.authenticate(username, password)
+        try:
+            user = await pipeline.authenticate(username, password, self.client_ip)
+        except SmtpError as exc:
+            sessions.auth_not_checked(self.listener.name, mechanism, exc, client=self.client_ip)
+            return "throttled" if exc.code == 421 else "busy"
         sessions.auth_attempt(self.listener.name, mechanism, user is not None, client=self.client_ip, username=username)
         if user is not None:
             self.user = user

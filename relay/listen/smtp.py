@@ -422,6 +422,12 @@ class _Hooks:
             await server.push("421 4.7.0 Too many failed authentications, closing connection")
             server.close()
             return AuthResult(success=False, handled=True)
+        if outcome == "throttled":
+            await server.push("421 4.7.0 Too many failed authentications, try again later")
+            server.close()
+            return AuthResult(success=False, handled=True)
+        if outcome == "busy":
+            return AuthResult(success=False, handled=False, message="454 4.7.0 Temporary authentication failure")
         # aiosmtpd 1.4.6 defaults a failed AuthResult to handled=True and then sends nothing.
         return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
 

@@ -65,6 +65,12 @@ def auth_attempt(listener: str, mechanism: str, ok: bool, *, client: str, userna
         log.info("authentication failed", extra={"listener": listener, "client": client, "user": username[:64]})
 
 
+def auth_not_checked(listener: str, mechanism: str, refusal: SmtpError, *, client: str) -> None:
+    """An AUTH attempt answered without checking the password (throttled, or busy)."""
+    AUTH_ATTEMPTS.labels(listener, mechanism, refusal.label).inc()
+    log.info("authentication not checked", extra={"listener": listener, "client": client, "reason": refusal.reason})
+
+
 def session_error(listener: str, error: Exception) -> None:
     log.error(
         "session error",
