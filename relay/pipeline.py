@@ -280,7 +280,7 @@ class Pipeline:
                     reason="DATA without an open upstream transaction",
                     label="internal",
                 )
-            reply = await tx.upstream.send(message.to_bytes(signatures + self._received_header(tx)))
+            reply = await tx.upstream.send(message.wire(signatures + self._received_header(tx)))
         except SmtpError:
             if tx.upstream is not None:
                 await tx.upstream.abort()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from relay.deliver import connection
 from tests.support.dkim import verify_all
 from tests.support.inloop import in_thread
 from tests.support.proxies import microsocks
@@ -167,3 +168,45 @@ def test_a_rotated_proxy_password_is_used_without_a_reload(make_loop_relay, upst
         assert delivered == {}
         [received] = upstream.wait_for(1)
         assert received.peer[0] == "127.0.0.2"  # through the proxy
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 64 * 1024])
+@in_thread
+def test_the_message_reaches_the_upstream_byte_for_byte_whatever_the_write_size(
+    make_loop_relay, upstream, pki, dkim_keys, monkeypatch, piece
+):
+    """The upstream DATA is written in pieces and dot-stuffed piece by piece: lines that
+    start with a dot, a CRLF split between two writes, a last line without CRLF."""
+    monkeypatch.setattr(connection, "_DATA_PIECE", piece)
+    relay = make_loop_relay(upstream.port)
+    body = b".\r\n..\r\n.a\r\nb.\r\n\r\n.\r\n x\r\n" * 3 + b"end"
+    client = connect(relay, pki)
+    client.sendmail("app@example.com", ["u@example.net"], message(body=body.decode()))
+    [received] = upstream.wait_for(1)
+    assert received.content.endswith(b"\r\n\r\n" + body + b"\r\n")
+    assert verify_all(received.content, dkim_keys.dns()) == [True, True]
+
+
+@in_thread
+def test_data_over_the_in_flight_budget_gets_452_and_the_budget_comes_back(make_loop_relay, upstream, pki):
+    upstream.behaviour.data_delay = 3.0  # the first message is held while the second arrives
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["max_bytes_in_flight"] = "200KiB"
+    relay.start()
+    first = connect(relay, pki)
+    for command in ("MAIL FROM:<app@example.com>", "RCPT TO:<u@example.net>", "DATA"):
+        first.putcmd(command)
+        first.getreply()
+    first.send(message(body=("a" * 70 + "\r\n") * 2100) + b".\r\n")
+    wait_until(lambda: "DATA" in upstream.commands)
+    assert relay.metric("relay_data_bytes_in_flight") > 150_000
+    # A second message does not fit beside it: read to its end, then 452 4.3.1 (retry later).
+    with pytest.raises(smtplib.SMTPDataError) as full:
+        connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message(body=("b" * 70 + "\r\n") * 1400))
+    assert (full.value.smtp_code, full.value.smtp_error) == (452, b"4.3.1 Insufficient system storage, try again later")
+    assert first.getreply()[0] == 250
+    wait_until(lambda: relay.metric("relay_data_bytes_in_flight") == 0)
+    assert relay.metric("relay_messages_rejected_total", reason="data_budget") == 1
+    # Once the first is answered, its bytes are back: the same message now passes.
+    assert submit(relay, pki, data=message(body=("b" * 70 + "\r\n") * 1400)) == {}
+    assert len(upstream.wait_for(2)) == 2

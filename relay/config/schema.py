@@ -180,6 +180,8 @@ class ClientSettings(Strict):
     networks: list[Network] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     users: list[UserSettings] = Field(default_factory=list)
     max_message_size: Size = 25 * 1024 * 1024
+    # DATA held in memory by all sessions of the process together; beyond it, 452 4.3.1.
+    max_bytes_in_flight: Size = 256 * 1024 * 1024
     max_recipients: int = Field(default=100, ge=1, le=10_000)
     # Failed AUTH attempts in one session before it is closed (421 4.7.0).
     max_auth_failures: int = Field(default=3, ge=1)

@@ -33,6 +33,7 @@ from prometheus_client import Counter
 
 from relay.deliver.base import Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
 
 log = logging.getLogger("relay.deliver")
 
@@ -134,7 +135,7 @@ class FailoverTransaction:
         self._inner, self._index = tx, index
         self._chain.abort_later(previous)
 
-    async def send(self, message: bytes) -> Reply:
+    async def send(self, message: WireMessage) -> Reply:
         try:
             reply = await self._inner.send(message)
         except SmtpError as exc:

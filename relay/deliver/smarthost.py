@@ -8,6 +8,7 @@ from relay.deliver.base import Envelope
 from relay.deliver.connection import UpstreamConnection, UpstreamConnector
 from relay.deliver.pool import ConnectionPool
 from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
 
 log = logging.getLogger("relay.deliver")
 
@@ -31,7 +32,7 @@ class SmtpTransaction:
             self._finish(reusable=False)
             raise
 
-    async def send(self, message: bytes) -> Reply:
+    async def send(self, message: WireMessage) -> Reply:
         conn = self._require()
         try:
             reply = await conn.data(message)

@@ -14,6 +14,7 @@ import socket
 import ssl
 
 from relay.config.schema import ListenerSettings, Settings, TlsSettings
+from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession, SessionContext
 from relay.listen.smtp import RelaySMTP
@@ -67,6 +68,7 @@ class ListenerServer:
         global_settings: Settings,
         *,
         reuse_port: bool = False,
+        budget: DataBudget | None = None,
     ) -> None:
         self.settings = settings
         self.context = context
@@ -74,6 +76,7 @@ class ListenerServer:
         self.tls = tls
         self.global_settings = global_settings
         self.reuse_port = reuse_port
+        self.budget = budget or DataBudget(global_settings.clients.max_bytes_in_flight)
         self._server: asyncio.Server | None = None
 
     @property
@@ -92,6 +95,7 @@ class ListenerServer:
             self.connections,
             implicit_tls=lst.tls == "implicit",
             advertise_auth=lst.auth != "none",
+            budget=self.budget,
             hostname=cfg.hostname,
             ident="ESMTP relay",
             data_size_limit=cfg.clients.max_message_size,

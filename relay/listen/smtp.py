@@ -31,6 +31,7 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay.errors import SmtpError
+from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession
 from relay.observe import sessions
@@ -114,9 +115,13 @@ class RelaySMTP(SMTP):
         *,
         implicit_tls: bool,
         advertise_auth: bool,
+        budget: DataBudget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(_HOOKS, **kwargs)
+        self._budget = budget or DataBudget(2**62)
+        self._budget_held = 0  # this session's share of the budget
+        self._over_budget = False
         self.client = client
         self._connections = connections
         self._implicit_tls = implicit_tls
@@ -141,8 +146,19 @@ class RelaySMTP(SMTP):
         try:
             super().connection_lost(error)
         finally:
+            self._release_budget()
             self._connections.discard(self)
             self.client.on_close()
+
+    def _set_post_data_state(self) -> None:
+        # The message is answered: its bytes leave the budget (and on a lost connection, in
+        # connection_lost).
+        self._release_budget()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    def _release_budget(self) -> None:
+        self._budget.give(self._budget_held)
+        self._budget_held, self._over_budget = 0, False
 
     def _set_rset_state(self) -> None:
         # EHLO, HELO, RSET and STARTTLS reset the transaction (RFC 5321 §4.1.1.1, §4.1.1.5,
@@ -255,9 +271,16 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        if self._budget.spent:
+            reply = self.client.data_refused(_budget_spent("DATA refused: the in-flight budget is spent"), 0)
+            self._set_post_data_state()
+            await self.push(str(reply))
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         content, size = await self._read_data()
-        if content is None:
+        if self._over_budget:
+            reply = self.client.data_refused(_budget_spent(f"{size} bytes of DATA over the in-flight budget"), size)
+        elif content is None:
             reply = self.client.data_refused(
                 SmtpError(
                     552,
@@ -287,7 +310,7 @@ class RelaySMTP(SMTP):
                 content = content.replace(b"\r\n.", b"\r\n")
             with self._waiting_for_upstream():
                 reply = await self.client.data(content)
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self._set_post_data_state()
         await self.push(str(reply))
         if self._shutting_down or self.client.draining:
             await self.push("421 4.3.2 Service shutting down, closing connection")
@@ -327,7 +350,11 @@ class RelaySMTP(SMTP):
             if done:
                 chunk = chunk[:-3]
             size += len(chunk)
-            if limit and size > limit:
+            if not self._over_budget and not self._budget.take(len(chunk)):
+                self._over_budget = True
+            elif not self._over_budget:
+                self._budget_held += len(chunk)
+            if (limit and size > limit) or self._over_budget:
                 parts.clear()
             else:
                 parts.append(chunk)
@@ -337,6 +364,11 @@ class RelaySMTP(SMTP):
         if limit and size > limit:
             return None, size
         return b"".join(parts), size
+
+
+def _budget_spent(reason: str) -> SmtpError:
+    # RFC 3463 X.3.1 mail system full; see relay.listen.budget.
+    return SmtpError(452, "4.3.1", "Insufficient system storage, try again later", reason=reason, label="data_budget")
 
 
 def _has_bare_line_ending(content: bytes) -> bool:

@@ -130,7 +130,7 @@ class DkimSigner:
         if not keys:
             return b""
         timestamp = str(int(time.time() if now is None else now)).encode("ascii")
-        body_hash = base64.b64encode(relaxed_body_hash(message.body))
+        body_hash = base64.b64encode(relaxed_body_hash(message.raw, message.body_start))
         include = self.header_list(message)
         # Select first (names compare case-insensitively), then canonicalize only those.
         selected = select_headers([(f.name, f.value) for f in message.fields], include)
