@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TOOLS_VENV  ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck bench clean
+.PHONY: run test test-fast lint typecheck bench fuzz soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The property tests of tests/test_properties.py with many more examples (the SMTP edge over
+# real sockets, the parser, the signer, linear work): ~20-40 min on 2 shared cores.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz tests/loopback-only $(PY) -m pytest -q -p no:cacheprovider --timeout 7200 tests/test_properties.py $(PYTEST_ARGS)
+
+# 1,000 concurrent sessions for 10 minutes, misbehaving at random (bench/soak.py).
+soak: $(STAMP)
+	tests/loopback-only $(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache .relay-dev
