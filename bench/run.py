@@ -52,9 +52,11 @@ def require(tool: str) -> str:
     return path
 
 
-def bench_config(workdir: Path, key: Path, pool: int) -> Path:
+def bench_config(workdir: Path, key: Path, pool: int, spool: bool = False) -> Path:
     """The relay as a platform team would run it, minus TLS/AUTH (loopback bench client):
-    JSON logs at info, one line per message, the default Received: header."""
+    JSON logs at info, one line per message, the default Received: header. With `spool`,
+    store-and-forward (`queue.mode: spool`, the spool in the work directory): the client's
+    250 comes once the message is synced; the sink's counter gives the end-to-end rate."""
     config = {
         "hostname": "bench.relay.test",
         "listeners": [{"name": "bench", "bind": f"127.0.0.1:{RELAY_PORT}", "tls": "none", "auth": "none"}],
@@ -72,6 +74,8 @@ def bench_config(workdir: Path, key: Path, pool: int) -> Path:
         "logging": {"format": "json", "level": "info"},
         "data_dir": str(workdir),
     }
+    if spool:
+        config["queue"] = {"mode": "spool", "dir": str(workdir / "spool")}
     path = workdir / "relay.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
@@ -213,7 +217,7 @@ def matrix(args) -> list[dict]:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-    config = bench_config(workdir, key, pool=args.pool)
+    config = bench_config(workdir, key, pool=args.pool, spool=args.spool)
     sink = Sink(workdir)
     relay = start_relay(config, args.workers, workdir / "relay.log")
     rows = []
@@ -268,7 +272,7 @@ def run_anchor(args) -> None:
         sys.exit(f"bench: the anchor harness is not at {ANCHOR}")
     subprocess.run([str(ANCHOR / "setup_anchor.sh"), "inet"], check=True)  # makes the shared key
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    config = bench_config(workdir, ANCHOR_KEY, pool=args.pool)
+    config = bench_config(workdir, ANCHOR_KEY, pool=args.pool, spool=args.spool)
     subprocess.run([str(ANCHOR / "sink_ctl.sh"), "stop"], check=False)
     relay = start_relay(config, args.workers, workdir / "relay.log")
     results = HERE / "results"
@@ -315,6 +319,7 @@ def ratios(records: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spool", action="store_true", help="run relay in spool mode (queue.mode: spool)")
     parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 10240, 102400])
     parser.add_argument("--concs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 100])
     parser.add_argument("--reps", type=int, default=3)

@@ -1,4 +1,4 @@
-"""The `relay` command: serve, check, keygen, hash-password, config validate.
+"""The `relay` command: serve, check, keygen, dkim rotate|status, hash-password, config validate.
 
 Exit codes: 0 success; 1 a runtime failure (cannot bind, a check failed); 2 a bad config
 or bad arguments.
@@ -76,6 +76,39 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--aws-endpoint-url")
     keygen.set_defaults(func=cmd_keygen)
 
+    dkim = sub.add_parser("dkim", help="DKIM key rotation: rotate, status")
+    dkim_sub = dkim.add_subparsers(metavar="SUBCOMMAND")
+    rotate = dkim_sub.add_parser(
+        "rotate",
+        help="rotate one domain's key: new selector, published, verified, "
+        "switched, retired (resumable: run it again to continue)",
+    )
+    rotate.add_argument("-c", "--config")
+    rotate.add_argument("-d", "--domain", required=True)
+    rotate.add_argument(
+        "--algorithm",
+        choices=["rsa-sha256", "ed25519-sha256"],
+        help="of the new key (default: the key set's algorithm)",
+    )
+    rotate.add_argument(
+        "--publish", metavar="route53:ZONE_ID|print", help="where the TXT record goes (default: the key set's publish)"
+    )
+    rotate.add_argument(
+        "--overlap", metavar="DURATION", help="how long both keys sign (default: dkim.rotation.overlap, 7d)"
+    )
+    rotate.add_argument("--dry-run", action="store_true", help="say what the remaining steps are and when")
+    rotate.add_argument(
+        "--continue",
+        dest="continue_only",
+        action="store_true",
+        help="only continue a rotation in progress, never start one (for a daily job)",
+    )
+    rotate.set_defaults(func=cmd_dkim_rotate)
+    dkim_status = dkim_sub.add_parser("status", help="each domain's selectors, ages, states and next step")
+    dkim_status.add_argument("-c", "--config")
+    dkim_status.add_argument("--json", action="store_true", help="machine-readable output")
+    dkim_status.set_defaults(func=cmd_dkim_status)
+
     hashpw = sub.add_parser("hash-password", help="read a password on stdin, print its hash")
     hashpw.set_defaults(func=cmd_hash_password)
 
@@ -84,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     validate = config_sub.add_parser("validate", help="load and validate the config")
     validate.add_argument("-c", "--config")
     validate.set_defaults(func=cmd_config_validate)
+
+    from relay.queue.commands import add_queue_commands
+
+    add_queue_commands(sub, _load)
     return parser
 
 
@@ -122,7 +159,9 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     print(f"{source}: configuration is valid")
     listeners = ", ".join(f"{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}" for lst in settings.listeners)
     print(f"  listeners: {listeners}")
-    print(f"  users: {len(settings.clients.users)}; DKIM keys: {keys}")
+    key_sets = ", ".join(ks.domain for ks in settings.dkim.key_sets)
+    key_sets = f"; key sets: {key_sets}" if key_sets else ""
+    print(f"  users: {len(settings.clients.users)}; DKIM keys: {keys}{key_sets}")
     print(f"  upstream: {', '.join(u.label + ' (' + u.mode + ')' for u in settings.upstream)}")
     return EXIT_OK
 
@@ -244,6 +283,44 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from relay.keygen import keygen
 
     return keygen(args)
+
+
+def cmd_dkim_rotate(args: argparse.Namespace) -> int:
+    from relay.config.load import ConfigError
+    from relay.rotate.command import rotate_command
+
+    try:
+        settings, _ = _load(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=logging.ERROR)
+    return asyncio.run(
+        rotate_command(
+            settings,
+            domain=args.domain,
+            algorithm=args.algorithm,
+            publish=args.publish,
+            overlap=args.overlap,
+            dry_run=args.dry_run,
+            start=not args.continue_only,
+            out=lambda line: print(line, flush=True),
+            err=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    )
+
+
+def cmd_dkim_status(args: argparse.Namespace) -> int:
+    from relay.config.load import ConfigError
+    from relay.rotate.command import status_command
+
+    try:
+        settings, _ = _load(args.config)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=logging.ERROR)
+    return asyncio.run(status_command(settings, as_json=args.json))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

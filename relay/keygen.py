@@ -17,9 +17,9 @@ def txt_strings(value: str, limit: int = 255) -> list[str]:
     return [value[i : i + limit] for i in range(0, len(value), limit)] or [""]
 
 
-def zone_line(domain: str, selector: str, value: str) -> str:
+def zone_line(domain: str, selector: str, value: str, ttl: int = 3600) -> str:
     strings = " ".join(f'"{s}"' for s in txt_strings(value))
-    return f"{selector}._domainkey.{domain}. 3600 IN TXT ( {strings} )"
+    return f"{selector}._domainkey.{domain}. {ttl} IN TXT ( {strings} )"
 
 
 def keygen(args: argparse.Namespace) -> int:

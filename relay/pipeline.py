@@ -64,6 +64,7 @@ class Transaction:
     dkim: list[str] = field(default_factory=list)
     from_domain: str | None = None
     upstream_reply: Reply | None = None
+    queued: bool = False  # spool mode: the 250 means "on disk", delivery follows
 
     @property
     def mail_from_domain(self) -> str:
@@ -103,7 +104,6 @@ class Pipeline:
         self.gate = gate
         self.networks = ClientNetworks(settings.clients.networks)
         self.signer = DkimSigner(settings.dkim.sign_headers, settings.dkim.oversign)
-        self._own_signatures = {(k.domain, k.selector) for k in settings.dkim.keys}
         self._listener_senders = {
             lst.name: SenderPolicy(lst.senders if lst.senders is not None else keyring.domains)
             for lst in settings.listeners
@@ -185,14 +185,16 @@ class Pipeline:
         tls: str | None,
     ) -> Transaction:
         """The transaction of an accepted MAIL FROM (no upstream yet: see add_recipient)."""
+        tx_id = new_message_id()
         return Transaction(
-            id=new_message_id(),
+            id=tx_id,
             listener=listener,
             client=client,
             user=user,
             senders=senders,
             envelope=Envelope(
                 mail_from=mail_from,
+                id=tx_id,
                 body_8bit="BODY=8BITMIME" in mail_options,
                 smtputf8="SMTPUTF8" in mail_options,
             ),
@@ -290,6 +292,11 @@ class Pipeline:
         tx.upstream_reply = reply
         if reply.positive:
             messages.message_relayed(tx.listener, tx.upstream.upstream)
+            if self.settings.queue.mode == "spool":
+                # The signed message is synced in the spool (relay.queue.spooled); the
+                # delivery loop takes it from here. `relay queue show <id>` follows it.
+                tx.queued = True
+                return Reply(250, "2.0.0", f"Ok: queued, id={tx.id}")
             return Reply(250, "2.0.0", f"Ok: relayed, id={tx.id}")
         raise SmtpError(
             reply.code,
@@ -344,7 +351,7 @@ class Pipeline:
                 tags.get(b"d", b"").decode("ascii", "replace").lower(),
                 tags.get(b"s", b"").decode("ascii", "replace"),
             )
-            if ident in self._own_signatures:
+            if self.keyring.owns(*ident):
                 stale.append(sig)
         return message.without(stale) if stale else message
 

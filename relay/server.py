@@ -30,11 +30,12 @@ from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
 from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
 from relay.pipeline import Pipeline
-from relay.wiring import Components, UpstreamTargets, build_components, new_secret_store
+from relay.wiring import Components, SpoolParts, UpstreamTargets, build_components, build_spool, new_secret_store
 
 log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
+KEY_AGE_INTERVAL = 15.0
 
 ListenerKey = tuple[str, str, str]
 
@@ -68,6 +69,7 @@ class Relay:
         self._posture_task: asyncio.Task[None] | None = None
         self._upstream_problem: str | None = "not probed yet"
         self._signals = 0
+        self.queue: SpoolParts | None = None  # spool mode: the spool and its delivery loop
 
     def _load_config_file(self) -> Settings:
         assert self.config_path is not None, "the dev default reloads through reload_settings"
@@ -91,7 +93,11 @@ class Relay:
             "effective configuration",
             extra={"config": redacted(settings), "source": str(self.config_path or "embedded dev default")},
         )
-        self.components = await build_components(settings, self.store, self.targets)
+        self.queue = build_spool(settings, self._components)
+        if self.queue is not None:
+            await asyncio.to_thread(self.queue.spool.open)  # OSError: "cannot start"
+        spool = self.queue.target if self.queue is not None else None
+        self.components = await build_components(settings, self.store, self.targets, spool=spool)
         self.components.pipeline.keyring.attach()
         self._report_keys(self.components.pipeline)
         for lst in settings.listeners:
@@ -102,7 +108,14 @@ class Relay:
         await self.health.start(host, port, reuse_port=self.reuse_port)
         self._tasks.append(asyncio.create_task(self.store.run(), name="secret-refresh"))
         self._tasks.append(asyncio.create_task(self._probe_upstreams(), name="upstream-probe"))
+        self._tasks.append(asyncio.create_task(self._update_key_ages(), name="key-ages"))
         self._posture_task = asyncio.create_task(self.components.posture.run(), name="posture")
+        if self.queue is not None:
+            self.queue.runner.start()  # what an earlier run left in the spool goes out now
+
+    def _components(self) -> Components:
+        assert self.components is not None
+        return self.components
 
     def _listener(self, lst: ListenerSettings, settings: Settings) -> ListenerServer:
         return ListenerServer(
@@ -125,13 +138,16 @@ class Relay:
         missing = self.components.pipeline.keyring.never_loaded() if self.components else {"all": "starting"}
         checks["dkim_keys"] = "; ".join(f"{k}: {v}" for k, v in missing.items()) or None
         checks["upstream"] = self._upstream_problem
+        if self.queue is not None:
+            checks["spool"] = self.queue.spool.unwritable()
         return checks
 
     async def _probe_upstreams(self) -> None:
         """Check the path to the default upstream now and then, for /readyz."""
         while True:
             try:
-                await self.pipeline.router.default.probe()
+                # The real upstream, also in spool mode (where the pipeline's target is the spool).
+                await self._components().router.default.probe()
                 self._upstream_problem = None
             except SmtpError as exc:
                 self._upstream_problem = exc.reason
@@ -139,6 +155,13 @@ class Relay:
             except Exception as exc:  # a probe must never kill the relay
                 self._upstream_problem = f"probe error: {type(exc).__name__}"
             await asyncio.sleep(UPSTREAM_PROBE_INTERVAL)
+
+    async def _update_key_ages(self) -> None:
+        """Key ages grow by themselves: `relay_dkim_key_age_seconds` is set now and then."""
+        while True:
+            await asyncio.sleep(KEY_AGE_INTERVAL)
+            if self.components is not None:
+                self.components.pipeline.keyring.update_ages()
 
     async def reload(self) -> bool:
         """SIGHUP: load, validate and apply a new config; keep the old one on any error."""
@@ -153,7 +176,10 @@ class Relay:
         old = self.components
         assert old is not None
         try:
-            new = await build_components(settings, self.store, self.targets, previous=old)
+            if settings.queue != old.settings.queue:
+                log.warning("queue settings changed; they take effect at the next restart")
+            spool = self.queue.target if self.queue is not None else None
+            new = await build_components(settings, self.store, self.targets, previous=old, spool=spool)
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
@@ -198,7 +224,11 @@ class Relay:
         # Idle sessions go now (RFC 5321 §3.8: 421 then close); a session inside a
         # transaction gets its 421 after the DATA reply (RelaySMTP.shutdown).
         self.connections.shutdown()
-        if not await self.connections.wait_closed(timeout):
+        # Spool mode: deliveries under way finish within the same timeout; what is left
+        # stays in the spool for the next start.
+        runner = self.queue.runner.stop(timeout) if self.queue is not None else asyncio.sleep(0)
+        closed, _ = await asyncio.gather(self.connections.wait_closed(timeout), runner)
+        if not closed:
             log.warning("drain timeout; closing remaining sessions", extra={"sessions": len(self.connections)})
             self.connections.close()
         await self.stop()
@@ -211,6 +241,9 @@ class Relay:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.queue is not None:
+            await self.queue.runner.stop(0)  # a no-op after a drain
+            await self.queue.spool.close()
         await asyncio.gather(*(t.close() for t in self.targets.all()), return_exceptions=True)
         await self.health.stop()
         await self.store.close()

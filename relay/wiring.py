@@ -9,11 +9,16 @@ task or binds a socket: `relay.server` runs what this module builds (like uvicor
     targets = UpstreamTargets()
     parts = await build_components(settings, store, targets)      # at start
     parts = await build_components(new, store, targets, previous=parts)   # at reload
+
+Spool mode (`queue.mode: spool`): the spool and its delivery loop outlive config snapshots
+(`build_spool` once, at start); each snapshot's pipeline delivers to the spool, and the
+delivery loop to the snapshot's real targets (`Components.router`).
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.auth.users import UserDirectory
@@ -33,6 +38,12 @@ from relay.posture.egress import Accept, is_public_unicast
 from relay.posture.monitor import PostureMonitor
 from relay.posture.report import CheckReport, run_check
 from relay.proxy import dialer_for
+from relay.queue.dsn import report_signer
+from relay.queue.pacing import PacedTarget
+from relay.queue.runner import QueueRunner
+from relay.queue.schedule import RetryPolicy
+from relay.queue.spooled import SpoolTarget
+from relay.queue.store import Spool
 from relay.route.router import Router
 from relay.secrets.base import SecretBackend
 from relay.secrets.local import EnvBackend, FileBackend
@@ -48,7 +59,9 @@ def new_secret_store(settings: Settings) -> SecretStore:
 
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
     backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
-    if any(ref.startswith("aws-sm://") for ref in secret_refs(settings) + vault_bootstrap_refs(settings)):
+    key_patterns = [ks.key for ks in settings.dkim.key_sets]  # keys a key set will list
+    refs = secret_refs(settings) + vault_bootstrap_refs(settings) + key_patterns
+    if any(ref.startswith("aws-sm://") for ref in refs):
         # Imported only when used: the AWS SDK costs each worker ~35 MiB of memory.
         from relay.secrets.aws import AwsSecretsBackend
 
@@ -83,7 +96,7 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
 
 
 def secret_refs(settings: Settings) -> list[str]:
-    refs = [k.key for k in settings.dkim.keys]
+    refs = [k.key for k in settings.dkim.keys] + [ks.key_set for ks in settings.dkim.key_sets]
     refs += [u.password for u in settings.clients.users if u.password]
     for upstream in settings.upstream:
         refs += [r for r in (upstream.password, upstream.proxy_password) if r]
@@ -129,6 +142,16 @@ def build_dns(settings: Settings) -> DnsResolver:
 
 
 def build_target(
+    upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
+) -> UpstreamTarget:
+    target = _build_target(upstream, settings, store, dns)
+    if upstream.max_rate is not None and settings.queue.mode == "spool":
+        # Pacing applies to deliveries from the spool; in passthrough the client waits.
+        return PacedTarget(target, upstream.max_rate)
+    return target
+
+
+def _build_target(
     upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
 ) -> UpstreamTarget:
     if upstream.mode == "outbox":
@@ -188,7 +211,7 @@ class UpstreamTargets:
         """The targets for `settings`, in config order, and the ones no longer used."""
         wanted: dict[str, UpstreamTarget] = {}
         for upstream in settings.upstream:
-            key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json()
+            key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json() + settings.queue.mode
             wanted[key] = self._by_config.get(key) or build_target(upstream, settings, store, dns)
         retired = [t for k, t in self._by_config.items() if k not in wanted]
         self._by_config = wanted
@@ -212,8 +235,10 @@ def build_pipeline(
     dns: DnsService,
     previous: PostureMonitor | None = None,
     previous_pipeline: Pipeline | None = None,
+    spool: UpstreamTarget | None = None,
 ) -> tuple[Pipeline, PostureMonitor]:
-    """The pipeline for one config snapshot, and the DNS posture monitor that gates it."""
+    """The pipeline for one config snapshot, and the DNS posture monitor that gates it.
+    With `spool`, every transaction goes to it (the real targets are the delivery loop's)."""
     keyring = KeyRing(settings.dkim, store)
     router = build_router(settings, targets)
     monitor = PostureMonitor(
@@ -223,7 +248,7 @@ def build_pipeline(
         settings,
         users=UserDirectory(settings.clients.users, store),
         keyring=keyring,
-        router=router,
+        router=Router(spool) if spool is not None else router,
         gate=monitor,
         # AUTH failures counted so far survive a reload that keeps the same limits.
         throttle=(
@@ -244,12 +269,18 @@ class Components:
     dns: DnsResolver
     pipeline: Pipeline
     posture: PostureMonitor
+    router: Router  # the real upstream targets (in spool mode the pipeline's router is the spool's)
     # Targets of the previous snapshot that this one no longer uses (to be closed).
     retired: list[UpstreamTarget] = field(default_factory=list)
 
 
 async def build_components(
-    settings: Settings, store: SecretStore, targets: UpstreamTargets, *, previous: Components | None = None
+    settings: Settings,
+    store: SecretStore,
+    targets: UpstreamTargets,
+    *,
+    previous: Components | None = None,
+    spool: SpoolTarget | None = None,
 ) -> Components:
     """Load the secrets `settings` uses and build its pipeline, targets and posture monitor.
 
@@ -266,8 +297,41 @@ async def build_components(
         dns,
         previous=previous.posture if previous is not None else None,
         previous_pipeline=previous.pipeline if previous is not None else None,
+        spool=spool,
     )
-    return Components(settings, dns, pipeline, posture, retired)
+    await pipeline.keyring.fetch_missing()  # the keys key-set documents list
+    return Components(settings, dns, pipeline, posture, build_router(settings, upstreams), retired)
+
+
+class SpoolParts:
+    """Spool mode's long-lived parts: the spool, its delivery loop, the pipeline's target."""
+
+    def __init__(self, settings: Settings, current: Callable[[], Components]) -> None:
+        queue = settings.queue
+        self.spool = Spool(queue.dir, max_bytes=queue.max_bytes)
+
+        def sign_report(report: bytes) -> bytes:
+            pipeline = current().pipeline
+            return report_signer(pipeline.keyring.keys_for, pipeline.signer, settings.hostname)(report)
+
+        self.runner = QueueRunner(
+            self.spool,
+            lambda: current().router,
+            RetryPolicy(queue.retry, max_age=queue.max_age),
+            hostname=settings.hostname,
+            bounce=queue.bounce,
+            dead_letter_age=queue.dead_letter_age,
+            sign_report=sign_report,
+        )
+        self.target = SpoolTarget(self.spool, self.runner, lambda: current().router)
+
+
+def build_spool(settings: Settings, current: Callable[[], Components]) -> SpoolParts | None:
+    """The spool parts when `queue.mode: spool`, else None. Opening the spool (directories,
+    a scan, the journal replay of a stopped process) is `SpoolParts.spool.open()`."""
+    if settings.queue.mode != "spool":
+        return None
+    return SpoolParts(settings, current)
 
 
 async def preflight(
@@ -282,10 +346,12 @@ async def preflight(
         await load_secrets(store, settings)
         upstream = settings.upstream[0]
         target = build_target(upstream, settings, store, dns)
+        keyring = KeyRing(settings.dkim, store)
+        await keyring.fetch_missing()
         return await run_check(
             settings,
             dns=dns,
-            keyring=KeyRing(settings.dkim, store),
+            keyring=keyring,
             target=target,
             dialer=build_dialer(upstream, store),
             accept=accept,

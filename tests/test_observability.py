@@ -44,6 +44,10 @@ EXPECTED_ALERTS = {
     "RelaySecretRefreshStale",
     "RelayDown",
     "RelayNotReady",
+    "RelayQueueGrowing",
+    "RelayQueueOldestMessageTooOld",
+    "RelaySpoolNearlyFull",
+    "RelayDkimKeyTooOld",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).

@@ -175,6 +175,16 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
         for i, key in enumerate(settings.dkim.keys):
             if key.key.startswith("vault://"):
                 yield f"dkim.keys[{i}].key", "vault:// reference needs a secrets.vault section"
+    rotation = settings.dkim.rotation
+    if settings.dkim.key_sets and rotation.grace < settings.secrets.refresh:
+        # Replicas stop signing with a retired key only when they next read the key set.
+        yield (
+            "dkim.rotation.grace",
+            (
+                f"must be at least secrets.refresh ({settings.secrets.refresh:g}s): "
+                "replicas may sign with the old key until they re-read the key set"
+            ),
+        )
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

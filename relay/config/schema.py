@@ -8,6 +8,7 @@ secrets (keys, passwords, tokens) are secret references, never literals (see
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -27,9 +28,10 @@ from pydantic import (
 
 from relay.auth.passwords import check_hash_format
 from relay.config.defaults import METRICS_PORT
-from relay.config.units import Bind, Duration, HostPort, Size
+from relay.config.units import Bind, Duration, HostPort, Rate, Size
 from relay.proxy.url import ProxyUrl, check_credentials, parse_proxy_url
 from relay.secrets.base import SecretRef
+from relay.sign.keyset import SELECTOR_SYNTAX
 
 
 def _secret_ref(value: str) -> str:
@@ -224,6 +226,80 @@ class DkimKeySettings(Strict):
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
 
 
+WRITABLE_SCHEMES = ("file", "aws-sm")  # where `relay dkim rotate` can write and delete
+
+
+def _writable_ref(value: str) -> str:
+    ref = SecretRef.parse(value)
+    if ref.scheme not in WRITABLE_SCHEMES:
+        raise ValueError(f"rotation writes here: use file:// or aws-sm://, not {ref.scheme}://")
+    if ref.field:
+        raise ValueError("takes no #field: the whole secret is the document")
+    return value
+
+
+def _key_ref_pattern(value: str) -> str:
+    if "{selector}" not in value:
+        raise ValueError("must contain {selector}, e.g. aws-sm://relay/dkim/{domain}/{selector}")
+    try:
+        sample = value.format(domain="example.com", selector="s20260101")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError("only {domain} and {selector} may appear in braces") from None
+    _writable_ref(sample)
+    return value
+
+
+def _selector_pattern(value: str) -> str:
+    try:
+        sample = value.format(date="20260101")
+    except (KeyError, IndexError, ValueError):
+        raise ValueError("only {date} (YYYYMMDD, UTC) may appear in braces") from None
+    if "{date}" not in value:
+        raise ValueError("must contain {date}, so that every rotation gets a new selector")
+    if not re.fullmatch(SELECTOR_SYNTAX, sample):
+        raise ValueError(f"gives selectors like {sample!r}, which is not a valid selector")
+    return value
+
+
+def _publish_target(value: str) -> str:
+    if value == "print" or (value.startswith("route53:") and len(value) > len("route53:")):
+        return value
+    raise ValueError("expected print or route53:ZONE_ID")
+
+
+class DkimKeySetSettings(Strict):
+    """A domain whose signing keys are listed in a key-set document, kept by
+    `relay dkim rotate` and re-read by every replica (the design is in `relay.rotate`)."""
+
+    domain: Domain
+    key_set: Annotated[str, AfterValidator(_writable_ref)]
+    key: Annotated[str, AfterValidator(_key_ref_pattern)]
+    selector: Annotated[str, AfterValidator(_selector_pattern)] = "s{date}"
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    bits: Literal[2048, 3072, 4096] = 2048
+    publish: Annotated[str, AfterValidator(_publish_target)] = "print"
+
+
+class Route53Settings(Strict):
+    region: str | None = None
+    endpoint_url: str | None = None
+
+
+class DkimRotationSettings(Strict):
+    # Both keys sign for `overlap` once DNS serves the new one; the old record and secret
+    # go `grace` after the old key stopped signing (mail signed with it may still be in
+    # flight or queued, and replicas stop within secrets.refresh).
+    overlap: Duration = 7 * 86400.0
+    grace: Duration = 7 * 86400.0
+    # One run waits this long for the resolver to serve the new record, asking every
+    # `dns_poll`; a later run keeps waiting.
+    dns_wait: Duration = 1800.0
+    dns_poll: Duration = 30.0
+    record_ttl: int = Field(default=3600, ge=60, le=86400)
+    max_key_age: Duration = 180 * 86400.0
+    route53: Route53Settings = Field(default_factory=Route53Settings)
+
+
 class DkimSettings(Strict):
     keys: list[DkimKeySettings] = Field(default_factory=list)
     sign_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_SIGN_HEADERS))
@@ -232,6 +308,9 @@ class DkimSettings(Strict):
     # RFC 8301 §3.2: signers MUST use RSA keys of at least 1024 bits; we require 2048
     # unless this is set (for a legacy selector that cannot be rotated yet).
     allow_weak_rsa: bool = False
+    # Domains whose keys come from a key-set document that rotation maintains.
+    key_sets: list[DkimKeySetSettings] = Field(default_factory=list)
+    rotation: DkimRotationSettings = Field(default_factory=DkimRotationSettings)
 
     @field_validator("sign_headers", "oversign")
     @classmethod
@@ -256,6 +335,16 @@ class DkimSettings(Strict):
             if pairs.count(pair) > 1:
                 raise ValueError(f"selector {pair[1]!r} for {pair[0]} appears twice")
         return self
+
+    @field_validator("key_sets")
+    @classmethod
+    def _one_key_set_per_domain(cls, key_sets: list[DkimKeySetSettings]) -> list[DkimKeySetSettings]:
+        first: dict[str, int] = {}
+        for i, entry in enumerate(key_sets):
+            if entry.domain in first:
+                raise ValueError(f"key_sets[{i}]: {entry.domain} already has key_sets[{first[entry.domain]}]")
+            first[entry.domain] = i
+        return key_sets
 
 
 class AwsSettings(Strict):
@@ -319,6 +408,9 @@ class UpstreamSettings(Strict):
     command_timeout: Duration = 300.0
     helo_name: str | None = None
     outbox_dir: Path | None = None
+    # Spool mode: deliveries to this upstream are paced to this many recipients per second
+    # (Amazon SES counts each recipient against its per-second quota).
+    max_rate: Rate | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> UpstreamSettings:
@@ -399,6 +491,26 @@ class LoggingSettings(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+class QueueSettings(Strict):
+    """Store-and-forward (relay.queue): `spool` answers 250 once the signed message is on disk."""
+
+    mode: Literal["passthrough", "spool"] = "passthrough"
+    dir: Path = Path("/var/lib/relay/spool")
+    # Backoff per recipient; the last step repeats. Each delay gets some jitter.
+    retry: list[Duration] = Field(default_factory=lambda: [60.0, 300.0, 900.0, 3600.0, 14400.0], min_length=1)
+    max_age: Duration = 5 * 86400.0
+    max_bytes: Size = 10 * 1024**3
+    bounce: Literal["dsn", "drop"] = "dsn"
+    dead_letter_age: Duration = 14 * 86400.0
+
+    @field_validator("retry")
+    @classmethod
+    def _positive_steps(cls, steps: list[float]) -> list[float]:
+        if any(step <= 0 for step in steps):
+            raise ValueError("every retry step must be longer than 0s")
+        return steps
+
+
 class Settings(Strict):
     # socket.gethostname, not getfqdn: no DNS lookup just to load a config.
     hostname: str = Field(default_factory=socket.gethostname)
@@ -413,6 +525,7 @@ class Settings(Strict):
     spf: SpfSettings = Field(default_factory=SpfSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     # `Received:` header added by the relay (RFC 5321 §4.4). `relay_only` names the relay
     # and the protocol but not the client's private address; `full` adds the client.
     received_header: Literal["off", "relay_only", "full"] = "relay_only"

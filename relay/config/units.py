@@ -61,6 +61,27 @@ def parse_duration(value: object) -> float:
     return sum(float(n) * _DURATION_FACTORS[u] for n, u in parts)
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$", re.IGNORECASE)
+_RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+
+
+def parse_rate(value: object) -> float:
+    """`14/s` → 14.0 per second, `600/m` → 10.0, `3600/h` → 1.0; a bare number is per second."""
+    if isinstance(value, bool):
+        raise ValueError("expected a rate like 14/s")
+    if isinstance(value, int | float):
+        if value <= 0:
+            raise ValueError("rate must be positive")
+        return float(value)
+    match = _RATE.match(str(value))
+    if not match:
+        raise ValueError(f"expected a rate like 14/s, 600/m or 3600/h, got {value!r}")
+    per_second = float(match.group(1)) / _RATE_PERIODS[match.group(2).lower()]
+    if per_second <= 0:
+        raise ValueError("rate must be positive")
+    return per_second
+
+
 class HostPort(NamedTuple):
     host: str
     port: int
@@ -96,4 +117,5 @@ def parse_hostport(value: object) -> HostPort:
 
 Size = Annotated[int, BeforeValidator(parse_size)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Rate = Annotated[float, BeforeValidator(parse_rate)]  # per second
 Bind = Annotated[HostPort, BeforeValidator(parse_hostport), PlainSerializer(str)]

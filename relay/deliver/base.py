@@ -36,6 +36,7 @@ from relay.message import WireMessage
 @dataclass(frozen=True, slots=True)
 class Envelope:
     mail_from: str  # "" for the null reverse-path
+    id: str = ""  # the relay's id of the transaction (logs; a spool entry is named after it)
     # Client MAIL parameters worth passing on (RFC 6152 BODY=8BITMIME, RFC 6531 SMTPUTF8).
     body_8bit: bool = False
     smtputf8: bool = False

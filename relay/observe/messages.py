@@ -80,6 +80,8 @@ class TransactionFacts(Protocol):
     @property
     def upstream_reply(self) -> Reply | None: ...
     @property
+    def queued(self) -> bool: ...
+    @property
     def started(self) -> float: ...
 
 
@@ -109,6 +111,9 @@ def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | Non
         "failovers": [str(s) for s in getattr(tx.upstream, "skipped", ())] or None,
         "upstream_reply": str(upstream_reply) if upstream_reply else None,
         "upstream_id": upstream_id(upstream_reply.text) if upstream_reply and upstream_reply.positive else None,
+        # Spool mode: the 250 meant "on disk"; the delivery attempts have lines of their own
+        # (logger relay.queue, "delivery attempt", same id).
+        "queued": tx.queued,
         "code": reply.code,
         "enhanced": reply.enhanced,
         "duration_ms": round((time.monotonic() - tx.started) * 1000, 1),

@@ -32,10 +32,11 @@ class KeySpec:
 
 
 def key_specs(settings: DkimSettings, keyring: KeyRing) -> dict[str, list[KeySpec]]:
-    """Configured keys by signing domain (domains sorted, keys in config order)."""
+    """The keys meant to sign, by domain (domains sorted, keys in config or key-set order):
+    static `dkim.keys` and the active keys of key sets."""
     missing = keyring.never_loaded()
     out: dict[str, list[KeySpec]] = {}
-    for cfg in sorted(settings.keys, key=lambda k: k.domain):
+    for cfg in sorted(keyring.signing_entries(), key=lambda k: k.domain):
         loaded = {k.selector: k for k in keyring.keys_for(cfg.domain)}
         out.setdefault(cfg.domain, []).append(
             KeySpec(

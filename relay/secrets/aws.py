@@ -40,7 +40,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from relay.secrets.base import SecretFetchError, SecretRef, SecretValue
+from relay.secrets.base import SecretFetchError, SecretNotFoundError, SecretRef, SecretValue
 
 __all__ = ["AwsSecretsBackend"]
 
@@ -171,6 +171,21 @@ class AwsSecretsBackend:
             return await self._put(ref, data)
         return str(response["VersionId"])
 
+    async def delete(self, ref: SecretRef, *, recovery_window_days: int = 7) -> bool:
+        """Schedule the secret for deletion, recoverable for `recovery_window_days` (AWS
+        keeps it that long; `RestoreSecret` brings it back). False if it does not exist or
+        is already scheduled."""
+        if ref.scheme != self.scheme:
+            raise SecretFetchError(f"{ref}: not an {self.scheme}:// reference")
+        try:
+            described = await self._call(ref, "DescribeSecret", SecretId=ref.location)
+        except _AwsNotFound:
+            return False
+        if described.get("DeletedDate"):
+            return False
+        await self._call(ref, "DeleteSecret", SecretId=ref.location, RecoveryWindowInDays=recovery_window_days)
+        return True
+
     # -- plumbing -------------------------------------------------------------------------
 
     async def _call(self, ref: SecretRef, operation: str, **params: Any) -> dict[str, Any]:
@@ -184,7 +199,8 @@ class AwsSecretsBackend:
             code = error.get("Code") or "UnknownError"
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             suffix = f", HTTP {status}" if status else ""
-            raise _AwsError(f"{ref}: {operation} failed: {code}{suffix}", code) from None
+            error_type = _AwsNotFound if code == "ResourceNotFoundException" else _AwsError
+            raise error_type(f"{ref}: {operation} failed: {code}{suffix}", code) from None
         except (EndpointConnectionError, ConnectTimeoutError) as exc:
             where = getattr(exc, "kwargs", {}).get("endpoint_url", "")
             raise SecretFetchError(
@@ -210,6 +226,10 @@ class _AwsError(SecretFetchError):
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _AwsNotFound(_AwsError, SecretNotFoundError):
+    """ResourceNotFoundException: the secret does not exist."""
 
 
 def _snake(operation: str) -> str:

@@ -66,6 +66,10 @@ class SecretFetchError(Exception):
     any secret material (tokens, values)."""
 
 
+class SecretNotFoundError(SecretFetchError):
+    """The backend answered: no secret exists at this reference (as opposed to an outage)."""
+
+
 class SecretBackend(Protocol):
     """One secrets backend, serving one reference scheme.
 

@@ -9,7 +9,7 @@ import os
 import stat
 import tempfile
 
-from relay.secrets.base import SecretFetchError, SecretRef, SecretValue
+from relay.secrets.base import SecretFetchError, SecretNotFoundError, SecretRef, SecretValue
 
 log = logging.getLogger("relay.secrets")
 
@@ -32,6 +32,8 @@ class FileBackend:
             st = os.stat(path)
             with open(path, "rb") as fh:
                 data = fh.read()
+        except FileNotFoundError:
+            raise SecretNotFoundError(f"{ref}: cannot read (no such file)") from None
         except OSError as exc:
             raise SecretFetchError(f"{ref}: cannot read ({exc.strerror or type(exc).__name__})") from None
         if st.st_mode & (stat.S_IRGRP | stat.S_IROTH) and path not in self._warned:
@@ -67,6 +69,16 @@ class FileBackend:
                 os.unlink(tmp)
             raise
         return "file"
+
+    async def delete(self, ref: SecretRef) -> bool:
+        """Remove the file; False if it was already gone."""
+        try:
+            await asyncio.to_thread(os.unlink, ref.location)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise SecretFetchError(f"{ref}: cannot delete ({exc.strerror or type(exc).__name__})") from None
+        return True
 
     async def close(self) -> None:
         return None

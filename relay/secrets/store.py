@@ -85,6 +85,11 @@ class SecretStore:
                 if _has_label(SECRET_AGE, ref):
                     SECRET_AGE.remove(ref)
 
+    def forget(self, ref: str) -> None:
+        """Stop fetching one reference (a key that its key set no longer lists)."""
+        if self._entries.pop(ref, None) is not None and _has_label(SECRET_AGE, ref):
+            SECRET_AGE.remove(ref)
+
     async def refresh(self) -> None:
         await asyncio.gather(*(self._fetch(r) for r in list(self._entries)))
 

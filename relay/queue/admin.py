@@ -1,0 +1,175 @@
+"""What `relay queue` does: list, show, retry, delete and requeue entries, safely while the
+relay runs.
+
+Each change takes the entry's lock first (waiting for a delivery under way to finish), so
+an operator and a worker never act on one entry at once; after the change the workers are
+woken through the spool's kick file. Nothing here talks to the running relay otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from email.parser import BytesHeaderParser
+from email.policy import default as default_policy
+from typing import Any
+
+from relay.queue.entry import FAILED, PENDING, CorruptEntry, QueueEntry
+from relay.queue.store import EntryLock, Spool, instance_name
+
+LOCK_WAIT = 30.0
+
+
+class QueueCommandError(Exception):
+    """An operator's request that cannot be done; the message says why."""
+
+
+def entry_state(entry: QueueEntry, now: float) -> str:
+    if entry.done:
+        return "dead" if entry.failed else "delivered"
+    due = entry.next_due()
+    return "active" if due is not None and due <= now else "deferred"
+
+
+def describe(entry: QueueEntry, now: float) -> dict[str, Any]:
+    due = entry.next_due()
+    return {
+        "id": entry.id,
+        "state": entry_state(entry, now),
+        "created": _iso(entry.created),
+        "age_seconds": round(now - entry.created, 1),
+        "from": entry.mail_from,
+        "size": entry.size,
+        "recipients": [
+            {
+                "address": r.address,
+                "status": r.status,
+                "attempts": r.attempts,
+                "next_attempt": _iso(r.next_attempt) if r.status == PENDING else None,
+                "last_reply": r.last_reply or None,
+                "upstream": r.upstream or None,
+            }
+            for r in entry.recipients
+        ],
+        "next_attempt": _iso(max(due, now)) if due is not None else None,
+        "finished": _iso(entry.finished) if entry.finished else None,
+        "report": entry.dsn or None,
+        "owner": entry.owner or None,
+    }
+
+
+def list_entries(spool: Spool) -> list[dict[str, Any]]:
+    now = time.time()
+    out = []
+    for entry_id in sorted(spool.scan({}).entries):
+        try:
+            entry = spool.read_meta(entry_id)
+        except (FileNotFoundError, CorruptEntry):
+            continue
+        out.append(describe(entry, now))
+    out.sort(key=lambda item: item["created"])
+    return out
+
+
+def show(spool: Spool, entry_id: str) -> dict[str, Any]:
+    entry = _read(spool, entry_id)
+    info = describe(entry, time.time())
+    info["envelope"] = {k: v for k, v in asdict(entry).items() if k in ("ret", "envid", "body_8bit", "smtputf8")}
+    info["listener"] = entry.listener or None
+    info["user"] = entry.user
+    try:
+        message = spool.read_message(entry_id)
+    except CorruptEntry as exc:
+        raise QueueCommandError(f"{entry_id}: damaged ({exc})") from None
+    headers = BytesHeaderParser(policy=default_policy).parsebytes(message)
+    info["headers"] = [(name, str(value)) for name, value in headers.items() if name.lower() != "dkim-signature"]
+    return info
+
+
+def retry(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
+    """Make the entry's pending recipients due now. Returns how many."""
+    with _lock(spool, entry_id, wait) as held:
+        entry, _ = _read_held(spool, held)
+        pending = entry.pending
+        if not pending:
+            raise QueueCommandError(f"{entry_id} has no recipient waiting (state: {entry_state(entry, time.time())})")
+        for r in pending:
+            r.next_attempt = 0.0
+        spool.save_sync(held, entry, owner=f"relay queue retry ({instance_name()})")
+    spool.kick()
+    return len(pending)
+
+
+def retry_all(spool: Spool, *, wait: float = LOCK_WAIT) -> tuple[int, list[str]]:
+    done, busy = 0, []
+    for entry_id, summary in spool.scan({}).entries.items():
+        if summary.due is None:
+            continue
+        try:
+            retry(spool, entry_id, wait=wait)
+            done += 1
+        except QueueCommandError as exc:
+            busy.append(str(exc))
+    return done, busy
+
+
+def delete(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> None:
+    with _lock(spool, entry_id, wait) as held:
+        spool.remove(held)  # durable at once: no event loop here
+
+
+def requeue(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
+    """Give a dead letter's failed recipients a fresh start (attempts, `max_age`)."""
+    with _lock(spool, entry_id, wait) as held:
+        entry, _ = _read_held(spool, held)
+        if not (entry.done and entry.failed):
+            raise QueueCommandError(
+                f"{entry_id} is not a dead letter (state: {entry_state(entry, time.time())}); use retry"
+            )
+        failed = [r for r in entry.recipients if r.status == FAILED]
+        now = time.time()
+        for r in failed:
+            r.status, r.attempts, r.next_attempt = PENDING, 0, 0.0
+        entry.since, entry.finished, entry.dsn = now, 0.0, ""
+        spool.save_sync(held, entry, owner=f"relay queue requeue ({instance_name()})")
+    spool.kick()
+    return len(failed)
+
+
+class _lock:
+    def __init__(self, spool: Spool, entry_id: str, wait: float) -> None:
+        if not os.path.exists(spool.path(entry_id)):
+            raise QueueCommandError(f"{entry_id}: no such entry in the queue")
+        held = spool.lock(entry_id, wait=wait)
+        if held is None:
+            if os.path.exists(spool.path(entry_id)):
+                raise QueueCommandError(f"{entry_id} is being delivered right now; try again")
+            raise QueueCommandError(f"{entry_id} left the queue meanwhile (delivered or removed)")
+        self.held = held
+
+    def __enter__(self) -> EntryLock:
+        return self.held
+
+    def __exit__(self, *exc: object) -> None:
+        self.held.release()
+
+
+def _read(spool: Spool, entry_id: str) -> QueueEntry:
+    try:
+        return spool.read_meta(entry_id)
+    except FileNotFoundError:
+        raise QueueCommandError(f"{entry_id}: no such entry in the queue") from None
+    except CorruptEntry as exc:
+        raise QueueCommandError(f"{entry_id}: damaged ({exc})") from None
+
+
+def _read_held(spool: Spool, held: EntryLock) -> tuple[QueueEntry, bytes]:
+    try:
+        return spool.read(held)
+    except CorruptEntry as exc:
+        raise QueueCommandError(f"{held.id}: damaged ({exc})") from None
+
+
+def _iso(stamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))

@@ -1,0 +1,544 @@
+"""The delivery loop: spool entries out through the same upstream targets as passthrough.
+
+One `QueueRunner` per process. It keeps a schedule of due entries (built by scanning the
+spool, kept current by its own attempts), takes an entry's lock, re-reads its state, and
+delivers the due recipients through the upstream transaction contract of
+`relay.deliver.base` (begin → add_recipient → send | abort), to the target the router
+picks for the envelope sender. Per recipient:
+
+- the upstream's 2xx to DATA: delivered;
+- 5xx at MAIL, RCPT or DATA: failed for good;
+- 4xx, or a failure of the path (connect, TLS, proxy, timeout): deferred to the next step
+  of the retry schedule (relay.queue.schedule); past `max_age`: failed;
+- `452 4.5.3` at RCPT ("send these in another transaction", as MX delivery answers for a
+  second domain, RFC 5321 §4.5.3.1.10): another transaction in the same attempt.
+
+Before DATA the state "these recipients delivered" is prepared and synced; after the 250 it
+is put in place with one rename (or the entry removed with one unlink when nothing is left),
+so a crash repeats a delivery only if it falls in that window (at-least-once, never lost).
+
+When every recipient has a final answer and some failed, the entry stays as a dead letter
+for `dead_letter_age`, and with `bounce: dsn` a report (relay.queue.dsn) is queued to the
+sender. The state records "report owed" before the report is queued and "queued" after,
+so a crash in between is caught up on, not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import heapq
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
+
+from prometheus_client import Counter, Gauge
+
+from relay.deliver.base import Envelope, UpstreamTarget
+from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
+from relay.queue.dsn import build_dsn, reportable
+from relay.queue.entry import DELIVERED, FAILED, CorruptEntry, QueueEntry, RecipientState
+from relay.queue.schedule import RetryPolicy
+from relay.queue.store import EntryLock, EntrySummary, PreparedChange, Spool
+
+log = logging.getLogger("relay.queue")
+
+ATTEMPTS = Counter(
+    "relay_queue_delivery_attempts_total",
+    "Upstream transactions made for spooled messages, by upstream and result (delivered, deferred, failed).",
+    ["upstream", "result"],
+)
+BOUNCES = Counter(
+    "relay_queue_bounces_total",
+    "Spooled messages that failed for good for at least one recipient (a DSN was queued, "
+    "or with bounce: drop only logged).",
+)
+MESSAGES = Gauge(
+    "relay_queue_messages",
+    "Messages in the spool: active (due or being delivered), deferred "
+    "(waiting for a retry), dead (failed, kept for inspection).",
+    ["state"],
+    multiprocess_mode="livemax",
+)
+BYTES = Gauge("relay_queue_bytes", "Bytes the spool holds on disk.", multiprocess_mode="livemax")
+OLDEST = Gauge(
+    "relay_queue_oldest_age_seconds",
+    "Age of the oldest message still waiting for delivery.",
+    multiprocess_mode="livemax",
+)
+
+MAX_BYTES = Gauge(
+    "relay_queue_max_bytes",
+    "queue.max_bytes: the spool size at which new mail gets 452 4.3.1.",
+    multiprocess_mode="livemax",
+)
+
+SCAN_INTERVAL = 10.0
+KICK_POLL = 1.0
+DUE_SLACK = 0.5  # recipients due this soon go along with the ones due now
+DEAD_SWEEP_INTERVAL = 300.0
+
+
+class RouteSource(Protocol):
+    def target_for(self, mail_from: str) -> UpstreamTarget: ...
+
+
+def queue_id() -> str:
+    return os.urandom(8).hex()
+
+
+class QueueRunner:
+    def __init__(
+        self,
+        spool: Spool,
+        router: Callable[[], RouteSource],
+        policy: RetryPolicy,
+        *,
+        hostname: str,
+        bounce: str = "dsn",
+        dead_letter_age: float = 14 * 86400.0,
+        sign_report: Callable[[bytes], bytes] | None = None,
+        concurrency: int = 64,
+        scan_interval: float = SCAN_INTERVAL,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.spool = spool
+        self.router = router
+        self.policy = policy
+        self.hostname = hostname
+        self.bounce = bounce
+        self.dead_letter_age = dead_letter_age
+        self.sign_report = sign_report
+        self.concurrency = concurrency
+        self.scan_interval = scan_interval
+        self.rng = rng or random.Random()
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._summaries: dict[str, EntrySummary] = {}
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._main: asyncio.Task[None] | None = None
+        self._last_scan = 0.0
+        self._last_kick = 0.0
+        self._last_sweep = 0.0
+        if spool.max_bytes is not None:
+            MAX_BYTES.set(spool.max_bytes)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._main = asyncio.create_task(self._run(), name="queue-runner")
+
+    async def stop(self, timeout: float) -> None:
+        """Stop taking new attempts; let the ones under way finish within `timeout`, then
+        cancel the rest (their entries stay on disk, in their last committed state)."""
+        self._stopping = True
+        self._wake.set()
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        tasks = list(self._inflight.values())
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning(
+                    "deliveries still under way at the end of the drain; left in the spool",
+                    extra={"count": len(pending)},
+                )
+                await asyncio.wait(pending)
+        await self.spool.committer.flush()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def submit(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
+        """Deliver a freshly spooled entry now, keeping the lock taken when it was written.
+        When the runner is busy (or stopping), the lock is let go and the schedule has it."""
+        if self._stopping or len(self._inflight) >= self.concurrency or entry.id in self._inflight:
+            held.release()
+            self._schedule(entry.id, time.time())
+            return
+        self._launch(entry.id, self._attempt_held(held, entry, message))
+
+    # -- the schedule ---------------------------------------------------------------------
+    def _schedule(self, entry_id: str, when: float) -> None:
+        if self._due.get(entry_id) == when:
+            return
+        self._due[entry_id] = when
+        heapq.heappush(self._heap, (when, entry_id))
+        self._wake.set()
+
+    def _launch(self, entry_id: str, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name=f"deliver-{entry_id}")
+        self._inflight[entry_id] = task
+        task.add_done_callback(lambda _t: self._finished(entry_id))
+
+    def _finished(self, entry_id: str) -> None:
+        self._inflight.pop(entry_id, None)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            now = time.time()
+            if now - self._last_scan >= self.scan_interval or self.spool.kicked_at() > self._last_kick:
+                self._last_kick = self.spool.kicked_at()
+                await self._scan()
+            self._dispatch(time.time())
+            wait = min(KICK_POLL, max(0.0, self._last_scan + self.scan_interval - time.time()))
+            if self._heap and len(self._inflight) < self.concurrency:
+                wait = min(wait, max(0.0, self._heap[0][0] - time.time()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+    def _dispatch(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now and len(self._inflight) < self.concurrency:
+            when, entry_id = heapq.heappop(self._heap)
+            if self._due.get(entry_id) != when:
+                continue  # superseded
+            del self._due[entry_id]
+            if entry_id in self._inflight:
+                continue
+            self._launch(entry_id, self._attempt(entry_id))
+
+    async def _scan(self) -> None:
+        started = time.time()
+        result = await asyncio.to_thread(self.spool.scan, dict(self._summaries))
+        self._last_scan = time.time()
+        self._summaries = result.entries
+        for entry_id in result.corrupt:
+            held = self.spool.lock(entry_id)
+            if held is not None:
+                with held:
+                    why = self.spool.damaged(held)
+                    if why:
+                        self.spool.quarantine(entry_id, why)
+        for entry_id, summary in result.entries.items():
+            if summary.dsn_pending:
+                self._schedule(entry_id, started)
+            elif summary.due is not None and entry_id not in self._inflight:
+                self._schedule(entry_id, summary.due)
+        if started - self._last_sweep >= DEAD_SWEEP_INTERVAL:
+            self._last_sweep = started
+            self._sweep_dead(started)
+        self._publish(started)
+
+    def _publish(self, now: float) -> None:
+        active = deferred = dead = 0
+        oldest = None
+        for summary in self._summaries.values():
+            if summary.dead:
+                dead += 1
+                continue
+            if summary.due is None:
+                continue
+            if summary.due <= now or summary.id in self._inflight:
+                active += 1
+            else:
+                deferred += 1
+            oldest = summary.created if oldest is None else min(oldest, summary.created)
+        MESSAGES.labels("active").set(active)
+        MESSAGES.labels("deferred").set(deferred)
+        MESSAGES.labels("dead").set(dead)
+        BYTES.set(self.spool.used_bytes)
+        OLDEST.set(max(0.0, now - oldest) if oldest is not None else 0.0)
+
+    def _sweep_dead(self, now: float) -> None:
+        for summary in list(self._summaries.values()):
+            if summary.dead and summary.finished and now - summary.finished > self.dead_letter_age:
+                held = self.spool.lock(summary.id)
+                if held is None:
+                    continue
+                with held:
+                    self.spool.remove(held)
+                log.info("dead letter expired and removed", extra={"id": summary.id})
+
+    # -- one attempt ------------------------------------------------------------------------
+    async def _attempt(self, entry_id: str) -> None:
+        held = self.spool.lock(entry_id)
+        if held is None:
+            return  # gone, or another worker holds it: its state will come with the next scan
+        with held:
+            try:
+                entry, message = self.spool.read(held)
+            except CorruptEntry as exc:
+                self.spool.quarantine(entry_id, str(exc))
+                return
+            except FileNotFoundError:
+                return
+            await self._deliver(held, entry, message)
+
+    async def _attempt_held(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
+        with held:
+            await self._deliver(held, entry, message)
+
+    async def _deliver(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
+        try:
+            await self._deliver_due(held, entry, message)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception:
+            # Whatever went wrong, the entry stays in its last committed state and is
+            # tried again later; a delivery task must never take the runner down.
+            log.exception("delivery attempt failed unexpectedly; will retry", extra={"id": entry.id})
+            self._schedule(entry.id, time.time() + self.policy.delay(1, self.rng))
+
+    async def _deliver_due(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
+        if entry.dsn == "pending":
+            await self._report(held, entry, message)
+            return
+        if entry.done:
+            return
+        now = time.time()
+        if self.policy.expired(now, entry.since):
+            for r in entry.pending:
+                r.status = FAILED
+                r.last_reply = r.last_reply or "451 4.4.7 Delivery time expired"
+            log.warning("max_age reached; remaining recipients failed", extra={"id": entry.id})
+            await self._settle(held, entry, message, now)
+            return
+        due = [r for r in entry.pending if r.next_attempt <= now + DUE_SLACK]
+        if due:
+            # Routes go by the envelope sender, so one target carries every recipient; a
+            # target that takes them in several transactions says so with 452 4.5.3.
+            target = self.router().target_for(entry.mail_from)
+            recipients = due
+            while recipients:
+                leftover = await self._transact(held, entry, target, recipients, message)
+                if len(leftover) == len(recipients):
+                    # No progress at all: not a split but a refusal; retry later.
+                    self._record(entry, leftover, Reply(452, "4.5.3", "recipient refused"), target.name)
+                    break
+                recipients = leftover
+        await self._settle(held, entry, message, now)
+
+    async def _transact(
+        self,
+        held: EntryLock,
+        entry: QueueEntry,
+        delivery: UpstreamTarget,
+        recipients: list[RecipientState],
+        message: bytes,
+    ) -> list[RecipientState]:
+        """One upstream transaction for `recipients`; returns those to send in another."""
+        envelope = Envelope(entry.mail_from, body_8bit=entry.body_8bit, smtputf8=entry.smtputf8)
+        upstream = delivery.name
+        started = time.perf_counter()
+        try:
+            tx = await delivery.begin(envelope, recipients[0].address)
+        except SmtpError as exc:
+            self._record(entry, recipients, exc.reply, upstream, reason=exc.reason, started=started)
+            return []
+        upstream = tx.upstream
+        accepted: list[RecipientState] = []
+        leftover: list[RecipientState] = []
+        answered: set[int] = set()
+        prepared: PreparedChange | None = None
+        try:
+            for r in recipients:
+                reply = await tx.add_recipient(r.address)
+                if reply.positive:
+                    accepted.append(r)
+                elif reply.code == 452 and reply.enhanced == "4.5.3":
+                    leftover.append(r)
+                else:
+                    self._record(entry, [r], reply, upstream)
+                answered.add(id(r))
+            if not accepted:
+                await tx.abort()
+                return leftover
+            if len(accepted) == len(entry.pending) and not entry.failed:
+                # The common case: this transaction finishes the entry, and its record is
+                # the removal of the entry (no state to prepare, nothing to copy).
+                after = None
+                prepared = self.spool.prepare_removal(held)
+            else:
+                after = self._with_delivered(entry, accepted, upstream)
+                prepared = await self.spool.prepare(held, after)
+            reply = await tx.send(WireMessage([message]))
+        except SmtpError as exc:
+            if prepared is not None:
+                prepared.discard()
+            await tx.abort()
+            unanswered = accepted + [r for r in recipients if id(r) not in answered]
+            self._record(entry, unanswered, exc.reply, upstream, reason=exc.reason, started=started)
+            return []
+        except BaseException:
+            if prepared is not None:
+                prepared.discard()
+            with contextlib.suppress(Exception):
+                await asyncio.shield(tx.abort())
+            raise
+        if reply.positive:
+            prepared.commit()  # the one syscall between the upstream's 250 and the spool
+            if after is not None:
+                _copy_state(after, entry)
+            else:
+                now = time.time()
+                for r in accepted:
+                    self._set(r, DELIVERED, str(reply), upstream, now)
+            self._log_attempt(entry, accepted, upstream, "delivered", reply, started)
+            ATTEMPTS.labels(upstream, "delivered").inc()
+        else:
+            prepared.discard()
+            self._record(entry, accepted, reply, upstream, started=started)
+        return leftover
+
+    # -- outcomes -----------------------------------------------------------------------------
+    def _with_delivered(self, entry: QueueEntry, accepted: list[RecipientState], upstream: str) -> QueueEntry:
+        after = copy.deepcopy(entry)
+        addresses = {id(r): i for i, r in enumerate(entry.recipients)}
+        now = time.time()
+        for r in accepted:
+            self._set(after.recipients[addresses[id(r)]], DELIVERED, "250 delivered", upstream, now)
+        self._finalize(after, now)
+        return after
+
+    def _record(
+        self,
+        entry: QueueEntry,
+        recipients: list[RecipientState],
+        reply: Reply,
+        upstream: str,
+        *,
+        reason: str | None = None,
+        started: float | None = None,
+    ) -> None:
+        if not recipients:
+            return
+        now = time.time()
+        text = str(reply)
+        for r in recipients:
+            if reply.positive:
+                self._set(r, DELIVERED, text, upstream, now)
+            elif reply.temporary:
+                self._set(r, "pending", text, upstream, now)
+                r.next_attempt = self.policy.next_attempt(now, r.attempts, entry.since, self.rng)
+                if r.next_attempt <= now:
+                    r.status = FAILED  # the deadline has come: this was the last try
+            else:
+                self._set(r, FAILED, text, upstream, now)
+        result = "delivered" if reply.positive else "deferred" if reply.temporary else "failed"
+        ATTEMPTS.labels(upstream, result).inc()
+        self._log_attempt(entry, recipients, upstream, result, reply, started, reason)
+
+    @staticmethod
+    def _set(r: RecipientState, status: str, reply: str, upstream: str, now: float) -> None:
+        if status != "pending" or r.status == "pending":
+            r.attempts += 1
+        r.status = status
+        r.last_reply = reply
+        r.last_attempt = now
+        r.upstream = upstream
+
+    def _finalize(self, entry: QueueEntry, now: float) -> None:
+        """Mark a finished entry: a dead letter when some recipient failed, with a report owed."""
+        if not entry.done or not entry.failed or entry.finished:
+            return
+        entry.finished = now
+        entry.dsn = "pending" if self.bounce == "dsn" and reportable(entry) else "none"
+
+    async def _settle(self, held: EntryLock, entry: QueueEntry, message: bytes, started: float) -> None:
+        """Write what this attempt changed, and schedule what is left."""
+        now = time.time()
+        if entry.done and not entry.failed:
+            if self.spool.path(entry.id).exists():
+                self.spool.remove(held)
+            return
+        self._finalize(entry, now)
+        await self.spool.save(held, entry)
+        if entry.done:
+            if entry.finished >= started:  # it became a dead letter in this attempt
+                BOUNCES.inc()
+                log.warning(
+                    "message failed for good; kept as a dead letter",
+                    extra={
+                        "id": entry.id,
+                        "failed": len(entry.failed),  # how many, not who: no addresses in the log
+                        "report": "dsn" if entry.dsn == "pending" else "none",
+                    },
+                )
+            if entry.dsn == "pending":
+                await self._report(held, entry, message)
+            return
+        due = entry.next_due()
+        if due is not None:
+            self._schedule(entry.id, due)
+
+    async def _report(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
+        """Queue the RFC 3464 report for a dead letter, then record that it was queued."""
+        failed = reportable(entry)
+        if not failed:
+            entry.dsn = "none"
+            await self.spool.save(held, entry)
+            return
+        now = time.time()
+        report = build_dsn(entry, failed, message, hostname=self.hostname, now=now)
+        if self.sign_report is not None:
+            report = self.sign_report(report)
+        dsn = QueueEntry(
+            id=queue_id(),
+            mail_from="",
+            recipients=[RecipientState(entry.mail_from)],
+            created=now,
+            since=now,
+            listener="dsn",
+            from_domain=self.hostname,
+            extra={"report_for": entry.id},
+        )
+        try:
+            dsn_lock = await self.spool.put(dsn, report)
+        except SmtpError as exc:
+            log.error(
+                "could not queue the failure report; will try again", extra={"id": entry.id, "reason": exc.reason}
+            )
+            self._schedule(entry.id, now + self.policy.steps[0])
+            return
+        entry.dsn = "queued"
+        await self.spool.save(held, entry)
+        log.info(
+            "failure report queued",
+            extra={"id": entry.id, "dsn_id": dsn.id, "to_domain": entry.mail_from.rpartition("@")[2]},
+        )
+        self.submit(dsn_lock, dsn, report)
+
+    # -- logging ----------------------------------------------------------------------------
+    def _log_attempt(
+        self,
+        entry: QueueEntry,
+        recipients: list[RecipientState],
+        upstream: str,
+        result: str,
+        reply: Reply,
+        started: float | None,
+        reason: str | None = None,
+    ) -> None:
+        fields = {
+            "id": entry.id,
+            "upstream": upstream,
+            "result": result,
+            "recipients": len(recipients),
+            "attempt": max(r.attempts for r in recipients),
+            "reply": reply.code,
+            "reply_text": str(reply),
+        }
+        if reason and reason != reply.text:
+            fields["reason"] = reason
+        if started is not None:
+            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
+        if result == "deferred":
+            fields["next_attempt_in_s"] = round(min(r.next_attempt for r in recipients) - time.time(), 1)
+        log.info("delivery attempt", extra=fields)
+
+
+def _copy_state(source: QueueEntry, target: QueueEntry) -> None:
+    target.apply_state(source.state())

@@ -1,0 +1,110 @@
+"""`relay queue list|show|retry|delete|requeue` as a process, on a spool the library filled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from relay.queue.entry import FAILED, QueueEntry, RecipientState
+from relay.queue.store import Spool
+
+# `relay queue` as a process: the process tier.
+pytestmark = pytest.mark.e2e
+
+MESSAGE = b"From: app@example.com\r\nTo: a@example.net\r\nSubject: inspect me\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def spool_config(tmp_path):
+    config = {
+        "listeners": [{"name": "plain", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        "upstream": {"host": "127.0.0.1", "port": 2526, "tls": "none"},
+        "queue": {"mode": "spool", "dir": str(tmp_path / "spool")},
+    }
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+
+    async def fill() -> None:
+        now = time.time()
+        waiting = QueueEntry(
+            id="waiting1",
+            mail_from="app@example.com",
+            recipients=[
+                RecipientState("a@example.net", next_attempt=now + 600, attempts=1, last_reply="451 4.2.0 busy")
+            ],
+            created=now - 120,
+            since=now - 120,
+        )
+        dead = QueueEntry(
+            id="dead1",
+            mail_from="app@example.com",
+            recipients=[
+                RecipientState("b@example.net", status=FAILED, attempts=1, last_reply="550 5.1.1 no such user")
+            ],
+            created=now - 60,
+            since=now - 60,
+            finished=now,
+            dsn="queued",
+        )
+        for entry in (waiting, dead):
+            (await spool.put(entry, MESSAGE)).release()
+        await spool.close()
+
+    asyncio.run(fill())
+    return path, spool
+
+
+def relay_queue(config, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "queue", *args, "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_list_show_retry_requeue_delete(spool_config):
+    config, spool = spool_config
+    listed = relay_queue(config, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = {e["id"]: e for e in json.loads(listed.stdout)}
+    assert entries["waiting1"]["state"] == "deferred" and entries["dead1"]["state"] == "dead"
+    assert entries["waiting1"]["recipients"][0]["last_reply"] == "451 4.2.0 busy"
+    human = relay_queue(config, "list")
+    assert "waiting1" in human.stdout and "550 5.1.1 no such user" in human.stdout
+
+    shown = relay_queue(config, "show", "waiting1")
+    assert shown.returncode == 0
+    assert ["Subject", "inspect me"] in json.loads(shown.stdout)["headers"]
+
+    assert relay_queue(config, "retry", "waiting1").returncode == 0
+    assert spool.read_meta("waiting1").recipients[0].next_attempt == 0.0
+    assert relay_queue(config, "retry", "dead1").returncode == 1  # nothing waiting there
+    assert relay_queue(config, "retry", "--all").returncode == 0
+
+    assert relay_queue(config, "requeue", "waiting1").returncode == 1  # not a dead letter
+    assert relay_queue(config, "requeue", "dead1").returncode == 0
+    back = spool.read_meta("dead1")
+    assert back.recipients[0].status == "pending" and back.recipients[0].attempts == 0 and not back.finished
+
+    assert relay_queue(config, "delete", "dead1").returncode == 0
+    assert not spool.path("dead1").exists()
+    gone = relay_queue(config, "show", "dead1")
+    assert gone.returncode == 1 and "no such entry" in gone.stderr
+
+
+def test_bad_ids_and_missing_spool(spool_config, tmp_path):
+    config, _ = spool_config
+    bad = relay_queue(config, "show", "../../etc/passwd")
+    assert bad.returncode == 1 and "not a queue id" in bad.stderr
+    other = tmp_path / "other.yaml"
+    settings = yaml.safe_load(config.read_text())
+    settings["queue"]["dir"] = str(tmp_path / "nowhere")
+    other.write_text(yaml.safe_dump(settings))
+    missing = relay_queue(other, "list")
+    assert missing.returncode == 1 and "no spool" in missing.stderr

@@ -1,0 +1,362 @@
+"""The spool's delivery loop against a real upstream listener on loopback.
+
+In-process: the runner and its spool run in the test's event loop, the upstream is
+aiosmtpd in its own thread, and SMTP goes over real sockets. Several `QueueRunner`s on one
+spool directory behave like `--workers N` (flock conflicts between open files, not only
+between processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import os
+import threading
+import time
+
+import pytest
+
+from relay.config.schema import Settings, UpstreamSettings
+from relay.queue import admin
+from relay.queue.entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
+from relay.queue.pacing import PacedTarget
+from relay.queue.runner import QueueRunner, queue_id
+from relay.queue.schedule import RetryPolicy
+from relay.queue.store import Spool
+from relay.route.router import Router
+from relay.secrets.local import EnvBackend, FileBackend
+from relay.secrets.store import SecretStore
+from relay.wiring import build_target
+from tests.support.upstream import Upstream
+
+MESSAGE = (
+    b"From: app@example.com\r\nTo: someone@example.net\r\nSubject: queued\r\n"
+    b"Message-ID: <m1@example.com>\r\n\r\nhello from the spool\r\n"
+)
+
+
+@pytest.fixture
+def upstream():
+    with Upstream() as up:
+        yield up
+
+
+def make_delivery(upstream: Upstream, *, max_rate: float | None = None):
+    settings = Settings(
+        hostname="relay.test",
+        listeners=[{"name": "plain", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        upstream={"host": "127.0.0.1", "port": upstream.port, "tls": "none", "name": "up"},
+    )
+    up: UpstreamSettings = settings.upstream[0]
+    delivery = build_target(up, settings, SecretStore([FileBackend(), EnvBackend()], 300), None)
+    return PacedTarget(delivery, max_rate) if max_rate else delivery
+
+
+class Harness:
+    def __init__(self, root, upstream: Upstream, *, steps=(0.2,), max_age=60.0, bounce="dsn", max_rate=None):
+        self.closed = False
+        self.spool = Spool(root)
+        self.spool.open()
+        self.delivery = make_delivery(upstream, max_rate=max_rate)
+        router = Router(self.delivery)
+        self.runner = QueueRunner(
+            self.spool,
+            lambda: router,
+            RetryPolicy(list(steps), max_age=max_age, jitter=0.0),
+            hostname="relay.test",
+            bounce=bounce,
+            scan_interval=0.2,
+        )
+
+    async def put(self, rcpts, *, mail_from="app@example.com", message=MESSAGE, submit=True, **fields) -> str:
+        now = time.time()
+        entry = QueueEntry(
+            id=queue_id(),
+            mail_from=mail_from,
+            recipients=[RecipientState(r) for r in rcpts],
+            created=now,
+            **fields,
+        )
+        held = await self.spool.put(entry, message)
+        if submit:
+            self.runner.submit(held, entry, message)
+        else:
+            held.release()
+        return entry.id
+
+    async def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        await self.runner.stop(5)
+        await self.delivery.close()
+        await self.spool.close()
+
+
+@pytest.fixture
+async def harness(tmp_path, upstream):
+    """Makes harnesses on one spool directory, and closes them all, even after a failure."""
+    made: list[Harness] = []
+
+    def make(**kwargs) -> Harness:
+        made.append(Harness(tmp_path / "spool", upstream, **kwargs))
+        return made[-1]
+
+    yield make
+    for h in made:
+        await h.close()
+
+
+async def eventually(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def state_of(spool: Spool, entry_id: str) -> QueueEntry | None:
+    try:
+        return spool.read_meta(entry_id)
+    except FileNotFoundError:
+        return None
+
+
+async def test_spooled_messages_reach_the_upstream_and_leave_the_spool(harness, upstream):
+    h = harness()
+    h.runner.start()
+    ids = [await h.put([f"r{i}@example.net"]) for i in range(5)]
+    await eventually(lambda: len(upstream.messages) == 5, what="5 deliveries")
+    await eventually(lambda: all(state_of(h.spool, i) is None for i in ids), what="empty spool")
+    assert sorted(m.rcpt_tos[0] for m in upstream.messages) == [f"r{i}@example.net" for i in range(5)]
+    assert all(m.content.replace(b"\r\n", b"\n") == MESSAGE.replace(b"\r\n", b"\n") for m in upstream.messages)
+    await h.close()
+
+
+async def test_entries_left_on_disk_are_delivered_after_a_restart(harness, upstream):
+    h = harness()
+    ids = [await h.put(["late@example.net"], submit=False) for _ in range(3)]
+    h.runner.start()  # the scan finds them
+    await eventually(lambda: len(upstream.messages) == 3, what="deliveries from the scan")
+    # The upstream holds the message a moment before the relay reads its 250.
+    await eventually(lambda: all(state_of(h.spool, i) is None for i in ids), what="empty spool")
+    await h.close()
+
+
+async def test_per_recipient_outcomes_retry_and_report(harness, upstream):
+    upstream.behaviour.rcpt_replies = {
+        "later@example.net": "451 4.2.0 mailbox busy",
+        "never@example.net": "550 5.1.1 no such user",
+    }
+    h = harness(steps=(0.3,))
+    entry_id = await h.put(["ok@example.net", "later@example.net", "never@example.net"], envid="E-1")
+    h.runner.start()
+    await eventually(lambda: len(upstream.messages) == 1, what="first delivery")
+    assert upstream.messages[0].rcpt_tos == ["ok@example.net"]
+    entry = state_of(h.spool, entry_id)
+    status = {r.address: r.status for r in entry.recipients}
+    assert status == {"ok@example.net": DELIVERED, "later@example.net": PENDING, "never@example.net": FAILED}
+    later = entry.recipients[1]
+    assert later.attempts == 1 and later.last_reply.startswith("451 4.2.0") and later.next_attempt > 0
+
+    upstream.behaviour.rcpt_replies = {"never@example.net": "550 5.1.1 no such user"}
+    # The retry delivers `later` alone; the entry is then final with one failure: a dead
+    # letter, and a report goes to the sender with the null reverse-path.
+    await eventually(lambda: len(upstream.messages) == 3, what="retry and report")
+    retried, report = upstream.messages[1], upstream.messages[2]
+    assert retried.rcpt_tos == ["later@example.net"] and retried.mail_from == "app@example.com"
+    assert report.mail_from in ("", "<>") and report.rcpt_tos == ["app@example.com"]
+    dsn = email.message_from_bytes(report.content)
+    assert dsn["Auto-Submitted"] == "auto-replied" and dsn.get_content_type() == "multipart/report"
+    assert b"Final-Recipient: rfc822; never@example.net" in report.content
+    assert b"Original-Envelope-Id: E-1" in report.content
+    assert b"later@example.net" not in dsn.get_payload()[1].as_bytes()
+    dead = state_of(h.spool, entry_id)
+    assert dead.done and dead.failed and dead.dsn == "queued" and dead.finished
+    listed = {item["id"]: item for item in admin.list_entries(h.spool)}
+    assert listed[entry_id]["state"] == "dead"
+    await h.close()
+
+
+async def test_max_age_fails_what_is_left_and_a_bounce_is_never_bounced(harness, upstream):
+    # The upstream defers the recipient and refuses the sender's address, so the report
+    # itself fails: it must end as a dead letter without a report of its own.
+    upstream.behaviour.rcpt_replies = {
+        "slow@example.net": "451 4.4.1 try again later",
+        "app@example.com": "550 5.1.1 sender mailbox gone",
+    }
+    h = harness(steps=(0.2,), max_age=1.0)
+    entry_id = await h.put(["slow@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.done, what="expiry")
+    entry = state_of(h.spool, entry_id)
+    assert entry.recipients[0].status == FAILED and entry.recipients[0].attempts >= 2
+    assert entry.recipients[0].last_reply.startswith("451 4.4.1")
+    await eventually(lambda: entry_id in {i["id"] for i in admin.list_entries(h.spool)}, what="listing")
+
+    def reports():
+        return [i for i in admin.list_entries(h.spool) if i["from"] == ""]
+
+    await eventually(lambda: reports() and reports()[0]["state"] == "dead", what="the report failing")
+    await asyncio.sleep(0.5)  # a few more scans: nothing new may appear
+    assert len(reports()) == 1 and reports()[0]["report"] in (None, "none")
+    assert upstream.messages == []
+    await h.close()
+
+
+async def test_bounce_drop_keeps_the_dead_letter_and_sends_nothing(harness, upstream):
+    upstream.behaviour.rcpt_replies = {"never@example.net": "550 5.1.1 no such user"}
+    h = harness(bounce="drop")
+    entry_id = await h.put(["never@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.done, what="final failure")
+    await asyncio.sleep(0.5)
+    assert upstream.messages == [] and state_of(h.spool, entry_id).dsn == "none"
+    assert [i["id"] for i in admin.list_entries(h.spool)] == [entry_id]
+    await h.close()
+
+
+async def test_requeue_a_dead_letter(harness, upstream):
+    upstream.behaviour.rcpt_replies = {"moved@example.net": "550 5.1.1 no such user"}
+    h = harness(bounce="drop")
+    entry_id = await h.put(["moved@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.done, what="dead letter")
+    upstream.behaviour.rcpt_replies = {}
+    assert await asyncio.to_thread(admin.requeue, h.spool, entry_id) == 1
+    await eventually(lambda: len(upstream.messages) == 1, what="delivery after requeue")
+    await eventually(lambda: state_of(h.spool, entry_id) is None, what="entry removed")
+    await h.close()
+
+
+async def test_a_truncated_entry_is_quarantined_and_the_rest_delivered(harness, upstream):
+    h = harness()
+    torn = await h.put(["torn@example.net"], submit=False)
+    good = await h.put(["good@example.net"], submit=False)
+    with open(h.spool.path(torn), "r+b") as fh:
+        fh.truncate(os.path.getsize(h.spool.path(torn)) // 2)
+    h.runner.start()
+    await eventually(lambda: len(upstream.messages) == 1, what="the intact entry")
+    await eventually(lambda: (h.spool.corrupt / torn).exists(), what="quarantine")
+    assert upstream.messages[0].rcpt_tos == ["good@example.net"]
+    await eventually(lambda: state_of(h.spool, good) is None, what="the intact entry removed")
+    await h.close()
+
+
+async def test_paced_upstream_still_delivers_everything(harness, upstream):
+    h = harness(max_rate=20.0)
+    h.runner.start()
+    for i in range(10):
+        await h.put([f"p{i}@example.net", f"q{i}@example.net"])
+    await eventually(lambda: len(upstream.messages) == 10, what="paced deliveries")
+    await h.close()
+
+
+async def test_workers_sharing_a_spool_deliver_each_entry_once(harness, upstream):
+    upstream.behaviour.data_delay = 0.05
+    workers = [harness() for _ in range(3)]
+    ids = [await workers[0].put([f"w{i}@example.net"], submit=False) for i in range(30)]
+    for w in workers:
+        w.runner.start()
+    await eventually(lambda: len(upstream.messages) >= 30, what="all deliveries")
+    await eventually(lambda: all(state_of(workers[0].spool, i) is None for i in ids), what="empty spool")
+    await asyncio.sleep(0.5)
+    rcpts = [m.rcpt_tos[0] for m in upstream.messages]
+    assert sorted(rcpts) == sorted(f"w{i}@example.net" for i in range(30))  # no duplicates
+    for w in workers:
+        await w.close()
+
+
+async def test_operator_commands_racing_a_delivery_never_double_deliver(harness, upstream):
+    """`relay queue retry|delete|requeue` hammering entries while a worker delivers them.
+    Each entry has a recipient the upstream accepts and one it defers for a while, so
+    entries live through several attempts with some recipients already delivered: a state
+    written from a stale read would send those again. Each recipient must reach the
+    upstream at most once, and exactly once unless its entry was deleted."""
+    tiers = ("fast", "mid", "late", "slow")  # accepted one tier after the other
+    upstream.behaviour.data_delay = 0.02
+    upstream.behaviour.rcpt_replies = {f"{t}{i}@example.net": "451 4.2.0 busy" for t in tiers[1:] for i in range(8)}
+    h = harness(steps=(0.1,))
+    ids = [await h.put([f"{t}{i}@example.net" for t in tiers], submit=False) for i in range(8)]
+    deleted: set[str] = set()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done_ops = []
+    # The operator is another process in real life: its own Spool object on the same
+    # directory. Its state writes are slowed down (a slow disk) to widen any window in
+    # which a write from a stale read could land.
+    operator_spool = Spool(h.spool.root)
+    save = operator_spool.save_sync
+
+    def slow_save(*args, **kwargs):
+        time.sleep(0.05)
+        save(*args, **kwargs)
+
+    operator_spool.save_sync = slow_save
+
+    def operator():
+        n = 0
+        while not stop.is_set():
+            entry_id = ids[n % len(ids)]
+            n += 1
+            try:
+                if n % 29 == 0:
+                    admin.delete(operator_spool, entry_id, wait=0.5)
+                    deleted.add(entry_id)
+                elif n % 3 == 0:
+                    admin.requeue(operator_spool, entry_id, wait=0.5)
+                else:
+                    admin.retry(operator_spool, entry_id, wait=0.5)
+                done_ops.append(n)
+            except admin.QueueCommandError:
+                pass
+            except BaseException as exc:  # anything else is a bug
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=operator)
+    h.runner.start()
+    thread.start()
+    try:
+        for tier in tiers[1:]:
+            await asyncio.sleep(1.0)
+            upstream.behaviour.rcpt_replies = {
+                address: reply
+                for address, reply in upstream.behaviour.rcpt_replies.items()
+                if not address.startswith(tier)
+            }
+        await eventually(lambda: all(state_of(h.spool, i) is None for i in ids), timeout=40, what="queue empty")
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert done_ops  # the operator did act
+    delivered = [rcpt for m in upstream.messages for rcpt in m.rcpt_tos]
+    assert len(delivered) == len(set(delivered)), "a recipient got the message twice"
+    expected = {f"{t}{i}@example.net" for i, entry_id in enumerate(ids) if entry_id not in deleted for t in tiers}
+    assert expected <= set(delivered)
+    await h.close()
+
+
+async def test_spool_delivery_stands_in_for_the_upstream_transaction(harness, upstream):
+    """The pipeline's view of spool mode: the delivery contract, ending in a synced entry."""
+    from relay.deliver.base import Envelope
+    from relay.errors import SmtpError
+    from relay.queue.spooled import SpoolTarget
+
+    h = harness()
+    h.runner.start()
+    spooled = SpoolTarget(h.spool, h.runner, lambda: Router(h.delivery))
+    tx = await spooled.begin(Envelope("app@example.com"), "one@example.net")
+    assert (await tx.add_recipient("one@example.net")).code == 250
+    assert (await tx.add_recipient("two@example.net")).code == 250
+    reply = await tx.send(MESSAGE)
+    assert reply.code == 250 and tx.queued_id in reply.text
+    await eventually(lambda: len(upstream.messages) == 1, what="delivery of the queued message")
+    assert sorted(upstream.messages[0].rcpt_tos) == ["one@example.net", "two@example.net"]
+
+    h.spool.max_bytes = 0  # full: refused at the first RCPT, before the client sends DATA
+    with pytest.raises(SmtpError) as full:
+        await spooled.begin(Envelope("app@example.com"), "one@example.net")
+    assert (full.value.code, full.value.reply.enhanced) == (452, "4.3.1")
