@@ -86,7 +86,7 @@ def config(workdir: Path, pool: int, budget: str | None, size: int) -> Path:
         "dns": {"nameservers": ["127.0.0.1"], "port": 5399, "timeout": "1s", "attempts": 1},
         "spf": {"egress_ip": ["192.0.2.1"]},
         "metrics": {"bind": f"127.0.0.1:{METRICS_PORT}"},
-        "logging": {"format": "json", "level": "warning"},
+        "logging": {"format": "json", "level": "info"},
         "data_dir": str(workdir),
     }
     path = workdir / "relay.yaml"
@@ -181,6 +181,9 @@ def main() -> None:
         f"{grown / total:.2f}x the {total:.0f} MiB in flight), RSS after {after / mib:.0f} MiB; "
         f"{elapsed:.1f} s; replies {outcomes}; load {load[0]:.1f}"
     )
+    refusals = [line for line in (workdir / "relay.log").read_text().splitlines() if '"refused"' in line]
+    for line in refusals[:3]:
+        print("  refused: " + line[:400])
     shutil.rmtree(workdir, ignore_errors=True)
 
 
