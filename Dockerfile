@@ -6,31 +6,54 @@
 #   docker run --read-only -v relay-data:/var/lib/relay \
 #     -v "$PWD/relay.yaml:/etc/relay/relay.yaml:ro" -p 587:587 -p 465:465 -p 9464:9464 relay:0.1.0
 #
-# Two stages: the builder makes a venv from pyproject.toml; the final stage copies only that venv
-# onto the same slim base, so the image carries no build tools and no source tree. Every
-# dependency ships wheels for amd64 and arm64, so neither stage needs a compiler: a dependency
-# without a wheel fails the build loudly instead of pulling gcc in.
+# Two stages: the builder makes a venv from the lock files (requirements/, every package pinned
+# with its hashes); the final stage copies only that venv onto the same base, so the image
+# carries no build tools and no source tree. No compiler is needed: every dependency ships
+# wheels for amd64 and arm64 except dkimpy (pure Python, published as source only), which the
+# builder turns into a wheel with the locked setuptools.
 #
-# The base is pinned to a patch release; pin it by digest as well (python:3.11.14-slim-bookworm@
-# sha256:...) in the build that publishes the image, and let a bot bump both.
+# BASE_IMAGE: the official Python image, pinned to a patch release; pin it by digest as well
+# (python:3.11.14-slim-bookworm@sha256:...) in the build that publishes the image, and let a bot
+# bump both. Any Debian bookworm root with python3 and python3-venv works too: the test suite
+# builds on one made with debootstrap, where no registry is reachable.
+# PIP_INDEX_URL: a PyPI mirror, if the build cannot reach PyPI itself. The hashes in the lock
+# files decide what is installed, whichever index serves it.
 
-FROM python:3.11.14-slim-bookworm AS builder
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 
+FROM ${BASE_IMAGE} AS builder
+
+ARG PIP_INDEX_URL
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
-RUN python -m venv /opt/relay
-
 WORKDIR /src
-# Only what `pip install .` reads: the build metadata, the README it names, the package.
-COPY pyproject.toml README.md ./
+# The lock files first, so a change to relay/ alone reuses the dependency layers. The check
+# fails the build, naming the fix, when pyproject.toml declares what the lock files do not.
+COPY pyproject.toml ./
+COPY requirements ./requirements
+# Every file is checked against the lock's hashes as it is downloaded (pip wheel); a source
+# package is built without isolation, i.e. with the locked setuptools of /opt/build only.
+RUN python3 requirements/lock.py check \
+ && python3 -m venv /opt/build \
+ && /opt/build/bin/pip install --require-hashes --only-binary=:all: -r requirements/build.txt \
+ && /opt/build/bin/pip wheel --require-hashes --no-deps --no-build-isolation --wheel-dir /tmp/wheels \
+      -r requirements/image.txt \
+ && python3 -m venv /opt/relay \
+ && /opt/relay/bin/pip install --no-index --no-deps /tmp/wheels/*.whl
+
+# README.md: pyproject.toml names it, so building the package reads it.
+COPY README.md ./
 COPY relay ./relay
-# `speed` adds uvloop. pip compiles the .pyc files here, so the read-only final image never
-# needs to write bytecode.
-RUN /opt/relay/bin/pip install --no-cache-dir ".[speed]"
+# relay itself, without dependencies (they are all locked above), then `pip check`: a
+# requirement of pyproject.toml that the lock does not satisfy fails here. pip compiles the .pyc
+# files, so the read-only final image never needs to write bytecode.
+RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /tmp/dist . \
+ && /opt/relay/bin/pip install --no-deps /tmp/dist/relay-*.whl \
+ && /opt/relay/bin/pip check
 
 
-FROM python:3.11.14-slim-bookworm
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="relay" \
       org.opencontainers.image.description="SMTP relay proxy: DKIM signing, SPF egress check, SOCKS5/HTTP CONNECT delivery" \

@@ -4,17 +4,32 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Linters for the deploy files (checkov, hadolint) live in their own venv: checkov pins
-# versions of libraries the relay also uses.
+RUN_STAMP := $(VENV)/.installed-run
+# Linters for the deploy files (checkov, hadolint) and uv (for `make lock`) live in their own
+# venv: checkov pins versions of libraries the relay also uses.
 TOOLS_VENV  ?= .venv-tools
 TOOLS_STAMP := $(TOOLS_VENV)/.installed
+# Every install of relay's dependencies comes from these (pinned, with hashes): see `make lock`.
+LOCKS := requirements/build.txt requirements/image.txt requirements/test.txt
+# The image test's inputs that need the network (Debian mirror, PyPI), made before the tests
+# run in their loopback-only namespace: the debootstrap base and the wheels of the lock files.
+IMAGE_CACHE ?= $(CURDIR)/.cache/image
 
-.PHONY: run test test-fast lint typecheck bench fuzz soak clean
+.PHONY: run test test-fast lint typecheck bench bench-tools fuzz soak clean lock image-cache
 
-$(STAMP): pyproject.toml
+# `make run` needs what the image ships (image.txt); `make test` adds the test tools (test.txt,
+# the same pins plus pytest & co). Both refuse lock files older than pyproject.toml.
+$(RUN_STAMP): pyproject.toml $(LOCKS)
+	$(PYTHON) requirements/lock.py check
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,speed]'
+	$(PY) -m pip install -q --require-hashes -r requirements/image.txt -r requirements/build.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
+	touch $@
+
+$(STAMP): $(RUN_STAMP)
+	$(PY) -m pip install -q --require-hashes -r requirements/test.txt
+	$(PY) -m pip check
 	touch $@
 
 $(TOOLS_STAMP): requirements-tools.txt
@@ -23,13 +38,14 @@ $(TOOLS_STAMP): requirements-tools.txt
 	$(TOOLS_VENV)/bin/pip install -q -r requirements-tools.txt
 	touch $@
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	RELAY_DEV_DIR=$(CURDIR)/.relay-dev $(VENV)/bin/relay serve
 
 # Everything: lint, format, types, then every test (the in-process tier, the process-level
-# e2e tests and those that need system programs).
-test: lint typecheck $(TOOLS_STAMP)
-	RELAY_TOOLS_BIN=$(CURDIR)/$(TOOLS_VENV)/bin tests/loopback-only $(PY) -m pytest $(PYTEST_ARGS)
+# e2e tests and those that need system programs, the image and Terraform among them).
+test: lint typecheck $(TOOLS_STAMP) image-cache
+	RELAY_TOOLS_BIN=$(CURDIR)/$(TOOLS_VENV)/bin RELAY_IMAGE_CACHE=$(IMAGE_CACHE) \
+	  tests/loopback-only $(PY) -m pytest $(PYTEST_ARGS)
 
 # The fast tier: the relay in the test's event loop, unit tests; no process, no system
 # program. Seconds, for the edit-test loop.
@@ -55,5 +71,30 @@ fuzz: $(STAMP)
 soak: $(STAMP)
 	tests/loopback-only $(PY) bench/soak.py $(SOAK_ARGS)
 
+# The TLS load client and its trivial TLS sink (C, OpenSSL: Debian's libssl-dev).
+BENCH_BIN := bench/bin
+bench-tools: $(BENCH_BIN)/tls_load $(BENCH_BIN)/tls_sink
+
+$(BENCH_BIN)/%: bench/tls/%.c
+	@mkdir -p $(BENCH_BIN)
+	$(CC) -O2 -Wall -Wextra -o $@ $< -lssl -lcrypto -lpthread
+
+# Refresh the lock files from pyproject.toml (needs PyPI). Existing pins are kept unless
+# pyproject.toml rules them out; `make lock LOCK_ARGS=--upgrade` moves everything to the newest
+# allowed. Run it after changing dependencies (or merging a branch that did) and commit
+# requirements/*.txt with pyproject.toml: installs refuse lock files older than pyproject.toml.
+UV_COMPILE = UV_NATIVE_TLS=1 $(TOOLS_VENV)/bin/uv pip compile --quiet --universal \
+  --python-version 3.11 --generate-hashes $(LOCK_ARGS)
+lock: $(TOOLS_STAMP)
+	$(PYTHON) requirements/lock.py build-requires | $(UV_COMPILE) - -o requirements/build.txt
+	$(UV_COMPILE) pyproject.toml $$($(PYTHON) requirements/lock.py image-extras) -o requirements/image.txt
+	$(UV_COMPILE) pyproject.toml --all-extras -c requirements/image.txt -o requirements/test.txt
+	$(PYTHON) requirements/lock.py stamp
+
+# Root and the network: debootstrap (Debian mirror) and pip download (PyPI). Cached by recipe.
+image-cache: $(STAMP)
+	deploy/image/local-base.sh $(IMAGE_CACHE) >/dev/null
+	deploy/image/wheelhouse.sh $(IMAGE_CACHE) $(PY) >/dev/null
+
 clean:
-	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache .relay-dev
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache .ruff_cache .relay-dev .cache

@@ -4,6 +4,7 @@
     python bench/run.py                       # the matrix: 1/10/100 KB × 1/20/100 sessions
     python bench/run.py --sizes 10240 --concs 20 --reps 3 --workers 2
     python bench/run.py --anchor              # also run ../shared/bench/anchor side by side
+    python bench/run.py --sizes 10240 --concs 20 --reps 5 --limits none,local,redis
 
 For each point it runs Postfix's `smtp-source` (throughput) and a latency client (per-message
 latency, connect → 250 after the final dot, one connection per message) against the relay,
@@ -52,12 +53,13 @@ def require(tool: str) -> str:
     return path
 
 
-def bench_config(workdir: Path, key: Path, pool: int, spool: bool = False) -> Path:
+def bench_config(workdir: Path, key: Path, pool: int, spool: bool = False, limits: dict | None = None) -> Path:
     """The relay as a platform team would run it, minus TLS/AUTH (loopback bench client):
     JSON logs at info, one line per message, the default Received: header. With `spool`,
     store-and-forward (`queue.mode: spool`, the spool in the work directory): the client's
-    250 comes once the message is synced; the sink's counter gives the end-to-end rate."""
-    config = {
+    250 comes once the message is synced; the sink's counter gives the end-to-end rate.
+    `limits`: a `limits` section."""
+    config: dict = {
         "hostname": "bench.relay.test",
         "listeners": [{"name": "bench", "bind": f"127.0.0.1:{RELAY_PORT}", "tls": "none", "auth": "none"}],
         "dkim": {"keys": [{"domain": "example.com", "selector": "s1", "key": f"file://{key}"}]},
@@ -76,6 +78,8 @@ def bench_config(workdir: Path, key: Path, pool: int, spool: bool = False) -> Pa
     }
     if spool:
         config["queue"] = {"mode": "spool", "dir": str(workdir / "spool")}
+    if limits is not None:
+        config["limits"] = limits
     path = workdir / "relay.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
@@ -239,6 +243,96 @@ def matrix(args) -> list[dict]:
     return rows
 
 
+def limits_config(mode: str, redis_url: str | None) -> dict | None:
+    """Limits every bench message passes (the cost measured is the counting). smtp-source
+    does not authenticate, so the From domain is the entity counted: one `take` per
+    message; an authenticated user would add its RCPT check and a second entity."""
+    if mode == "none":
+        return None
+    quota = {"rate": "1000000/s", "daily": 10**9, "daily_recipients": 10**9}
+    config: dict = {"domains": {"example.com": quota}, "backend": mode}
+    if mode == "redis":
+        config["redis"] = {"url": redis_url}
+    return config
+
+
+def limits_comparison(args) -> list[dict]:
+    """The same point with each `--limits` mode, interleaved rep by rep (the machine is
+    shared: alternating spreads its noise over every mode alike); a fresh relay per run."""
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-limits-"))
+    key = ANCHOR_KEY if ANCHOR_KEY.exists() else workdir / "s1.key"
+    if not key.exists():
+        subprocess.run(
+            [
+                str(REPO / ".venv" / "bin" / "relay"),
+                "keygen",
+                "-d",
+                "example.com",
+                "-s",
+                "s1",
+                "--store",
+                f"file://{key}",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    redis = None
+    if "redis" in args.limits:
+        redis = subprocess.Popen(
+            [require("redis-server"), "--bind", "127.0.0.1", "--port", "6389", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            cwd=workdir,
+        )
+        wait_port(6389)
+    sink = Sink(workdir)
+    rows = []
+    try:
+        for rep in range(args.reps):
+            for mode in args.limits:
+                run_dir = workdir / f"{mode}-{rep}"
+                run_dir.mkdir()
+                config = bench_config(run_dir, key, args.pool, limits=limits_config(mode, "redis://127.0.0.1:6389/0"))
+                relay = start_relay(config, args.workers, run_dir / "relay.log")
+                try:
+                    run_point("smtp-source", 1024, 20, 300, relay.pid, sink)  # warm up
+                    for size in args.sizes:
+                        for conc in args.concs:
+                            row = run_point("smtp-source", size, conc, COUNTS.get(conc, 2000), relay.pid, sink)
+                            row.update(rep=rep, limits=mode, loadavg=round(os.getloadavg()[0], 1))
+                            rows.append(row)
+                            print(json.dumps(row), file=sys.stderr, flush=True)
+                finally:
+                    relay.send_signal(signal.SIGTERM)
+                    relay.wait(60)
+    finally:
+        sink.stop()
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
+    return rows
+
+
+def summarize_limits(rows: list[dict]) -> str:
+    lines = [
+        "| size | sessions | limits | msgs/s median (each run) | CPU ms/msg median (each run) | vs none |",
+        "|---:|---:|---|---|---|---:|",
+    ]
+    for size, conc in sorted({(r["size"], r["conc"]) for r in rows}):
+        base = None
+        for mode in dict.fromkeys(r["limits"] for r in rows):
+            point = [r for r in rows if (r["size"], r["conc"], r["limits"]) == (size, conc, mode)]
+            rates = [r["msgs_per_s"] for r in point]
+            cpu = [r["relay_cpu_ms_per_msg"] for r in point]
+            median = statistics.median(rates)
+            base = median if mode == "none" else base
+            delta = f"{(median / base - 1) * 100:+.1f} %" if base and mode != "none" else "–"
+            lines.append(
+                f"| {size // 1024} KB | {conc} | {mode} | {median:g} ({'/'.join(f'{v:g}' for v in rates)}) "
+                f"| {statistics.median(cpu):g} ({'/'.join(f'{v:g}' for v in cpu)}) | {delta} |"
+            )
+    return "\n".join(lines)
+
+
 COLUMNS = [  # (heading, tool, field)
     ("msgs/s (smtp-source)", "smtp-source", "msgs_per_s"),
     ("msgs/s (latency client)", "latency", "msgs_per_s"),
@@ -328,9 +422,25 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=64, help="upstream.pool.max_connections")
     parser.add_argument("--anchor", action="store_true", help="run the shared anchor harness side by side")
     parser.add_argument("--json", type=Path, help="also write the raw rows here")
+    parser.add_argument(
+        "--limits",
+        type=lambda s: s.split(","),
+        help="compare sending-limit backends, e.g. none,local,redis (smtp-source only, interleaved)",
+    )
     args = parser.parse_args()
     if args.anchor:
         run_anchor(args)
+        return
+    if args.limits:
+        rows = limits_comparison(args)
+        if args.json:
+            args.json.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        loads = [r["loadavg"] for r in rows]
+        print(
+            f"relay --workers {args.workers}, {time.strftime('%Y-%m-%d')}, {args.reps} runs per mode, interleaved; "
+            f"1-min load average during the runs: {min(loads)}-{max(loads)}\n"
+        )
+        print(summarize_limits(rows))
         return
     rows = matrix(args)
     if args.json:

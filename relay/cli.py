@@ -60,18 +60,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="preflight of the DNS posture and the path out")
-    check.add_argument("-c", "--config")
+    check.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(func=cmd_check)
 
     keygen = sub.add_parser("keygen", help="make a DKIM key pair and print the DNS record")
-    keygen.add_argument("-d", "--domain", required=True)
-    keygen.add_argument("-s", "--selector", required=True)
+    keygen.add_argument("-d", "--domain", required=True, help="the signing domain (d=)")
+    keygen.add_argument(
+        "-s", "--selector", required=True, help="the selector (s=): the record is SELECTOR._domainkey.DOMAIN"
+    )
     keygen.add_argument("--algorithm", choices=["rsa-sha256", "ed25519-sha256"], default="rsa-sha256")
     keygen.add_argument("--bits", type=int, choices=[2048, 3072, 4096], default=2048)
     keygen.add_argument("--store", metavar="REF", help="write the private key to file:///path or aws-sm://ID")
-    keygen.add_argument("--force", action="store_true", help="overwrite an existing file:// key")
-    keygen.add_argument("--print-private-key", action="store_true", help="also print the private key (PEM) on stdout")
+    keygen.add_argument("--out", metavar="FILE", help="write the private key to FILE (mode 0600), like --store file://")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    keygen.add_argument(
+        "--print-private-key", action="store_true", help="print the private key (PEM) on stdout, after the record"
+    )
     keygen.add_argument("--aws-region")
     keygen.add_argument("--aws-endpoint-url")
     keygen.set_defaults(func=cmd_keygen)
@@ -114,8 +119,16 @@ def _parser() -> argparse.ArgumentParser:
 
     config = sub.add_parser("config", help="configuration commands")
     config_sub = config.add_subparsers(metavar="SUBCOMMAND")
-    validate = config_sub.add_parser("validate", help="load and validate the config")
-    validate.add_argument("-c", "--config")
+    validate = config_sub.add_parser(
+        "validate",
+        help="validate the config; also read every file and secret it names, unless --offline",
+    )
+    validate.add_argument(
+        "--offline",
+        action="store_true",
+        help="syntax and meaning only: no files, no secrets (for a config checked away from where it runs)",
+    )
+    validate.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
     validate.set_defaults(func=cmd_config_validate)
 
     from relay.queue.commands import add_queue_commands
@@ -124,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path_arg: str | None) -> tuple[Settings, Path | None]:
+def _load(path_arg: str | None, *, offline: bool = False) -> tuple[Settings, Path | None]:
     from relay.config.load import config_path, load_settings
 
     path = config_path(path_arg)
@@ -132,7 +145,7 @@ def _load(path_arg: str | None) -> tuple[Settings, Path | None]:
         from relay.config.dev import dev_settings
 
         return dev_settings(), None
-    return load_settings(path), path
+    return load_settings(path, offline=offline), path
 
 
 def _full_check(settings: Settings, path: Path | None) -> None:
@@ -146,17 +159,28 @@ def _full_check(settings: Settings, path: Path | None) -> None:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    from relay.config.load import ConfigError
+    from relay.config.load import ConfigError, file_problems
 
     try:
-        settings, path = _load(args.config)
-        _full_check(settings, path)
+        settings, path = _load(args.config, offline=True)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
     source = str(path) if path else "embedded dev default"
+    if not args.offline:
+        # What `serve` would need here: the files it names, and every secret it references.
+        problems = file_problems(settings)
+        if not problems:
+            try:
+                _full_check(settings, path)
+            except ConfigError as exc:
+                problems += exc.problems
+        problems += asyncio.run(_unreadable_secrets(settings))
+        if problems:
+            print(ConfigError(source, problems).render(), file=sys.stderr)
+            return EXIT_CONFIG
     keys = ", ".join(f"{k.domain}/{k.selector}" for k in settings.dkim.keys) or "none"
-    print(f"{source}: configuration is valid")
+    print(f"{source}: configuration is valid" + (" (offline: files and secrets not checked)" if args.offline else ""))
     listeners = ", ".join(f"{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}" for lst in settings.listeners)
     print(f"  listeners: {listeners}")
     key_sets = ", ".join(ks.domain for ks in settings.dkim.key_sets)
@@ -164,6 +188,26 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     print(f"  users: {len(settings.clients.users)}; DKIM keys: {keys}{key_sets}")
     print(f"  upstream: {', '.join(u.label + ' (' + u.mode + ')' for u in settings.upstream)}")
     return EXIT_OK
+
+
+async def _unreadable_secrets(settings: Settings) -> list[tuple[str, str]]:
+    """Fetch every secret reference once, as `serve` would; the ones that fail, by key path.
+    Only the backends' reasons are reported, never a value."""
+    from relay.config.load import secret_references
+    from relay.wiring import load_secrets, new_secret_store
+
+    store = new_secret_store(settings)
+    logging.disable(logging.WARNING)  # the store's own warnings: reported below instead
+    try:
+        await load_secrets(store, settings)
+        return [
+            (key_path, f"cannot read: {store.error(ref)}")
+            for key_path, ref in secret_references(settings)
+            if store.get(ref) is None
+        ]
+    finally:
+        logging.disable(logging.NOTSET)
+        await store.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -265,13 +309,18 @@ Stop with Ctrl-C.
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from relay.auth.passwords import hash_password
 
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            print("passwords differ", file=sys.stderr)
-            return EXIT_CONFIG
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                print("passwords differ", file=sys.stderr)
+                return EXIT_CONFIG
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    except EOFError:
+        # Ctrl-D at the prompt: no password given, which is not a crash.
+        print("\nno password given", file=sys.stderr)
+        return EXIT_CONFIG
     if not password:
         print("empty password", file=sys.stderr)
         return EXIT_CONFIG

@@ -5,24 +5,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from relay.secrets.base import SecretFetchError, SecretRef
-from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
+from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem, txt_strings, zone_line
 
-
-def txt_strings(value: str, limit: int = 255) -> list[str]:
-    """Split a TXT value into character-strings of at most 255 bytes (RFC 1035 §3.3.14);
-    resolvers join them back (RFC 6376 §3.6.2.2)."""
-    return [value[i : i + limit] for i in range(0, len(value), limit)] or [""]
-
-
-def zone_line(domain: str, selector: str, value: str, ttl: int = 3600) -> str:
-    strings = " ".join(f'"{s}"' for s in txt_strings(value))
-    return f"{selector}._domainkey.{domain}. {ttl} IN TXT ( {strings} )"
+__all__ = ["keygen", "txt_strings", "zone_line"]  # txt_strings, zone_line: relay.rotate.publish uses them
 
 
 def keygen(args: argparse.Namespace) -> int:
+    if args.out:
+        if args.store:
+            print("relay keygen: give --store or --out, not both", file=sys.stderr)
+            return 2
+        args.store = "file://" + os.path.abspath(args.out)
+    if not args.store and not args.print_private_key:
+        # A TXT record for a key nobody kept would be published for nothing.
+        print(
+            "relay keygen: say where the private key goes: --store REF (file:///path, aws-sm://ID), "
+            "--out FILE, or --print-private-key (PEM on stdout)",
+            file=sys.stderr,
+        )
+        return 2
     private = generate_private_key(args.algorithm, args.bits)
     pem = private_key_pem(private)
     key = load_signing_key(
@@ -35,8 +40,6 @@ def keygen(args: argparse.Namespace) -> int:
             print(f"relay keygen: cannot store the key: {exc}", file=sys.stderr)
             return 1
         print(f"; private key stored at {args.store} (version {version})")
-    elif not args.print_private_key:
-        print("; no --store given and --print-private-key not set: the private key is not kept.", file=sys.stderr)
     value = key.txt_value()
     print(
         f"; DKIM record for {key.domain}, selector {key.selector}, {args.algorithm}"

@@ -24,6 +24,7 @@ from relay.auth.users import AuthBusy, User, UserDirectory
 from relay.config.schema import ListenerSettings, Settings
 from relay.deliver.base import Envelope, UpstreamTransaction
 from relay.errors import Reply, SmtpError
+from relay.limits.limiter import NOTHING_RESERVED, Limiter, LimitExceeded, Reservation
 from relay.message import Message
 from relay.observe import messages
 from relay.policy.senders import ClientNetworks, SenderPolicy
@@ -64,6 +65,7 @@ class Transaction:
     dkim: list[str] = field(default_factory=list)
     from_domain: str | None = None
     upstream_reply: Reply | None = None
+    limit: str | None = None  # the sending limit that refused it (`user:billing:daily`)
     queued: bool = False  # spool mode: the 250 means "on disk", delivery follows
 
     @property
@@ -95,6 +97,7 @@ class Pipeline:
         router: Router,
         gate: SendGate | None = None,
         throttle: AuthThrottle | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
         self.throttle = throttle or new_auth_throttle(settings)
@@ -102,6 +105,7 @@ class Pipeline:
         self.keyring = keyring
         self.router = router
         self.gate = gate
+        self.limiter = limiter
         self.networks = ClientNetworks(settings.clients.networks)
         self.signer = DkimSigner(settings.dkim.sign_headers, settings.dkim.oversign)
         self._listener_senders = {
@@ -160,15 +164,15 @@ class Pipeline:
             raise SmtpError(530, "5.7.0", "Authentication required", reason="MAIL before AUTH", label="auth_required")
         return self._listener_senders[listener.name]
 
-    def authorize_envelope(self, senders: SenderPolicy, mail_from: str, who: str) -> None:
+    def authorize_envelope(self, senders: SenderPolicy, mail_from: str, user: str | None, client: str) -> None:
         # RFC 5321 §4.1.1.2. The null reverse-path has no domain to check; the header From
         # is still checked at DATA.
         if mail_from and not senders.allows(mail_from):
             raise SmtpError(
                 550,
                 "5.7.1",
-                f"Sender <{mail_from}> not allowed for this user",
-                reason=f"{who} may not use envelope sender {mail_from}",
+                f"Sender <{mail_from}> not allowed {_for_whom(user)}",
+                reason=f"{user or f'unauthenticated client {client}'} may not use envelope sender {mail_from}",
                 label="sender_denied",
             )
 
@@ -222,6 +226,13 @@ class Pipeline:
                 reason=tx.broken,
                 label="upstream_disconnected",
             )
+        if self.limiter is not None:
+            # Before the upstream hears of it: a user over its limits opens nothing upstream.
+            try:
+                self.limiter.check_recipient(tx.user, len(tx.recipients))
+            except LimitExceeded as exc:
+                tx.limit = exc.limit
+                raise
         if tx.upstream is None:
             target = self.router.target_for(tx.envelope.mail_from)
             tx.upstream = await target.begin(tx.envelope, recipient)
@@ -254,6 +265,7 @@ class Pipeline:
         tx.size = len(raw)
         messages.message_received(tx.listener, tx.size)
         started = time.perf_counter()
+        reservation = NOTHING_RESERVED
         try:
             message = Message.parse(raw)
             author, domain = message.from_domain()
@@ -262,7 +274,7 @@ class Pipeline:
                 raise SmtpError(
                     550,
                     "5.7.1",
-                    f"From: <{author}> not allowed for this user",
+                    f"From: <{author}> not allowed {_for_whom(tx.user)}",
                     reason=f"{tx.user or 'unauthenticated client'} may not send as From {author}",
                     label="from_denied",
                 )
@@ -272,6 +284,8 @@ class Pipeline:
                 raise SmtpError(
                     451, "4.4.2", "Upstream connection lost, try again", reason=tx.broken, label="upstream_disconnected"
                 )
+            # Counted here, before the signing work; given back below if not delivered.
+            reservation = await self._reserve(tx, domain)
             message = self._drop_stale_own_signatures(message)
             signatures = self._sign(tx, message, domain)
             if tx.upstream is None:
@@ -286,6 +300,7 @@ class Pipeline:
         except SmtpError:
             if tx.upstream is not None:
                 await tx.upstream.abort()
+            await reservation.give_back()
             raise
         finally:
             messages.RELAY_DURATION.labels(tx.listener).observe(time.perf_counter() - started)
@@ -298,6 +313,7 @@ class Pipeline:
                 tx.queued = True
                 return Reply(250, "2.0.0", f"Ok: queued, id={tx.id}")
             return Reply(250, "2.0.0", f"Ok: relayed, id={tx.id}")
+        await reservation.give_back()
         raise SmtpError(
             reply.code,
             reply.enhanced,
@@ -305,6 +321,20 @@ class Pipeline:
             reason=f"upstream {tx.upstream.upstream} answered DATA with {reply}",
             label="upstream_temporary" if reply.temporary else "upstream_permanent",
         )
+
+    async def _reserve(self, tx: Transaction, from_domain: str) -> Reservation:
+        """Count the message against its user's and From domain's limits (all or nothing),
+        or refuse it (451 4.7.0) having counted nothing."""
+        if self.limiter is None:
+            return NOTHING_RESERVED
+        try:
+            # Spool mode: the domain's limits stand for what the upstream takes, so the
+            # delivery loop paces them (defers); the user's limits are refused here.
+            spool = self.settings.queue.mode == "spool"
+            return await self.limiter.reserve(tx.user, from_domain, len(tx.recipients), domain_limits=not spool)
+        except LimitExceeded as exc:
+            tx.limit = exc.limit
+            raise
 
     def _sign(self, tx: Transaction, message: Message, domain: str) -> bytes:
         keys = self.keyring.keys_for(domain)
@@ -390,3 +420,9 @@ class Pipeline:
 
 # Abort tasks in flight (the loop keeps only weak references to tasks).
 _background: set[asyncio.Task[None]] = set()
+
+
+def _for_whom(user: str | None) -> str:
+    # An unauthenticated client (auth: optional/none listeners) has no user to blame: its
+    # senders are the listener's.
+    return "for this user" if user else "for unauthenticated clients"

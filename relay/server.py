@@ -23,14 +23,25 @@ from pathlib import Path
 from relay.config.load import ConfigError, load_settings, redacted
 from relay.config.schema import ListenerSettings, Settings
 from relay.errors import SmtpError
+from relay.limits.usage import LimitUsage
 from relay.listen import patches
 from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
+from relay.oauth.upstream_auth import UpstreamTokenAuth
 from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
 from relay.pipeline import Pipeline
-from relay.wiring import Components, SpoolParts, UpstreamTargets, build_components, build_spool, new_secret_store
+from relay.secrets.base import SecretValue
+from relay.wiring import (
+    Components,
+    LimitCounters,
+    SpoolParts,
+    UpstreamTargets,
+    build_components,
+    build_spool,
+    new_secret_store,
+)
 
 log = logging.getLogger("relay")
 
@@ -55,13 +66,14 @@ class Relay:
         self.reuse_port = reuse_port
         self.store = new_secret_store(settings)
         self.targets = UpstreamTargets()
+        self.limit_counters = LimitCounters()
         self.components: Components | None = None
         self.tls = ServerTls(settings.tls)
         self.listeners: dict[ListenerKey, ListenerServer] = {}
         self.connections = Connections()
         # One budget for the DATA of every listener's sessions (relay.listen.budget).
         self.data_budget = DataBudget(settings.clients.max_bytes_in_flight)
-        self.health = HealthServer(self.readiness)
+        self.health = HealthServer(self.readiness, detail=self.readiness_detail, scraped=self._scraped)
         self._draining = False
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []  # run until stop()
@@ -97,7 +109,12 @@ class Relay:
         if self.queue is not None:
             await asyncio.to_thread(self.queue.spool.open)  # OSError: "cannot start"
         spool = self.queue.target if self.queue is not None else None
-        self.components = await build_components(settings, self.store, self.targets, spool=spool)
+        self.components = await build_components(
+            settings, self.store, self.targets, spool=spool, counters=self.limit_counters
+        )
+        self.store.subscribe(self._secret_changed)
+        # Access tokens before the listeners open: the first message finds one ready.
+        await self._start_token_auths(self.components.token_auths)
         self.components.pipeline.keyring.attach()
         self._report_keys(self.components.pipeline)
         for lst in settings.listeners:
@@ -138,9 +155,31 @@ class Relay:
         missing = self.components.pipeline.keyring.never_loaded() if self.components else {"all": "starting"}
         checks["dkim_keys"] = "; ".join(f"{k}: {v}" for k, v in missing.items()) or None
         checks["upstream"] = self._upstream_problem
+        # An upstream that cannot get (or use) an access token cannot take mail: the reason
+        # (invalid_client, consent_missing, ...) and the token endpoint's own words.
+        problems = [(a.label, a.problem) for a in self.targets.token_auths()]
+        checks["upstream_token"] = "; ".join(f"{label}: {p}" for label, p in problems if p) or None
         if self.queue is not None:
             checks["spool"] = self.queue.spool.unwritable()
         return checks
+
+    async def _start_token_auths(self, token_auths: list[UpstreamTokenAuth]) -> None:
+        await asyncio.gather(*(a.start() for a in token_auths))
+
+    def _secret_changed(self, ref: str, value: SecretValue) -> None:
+        for token_auth in self.targets.token_auths():
+            token_auth.secret_changed(ref)
+
+    def readiness_detail(self) -> dict[str, str | None]:
+        """What /readyz reports without failing: limits running on local counters because
+        Redis is unreachable (fail open) is worth knowing, not worth taking relay out of
+        the load balancer."""
+        counters = self.limit_counters.current
+        return {"limits": counters.problem() if counters is not None else None}
+
+    def _scraped(self) -> list[LimitUsage]:
+        usage = self.components.limit_usage if self.components is not None else None
+        return [usage] if usage is not None else []
 
     async def _probe_upstreams(self) -> None:
         """Check the path to the default upstream now and then, for /readyz."""
@@ -150,7 +189,9 @@ class Relay:
                 await self._components().router.default.probe()
                 self._upstream_problem = None
             except SmtpError as exc:
-                self._upstream_problem = exc.reason
+                # A token failure is the upstream_token check's (which clears as soon as a
+                # token is fetched); the path up to AUTH worked.
+                self._upstream_problem = exc.reason if exc.label != "upstream_token" else None
                 log.warning("upstream probe failed", extra={"reason": exc.reason})
             except Exception as exc:  # a probe must never kill the relay
                 self._upstream_problem = f"probe error: {type(exc).__name__}"
@@ -179,7 +220,10 @@ class Relay:
             if settings.queue != old.settings.queue:
                 log.warning("queue settings changed; they take effect at the next restart")
             spool = self.queue.target if self.queue is not None else None
-            new = await build_components(settings, self.store, self.targets, previous=old, spool=spool)
+            new = await build_components(
+                settings, self.store, self.targets, previous=old, spool=spool, counters=self.limit_counters
+            )
+            await self._start_token_auths(new.token_auths)  # new upstreams' (the others run)
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
@@ -197,6 +241,10 @@ class Relay:
         self._report_keys(new.pipeline)
         for target in new.retired:
             self._in_background(target.close())
+        for token_auth in new.retired_token_auths:
+            self._in_background(token_auth.close())
+        if new.retired_counters is not None:
+            self._in_background(new.retired_counters.close())
         log.info("configuration reloaded", extra={"config": redacted(settings)})
         return True
 
@@ -245,6 +293,9 @@ class Relay:
             await self.queue.runner.stop(0)  # a no-op after a drain
             await self.queue.spool.close()
         await asyncio.gather(*(t.close() for t in self.targets.all()), return_exceptions=True)
+        await asyncio.gather(*(a.close() for a in self.targets.token_auths()), return_exceptions=True)
+        if self.limit_counters.current is not None:
+            await self.limit_counters.current.close()
         await self.health.stop()
         await self.store.close()
         self._stopped.set()

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.auth.users import UserDirectory
+from relay.config.load import secret_references
 from relay.config.schema import Settings, UpstreamSettings
 from relay.deliver.base import UpstreamTarget
 from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint, upstream_tls_context
@@ -33,10 +34,19 @@ from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostTarget
 from relay.dns.addresses import AddressResolver
 from relay.dns.resolver import DnsResolver, DnsService
+from relay.limits.counters import Counters
+from relay.limits.limiter import Limiter
+from relay.limits.local import LocalCounters, counters_dir
+from relay.limits.rules import LimitPolicy
+from relay.limits.usage import LimitUsage
+from relay.oauth.cache import TokenCache
+from relay.oauth.providers import token_source
+from relay.oauth.token import TokenError, remediation
+from relay.oauth.upstream_auth import UpstreamTokenAuth
 from relay.pipeline import Pipeline
 from relay.posture.egress import Accept, is_public_unicast
 from relay.posture.monitor import PostureMonitor
-from relay.posture.report import CheckReport, run_check
+from relay.posture.report import CheckReport, TokenCheck, run_check
 from relay.proxy import dialer_for
 from relay.queue.dsn import report_signer
 from relay.queue.pacing import PacedTarget
@@ -59,6 +69,8 @@ def new_secret_store(settings: Settings) -> SecretStore:
 
 def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = None) -> list[SecretBackend]:
     backends: list[SecretBackend] = [FileBackend(), EnvBackend()]
+    # The HTTP backends' host names (Secrets Manager, Vault) also go through dns.nameservers.
+    resolver = configured_resolver(settings, build_dns(settings))
     key_patterns = [ks.key for ks in settings.dkim.key_sets]  # keys a key set will list
     refs = secret_refs(settings) + vault_bootstrap_refs(settings) + key_patterns
     if any(ref.startswith("aws-sm://") for ref in refs):
@@ -66,7 +78,9 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
         from relay.secrets.aws import AwsSecretsBackend
 
         backends.append(
-            AwsSecretsBackend(region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url)
+            AwsSecretsBackend(
+                region=settings.secrets.aws.region, endpoint_url=settings.secrets.aws.endpoint_url, resolver=resolver
+            )
         )
     vault = settings.secrets.vault
     if vault is not None:
@@ -90,17 +104,15 @@ def build_secret_backends(settings: Settings, bootstrap: SecretStore | None = No
                 auth_mount=vault.auth_mount,
                 namespace=vault.namespace,
                 ca_file=str(vault.ca_file) if vault.ca_file else None,
+                resolver=resolver,
             )
         )
     return backends
 
 
 def secret_refs(settings: Settings) -> list[str]:
-    refs = [k.key for k in settings.dkim.keys] + [ks.key_set for ks in settings.dkim.key_sets]
-    refs += [u.password for u in settings.clients.users if u.password]
-    for upstream in settings.upstream:
-        refs += [r for r in (upstream.password, upstream.proxy_password) if r]
-    return list(dict.fromkeys(refs))
+    """The references the relay itself uses (Vault's own credentials are `vault_bootstrap_refs`)."""
+    return list(dict.fromkeys(ref for path, ref in secret_references(settings) if not path.startswith("secrets.")))
 
 
 def vault_bootstrap_refs(settings: Settings) -> list[str]:
@@ -120,7 +132,7 @@ async def load_secrets(store: SecretStore, settings: Settings) -> None:
     store.retain(refs)
 
 
-def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
+def build_dialer(upstream: UpstreamSettings, store: SecretStore, resolver: AddressResolver | None = None) -> Dialer:
     password_ref = upstream.proxy_password
 
     def current_password() -> str | None:
@@ -133,7 +145,16 @@ def build_dialer(upstream: UpstreamSettings, store: SecretStore) -> Dialer:
         current_password=current_password if password_ref else None,
         connect_timeout=upstream.connect_timeout,
         handshake_timeout=upstream.connect_timeout,
+        resolver=resolver,
     )
+
+
+def configured_resolver(settings: Settings, dns: DnsService) -> AddressResolver | None:
+    """Names the relay connects to (upstream, proxy) go through `dns.nameservers` when they
+    are configured (a VPC's resolver, not the container's default); else the system's
+    resolver, which also reads /etc/hosts. socks5h:// and CONNECT proxies resolve the
+    upstream's name themselves."""
+    return AddressResolver(dns) if settings.dns.nameservers else None
 
 
 def build_dns(settings: Settings) -> DnsResolver:
@@ -141,10 +162,33 @@ def build_dns(settings: Settings) -> DnsResolver:
     return DnsResolver(dns.nameservers, port=dns.port, timeout=dns.timeout, attempts=dns.attempts)
 
 
+def build_token_auth(upstream: UpstreamSettings, store: SecretStore) -> UpstreamTokenAuth | None:
+    """The access-token side of an upstream with `auth.provider` (None for the others): its
+    token endpoint is reached through the upstream's own egress path."""
+    auth = upstream.auth
+    if auth is None or not auth.uses_token or upstream.username is None:
+        return None
+
+    def secret(ref: str) -> bytes | None:
+        value = store.get(ref)
+        return value.data if value else None
+
+    source = token_source(auth, upstream.username, build_dialer(upstream, store), secret)
+    cache = TokenCache(source, upstream=upstream.label)
+    mechanism = auth.effective_mechanism
+    assert mechanism is not None
+    return UpstreamTokenAuth(cache, mechanism=mechanism, username=upstream.username, secrets=tuple(auth.secret_refs))
+
+
 def build_target(
-    upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
+    upstream: UpstreamSettings,
+    settings: Settings,
+    store: SecretStore,
+    dns: DnsService | None = None,
+    token_auth: UpstreamTokenAuth | None = None,
 ) -> UpstreamTarget:
-    target = _build_target(upstream, settings, store, dns)
+    """`token_auth` (from `build_token_auth`) when the upstream authenticates with a token."""
+    target = _build_target(upstream, settings, store, dns, token_auth)
     if upstream.max_rate is not None and settings.queue.mode == "spool":
         # Pacing applies to deliveries from the spool; in passthrough the client waits.
         return PacedTarget(target, upstream.max_rate)
@@ -152,7 +196,11 @@ def build_target(
 
 
 def _build_target(
-    upstream: UpstreamSettings, settings: Settings, store: SecretStore, dns: DnsService | None = None
+    upstream: UpstreamSettings,
+    settings: Settings,
+    store: SecretStore,
+    dns: DnsService | None = None,
+    token_auth: UpstreamTokenAuth | None = None,
 ) -> UpstreamTarget:
     if upstream.mode == "outbox":
         assert upstream.outbox_dir is not None
@@ -177,17 +225,20 @@ def _build_target(
         helo_name=upstream.helo_name or settings.hostname,
         username=upstream.username,
         password=password if password_ref else None,
+        password_mechanism=upstream.auth.mechanism if upstream.auth and not upstream.auth.uses_token else None,
+        auth=token_auth,
         connect_timeout=upstream.connect_timeout,
         command_timeout=upstream.command_timeout,
     )
     if upstream.mode == "mx":
         # MX hosts are always resolved through the configured DNS service.
-        connector = UpstreamConnector(endpoint, build_dialer(upstream, store), AddressResolver(dns))
+        connector = UpstreamConnector(
+            endpoint, build_dialer(upstream, store, configured_resolver(settings, dns)), AddressResolver(dns)
+        )
         return MxTarget(upstream.label, connector, dns)
-    # A smarthost name goes through the configured resolver when one is configured, else
-    # through the system's (which also reads /etc/hosts).
-    resolver = AddressResolver(dns if settings.dns.nameservers else None)
-    connector = UpstreamConnector(endpoint, build_dialer(upstream, store), resolver)
+    resolver = configured_resolver(settings, dns)
+    # Without nameservers the smarthost's name goes to the system resolver (AddressResolver(None)).
+    connector = UpstreamConnector(endpoint, build_dialer(upstream, store, resolver), resolver or AddressResolver(None))
     pool = ConnectionPool(
         upstream.label,
         connector.open,
@@ -199,26 +250,45 @@ def _build_target(
     return SmarthostTarget(upstream.label, connector, pool)
 
 
+@dataclass
+class BuiltTargets:
+    targets: list[UpstreamTarget]  # in config order
+    retired: list[UpstreamTarget]  # no longer used: to be closed
+    token_auths: list[UpstreamTokenAuth]  # of the upstreams with a token provider
+    retired_token_auths: list[UpstreamTokenAuth]
+
+
 class UpstreamTargets:
-    """Upstream targets by upstream config; an unchanged upstream keeps its pool across reloads."""
+    """Upstream targets by upstream config; an unchanged upstream keeps its pool (and its
+    access token) across reloads."""
 
     def __init__(self) -> None:
-        self._by_config: dict[str, UpstreamTarget] = {}
+        self._by_config: dict[str, tuple[UpstreamTarget, UpstreamTokenAuth | None]] = {}
 
-    def build(
-        self, settings: Settings, store: SecretStore, dns: DnsService
-    ) -> tuple[list[UpstreamTarget], list[UpstreamTarget]]:
-        """The targets for `settings`, in config order, and the ones no longer used."""
-        wanted: dict[str, UpstreamTarget] = {}
+    def build(self, settings: Settings, store: SecretStore, dns: DnsService) -> BuiltTargets:
+        """The targets for `settings`, and what the previous config used that this one does not."""
+        wanted: dict[str, tuple[UpstreamTarget, UpstreamTokenAuth | None]] = {}
         for upstream in settings.upstream:
             key = upstream.model_dump_json() + settings.hostname + settings.dns.model_dump_json() + settings.queue.mode
-            wanted[key] = self._by_config.get(key) or build_target(upstream, settings, store, dns)
-        retired = [t for k, t in self._by_config.items() if k not in wanted]
+            built = self._by_config.get(key)
+            if built is None:
+                token_auth = build_token_auth(upstream, store)
+                built = (build_target(upstream, settings, store, dns, token_auth), token_auth)
+            wanted[key] = built
+        retired = [built for k, built in self._by_config.items() if k not in wanted]
         self._by_config = wanted
-        return list(wanted.values()), retired
+        return BuiltTargets(
+            [t for t, _ in wanted.values()],
+            [t for t, _ in retired],
+            [a for _, a in wanted.values() if a is not None],
+            [a for _, a in retired if a is not None],
+        )
 
     def all(self) -> list[UpstreamTarget]:
-        return list(self._by_config.values())
+        return [t for t, _ in self._by_config.values()]
+
+    def token_auths(self) -> list[UpstreamTokenAuth]:
+        return [a for _, a in self._by_config.values() if a is not None]
 
 
 def build_router(settings: Settings, targets: list[UpstreamTarget]) -> Router:
@@ -236,13 +306,19 @@ def build_pipeline(
     previous: PostureMonitor | None = None,
     previous_pipeline: Pipeline | None = None,
     spool: UpstreamTarget | None = None,
+    limiter: Limiter | None = None,
 ) -> tuple[Pipeline, PostureMonitor]:
     """The pipeline for one config snapshot, and the DNS posture monitor that gates it.
     With `spool`, every transaction goes to it (the real targets are the delivery loop's)."""
     keyring = KeyRing(settings.dkim, store)
     router = build_router(settings, targets)
     monitor = PostureMonitor(
-        settings, dns, keyring, router.default, dialer=build_dialer(settings.upstream[0], store), previous=previous
+        settings,
+        dns,
+        keyring,
+        router.default,
+        dialer=build_dialer(settings.upstream[0], store, configured_resolver(settings, dns)),
+        previous=previous,
     )
     pipeline = Pipeline(
         settings,
@@ -257,8 +333,63 @@ def build_pipeline(
             and previous_pipeline.settings.clients.auth_throttle == settings.clients.auth_throttle
             else None
         ),
+        limiter=limiter,
     )
     return pipeline, monitor
+
+
+class LimitCounters:
+    """The counters of sending limits. Built once and kept across reloads while the backend
+    settings stay the same: the counts live on, whatever the limits become."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._counters: Counters | None = None
+
+    @property
+    def current(self) -> Counters | None:
+        return self._counters
+
+    def build(self, settings: Settings, store: SecretStore) -> tuple[Counters | None, Counters | None]:
+        """The counters `settings` asks for, and the ones they replace (to be closed)."""
+        limits = settings.limits
+        key = None if limits is None else f"{limits.backend} {limits.redis} {settings.data_dir}"
+        if key == self._key:
+            return self._counters, None
+        retired = self._counters
+        self._counters = None if limits is None else build_counters(settings, store)
+        self._key = key
+        return self._counters, retired
+
+
+def build_counters(settings: Settings, store: SecretStore) -> Counters:
+    assert settings.limits is not None
+    local = LocalCounters(counters_dir(settings.data_dir))
+    redis = settings.limits.redis
+    if settings.limits.backend != "redis" or redis is None:
+        return local
+    from relay.limits.redis_counters import RedisCounters
+
+    password = store.get(redis.password) if redis.password else None
+    return RedisCounters(
+        redis.url,
+        fallback=local,
+        password=password.text() if password else None,
+        timeout=redis.timeout,
+        key_prefix=redis.key_prefix,
+        ca_file=redis.ca_file,
+    )
+
+
+def build_limiter(settings: Settings, counters: Counters | None) -> tuple[Limiter | None, LimitUsage | None]:
+    """The limits stage and its usage gauge, or None when nothing is limited."""
+    if settings.limits is None or counters is None:
+        return None, None
+    policy = LimitPolicy(settings.limits)
+    if not policy.limits_anything:
+        return None, None
+    usage = LimitUsage(policy, counters, [user.username for user in settings.clients.users])
+    return Limiter(policy, counters), usage
 
 
 @dataclass
@@ -272,6 +403,12 @@ class Components:
     router: Router  # the real upstream targets (in spool mode the pipeline's router is the spool's)
     # Targets of the previous snapshot that this one no longer uses (to be closed).
     retired: list[UpstreamTarget] = field(default_factory=list)
+    # Token sides of the upstreams with a token provider (started by the server), and the
+    # previous snapshot's that this one no longer uses (to be closed).
+    token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
+    retired_token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
+    limit_usage: LimitUsage | None = None  # relay_limit_usage_ratio, read at scrape
+    retired_counters: Counters | None = None  # limit counters this snapshot replaced
 
 
 async def build_components(
@@ -281,6 +418,7 @@ async def build_components(
     *,
     previous: Components | None = None,
     spool: SpoolTarget | None = None,
+    counters: LimitCounters | None = None,
 ) -> Components:
     """Load the secrets `settings` uses and build its pipeline, targets and posture monitor.
 
@@ -289,18 +427,32 @@ async def build_components(
     """
     await load_secrets(store, settings)
     dns = build_dns(settings)
-    upstreams, retired = targets.build(settings, store, dns)
+    built = targets.build(settings, store, dns)
+    limit_counters, retired_counters = (counters or LimitCounters()).build(settings, store)
+    limiter, limit_usage = build_limiter(settings, limit_counters)
     pipeline, posture = build_pipeline(
         settings,
         store,
-        upstreams,
+        built.targets,
         dns,
         previous=previous.posture if previous is not None else None,
         previous_pipeline=previous.pipeline if previous is not None else None,
         spool=spool,
+        limiter=limiter,
     )
     await pipeline.keyring.fetch_missing()  # the keys key-set documents list
-    return Components(settings, dns, pipeline, posture, build_router(settings, upstreams), retired)
+    return Components(
+        settings,
+        dns,
+        pipeline,
+        posture,
+        build_router(settings, built.targets),
+        retired=built.retired,
+        token_auths=built.token_auths,
+        retired_token_auths=built.retired_token_auths,
+        limit_usage=limit_usage,
+        retired_counters=retired_counters,
+    )
 
 
 class SpoolParts:
@@ -322,6 +474,7 @@ class SpoolParts:
             bounce=queue.bounce,
             dead_letter_age=queue.dead_letter_age,
             sign_report=sign_report,
+            pacer=lambda: current().pipeline.limiter,
         )
         self.target = SpoolTarget(self.spool, self.runner, lambda: current().router)
 
@@ -342,10 +495,14 @@ async def preflight(
     dns = build_dns(settings)
     store = new_secret_store(settings)
     target: UpstreamTarget | None = None
+    token_auths: list[UpstreamTokenAuth | None] = []
     try:
         await load_secrets(store, settings)
+        token_auths = [build_token_auth(u, store) for u in settings.upstream]
+        # Tokens first: the upstream probe then authenticates with the one just fetched.
+        tokens = [await check_token(a) for a in token_auths if a is not None]
         upstream = settings.upstream[0]
-        target = build_target(upstream, settings, store, dns)
+        target = build_target(upstream, settings, store, dns, token_auths[0])
         keyring = KeyRing(settings.dkim, store)
         await keyring.fetch_missing()
         return await run_check(
@@ -353,11 +510,34 @@ async def preflight(
             dns=dns,
             keyring=keyring,
             target=target,
-            dialer=build_dialer(upstream, store),
+            dialer=build_dialer(upstream, store, configured_resolver(settings, dns)),
             accept=accept,
             echo_tls_context=echo_tls_context,
+            tokens=tokens,
         )
     finally:
         if target is not None:
             await target.close()
+        for token_auth in token_auths:
+            if token_auth is not None:
+                await token_auth.close()
         await store.close()
+
+
+async def check_token(token_auth: UpstreamTokenAuth) -> TokenCheck:
+    source = token_auth.cache.source
+    try:
+        token = await token_auth.cache.token()
+    except TokenError as exc:
+        return TokenCheck(
+            token_auth.label,
+            source.provider,
+            source.describe(),
+            False,
+            f"{exc.reason}: {exc.detail}",
+            exc.reason,
+            remediation(source.provider, exc.reason),
+        )
+    return TokenCheck(
+        token_auth.label, source.provider, source.describe(), True, f"token issued, valid for {token.lifetime:.0f} s"
+    )

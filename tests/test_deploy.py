@@ -1,8 +1,8 @@
 """The deployment artifacts: Dockerfile, Terraform module, Kubernetes manifests.
 
-No Docker engine, terraform binary or Kubernetes cluster runs on the development machines or in
-CI, so `docker build`, `terraform validate` and `kubectl apply` cannot run here. What is checked
-instead, statically:
+The image is built and run in tests/test_image.py, and the Terraform module validated and
+planned in tests/test_terraform.py; no Kubernetes cluster runs here. What is checked here,
+statically and in seconds:
 
 - every file parses (python-hcl2 for .tf, PyYAML for manifests), and every Terraform reference
   (var., local., module., data., resources) names something declared;
@@ -101,7 +101,7 @@ def test_hadolint_passes() -> None:
 
 
 def test_dockerignore_keeps_the_context_small_but_sufficient() -> None:
-    # `docker build` cannot run here (no engine): check the context by reading both files.
+    # Checked by reading both files, so a mistake names the pattern (test_image.py builds it).
     patterns = [
         line.strip()
         for line in (ROOT / ".dockerignore").read_text().splitlines()
@@ -258,8 +258,8 @@ def test_terraform_parses_and_every_reference_is_declared(directory: Path) -> No
 
 @pytest.mark.parametrize("directory", _module_dirs(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_terraform_module_calls_match_the_called_module(directory: Path) -> None:
-    """Each module block passes only declared inputs, and every required one (terraform validate's
-    job, which cannot run here)."""
+    """Each module block passes only declared inputs, and every required one (terraform validate
+    checks it too, in test_terraform.py; this says which input in one line)."""
     module = Module(directory)
     problems: list[str] = []
     for name, call in module.modules.items():
@@ -424,9 +424,13 @@ def test_ports_paths_and_uid_agree_across_image_kubernetes_and_terraform() -> No
     assert json.loads(by_keyword["ENTRYPOINT"][0]) == ["relay"]
     cmd = json.loads(by_keyword["CMD"][0])
     assert cmd[0] == "serve" and ("-c" not in cmd or cmd[cmd.index("-c") + 1] == defaults.IMAGE_CONFIG_PATH)
+    # Both stages start from BASE_IMAGE, whose default is the pinned official image.
+    base_args = [rest for keyword, rest in instructions if keyword == "ARG" and rest.startswith("BASE_IMAGE=")]
+    assert len(base_args) == 1, "the Dockerfile declares ARG BASE_IMAGE=<pinned image> once, before FROM"
+    assert re.fullmatch(r"BASE_IMAGE=python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base_args[0])
     for keyword, rest in instructions:
         if keyword == "FROM":
-            assert re.match(r"python:3\.11\.\d+-slim-bookworm\b", rest), f"unpinned base: {rest}"
+            assert rest.split()[0] == "${BASE_IMAGE}", f"a stage not on BASE_IMAGE: {rest}"
 
     # --- Kubernetes: the shared service ------------------------------------------------------
     (deployment,) = [d for d in _by_kind(KUBERNETES, "Deployment") if d["metadata"]["name"] == "relay"]
@@ -519,7 +523,11 @@ def test_ports_paths_and_uid_agree_across_image_kubernetes_and_terraform() -> No
     assert re.findall(r"https?://[^'\" ]+", health_command) == [HEALTH_URL]
     assert resolve.value(container["user"]) == f"{defaults.IMAGE_UID}:{defaults.IMAGE_UID}"
     assert container["readonlyRootFilesystem"] is True
-    assert [resolve.value(m["containerPath"]) for m in container["mountPoints"]] == [defaults.IMAGE_DATA_DIR]
+    # The scratch volume at the data dir; with spool_efs, the spool inside it at queue.dir.
+    mounts = container["mountPoints"]
+    assert re.findall(r"containerPath = local\.(\w+)", mounts) == ["data_dir", "spool_dir"], mounts
+    assert resolve.value("${local.data_dir}") == defaults.IMAGE_DATA_DIR
+    assert resolve.value(module.locals["spool_dir"]) == f"{defaults.IMAGE_DATA_DIR}/spool"
 
     def rule_ports(kind: str, group: str) -> set[int]:
         ports: set[int] = set()

@@ -44,10 +44,14 @@ EXPECTED_ALERTS = {
     "RelaySecretRefreshStale",
     "RelayDown",
     "RelayNotReady",
+    "RelayUpstreamTokenRefused",
+    "RelayUpstreamTokenEndpointFailing",
     "RelayQueueGrowing",
     "RelayQueueOldestMessageTooOld",
     "RelaySpoolNearlyFull",
     "RelayDkimKeyTooOld",
+    "RelayUserNearDailyQuota",
+    "RelayLimitsNotShared",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).
@@ -235,6 +239,7 @@ def proxied_relay_config(workdir: Path, pki, dkim_keys, upstream_port: int, pass
     config = relay_config(workdir, pki, dkim_keys, upstream_port, password_hash)
     config["upstream"]["proxy"] = proxy_url
     config["clients"]["users"][0]["senders"] = ["example.com", "unsigned.example"]
+    config["limits"] = {"users": {"rate": "100/s", "daily": 1000}, "domains": {"example.com": {"daily": 5000}}}
     return config
 
 

@@ -37,9 +37,11 @@ locals {
     command    = [local.entry_script]
 
     readonlyRootFilesystem = true
-    mountPoints = [
-      { sourceVolume = "relay-data", containerPath = local.data_dir, readOnly = false },
-    ]
+    # The spool is mounted inside the scratch volume, at queue.dir's default.
+    mountPoints = concat(
+      [{ sourceVolume = "relay-data", containerPath = local.data_dir, readOnly = false }],
+      local.use_spool ? [{ sourceVolume = "relay-spool", containerPath = local.spool_dir, readOnly = false }] : [],
+    )
 
     portMappings = [
       { name = "submission", containerPort = local.submission_port, hostPort = local.submission_port, protocol = "tcp" },
@@ -97,8 +99,12 @@ locals {
   }
 }
 
+# One task definition and one service per instance (see local.instances): a single one without
+# spool_efs, one per spool with it.
 resource "aws_ecs_task_definition" "this" {
-  family                   = var.name
+  for_each = local.instances
+
+  family                   = each.value.name
   requires_compatibilities = ["FARGATE"]
   network_mode             = "awsvpc"
   cpu                      = var.cpu
@@ -119,14 +125,38 @@ resource "aws_ecs_task_definition" "this" {
     name = "relay-data"
   }
 
+  # This instance's spool: its own access point, which also makes every file operation run as
+  # uid/gid 10001 whatever the client says, so ownership never drifts between tasks.
+  dynamic "volume" {
+    for_each = local.use_spool ? [aws_efs_access_point.spool[each.key]] : []
+    content {
+      name = "relay-spool"
+      efs_volume_configuration {
+        file_system_id     = var.spool_efs.file_system_id
+        transit_encryption = "ENABLED"
+        authorization_config {
+          access_point_id = volume.value.id
+          iam             = "ENABLED"
+        }
+      }
+    }
+  }
+
   tags = local.tags
 }
 
+moved {
+  from = aws_ecs_task_definition.this
+  to   = aws_ecs_task_definition.this["service"]
+}
+
 resource "aws_ecs_service" "this" {
-  name             = var.name
+  for_each = local.instances
+
+  name             = each.value.name
   cluster          = local.cluster_arn
-  task_definition  = aws_ecs_task_definition.this.arn
-  desired_count    = var.desired_count
+  task_definition  = aws_ecs_task_definition.this[each.key].arn
+  desired_count    = each.value.desired_count
   launch_type      = "FARGATE"
   platform_version = "LATEST"
   propagate_tags   = "SERVICE"
@@ -135,8 +165,9 @@ resource "aws_ecs_service" "this" {
   health_check_grace_period_seconds = var.health_check_grace_period_seconds
 
   # Start new tasks before stopping old ones; a deployment that never turns healthy rolls back.
-  deployment_minimum_healthy_percent = 100
-  deployment_maximum_percent         = 200
+  # A spool's service does the reverse (stop, then start): two tasks must never share a spool.
+  deployment_minimum_healthy_percent = local.use_spool ? 0 : 100
+  deployment_maximum_percent         = local.use_spool ? 100 : 200
   deployment_circuit_breaker {
     enable   = true
     rollback = true
@@ -161,4 +192,31 @@ resource "aws_ecs_service" "this" {
   depends_on = [aws_lb_listener.smtp]
 
   tags = local.tags
+}
+
+moved {
+  from = aws_ecs_service.this
+  to   = aws_ecs_service.this["service"]
+}
+
+resource "aws_efs_access_point" "spool" {
+  for_each = local.use_spool ? local.instances : {}
+
+  file_system_id = var.spool_efs.file_system_id
+
+  posix_user {
+    uid = local.image_uid
+    gid = local.image_uid
+  }
+
+  root_directory {
+    path = "${var.spool_efs.root_directory}/${each.value.name}"
+    creation_info {
+      owner_uid   = local.image_uid
+      owner_gid   = local.image_uid
+      permissions = "0700"
+    }
+  }
+
+  tags = merge(local.tags, { Name = each.value.name })
 }

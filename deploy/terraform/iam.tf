@@ -106,10 +106,28 @@ resource "aws_iam_role" "task" {
 }
 
 data "aws_iam_policy_document" "task" {
-  statement {
-    sid       = "ReadRelaySecrets"
-    actions   = ["secretsmanager:GetSecretValue"]
-    resources = local.task_secret_arns
+  dynamic "statement" {
+    for_each = length(local.task_secret_arns) > 0 ? [local.task_secret_arns] : []
+    content {
+      sid       = "ReadRelaySecrets"
+      actions   = ["secretsmanager:GetSecretValue"]
+      resources = statement.value
+    }
+  }
+
+  # The spool: mount and write the file system, through this module's access points only.
+  dynamic "statement" {
+    for_each = local.use_spool ? [var.spool_efs.file_system_id] : []
+    content {
+      sid       = "MountSpool"
+      actions   = ["elasticfilesystem:ClientMount", "elasticfilesystem:ClientWrite"]
+      resources = ["arn:${local.partition}:elasticfilesystem:${local.region}:${local.account_id}:file-system/${statement.value}"]
+      condition {
+        test     = "StringEquals"
+        variable = "elasticfilesystem:AccessPointArn"
+        values   = [for ap in aws_efs_access_point.spool : ap.arn]
+      }
+    }
   }
 
   dynamic "statement" {
@@ -128,9 +146,9 @@ data "aws_iam_policy_document" "task" {
 }
 
 resource "aws_iam_role_policy" "task" {
-  # A policy statement needs at least one resource: with no secrets (all keys in files?) the
+  # A policy needs at least one statement: with no secrets (all keys in files?) and no spool the
   # role has no permissions at all.
-  count = length(local.task_secret_arns) > 0 ? 1 : 0
+  count = length(local.task_secret_arns) > 0 || local.use_spool ? 1 : 0
 
   name   = "${var.name}-task"
   role   = aws_iam_role.task.id

@@ -32,9 +32,21 @@ locals {
   # The image's only writable path (its VOLUME); the task mounts a scratch volume there.
   data_dir    = "/var/lib/relay"
   config_path = "${local.data_dir}/relay.yaml"
-  image_user  = "10001:10001"
+  image_uid   = 10001
+  image_user  = "${local.image_uid}:${local.image_uid}"
 
   container_name = "relay"
+
+  # Store-and-forward (queue.mode: spool): the spool must outlive a task, and belongs to exactly
+  # one relay instance. So with spool_efs each instance is a service of one task with its own
+  # EFS access point; without it, one service runs desired_count interchangeable tasks.
+  use_spool = var.spool_efs != null
+  spool_dir = "${local.data_dir}/spool"
+  instances = local.use_spool ? {
+    for i in range(var.desired_count) : "spool-${i}" => { name = "${var.name}-${i}", desired_count = 1 }
+    } : {
+    service = { name = var.name, desired_count = var.desired_count }
+  }
 
   create_cluster = var.ecs_cluster_arn == null
   cluster_arn    = local.create_cluster ? aws_ecs_cluster.this[0].arn : var.ecs_cluster_arn

@@ -29,13 +29,28 @@ output "ecs_cluster_arn" {
 }
 
 output "ecs_service_name" {
-  description = "Name of the ECS service."
-  value       = aws_ecs_service.this.name
+  description = "Name of the ECS service (with spool_efs: of the first instance's; ecs_service_names has all)."
+  value       = values(aws_ecs_service.this)[0].name
+}
+
+output "ecs_service_names" {
+  description = "Names of the ECS services: one without spool_efs, one per instance with it."
+  value       = [for s in aws_ecs_service.this : s.name]
 }
 
 output "task_definition_arn" {
-  description = "ARN (with revision) of the current task definition."
-  value       = aws_ecs_task_definition.this.arn
+  description = "ARN (with revision) of the current task definition (with spool_efs: the first instance's; task_definition_arns has all)."
+  value       = values(aws_ecs_task_definition.this)[0].arn
+}
+
+output "task_definition_arns" {
+  description = "ARNs (with revision) of the current task definitions, by service name."
+  value       = { for k, t in aws_ecs_task_definition.this : local.instances[k].name => t.arn }
+}
+
+output "spool_access_point_ids" {
+  description = "EFS access point of each instance's spool, by service name (empty without spool_efs)."
+  value       = { for k, ap in aws_efs_access_point.spool : local.instances[k].name => ap.id }
 }
 
 output "task_role_arn" {

@@ -27,6 +27,16 @@ resource "aws_ssm_parameter" "config" {
       condition     = try(endswith(tostring(yamldecode(var.relay_config).metrics.bind), ":${local.metrics_port}"), false)
       error_message = "relay_config must set metrics.bind to 0.0.0.0:9464 (health checks and scrapes use it)."
     }
+    # A spool on the task's scratch volume would die with the task, and every queued message
+    # with it; an EFS spool the relay does not use would be a cost and a false promise.
+    precondition {
+      condition     = (try(yamldecode(var.relay_config).queue.mode, null) == "spool") == local.use_spool
+      error_message = "relay_config queue.mode: spool and spool_efs go together: set both (store-and-forward on EFS) or neither (passthrough)."
+    }
+    precondition {
+      condition     = !local.use_spool || try(yamldecode(var.relay_config).queue.dir, null) == null || try(trimsuffix(yamldecode(var.relay_config).queue.dir, "/"), "") == local.spool_dir
+      error_message = "relay_config queue.dir must be /var/lib/relay/spool (or unset): the EFS spool is mounted there."
+    }
   }
 }
 

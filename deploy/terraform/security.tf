@@ -196,6 +196,17 @@ resource "aws_vpc_security_group_egress_rule" "relay_dns_tcp" {
   cidr_ipv4         = each.value
 }
 
+# The spool's EFS mount targets (NFS), only with spool_efs.
+resource "aws_vpc_security_group_egress_rule" "relay_spool_efs" {
+  for_each                     = local.use_spool ? toset([var.spool_efs.mount_target_security_group_id]) : toset([])
+  security_group_id            = aws_security_group.relay.id
+  description                  = "NFS to the spool's EFS mount targets"
+  ip_protocol                  = "tcp"
+  from_port                    = 2049
+  to_port                      = 2049
+  referenced_security_group_id = each.value
+}
+
 # On Fargate the image pull, the log driver and secret injection use the task's own network
 # interface, so these go through this group too, as do the relay's Secrets Manager calls.
 resource "aws_vpc_security_group_egress_rule" "relay_aws_api" {

@@ -150,8 +150,8 @@ variable "tls_secret_arn" {
   type        = string
 
   validation {
-    condition     = can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", var.tls_secret_arn))
-    error_message = "tls_secret_arn must be a full Secrets Manager secret ARN."
+    condition     = can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:[A-Za-z0-9/_+=.@-]+$", var.tls_secret_arn))
+    error_message = "tls_secret_arn must be a full Secrets Manager secret ARN (wildcards are not accepted)."
   }
 }
 
@@ -161,7 +161,7 @@ variable "dkim_key_secret_arns" {
   default     = []
 
   validation {
-    condition     = alltrue([for a in var.dkim_key_secret_arns : can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", a))])
+    condition     = alltrue([for a in var.dkim_key_secret_arns : can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:[A-Za-z0-9/_+=.@-]+$", a))])
     error_message = "dkim_key_secret_arns must be full Secrets Manager secret ARNs (wildcards are not accepted)."
   }
 }
@@ -172,7 +172,7 @@ variable "upstream_credential_secret_arns" {
   default     = []
 
   validation {
-    condition     = alltrue([for a in var.upstream_credential_secret_arns : can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:.+$", a))])
+    condition     = alltrue([for a in var.upstream_credential_secret_arns : can(regex("^arn:aws[a-z-]*:secretsmanager:[a-z0-9-]+:[0-9]{12}:secret:[A-Za-z0-9/_+=.@-]+$", a))])
     error_message = "upstream_credential_secret_arns must be full Secrets Manager secret ARNs (wildcards are not accepted)."
   }
 }
@@ -406,4 +406,36 @@ variable "private_dns_name" {
   description = "Internal name the applications use as SMTP_HOST (e.g. relay.mail.internal.example.com); an alias to the NLB in private_zone_id."
   type        = string
   default     = null
+}
+
+# ---------------------------------------------------------------------------------------------
+# Store-and-forward spool (optional)
+# ---------------------------------------------------------------------------------------------
+
+variable "spool_efs" {
+  description = <<-EOT
+    EFS file system for the store-and-forward spool (relay_config `queue.mode: spool`, whose
+    `queue.dir` must stay /var/lib/relay/spool). Null (the default) runs the relay stateless, in
+    passthrough mode. When set, each of the desired_count relay instances is its own ECS service
+    of one task with its own EFS access point (directory <root_directory>/<name>-<n>, uid/gid
+    10001, mode 0700): one spool per instance, which the replacement task of that instance
+    takes over. Such a service stops its old task before starting the new one, so two tasks
+    never share a spool. The file system's mount targets must admit NFS (TCP 2049) from the
+    task_security_group_id output.
+  EOT
+  type = object({
+    file_system_id                 = string
+    mount_target_security_group_id = string
+    root_directory                 = optional(string, "/relay-spool")
+  })
+  default = null
+
+  validation {
+    condition = var.spool_efs == null ? true : (
+      can(regex("^fs-[0-9a-f]+$", var.spool_efs.file_system_id)) &&
+      can(regex("^sg-[0-9a-f]+$", var.spool_efs.mount_target_security_group_id)) &&
+      can(regex("^(/[A-Za-z0-9_.-]+)+$", var.spool_efs.root_directory))
+    )
+    error_message = "spool_efs needs file_system_id fs-..., mount_target_security_group_id sg-..., and an absolute root_directory without a trailing slash."
+  }
 }

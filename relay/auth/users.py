@@ -21,6 +21,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from relay.auth.passwords import hash_password, verify_password
+from relay.errors import SmtpError
 from relay.policy.senders import SenderPolicy
 from relay.secrets.store import SecretStore
 
@@ -81,7 +82,15 @@ class UserDirectory:
         if cfg.password is not None:
             current = self._store.get(cfg.password)
             if current is None:
-                return None
+                # Not the client's fault, and not final: the secret may load on the next
+                # refresh. RFC 4954 §6: 454 4.7.0 Temporary authentication failure.
+                raise SmtpError(
+                    454,
+                    "4.7.0",
+                    "Temporary authentication failure",
+                    reason=f"password secret of user {username} is not loaded: {self._store.error(cfg.password)}",
+                    label="auth_unavailable",
+                )
             ok = hmac.compare_digest(password, current.data.rstrip(b"\r\n"))
             return self._users[username] if ok else None
         tag = hmac.new(self._cache_key, username.encode() + b"\0" + password, hashlib.sha256).digest()

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from relay.config.defaults import DEV_PLAIN_PORT, DEV_SUBMISSION_PORT, DEV_SUBMISSIONS_PORT
 from relay.config.load import settings_from_mapping
 from relay.config.schema import Settings
-from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem
+from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem, zone_line
 
 DEV_DOMAIN = "example.test"
 DEV_SELECTOR = "dev"
@@ -80,7 +80,7 @@ def prepare_dev_dir(base: Path) -> dict[str, Path]:
         signing = load_signing_key(
             paths["dkim"].read_bytes(), domain=DEV_DOMAIN, selector=DEV_SELECTOR, algorithm="rsa-sha256"
         )
-        _write(paths["dkim_txt"], f'{DEV_SELECTOR}._domainkey.{DEV_DOMAIN}. IN TXT "{signing.txt_value()}"\n'.encode())
+        _write(paths["dkim_txt"], (zone_line(DEV_DOMAIN, DEV_SELECTOR, signing.txt_value()) + "\n").encode())
     return paths
 
 

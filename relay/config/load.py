@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,7 +15,17 @@ from pydantic import BaseModel, ValidationError
 from relay.config.schema import Settings
 
 # Field names whose values must never be echoed in an error, even when wrong.
-_SECRET_FIELDS = {"password", "password_hash", "key", "token", "secret_id", "proxy_password"}
+_SECRET_FIELDS = {
+    "password",
+    "password_hash",
+    "key",
+    "token",
+    "secret_id",
+    "proxy_password",
+    "client_secret",
+    "client_certificate",
+    "service_account",
+}
 
 
 class ConfigError(Exception):
@@ -40,7 +51,9 @@ def config_path(cli_path: str | None) -> Path | None:
     return Path(chosen) if chosen else None
 
 
-def load_settings(path: Path) -> Settings:
+def load_settings(path: Path, *, offline: bool = False) -> Settings:
+    """The validated settings of `path`. `offline`: syntax and meaning only, without looking
+    at the files the config names (they may exist only where it is deployed)."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -55,15 +68,17 @@ def load_settings(path: Path) -> Settings:
         raise ConfigError(source, [("", f"YAML syntax error at {where}{problem}")]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the file must hold a mapping of settings")])
-    return settings_from_mapping(data, source)
+    return settings_from_mapping(data, source, offline=offline)
 
 
-def settings_from_mapping(data: dict[str, Any], source: str = "config") -> Settings:
+def settings_from_mapping(data: dict[str, Any], source: str = "config", *, offline: bool = False) -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(source, [_describe(dict(err)) for err in exc.errors()]) from None
     problems = list(_cross_checks(settings))
+    if not offline:
+        problems += file_problems(settings)
     if problems:
         raise ConfigError(source, problems)
     return settings
@@ -74,6 +89,8 @@ def _key_path(loc: Iterable[Any]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif "." in str(part) or " " in str(part):
+            out += f"[{str(part)!r}]"  # a key that is data (a domain), not a field name
         else:
             out += f".{part}" if out else str(part)
     return out
@@ -153,10 +170,6 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
             yield f"listeners[{i}].tls", "AUTH is only offered over TLS; a non-loopback listener needs tls"
         if listener.auth == "required" and not settings.clients.users:
             yield "clients.users", f"listeners[{i}] ({listener.name}) has auth: required but no users are configured"
-    for name in ("cert_file", "key_file"):
-        path = getattr(settings.tls, name)
-        if path is not None and not path.is_file():
-            yield f"tls.{name}", f"file not found: {path}"
     upstream_names: dict[str, int] = {}
     for i, upstream in enumerate(settings.upstream):
         if upstream.name:
@@ -164,8 +177,6 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
                 first = upstream_names[upstream.name]
                 yield f"upstream[{i}].name", f"{upstream.name!r} is already used by upstream[{first}]"
             upstream_names.setdefault(upstream.name, i)
-        if upstream.ca_file is not None and not upstream.ca_file.is_file():
-            yield f"upstream[{i}].ca_file", f"file not found: {upstream.ca_file}"
         if upstream.mode == "outbox" and len(settings.upstream) > 1:
             yield f"upstream[{i}].mode", "outbox is a development target and cannot be combined with other upstreams"
     for i, route in enumerate(settings.routes):
@@ -185,6 +196,75 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
                 "replicas may sign with the old key until they re-read the key set"
             ),
         )
+    # The backends' SDKs are extras (pyproject.toml): say which one, not an ImportError later.
+    key_patterns = [(f"dkim.key_sets[{i}].key", ks.key) for i, ks in enumerate(settings.dkim.key_sets)]
+    for key_path, ref in secret_references(settings) + key_patterns:
+        scheme = ref.partition("://")[0]
+        extra = _EXTRAS.get(scheme)
+        if extra and any(importlib.util.find_spec(module) is None for module in extra[1]):
+            yield key_path, f"{scheme}:// needs relay's {extra[0]} extra: pip install 'relay[{extra[0]}]'"
+    if settings.limits is not None:
+        yield from _limits_checks(settings)
+
+
+def _limits_checks(settings: Settings) -> Iterable[tuple[str, str]]:
+    assert settings.limits is not None
+    usernames = [user.username for user in settings.clients.users]
+    for username in settings.limits.users.model_extra or {}:
+        if username not in usernames:
+            guess = difflib.get_close_matches(username, usernames, n=1)
+            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+            yield _key_path(["limits", "users", username]), f"no user named {username!r} in clients.users{hint}"
+    redis = settings.limits.redis
+    if redis is not None and redis.ca_file is not None and not redis.ca_file.is_file():
+        yield "limits.redis.ca_file", f"file not found: {redis.ca_file}"
+
+
+# scheme → (extra, the modules it provides)
+_EXTRAS = {"aws-sm": ("aws", ("aiobotocore", "aiohttp")), "vault": ("vault", ("aiohttp",))}
+
+
+def file_problems(settings: Settings) -> list[tuple[str, str]]:
+    """The files the config names that cannot be found here."""
+    problems = []
+    for name in ("cert_file", "key_file"):
+        path = getattr(settings.tls, name)
+        if path is not None and not path.is_file():
+            problems.append((f"tls.{name}", f"file not found: {path}"))
+    for i, upstream in enumerate(settings.upstream):
+        if upstream.ca_file is not None and not upstream.ca_file.is_file():
+            problems.append((f"upstream[{i}].ca_file", f"file not found: {upstream.ca_file}"))
+        auth = upstream.auth
+        if auth is not None and auth.ca_file is not None and not auth.ca_file.is_file():
+            problems.append((f"upstream[{i}].auth.ca_file", f"file not found: {auth.ca_file}"))
+    vault = settings.secrets.vault
+    if vault is not None and vault.ca_file is not None and not vault.ca_file.is_file():
+        problems.append(("secrets.vault.ca_file", f"file not found: {vault.ca_file}"))
+    return problems
+
+
+def secret_references(settings: Settings) -> list[tuple[str, str]]:
+    """Every secret reference the config uses, with its key path (the order they load in:
+    Vault's own credentials first, since they come from the other backends)."""
+    found: list[tuple[str, str]] = []
+    vault = settings.secrets.vault
+    if vault is not None:
+        found += [(f"secrets.vault.{n}", r) for n in ("token", "secret_id") if (r := getattr(vault, n))]
+    found += [(f"dkim.keys[{i}].key", k.key) for i, k in enumerate(settings.dkim.keys)]
+    found += [(f"dkim.key_sets[{i}].key_set", ks.key_set) for i, ks in enumerate(settings.dkim.key_sets)]
+    found += [(f"clients.users[{i}].password", u.password) for i, u in enumerate(settings.clients.users) if u.password]
+    for i, upstream in enumerate(settings.upstream):
+        for name in ("password", "proxy_password"):
+            if ref := getattr(upstream, name):
+                found.append((f"upstream[{i}].{name}", ref))
+        if upstream.auth is not None:
+            for name in ("client_secret", "client_certificate", "service_account"):
+                if ref := getattr(upstream.auth, name):
+                    found.append((f"upstream[{i}].auth.{name}", ref))
+    limits = settings.limits
+    if limits is not None and limits.redis is not None and limits.redis.password:
+        found.append(("limits.redis.password", limits.redis.password))
+    return found
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

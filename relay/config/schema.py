@@ -7,11 +7,13 @@ secrets (keys, passwords, tokens) are secret references, never literals (see
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -390,6 +392,112 @@ class PoolSettings(Strict):
     acquire_timeout: Duration = 30.0
 
 
+# RFC 7628 / XOAUTH2 token endpoints of the providers relay knows; `token_url` overrides.
+MICROSOFT_TOKEN_URL = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"  # noqa: S105 - a URL
+MICROSOFT_SCOPE = "https://outlook.office365.com/.default"
+GOOGLE_SCOPE = "https://mail.google.com/"
+# An Entra ID tenant: its GUID or one of its verified domain names (contoso.onmicrosoft.com).
+_TENANT = (
+    r"^([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"|[A-Za-z0-9][A-Za-z0-9.-]*\.[A-Za-z]{2,})$"
+)
+
+
+def _https_url(value: str) -> str:
+    if not re.fullmatch(r"https://[^\s/?#@]+(/[^\s#]*)?", value):
+        raise ValueError(f"expected an https:// URL, got {value!r}")
+    return value
+
+
+class UpstreamAuthSettings(Strict):
+    """How the relay authenticates to its upstream (`upstream.auth`).
+
+    `plain`/`login` use `upstream.username` + `upstream.password`. `xoauth2`/`oauthbearer`
+    (RFC 7628) use `upstream.username` (the mailbox, or the user impersonated) and an access
+    token the relay gets itself from the `provider`'s token endpoint.
+    """
+
+    mechanism: Literal["plain", "login", "xoauth2", "oauthbearer"] | None = None
+    provider: Literal["microsoft", "google", "generic"] | None = None
+    tenant_id: str | None = Field(default=None, pattern=_TENANT)
+    client_id: str | None = Field(default=None, min_length=1)
+    client_secret: SecretRefStr | None = None
+    # A PEM holding the certificate registered on the app and its private key.
+    client_certificate: SecretRefStr | None = None
+    # The service account's JSON key (Google), with domain-wide delegation.
+    service_account: SecretRefStr | None = None
+    token_url: Annotated[str, AfterValidator(_https_url)] | None = None
+    scope: str | None = Field(default=None, min_length=1)
+    # Extra CA bundle for the token endpoint (a TLS-inspecting egress, a private endpoint).
+    ca_file: Path | None = None
+    # Bound on one token request (connect through the proxy, TLS, reply).
+    timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _provider_inputs(self) -> UpstreamAuthSettings:
+        oauth = self.effective_mechanism in ("xoauth2", "oauthbearer")
+        if not oauth:
+            extra = [k for k in _OAUTH_KEYS if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(
+                    f"mechanism: {self.mechanism} uses upstream.password; "
+                    f"{', '.join(extra)} are for xoauth2/oauthbearer"
+                )
+            return self
+        if self.provider is None:
+            raise ValueError(f"mechanism: {self.mechanism} needs provider: microsoft, google or generic")
+        needed, allowed = _PROVIDER_KEYS[self.provider]
+        for key in needed:
+            if getattr(self, key) is None:
+                raise ValueError(f"provider: {self.provider} needs {key}")
+        for key in _OAUTH_KEYS:
+            if key not in allowed and key != "provider" and getattr(self, key) is not None:
+                raise ValueError(f"{key} is not used with provider: {self.provider}")
+        if self.provider == "microsoft" and (self.client_secret is None) == (self.client_certificate is None):
+            raise ValueError("provider: microsoft needs exactly one of client_secret or client_certificate")
+        return self
+
+    @property
+    def effective_mechanism(self) -> str | None:
+        """The SASL mechanism; None leaves the choice to the client library (plain/login)."""
+        if self.mechanism is None and self.provider is not None:
+            return "xoauth2"
+        return self.mechanism
+
+    @property
+    def uses_token(self) -> bool:
+        return self.effective_mechanism in ("xoauth2", "oauthbearer")
+
+    @property
+    def secret_refs(self) -> list[str]:
+        return [r for r in (self.client_secret, self.client_certificate, self.service_account) if r]
+
+
+_OAUTH_KEYS = (
+    "provider",
+    "tenant_id",
+    "client_id",
+    "client_secret",
+    "client_certificate",
+    "service_account",
+    "token_url",
+    "scope",
+    "ca_file",
+)
+# provider → (keys it needs, keys it accepts)
+_PROVIDER_KEYS = {
+    "microsoft": (
+        ("tenant_id", "client_id"),
+        ("tenant_id", "client_id", "client_secret", "client_certificate", "token_url", "scope", "ca_file"),
+    ),
+    "google": (("service_account",), ("service_account", "token_url", "scope", "ca_file")),
+    "generic": (
+        ("token_url", "client_id", "client_secret"),
+        ("token_url", "client_id", "client_secret", "scope", "ca_file"),
+    ),
+}
+
+
 class UpstreamSettings(Strict):
     name: str | None = None
     mode: Literal["smarthost", "mx", "outbox"] = "smarthost"
@@ -408,6 +516,7 @@ class UpstreamSettings(Strict):
     command_timeout: Duration = 300.0
     helo_name: str | None = None
     outbox_dir: Path | None = None
+    auth: UpstreamAuthSettings | None = None
     # Spool mode: deliveries to this upstream are paced to this many recipients per second
     # (Amazon SES counts each recipient against its per-second quota).
     max_rate: Rate | None = None
@@ -420,8 +529,23 @@ class UpstreamSettings(Strict):
             raise ValueError("mode: outbox needs outbox_dir")
         if self.mode == "mx" and self.host:
             raise ValueError("mode: mx takes no host (recipients' MX hosts are looked up)")
-        if (self.username is None) != (self.password is None):
+        if self.auth is not None and self.auth.uses_token:
+            if not self.username:
+                raise ValueError(
+                    f"auth.mechanism: {self.auth.effective_mechanism} needs username "
+                    "(the mailbox, or the user impersonated)"
+                )
+            if self.password is not None:
+                raise ValueError(
+                    f"auth.mechanism: {self.auth.effective_mechanism} takes no password "
+                    "(the relay gets an access token from auth.provider)"
+                )
+            if self.mode != "smarthost":
+                raise ValueError("auth with a token provider is for mode: smarthost")
+        elif (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
+        elif self.auth is not None and self.auth.mechanism and self.username is None:
+            raise ValueError(f"auth.mechanism: {self.auth.mechanism} needs username and password")
         if self.tls in ("opportunistic", "require") and self.mode != "mx":
             raise ValueError(f"tls: {self.tls} is for mode: mx; smarthosts use starttls/implicit/none")
         if self.tls in ("starttls",) and self.mode == "mx":
@@ -491,6 +615,106 @@ class LoggingSettings(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def _limit_rate(value: object) -> object:
+    from relay.limits.rules import parse_rate
+
+    return None if value is None else parse_rate(value)
+
+
+def _redis_url(value: str) -> str:
+    try:
+        url = urlsplit(value)
+        port = url.port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL: {exc}") from None
+    if url.scheme not in ("redis", "rediss"):
+        raise ValueError("expected redis://HOST:PORT/DB or rediss://HOST:PORT/DB (TLS)")
+    if not url.hostname:
+        raise ValueError("the URL has no host (expected redis://HOST:PORT/DB)")
+    if url.password is not None:
+        raise ValueError("no password in the URL: put it in limits.redis.password as a secret reference")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError("port must be 1-65535")
+    if url.path.strip("/") and not url.path.strip("/").isdigit():
+        raise ValueError(f"the path is the database number, got {url.path!r}")
+    return value
+
+
+LimitRate = Annotated[object, PlainValidator(_limit_rate)]
+_LIMIT_FIELDS = ("rate", "burst", "daily", "daily_recipients")
+
+
+class _LimitFields(Strict):
+    rate: LimitRate = None  # messages per time: 10/s, 600/m, 1000/h (a token bucket)
+    burst: int | None = Field(default=None, ge=1)  # default: the rate's count
+    daily: int | None = Field(default=None, ge=0)  # messages in a rolling 24 h
+    daily_recipients: int | None = Field(default=None, ge=0)  # recipients in a rolling 24 h
+
+
+class LimitSettings(_LimitFields):
+    """One domain's limits, or the default of every user; an omitted field is not limited."""
+
+    @model_validator(mode="after")
+    def _burst_with_rate(self) -> LimitSettings:
+        if self.burst is not None and self.rate is None:
+            raise ValueError("burst needs a rate")
+        return self
+
+
+class UserOverrideSettings(_LimitFields):
+    """One user's overrides: each field given replaces the default's; null lifts it."""
+
+
+class UserLimitSettings(LimitSettings):
+    """The default for every authenticated user, and per-user overrides keyed by username:
+    `{rate: 10/s, daily: 50000, billing: {daily: 200000}}`."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, UserOverrideSettings] = Field(init=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _overrides_are_mappings(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                if key not in _LIMIT_FIELDS and not isinstance(value, dict):
+                    guess = difflib.get_close_matches(str(key), _LIMIT_FIELDS, n=1)
+                    hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+                    raise ValueError(
+                        f"{key!r} is neither a limit ({', '.join(_LIMIT_FIELDS)}) nor a user's "
+                        f"overrides (a mapping like {key}: {{daily: 1000}}){hint}"
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _override_burst_with_rate(self) -> UserLimitSettings:
+        for username, override in (self.model_extra or {}).items():
+            if override.burst is not None and override.rate is None and self.rate is None:
+                raise ValueError(f"{username}: burst needs a rate (its own or the default's)")
+        return self
+
+
+class RedisLimitSettings(Strict):
+    url: Annotated[str, AfterValidator(_redis_url)]
+    password: SecretRefStr | None = None
+    timeout: Duration = 1.0  # per call, waiting for a connection included; then local counters
+    key_prefix: str = Field(default="relay:limits:", min_length=1)
+    ca_file: Path | None = None  # for rediss://, on top of the system's CAs
+
+
+class LimitsSettings(Strict):
+    users: UserLimitSettings = Field(default_factory=UserLimitSettings)
+    domains: dict[Domain, LimitSettings] = Field(default_factory=dict)
+    backend: Literal["local", "redis"] = "local"
+    redis: RedisLimitSettings | None = None
+
+    @model_validator(mode="after")
+    def _redis_section(self) -> LimitsSettings:
+        if self.backend == "redis" and self.redis is None:
+            raise ValueError("backend: redis needs redis: {url: redis://HOST:PORT/DB}")
+        return self
+
+
 class QueueSettings(Strict):
     """Store-and-forward (relay.queue): `spool` answers 250 once the signed message is on disk."""
 
@@ -531,3 +755,4 @@ class Settings(Strict):
     received_header: Literal["off", "relay_only", "full"] = "relay_only"
     drain_timeout: Duration = 30.0
     data_dir: Path = Path("/var/lib/relay")
+    limits: LimitsSettings | None = None

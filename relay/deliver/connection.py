@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -49,6 +50,15 @@ UPSTREAM_CONNECTS = Counter(
 )
 
 
+class SessionAuth(Protocol):
+    """Authenticates an upstream session after EHLO (and STARTTLS) by other means than a
+    password, e.g. an OAuth 2.0 access token (`relay.oauth.upstream_auth`). Raises
+    `SmtpError` (4xx) when the credentials fail, and aiosmtplib's errors when the connection
+    does."""
+
+    async def authenticate(self, smtp: aiosmtplib.SMTP, host: str, port: int) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamEndpoint:
     """Where and how to speak SMTP: host/port, TLS mode and credentials."""
@@ -61,6 +71,10 @@ class UpstreamEndpoint:
     helo_name: str
     username: str | None = None
     password: Callable[[], str | None] | None = None  # read at connect time (rotation)
+    # SASL mechanism for the password: plain | login, or None for aiosmtplib's choice.
+    password_mechanism: str | None = None
+    # Token authentication instead of the password (upstream.auth with a provider).
+    auth: SessionAuth | None = None
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
 
@@ -326,7 +340,9 @@ class UpstreamConnector:
                     # a certificate it cannot verify is still better than plaintext.
                     context = _unverified_context()
                 await smtp.starttls(tls_context=context, server_hostname=host)
-            if ep.username:
+            if ep.auth is not None:
+                await ep.auth.authenticate(smtp, host, ep.port)
+            elif ep.username:
                 password = ep.password() if ep.password else None
                 if password is None:
                     raise SmtpError(
@@ -336,7 +352,7 @@ class UpstreamConnector:
                         reason=f"upstream {where}: password secret not loaded",
                         label="upstream_auth",
                     )
-                await smtp.login(ep.username, password)
+                await _login(smtp, ep.username, password, ep.password_mechanism)
         except SmtpError:
             smtp.close()
             raise
@@ -398,6 +414,22 @@ class UpstreamConnector:
             smtp.close()  # cancelled (a client gone, a stop): nothing may stay open
             raise
         return UpstreamConnection(ep, smtp, banner)
+
+
+async def _login(smtp: aiosmtplib.SMTP, username: str, password: str, mechanism: str | None) -> None:
+    """AUTH with a password: the configured mechanism, or the best the server offers."""
+    if mechanism is None:
+        await smtp.login(username, password)
+        return
+    if smtp.is_ehlo_or_helo_needed:
+        await smtp.ehlo()  # after STARTTLS (RFC 3207 §4.2)
+    if mechanism not in smtp.server_auth_methods:
+        offered = " ".join(m.upper() for m in smtp.server_auth_methods) or "none"
+        raise aiosmtplib.SMTPException(f"upstream does not offer AUTH {mechanism.upper()} (offers: {offered})")
+    if mechanism == "plain":
+        await smtp.auth_plain(username, password)
+    else:
+        await smtp.auth_login(username, password)
 
 
 _UNVERIFIED: ssl.SSLContext | None = None

@@ -11,10 +11,19 @@ metrics reason label.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from relay.errors import SmtpError
+
+
+class HostResolver(Protocol):
+    async def addresses(self, host: str) -> list[str]:
+        """The addresses of `host` through the configured DNS (relay.dns.addresses), IPv4
+        first. Raises SmtpError (451 4.4.x) when the name cannot be resolved."""
+        ...
 
 
 class Dialer(Protocol):
@@ -36,8 +45,9 @@ class DirectDialer:
 
     resolves_remotely = False
 
-    def __init__(self, connect_timeout: float = 30.0) -> None:
+    def __init__(self, connect_timeout: float = 30.0, resolver: HostResolver | None = None) -> None:
         self.connect_timeout = connect_timeout
+        self.resolver = resolver
 
     def describe(self) -> str:
         return "direct"
@@ -45,7 +55,7 @@ class DirectDialer:
     async def connect(self, host: str, port: int) -> socket.socket:
         try:
             async with asyncio.timeout(self.connect_timeout):
-                return await connect_tcp(host, port)
+                return await connect_tcp(host, port, self.resolver)
         except TimeoutError as exc:
             raise SmtpError(
                 451,
@@ -64,12 +74,20 @@ class DirectDialer:
             ) from exc
 
 
-async def connect_tcp(host: str, port: int) -> socket.socket:
-    """The connect loop every dialer shares: resolve `host`, try its addresses in turn, and
-    return the first connected socket (non-blocking, TCP_NODELAY). Raises OSError
-    (`socket.gaierror` when the name does not resolve); the caller bounds the time."""
+async def connect_tcp(host: str, port: int, resolver: HostResolver | None = None) -> socket.socket:
+    """The connect loop every dialer shares: resolve `host` (through `resolver`, the configured
+    DNS, when given; else the system's), try its addresses in turn, and return the first
+    connected socket (non-blocking, TCP_NODELAY). Raises OSError (`socket.gaierror` when the
+    system cannot resolve the name), or the resolver's SmtpError; the caller bounds the time."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos: Sequence[tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]]
+    if resolver is not None and not _is_ip(host):
+        infos = [
+            (socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM, 0, "", (address, port))
+            for address in await resolver.addresses(host)
+        ]
+    else:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last: OSError | None = None
     for family, type_, proto, _, addr in infos:
         sock = socket.socket(family, type_, proto)
@@ -86,3 +104,11 @@ async def connect_tcp(host: str, port: int) -> socket.socket:
             sock.close()
             raise
     raise last or OSError(f"no address for {host}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True

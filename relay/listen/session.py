@@ -27,9 +27,10 @@ from relay.errors import Reply, SmtpError
 from relay.observe import messages, sessions
 from relay.pipeline import Pipeline, Transaction
 
+# Or the reply to give when the password could not be checked at all (454, RFC 4954 §6).
 # refused: wrong credentials (535); closing: too many in this session (535, then 421 and
-# close); throttled: too many from this address (421 and close); busy: try again (454).
-AuthOutcome = Literal["accepted", "refused", "closing", "throttled", "busy"]
+# close); throttled: too many from this address (421 and close, relay.auth.throttle).
+AuthOutcome = Literal["accepted", "refused", "closing", "throttled"] | Reply
 
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 NEED_MAIL = Reply(503, "5.5.1", "Send MAIL FROM first")
@@ -114,8 +115,13 @@ class ClientSession:
         try:
             user = await pipeline.authenticate(username, password, self.client_ip)
         except SmtpError as exc:
-            sessions.auth_not_checked(self.listener.name, mechanism, exc, client=self.client_ip)
-            return "throttled" if exc.code == 421 else "busy"
+            if exc.label == "auth_unavailable":
+                # The user's password could not be checked (its secret is not loaded): a
+                # temporary failure (RFC 4954 §6: 454 4.7.0), not the client's fault.
+                sessions.auth_unavailable(self.listener.name, mechanism, client=self.client_ip, reason=exc.reason)
+            else:
+                sessions.auth_not_checked(self.listener.name, mechanism, exc, client=self.client_ip)
+            return "throttled" if exc.code == 421 else exc.reply
         sessions.auth_attempt(self.listener.name, mechanism, user is not None, client=self.client_ip, username=username)
         if user is not None:
             self.user = user
@@ -131,10 +137,9 @@ class ClientSession:
             return SHUTTING_DOWN
         pipeline = self.context.pipeline
         username = self.user.username if self.user else None
-        who = username or f"unauthenticated client {self.client_ip}"
         try:
             senders = pipeline.senders_for(self.listener, self.user)
-            pipeline.authorize_envelope(senders, address, who)
+            pipeline.authorize_envelope(senders, address, username, self.client_ip)
         except SmtpError as exc:
             messages.mail_refused(self.listener.name, self.client_ip, username, address, exc)
             return exc.reply

@@ -30,7 +30,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from relay.errors import SmtpError
+from relay.errors import Reply, SmtpError
 from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession
@@ -445,6 +445,8 @@ class _Hooks:
 
     async def _check(self, server: RelaySMTP, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         outcome = await server.client.authenticate(mechanism, login, password)
+        if isinstance(outcome, Reply):
+            return AuthResult(success=False, handled=False, message=str(outcome))
         if outcome == "accepted":
             return AuthResult(
                 success=True, auth_data=LoginPassword(login, b""), message="235 2.7.0 Authentication successful"
@@ -458,8 +460,6 @@ class _Hooks:
             await server.push("421 4.7.0 Too many failed authentications, try again later")
             server.close()
             return AuthResult(success=False, handled=True)
-        if outcome == "busy":
-            return AuthResult(success=False, handled=False, message="454 4.7.0 Temporary authentication failure")
         # aiosmtpd 1.4.6 defaults a failed AuthResult to handled=True and then sends nothing.
         return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
 

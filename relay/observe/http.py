@@ -15,9 +15,12 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from relay import __version__
 
@@ -29,6 +32,27 @@ BUILD_INFO.labels(__version__).set(1)
 READY = Gauge("relay_ready", "1 when /readyz passes, else 0.", multiprocess_mode="min")
 
 ReadinessCheck = Callable[[], dict[str, str | None]]
+
+
+class ScrapedSource(Collector, Protocol):
+    """Metrics read when Prometheus scrapes (not kept current on every event): `refresh`
+    reads them, `collect` yields them."""
+
+    async def refresh(self) -> None: ...
+
+
+class _Exposition:
+    """The registry to expose plus the sources read at this scrape."""
+
+    def __init__(self, registry: Collector, sources: Sequence[Collector]) -> None:
+        self._registry = registry
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._registry.collect()
+        for source in self._sources:
+            yield from source.collect()
+
 
 _MAX_REQUEST_HEAD = 8192
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
@@ -47,8 +71,16 @@ def metrics_registry() -> CollectorRegistry:
 
 
 class HealthServer:
-    def __init__(self, readiness: ReadinessCheck) -> None:
+    def __init__(
+        self,
+        readiness: ReadinessCheck,
+        *,
+        detail: ReadinessCheck | None = None,
+        scraped: Callable[[], Sequence[ScrapedSource]] | None = None,
+    ) -> None:
         self._readiness = readiness
+        self._detail = detail
+        self._scraped = scraped
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
@@ -99,7 +131,9 @@ class HealthServer:
         if path == "/metrics":
             ready = all(v is None for v in self._readiness().values())
             READY.set(1 if ready else 0)  # relay_ready tracks readiness even if nothing probes
-            body = await asyncio.to_thread(generate_latest, metrics_registry())
+            sources = self._scraped() if self._scraped is not None else []
+            await asyncio.gather(*(source.refresh() for source in sources))
+            body = await asyncio.to_thread(generate_latest, _Exposition(metrics_registry(), sources))
             return 200, CONTENT_TYPE_LATEST, body
         if path == "/healthz":
             return 200, "application/json", b'{"status": "ok"}'
@@ -107,9 +141,14 @@ class HealthServer:
             checks = self._readiness()
             ready = all(v is None for v in checks.values())
             READY.set(1 if ready else 0)
-            report = {
+            report: dict[str, object] = {
                 "status": "ready" if ready else "not ready",
                 "checks": {k: ("ok" if v is None else v) for k, v in checks.items()},
             }
+            # Worth knowing, not failing readiness for (e.g. limits counted locally while
+            # Redis is unreachable).
+            detail = {k: v for k, v in (self._detail() if self._detail else {}).items() if v is not None}
+            if detail:
+                report["detail"] = detail
             return (200 if ready else 503), "application/json", json.dumps(report).encode()
         return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"

@@ -51,5 +51,7 @@ def setup_logging(fmt: str = "json", level: str = "info", stream: TextIO | None 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("mail.log", "aiosmtplib", "asyncio", "botocore", "aiobotocore", "urllib3", "aiohttp.access"):
+    # httpx2/httpcore2 (token requests): relay.oauth logs each fetch and failure itself.
+    noisy_loggers = ("mail.log", "aiosmtplib", "asyncio", "botocore", "aiobotocore", "urllib3", "aiohttp.access")
+    for noisy in (*noisy_loggers, "httpx2", "httpcore2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

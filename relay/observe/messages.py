@@ -83,6 +83,8 @@ class TransactionFacts(Protocol):
     def queued(self) -> bool: ...
     @property
     def started(self) -> float: ...
+    @property
+    def limit(self) -> str | None: ...
 
 
 def count_rejection(listener: str, reason: str) -> None:
@@ -120,6 +122,8 @@ def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | Non
     }
     if error is not None:
         fields["reason"] = error.reason
+    if tx.limit is not None:
+        fields["limit"] = tx.limit  # the sending limit that refused it: scope:name:kind
     message_log.info("relayed" if error is None else "refused", extra=fields)
 
 

@@ -71,6 +71,12 @@ def auth_not_checked(listener: str, mechanism: str, refusal: SmtpError, *, clien
     log.info("authentication not checked", extra={"listener": listener, "client": client, "reason": refusal.reason})
 
 
+def auth_unavailable(listener: str, mechanism: str, *, client: str, reason: str) -> None:
+    """A password that could not be checked (its secret is not loaded): answered 454."""
+    AUTH_ATTEMPTS.labels(listener, mechanism, "unavailable").inc()
+    log.warning("authentication unavailable", extra={"listener": listener, "client": client, "reason": reason})
+
+
 def session_error(listener: str, error: Exception) -> None:
     log.error(
         "session error",

@@ -11,6 +11,8 @@ do not fail. `to_json()` has a stable schema, version 1:
       "ok": bool,
       "counts": {"fail": int, "warn": int},
       "upstream": {"level", "name", "ok": bool, "detail", "greeting", "warnings": [str]},
+      "tokens": [{"level", "upstream", "provider", "endpoint", "ok": bool, "reason",
+                  "detail", "remediation"}],      # upstreams with auth.provider, config order
       "egress": {"level", "ips": [str], "source": "config"|"upstream"|"ip_echo_url"|null,
                  "problem": str|null},
       "domains": [{                                   # sorted by domain
@@ -78,15 +80,33 @@ class UpstreamCheck:
         return WARN if self.warnings else OK
 
 
+@dataclass(frozen=True)
+class TokenCheck:
+    """An OAuth 2.0 access token fetched (or not) for an upstream with `auth.provider`."""
+
+    upstream: str
+    provider: str
+    endpoint: str  # the token URL and the path to it
+    ok: bool
+    detail: str
+    reason: str | None = None  # relay_upstream_token_failures_total's reason
+    remediation: str | None = None
+
+    @property
+    def level(self) -> str:
+        return OK if self.ok else FAIL
+
+
 @dataclass
 class CheckReport:
     upstream: UpstreamCheck
     egress: Egress
     egress_level: str
     domains: list[DomainPosture] = field(default_factory=list)
+    tokens: list[TokenCheck] = field(default_factory=list)
 
     def levels(self) -> list[str]:
-        out = [self.upstream.level, self.egress_level]
+        out = [self.upstream.level, *(t.level for t in self.tokens), self.egress_level]
         for d in self.domains:
             out += [d.spf.level, d.dmarc.level, *(k.level for k in d.dkim)]
         return out
@@ -109,6 +129,19 @@ class CheckReport:
                 "greeting": self.upstream.greeting,
                 "warnings": list(self.upstream.warnings),
             },
+            "tokens": [
+                {
+                    "level": t.level,
+                    "upstream": t.upstream,
+                    "provider": t.provider,
+                    "endpoint": t.endpoint,
+                    "ok": t.ok,
+                    "reason": t.reason,
+                    "detail": t.detail,
+                    "remediation": t.remediation,
+                }
+                for t in self.tokens
+            ],
             "egress": {
                 "level": self.egress_level,
                 "ips": list(self.egress.ips),
@@ -139,6 +172,8 @@ class CheckReport:
         up_text = f"{up.name}: {up.detail}" + (f" — {up.greeting}" if up.greeting else "")
         lines += _row(up.level, "upstream", up_text, None, width=9)
         lines += [f"    {' ' * 9}  ! {w}" for w in up.warnings]
+        for t in self.tokens:
+            lines += _row(t.level, "token", f"{t.upstream} ({t.provider}): {t.detail}", t.remediation, width=9)
         eg = self.egress
         eg_text = f"{', '.join(eg.ips)} (from {_SOURCES[eg.source]})" if eg.ips else f"unknown: {eg.problem}"
         lines += _row(self.egress_level, "egress IP", eg_text, None, width=9)
@@ -289,6 +324,8 @@ async def check_upstream(
         return UpstreamCheck(upstream.label, False, f"{via}: {exc.reason}")
     tls_text = tls if tls == "none" else f"{tls}, certificate {'verified' if upstream.verify_tls else 'NOT verified'}"
     auth = ", authenticated" if upstream.username else ""
+    if upstream.auth is not None and upstream.auth.uses_token:
+        auth = f", authenticated with {(upstream.auth.effective_mechanism or '').upper()}"
     greeting = (banner or "").strip().splitlines()[0][:200] if (banner or "").strip() else None
     return UpstreamCheck(upstream.label, True, f"reachable: {via} ({tls_text}{auth})", greeting, tuple(warnings))
 
@@ -302,9 +339,11 @@ async def run_check(
     dialer: Dialer,
     accept: Accept = is_public_unicast,
     echo_tls_context: ssl.SSLContext | None = None,
+    tokens: list[TokenCheck] | None = None,
 ) -> CheckReport:
     """The whole preflight over parts built by `relay.wiring.preflight`: the default
-    upstream's `target` and `dialer`; never raises for a failed check (it is in the report)."""
+    upstream's `target` and `dialer`, and the access tokens already fetched (`tokens`);
+    never raises for a failed check (it is in the report)."""
     upstream = settings.upstream[0]
     probe = _ProbeOnce(target.probe) if upstream.mode != "outbox" else None
     upstream_check, egress = await asyncio.gather(
@@ -312,4 +351,4 @@ async def run_check(
         discover_egress(settings.spf, probe=probe, dialer=dialer, accept=accept, tls_context=echo_tls_context),
     )
     domains = await assess_all(dns, key_specs(settings.dkim, keyring), egress.ips)
-    return CheckReport(upstream_check, egress, egress_level(egress, settings), domains)
+    return CheckReport(upstream_check, egress, egress_level(egress, settings), domains, list(tokens or []))

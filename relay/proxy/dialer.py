@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Histogram
 
-from relay.deliver.dial import Dialer, DirectDialer, connect_tcp
+from relay.deliver.dial import Dialer, DirectDialer, HostResolver, connect_tcp
 from relay.errors import SmtpError
 from relay.proxy.failures import FAILURE_LABELS, dial_error, os_text
 from relay.proxy.http_connect import http_connect
@@ -62,6 +62,7 @@ class ProxyDialer:
         current_password: Callable[[], str | None] | None = None,
         connect_timeout: float = 30,
         handshake_timeout: float = 30,
+        resolver: HostResolver | None = None,
     ) -> None:
         if connect_timeout <= 0 or handshake_timeout <= 0:
             raise ValueError("proxy connect and handshake timeouts must be positive")
@@ -71,6 +72,8 @@ class ProxyDialer:
         self._current_password = current_password
         self.connect_timeout = float(connect_timeout)
         self.handshake_timeout = float(handshake_timeout)
+        # The configured DNS, for the proxy's name and (socks5://, socks4://) the upstream's.
+        self.resolver = resolver
         for label in FAILURE_LABELS:  # export every series from the start, at 0
             PROXY_FAILURES.labels(self.scheme, label)
         PROXY_CONNECT_SECONDS.labels(self.scheme)
@@ -153,6 +156,20 @@ class ProxyDialer:
         """The address to ask the proxy for (socks5://, socks4://): IPv4 first, as python-socks
         does (an egress proxy is more likely to reach IPv4); SOCKS4 can carry nothing else."""
         family = socket.AF_INET if self.scheme == "socks4" else socket.AF_UNSPEC
+        if self.resolver is not None:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    found = await self.resolver.addresses(host)
+            except TimeoutError as exc:
+                raise dial_error(
+                    "upstream_timeout", f"{via}: resolving the upstream timed out after {self.connect_timeout:g}s"
+                ) from exc
+            except SmtpError as exc:
+                raise dial_error("upstream_unreachable", f"{via}: cannot resolve the upstream: {exc.reason}") from exc
+            usable = [a for a in found if family == socket.AF_UNSPEC or ":" not in a]
+            if not usable:
+                raise dial_error("upstream_unreachable", f"{via}: no usable upstream address")
+            return usable[0]  # IPv4 first (the resolver's order)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
@@ -173,9 +190,11 @@ class ProxyDialer:
         hop = f"proxy {self.describe()}"
         try:
             async with asyncio.timeout(self.connect_timeout):
-                return await connect_tcp(self.url.host, self.url.port)
+                return await connect_tcp(self.url.host, self.url.port, self.resolver)
         except TimeoutError as exc:
             raise dial_error("proxy_timeout", f"{hop}: connect timed out after {self.connect_timeout:g}s") from exc
+        except SmtpError as exc:  # the configured DNS could not resolve the proxy's name
+            raise dial_error("proxy_unreachable", f"{hop}: cannot resolve the proxy: {exc.reason}") from exc
         except socket.gaierror as exc:
             raise dial_error("proxy_unreachable", f"{hop}: cannot resolve the proxy: {os_text(exc)}") from exc
         except OSError as exc:
@@ -189,16 +208,19 @@ def dialer_for(
     current_password: Callable[[], str | None] | None = None,
     connect_timeout: float = 30,
     handshake_timeout: float = 30,
+    resolver: HostResolver | None = None,
 ) -> Dialer:
-    """A `ProxyDialer` for `proxy`, or a `DirectDialer` when there is none (None or blank)."""
+    """A `ProxyDialer` for `proxy`, or a `DirectDialer` when there is none (None or blank).
+    `resolver`: the configured DNS for every name the dialer resolves itself (None: the system's)."""
     if proxy is None or (isinstance(proxy, str) and not proxy.strip()):
-        return DirectDialer(connect_timeout=connect_timeout)
+        return DirectDialer(connect_timeout=connect_timeout, resolver=resolver)
     return ProxyDialer(
         proxy,
         password=password,
         current_password=current_password,
         connect_timeout=connect_timeout,
         handshake_timeout=handshake_timeout,
+        resolver=resolver,
     )
 
 

@@ -88,6 +88,18 @@ class RouteSource(Protocol):
     def target_for(self, mail_from: str) -> UpstreamTarget: ...
 
 
+class GivenBack(Protocol):
+    async def give_back(self) -> None: ...
+
+
+class DeliveryPacer(Protocol):
+    """The upstream-side sending limits (relay.limits.Limiter): count a delivery against its
+    From domain, or say in how many seconds it fits. Never a refusal: the message was
+    acknowledged, so a limit can only defer it."""
+
+    async def pace_delivery(self, from_domain: str | None, recipients: int) -> GivenBack | float: ...
+
+
 def queue_id() -> str:
     return os.urandom(8).hex()
 
@@ -103,6 +115,7 @@ class QueueRunner:
         bounce: str = "dsn",
         dead_letter_age: float = 14 * 86400.0,
         sign_report: Callable[[bytes], bytes] | None = None,
+        pacer: Callable[[], DeliveryPacer | None] | None = None,
         concurrency: int = 64,
         scan_interval: float = SCAN_INTERVAL,
         rng: random.Random | None = None,
@@ -114,6 +127,7 @@ class QueueRunner:
         self.bounce = bounce
         self.dead_letter_age = dead_letter_age
         self.sign_report = sign_report
+        self.pacer = pacer
         self.concurrency = concurrency
         self.scan_interval = scan_interval
         self.rng = rng or random.Random()
@@ -307,6 +321,17 @@ class QueueRunner:
             await self._settle(held, entry, message, now)
             return
         due = [r for r in entry.pending if r.next_attempt <= now + DUE_SLACK]
+        pacer = self.pacer() if self.pacer is not None and due else None
+        counted = None
+        if pacer is not None:
+            paced = await pacer.pace_delivery(entry.from_domain or _author_domain(message), len(due))
+            if isinstance(paced, float):
+                # Over a limit of its From domain (the upstream's side): not an attempt, not
+                # a failure; the entry waits until it fits.
+                log.info("delivery deferred by a sending limit", extra={"id": entry.id, "wait_s": round(paced)})
+                self._schedule(entry.id, now + paced)
+                return
+            counted = paced
         if due:
             # Routes go by the envelope sender, so one target carries every recipient; a
             # target that takes them in several transactions says so with 452 4.5.3.
@@ -319,6 +344,8 @@ class QueueRunner:
                     self._record(entry, leftover, Reply(452, "4.5.3", "recipient refused"), target.name)
                     break
                 recipients = leftover
+            if counted is not None and not any(r.status == DELIVERED for r in due):
+                await counted.give_back()  # nothing went out: the limit's count comes back
         await self._settle(held, entry, message, now)
 
     async def _transact(
@@ -542,3 +569,13 @@ class QueueRunner:
 
 def _copy_state(source: QueueEntry, target: QueueEntry) -> None:
     target.apply_state(source.state())
+
+
+def _author_domain(message: bytes) -> str | None:
+    """The header-From domain of a spooled (signed) message, for its sending limits."""
+    from relay.message import Message
+
+    try:
+        return Message.parse(message).from_domain()[1]
+    except SmtpError:
+        return None

@@ -41,6 +41,7 @@ from botocore.exceptions import (
 )
 
 from relay.secrets.base import SecretFetchError, SecretNotFoundError, SecretRef, SecretValue
+from relay.secrets.http_dns import ConfiguredDnsResolver, HostAddresses
 
 __all__ = ["AwsSecretsBackend"]
 
@@ -58,6 +59,7 @@ class AwsSecretsBackend:
         connect_timeout: float = 2.0,
         read_timeout: float = 5.0,
         max_attempts: int = 2,
+        resolver: HostAddresses | None = None,
     ) -> None:
         self.region = region
         self.endpoint_url = endpoint_url
@@ -66,6 +68,8 @@ class AwsSecretsBackend:
             read_timeout=read_timeout,
             # total attempts including the first; "standard" mode backs off with jitter
             retries={"max_attempts": max_attempts, "mode": "standard"},
+            # dns.nameservers, when configured, for the endpoint's host name.
+            connector_args={"resolver": ConfiguredDnsResolver(resolver)} if resolver is not None else None,
         )
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None

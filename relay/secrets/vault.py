@@ -48,6 +48,7 @@ from urllib.parse import quote
 import aiohttp
 
 from relay.secrets.base import SecretFetchError, SecretRef, SecretValue
+from relay.secrets.http_dns import ConfiguredDnsResolver, HostAddresses
 
 __all__ = ["VaultBackend"]
 
@@ -86,6 +87,7 @@ class VaultBackend:
         namespace: str | None = None,
         ca_file: str | None = None,
         timeout: float = 10,
+        resolver: HostAddresses | None = None,
     ) -> None:
         if auth not in AUTH_METHODS:
             raise ValueError(f"vault auth must be one of {', '.join(AUTH_METHODS)}, not {auth!r}")
@@ -104,6 +106,8 @@ class VaultBackend:
         self.namespace = namespace
         self.ca_file = ca_file
         self.timeout = timeout
+        # dns.nameservers, when configured, for Vault's (and an HTTPS proxy's) host name.
+        self._resolver = ConfiguredDnsResolver(resolver) if resolver is not None else None
         self._static_token = token
         self._secret_id = secret_id
         self._token: str | None = None
@@ -130,7 +134,7 @@ class VaultBackend:
             self._session = aiohttp.ClientSession(
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(ssl=ssl_ctx),
+                connector=aiohttp.TCPConnector(ssl=ssl_ctx, resolver=self._resolver),
                 trust_env=True,  # HTTPS_PROXY / NO_PROXY, as the Vault CLI does
             )
         return self._session

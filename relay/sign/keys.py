@@ -112,3 +112,15 @@ def private_key_pem(private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> b
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def txt_strings(value: str, limit: int = 255) -> list[str]:
+    """Split a TXT value into character-strings of at most 255 bytes (RFC 1035 §3.3.14);
+    resolvers join them back (RFC 6376 §3.6.2.2)."""
+    return [value[i : i + limit] for i in range(0, len(value), limit)] or [""]
+
+
+def zone_line(domain: str, selector: str, value: str, ttl: int = 3600) -> str:
+    """The record as a zone-file line, in strings a zone file and every DNS server accept."""
+    strings = " ".join(f'"{s}"' for s in txt_strings(value))
+    return f"{selector}._domainkey.{domain}. {ttl} IN TXT ( {strings} )"

@@ -45,7 +45,17 @@ from relay.server import Relay
 P = ParamSpec("P")
 
 # Loggers held at WARNING whatever the level, as `relay serve` does (relay.observe.logs).
-_QUIET = ("mail.log", "aiosmtplib", "asyncio", "botocore", "aiobotocore", "urllib3", "aiohttp.access")
+_QUIET = (
+    "mail.log",
+    "aiosmtplib",
+    "asyncio",
+    "botocore",
+    "aiobotocore",
+    "urllib3",
+    "aiohttp.access",
+    "httpx2",
+    "httpcore2",
+)
 
 
 def in_thread(test: Callable[P, None]) -> Callable[P, Coroutine[Any, Any, None]]:
@@ -220,7 +230,7 @@ class LoopRelay:
             time.sleep(0.02)
         raise AssertionError("no matching log line; last lines:\n" + "\n".join(self._capture.snapshot()[-20:]))
 
-    def metric(self, name: str, **labels: str) -> float:
+    def metric(self, name: str, /, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels` (0 if none): counters
         and histograms counted from the relay's start; gauges as they are (their labelled
         series were cleared at start)."""

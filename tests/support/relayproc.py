@@ -170,7 +170,7 @@ class RelayProcess:
         assert status == 200
         return text
 
-    def metric(self, name: str, **labels: str) -> float:
+    def metric(self, name: str, /, **labels: str) -> float:
         """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
         total = 0.0
         for family in text_string_to_metric_families(self.scrape()):

@@ -1,0 +1,148 @@
+"""The limits stage of the message path: checked at RCPT where they can be, counted at DATA.
+
+    limiter.check_recipient(user, accepted)          # at each RCPT: user limits, no waiting
+    reservation = await limiter.reserve(user, from_domain, recipients)   # at DATA
+    ... deliver ...
+    await reservation.give_back()                    # only if the message was not delivered
+
+At RCPT only the user is known (the header From comes with DATA), so RCPT checks the user's
+limits without counting anything; at DATA, `reserve` counts the message against the user
+and its From domain in one step, all or nothing, just before the message is handed on.
+A message therefore counts once it is handed to the upstream (or the spool); one that the
+upstream does not take gives its count back, so an upstream outage and the clients'
+retries do not burn a day's quota. A refusal always comes before the client's 250: a limit
+never takes back a message that was acknowledged.
+
+Replies (RFC 3463 §3.8 and §3.6): `451 4.7.0` with a text that names the limit (scope,
+name and kind; the user's own figures, never another's), and at RCPT, when the user's
+daily recipient quota is what is reached, `452 4.5.3` (RFC 5321 §4.5.3.1.10): the client
+delivers to the recipients already accepted and sends the rest later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import Counter
+
+from relay.errors import SmtpError
+from relay.limits.counters import Counters, Demand, Excess, Taken
+from relay.limits.rules import DAILY, DAILY_RECIPIENTS, DOMAIN, RATE, USER, Entity, LimitPolicy, Limits
+
+LIMIT_REFUSALS = Counter(
+    "relay_limit_refusals_total",
+    "SMTP replies refusing a recipient or a message because a sending limit was reached.",
+    ["scope", "name"],
+)
+
+_KIND_TEXT = {RATE: "sending rate", DAILY: "daily message quota", DAILY_RECIPIENTS: "daily recipient quota"}
+
+
+class LimitExceeded(SmtpError):
+    """A refusal by a sending limit; `limit` names it for the log (`user:billing:daily`)."""
+
+    def __init__(self, excess: Excess, limits: Limits | None, *, at_rcpt: bool) -> None:
+        entity, kind = excess.entity, excess.kind
+        if at_rcpt and kind == DAILY_RECIPIENTS:
+            code, enhanced, later = 452, "4.5.3", "send to the other recipients later"
+        else:
+            code, enhanced, later = 451, "4.7.0", "try again later"
+        figure = f" ({_figure(kind, limits)})" if entity.scope == USER and limits is not None else ""
+        text = f"Sending limit reached: {_KIND_TEXT[kind]} of {entity}{figure}, {later}"
+        reason = (
+            f"{entity} reached its {_KIND_TEXT[kind]}: "
+            + (
+                f"{excess.used:.2f} of {excess.limit:g} tokens left"
+                if kind == RATE
+                else f"{excess.used:g} of {excess.limit:g} in the last 24 h"
+            )
+            + f"; fits again in ~{excess.retry_after:.0f} s"
+        )
+        super().__init__(code, enhanced, text, reason=reason, label="limit")
+        self.excess = excess
+        self.limit = f"{entity.scope}:{entity.name}:{kind}"
+
+
+def _figure(kind: str, limits: Limits) -> str:
+    if kind == RATE:
+        return f"{limits.rate}, burst {limits.burst}"
+    if kind == DAILY:
+        return f"{limits.daily} messages in 24 h"
+    return f"{limits.daily_recipients} recipients in 24 h"
+
+
+class Reservation:
+    """What `reserve` counted for one message; `give_back` when it was not delivered."""
+
+    def __init__(self, counters: Counters | None, taken: Taken | None) -> None:
+        self._counters = counters
+        self._taken = taken
+
+    async def give_back(self) -> None:
+        taken, self._taken = self._taken, None
+        if taken is not None and self._counters is not None and taken.demands:
+            await self._counters.give_back(taken)
+
+
+NOTHING_RESERVED = Reservation(None, None)
+
+
+class Limiter:
+    def __init__(self, policy: LimitPolicy, counters: Counters) -> None:
+        self.policy = policy
+        self.counters = counters
+
+    def check_recipient(self, user: str | None, accepted: int) -> None:
+        """Before accepting one more recipient (`accepted` are accepted already): raise
+        LimitExceeded if the user's limits are known to be reached. Counts nothing."""
+        limits = self.policy.for_user(user)
+        if limits is None or user is None:
+            return
+        # The message itself is checked with its first recipient; later ones only add
+        # recipients.
+        demand = Demand(Entity(USER, user), limits, 1 if accepted == 0 else 0, accepted + 1)
+        excess = self.counters.peek([demand])
+        if excess is not None:
+            raise self._refusal(excess, at_rcpt=True)
+
+    async def reserve(
+        self, user: str | None, from_domain: str | None, recipients: int, *, domain_limits: bool = True
+    ) -> Reservation:
+        """At DATA: count the message against the user and its From domain, or raise
+        LimitExceeded having counted nothing. `domain_limits=False` leaves the domain to
+        whoever paces deliveries (the spool)."""
+        demands = self.demands(user, from_domain if domain_limits else None, recipients)
+        if not demands:
+            return NOTHING_RESERVED
+        taken = await self.counters.take(demands)
+        if isinstance(taken, Excess):
+            raise self._refusal(taken, at_rcpt=False)
+        return Reservation(self.counters, taken)
+
+    async def pace_delivery(self, from_domain: str | None, recipients: int) -> Reservation | float:
+        """For a queue delivering a message it has already acknowledged (spool mode): count
+        it against its From domain, or say in how many seconds to try again. Never a
+        refusal: a limit never takes back an acknowledged message, it only defers it."""
+        demands = self.demands(None, from_domain, recipients)
+        if not demands:
+            return NOTHING_RESERVED
+        taken = await self.counters.take(demands)
+        if isinstance(taken, Excess):
+            return max(1.0, taken.retry_after)
+        return Reservation(self.counters, taken)
+
+    def demands(self, user: str | None, from_domain: str | None, recipients: int) -> Sequence[Demand]:
+        demands = []
+        user_limits = self.policy.for_user(user)
+        if user_limits is not None and user is not None:
+            demands.append(Demand(Entity(USER, user), user_limits, 1, recipients))
+        domain_limits = self.policy.for_domain(from_domain)
+        if domain_limits is not None and from_domain:
+            demands.append(Demand(Entity(DOMAIN, from_domain.lower()), domain_limits, 1, recipients))
+        return demands
+
+    def _refusal(self, excess: Excess, *, at_rcpt: bool) -> LimitExceeded:
+        entity = excess.entity
+        limits = self.policy.for_user(entity.name) if entity.scope == USER else self.policy.for_domain(entity.name)
+        LIMIT_REFUSALS.labels(entity.scope, entity.name).inc()
+        return LimitExceeded(excess, limits, at_rcpt=at_rcpt)

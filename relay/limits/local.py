@@ -1,0 +1,237 @@
+"""Counters on this host, shared by every worker process: a small LMDB file in the data dir.
+
+`relay serve --workers N` runs N processes, and a limit must hold for all of them together,
+not N times over. The counters therefore live outside any one process, in LMDB (a
+memory-mapped B-tree with one writer at a time across processes):
+
+- a check is one write transaction over a few pages already in memory: about 15 µs, where
+  SQLite's transaction cost 70-100 µs and a counter service over a unix socket costs a
+  round trip through two event loops;
+- its writer lock is a robust mutex: a worker killed while holding it does not wedge the
+  others (a lock in shared memory would);
+- the counts survive a restart (a redeploy does not hand every user a fresh daily quota).
+
+Commits are not fsynced and go straight into the shared map (`writemap`): counters are a
+brake, not a ledger, and losing the last seconds of counts in a power cut is acceptable.
+A file LMDB finds invalid is set aside and started afresh; while counting fails otherwise,
+mail goes through (fail open), counted in `relay_limit_fail_open_total{backend="local"}`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lmdb
+
+from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of
+from relay.limits.rules import Entity, Limits
+
+log = logging.getLogger("relay.limits")
+
+# Room for ~40,000 entities of ~1.6 KB; the file is sparse, so this costs only address space.
+MAP_SIZE = 64 * 1024 * 1024
+PROBLEM_LOG_INTERVAL = 60.0
+FORGET_IDLE = 2 * 86400.0
+
+
+class LocalCounters:
+    name = "local"
+
+    def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.directory = directory
+        self._clock = clock
+        self._problem: str | None = None
+        self._last_logged = -PROBLEM_LOG_INTERVAL
+        self._env = self._open()
+        self._forget_idle()
+
+    def _open(self) -> lmdb.Environment | None:
+        try:
+            return _environments.acquire(self.directory)
+        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as exc:
+            aside = self.directory.with_name(f"{self.directory.name}.broken-{int(time.time())}")
+            log.error(
+                "limit counters unreadable; starting afresh",
+                extra={"path": str(self.directory), "moved_to": str(aside), "reason": f"{type(exc).__name__}: {exc}"},
+            )
+            try:
+                self.directory.rename(aside)
+                return _environments.acquire(self.directory)
+            except (OSError, lmdb.Error) as again:
+                self._failed(f"cannot open {self.directory}: {type(again).__name__}: {again}")
+        except (OSError, lmdb.Error) as exc:
+            self._failed(f"cannot open {self.directory}: {type(exc).__name__}: {exc}")
+        return None
+
+    # -- the contract (see counters.py) ------------------------------------------------
+    def peek(self, demands: Sequence[Demand]) -> Excess | None:
+        if self._env is None:
+            return None
+        now = self._clock()
+        try:
+            with self._env.begin(buffers=True) as txn:
+                for demand in demands:
+                    state = CounterState.from_bytes(txn.get(demand.entity.key.encode()))
+                    state.advance(now, demand.limits)
+                    excess = state.excess(demand, now)
+                    if excess is not None:
+                        return excess
+        except lmdb.Error as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+        return None
+
+    async def take(self, demands: Sequence[Demand]) -> Taken | Excess:
+        return self.take_now(demands)
+
+    def take_now(self, demands: Sequence[Demand]) -> Taken | Excess:
+        """`take` without a suspension point (the Redis backend falls back on it)."""
+        now = self._clock()
+        taken = Taken(tuple(demands), slot_of(now), self.name)
+        if self._env is None:
+            FAIL_OPEN.labels(self.name).inc()
+            return taken
+        try:
+            with self._env.begin(write=True) as txn:
+                states = []
+                for demand in demands:
+                    key = demand.entity.key.encode()
+                    state = CounterState.from_bytes(txn.get(key))
+                    state.advance(now, demand.limits)
+                    excess = state.excess(demand, now)
+                    if excess is not None:
+                        txn.abort()
+                        return excess
+                    states.append((key, state))
+                for (key, state), demand in zip(states, demands, strict=True):
+                    state.count(demand)
+                    txn.put(key, state.to_bytes())
+                # A demand's slot is the one the state moved to (a clock that went back
+                # leaves the state's slot ahead of `now`).
+                if states:
+                    taken = Taken(tuple(demands), states[0][1].slot, self.name)
+        except lmdb.Error as exc:
+            FAIL_OPEN.labels(self.name).inc()
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return taken
+        self._problem = None
+        return taken
+
+    async def give_back(self, taken: Taken) -> None:
+        self.give_back_now(taken)
+
+    def give_back_now(self, taken: Taken) -> None:
+        if self._env is None:
+            return
+        now = self._clock()
+        try:
+            with self._env.begin(write=True) as txn:
+                for demand in taken.demands:
+                    key = demand.entity.key.encode()
+                    data = txn.get(key)
+                    if data is None:
+                        continue
+                    state = CounterState.from_bytes(data)
+                    state.advance(now, demand.limits)
+                    state.uncount(demand, taken.slot)
+                    txn.put(key, state.to_bytes())
+        except lmdb.Error as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+
+    async def usage(self, entities: Sequence[Entity]) -> dict[Entity, Usage]:
+        out: dict[Entity, Usage] = {}
+        if self._env is None:
+            return out
+        now = self._clock()
+        try:
+            with self._env.begin(buffers=True) as txn:
+                for entity in entities:
+                    state = CounterState.from_bytes(txn.get(entity.key.encode()))
+                    state.advance(now, Limits())
+                    out[entity] = Usage(state.messages, state.recipients)
+        except lmdb.Error as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+        return out
+
+    def _forget_idle(self) -> None:
+        """Drop entities idle for longer than FORGET_IDLE (users and domains no longer
+        configured): their window is empty and their bucket full, so nothing is lost."""
+        if self._env is None:
+            return
+        horizon = slot_of(self._clock() - FORGET_IDLE)
+        try:
+            with self._env.begin(write=True) as txn:
+                stale = [bytes(key) for key, data in txn.cursor() if CounterState.from_bytes(data).slot < horizon]
+                for key in stale:
+                    txn.delete(key)
+        except lmdb.Error as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+
+    def problem(self) -> str | None:
+        return self._problem
+
+    async def close(self) -> None:
+        if self._env is not None:
+            self._env = None
+            _environments.release(self.directory)
+
+    def _failed(self, reason: str) -> None:
+        self._problem = f"local limit counters failing (mail is let through): {reason}"
+        now = time.monotonic()
+        if now - self._last_logged >= PROBLEM_LOG_INTERVAL:
+            self._last_logged = now
+            log.error(
+                "limit counters failing; mail goes through uncounted",
+                extra={"path": str(self.directory), "reason": reason},
+            )
+
+
+class _Environments:
+    """One open LMDB environment per directory and process: LMDB forbids opening the same
+    one twice in a process (a reload builds new counters while the old ones still serve),
+    and an environment must not be used across fork (workers open their own)."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, str], tuple[lmdb.Environment, int]] = {}
+
+    def acquire(self, directory: Path) -> lmdb.Environment:
+        key = (os.getpid(), str(directory.resolve()))
+        env, users = self._open.get(key, (None, 0))
+        if env is None:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            env = lmdb.open(
+                str(directory),
+                map_size=MAP_SIZE,
+                subdir=True,
+                sync=False,
+                metasync=False,
+                writemap=True,  # commits write into the shared map: 2-3x faster than pwrite()
+                max_dbs=0,
+                readahead=False,
+                mode=0o600,
+                lock=True,
+            )
+            env.reader_check()  # free the reader slots of processes that died
+        self._open[key] = (env, users + 1)
+        return env
+
+    def release(self, directory: Path) -> None:
+        key = (os.getpid(), str(directory.resolve()))
+        env, users = self._open.get(key, (None, 0))
+        if env is None:
+            return
+        if users > 1:
+            self._open[key] = (env, users - 1)
+        else:
+            del self._open[key]
+            env.close()
+
+
+_environments = _Environments()
+
+
+def counters_dir(data_dir: Path) -> Path:
+    return data_dir / "limits"

@@ -1,0 +1,427 @@
+"""Counters in Redis, shared by every replica behind the load balancer.
+
+One Lua script does a whole check: it moves each entity's window and bucket to Redis's own
+clock (`TIME`: the replicas' clocks do not have to agree), checks every demand, and counts
+them all or none. So a message costs one round trip (`EVALSHA`), at DATA; a message that
+is not delivered after all costs a second one to give its count back.
+
+`peek` (at RCPT) asks nothing of Redis: it refuses only when the state Redis last returned
+to this process already shows the limit reached, which stays true until the current
+window slot ends or the bucket refills. Otherwise the check at DATA decides.
+
+When Redis cannot be reached (refused, timed out, or any Redis error), relay keeps serving
+and counts on this host's counters instead (fail open: a limit is a brake, and a Redis
+outage must not stop every app's mail). Each such check is counted in
+`relay_limit_fail_open_total{backend="redis"}`, a warning is logged at most once a minute,
+and `/readyz` says so in its detail without failing. A background task pings Redis with a
+growing pause (up to 10 s) and switches back when it answers. Counts made locally during
+an outage are not copied into Redis: each replica enforced the limits on its own traffic
+for that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of
+from relay.limits.local import LocalCounters
+from relay.limits.rules import DAILY, DAILY_RECIPIENTS, RATE, SLOT_SECONDS, WINDOW_SLOTS, Entity, Limits
+
+log = logging.getLogger("relay.limits")
+
+LOG_INTERVAL = 60.0
+RECOVERY_PAUSES = (0.5, 1.0, 2.0, 5.0, 10.0)
+MAX_CONNECTIONS = 16
+KEY_TTL_MS = (WINDOW_SLOTS + 1) * SLOT_SECONDS * 1000
+
+_KINDS = {1: RATE, 2: DAILY, 3: DAILY_RECIPIENTS}
+
+# The same steps as `CounterState` (counters.py), per key of KEYS, in one atomic script.
+# Hash fields: t tokens (absent: a full bucket), a the time tokens were last computed,
+# s the current slot, m / r the window's totals, m<i> / r<i> the ring of per-slot counts.
+# ARGV: op (take | give | usage), now in ms (empty: Redis's TIME), the slot to give back to;
+# then one argument per key: "messages recipients rate-per-second burst daily
+# daily-recipients", with "-" for a limit that is not set. (Few arguments: encoding each one
+# costs the client more than the script costs Redis.)
+LUA = r"""
+local op = ARGV[1]
+local now
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2]) / 1000
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local slot_seconds, n_slots, ttl = @SLOT_SECONDS@, @WINDOW_SLOTS@, @KEY_TTL_MS@
+local give_slot = tonumber(ARGV[3])
+local current = math.floor(now / slot_seconds)
+
+local function num(v, default)
+  if v == false or v == nil or v == '' or v == '-' then return default end
+  return tonumber(v)
+end
+
+local function load(key, rate, burst)
+  local v = redis.call('HMGET', key, 't', 'a', 's', 'm', 'r')
+  local st = {tokens = num(v[1], nil), at = num(v[2], 0), slot = num(v[3], nil),
+              m = num(v[4], 0), r = num(v[5], 0), expired = {}, reset = false}
+  if st.slot == nil then
+    st.slot = current
+  elseif current > st.slot then
+    if current - st.slot >= n_slots then
+      st.m, st.r, st.reset = 0, 0, true
+    else
+      for s = st.slot + 1, current do
+        local i = s % n_slots
+        local old = redis.call('HMGET', key, 'm' .. i, 'r' .. i)
+        st.m = st.m - num(old[1], 0)
+        st.r = st.r - num(old[2], 0)
+        table.insert(st.expired, 'm' .. i)
+        table.insert(st.expired, 'r' .. i)
+      end
+    end
+    st.slot = current
+  end
+  if rate == nil then
+    st.tokens, st.at = nil, now
+  else
+    if st.tokens == nil then
+      st.tokens = burst
+    elseif now > st.at then
+      st.tokens = math.min(burst, st.tokens + (now - st.at) * rate)
+    else
+      st.tokens = math.min(burst, st.tokens)
+    end
+    if now > st.at then st.at = now end
+  end
+  return st
+end
+
+local function save(key, st)
+  if st.reset then redis.call('DEL', key) end
+  if #st.expired > 0 then redis.call('HDEL', key, unpack(st.expired)) end
+  redis.call('HSET', key, 't', st.tokens == nil and '' or tostring(st.tokens), 'a', tostring(st.at),
+             's', st.slot, 'm', st.m, 'r', st.r)
+  redis.call('PEXPIRE', key, ttl)
+end
+
+local function show(v)
+  if v == nil then return '' end
+  return tostring(v)
+end
+
+local demands, states = {}, {}
+for k = 1, #KEYS do
+  local f = {}
+  for word in string.gmatch(ARGV[3 + k], '%S+') do table.insert(f, word) end
+  local d = {messages = tonumber(f[1]), recipients = tonumber(f[2]), rate = num(f[3], nil),
+             burst = tonumber(f[4]), daily = num(f[5], nil), daily_r = num(f[6], nil)}
+  demands[k] = d
+  states[k] = load(KEYS[k], d.rate, d.burst)
+end
+
+local function report(head)
+  for k = 1, #KEYS do
+    local st = states[k]
+    table.insert(head, show(st.tokens))
+    table.insert(head, st.m)
+    table.insert(head, st.r)
+  end
+  return head
+end
+
+if op == 'usage' then
+  return report({1, current, show(now)})
+end
+
+if op == 'give' then
+  for k = 1, #KEYS do
+    local st, d = states[k], demands[k]
+    if redis.call('EXISTS', KEYS[k]) == 1 then
+      if d.rate ~= nil and st.tokens ~= nil then st.tokens = math.min(d.burst, st.tokens + d.messages) end
+      if give_slot <= st.slot and st.slot - give_slot < n_slots then
+        local i = give_slot % n_slots
+        local m = math.min(d.messages, num(redis.call('HGET', KEYS[k], 'm' .. i), 0))
+        local r = math.min(d.recipients, num(redis.call('HGET', KEYS[k], 'r' .. i), 0))
+        save(KEYS[k], st)
+        redis.call('HINCRBY', KEYS[k], 'm' .. i, -m)
+        redis.call('HINCRBY', KEYS[k], 'r' .. i, -r)
+        redis.call('HINCRBY', KEYS[k], 'm', -m)
+        redis.call('HINCRBY', KEYS[k], 'r', -r)
+      else
+        save(KEYS[k], st)
+      end
+    end
+  end
+  return {1}
+end
+
+for k = 1, #KEYS do
+  local st, d = states[k], demands[k]
+  local kind, used, limit, wait = 0, 0, 0, 0
+  if d.rate ~= nil and d.messages > 0 and st.tokens < d.messages then
+    kind, used, limit, wait = 1, st.tokens, d.burst, (d.messages - st.tokens) / d.rate
+  elseif d.daily ~= nil and st.m + d.messages > d.daily then
+    kind, used, limit, wait = 2, st.m, d.daily, (st.slot + 1) * slot_seconds - now
+  elseif d.daily_r ~= nil and st.r + d.recipients > d.daily_r then
+    kind, used, limit, wait = 3, st.r, d.daily_r, (st.slot + 1) * slot_seconds - now
+  end
+  if kind > 0 then
+    return report({0, current, show(now), k, kind, show(used), show(limit), show(wait)})
+  end
+end
+
+local i = current % n_slots
+for k = 1, #KEYS do
+  local st, d = states[k], demands[k]
+  if d.rate ~= nil then st.tokens = st.tokens - d.messages end
+  st.m = st.m + d.messages
+  st.r = st.r + d.recipients
+  save(KEYS[k], st)
+  redis.call('HINCRBY', KEYS[k], 'm' .. i, d.messages)
+  redis.call('HINCRBY', KEYS[k], 'r' .. i, d.recipients)
+end
+return report({1, current, show(now)})
+"""
+LUA = (
+    LUA.replace("@SLOT_SECONDS@", str(SLOT_SECONDS))
+    .replace("@WINDOW_SLOTS@", str(WINDOW_SLOTS))
+    .replace("@KEY_TTL_MS@", str(KEY_TTL_MS))
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """An entity's state as Redis last returned it to this process."""
+
+    tokens: float | None
+    messages: int
+    recipients: int
+    slot: int
+    redis_now: float
+    local_now: float  # time.monotonic() when it arrived
+
+
+class RedisCounters:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        fallback: LocalCounters,
+        password: str | None = None,
+        timeout: float = 1.0,
+        key_prefix: str = "relay:limits:",
+        ca_file: Path | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        # Imported here: only a relay configured with `backend: redis` pays for the client.
+        import redis.asyncio as aioredis
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+        from redis.retry import Retry
+
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        options: dict[str, object] = {}
+        if ca_file is not None:
+            options["ssl_ca_certs"] = str(ca_file)
+        # Fail fast and let this class decide what a failure means: no retries inside the
+        # client, every wait bounded by `timeout`. At most MAX_CONNECTIONS calls at once, queued
+        # first come first served (redis-py's blocking pool lets a busy task take a freed
+        # connection again ahead of the waiters, which starves some of them into timeouts).
+        pool = aioredis.ConnectionPool.from_url(
+            url,
+            password=password,
+            max_connections=MAX_CONNECTIONS,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            **options,
+        )
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._client = aioredis.Redis(connection_pool=pool)
+        self._script = self._client.register_script(LUA)
+        self._fallback = fallback
+        self._timeout = timeout
+        self._prefix = key_prefix
+        self._clock = clock
+        self._seen: dict[str, _Seen] = {}
+        self._down_since: float | None = None
+        self._down_wall = 0.0
+        self._down_reason = ""
+        self._fallbacks_unlogged = 0
+        self._last_logged = -LOG_INTERVAL
+        self._recovery: asyncio.Task[None] | None = None
+        self.round_trips = 0  # EVALSHA calls made (for tests and the bench)
+
+    @property
+    def available(self) -> bool:
+        return self._down_since is None
+
+    # -- the contract (see counters.py) ------------------------------------------------
+    def peek(self, demands: Sequence[Demand]) -> Excess | None:
+        if not self.available:
+            return self._fallback.peek(demands)
+        for demand in demands:
+            seen = self._seen.get(demand.entity.key)
+            if seen is None:
+                continue
+            now = seen.redis_now + (time.monotonic() - seen.local_now)
+            state = CounterState()
+            state.tokens = float("nan") if seen.tokens is None else seen.tokens
+            state.at, state.slot = seen.redis_now, seen.slot
+            if slot_of(now) == seen.slot:
+                # Totals only shrink when a slot ends; until then, what was over stays over.
+                state.messages, state.recipients = seen.messages, seen.recipients
+            state.advance(now, demand.limits)
+            excess = state.excess(demand, now)
+            if excess is not None:
+                return excess
+        return None
+
+    async def take(self, demands: Sequence[Demand]) -> Taken | Excess:
+        if not demands:
+            return Taken((), 0, self.name)
+        if not self.available:
+            return self._fall_back(demands)
+        try:
+            reply = await self._run("take", demands)
+        except self._errors as exc:
+            self._went_down(exc)
+            return self._fall_back(demands)
+        status, slot, redis_now = int(reply[0]), int(reply[1]), float(reply[2])
+        if status == 1:
+            self._remember(demands, reply[3:], slot, redis_now)
+            return Taken(tuple(demands), slot, self.name)
+        index, kind, used, limit, wait = reply[3:8]
+        self._remember(demands, reply[8:], slot, redis_now)
+        demand = demands[int(index) - 1]
+        return Excess(demand.entity, _KINDS[int(kind)], float(used), float(limit), max(0.0, float(wait)))
+
+    async def give_back(self, taken: Taken) -> None:
+        if taken.backend == self._fallback.name:
+            self._fallback.give_back_now(taken)
+            return
+        if not self.available or not taken.demands:
+            return  # lost with the outage: the count errs on the safe side
+        try:
+            await self._run("give", taken.demands, give_slot=taken.slot)
+        except self._errors as exc:
+            self._went_down(exc)
+
+    async def usage(self, entities: Sequence[Entity]) -> dict[Entity, Usage]:
+        """Usage across every replica, read from Redis (nothing while it is unreachable:
+        this host's counts alone would understate it)."""
+        if not self.available or not entities:
+            return {}
+        demands = [Demand(entity, Limits(), 0, 0) for entity in entities]
+        try:
+            reply = await self._run("usage", demands)
+        except self._errors as exc:
+            self._went_down(exc)
+            return {}
+        rest = reply[3:]
+        return {entity: Usage(int(rest[3 * i + 1]), int(rest[3 * i + 2])) for i, entity in enumerate(entities)}
+
+    def problem(self) -> str | None:
+        if self.available:
+            return self._fallback.problem()
+        since = datetime.fromtimestamp(self._down_wall, UTC)
+        return (
+            f"redis unreachable since {since:%Y-%m-%dT%H:%M:%SZ} ({self._down_reason}); "
+            "limits are counted on this host only"
+        )
+
+    async def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+        with contextlib.suppress(*self._errors):
+            await self._client.aclose()
+
+    # -- Redis -------------------------------------------------------------------------
+    async def _run(self, op: str, demands: Sequence[Demand], give_slot: int = 0) -> list[Any]:
+        args: list[str | int] = [op, "" if self._clock is None else int(self._clock() * 1000), give_slot]
+        for demand in demands:
+            limits = demand.limits
+            args.append(
+                f"{demand.messages} {demand.recipients} "
+                f"{'-' if limits.rate is None else repr(limits.rate.per_second)} {limits.burst} "
+                f"{'-' if limits.daily is None else limits.daily} "
+                f"{'-' if limits.daily_recipients is None else limits.daily_recipients}"
+            )
+        keys = [self._prefix + demand.entity.key for demand in demands]
+        self.round_trips += 1
+        async with asyncio.timeout(self._timeout), self._slots:
+            reply: list[Any] = await self._script(keys=keys, args=args)
+            return reply
+
+    def _remember(self, demands: Sequence[Demand], states: list[Any], slot: int, redis_now: float) -> None:
+        local_now = time.monotonic()
+        for i, demand in enumerate(demands):
+            tokens = states[3 * i]
+            self._seen[demand.entity.key] = _Seen(
+                None if tokens in (b"", "") else float(tokens),
+                int(states[3 * i + 1]),
+                int(states[3 * i + 2]),
+                slot,
+                redis_now,
+                local_now,
+            )
+
+    # -- outage ------------------------------------------------------------------------
+    def _fall_back(self, demands: Sequence[Demand]) -> Taken | Excess:
+        FAIL_OPEN.labels(self.name).inc()
+        self._fallbacks_unlogged += 1
+        self._log_outage()
+        return self._fallback.take_now(demands)
+
+    def _went_down(self, exc: BaseException) -> None:
+        self._down_reason = f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self._down_wall = time.time()
+            self._seen.clear()
+            self._log_outage()
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(), name="limits-redis-recovery")
+
+    def _log_outage(self) -> None:
+        now = time.monotonic()
+        if now - self._last_logged < LOG_INTERVAL:
+            return
+        self._last_logged = now
+        log.warning(
+            "redis unreachable; limits counted on this host only (fail open)",
+            extra={"reason": self._down_reason, "checks_since_last_log": self._fallbacks_unlogged},
+        )
+        self._fallbacks_unlogged = 0
+
+    async def _recover(self) -> None:
+        attempt = 0
+        while self._down_since is not None:
+            await asyncio.sleep(RECOVERY_PAUSES[min(attempt, len(RECOVERY_PAUSES) - 1)])
+            attempt += 1
+            try:
+                async with asyncio.timeout(self._timeout), self._slots:
+                    await self._client.ping()
+            except self._errors as exc:
+                self._down_reason = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            down_for = time.monotonic() - self._down_since
+            self._down_since = None
+            log.warning(
+                "redis reachable again; limits shared across replicas again",
+                extra={"down_s": round(down_for, 1), "checks_on_local_counters": self._fallbacks_unlogged},
+            )
+            self._fallbacks_unlogged = 0

@@ -1,0 +1,285 @@
+"""The counters behind sending limits, local (LMDB) and shared (a real redis-server).
+
+The scenarios in tests/data/limits/*.yaml run against both backends with the same clock,
+so the Lua script and the Python counting are held to the same results. The rest checks
+what each backend promises on its own: one limit across processes (local), one round trip
+per message, atomicity between replicas, and serving on through a Redis outage (redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relay.limits.counters import FAIL_OPEN, Demand, Excess, Taken
+from relay.limits.local import LocalCounters
+from relay.limits.redis_counters import RedisCounters
+from relay.limits.rules import Entity, Limits, parse_rate
+from tests.support.redis import RedisServer
+
+SCENARIOS = sorted((Path(__file__).parent / "data" / "limits").glob("*.yaml"))
+BASE = 1_800_000_000.0  # a slot boundary (a multiple of 900 s)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return BASE + self.offset
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+def entity(text: str) -> Entity:
+    scope, _, name = text.partition(":")
+    return Entity(scope, name)
+
+
+def limits_of(spec: dict) -> Limits:
+    rate = parse_rate(spec["rate"]) if "rate" in spec else None
+    return Limits(
+        rate=rate,
+        burst=spec.get("burst", rate.count if rate else 1),
+        daily=spec.get("daily"),
+        daily_recipients=spec.get("daily_recipients"),
+    )
+
+
+def make_counters(kind: str, tmp_path: Path, clock: Clock, redis_server: RedisServer | None, prefix: str):
+    local = LocalCounters(tmp_path / "limits", clock=clock)
+    if kind == "local":
+        return local
+    return RedisCounters(redis_server.url, fallback=local, clock=clock, timeout=10, key_prefix=prefix)
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=pytest.mark.binaries)])
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+async def test_scenario(path, kind, tmp_path, request):
+    redis_server = request.getfixturevalue("redis_server") if kind == "redis" else None
+    scenario = yaml.safe_load(path.read_text())
+    limits = {name: limits_of(spec) for name, spec in scenario["limits"].items()}
+    clock = Clock()
+    counters = make_counters(kind, tmp_path, clock, redis_server, prefix=f"test:{path.stem}:")
+    last_ok: Taken | None = None
+    try:
+        for number, step in enumerate(scenario["steps"], 1):
+            where = f"{path.name} step {number}: {step}"
+            clock.offset = float(step["at"])
+            if "take" in step:
+                demands = [Demand(entity(name), limits[name], 1, step.get("recipients", 1)) for name in step["take"]]
+                result = await counters.take(demands)
+                if step["expect"] == "ok":
+                    assert isinstance(result, Taken), where + f" → {result}"
+                    last_ok = result
+                else:
+                    assert isinstance(result, Excess), where
+                    assert f"{result.entity.key}:{result.kind}" == step["expect"], where
+            elif "give_back" in step:
+                await counters.give_back(last_ok)
+            elif "usage" in step:
+                expected = {entity(name): tuple(pair) for name, pair in step["usage"].items()}
+                usage = await counters.usage(list(expected))
+                assert {e: (u.messages, u.recipients) for e, u in usage.items()} == expected, where
+    finally:
+        await counters.close()
+
+
+# -- local: one limit for every process ---------------------------------------------------
+def _hammer(directory: str, attempts: int, results) -> None:
+    async def run() -> int:
+        counters = LocalCounters(Path(directory))
+        limits = Limits(rate=parse_rate("1/d"), burst=1000, daily=250)
+        ok = 0
+        for _ in range(attempts):
+            if isinstance(await counters.take([Demand(Entity("user", "app"), limits, 1, 1)]), Taken):
+                ok += 1
+        await counters.close()
+        return ok
+
+    results.put(asyncio.run(run()))
+
+
+def test_local_limit_holds_across_processes(tmp_path):
+    """Four processes (as `--workers 4` forks them) share one daily quota of 250: together
+    they get exactly 250, not 4 × 250."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(str(tmp_path / "limits"), 200, results)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    granted = [results.get(timeout=5) for _ in procs]
+    assert sum(granted) == 250, granted
+
+
+async def test_local_counts_survive_a_restart(tmp_path):
+    limits = Limits(daily=2)
+    demand = Demand(Entity("user", "app"), limits, 1, 1)
+    first = LocalCounters(tmp_path / "limits")
+    assert isinstance(await first.take([demand]), Taken)
+    assert isinstance(await first.take([demand]), Taken)
+    await first.close()
+    again = LocalCounters(tmp_path / "limits")
+    assert isinstance(await again.take([demand]), Excess)
+    await again.close()
+
+
+def _take_once(directory: str) -> None:
+    async def run() -> None:
+        counters = LocalCounters(Path(directory))
+        await counters.take([Demand(Entity("user", "app"), Limits(daily=1), 1, 1)])
+        await counters.close()
+
+    asyncio.run(run())
+
+
+async def test_local_peek_sees_other_processes_and_counts_nothing(tmp_path):
+    demand = Demand(Entity("user", "app"), Limits(daily=1), 1, 1)
+    counters = LocalCounters(tmp_path / "limits")
+    assert counters.peek([demand]) is None
+    assert counters.peek([demand]) is None  # peeking twice counted nothing
+    # A fresh interpreter: LMDB refuses an environment opened before a fork.
+    other = multiprocessing.get_context("spawn").Process(target=_take_once, args=(str(tmp_path / "limits"),))
+    other.start()
+    other.join(30)
+    assert other.exitcode == 0
+    excess = counters.peek([demand])
+    assert excess is not None and excess.kind == "daily"
+    await counters.close()
+
+
+async def test_counters_rebuilt_in_one_process_share_the_file(tmp_path):
+    """A reload builds new counters while the old ones still serve transactions."""
+    demand = Demand(Entity("user", "app"), Limits(daily=1), 1, 1)
+    old = LocalCounters(tmp_path / "limits")
+    new = LocalCounters(tmp_path / "limits")
+    assert isinstance(await old.take([demand]), Taken)
+    await old.close()
+    assert isinstance(await new.take([demand]), Excess)
+    assert new.problem() is None
+    await new.close()
+
+
+async def test_entities_idle_for_days_are_forgotten(tmp_path):
+    clock = Clock()
+    counters = LocalCounters(tmp_path / "limits", clock=clock)
+    for name in ("gone", "kept"):
+        await counters.take([Demand(Entity("user", name), Limits(daily=5), 1, 1)])
+    await counters.close()
+    clock.offset = 3 * 86400
+    counters = LocalCounters(tmp_path / "limits", clock=clock)
+    await counters.take([Demand(Entity("user", "kept"), Limits(daily=5), 1, 1)])
+    await counters.close()
+    clock.offset = 4 * 86400 + 3600
+    counters = LocalCounters(tmp_path / "limits", clock=clock)  # idle: "gone" 4 days, "kept" 1 day
+    with counters._env.begin() as txn:
+        assert [bytes(key) for key, _ in txn.cursor()] == [b"user:kept"]
+    await counters.close()
+
+
+async def test_unreadable_counter_file_is_set_aside(tmp_path, caplog):
+    directory = tmp_path / "limits"
+    directory.mkdir()
+    (directory / "data.mdb").write_bytes(b"not an lmdb file" * 512)
+    with caplog.at_level(logging.ERROR, logger="relay.limits"):
+        counters = LocalCounters(directory)
+    assert "limit counters unreadable; starting afresh" in caplog.text
+    assert isinstance(await counters.take([Demand(Entity("user", "app"), Limits(daily=1), 1, 1)]), Taken)
+    assert list(tmp_path.glob("limits.broken-*"))
+    await counters.close()
+
+
+# -- redis: shared, atomic, one round trip, fail-open -----------------------------------
+@pytest.mark.binaries
+async def test_redis_one_round_trip_per_message(redis_server, tmp_path):
+    counters = RedisCounters(
+        redis_server.url, fallback=LocalCounters(tmp_path / "l"), timeout=10, key_prefix="test:rt:"
+    )
+    demands = [
+        Demand(Entity("user", "app"), Limits(rate=parse_rate("100/s"), burst=100, daily=1000), 1, 3),
+        Demand(Entity("domain", "example.com"), Limits(daily=1000, daily_recipients=5000), 1, 3),
+    ]
+    assert isinstance(await counters.take(demands), Taken)  # loads the script
+    before = redis_server.command_calls("evalsha") + redis_server.command_calls("eval")
+    for _ in range(10):
+        assert isinstance(await counters.take(demands), Taken)
+        assert counters.peek(demands) is None  # RCPT-time checks cost no round trip
+    after = redis_server.command_calls("evalsha") + redis_server.command_calls("eval")
+    assert after - before == 10
+    await counters.close()
+
+
+@pytest.mark.binaries
+async def test_redis_replicas_share_one_limit_atomically(redis_server, tmp_path):
+    """Two replicas (two clients, their own local fallbacks) race for a quota of 100."""
+    # A generous timeout: this is about atomicity, and a loaded machine must not look like
+    # an outage here.
+    replicas = [
+        RedisCounters(redis_server.url, fallback=LocalCounters(tmp_path / f"l{i}"), timeout=10, key_prefix="test:race:")
+        for i in range(2)
+    ]
+    demand = Demand(Entity("domain", "example.com"), Limits(daily=100), 1, 1)
+
+    async def send(counters, n):
+        results = await asyncio.gather(*(counters.take([demand]) for _ in range(n)))
+        return sum(isinstance(r, Taken) for r in results)
+
+    granted = await asyncio.gather(send(replicas[0], 80), send(replicas[1], 80))
+    assert sum(granted) == 100, granted
+    # The refusals taught each replica that the quota is reached: RCPT can say so at once.
+    assert all(r.peek([demand]) is not None for r in replicas)
+    for counters in replicas:
+        await counters.close()
+
+
+@pytest.mark.binaries
+async def test_redis_outage_fails_open_then_reconnects(tmp_path, caplog):
+    """Redis killed mid-run: checks go on against local counters (counted, logged once,
+    said in the problem for /readyz); Redis restarted: the counters are shared again
+    without any action."""
+    with RedisServer(tmp_path) as server:
+        counters = RedisCounters(
+            server.url, fallback=LocalCounters(tmp_path / "l"), timeout=5, key_prefix="test:outage:"
+        )
+        demand = Demand(Entity("user", "app"), Limits(daily=3), 1, 1)
+        assert isinstance(await counters.take([demand]), Taken)
+        assert counters.problem() is None
+
+        server.kill()
+        fail_open_before = FAIL_OPEN.labels("redis")._value.get()
+        with caplog.at_level(logging.WARNING, logger="relay.limits"):
+            results = [await counters.take([demand]) for _ in range(5)]
+        # Local counters enforce the limit on their own while Redis is away.
+        assert [type(r).__name__ for r in results] == ["Taken", "Taken", "Taken", "Excess", "Excess"]
+        assert all(r.backend == "local" for r in results[:3])
+        assert FAIL_OPEN.labels("redis")._value.get() - fail_open_before == 5
+        warnings = [r for r in caplog.records if "redis unreachable" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "redis unreachable since" in counters.problem()
+        assert "counted on this host only" in counters.problem()
+        # Giving back a message counted locally goes to the local counters.
+        await counters.give_back(results[0])
+        assert isinstance(await counters.take([demand]), Taken)
+
+        server.start()  # same port, empty
+        for _ in range(300):  # reconnects by itself (pings with a growing pause, at most 10 s)
+            if counters.available:
+                break
+            await asyncio.sleep(0.1)
+        assert counters.available
+        assert counters.problem() is None
+        assert isinstance(await counters.take([demand]), Taken)
+        assert server.cli("HGET", "test:outage:user:app", "m").strip() == "1"
+        await counters.close()

@@ -1,0 +1,159 @@
+"""What trips a new user on day one: each case as they would meet it."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import select
+import smtplib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from relay.config.dev import prepare_dev_dir
+from relay.sign.keys import load_signing_key
+from tests.support.config import loopback_bind
+from tests.support.inloop import in_thread
+from tests.support.smtp import connect, message, reply
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def relay_cli(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=60, cwd=ROOT, **kwargs
+    )
+
+
+def zone_strings(text: str) -> list[str]:
+    return re.findall(r'"([^"]*)"', text)
+
+
+# --- relay keygen: the private key is kept somewhere, or nothing is made ---------------------
+
+
+def test_keygen_without_a_destination_refuses_and_makes_nothing():
+    result = relay_cli("keygen", "-d", "example.com", "-s", "s1")
+    assert result.returncode == 2
+    assert "--store" in result.stderr and "--out" in result.stderr and "--print-private-key" in result.stderr
+    assert "TXT" not in result.stdout  # no record for a key nobody kept
+
+
+def test_keygen_out_writes_the_key_0600_and_prints_its_record(tmp_path):
+    out = tmp_path / "s1.key"
+    result = relay_cli("keygen", "-d", "example.com", "-s", "s1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    key = load_signing_key(out.read_bytes(), domain="example.com", selector="s1", algorithm="rsa-sha256")
+    [zone] = [line for line in result.stdout.splitlines() if " IN TXT " in line]
+    assert "".join(zone_strings(zone)) == key.txt_value()
+    assert f'key: "file://{out}"' in result.stdout
+    again = relay_cli("keygen", "-d", "example.com", "-s", "s1", "--out", str(out))
+    assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_keygen_prints_the_pem_only_when_asked():
+    result = relay_cli(
+        "keygen", "-d", "example.com", "-s", "e1", "--algorithm", "ed25519-sha256", "--print-private-key"
+    )
+    assert result.returncode == 0, result.stderr
+    pem = result.stdout[result.stdout.index("-----BEGIN") :].encode()
+    serialization.load_pem_private_key(pem, password=None)
+
+
+# --- relay hash-password and the help text -----------------------------------------------------
+
+
+def test_hash_password_at_ctrl_d_says_so_without_a_traceback():
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay", "hash-password"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    output = b""
+    deadline = time.monotonic() + 30
+    while b"Password:" not in output and time.monotonic() < deadline:
+        if select.select([controller], [], [], 1)[0]:
+            output += os.read(controller, 1024)
+    os.write(controller, b"\x04")  # Ctrl-D: end of input at the prompt
+    code = proc.wait(30)
+    while select.select([controller], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert code == 2
+    assert b"Traceback" not in output and b"no password given" in output
+
+
+@pytest.mark.parametrize("command", [["serve"], ["check"], ["config", "validate"]])
+def test_every_config_option_says_what_it_is(command):
+    result = relay_cli(*command, "--help")
+    assert re.search(r"-c CONFIG, --config CONFIG\s+config file", result.stdout), result.stdout
+
+
+# --- the dev default's TXT record, in strings DNS servers accept -------------------------------
+
+
+def test_dev_txt_record_is_split_into_255_byte_strings(tmp_path):
+    paths = prepare_dev_dir(tmp_path)
+    text = paths["dkim_txt"].read_text()
+    strings = zone_strings(text)
+    assert len(strings) > 1 and all(len(s.encode()) <= 255 for s in strings)
+    key = load_signing_key(paths["dkim"].read_bytes(), domain="example.test", selector="dev", algorithm="rsa-sha256")
+    assert "".join(strings) == key.txt_value()
+
+
+# --- SMTP: replies that say what happened ------------------------------------------------------
+
+
+@in_thread
+def test_a_password_secret_that_cannot_be_loaded_is_a_temporary_failure(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["users"].append(
+        {"username": "svc", "password": "env://RELAY_TEST_UNSET_PASSWORD", "senders": ["example.com"]}
+    )
+    relay.start()
+    client = connect(relay, pki, login=False)
+    client.user, client.password = "svc", "anything"
+    with pytest.raises(smtplib.SMTPAuthenticationError) as err:
+        client.auth("PLAIN", client.auth_plain)
+    # RFC 4954 §6: the client should try again later, not give up on its credentials.
+    assert (err.value.smtp_code, err.value.smtp_error) == (454, b"4.7.0 Temporary authentication failure")
+    assert relay.metric("relay_auth_attempts_total", mechanism="PLAIN", result="unavailable") == 1
+    # Not counted as a failed guess: the session goes on.
+    client.login("app", "app-password")
+    client.quit()
+
+
+@in_thread
+def test_an_unauthenticated_client_is_not_told_about_a_user(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port, start=False)
+    sidecar = {"name": "sidecar", "bind": loopback_bind(), "tls": "none", "auth": "none"}
+    relay.config["listeners"].append(sidecar)
+    relay.start()
+    client = smtplib.SMTP("127.0.0.1", relay.port("sidecar"), timeout=20)
+    client.ehlo()
+    assert reply(client, "MAIL FROM:<someone@other.example>") == (
+        550,
+        "5.7.1 Sender <someone@other.example> not allowed for unauthenticated clients",
+    )
+    assert reply(client, "RSET")[0] == 250
+    with pytest.raises(smtplib.SMTPDataError) as err:
+        client.sendmail("app@example.com", ["user@example.net"], message(frm="ceo@other.example"))
+    assert err.value.smtp_error == b"5.7.1 From: <ceo@other.example> not allowed for unauthenticated clients"
+    client.quit()
