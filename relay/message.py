@@ -16,6 +16,7 @@ from relay.errors import SmtpError
 
 # RFC 5322 §2.2: field-name = 1*ftext, printable US-ASCII except ":".
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,10 @@ class WireMessage:
     def __bytes__(self) -> bytes:
         """One copy of the whole message (for targets that need it whole, and tests)."""
         return b"".join(self.pieces)
+
+    def isascii(self) -> bool:
+        # Searched in place: a memoryview has no isascii(), and bytes(view) would copy.
+        return not any(_NON_ASCII.search(piece) for piece in self.pieces)
 
 
 class Message:

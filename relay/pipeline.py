@@ -14,7 +14,8 @@ import email.utils
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from dkim.util import InvalidTagValueList, parse_tag_value
@@ -22,7 +23,8 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from relay.auth.throttle import AuthThrottle
 from relay.auth.users import AuthBusy, User, UserDirectory
 from relay.config.schema import ListenerSettings, Settings
-from relay.deliver.base import Envelope, UpstreamTransaction
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTransaction
+from relay.deliver.dsn import relayed_report
 from relay.errors import Reply, SmtpError
 from relay.limits.limiter import NOTHING_RESERVED, Limiter, LimitExceeded, Reservation
 from relay.message import Message
@@ -58,6 +60,8 @@ class Transaction:
     started: float = field(default_factory=time.monotonic)
     upstream: UpstreamTransaction | None = None
     recipients: list[str] = field(default_factory=list)
+    # Accepted recipients that asked for a notice of success (RFC 3461 §4.1 NOTIFY=SUCCESS).
+    notify_success: list[tuple[str, DsnRequest]] = field(default_factory=list)
     broken: str | None = None  # why the upstream transaction was lost after a recipient
     rcpt_refusal: SmtpError | None = None  # the last refusal of a recipient, by us or upstream
     # What happened, for the log line.
@@ -176,6 +180,25 @@ class Pipeline:
                 label="sender_denied",
             )
 
+    def check_announced_size(self, size: int | None) -> None:
+        """RFC 1870 §6.1: a message announced (SIZE=) over the limit is refused at MAIL."""
+        limit = self.settings.clients.max_message_size
+        if size is not None and limit and size > limit:
+            raise SmtpError(
+                552,
+                "5.3.4",
+                f"Message size exceeds the limit of {limit} bytes",
+                reason=f"SIZE={size} announced, over clients.max_message_size",
+                label="too_big",
+            )
+
+    def submitter(self, user: User | None, senders: SenderPolicy, claimed: str | None) -> str | None:
+        """The AUTH= value to pass on (RFC 4954 §5): the mailbox the client named, if it is
+        authenticated and may send as that mailbox; otherwise "" (AUTH=<>). None: no AUTH=."""
+        if claimed is None:
+            return None
+        return claimed if user is not None and claimed and senders.allows(claimed) else ""
+
     def open_transaction(
         self,
         *,
@@ -183,8 +206,7 @@ class Pipeline:
         client: str,
         user: str | None,
         senders: SenderPolicy,
-        mail_from: str,
-        mail_options: list[str],
+        envelope: Envelope,
         helo: str,
         tls: str | None,
     ) -> Transaction:
@@ -196,19 +218,14 @@ class Pipeline:
             client=client,
             user=user,
             senders=senders,
-            envelope=Envelope(
-                mail_from=mail_from,
-                id=tx_id,
-                body_8bit="BODY=8BITMIME" in mail_options,
-                smtputf8="SMTPUTF8" in mail_options,
-            ),
+            envelope=replace(envelope, id=tx_id),
             pipeline=self,
             helo=helo,
             tls=tls,
         )
 
     # -- 4. route: open the upstream transaction at the first recipient -------------------
-    async def _add_recipient(self, tx: Transaction, recipient: str) -> Reply:
+    async def _add_recipient(self, tx: Transaction, recipient: str, dsn: DsnRequest) -> Reply:
         if len(tx.recipients) >= self.settings.clients.max_recipients:
             # RFC 5321 §4.5.3.1.10: 452 lets the client send the rest in another transaction.
             raise SmtpError(
@@ -237,7 +254,7 @@ class Pipeline:
             target = self.router.target_for(tx.envelope.mail_from)
             tx.upstream = await target.begin(tx.envelope, recipient)
         try:
-            reply = await tx.upstream.add_recipient(recipient)
+            reply = await tx.upstream.add_recipient(recipient, dsn)
         except SmtpError as exc:
             # The upstream transaction is gone. Without accepted recipients a new one can
             # be opened for the next RCPT; with some, it cannot be rebuilt faithfully, so
@@ -248,13 +265,15 @@ class Pipeline:
             raise
         if reply.positive:
             tx.recipients.append(recipient)
+            if dsn.notifies("SUCCESS"):
+                tx.notify_success.append((recipient, dsn))
         return reply
 
-    async def add_recipient(self, tx: Transaction, recipient: str) -> Reply:
+    async def add_recipient(self, tx: Transaction, recipient: str, dsn: DsnRequest = NO_DSN) -> Reply:
         """RCPT: the upstream's answer for `recipient`; a refusal (ours or the path's) raises
         SmtpError and is remembered as the transaction's outcome if no recipient passes."""
         try:
-            return await self._add_recipient(tx, recipient)
+            return await self._add_recipient(tx, recipient, dsn)
         except SmtpError as exc:
             tx.rcpt_refusal = exc
             raise
@@ -312,6 +331,8 @@ class Pipeline:
                 # delivery loop takes it from here. `relay queue show <id>` follows it.
                 tx.queued = True
                 return Reply(250, "2.0.0", f"Ok: queued, id={tx.id}")
+            if tx.notify_success and tx.envelope.mail_from and not tx.upstream.carries_dsn:
+                self._issue_relayed_notice(tx, message, domain, reply)
             return Reply(250, "2.0.0", f"Ok: relayed, id={tx.id}")
         await reservation.give_back()
         raise SmtpError(
@@ -402,6 +423,51 @@ class Pipeline:
         )
         return line.encode("utf-8")
 
+    # -- 6. after the upstream's 250: the "relayed" notice (RFC 3461 §5.2.2) ----------------
+    def _issue_relayed_notice(self, tx: Transaction, message: Message, domain: str, upstream_reply: Reply) -> None:
+        """The upstream took the message but not the DSN requests: tell the sender of the
+        recipients that asked for SUCCESS that none will follow (relay.deliver.dsn). Sent
+        after the client's 250, in the background: the client's reply never waits for it."""
+        report = relayed_report(
+            reporting_mta=self.settings.hostname,
+            sender=tx.envelope.mail_from,
+            domain=domain,
+            recipients=tx.notify_success,
+            envid=tx.envelope.envid,
+            arrival=time.time() - (time.monotonic() - tx.started),
+            upstream_reply=str(upstream_reply),
+            header=message.header_bytes(),
+        )
+        _in_background(self._send_relayed_notice(tx, report, domain))
+
+    async def _send_relayed_notice(self, tx: Transaction, report: bytes, domain: str) -> None:
+        notice = Message.parse(report)
+        keys = self.keyring.keys_for(domain)
+        signed = notice.wire(self.signer.sign(notice, keys) if keys else b"")
+        sender = tx.envelope.mail_from
+        # RFC 3461 §6.1: the null reverse-path, so a notice can never cause another.
+        envelope = Envelope(mail_from="", body_8bit=not signed.isascii(), smtputf8=not sender.isascii())
+        upstream: UpstreamTransaction | None = None
+        try:
+            upstream = await self.router.target_for(sender).begin(envelope, sender)
+            reply = await upstream.add_recipient(sender)
+            if reply.positive:
+                reply = await upstream.send(signed)
+        except SmtpError as exc:
+            messages.relayed_notice(tx.id, None, exc.reason)
+            return
+        except asyncio.CancelledError:
+            messages.relayed_notice(tx.id, None, "relay stopped before the notice was sent")
+            raise
+        except Exception as exc:  # a notice must never take anything else down
+            log.exception("relayed notice failed")
+            messages.relayed_notice(tx.id, None, type(exc).__name__)
+            return
+        finally:
+            if upstream is not None:
+                await upstream.abort()  # a no-op once send() has run
+        messages.relayed_notice(tx.id, reply, None if reply.positive else str(reply))
+
     # -- the end of a transaction without a final reply from the upstream ----------------
     def refuse_data(self, tx: Transaction, size: int) -> None:
         """DATA was refused by the listener (too big, bare line endings): the upstream
@@ -413,13 +479,31 @@ class Pipeline:
         """Client RSET, new EHLO, QUIT or disconnect: drop the upstream transaction. Called
         from synchronous protocol callbacks, so the abort runs as a task of its own."""
         if tx.upstream is not None:  # kept on the transaction: the log line names it
-            task = asyncio.get_running_loop().create_task(tx.upstream.abort())
-            _background.add(task)
-            task.add_done_callback(_background.discard)
+            _in_background(tx.upstream.abort())
 
 
-# Abort tasks in flight (the loop keeps only weak references to tasks).
+# Upstream aborts and relayed notices in flight (the loop keeps only weak references to
+# tasks). Bounded: each is one upstream transaction, and every upstream wait has a timeout.
 _background: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[object, object, None]) -> None:
+    task = asyncio.get_running_loop().create_task(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def finish_background(timeout: float) -> None:
+    """Let the background work of finished transactions end (drain), for up to `timeout`
+    seconds; whatever is left is cancelled (stop)."""
+    loop = asyncio.get_running_loop()
+    pending = {task for task in _background if task.get_loop() is loop}
+    if pending and timeout > 0:
+        _done, pending = await asyncio.wait(pending, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
 
 
 def _for_whom(user: str | None) -> str:

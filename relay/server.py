@@ -31,7 +31,7 @@ from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
 from relay.oauth.upstream_auth import UpstreamTokenAuth
 from relay.observe.http import HealthServer
 from relay.observe.logs import setup_logging
-from relay.pipeline import Pipeline
+from relay.pipeline import Pipeline, finish_background
 from relay.secrets.base import SecretValue
 from relay.wiring import (
     Components,
@@ -272,6 +272,7 @@ class Relay:
         # Idle sessions go now (RFC 5321 §3.8: 421 then close); a session inside a
         # transaction gets its 421 after the DATA reply (RelaySMTP.shutdown).
         self.connections.shutdown()
+        deadline = asyncio.get_running_loop().time() + timeout
         # Spool mode: deliveries under way finish within the same timeout; what is left
         # stays in the spool for the next start.
         runner = self.queue.runner.stop(timeout) if self.queue is not None else asyncio.sleep(0)
@@ -279,6 +280,8 @@ class Relay:
         if not closed:
             log.warning("drain timeout; closing remaining sessions", extra={"sessions": len(self.connections)})
             self.connections.close()
+        # Work that outlives its session: upstream aborts, "relayed" notices (relay.pipeline).
+        await finish_background(deadline - asyncio.get_running_loop().time())
         await self.stop()
 
     async def stop(self) -> None:
@@ -289,6 +292,7 @@ class Relay:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await finish_background(0)
         if self.queue is not None:
             await self.queue.runner.stop(0)  # a no-op after a drain
             await self.queue.spool.close()

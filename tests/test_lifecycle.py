@@ -38,6 +38,23 @@ def test_sigterm_lets_the_message_in_flight_complete_then_exits_0(make_relay, up
     assert got.content.endswith(b"first half\r\nsecond half\r\n")
 
 
+def test_sigterm_lets_a_relayed_notice_in_flight_go_out(make_relay, upstream, pki):
+    """A "relayed" DSN (RFC 3461 §5.2.2) is sent after the client's 250. A drain that starts
+    right after that reply waits for it (within drain_timeout) rather than dropping it."""
+    upstream.behaviour.data_delay = 1.0  # every DATA takes a while: the notice is on its way
+    relay = make_relay(upstream.port, start=False)
+    relay.config["drain_timeout"] = "60s"  # a bound, not a wait: the drain ends with the notice
+    relay.start()
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(client, "RCPT TO:<u@example.net> NOTIFY=SUCCESS")[0] == 250
+    assert client.data(message(subject="notice-at-drain"))[0] == 250
+    client.quit()  # no session left to hold the drain open: only the notice can
+    relay.signal(signal.SIGTERM)
+    assert relay.proc.wait(30) == 0
+    assert [m.mail_from for m in upstream.messages] == ["app@example.com", ""]
+
+
 def test_second_sigterm_exits_at_once(make_relay, upstream, pki):
     relay = make_relay(upstream.port, start=False)
     relay.config["drain_timeout"] = "60s"

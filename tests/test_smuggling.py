@@ -1,6 +1,9 @@
 """SMTP smuggling (the 2023 advisories): end-of-data look-alikes inside DATA never make a
-second message at the upstream. Only CRLF.CRLF ends DATA, and a message with a bare CR or
-LF is refused whole, so no hop after us can read it differently."""
+second message at the upstream, whatever `clients.bare_newline` says. Only CRLF.CRLF ends
+DATA. With `normalize` (the default) a bare LF is read as CRLF, as Postfix 3.9 does, and the
+look-alike becomes an ordinary line of the one message (its leading dot removed, RFC 5321
+§4.5.2); with `reject` the message is refused whole. A bare CR is refused in both modes:
+no hop after us can read the message differently."""
 
 from __future__ import annotations
 
@@ -13,27 +16,59 @@ SMUGGLED = (
     b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
     b"From: ceo@example.com\r\nSubject: smuggled\r\n\r\npay now\r\n"
 )
+BARE_LF = {"LF.LF": b"\n.\n", "LF.CRLF": b"\n.\r\n", "CRLF.LF": b"\r\n.\n"}
+BARE_CR = {"CR.LF": b"\r.\n", "CR.CRLF": b"\r.\r\n", "CRLF.CR": b"\r\n.\r"}
+REFUSAL = (550, b"5.6.0 Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 section 2.3.8)")
 
 
-@pytest.mark.parametrize(
-    "separator",
-    [b"\n.\n", b"\r.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\n", b"\r\n.\r"],
-    ids=["LF.LF", "CR.LF", "LF.CRLF", "CR.CRLF", "CRLF.LF", "CRLF.CR"],
-)
-@in_thread
-def test_smuggling_sequences_never_yield_a_second_message(make_loop_relay, upstream, pki, separator):
-    relay = make_loop_relay(upstream.port)
+def _send_carrier(relay, pki, separator: bytes):
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     assert reply(client, "RCPT TO:<u@example.net>")[0] == 250
     assert reply(client, "DATA")[0] == 354
     client.send(b"From: app@example.com\r\nSubject: carrier\r\n\r\nhello" + separator + SMUGGLED + b"\r\n.\r\n")
-    code, text = client.getreply()
-    assert (code, text) == (
-        550,
-        b"5.6.0 Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 \xc2\xa72.3.8)",
-    )
+    return client, client.getreply()
+
+
+@pytest.mark.parametrize("separator", list(BARE_LF.values()), ids=list(BARE_LF))
+@in_thread
+def test_bare_lf_look_alikes_stay_inside_the_one_message_by_default(make_loop_relay, upstream, pki, separator):
+    relay = make_loop_relay(upstream.port)
+    client, (code, _) = _send_carrier(relay, pki, separator)
+    assert code == 250
     # The session is still in sync: the next command is answered as a command.
+    assert client.noop()[0] == 250
+    [got] = upstream.wait_for(1)
+    assert upstream.mail_commands == 1
+    assert got.rcpt_tos == ["u@example.net"]
+    body = got.content.split(b"\r\n\r\n", 1)[1]
+    assert b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.net>\r\n" in body
+    assert got.content.count(b"\n") == got.content.count(b"\r\n")
+    assert b"\r\n.\r\n" not in got.content
+
+
+@pytest.mark.parametrize("separator", list(BARE_LF.values()), ids=list(BARE_LF))
+@in_thread
+def test_bare_lf_look_alikes_are_refused_with_reject(make_loop_relay, upstream, pki, separator):
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["bare_newline"] = "reject"
+    relay.start()
+    client, answer = _send_carrier(relay, pki, separator)
+    assert answer == REFUSAL
+    assert client.noop()[0] == 250
+    assert upstream.messages == []
+    assert upstream.mail_commands <= 1
+
+
+@pytest.mark.parametrize("mode", ["normalize", "reject"])
+@pytest.mark.parametrize("separator", list(BARE_CR.values()), ids=list(BARE_CR))
+@in_thread
+def test_bare_cr_look_alikes_are_refused_in_both_modes(make_loop_relay, upstream, pki, separator, mode):
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["bare_newline"] = mode
+    relay.start()
+    client, answer = _send_carrier(relay, pki, separator)
+    assert answer == REFUSAL
     assert client.noop()[0] == 250
     assert upstream.messages == []
     assert upstream.mail_commands <= 1

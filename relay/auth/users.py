@@ -71,6 +71,9 @@ class UserDirectory:
         self._cache_key = os.urandom(32)
         self._verified: dict[str, bytes] = {}
 
+    def knows(self, username: str) -> bool:
+        return username in self._users
+
     async def authenticate(self, username: str, password: bytes, *, verify: bool = True) -> User | None:
         """The user these credentials belong to, or None. With `verify=False` (a throttled
         username) only credentials already verified pass, and no hash is computed."""

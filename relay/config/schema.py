@@ -118,6 +118,9 @@ class ListenerSettings(Strict):
     tls: Literal["starttls", "implicit", "none"]
     auth: Literal["required", "optional", "none"] = "required"
     proxy_protocol: bool = False
+    # Who may send the PROXY header (the load balancer's addresses); others are refused.
+    # None: any source (only safe where nothing but the balancer can reach the listener).
+    proxy_protocol_from: list[Network] | None = None
     # Who an unauthenticated client (auth: optional/none) may send as. Default: the
     # domains that have DKIM keys.
     senders: list[SenderPattern] | None = None
@@ -134,6 +137,13 @@ class ListenerSettings(Strict):
                 f"not {bind}; shared listeners need auth: required"
             )
         return auth
+
+    @field_validator("proxy_protocol_from")
+    @classmethod
+    def _proxy_sources_need_proxy_protocol(cls, sources: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if sources is not None and not info.data.get("proxy_protocol"):
+            raise ValueError("needs proxy_protocol: true")
+        return sources
 
 
 class TlsSettings(Strict):
@@ -191,6 +201,13 @@ class ClientSettings(Strict):
     max_auth_failures: int = Field(default=3, ge=1)
     auth_throttle: AuthThrottleSettings = Field(default_factory=AuthThrottleSettings)
     session_timeout: Duration = 300.0
+    # The whole DATA phase (354 to the final dot) and the whole connection, however often
+    # the client sends a byte: a slow client cannot hold a session forever.
+    data_timeout: Duration = 600.0
+    max_session_duration: Duration = 1800.0
+    # Bare LF line endings in DATA: read as CRLF (as Postfix 3.9 does), or refuse the message.
+    # Only CRLF.CRLF ends DATA either way; a bare CR is always refused.
+    bare_newline: Literal["normalize", "reject"] = "normalize"
 
     @field_validator("users")
     @classmethod

@@ -21,8 +21,9 @@ from aiosmtplib import SMTPResponse
 from aiosmtplib.protocol import SMTPProtocol
 from prometheus_client import Counter, Histogram
 
-from relay.deliver.base import Envelope
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.deliver.dial import Dialer
+from relay.deliver.dsn import xtext_encode
 from relay.dns.addresses import AddressResolver
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
@@ -94,10 +95,13 @@ def upstream_tls_context(ca_file: str | None, verify: bool) -> ssl.SSLContext:
 class UpstreamConnection:
     """An open, greeted, (TLS'd, authenticated) connection; one transaction at a time."""
 
-    def __init__(self, endpoint: UpstreamEndpoint, smtp: aiosmtplib.SMTP, banner: str = "") -> None:
+    def __init__(
+        self, endpoint: UpstreamEndpoint, smtp: aiosmtplib.SMTP, banner: str = "", *, authenticated: bool = False
+    ) -> None:
         self.endpoint = endpoint
         self.smtp = smtp
         self.banner = banner  # greeting and first EHLO reply text
+        self.authenticated = authenticated  # the relay logged in (AUTH) on this connection
         self.messages = 0
         self.created = time.monotonic()
         self.last_used = self.created
@@ -111,6 +115,8 @@ class UpstreamConnection:
         return self.smtp.supports_extension(extension)
 
     async def mail(self, envelope: Envelope) -> Reply:
+        """MAIL FROM with the client's parameters that this upstream offers (see
+        relay.listen.esmtp for what each one means)."""
         options = []
         if envelope.body_8bit and self.supports("8bitmime"):
             options.append("BODY=8BITMIME")
@@ -125,10 +131,18 @@ class UpstreamConnection:
                     label="smtputf8",
                 )
             options.append("SMTPUTF8")
+        if self.supports("dsn"):
+            options += envelope.dsn_params()  # RFC 3461 §5.2.1
+        if envelope.auth is not None and self.authenticated and self.supports("auth"):
+            # RFC 4954 §5: the submitter the relay vouches for, else AUTH=<>, and only to
+            # an upstream the relay authenticated to (the upstream trusts the relay, not
+            # the client). An unauthenticated hop gets neither.
+            options.append("AUTH=" + (xtext_encode(envelope.auth) if envelope.auth else "<>"))
         return await self._command("MAIL", self.smtp.mail(envelope.mail_from, options=options, encoding="utf-8"))
 
-    async def rcpt(self, address: str) -> Reply:
-        return await self._command("RCPT", self.smtp.rcpt(address, encoding="utf-8"))
+    async def rcpt(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
+        options = dsn.params() if self.supports("dsn") else []
+        return await self._command("RCPT", self.smtp.rcpt(address, options=options, encoding="utf-8"))
 
     async def data(self, message: WireMessage) -> Reply:
         started = time.perf_counter()
@@ -340,6 +354,10 @@ class UpstreamConnector:
                     # a certificate it cannot verify is still better than plaintext.
                     context = _unverified_context()
                 await smtp.starttls(tls_context=context, server_hostname=host)
+                # RFC 3207 §4.2: what the server offered before TLS is void; ask again now,
+                # before anything looks at the extensions (SMTPUTF8, 8BITMIME, DSN, AUTH).
+                # aiosmtplib would only re-send EHLO lazily, at the next command.
+                await smtp.ehlo()
             if ep.auth is not None:
                 await ep.auth.authenticate(smtp, host, ep.port)
             elif ep.username:
@@ -413,7 +431,7 @@ class UpstreamConnector:
         except BaseException:
             smtp.close()  # cancelled (a client gone, a stop): nothing may stay open
             raise
-        return UpstreamConnection(ep, smtp, banner)
+        return UpstreamConnection(ep, smtp, banner, authenticated=ep.auth is not None or bool(ep.username))
 
 
 async def _login(smtp: aiosmtplib.SMTP, username: str, password: str, mechanism: str | None) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter
 
-from relay.deliver.base import Envelope, UpstreamTarget, UpstreamTransaction
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
 
@@ -85,17 +85,21 @@ class FailoverTransaction:
         self._index = index
         self._inner = inner
         self._envelope = envelope
-        self._accepted: list[str] = []
+        self._accepted: list[tuple[str, DsnRequest]] = []
         self.skipped = skipped  # upstreams left behind, in order
 
     @property
     def upstream(self) -> str:
         return self._inner.upstream
 
-    async def add_recipient(self, address: str) -> Reply:
+    @property
+    def carries_dsn(self) -> bool:
+        return self._inner.carries_dsn
+
+    async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         outcome: Outcome
         try:
-            outcome = await self._inner.add_recipient(address)
+            outcome = await self._inner.add_recipient(address, dsn)
         except SmtpError as exc:
             if not exc.temporary:
                 raise
@@ -103,16 +107,16 @@ class FailoverTransaction:
         if not outcome.temporary:
             assert isinstance(outcome, Reply)
             if outcome.positive:
-                self._accepted.append(address)
+                self._accepted.append((address, dsn))
             return outcome
         first_recipient = not self._accepted
         answer: Outcome = outcome
         for index in range(self._index + 1, len(self._chain.deliveries)):
-            replay = await self._replay(index, [*self._accepted, address])
+            replay = await self._replay(index, [*self._accepted, (address, dsn)])
             if isinstance(replay, tuple):
                 tx, reply = replay
                 self._switch(index, tx, "rcpt", outcome)
-                self._accepted.append(address)
+                self._accepted.append((address, dsn))
                 return reply
             if first_recipient:
                 if not replay.temporary:
@@ -167,19 +171,21 @@ class FailoverTransaction:
             raise first
         return first
 
-    async def _replay(self, index: int, recipients: list[str]) -> tuple[UpstreamTransaction, Reply] | SmtpError:
+    async def _replay(
+        self, index: int, recipients: list[tuple[str, DsnRequest]]
+    ) -> tuple[UpstreamTransaction, Reply] | SmtpError:
         """Open the transaction on upstream `index` with `recipients`; the transaction and
         its reply for the last recipient, or why it cannot take them all (as an SmtpError,
         label `upstream_temporary`/`upstream_permanent` for a refusal)."""
         delivery = self._chain.deliveries[index]
         try:
-            tx = await delivery.begin(self._envelope, recipients[0])
+            tx = await delivery.begin(self._envelope, recipients[0][0])
         except SmtpError as exc:
             return exc
         reply = Reply(250, "2.1.5", "OK")
-        for address in recipients:
+        for address, dsn in recipients:
             try:
-                reply = await tx.add_recipient(address)
+                reply = await tx.add_recipient(address, dsn)
             except SmtpError as exc:
                 return exc
             if not reply.positive:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from relay.deliver.base import Envelope
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.deliver.connection import UpstreamConnection, UpstreamConnector
 from relay.deliver.smarthost import SmtpTransaction, begin_on
 from relay.dns.resolver import DnsNameError, DnsService, DnsTemporaryError
@@ -41,10 +41,14 @@ class MxTransaction:
         self.domain = domain
         self.upstream = inner.upstream
 
-    async def add_recipient(self, address: str) -> Reply:
+    @property
+    def carries_dsn(self) -> bool:
+        return self._inner.carries_dsn
+
+    async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         if recipient_domain(address) != self.domain:
             return Reply(452, "4.5.3", f"Send recipients outside {self.domain} in a separate transaction")
-        return await self._inner.add_recipient(address)
+        return await self._inner.add_recipient(address, dsn)
 
     async def send(self, message: WireMessage) -> Reply:
         return await self._inner.send(message)

@@ -12,7 +12,7 @@ import os
 import time
 from pathlib import Path
 
-from relay.deliver.base import Envelope
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
 
@@ -24,7 +24,12 @@ class OutboxTransaction:
         self._envelope = envelope
         self._recipients: list[str] = []
 
-    async def add_recipient(self, address: str) -> Reply:
+    @property
+    def carries_dsn(self) -> bool:
+        # The dev outbox is the end of the line and sends no notices of its own.
+        return True
+
+    async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         self._recipients.append(address)
         return Reply(250, "2.1.5", "OK")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from relay.deliver.base import Envelope
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.deliver.connection import UpstreamConnection, UpstreamConnector
 from relay.deliver.pool import ConnectionPool
 from relay.errors import Reply, SmtpError
@@ -16,15 +16,25 @@ log = logging.getLogger("relay.deliver")
 class SmtpTransaction:
     """One upstream transaction on one connection (see `relay.deliver.base`)."""
 
-    def __init__(self, upstream: str, conn: UpstreamConnection, pool: ConnectionPool | None) -> None:
+    def __init__(
+        self, upstream: str, conn: UpstreamConnection, pool: ConnectionPool | None, *, body_8bit: bool = False
+    ) -> None:
         self.upstream = upstream
         self._conn: UpstreamConnection | None = conn
         self._pool = pool
+        self._dsn = conn.supports("dsn")  # kept: the connection goes back to its pool
+        # RFC 6152 §3: 8-bit content the client declared may not go to a 7-bit upstream,
+        # and converting it would break the signature: it is refused instead (at DATA).
+        self._7bit_only = body_8bit and not conn.supports("8bitmime")
 
-    async def add_recipient(self, address: str) -> Reply:
+    @property
+    def carries_dsn(self) -> bool:
+        return self._dsn
+
+    async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         conn = self._require()
         try:
-            return await conn.rcpt(address)
+            return await conn.rcpt(address, dsn)
         except BaseException:
             # A broken path, or the caller cancelled (the client vanished while we waited
             # for the reply): the connection's state is unknown, so it is closed (QUIT),
@@ -34,6 +44,15 @@ class SmtpTransaction:
 
     async def send(self, message: WireMessage) -> Reply:
         conn = self._require()
+        if self._7bit_only and not message.isascii():
+            await self.abort()
+            raise SmtpError(
+                554,
+                "5.6.3",
+                "Upstream cannot take 8-bit content (no 8BITMIME)",
+                reason=f"upstream {self.upstream} does not offer 8BITMIME",
+                label="8bitmime",
+            )
         try:
             reply = await conn.data(message)
         except BaseException:
@@ -82,7 +101,7 @@ async def begin_on(
     upstream: str, conn: UpstreamConnection, pool: ConnectionPool | None, envelope: Envelope
 ) -> SmtpTransaction:
     """MAIL FROM on an open connection; an upstream refusal is raised with its own code."""
-    tx = SmtpTransaction(upstream, conn, pool)
+    tx = SmtpTransaction(upstream, conn, pool, body_8bit=envelope.body_8bit)
     try:
         reply = await conn.mail(envelope)
     except BaseException:

@@ -18,6 +18,7 @@ from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession, SessionContext
 from relay.listen.smtp import RelaySMTP
+from relay.policy.senders import ClientNetworks
 
 log = logging.getLogger("relay.listen")
 
@@ -94,6 +95,10 @@ class ListenerServer:
             ClientSession(lst, self.context),
             self.connections,
             implicit_tls=lst.tls == "implicit",
+            bare_newline=cfg.clients.bare_newline,
+            data_timeout=cfg.clients.data_timeout,
+            max_session_duration=cfg.clients.max_session_duration,
+            proxy_from=ClientNetworks(lst.proxy_protocol_from) if lst.proxy_protocol_from is not None else None,
             advertise_auth=lst.auth != "none",
             budget=self.budget,
             hostname=cfg.hostname,

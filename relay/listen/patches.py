@@ -40,6 +40,7 @@ AIOSMTPD_PRIVATE_MEMBERS = (
     "_set_rset_state",  # RSET/HELO/EHLO/STARTTLS reset: ends the upstream transaction too
     "_set_post_data_state",  # after our own DATA handling; gives the DATA budget back
     "_getaddr",  # a stricter, faster path parser
+    "_strip_command_keyword",  # "FROM:"/"TO:" off MAIL/RCPT, which RelaySMTP implements itself
     "_reset_timeout",  # DATA is read by RelaySMTP in chunks: each chunk resets the timer
     "_handle_client",  # sends the greeting through push(): where a client is admitted
 )

@@ -9,8 +9,8 @@ through `relay.observe`:
     on_connect(client_ip) -> SmtpError | None   before the greeting: admit or refuse
     on_tls(version, restarted)                  implicit TLS, or STARTTLS (RFC 3207 §4.2)
     authenticate(mechanism, login, password)    AUTH (RFC 4954)
-    mail(address, options, helo) -> Reply       MAIL: opens the transaction
-    rcpt(address) -> Reply                      RCPT: opens/extends the upstream transaction
+    mail(address, params, helo) -> Reply        MAIL: opens the transaction
+    rcpt(address, dsn) -> Reply                 RCPT: opens/extends the upstream transaction
     data(content) -> Reply                      the content after the final dot
     data_refused(error, size) -> Reply          DATA refused by the listener itself
     on_reset()                                  RSET, HELO, EHLO, STARTTLS: the transaction ends
@@ -23,7 +23,9 @@ from typing import Literal, Protocol
 
 from relay.auth.users import User
 from relay.config.schema import ListenerSettings
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.errors import Reply, SmtpError
+from relay.listen.esmtp import MailParams
 from relay.observe import messages, sessions
 from relay.pipeline import Pipeline, Transaction
 
@@ -91,7 +93,7 @@ class ClientSession:
             self.user = None
             self.auth_failures = 0
 
-    def on_reset(self) -> None:
+    def on_reset(self, why: str = "RSET") -> None:
         """The client transaction ends without DATA; so does the upstream one."""
         tx, self.transaction = self.transaction, None
         if tx is None:
@@ -101,12 +103,25 @@ class ClientSession:
             # No recipient was accepted, so no DATA came: the refusal at RCPT is this
             # transaction's outcome and gets its one log line (and rejection count).
             messages.transaction_ended(tx, tx.rcpt_refusal.reply, tx.rcpt_refusal)
+        else:
+            messages.transaction_cancelled(tx, why)
 
-    def on_close(self) -> None:
+    def on_close(self, why: str = "client disconnected") -> None:
         if self.admitted:
             self.admitted = False
             sessions.session_ended(self.listener.name, self.tls_version)
-        self.on_reset()
+        self.on_reset(why)
+
+    def proxy_refused(self, peer: str) -> None:
+        """A PROXY header from a source outside `proxy_protocol_from`: refused unread."""
+        refusal = SmtpError(
+            554,
+            "5.7.1",
+            "Access denied: PROXY header not accepted from this address",
+            reason=f"PROXY header from {peer}, outside proxy_protocol_from",
+            label="proxy_source",
+        )
+        sessions.session_refused(self.listener.name, peer, refusal)
 
     # -- AUTH (RFC 4954) --------------------------------------------------------------------
     async def authenticate(self, mechanism: str, login: bytes, password: bytes) -> AuthOutcome:
@@ -122,7 +137,14 @@ class ClientSession:
             else:
                 sessions.auth_not_checked(self.listener.name, mechanism, exc, client=self.client_ip)
             return "throttled" if exc.code == 421 else exc.reply
-        sessions.auth_attempt(self.listener.name, mechanism, user is not None, client=self.client_ip, username=username)
+        sessions.auth_attempt(
+            self.listener.name,
+            mechanism,
+            user is not None,
+            client=self.client_ip,
+            username=username,
+            known=pipeline.users.knows(username),
+        )
         if user is not None:
             self.user = user
             return "accepted"
@@ -132,7 +154,8 @@ class ClientSession:
         return "refused"
 
     # -- the transaction ------------------------------------------------------------------
-    def mail(self, address: str, options: list[str], *, helo: str | None) -> Reply:
+    def mail(self, address: str, params: MailParams, *, helo: str | None) -> Reply:
+        """MAIL FROM (`address` "" is the null reverse-path), with its parsed parameters."""
         if self.draining:
             return SHUTTING_DOWN
         pipeline = self.context.pipeline
@@ -140,27 +163,35 @@ class ClientSession:
         try:
             senders = pipeline.senders_for(self.listener, self.user)
             pipeline.authorize_envelope(senders, address, username, self.client_ip)
+            pipeline.check_announced_size(params.size)
         except SmtpError as exc:
             messages.mail_refused(self.listener.name, self.client_ip, username, address, exc)
             return exc.reply
+        envelope = Envelope(
+            mail_from=address,
+            body_8bit=params.body_8bit,
+            smtputf8=params.smtputf8,
+            ret=params.ret,
+            envid=params.envid,
+            auth=pipeline.submitter(self.user, senders, params.auth),
+        )
         self.transaction = pipeline.open_transaction(
             listener=self.listener.name,
             client=self.client_ip,
             user=username,
             senders=senders,
-            mail_from=address,
-            mail_options=options,
+            envelope=envelope,
             helo=helo or "unknown",
             tls=self.tls_version,
         )
         return SENDER_OK
 
-    async def rcpt(self, address: str) -> Reply:
+    async def rcpt(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         tx = self.transaction
         if tx is None:
             return NEED_MAIL
         try:
-            return await tx.pipeline.add_recipient(tx, address)
+            return await tx.pipeline.add_recipient(tx, address, dsn)
         except SmtpError as exc:
             messages.recipient_refused(tx.id, exc)
             return exc.reply

@@ -5,13 +5,20 @@ What changes against aiosmtpd 1.4.6, and why:
   ("503 Error: need MAIL command", "552 Error: Too much mail data") do not.
 - A client outside `clients.networks` gets 554 5.7.1 instead of the greeting (RFC 5321
   §3.1), checked after a PROXY header when the listener expects one.
-- EHLO advertises PIPELINING and ENHANCEDSTATUSCODES, and AUTH only where it may be used:
+- MAIL and RCPT are our own: the null reverse-path `<>` (aiosmtpd takes an empty sender for
+  "no MAIL yet"), and every parameter parsed and checked once (relay.listen.esmtp): SIZE,
+  BODY, SMTPUTF8, AUTH= and DSN's RET, ENVID, NOTIFY, ORCPT.
+- EHLO advertises PIPELINING, DSN and ENHANCEDSTATUSCODES, and AUTH only where it may be used:
   after STARTTLS, or at once on an implicit-TLS listener (aiosmtpd cannot tell that its
   transport is already TLS there), and never on an `auth: none` listener.
 - DATA is read in large chunks, not line by line, and only CRLF.CRLF ends it (RFC 5321
-  §4.1.1.4). A bare CR or LF anywhere in the content is refused (RFC 5321 §2.3.8), so no
-  `\\n.\\n`-style sequence can be read as an end of data by us or by any hop after us (the
-  2023 SMTP smuggling advisories).
+  §4.1.1.4). A bare LF is read as CRLF or refused (`clients.bare_newline`); a bare CR or a
+  NUL is always refused (see `data_content`), so no `\\n.\\n`-style sequence can be read as
+  an end of data by us or by any hop after us (the 2023 SMTP smuggling advisories).
+- The DATA phase and the whole session have deadlines of their own (`clients.data_timeout`,
+  `clients.max_session_duration`): a client that sends one byte at a time still ends.
+- A PROXY header is taken only from `proxy_protocol_from`; EHLO/HELO names with spaces or
+  control characters are refused (they would reach the Received header); STARTTLS works once.
 
 The edge only translates: aiosmtpd's commands and hooks become calls on the connection's
 `ClientSession` (relay.listen.session), one way; the session never calls back. The private
@@ -25,6 +32,7 @@ import base64
 import binascii
 import contextlib
 import re
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,12 +41,18 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Se
 from relay.errors import Reply, SmtpError
 from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
+from relay.listen.esmtp import parse_mail_params, parse_rcpt_params
 from relay.listen.session import ClientSession
 from relay.observe import sessions
+from relay.policy.senders import ClientNetworks
 
 # RFC 5321 §4.1.2 Mailbox, loosely: a local part without spaces or brackets, then a domain
-# of dotted labels (UTF-8 allowed for SMTPUTF8, RFC 6531) or an address literal.
-_MAILBOX = re.compile(r'^[^\s<>()\[\],;:@]+@(?:[^\s<>()\[\],;:@."]+(?:\.[^\s<>()\[\],;:@."]+)*|\[[^\]\s]+\])$')
+# of dotted labels (UTF-8 allowed for SMTPUTF8, RFC 6531) or an address literal. Bytes that
+# are not UTF-8 reach us as lone surrogates (aiosmtpd decodes with surrogateescape): never.
+_MAILBOX = re.compile(
+    r'^[^\s<>()\[\],;:@\ud800-\udfff]+@(?:[^\s<>()\[\],;:@."\ud800-\udfff]+'
+    r'(?:\.[^\s<>()\[\],;:@."\ud800-\udfff]+)*|\[[^\]\s\ud800-\udfff]+\])$'
+)
 _SIMPLE_PATH = re.compile(r'^\s*<([^<>\s"()\\,;:]+@[^<>\s"()\\,;:@]+)>\s*(.*)$', re.DOTALL)
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 _SINGLE_LINE = re.compile(r"^(\d{3}) (.*)$", re.DOTALL)
@@ -99,6 +113,48 @@ def with_enhanced_code(status: str) -> str:
 
 
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
+_SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
+_PROXY_REFUSED = b"554 5.7.1 Access denied: PROXY header not accepted from this address\r\n"
+# RFC 5321 §4.1.1.1: EHLO/HELO take a domain or an address literal; neither has a space or a
+# control character (and a CR there would become a header line in `Received:`).
+_BAD_HELO = re.compile(r"[\x00-\x20\x7f]")
+# A line ending, bare LF or CRLF, and the transparency dot after it (RFC 5321 §4.5.2).
+_LINE_END_AND_DOT = re.compile(rb"\r?\n\.?")
+_MAIL_SYNTAX = "501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
+_RCPT_SYNTAX = "501 5.5.4 Syntax: RCPT TO: <address> [SP <mail-parameters>]"
+_MALFORMED_ADDRESS = "553 5.1.3 Error: malformed address"
+_NULL_PATH = re.compile(r"^<>(?:\s+(.*))?$", re.DOTALL)  # RFC 5321 §4.1.1.2 the null reverse-path
+# RFC 6531 §3.4: a non-ASCII address needs SMTPUTF8 on MAIL (X.6.7, RFC 6531 §3.7.1).
+_NEEDS_SMTPUTF8 = SmtpError(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter", label="smtputf8")
+BARE_LINE_ENDING = "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 section 2.3.8)"
+
+
+def data_content(raw: bytes, bare_newline: str) -> bytes:
+    """The message from the raw DATA bytes (up to, not including, the final CRLF.CRLF).
+
+    RFC 5321 §2.3.8 wants CRLF only. A bare CR is refused in every mode: reading it as a
+    line break would change the lines the next hops see, and passing it on is what the
+    smuggling advisories exploit. A bare LF is read as CRLF (`normalize`, like Postfix 3.9)
+    or refused (`reject`). A NUL is refused (RFC 5322 §3.5 has no place for it). Then the
+    transparency rule (RFC 5321 §4.5.2) drops the first dot of every line, whatever its
+    ending was. Costs: a few C-level scans, and one copy only when something changes (the
+    line endings and the dots are fixed in the same pass), so at most twice the message is
+    held while this runs.
+    """
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\r") != crlf:
+        raise SmtpError(550, "5.6.0", BARE_LINE_ENDING, reason="bare CR in DATA", label="bare_line_ending")
+    if b"\x00" in raw:
+        raise SmtpError(550, "5.6.0", "Message contains NUL characters", reason="NUL in DATA", label="nul")
+    if raw.count(b"\n") != crlf:
+        if bare_newline == "reject":
+            raise SmtpError(550, "5.6.0", BARE_LINE_ENDING, reason="bare LF in DATA", label="bare_line_ending")
+        raw = _LINE_END_AND_DOT.sub(b"\r\n", raw)
+    elif b"\r\n." in raw:
+        raw = raw.replace(b"\r\n.", b"\r\n")
+    if raw.startswith(b"."):
+        raw = raw[1:]
+    return raw
 
 
 class RelaySMTP(SMTP):
@@ -116,12 +172,22 @@ class RelaySMTP(SMTP):
         implicit_tls: bool,
         advertise_auth: bool,
         budget: DataBudget | None = None,
+        bare_newline: str = "normalize",
+        data_timeout: float = 600.0,
+        max_session_duration: float = 1800.0,
+        proxy_from: ClientNetworks | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(_HOOKS, **kwargs)
         self._budget = budget or DataBudget(2**62)
         self._budget_held = 0  # this session's share of the budget
         self._over_budget = False
+        self.bare_newline = bare_newline
+        self.data_timeout = data_timeout
+        self.max_session_duration = max_session_duration
+        self.proxy_from = proxy_from
+        self._deadline: float | None = None
+        self._ending = "client disconnected"  # what ends an open transaction, for its log line
         self.client = client
         self._connections = connections
         self._implicit_tls = implicit_tls
@@ -137,6 +203,8 @@ class RelaySMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called again after STARTTLS with the TLS transport (aiosmtpd starts a new Session).
         restarted = self.session is not None
+        if self._deadline is None:
+            self._deadline = self.loop.time() + self.max_session_duration
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
@@ -148,7 +216,36 @@ class RelaySMTP(SMTP):
         finally:
             self._release_budget()
             self._connections.discard(self)
-            self.client.on_close()
+            self.client.on_close(self._ending)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # The idle timer (session_timeout) never runs past the session's deadline.
+        if self._deadline is not None:
+            remaining = self._deadline - self.loop.time()
+            duration = max(0.01, min(duration or self._timeout_duration, remaining))
+        super()._reset_timeout(duration)
+
+    def _timeout_cb(self) -> None:
+        # Never runs while the upstream's answer is awaited (_waiting_for_upstream stops the
+        # timer): after DATA, the session then ends right after the reply (smtp_DATA).
+        if self._past_deadline():
+            self._ending = "session time limit"
+            if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
+                self.transport.write(_SESSION_OVER)
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    async def _handle_client(self) -> None:
+        # Only the load balancer may say who the client is (listeners[].proxy_protocol_from).
+        if self._proxy_timeout is not None and self.proxy_from is not None:
+            assert self.session is not None
+            peer = str(self.session.peer[0]) if self.session.peer else ""
+            if not self.proxy_from.allows(peer):
+                self.client.proxy_refused(peer)
+                assert isinstance(self.transport, asyncio.WriteTransport)
+                self.transport.write(_PROXY_REFUSED)
+                self.transport.close()
+                return
+        await super()._handle_client()
 
     def _set_post_data_state(self) -> None:
         # The message is answered: its bytes leave the budget (and on a lost connection, in
@@ -164,11 +261,18 @@ class RelaySMTP(SMTP):
         # EHLO, HELO, RSET and STARTTLS reset the transaction (RFC 5321 §4.1.1.1, §4.1.1.5,
         # RFC 3207 §4.2); the upstream transaction that mirrors it ends too.
         super()._set_rset_state()  # type: ignore[no-untyped-call]
-        self.client.on_reset()
+        self.client.on_reset(self._ending)
+        self._ending = "client disconnected"
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     async def push(self, status: str | bytes) -> None:
         if isinstance(status, bytes):
             status = status.decode("utf-8", "replace")
+        if not status.isascii():
+            # RFC 5321 §4.2: reply texts are ASCII (an upstream's own text may not be).
+            status = _ascii(status)
         if not self._greeted:
             self._greeted = True
             await self._greet(status)
@@ -227,9 +331,90 @@ class RelaySMTP(SMTP):
             return None, None
         return address, rest
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # Our own: aiosmtpd takes an empty `mail_from` for "no MAIL yet", so it cannot carry
+        # the null reverse-path (RFC 5321 §4.5.5), and it knows no DSN or AUTH= parameter.
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        assert self.session is not None and self.envelope is not None
+        path = self._strip_command_keyword("FROM:", arg) if arg else None
+        if not path:
+            await self.push(_MAIL_SYNTAX)
+            return
+        if self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Sender already given; send RSET to start over")
+            return
+        null = _NULL_PATH.match(path)
+        address, rest = ("", null.group(1) or "") if null else self._getaddr(path)
+        if address is None or rest is None or not (address or null):
+            await self.push(_MALFORMED_ADDRESS)
+            return
+        words = rest.split()
+        if words and not self.session.extended_smtp:
+            await self.push(_MAIL_SYNTAX)
+            return
+        try:
+            params = parse_mail_params(words)
+            if not address.isascii() and not params.smtputf8:
+                raise _NEEDS_SMTPUTF8
+        except SmtpError as refusal:
+            await self.push(str(refusal.reply))
+            return
+        reply = self.client.mail(address, params, helo=self.session.host_name)
+        if reply.positive:
+            self.envelope.mail_from = address
+            self.envelope.mail_options.extend(words)
+            self.envelope.smtp_utf8 = params.smtputf8
+        elif reply.code == 421:
+            # RFC 5321 §3.8: after 421 the server closes the channel.
+            self.loop.call_soon(self.close)
+        await self.push(str(reply))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("RCPT"):
+            return
+        assert self.session is not None and self.envelope is not None
+        if self.envelope.mail_from is None:
+            await self.push("503 5.5.1 Send MAIL FROM first")
+            return
+        path = self._strip_command_keyword("TO:", arg) if arg else None
+        if not path:
+            await self.push(_RCPT_SYNTAX)
+            return
+        address, rest = self._getaddr(path)
+        if not address or rest is None:
+            await self.push(_MALFORMED_ADDRESS)
+            return
+        words = rest.split()
+        if words and not self.session.extended_smtp:
+            await self.push(_RCPT_SYNTAX)
+            return
+        try:
+            dsn = parse_rcpt_params(words)
+            if not address.isascii() and not self.envelope.smtp_utf8:
+                raise _NEEDS_SMTPUTF8
+        except SmtpError as refusal:
+            await self.push(str(refusal.reply))
+            return
+        with self._waiting_for_upstream():
+            reply = await self.client.rcpt(address, dsn)
+        if reply.positive:
+            self.envelope.rcpt_tos.append(address)
+            self.envelope.rcpt_options.extend(words)
+        await self.push(str(reply))
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not hostname or _BAD_HELO.search(hostname):
+            await self.push("501 5.5.4 Syntax: HELO hostname")
+            return
+        await super().smtp_HELO(hostname)
+
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        if not hostname:
+        if not hostname or _BAD_HELO.search(hostname):
             await self.push("501 5.5.4 Syntax: EHLO hostname")
             return
         self._set_rset_state()
@@ -239,9 +424,12 @@ class RelaySMTP(SMTP):
         lines = [self.hostname, "PIPELINING"]
         if self.data_size_limit:
             lines.append(f"SIZE {self.data_size_limit}")
-            self.command_size_limits["MAIL"] = 512 + 26
-        lines += ["8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
-        self.command_size_limits["MAIL"] += 10
+        lines += ["8BITMIME", "SMTPUTF8", "DSN", "ENHANCEDSTATUSCODES"]
+        # RFC 5321 §4.5.3.1.4: 512 octets, plus what each extension's parameters may add:
+        # SIZE 26 (RFC 1870 §3), SMTPUTF8 10 (RFC 6531 §3.4), AUTH= 500 (RFC 4954 §5),
+        # RET= and ENVID= 110 on MAIL, NOTIFY= and ORCPT= 500 on RCPT (RFC 3461 §4).
+        self.command_size_limits["MAIL"] = 512 + 26 + 10 + 500 + 110
+        self.command_size_limits["RCPT"] = 512 + 500
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
         if self._advertise_auth and self.tls_active:
@@ -249,6 +437,25 @@ class RelaySMTP(SMTP):
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
             await SMTP.push(self, f"250{sep}{line}")
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # RFC 3207 §4.2: once. aiosmtpd would start a second TLS layer inside the first.
+        if self.tls_active:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        self._ending = "STARTTLS"
+        await super().smtp_STARTTLS(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        self._ending = "RSET"
+        await super().smtp_RSET(arg)
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        self._ending = "QUIT"
+        await super().smtp_QUIT(arg)
 
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
@@ -277,10 +484,31 @@ class RelaySMTP(SMTP):
             await self.push(str(reply))
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        content, size = await self._read_data()
+        assert self._deadline is not None
+        time_left = min(self.data_timeout, self._deadline - self.loop.time())
+        try:
+            async with asyncio.timeout(max(time_left, 0.01)):
+                raw, size = await self._read_data()
+        except TimeoutError:
+            # RFC 5321 §4.5.3.2: the server may close a stalled session; the transaction
+            # ends unanswered (nothing was accepted), with its log line.
+            self._release_budget()
+            self.client.data_refused(
+                SmtpError(
+                    421,
+                    "4.4.2",
+                    "Timeout: DATA took too long",
+                    reason="DATA phase over its time limit",
+                    label="timeout",
+                ),
+                0,
+            )
+            await self.push("421 4.4.2 Timeout: DATA took too long, closing connection")
+            self.close()
+            return
         if self._over_budget:
             reply = self.client.data_refused(_budget_spent(f"{size} bytes of DATA over the in-flight budget"), size)
-        elif content is None:
+        elif raw is None:
             reply = self.client.data_refused(
                 SmtpError(
                     552,
@@ -291,30 +519,27 @@ class RelaySMTP(SMTP):
                 ),
                 size,
             )
-        elif _has_bare_line_ending(content):
-            reply = self.client.data_refused(
-                SmtpError(
-                    550,
-                    "5.6.0",
-                    "Message contains a bare CR or LF; lines must end with CRLF (RFC 5321 §2.3.8)",
-                    reason="bare CR or LF in DATA",
-                    label="bare_line_ending",
-                ),
-                size,
-            )
         else:
-            # Transparency (RFC 5321 §4.5.2): drop the first dot of every line.
-            if content.startswith(b"."):
-                content = content[1:]
-            if b"\r\n." in content:
-                content = content.replace(b"\r\n.", b"\r\n")
-            with self._waiting_for_upstream():
-                reply = await self.client.data(content)
+            try:
+                content = data_content(raw, self.bare_newline)
+            except SmtpError as refusal:
+                reply = self.client.data_refused(refusal, size)
+            else:
+                del raw
+                with self._waiting_for_upstream():
+                    reply = await self.client.data(content)
         self._set_post_data_state()
         await self.push(str(reply))
-        if self._shutting_down or self.client.draining:
+        if self._past_deadline():
+            # The session's time ran out while the upstream answered (see _timeout_cb).
+            await self.push("421 4.4.2 Session time limit reached, closing connection")
+            self.close()
+        elif self._shutting_down or self.client.draining:
             await self.push("421 4.3.2 Service shutting down, closing connection")
             self.close()
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and self.loop.time() >= self._deadline - 0.05
 
     @contextlib.contextmanager
     def _waiting_for_upstream(self) -> Iterator[None]:
@@ -371,9 +596,23 @@ def _budget_spent(reason: str) -> SmtpError:
     return SmtpError(452, "4.3.1", "Insufficient system storage, try again later", reason=reason, label="data_budget")
 
 
-def _has_bare_line_ending(content: bytes) -> bool:
-    crlf = content.count(b"\r\n")
-    return content.count(b"\n") != crlf or content.count(b"\r") != crlf
+def _ascii(text: str) -> str:
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return folded if folded.strip() else text.encode("ascii", "replace").decode("ascii")
+
+
+class _Session(Session):
+    """aiosmtpd's Session without its deprecated `login_data`, which aiosmtpd itself sets on
+    every successful AUTH and which then logs a warning each time (the relay keeps the user
+    in `ClientSession`)."""
+
+    @property
+    def login_data(self) -> Any:
+        return None
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        pass
 
 
 class _Hooks:
@@ -383,29 +622,6 @@ class _Hooks:
     async def handle_PROXY(self, server: RelaySMTP, session: Session, envelope: Envelope, proxy_data: Any) -> bool:
         # The network check runs on the address the PROXY header carries (RelaySMTP._greet).
         return True
-
-    async def handle_MAIL(
-        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
-    ) -> str:
-        reply = server.client.mail(address, mail_options, helo=session.host_name)
-        if reply.positive:
-            envelope.mail_from = address
-            envelope.mail_options.extend(mail_options)
-        elif reply.code == 421:
-            # RFC 5321 §3.8: after 421 the server closes the channel.
-            asyncio.get_running_loop().call_soon(server.close)
-        return str(reply)
-
-    async def handle_RCPT(
-        self, server: RelaySMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
-    ) -> str:
-        with server._waiting_for_upstream():
-            reply = await server.client.rcpt(address)
-        if reply.positive:
-            # An aiosmtpd handle_RCPT hook must record the accepted recipient itself.
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(rcpt_options)
-        return str(reply)
 
     # -- AUTH (RFC 4954; PLAIN RFC 4616, LOGIN) -----------------------------------------
     async def auth_PLAIN(self, server: RelaySMTP, args: list[str]) -> AuthResult:

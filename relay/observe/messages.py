@@ -51,6 +51,12 @@ DKIM_SIGN_DURATION = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
 )
 
+DSN_RELAYED_NOTICES = Counter(
+    "relay_dsn_relayed_notices_total",
+    'The "relayed" notices (RFC 3461 §5.2.2) the relay sent itself, by result (sent, failed).',
+    ["result"],
+)
+
 _QUEUE_ID = re.compile(r"(?:queued as|id=|\bid\s)\s*<?([A-Za-z0-9._@+-]{4,})", re.IGNORECASE)
 
 
@@ -127,6 +133,28 @@ def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | Non
     message_log.info("relayed" if error is None else "refused", extra=fields)
 
 
+def transaction_cancelled(tx: TransactionFacts, why: str) -> None:
+    """The one log line of a transaction that ended without DATA (RSET, QUIT, a new EHLO,
+    a disconnect, a time limit) after at least one recipient: nothing was sent."""
+    message_log.info(
+        "cancelled",
+        extra={
+            "event": "message",
+            "id": tx.id,
+            "listener": tx.listener,
+            "client": tx.client,
+            "user": tx.user,
+            "mail_from_domain": tx.mail_from_domain or None,
+            "recipients": len(tx.recipients),
+            "upstream": tx.upstream.upstream if tx.upstream is not None else None,
+            "code": None,
+            "enhanced": None,
+            "reason": why,
+            "duration_ms": round((time.monotonic() - tx.started) * 1000, 1),
+        },
+    )
+
+
 def mail_refused(listener: str, client: str, user: str | None, mail_from: str, error: SmtpError) -> None:
     """The one log line of a transaction refused at MAIL (no transaction id was given)."""
     count_rejection(listener, error.label)
@@ -175,3 +203,14 @@ def message_received(listener: str, size: int) -> None:
 
 def message_relayed(listener: str, upstream: str) -> None:
     MESSAGES_RELAYED.labels(listener, upstream).inc()
+
+
+def relayed_notice(tx_id: str, reply: Reply | None, failure: str | None) -> None:
+    """The outcome of a "relayed" notice for transaction `tx_id` (relay.deliver.dsn): its own
+    line, beside the transaction's, since it is sent after the client's 250."""
+    DSN_RELAYED_NOTICES.labels("failed" if failure else "sent").inc()
+    fields = {"event": "dsn_relayed", "id": tx_id, "code": reply.code if reply else None}
+    if failure:
+        log.warning("relayed notice not sent", extra={**fields, "reason": failure})
+    else:
+        log.info("relayed notice sent", extra=fields)

@@ -5,7 +5,9 @@ The edge (`relay.listen`) calls these at the session's events; nothing here deci
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 
 from prometheus_client import Counter, Gauge
 
@@ -59,10 +61,21 @@ def session_ended(listener: str, tls_version: str | None) -> None:
     SESSIONS_TOTAL.labels(listener, tls_version or "none").inc()
 
 
-def auth_attempt(listener: str, mechanism: str, ok: bool, *, client: str, username: str) -> None:
+def auth_attempt(listener: str, mechanism: str, ok: bool, *, client: str, username: str, known: bool) -> None:
     AUTH_ATTEMPTS.labels(listener, mechanism, "success" if ok else "failure").inc()
     if not ok:
-        log.info("authentication failed", extra={"listener": listener, "client": client, "user": username[:64]})
+        # A username that is not configured may be a password typed into the wrong field:
+        # it is logged only as a short hash keyed per process, enough to see one name
+        # repeated, useless for guessing it offline.
+        who = {"user": username} if known else {"user": None, "user_hash": _short_hash(username)}
+        log.info("authentication failed", extra={"listener": listener, "client": client, **who})
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.blake2s(text.encode("utf-8", "replace"), digest_size=6, key=_HASH_KEY).hexdigest()
+
+
+_HASH_KEY = os.urandom(16)
 
 
 def auth_not_checked(listener: str, mechanism: str, refusal: SmtpError, *, client: str) -> None:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from relay.deliver.dsn import xtext_decode
 from relay.queue.entry import QueueEntry, RecipientState
 
 if TYPE_CHECKING:
@@ -63,13 +64,15 @@ def build_dsn(
     # RFC 3464 §2.2: per-message fields, then one block per recipient (§2.3).
     status = [f"Reporting-MTA: dns; {hostname}"]
     if entry.envid:
-        status.append(f"Original-Envelope-Id: {entry.envid}")
+        # RFC 3461 §4.4, §4.2: ENVID and ORCPT travel as xtext; the report shows them decoded.
+        status.append(f"Original-Envelope-Id: {xtext_decode(entry.envid)}")
     status.append(f"Arrival-Date: {arrival}")
     for r in failed:
         status.append("")
         status.append(f"Final-Recipient: rfc822; {r.address}")
         if r.orcpt:
-            status.append(f"Original-Recipient: {r.orcpt}")
+            addr_type, _, original = r.orcpt.partition(";")
+            status.append(f"Original-Recipient: {addr_type};{xtext_decode(original)}")
         status.append("Action: failed")
         status.append(f"Status: {_status_code(r.last_reply)}")
         if r.last_reply:

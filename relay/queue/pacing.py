@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from relay.deliver.base import Envelope, UpstreamTarget, UpstreamTransaction
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply
 from relay.message import WireMessage
 
@@ -47,12 +47,16 @@ class PacedTransaction:
         self._first_paid = first_paid
         self.upstream = inner.upstream
 
-    async def add_recipient(self, address: str) -> Reply:
+    @property
+    def carries_dsn(self) -> bool:
+        return self._inner.carries_dsn
+
+    async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         if self._first_paid:
             self._first_paid = False  # paid in `begin`
         else:
             await self._bucket.take()
-        return await self._inner.add_recipient(address)
+        return await self._inner.add_recipient(address, dsn)
 
     async def send(self, message: WireMessage) -> Reply:
         return await self._inner.send(message)

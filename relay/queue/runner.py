@@ -38,9 +38,11 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
-from relay.deliver.base import Envelope, UpstreamTarget
+from relay.deliver.base import DsnRequest, Envelope, UpstreamTarget
+from relay.deliver.dsn import relayed_report
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
+from relay.observe import messages
 from relay.queue.dsn import build_dsn, reportable
 from relay.queue.entry import DELIVERED, FAILED, CorruptEntry, QueueEntry, RecipientState
 from relay.queue.schedule import RetryPolicy
@@ -357,7 +359,14 @@ class QueueRunner:
         message: bytes,
     ) -> list[RecipientState]:
         """One upstream transaction for `recipients`; returns those to send in another."""
-        envelope = Envelope(entry.mail_from, body_8bit=entry.body_8bit, smtputf8=entry.smtputf8)
+        envelope = Envelope(
+            entry.mail_from,
+            body_8bit=entry.body_8bit,
+            smtputf8=entry.smtputf8,
+            ret=entry.ret,
+            envid=entry.envid,
+            auth=entry.extra.get("auth"),
+        )
         upstream = delivery.name
         started = time.perf_counter()
         try:
@@ -372,7 +381,7 @@ class QueueRunner:
         prepared: PreparedChange | None = None
         try:
             for r in recipients:
-                reply = await tx.add_recipient(r.address)
+                reply = await tx.add_recipient(r.address, DsnRequest(r.notify, r.orcpt))
                 if reply.positive:
                     accepted.append(r)
                 elif reply.code == 452 and reply.enhanced == "4.5.3":
@@ -415,6 +424,8 @@ class QueueRunner:
                     self._set(r, DELIVERED, str(reply), upstream, now)
             self._log_attempt(entry, accepted, upstream, "delivered", reply, started)
             ATTEMPTS.labels(upstream, "delivered").inc()
+            if not tx.carries_dsn:
+                await self._relayed_notice(entry, accepted, reply, message)
         else:
             prepared.discard()
             self._record(entry, accepted, reply, upstream, started=started)
@@ -537,6 +548,51 @@ class QueueRunner:
             extra={"id": entry.id, "dsn_id": dsn.id, "to_domain": entry.mail_from.rpartition("@")[2]},
         )
         self.submit(dsn_lock, dsn, report)
+
+    async def _relayed_notice(
+        self, entry: QueueEntry, accepted: list[RecipientState], reply: Reply, message: bytes
+    ) -> None:
+        """RFC 3461 §5.2.2: the upstream took the message but offers no DSN, so the
+        recipients that asked for SUCCESS get a "relayed" notice (relay.deliver.dsn), queued
+        like a failure report. Best effort: a crash before it is queued loses the notice,
+        never the delivery."""
+        wanted = [
+            (r.address, request) for r in accepted if (request := DsnRequest(r.notify, r.orcpt)).notifies("SUCCESS")
+        ]
+        if not wanted or not entry.mail_from:
+            return
+        now = time.time()
+        end = message.find(b"\r\n\r\n")
+        report = relayed_report(
+            reporting_mta=self.hostname,
+            sender=entry.mail_from,
+            domain=self.hostname,
+            recipients=wanted,
+            envid=entry.envid,
+            arrival=entry.created,
+            upstream_reply=str(reply),
+            header=message if end == -1 else message[: end + 2],
+        )
+        if self.sign_report is not None:
+            report = self.sign_report(report)
+        notice = QueueEntry(
+            id=queue_id(),
+            mail_from="",
+            recipients=[RecipientState(entry.mail_from)],
+            created=now,
+            since=now,
+            listener="dsn",
+            from_domain=self.hostname,
+            extra={"relayed_for": entry.id},
+        )
+        try:
+            notice_lock = await self.spool.put(notice, report)
+        except SmtpError as exc:
+            messages.relayed_notice(entry.id, None, exc.reason)
+            return
+        log.info("relayed notice queued", extra={"id": entry.id, "dsn_id": notice.id})
+        messages.DSN_RELAYED_NOTICES.labels("queued").inc()
+        self.submit(notice_lock, notice, report)
 
     # -- logging ----------------------------------------------------------------------------
     def _log_attempt(

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from relay.deliver.base import Envelope, UpstreamTarget
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTarget
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
 from relay.queue.entry import QueueEntry, RecipientState
@@ -45,11 +45,17 @@ class SpoolTransaction:
         self._recipients: list[RecipientState] = []
         self.queued_id: str | None = None
 
-    async def add_recipient(self, address: str) -> Reply:
+    @property
+    def carries_dsn(self) -> bool:
+        # The spool keeps the DSN requests with the message; the delivery loop passes them
+        # on or reports itself (relay.queue.runner).
+        return True
+
+    async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         # The route that will carry the message must exist now: a recipient that no
         # upstream could take is refused here, while the client can still be told.
         self._target.routes().target_for(self._envelope.mail_from)
-        self._recipients.append(RecipientState(address))
+        self._recipients.append(RecipientState(address, notify=dsn.notify, orcpt=dsn.orcpt))
         return Reply(250, "2.1.5", "OK")
 
     async def send(self, message: WireMessage) -> Reply:
@@ -67,10 +73,11 @@ class SpoolTransaction:
             created=time.time(),
             body_8bit=envelope.body_8bit,
             smtputf8=envelope.smtputf8,
-            # RFC 3461 parameters, when the edge passes them on (NOTIFY/ORCPT per recipient
-            # are set on the RecipientState by the same means).
-            ret=getattr(envelope, "ret", None),
-            envid=getattr(envelope, "envid", None),
+            # RFC 3461 §4.3, §4.4 (NOTIFY and ORCPT are on each RecipientState).
+            ret=envelope.ret,
+            envid=envelope.envid,
+            # RFC 4954 §5: the AUTH= value the pipeline vouches for, for the upstream.
+            extra={} if envelope.auth is None else {"auth": envelope.auth},
         )
         content = bytes(message)  # the spool writes and keeps the message whole
         held = await self._target.spool.put(entry, content)  # SmtpError 452/451 on failure

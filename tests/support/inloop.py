@@ -40,6 +40,7 @@ from relay.config.load import settings_from_mapping
 from relay.config.schema import Settings
 from relay.config.units import HostPort
 from relay.observe.logs import JsonFormatter
+from relay.pipeline import finish_background
 from relay.server import Relay
 
 P = ParamSpec("P")
@@ -189,6 +190,11 @@ class LoopRelay:
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         self._in_loop(self.await_ready(timeout), timeout + 10)
+
+    def settle(self, timeout: float = 20.0) -> None:
+        """Wait until the work that outlives a session is done: upstream aborts and "relayed"
+        notices (relay.pipeline runs them after the client's reply)."""
+        self._in_loop(finish_background(timeout), timeout + 10)
 
     def _in_loop(self, work: Coroutine[Any, Any, Any], timeout: float) -> Any:
         if _in_loop_thread(self.loop):

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay.config.schema import Settings
-from relay.deliver.base import Envelope
+from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
 from relay.pipeline import Pipeline
@@ -27,17 +27,20 @@ class SentMessage:
     envelope: Envelope
     recipients: list[str]
     content: bytes
+    dsn: list[DsnRequest] = field(default_factory=list)  # per recipient, in order
 
 
 @dataclass
 class FakeTarget:
     """An `UpstreamTarget` that keeps what it is sent. `rcpt_replies` (address → Reply) and
-    `data_reply` make it refuse; `fail_begin` makes `begin` raise (a broken path)."""
+    `data_reply` make it refuse; `fail_begin` makes `begin` raise (a broken path); `dsn`
+    says whether it takes DSN requests on (`carries_dsn`)."""
 
     name: str = "fake"
     rcpt_replies: dict[str, Reply] = field(default_factory=dict)
     data_reply: Reply | None = None
     fail_begin: SmtpError | None = None
+    dsn: bool = False
     sent: list[SentMessage] = field(default_factory=list)
     begun: int = 0
     aborted: int = 0
@@ -61,19 +64,25 @@ class FakeTransaction:
         self._target = target
         self._envelope = envelope
         self._recipients: list[str] = []
+        self._dsn: list[DsnRequest] = []
         self._done = False
 
-    async def add_recipient(self, address: str) -> Reply:
+    @property
+    def carries_dsn(self) -> bool:
+        return self._target.dsn
+
+    async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         reply = self._target.rcpt_replies.get(address, Reply(250, "2.1.5", "OK"))
         if reply.positive:
             self._recipients.append(address)
+            self._dsn.append(dsn)
         return reply
 
     async def send(self, message: WireMessage) -> Reply:
         self._done = True
         if self._target.data_reply is not None:
             return self._target.data_reply
-        self._target.sent.append(SentMessage(self._envelope, list(self._recipients), bytes(message)))
+        self._target.sent.append(SentMessage(self._envelope, list(self._recipients), bytes(message), list(self._dsn)))
         return Reply(250, "2.0.0", f"Ok: queued as F{len(self._target.sent):06d}")
 
     async def abort(self) -> None:

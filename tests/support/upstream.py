@@ -1,7 +1,8 @@
 """A real SMTP upstream for tests: aiosmtpd on a loopback port, in its own thread.
 
 It records every message it accepts (envelope, bytes, the peer it came from, whether TLS
-was on) and can be told to refuse at MAIL/RCPT/DATA, to stall, or to require AUTH.
+was on) and can be told to refuse at MAIL/RCPT/DATA, to stall, or to require AUTH. With
+`dsn=True` it offers the DSN extension (RFC 3461) and records the DSN parameters it got.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from tests.support.procs import free_port
 
@@ -26,6 +27,10 @@ class ReceivedMessage:
     peer: tuple
     tls: bool
     user: str | None
+    # MAIL parameters as sent (e.g. ["BODY=8BITMIME", "RET=HDRS"]) and RCPT parameters per
+    # recipient; DSN parameters keep their case.
+    mail_options: list[str] = field(default_factory=list)
+    rcpt_options: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,6 +48,14 @@ class _Handler:
     def __init__(self, upstream: Upstream) -> None:
         self.up = upstream
 
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.up.dsn:
+            responses.insert(-1, "250-DSN")
+        if not self.up.eightbit:
+            responses = [r for r in responses if r[4:] != "8BITMIME"]
+        return responses
+
     async def handle_MAIL(self, server, session, envelope, address, options):
         self.up.mail_commands += 1
         self.up.commands.append("MAIL")
@@ -51,7 +64,8 @@ class _Handler:
         if self.up.behaviour.mail_reply:
             return self.up.behaviour.mail_reply
         envelope.mail_from = address
-        envelope.mail_options.extend(options)
+        envelope.mail_options.extend(getattr(server, "dsn_mail_params", []) + options)
+        envelope.rcpt_params = {}
         return "250 2.1.0 OK"
 
     async def handle_RSET(self, server, session, envelope):
@@ -73,6 +87,7 @@ class _Handler:
                 asyncio.get_running_loop().call_soon(server.transport.close)
             return reply
         envelope.rcpt_tos.append(address)
+        envelope.rcpt_params[address] = getattr(server, "dsn_rcpt_params", []) + options
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
@@ -89,20 +104,62 @@ class _Handler:
         with self.up.lock:
             self.up.messages.append(
                 ReceivedMessage(
-                    mail_from=envelope.mail_from,
+                    # aiosmtpd keeps the null reverse-path as "<>"; recorded as "" (no sender).
+                    mail_from="" if envelope.mail_from == "<>" else envelope.mail_from,
                     rcpt_tos=list(envelope.rcpt_tos),
                     content=bytes(envelope.original_content),
                     peer=session.peer,
                     tls=session.ssl is not None or self.up.implicit,
                     user=login.decode() if isinstance(login, bytes) else login,
+                    mail_options=list(envelope.mail_options),
+                    rcpt_options=dict(getattr(envelope, "rcpt_params", {})),
                 )
             )
             n = len(self.up.messages)
         return f"250 2.0.0 Ok: queued as {b.queue_id_prefix}{n:06d}"
 
 
+class _ParamSMTP(SMTP):
+    """aiosmtpd refuses every MAIL/RCPT parameter it does not know (555); this one takes the
+    DSN parameters (when it offers DSN) and AUTH= (when it offers AUTH, RFC 4954 §5) off
+    the command first and keeps them for the handler."""
+
+    mail_params: tuple[str, ...] = ()
+    rcpt_params: tuple[str, ...] = ()
+
+    async def smtp_MAIL(self, arg):
+        arg, self.dsn_mail_params = _take_params(arg, self.mail_params)
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg):
+        arg, self.dsn_rcpt_params = _take_params(arg, self.rcpt_params)
+        await super().smtp_RCPT(arg)
+
+
+def _take_params(arg: str | None, names: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    if not arg:
+        return arg, []
+    words = arg.split(" ")
+    taken = [w for w in words if w.partition("=")[0].upper() in names]
+    return " ".join(w for w in words if w not in taken), taken
+
+
+class _Controller(Controller):
+    def __init__(self, *args, dsn: bool, auth: bool, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.mail_params = ("RET", "ENVID") * dsn + ("AUTH",) * auth
+        self.rcpt_params = ("NOTIFY", "ORCPT") * dsn
+
+    def factory(self):
+        server = _ParamSMTP(self.handler, **self.SMTP_kwargs)
+        server.mail_params, server.rcpt_params = self.mail_params, self.rcpt_params
+        return server
+
+
 class Upstream:
-    """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH."""
+    """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH
+    (and take AUTH= on MAIL). `dsn`: offer the DSN extension (RFC 3461). `eightbit=False`:
+    do not offer 8BITMIME (RFC 6152)."""
 
     def __init__(
         self,
@@ -113,8 +170,12 @@ class Upstream:
         host: str = "127.0.0.1",
         port: int | None = None,
         hostname: str = "upstream.test",
+        dsn: bool = False,
+        eightbit: bool = True,
     ) -> None:
         self.host = host
+        self.dsn = dsn
+        self.eightbit = eightbit
         self.port = port or free_port(host)
         self.implicit = tls == "implicit"
         self.behaviour = UpstreamBehaviour()
@@ -138,8 +199,10 @@ class Upstream:
             kwargs["authenticator"] = authenticator
             kwargs["auth_required"] = True
             kwargs["auth_require_tls"] = tls != "none"
-        self._make_controller = lambda: Controller(
+        self._make_controller = lambda: _Controller(
             _Handler(self),
+            dsn=dsn,
+            auth=users is not None,
             hostname=host,
             port=self.port,
             ssl_context=server_context if self.implicit else None,

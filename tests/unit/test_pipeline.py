@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from relay.config.load import settings_from_mapping
+from relay.deliver.base import Envelope
 from relay.errors import SmtpError
 from relay.pipeline import Pipeline, Transaction
 from tests.support.config import APP_PASSWORD, relay_config
@@ -29,8 +30,7 @@ async def open_tx(pipeline: Pipeline, mail_from: str = "app@example.com") -> Tra
         client="127.0.0.1",
         user="app",
         senders=user.senders,
-        mail_from=mail_from,
-        mail_options=["BODY=8BITMIME"],
+        envelope=Envelope(mail_from=mail_from, body_8bit=True),
         helo="client.test",
         tls="TLSv1.3",
     )
