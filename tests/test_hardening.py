@@ -210,3 +210,21 @@ def test_data_over_the_in_flight_budget_gets_452_and_the_budget_comes_back(make_
     # Once the first is answered, its bytes are back: the same message now passes.
     assert submit(relay, pki, data=message(body=("b" * 70 + "\r\n") * 1400)) == {}
     assert len(upstream.wait_for(2)) == 2
+
+
+@pytest.mark.parametrize("listener", ["submission", "submissions"])
+@in_thread
+def test_drain_does_not_wait_for_an_idle_tls_client_that_never_reads(make_loop_relay, upstream, pki, listener):
+    """An idle TLS session (STARTTLS or implicit) whose client reads nothing: the drain's 421
+    and close used to wait for the client's TLS close_notify (asyncio's 30 s TLS shutdown
+    timeout), so the drain ran to drain_timeout and left the session open. Now the
+    connection is aborted after a short grace once our close_notify is out."""
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["drain_timeout"] = "20s"  # under asyncio's 30 s, far over the grace
+    relay.start()
+    client = connect(relay, pki, listener=listener)  # then reads nothing until the drain ends
+    drained = asyncio.run_coroutine_threadsafe(relay.running.drain(), relay.loop)
+    drained.result(timeout=60)
+    assert not [e for e in relay.logs() if e.get("msg", "").startswith("drain timeout")]
+    assert len(relay.running.connections) == 0
+    assert client.getreply() == (421, b"4.3.2 Service shutting down, closing connection")

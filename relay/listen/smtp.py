@@ -114,6 +114,10 @@ def with_enhanced_code(status: str) -> str:
 
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
 _SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
+# Closing a TLS transport waits for the client's close_notify (asyncio gives it 30 s), and
+# closing any transport waits for its unsent data: a client that reads nothing would hold its
+# connection, and a drain, that long. Once our last reply is out, it gets this long to go.
+CLOSE_GRACE = 5.0
 _PROXY_REFUSED = b"554 5.7.1 Access denied: PROXY header not accepted from this address\r\n"
 # RFC 5321 §4.1.1.1: EHLO/HELO take a domain or an address literal; neither has a space or a
 # control character (and a CR there would become a header line in `Received:`).
@@ -188,6 +192,7 @@ class RelaySMTP(SMTP):
         self.proxy_from = proxy_from
         self._deadline: float | None = None
         self._ending = "client disconnected"  # what ends an open transaction, for its log line
+        self._abort_handle: asyncio.TimerHandle | None = None
         self.client = client
         self._connections = connections
         self._implicit_tls = implicit_tls
@@ -214,6 +219,8 @@ class RelaySMTP(SMTP):
         try:
             super().connection_lost(error)
         finally:
+            if self._abort_handle is not None:
+                self._abort_handle.cancel()
             self._release_budget()
             self._connections.discard(self)
             self.client.on_close(self._ending)
@@ -233,6 +240,7 @@ class RelaySMTP(SMTP):
             if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
                 self.transport.write(_SESSION_OVER)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+        self._abort_when_stuck()
 
     async def _handle_client(self) -> None:
         # Only the load balancer may say who the client is (listeners[].proxy_protocol_from).
@@ -243,9 +251,13 @@ class RelaySMTP(SMTP):
                 self.client.proxy_refused(peer)
                 assert isinstance(self.transport, asyncio.WriteTransport)
                 self.transport.write(_PROXY_REFUSED)
-                self.transport.close()
+                self.close()
                 return
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        finally:
+            # QUIT or too many errors: aiosmtpd closed the transport.
+            self._abort_when_stuck()
 
     def _set_post_data_state(self) -> None:
         # The message is answered: its bytes leave the budget (and on a lost connection, in
@@ -307,6 +319,19 @@ class RelaySMTP(SMTP):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+            self._abort_when_stuck()
+
+    def _abort_when_stuck(self) -> None:
+        """Abort the connection if it is still closing after CLOSE_GRACE (see there)."""
+        transport = self.transport
+        if not isinstance(transport, asyncio.WriteTransport) or not transport.is_closing() or self._abort_handle:
+            return
+
+        def abort() -> None:
+            if self.transport is transport:  # connection_lost has not come
+                transport.abort()
+
+        self._abort_handle = self.loop.call_later(CLOSE_GRACE, abort)
 
     async def handle_exception(self, error: Exception) -> str:
         sessions.session_error(self.client.listener.name, error)
