@@ -270,9 +270,10 @@ def crash(spool: Spool) -> None:
     go, no retirement."""
     os.close(spool.journal._fd)
     spool.journal._fd = -1
-    for fd in spool.journal._kept.values():
+    kept = getattr(spool.journal, "_kept", {})
+    for fd in kept.values():
         os.close(fd)
-    spool.journal._kept.clear()
+    kept.clear()
 
 
 async def test_journal_replay_after_a_crash_restores_lost_entries_only(tmp_path, monkeypatch):
@@ -607,7 +608,7 @@ async def test_replay_after_a_kill_does_not_restore_what_someone_removed(tmp_pat
     os.unlink(killed.path("x1"))  # delivered by another worker (it could lock it now)
     restarted = Spool(tmp_path / "spool")
     restarted.open()
-    assert set(restarted.opened_scan.entries) == {"x2"}
+    assert set(restarted.scan({}).entries) == {"x2"}
     await restarted.close()
 
 
@@ -615,11 +616,9 @@ async def test_a_listing_waits_for_a_replay_under_way(tmp_path):
     """Another worker replaying a dead segment (after a reboot: missing files restored)
     holds the replay lock: no listing, so no delivery from one, meanwhile (before: the
     second worker delivered what the first then restored: every message twice)."""
-    from relay.queue.store import REPLAY_LOCK
-
     spool = Spool(tmp_path / "spool")
     spool.open()
-    fd = os.open(spool.journal_dir / REPLAY_LOCK, os.O_RDONLY)
+    fd = os.open(spool.journal_dir / "replay.lock", os.O_RDONLY | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)  # the replayer
     listing = asyncio.ensure_future(asyncio.to_thread(spool.scan, {}))
     await asyncio.sleep(0.3)
