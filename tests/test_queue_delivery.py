@@ -569,3 +569,25 @@ async def test_deliveries_under_way_stay_within_a_byte_budget(harness, upstream)
     await eventually(lambda: len(upstream.messages) == 8, timeout=60, what="all 8 delivered")
     watcher.cancel()
     assert 0 < most <= h.runner.delivery_bytes
+
+
+async def test_the_first_scan_reuses_what_open_read(tmp_path, upstream, monkeypatch):
+    """A backlog found at start is read once (by `Spool.open()`), not a second time by the
+    delivery loop's first scan."""
+    first = Spool(tmp_path / "spool")
+    first.open()
+    for i in range(5):
+        e = QueueEntry(
+            id=f"b{i}", mail_from="a@example.com", recipients=[RecipientState("r@x.test")], created=time.time()
+        )
+        e.recipients[0].next_attempt = time.time() + 3600  # not due: nothing is delivered
+        (await first.put(e, MESSAGE)).release()
+    await first.close()
+    h = Harness(tmp_path / "spool", upstream)
+    reads = []
+    real = Spool.read_meta
+    monkeypatch.setattr(Spool, "read_meta", lambda self, i: (reads.append(i), real(self, i))[1])
+    h.runner.start()
+    await eventually(lambda: h.runner._last_scan > 0, what="the first scan")
+    assert reads == [] and len(h.runner._summaries) == 5
+    await h.close()
