@@ -102,7 +102,7 @@ class SharedTokenBucket:
         try:
             now = time.monotonic()
             raw = os.pread(fd, _STATE.size, 0)
-            tokens, stamp = _STATE.unpack(raw) if len(raw) == _STATE.size else (self.burst, now)
+            tokens, stamp = (float(v) for v in _STATE.unpack(raw)) if len(raw) == _STATE.size else (self.burst, now)
             if stamp > now:
                 stamp = now
             tokens = min(self.burst, tokens + (now - stamp) * self.rate) - count
