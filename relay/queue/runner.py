@@ -62,8 +62,7 @@ BOUNCES = Counter(
 MESSAGES = Gauge(
     "relay_queue_messages",
     "Messages in the spool: active (due or being delivered), deferred "
-    "(waiting for a retry), dead (failed, kept for inspection), unreadable (skipped: "
-    "permissions or I/O errors, see the log).",
+    "(waiting for a retry), dead (failed, kept for inspection).",
     ["state"],
     multiprocess_mode="livemax",
 )
@@ -80,6 +79,12 @@ MAX_BYTES = Gauge(
     multiprocess_mode="livemax",
 )
 
+UNREADABLE = Gauge(
+    "relay_queue_unreadable_messages",
+    "Spool entries the last scan could not read (permissions, I/O errors; the log names "
+    "each): skipped, not quarantined, tried again at every scan.",
+    multiprocess_mode="livemax",
+)
 LOOP_ERRORS = Counter(
     "relay_queue_loop_errors_total",
     "Unexpected errors in the spool's delivery loop (a scan or an entry that could not be "
@@ -350,7 +355,7 @@ class QueueRunner:
         MESSAGES.labels("active").set(active)
         MESSAGES.labels("deferred").set(deferred)
         MESSAGES.labels("dead").set(dead)
-        MESSAGES.labels("unreadable").set(self._unreadable)
+        UNREADABLE.set(self._unreadable)
         BYTES.set(self.spool.used_bytes)
         OLDEST.set(max(0.0, now - oldest) if oldest is not None else 0.0)
 
