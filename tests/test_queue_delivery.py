@@ -553,7 +553,7 @@ async def test_deliveries_under_way_stay_within_a_byte_budget(harness, upstream)
     upstream.behaviour.data_delay = 0.3
     h = harness()
     big = MESSAGE + (b"x" * 76 + b"\r\n") * 1300  # 100 KB
-    h.runner.delivery_bytes = 5 * len(big)  # two at a time (each counts twice)
+    h.runner.delivery_bytes = 9 * len(big)  # two at a time (each counts four times)
     for _ in range(8):
         await h.put(["big@example.net"], message=big, submit=False)
     most = 0
