@@ -371,7 +371,7 @@ class QueueRunner:
                     # The summary is from the scan: an operator may have requeued the entry
                     # since. Removed only if it still is an expired dead letter, owing nothing.
                     try:
-                        entry, _ = self.spool.read(held)
+                        entry = self.spool.read_meta(summary.id)  # the envelope and state only
                     except (OSError, CorruptEntry):
                         continue
                     if not (entry.done and entry.failed and entry.finished) or entry.dsn == "pending":
