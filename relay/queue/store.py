@@ -18,7 +18,13 @@ flock(2) on its entry file for the whole operation, and re-reads the state after
 The lock dies with its process (kill -9 included), so no lease needs to expire. With
 `relay serve --workers N` every worker sees every entry, and the one that gets the lock
 delivers it; the others skip it. A new entry is locked before it has its name (see
-`GroupCommitter.write`), so the worker that accepted it delivers it first.
+`GroupCommitter.write`), so the worker that accepted it delivers it first, and it keeps the
+lock (in its journal, `Journal.keep`) until its journal segment is retired: nobody else
+removes an entry a live segment vouches for.
+
+Listings and journal replays exclude each other (`journal/replay.lock`: shared for a listing,
+exclusive for a replay), so no worker delivers from a listing a replay may then contradict.
+`relay queue` changes only as the directory's owner (relay.queue.commands).
 """
 
 from __future__ import annotations
