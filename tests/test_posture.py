@@ -47,7 +47,7 @@ from relay.sign.keyring import KeyRing
 from relay.sign.keys import load_signing_key
 from relay.wiring import build_target
 from tests.support.dns import black_hole, dns_server
-from tests.support.procs import free_port, require_binary, running
+from tests.support.procs import dead_port, free_port, require_binary, running
 from tests.support.upstream import Upstream
 
 DATA = Path(__file__).parent / "data"
@@ -114,7 +114,7 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         "upstream": {
             "name": "smarthost",
             "host": LOOP,
-            "port": free_port(),
+            "port": dead_port(),
             "tls": "none",
             "connect_timeout": "3s",
             "command_timeout": "3s",
@@ -595,7 +595,7 @@ async def test_ip_echo_private_answer_is_not_an_egress_ip():
 async def test_ip_echo_unreachable_says_where_without_credentials():
     dialer = dialer_for(None, connect_timeout=2)
     with pytest.raises(EchoError) as info:
-        await fetch_echo_ip(f"http://user:pw-secret@{LOOP}:{free_port()}/ip", dialer)
+        await fetch_echo_ip(f"http://user:pw-secret@{LOOP}:{dead_port()}/ip", dialer)
     assert str(info.value).startswith(f"http://{LOOP}:")
     assert "pw-secret" not in str(info.value)
 
@@ -687,7 +687,7 @@ def test_relay_check_json(case, tmp_path, nameserver, dead_nameserver, key_files
             up = stack.enter_context(Upstream(tls="none"))
             upstream = {"host": LOOP, "port": up.port, "tls": "none"}
         else:
-            upstream = {"host": LOOP, "port": free_port(), "tls": "starttls"}
+            upstream = {"host": LOOP, "port": dead_port(), "tls": "starttls"}
         config = check_config(tmp_path, dns_address, key_files, keys, upstream)
         result = run_check_cli(config, "--json")
     assert result.returncode == exit_code, result.stderr
