@@ -47,6 +47,7 @@ log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
 KEY_AGE_INTERVAL = 15.0
+CANCEL_RETRY_S = 1.0  # stop: how long a cancelled task may take before it is cancelled again
 
 ListenerKey = tuple[str, str, str]
 
@@ -264,6 +265,8 @@ class Relay:
         self.components = new
         if self._posture_task is not None:
             self._posture_task.cancel()
+            # Ended by stop() if it lets this cancellation go by (see _cancelled).
+            self._tasks = [t for t in self._tasks if not t.done()] + [self._posture_task]
         self._posture_task = asyncio.create_task(new.posture.run(), name="posture")
         self.settings = settings
         self.data_budget.limit = settings.clients.max_bytes_in_flight
@@ -330,8 +333,7 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _cancelled(task)
         await finish_background(0)
         if self.queue is not None:
             await self.queue.runner.stop(0)  # a no-op after a drain
@@ -366,6 +368,18 @@ class Relay:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Wait until `task` has ended, cancelling it again while it runs: Python 3.11's
+    asyncio.wait_for (dnspython waits with it) returns the awaited result instead of
+    raising when the cancellation lands just as that operation completes, and a loop
+    around it then carries on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()  # its end (cancelled, or an error already logged) is not stop's
 
 
 def _listener_key(lst: ListenerSettings) -> ListenerKey:
