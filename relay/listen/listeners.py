@@ -16,7 +16,7 @@ import ssl
 from relay.config.schema import ListenerSettings, Settings, TlsSettings
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession, SessionContext
-from relay.listen.smtp import RelaySMTP
+from relay.listen.smtp import TLS_HANDSHAKE_TIMEOUT, RelaySMTP
 from relay.policy.senders import ClientNetworks
 
 log = logging.getLogger("relay.listen")
@@ -120,7 +120,7 @@ class ListenerServer:
             host=host,
             port=port,
             ssl=self.tls.context if implicit else None,
-            ssl_handshake_timeout=30 if implicit else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None,
             reuse_address=True,
             reuse_port=self.reuse_port or None,
             backlog=1024,

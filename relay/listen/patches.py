@@ -14,11 +14,14 @@ both libraries to the same range.
    rewrite changes nothing; checking that is three C-level scans instead of a regex pass.
 
 `RelaySMTP` (relay.listen.smtp) also overrides private members of aiosmtpd's `SMTP`; they
-are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too.
+are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too. Its STARTTLS is its own
+(relay.listen.starttls: the loop's TLS transport instead of asyncio's pure-Python one) and
+repoints the stream's private transport attributes, as aiosmtpd does: checked here too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from importlib.metadata import version
@@ -40,7 +43,13 @@ AIOSMTPD_PRIVATE_MEMBERS = (
     "_handle_client",  # sends the greeting through push(): where a client is admitted
 )
 # Instance attributes set in SMTP.__init__ that RelaySMTP reads.
-AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_tls_protocol")
+AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_writer")
+# asyncio's stream attributes that STARTTLS repoints, as aiosmtpd does (relay.listen.starttls).
+ASYNCIO_STREAM_ATTRIBUTES = (
+    ("StreamReader", "_buffer"),
+    ("StreamReader", "_transport"),
+    ("StreamWriter", "_transport"),
+)
 
 _applied = False
 
@@ -70,6 +79,11 @@ def check() -> None:
         missing.append("aiosmtpd.smtp.inspect")
     if not callable(getattr(aiosmtplib.protocol, "normalize_message_line_endings", None)):
         missing.append("aiosmtplib.protocol.normalize_message_line_endings")
+    missing += [
+        f"asyncio.{cls}.{name}"
+        for cls, name in ASYNCIO_STREAM_ATTRIBUTES
+        if f"self.{name} = " not in inspect.getsource(getattr(asyncio, cls))
+    ]
     if missing:
         raise IncompatibleLibrary(f"installed aiosmtpd/aiosmtplib lack what relay patches: {', '.join(missing)}")
 
