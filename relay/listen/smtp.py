@@ -425,9 +425,10 @@ class RelaySMTP(SMTP):
             lines.append("STARTTLS")
         if self._advertise_auth and self.tls_active:
             lines.append("AUTH PLAIN LOGIN")
-        for i, line in enumerate(lines):
-            sep = " " if i == len(lines) - 1 else "-"
-            await SMTP.push(self, f"250{sep}{line}")
+        # One write for the whole reply, not one per line: over TLS each write is a record
+        # and a send, and EHLO is sent twice per STARTTLS session.
+        last = len(lines) - 1
+        await SMTP.push(self, "\r\n".join(f"250{' ' if i == last else '-'}{line}" for i, line in enumerate(lines)))
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
