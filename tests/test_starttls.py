@@ -162,3 +162,39 @@ def test_stalled_handshake_ends_at_the_handshake_timeout(make_loop_relay, upstre
     assert sock.recv(100) == b""
     sock.close()
     _wait_closed(relay, "none")
+
+
+def _starttls_session(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[ssl.SSLSession, bool]:
+    """One STARTTLS session offering `session` for resumption: (its session, resumed?)."""
+    sock = _plain_session(port)
+    sock.sendall(b"STARTTLS\r\n")
+    assert _reply(sock) == [b"220 2.0.0 Ready to start TLS\r\n"]
+    tls = context.wrap_socket(sock, server_hostname="localhost", session=session)
+    tls.sendall(b"EHLO client.test\r\n")
+    assert _reply(tls)[-1].startswith(b"250 ")  # the TLS 1.3 ticket came before this reply
+    tls.sendall(b"QUIT\r\n")
+    _reply(tls)
+    got, resumed = tls.session, tls.session_reused
+    tls.close()
+    assert got is not None
+    return got, resumed
+
+
+def test_sessions_resume_on_any_worker(make_relay, upstream, pki):
+    """The workers share one ticket key (the TLS context is made before they fork), so a
+    client resumes whichever worker SO_REUSEPORT gives it. With a key per worker, about
+    half of these would be full handshakes."""
+    relay = make_relay(upstream.port, start=False)
+    relay.args = ["--workers", "2"]
+    relay.start()
+    context = pki.client_context()
+    session, resumed = _starttls_session(relay.port("submission"), context, None)
+    assert not resumed
+    outcomes = []
+    for _ in range(12):
+        session, resumed = _starttls_session(relay.port("submission"), context, session)
+        outcomes.append(resumed)
+    assert all(outcomes), outcomes
+    assert relay.metric("relay_sessions_total", listener="submission") == 13

@@ -28,8 +28,8 @@ PROXY_PROTOCOL_TIMEOUT = 10.0
 class ServerTls:
     """The server-side TLS context, reloadable in place."""
 
-    def __init__(self, settings: TlsSettings) -> None:
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    def __init__(self, settings: TlsSettings, *, context: ssl.SSLContext | None = None) -> None:
+        self.context = context or ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.verify_mode = ssl.CERT_NONE  # clients authenticate with AUTH, not certs
         self.context.options |= ssl.OP_NO_COMPRESSION
         self.load(settings)
