@@ -34,7 +34,7 @@ import contextlib
 import re
 import unicodedata
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
@@ -244,8 +244,9 @@ class RelaySMTP(SMTP):
         # timer): after DATA, the session then ends right after the reply (smtp_DATA).
         if self._past_deadline():
             self._ending = "session time limit"
-            if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
-                self.transport.write(_SESSION_OVER)
+            transport = _writable(self.transport)
+            if transport is not None and not transport.is_closing():
+                transport.write(_SESSION_OVER)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
         self._abort_when_stuck()
 
@@ -256,8 +257,9 @@ class RelaySMTP(SMTP):
             peer = str(self.session.peer[0]) if self.session.peer else ""
             if not self.proxy_from.allows(peer):
                 self.client.proxy_refused(peer)
-                assert isinstance(self.transport, asyncio.WriteTransport)
-                self.transport.write(_PROXY_REFUSED)
+                transport = _writable(self.transport)
+                assert transport is not None
+                transport.write(_PROXY_REFUSED)
                 self.close()
                 return
         try:
@@ -322,8 +324,9 @@ class RelaySMTP(SMTP):
         if self._handshaking:
             self.close()  # mid-STARTTLS: nothing can be said in the clear any more
             return
-        if self.client.idle and isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.write(_CLOSING)
+        transport = _writable(self.transport)
+        if self.client.idle and transport is not None:
+            transport.write(_CLOSING)
             self.close()
 
     def close(self) -> None:
@@ -333,8 +336,8 @@ class RelaySMTP(SMTP):
 
     def _abort_when_stuck(self) -> None:
         """Abort the connection if it is still closing after CLOSE_GRACE (see there)."""
-        transport = self.transport
-        if not isinstance(transport, asyncio.WriteTransport) or not transport.is_closing() or self._abort_handle:
+        transport = _writable(self.transport)
+        if transport is None or not transport.is_closing() or self._abort_handle:
             return
 
         def abort() -> None:
@@ -668,6 +671,13 @@ class RelaySMTP(SMTP):
 def _budget_spent(reason: str) -> SmtpError:
     # RFC 3463 X.3.1 mail system full; see relay.listen.budget.
     return SmtpError(452, "4.3.1", "Insufficient system storage, try again later", reason=reason, label="data_budget")
+
+
+def _writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport | None:
+    """The transport, to write to. uvloop's transports (TCP, and TLS since STARTTLS uses the
+    loop's own) do not subclass asyncio's, so `isinstance(t, asyncio.WriteTransport)` is
+    False for them: what matters is that the session still has one."""
+    return cast(asyncio.WriteTransport, transport) if transport is not None else None
 
 
 def _ascii(text: str) -> str:
