@@ -48,6 +48,7 @@ log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
 KEY_AGE_INTERVAL = 15.0
+CANCEL_RETRY_S = 1.0  # stop: how long a cancelled task may take before it is cancelled again
 
 ListenerKey = tuple[str, str, str]
 
@@ -108,7 +109,11 @@ class Relay:
             extra={"config": redacted(settings), "source": str(self.config_path or "embedded dev default")},
         )
         self.queue = build_spool(settings, self._components)
+        host, port = settings.metrics.bind
         if self.queue is not None:
+            # /healthz answers while a large backlog is scanned (a startupProbe must not kill
+            # the process for it); /readyz says "spool: opening" until the scan is done.
+            await self.health.start(host, port, reuse_port=self.reuse_port)
             await asyncio.to_thread(self.queue.spool.open)  # OSError: "cannot start"
         spool = self.queue.target if self.queue is not None else None
         self.components = await build_components(
@@ -123,8 +128,8 @@ class Relay:
             server = self._listener(lst, settings)
             await server.start()
             self.listeners[_listener_key(lst)] = server
-        host, port = settings.metrics.bind
-        await self.health.start(host, port, reuse_port=self.reuse_port)
+        if self.queue is None:
+            await self.health.start(host, port, reuse_port=self.reuse_port)
         self._tasks.append(asyncio.create_task(self.store.run(), name="secret-refresh"))
         self._tasks.append(asyncio.create_task(self._probe_upstreams(), name="upstream-probe"))
         self._tasks.append(asyncio.create_task(self._update_key_ages(), name="key-ages"))
@@ -162,7 +167,10 @@ class Relay:
         problems = [(a.label, a.problem) for a in self.targets.token_auths()]
         checks["upstream_token"] = "; ".join(f"{label}: {p}" for label, p in problems if p) or None
         if self.queue is not None:
-            checks["spool"] = self.queue.spool.unwritable()
+            if self.queue.spool.opened_scan is None:
+                checks["spool"] = "opening (scanning the spool)"
+            else:
+                checks["spool"] = self.queue.spool.unwritable() or self.queue.runner.problem()
         return checks
 
     async def _start_token_auths(self, token_auths: list[UpstreamTokenAuth]) -> None:
@@ -236,6 +244,8 @@ class Relay:
         self.components = new
         if self._posture_task is not None:
             self._posture_task.cancel()
+            # Ended by stop() if it lets this cancellation go by (see _cancelled).
+            self._tasks = [t for t in self._tasks if not t.done()] + [self._posture_task]
         self._posture_task = asyncio.create_task(new.posture.run(), name="posture")
         self.settings = settings
         self.data_budget.limit = settings.clients.max_bytes_in_flight
@@ -292,8 +302,7 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _cancelled(task)
         await finish_background(0)
         if self.queue is not None:
             await self.queue.runner.stop(0)  # a no-op after a drain
@@ -330,6 +339,18 @@ class Relay:
         await self._stopped.wait()
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Wait until `task` has ended, cancelling it again while it runs: Python 3.11's
+    asyncio.wait_for (dnspython waits with it) returns the awaited result instead of
+    raising when the cancellation lands just as that operation completes, and a loop
+    around it then carries on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()  # its end (cancelled, or an error already logged) is not stop's
+
+
 def _listener_key(lst: ListenerSettings) -> ListenerKey:
     return (lst.name, str(lst.bind), lst.tls)
 
@@ -353,7 +374,8 @@ async def serve(
     try:
         await relay.start()
     except OSError as exc:
-        log.error("cannot start", extra={"reason": f"{exc.strerror or exc}"})
+        where = f": {exc.filename}" if exc.filename else ""
+        log.error("cannot start", extra={"reason": f"{exc.strerror or exc}{where}"})
         await relay.stop()
         return 1
     relay.install_signal_handlers()
