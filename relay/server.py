@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Relay:
         config_path: Path | None,
         reload_settings: Callable[[], Settings] | None = None,
         reuse_port: bool = False,
+        tls_context: ssl.SSLContext | None = None,  # made before the workers' fork (relay.cli)
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -69,7 +71,7 @@ class Relay:
         self.targets = UpstreamTargets()
         self.limit_counters = LimitCounters()
         self.components: Components | None = None
-        self.tls = ServerTls(settings.tls)
+        self.tls = ServerTls(settings.tls, context=tls_context)
         self.listeners: dict[ListenerKey, ListenerServer] = {}
         self.connections = Connections()
         # One budget for the DATA of every listener's sessions (relay.listen.budget).
@@ -393,8 +395,15 @@ async def serve(
     reload_settings: Callable[[], Settings] | None = None,
     on_started: Callable[[Relay], None] | None = None,
     reuse_port: bool = False,
+    tls_context: ssl.SSLContext | None = None,
 ) -> int:
-    relay = Relay(settings, config_path=config_path, reload_settings=reload_settings, reuse_port=reuse_port)
+    relay = Relay(
+        settings,
+        config_path=config_path,
+        reload_settings=reload_settings,
+        reuse_port=reuse_port,
+        tls_context=tls_context,
+    )
     try:
         await relay.start()
     except OSError as exc:
