@@ -9,8 +9,13 @@ per message, atomicity between replicas, and serving on through a Redis outage (
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +288,30 @@ async def test_redis_outage_fails_open_then_reconnects(tmp_path, caplog):
         assert isinstance(await counters.take([demand]), Taken)
         assert server.cli("HGET", "test:outage:user:app", "m").strip() == "1"
         await counters.close()
+
+
+# -- a full disk: counting fails open, the process lives on -------------------------------
+@pytest.mark.e2e
+def test_full_disk_fails_open_instead_of_killing_the_process(tmp_path):
+    """The data dir on a 2 MiB tmpfs in a private mount namespace (as
+    tests/test_queue_disk_full.py does): the disk fills, new users are counted. With the
+    map written in place (LMDB's writemap on a sparse file) the first page the disk cannot
+    back killed the process with SIGBUS; now the commit fails with ENOSPC and mail goes
+    through, said in `problem()`."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("needs root and unshare(1) to mount a small tmpfs in a private namespace")
+    root = tmp_path / "data"
+    root.mkdir()
+    probe = f"{sys.executable} -m tests.support.limits_disk_full_probe {root}"
+    script = f"mount -t tmpfs -o size=2m tmpfs {root} && exec {probe}"
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["taken"] == 300  # fail open: every message let through
+    assert "No space left on device" in result["problem"]

@@ -11,8 +11,11 @@ memory-mapped B-tree with one writer at a time across processes):
   others (a lock in shared memory would);
 - the counts survive a restart (a redeploy does not hand every user a fresh daily quota).
 
-Commits are not fsynced and go straight into the shared map (`writemap`): counters are a
-brake, not a ledger, and losing the last seconds of counts in a power cut is acceptable.
+Commits are not fsynced: counters are a brake, not a ledger, and losing the last seconds of
+counts in a power cut is acceptable. They are written with pwrite(), not into the shared
+map (`writemap`): with the map written in place, a page the filesystem cannot back (a full
+disk, the file being sparse) is a SIGBUS that kills the process; with pwrite() it is an
+ENOSPC, and mail goes through (fail open) like any other counting failure.
 A file LMDB finds invalid is set aside and started afresh; while counting fails otherwise,
 mail goes through (fail open), counted in `relay_limit_fail_open_total{backend="local"}`.
 """
@@ -208,7 +211,8 @@ class _Environments:
                 subdir=True,
                 sync=False,
                 metasync=False,
-                writemap=True,  # commits write into the shared map: 2-3x faster than pwrite()
+                # Not `writemap`: a full disk would be a SIGBUS, not an error (see above).
+                writemap=False,
                 max_dbs=0,
                 readahead=False,
                 mode=0o600,
