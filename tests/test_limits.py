@@ -239,3 +239,24 @@ def test_spool_defers_a_domain_excess_and_refuses_a_user_excess(make_loop_relay,
     relay.wait_log(lambda e: e.get("msg") == "delivery deferred by a sending limit")
     assert len(upstream.messages) == 1  # the domain's rate lets one through; two wait, queued
     assert relay.metric("relay_limit_refusals_total", scope="domain", name="example.com") == 0
+
+
+def test_effective_configuration_shows_no_redis_url_secret(tmp_path):
+    """What the startup and reload lines log. Validation refuses a password or options in
+    limits.redis.url; should one ever get there, the logged URL still carries no secret."""
+    from relay.config.load import redacted, settings_from_mapping
+
+    data = {
+        "listeners": [{"name": "side", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        "upstream": {"host": "smtp.example.com"},
+        "limits": {"domains": {"example.com": {"daily": 5}}, "backend": "redis", "redis": {"url": "redis://r:6379/0"}},
+    }
+    settings = settings_from_mapping(data, offline=True)
+    assert settings.limits is not None and settings.limits.redis is not None
+    leaky = settings.limits.redis.model_copy(
+        update={"url": "rediss://app:pw-in-userinfo@r:6379/0?password=pw-in-query"}
+    )
+    settings = settings.model_copy(update={"limits": settings.limits.model_copy(update={"redis": leaky})})
+    logged = str(redacted(settings))
+    assert "pw-in-userinfo" not in logged and "pw-in-query" not in logged
+    assert "rediss://app:<redacted>@r:6379/0?<redacted>" in logged

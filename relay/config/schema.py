@@ -635,6 +635,14 @@ def _redis_url(value: str) -> str:
         raise ValueError("the URL has no host (expected redis://HOST:PORT/DB)")
     if url.password is not None:
         raise ValueError("no password in the URL: put it in limits.redis.password as a secret reference")
+    if url.query or url.fragment:
+        # redis-py reads every query argument as a connection option that overrides relay's
+        # own (`?password=` would end up in the logs, `?ssl_cert_reqs=none` turns TLS
+        # verification off, `?socket_timeout=` bypasses limits.redis.timeout).
+        raise ValueError(
+            "no options in the URL's query (password, ssl_cert_reqs, ...): relay sets them from "
+            "limits.redis (a password goes in limits.redis.password as a secret reference)"
+        )
     if port is not None and not 0 < port < 65536:
         raise ValueError("port must be 1-65535")
     if url.path.strip("/") and not url.path.strip("/").isdigit():
