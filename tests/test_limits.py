@@ -260,3 +260,22 @@ def test_effective_configuration_shows_no_redis_url_secret(tmp_path):
     logged = str(redacted(settings))
     assert "pw-in-userinfo" not in logged and "pw-in-query" not in logged
     assert "rediss://app:<redacted>@r:6379/0?<redacted>" in logged
+
+
+@pytest.mark.binaries
+@in_thread
+def test_with_redis_the_retry_of_a_message_the_upstream_refused_is_not_refused(
+    make_loop_relay, upstream, pki, tmp_path
+):
+    """test_a_message_the_upstream_refused_gives_its_count_back, with `backend: redis`: the
+    count given back in Redis used to stay in what RCPT checks against, until the slot ended."""
+    with RedisServer(tmp_path) as redis:
+        relay = make_loop_relay(
+            upstream.port, limits={"users": {"daily": 1}, "backend": "redis", "redis": {"url": redis.url}}
+        )
+        upstream.behaviour.data_reply = "451 4.3.0 upstream busy"
+        assert send(relay, pki, "refused upstream")[0] == 451
+        upstream.behaviour.data_reply = None
+        assert redis.cli("HGET", "relay:limits:user:app", "m").strip() == "0"  # given back in Redis
+        assert send(relay, pki, "retried")[0] == 250
+        assert send(relay, pki, "one too many")[0] == 451

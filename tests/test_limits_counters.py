@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.limits.counters import FAIL_OPEN, Demand, Excess, Taken
+from relay.limits.counters import FAIL_OPEN, Demand, Excess, Taken, Usage
 from relay.limits.local import LocalCounters
 from relay.limits.redis_counters import RedisCounters
 from relay.limits.rules import Entity, Limits, parse_rate
@@ -315,3 +315,60 @@ def test_full_disk_fails_open_instead_of_killing_the_process(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["taken"] == 300  # fail open: every message let through
     assert "No space left on device" in result["problem"]
+
+
+# -- usage: read-only and cheap, never a reason to stop sharing the counts ------------------
+@pytest.mark.binaries
+async def test_redis_usage_reads_without_a_script_and_a_slow_read_never_takes_redis_down(tmp_path):
+    """Every scrape of every worker asks for the usage of every user with a daily quota.
+    It used to be one Lua call walking up to 96 slots per idle key (Redis blocked for every
+    replica meanwhile), and its timeout marked Redis down: every message of the process then
+    fell back to this host's counters."""
+    clock = Clock()
+    with RedisServer(tmp_path) as redis:
+        counters = RedisCounters(redis.url, fallback=LocalCounters(tmp_path / "limits"), clock=clock, timeout=10)
+        limits = Limits(daily=1000)
+        users = [Entity("user", f"app{i}") for i in range(450)]  # more than one pipeline's batch
+        try:
+            for user in users:
+                assert isinstance(await counters.take([Demand(user, limits, 1, 2)]), Taken)
+            clock.offset = 12 * 3600.0
+            assert isinstance(await counters.take([Demand(users[0], limits, 1, 1)]), Taken)
+            scripts = redis.command_calls("evalsha")
+            clock.offset = 23 * 3600.0  # idle since: the window moved 92 slots
+            usage = await counters.usage(users)
+            assert usage[users[0]] == Usage(2, 3) and usage[users[1]] == Usage(1, 2) and len(usage) == len(users)
+            clock.offset = 25 * 3600.0  # the first counts have left the rolling 24 h
+            usage = await counters.usage(users)
+            assert usage[users[0]] == Usage(1, 1) and usage[users[1]] == Usage(0, 0)
+            assert redis.command_calls("evalsha") == scripts  # no script: nothing blocks Redis
+            # A read that does not finish in time: no figures, and Redis stays in use.
+            counters._timeout = 0.5
+            redis.freeze()  # Redis busy (or the read too big for the timeout)
+            try:
+                assert await counters.usage(users) == {}
+            finally:
+                redis.thaw()
+            counters._timeout = 10.0
+            assert counters.available and counters.problem() is None
+            taken = await counters.take([Demand(users[0], limits, 1, 1)])
+            assert isinstance(taken, Taken) and taken.backend == "redis"
+        finally:
+            await counters.close()
+
+
+# -- give-back: what peek answers from shows it -------------------------------------------
+@pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=pytest.mark.binaries)])
+async def test_a_count_given_back_is_not_refused_at_rcpt(kind, tmp_path, request):
+    redis_server = request.getfixturevalue("redis_server") if kind == "redis" else None
+    counters = make_counters(kind, tmp_path, Clock(), redis_server, prefix="test:peek-give:")
+    demand = [Demand(Entity("user", "app"), Limits(daily=2), 1, 1)]
+    try:
+        assert isinstance(await counters.take(demand), Taken)
+        last = await counters.take(demand)
+        assert isinstance(last, Taken)
+        assert counters.peek(demand) is not None  # at the quota: the next RCPT is refused
+        await counters.give_back(last)  # the upstream refused it: room for one again
+        assert counters.peek(demand) is None  # so the client's retry is not refused at RCPT
+    finally:
+        await counters.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,6 +106,32 @@ def slot_of(now: float) -> int:
     return int(now // SLOT_SECONDS)
 
 
+def window_totals(
+    slot: int,
+    messages: int,
+    recipients: int,
+    now: float,
+    ring: Callable[[], tuple[Sequence[int], Sequence[int]]],
+) -> tuple[int, int]:
+    """Totals kept as of `slot`, seen at `now`: minus the slots that have left the window
+    since (`ring()` gives the per-slot messages and recipients, indexed by slot % WINDOW_SLOTS;
+    asked only when some slot has left)."""
+    current = slot_of(now)
+    if current <= slot:
+        return messages, recipients  # same slot, or a clock that went back: nothing left
+    passed = current - slot
+    if passed >= WINDOW_SLOTS:
+        return 0, 0
+    ring_messages, ring_recipients = ring()
+    start = (slot + 1) % WINDOW_SLOTS
+    end = start + passed
+
+    def left(counts: Sequence[int]) -> int:
+        return sum(counts[start:end]) + (sum(counts[: end - WINDOW_SLOTS]) if end > WINDOW_SLOTS else 0)
+
+    return messages - left(ring_messages), recipients - left(ring_recipients)
+
+
 class CounterState:
     """One entity's counters: a token bucket and a ring of per-slot counts with totals.
 
@@ -117,6 +143,7 @@ class CounterState:
 
     _HEADER = struct.Struct("<ddqqq")  # tokens, at, slot, messages, recipients
     _PAIR = struct.Struct("<qq")  # one slot: messages, recipients
+    _RING = struct.Struct(f"<{2 * WINDOW_SLOTS}q")
     _SIZE = _HEADER.size + WINDOW_SLOTS * _PAIR.size
     __slots__ = ("tokens", "at", "slot", "messages", "recipients", "_ring")
 
@@ -173,6 +200,16 @@ class CounterState:
         else:
             self.tokens = min(self.tokens, float(limits.burst))
         self.at = max(self.at, now)
+
+    def totals_at(self, now: float) -> tuple[int, int]:
+        """The window's messages and recipients at `now`, without moving it: what `advance`
+        would leave, read-only and in one unpack of the ring (usage runs this for every
+        entity with a daily quota at each scrape)."""
+        return window_totals(self.slot, self.messages, self.recipients, now, self._ring_counts)
+
+    def _ring_counts(self) -> tuple[Sequence[int], Sequence[int]]:
+        ring = self._RING.unpack_from(self._ring)
+        return ring[0::2], ring[1::2]
 
     def excess(self, demand: Demand, now: float) -> Excess | None:
         """Whether `demand` would pass a limit (after `advance`)."""

@@ -22,6 +22,7 @@ mail goes through (fail open), counted in `relay_limit_fail_open_total{backend="
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 import lmdb
 
 from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of
-from relay.limits.rules import Entity, Limits
+from relay.limits.rules import Entity
 
 log = logging.getLogger("relay.limits")
 
@@ -145,16 +146,22 @@ class LocalCounters:
             self._failed(f"{type(exc).__name__}: {exc}")
 
     async def usage(self, entities: Sequence[Entity]) -> dict[Entity, Usage]:
-        out: dict[Entity, Usage] = {}
         if self._env is None:
-            return out
-        now = self._clock()
+            return {}
+        # Off the event loop: one read transaction over every entity with a daily quota
+        # (thousands of users) must not stall the sessions of this worker.
+        return await asyncio.to_thread(self._usage_now, self._env, entities, self._clock())
+
+    def _usage_now(self, env: lmdb.Environment, entities: Sequence[Entity], now: float) -> dict[Entity, Usage]:
+        out: dict[Entity, Usage] = {}
         try:
-            with self._env.begin(buffers=True) as txn:
+            with env.begin(buffers=True) as txn:
                 for entity in entities:
-                    state = CounterState.from_bytes(txn.get(entity.key.encode()))
-                    state.advance(now, Limits())
-                    out[entity] = Usage(state.messages, state.recipients)
+                    data = txn.get(entity.key.encode())
+                    if data is None:
+                        out[entity] = Usage(0, 0)
+                    else:
+                        out[entity] = Usage(*CounterState.from_bytes(data).totals_at(now))
         except lmdb.Error as exc:
             self._failed(f"{type(exc).__name__}: {exc}")
         return out

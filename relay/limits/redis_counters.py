@@ -31,15 +31,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of
+from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of, window_totals
 from relay.limits.local import LocalCounters
-from relay.limits.rules import DAILY, DAILY_RECIPIENTS, RATE, SLOT_SECONDS, WINDOW_SLOTS, Entity, Limits
+from relay.limits.rules import DAILY, DAILY_RECIPIENTS, RATE, SLOT_SECONDS, WINDOW_SLOTS, Entity
 
 log = logging.getLogger("relay.limits")
 
 LOG_INTERVAL = 60.0
 RECOVERY_PAUSES = (0.5, 1.0, 2.0, 5.0, 10.0)
 MAX_CONNECTIONS = 16
+USAGE_BATCH = 200  # entities per pipeline when usage is read
 KEY_TTL_MS = (WINDOW_SLOTS + 1) * SLOT_SECONDS * 1000
 
 _KINDS = {1: RATE, 2: DAILY, 3: DAILY_RECIPIENTS}
@@ -47,7 +48,7 @@ _KINDS = {1: RATE, 2: DAILY, 3: DAILY_RECIPIENTS}
 # The same steps as `CounterState` (counters.py), per key of KEYS, in one atomic script.
 # Hash fields: t tokens (absent: a full bucket), a the time tokens were last computed,
 # s the current slot, m / r the window's totals, m<i> / r<i> the ring of per-slot counts.
-# ARGV: op (take | give | usage), now in ms (empty: Redis's TIME), the slot to give back to;
+# ARGV: op (take | give), now in ms (empty: Redis's TIME), the slot to give back to;
 # then one argument per key: "messages recipients rate-per-second burst daily
 # daily-recipients", with "-" for a limit that is not set. (Few arguments: encoding each one
 # costs the client more than the script costs Redis.)
@@ -138,10 +139,6 @@ local function report(head)
   return head
 end
 
-if op == 'usage' then
-  return report({1, current, show(now)})
-end
-
 if op == 'give' then
   for k = 1, #KEYS do
     local st, d = states[k], demands[k]
@@ -159,9 +156,11 @@ if op == 'give' then
       else
         save(KEYS[k], st)
       end
+      local totals = redis.call('HMGET', KEYS[k], 'm', 'r')
+      st.m, st.r = num(totals[1], 0), num(totals[2], 0)
     end
   end
-  return {1}
+  return report({1, current, show(now)})
 end
 
 for k = 1, #KEYS do
@@ -196,6 +195,24 @@ LUA = (
     .replace("@WINDOW_SLOTS@", str(WINDOW_SLOTS))
     .replace("@KEY_TTL_MS@", str(KEY_TTL_MS))
 )
+
+
+def _usage_of(fields: dict[bytes, bytes], now: float) -> Usage:
+    """One entity's usage at `now` from its hash (the fields of the script above)."""
+    if b"s" not in fields:
+        return Usage(0, 0)
+    slot = int(fields[b"s"])
+
+    def ring() -> tuple[list[int], list[int]]:
+        messages, recipients = [0] * WINDOW_SLOTS, [0] * WINDOW_SLOTS
+        for name, value in fields.items():
+            if len(name) > 1 and name[1:].isdigit():
+                column = messages if name[:1] == b"m" else recipients if name[:1] == b"r" else None
+                if column is not None:
+                    column[int(name[1:]) % WINDOW_SLOTS] = int(value)
+        return messages, recipients
+
+    return Usage(*window_totals(slot, int(fields.get(b"m", 0)), int(fields.get(b"r", 0)), now, ring))
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,23 +331,45 @@ class RedisCounters:
         if not self.available or not taken.demands:
             return  # lost with the outage: the count errs on the safe side
         try:
-            await self._run("give", taken.demands, give_slot=taken.slot)
+            reply = await self._run("give", taken.demands, give_slot=taken.slot)
         except self._errors as exc:
             self._went_down(exc)
+            return
+        # What `peek` answers from must show the count given back (else the retry of a
+        # message the upstream refused is refused at RCPT until the slot ends).
+        self._remember(taken.demands, reply[3:], int(reply[1]), float(reply[2]))
 
     async def usage(self, entities: Sequence[Entity]) -> dict[Entity, Usage]:
         """Usage across every replica, read from Redis (nothing while it is unreachable:
-        this host's counts alone would understate it)."""
+        this host's counts alone would understate it).
+
+        Read-only and cheap, since every scrape of every worker of every replica asks: no
+        script (a script blocks Redis for every replica's messages while it runs), one
+        `HGETALL` per entity in pipelines of USAGE_BATCH, the window moved in Python. A
+        failure here says nothing about the messages' path: it never marks Redis down."""
         if not self.available or not entities:
             return {}
-        demands = [Demand(entity, Limits(), 0, 0) for entity in entities]
+        out: dict[Entity, Usage] = {}
         try:
-            reply = await self._run("usage", demands)
+            now = self._clock() if self._clock is not None else None
+            for start in range(0, len(entities), USAGE_BATCH):
+                batch = entities[start : start + USAGE_BATCH]
+                async with asyncio.timeout(self._timeout), self._slots:
+                    pipe = self._client.pipeline(transaction=False)
+                    if now is None:
+                        pipe.time()
+                    for entity in batch:
+                        pipe.hgetall(self._prefix + entity.key)
+                    replies = await pipe.execute()
+                if now is None:
+                    seconds, micros = replies.pop(0)
+                    now = int(seconds) + int(micros) / 1e6
+                for entity, fields in zip(batch, replies, strict=True):
+                    out[entity] = _usage_of(fields, now)
         except self._errors as exc:
-            self._went_down(exc)
+            log.debug("limit usage not read from redis", extra={"reason": f"{type(exc).__name__}: {exc}"[:200]})
             return {}
-        rest = reply[3:]
-        return {entity: Usage(int(rest[3 * i + 1]), int(rest[3 * i + 2])) for i, entity in enumerate(entities)}
+        return out
 
     def problem(self) -> str | None:
         if self.available:
