@@ -372,3 +372,48 @@ async def test_a_count_given_back_is_not_refused_at_rcpt(kind, tmp_path, request
         assert counters.peek(demand) is None  # so the client's retry is not refused at RCPT
     finally:
         await counters.close()
+
+
+@pytest.mark.binaries
+@pytest.mark.parametrize("breakage", ["readonly", "oom"])
+async def test_redis_refusing_the_script_stays_down_until_it_runs_it(breakage, tmp_path, caplog):
+    """A Redis that answers PING but refuses the script (a replica after a failover, at
+    maxmemory with noeviction) used to be declared "reachable again" by a PING 0.5 s later,
+    then down at the next message: a round trip per message and a warning every half second."""
+    with RedisServer(tmp_path) as redis:
+        if breakage == "readonly":
+            redis.cli("REPLICAOF", "127.0.0.1", "1")
+        else:
+            redis.cli("CONFIG", "SET", "maxmemory-policy", "noeviction")
+            redis.cli("CONFIG", "SET", "maxmemory", "1")
+        counters = RedisCounters(redis.url, fallback=LocalCounters(tmp_path / "limits"), timeout=5)
+        demand = [Demand(Entity("user", "app"), Limits(daily=1000), 1, 1)]
+        caplog.set_level(logging.WARNING, logger="relay.limits")
+        before = FAIL_OPEN.labels("redis")._value.get()
+        try:
+            for _ in range(5):
+                taken = await counters.take(demand)
+                assert isinstance(taken, Taken) and taken.backend == "local"
+                await asyncio.sleep(0.6)  # past the first recovery attempt
+            assert not counters.available
+            assert counters.round_trips == 1  # only the first message asked Redis
+            assert FAIL_OPEN.labels("redis")._value.get() - before == 5
+            assert "redis refuses the limit script" in counters.problem()
+            assert ("read only replica" if breakage == "readonly" else "maxmemory") in counters.problem()
+            assert not [r for r in caplog.records if "reachable again" in r.getMessage()]
+            refusals = [r for r in caplog.records if "refuses the limit script" in r.getMessage()]
+            assert len(refusals) == 1  # once a minute at most
+            # Fixed by the operator: the next attempt finds the script running and switches back.
+            if breakage == "readonly":
+                redis.cli("REPLICAOF", "NO", "ONE")
+            else:
+                redis.cli("CONFIG", "SET", "maxmemory", "0")
+            for _ in range(300):
+                if counters.available:
+                    break
+                await asyncio.sleep(0.1)
+            assert counters.available and counters.problem() is None
+            taken = await counters.take(demand)
+            assert isinstance(taken, Taken) and taken.backend == "redis"
+        finally:
+            await counters.close()

@@ -13,8 +13,11 @@ When Redis cannot be reached (refused, timed out, or any Redis error), relay kee
 and counts on this host's counters instead (fail open: a limit is a brake, and a Redis
 outage must not stop every app's mail). Each such check is counted in
 `relay_limit_fail_open_total{backend="redis"}`, a warning is logged at most once a minute,
-and `/readyz` says so in its detail without failing. A background task pings Redis with a
-growing pause (up to 10 s) and switches back when it answers. Counts made locally during
+and `/readyz` says so in its detail without failing. A background task retries with a
+growing pause (up to 10 s) by running the script on a probe key, and switches back when
+that works: a Redis that answers but refuses the script (a replica after a failover, at
+maxmemory, an ACL without EVALSHA) stays "down" rather than flapping, and `problem()`
+says it refuses rather than that it is unreachable. Counts made locally during
 an outage are not copied into Redis: each replica enforced the limits on its own traffic
 for that time.
 """
@@ -39,6 +42,7 @@ log = logging.getLogger("relay.limits")
 
 LOG_INTERVAL = 60.0
 RECOVERY_PAUSES = (0.5, 1.0, 2.0, 5.0, 10.0)
+FLAP_WINDOW = 60.0  # down again within this of a recovery: the same outage
 MAX_CONNECTIONS = 16
 USAGE_BATCH = 200  # entities per pipeline when usage is read
 KEY_TTL_MS = (WINDOW_SLOTS + 1) * SLOT_SECONDS * 1000
@@ -48,7 +52,7 @@ _KINDS = {1: RATE, 2: DAILY, 3: DAILY_RECIPIENTS}
 # The same steps as `CounterState` (counters.py), per key of KEYS, in one atomic script.
 # Hash fields: t tokens (absent: a full bucket), a the time tokens were last computed,
 # s the current slot, m / r the window's totals, m<i> / r<i> the ring of per-slot counts.
-# ARGV: op (take | give), now in ms (empty: Redis's TIME), the slot to give back to;
+# ARGV: op (take | give | probe), now in ms (empty: Redis's TIME), the slot to give back to;
 # then one argument per key: "messages recipients rate-per-second burst daily
 # daily-recipients", with "-" for a limit that is not set. (Few arguments: encoding each one
 # costs the client more than the script costs Redis.)
@@ -117,6 +121,13 @@ end
 local function show(v)
   if v == nil then return '' end
   return tostring(v)
+end
+
+if op == 'probe' then
+  -- What recovery asks: can the script run and write here? (A node that answers PING may
+  -- still refuse: READONLY after a failover, OOM at maxmemory, NOPERM.)
+  redis.call('SET', KEYS[1], '1', 'PX', 60000)
+  return {1}
 end
 
 local demands, states = {}, {}
@@ -244,10 +255,11 @@ class RedisCounters:
         # Imported here: only a relay configured with `backend: redis` pays for the client.
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError, ResponseError
         from redis.retry import Retry
 
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._refusals: tuple[type[BaseException], ...] = (ResponseError,)
         options: dict[str, object] = {}
         if ca_file is not None:
             options["ssl_ca_certs"] = str(ca_file)
@@ -278,6 +290,10 @@ class RedisCounters:
         self._fallbacks_unlogged = 0
         self._last_logged = -LOG_INTERVAL
         self._recovery: asyncio.Task[None] | None = None
+        self._refused = False  # the last failure was Redis refusing the script
+        self._attempt = 0  # recovery attempts; kept across a flap (see _went_down)
+        self._up_since = -FLAP_WINDOW
+        self._last_recovery_logged = -LOG_INTERVAL
         self.round_trips = 0  # EVALSHA calls made (for tests and the bench)
 
     @property
@@ -376,7 +392,7 @@ class RedisCounters:
             return self._fallback.problem()
         since = datetime.fromtimestamp(self._down_wall, UTC)
         return (
-            f"redis unreachable since {since:%Y-%m-%dT%H:%M:%SZ} ({self._down_reason}); "
+            f"{self._what_is_wrong()} since {since:%Y-%m-%dT%H:%M:%SZ} ({self._down_reason}); "
             "limits are counted on this host only"
         )
 
@@ -426,9 +442,13 @@ class RedisCounters:
         return self._fallback.take_now(demands)
 
     def _went_down(self, exc: BaseException) -> None:
-        self._down_reason = f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+        self._down_reason = _describe(exc)
+        self._refused = isinstance(exc, self._refusals)
         if self._down_since is None:
-            self._down_since = time.monotonic()
+            now = time.monotonic()
+            if now - self._up_since > FLAP_WINDOW:
+                self._attempt = 0  # up long enough: this is a new outage, not the same one back
+            self._down_since = now
             self._down_wall = time.time()
             self._seen.clear()
             self._log_outage()
@@ -441,26 +461,42 @@ class RedisCounters:
             return
         self._last_logged = now
         log.warning(
-            "redis unreachable; limits counted on this host only (fail open)",
+            f"{self._what_is_wrong()}; limits counted on this host only (fail open)",
             extra={"reason": self._down_reason, "checks_since_last_log": self._fallbacks_unlogged},
         )
         self._fallbacks_unlogged = 0
 
+    def _what_is_wrong(self) -> str:
+        # A refusal is configuration to fix (the node is a replica, at maxmemory, or the ACL
+        # user may not run scripts), not a network outage.
+        return "redis refuses the limit script" if self._refused else "redis unreachable"
+
     async def _recover(self) -> None:
-        attempt = 0
+        """Switch back once the script itself runs again (PING answers on a node that
+        refuses it), pausing longer each time; a flap right after a recovery continues the
+        back-off rather than starting it over."""
         while self._down_since is not None:
-            await asyncio.sleep(RECOVERY_PAUSES[min(attempt, len(RECOVERY_PAUSES) - 1)])
-            attempt += 1
+            await asyncio.sleep(RECOVERY_PAUSES[min(self._attempt, len(RECOVERY_PAUSES) - 1)])
+            self._attempt += 1
             try:
                 async with asyncio.timeout(self._timeout), self._slots:
-                    await self._client.ping()
+                    await self._script(keys=[self._prefix + "probe"], args=["probe", "", 0])
             except self._errors as exc:
-                self._down_reason = f"{type(exc).__name__}: {exc}"[:200]
+                self._down_reason = _describe(exc)
+                self._refused = isinstance(exc, self._refusals)
                 continue
-            down_for = time.monotonic() - self._down_since
+            now = time.monotonic()
+            down_for = now - self._down_since
             self._down_since = None
-            log.warning(
-                "redis reachable again; limits shared across replicas again",
-                extra={"down_s": round(down_for, 1), "checks_on_local_counters": self._fallbacks_unlogged},
-            )
-            self._fallbacks_unlogged = 0
+            self._up_since = now
+            if now - self._last_recovery_logged >= LOG_INTERVAL:
+                self._last_recovery_logged = now
+                log.warning(
+                    "redis reachable again; limits shared across replicas again",
+                    extra={"down_s": round(down_for, 1), "checks_on_local_counters": self._fallbacks_unlogged},
+                )
+                self._fallbacks_unlogged = 0
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
