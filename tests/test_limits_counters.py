@@ -417,3 +417,51 @@ async def test_redis_refusing_the_script_stays_down_until_it_runs_it(breakage, t
             assert isinstance(taken, Taken) and taken.backend == "redis"
         finally:
             await counters.close()
+
+
+# -- a wall clock stepped back -------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=pytest.mark.binaries)])
+async def test_a_clock_stepped_forward_then_back_does_not_freeze_the_bucket(kind, tmp_path, request):
+    """NTP steps the clock forward an hour (a VM resumed, a bad source) and corrects it a
+    moment later: the bucket used to wait for real time to reach the hour ahead, refusing
+    every message meanwhile while promising a token within a second."""
+    redis_server = request.getfixturevalue("redis_server") if kind == "redis" else None
+    clock = Clock()
+    counters = make_counters(kind, tmp_path, clock, redis_server, prefix="test:clock-step:")
+    demand = [Demand(Entity("user", "app"), Limits(rate=parse_rate("1/s"), burst=2), 1, 1)]
+    try:
+        assert isinstance(await counters.take(demand), Taken)
+        clock.offset = 3600.0
+        assert isinstance(await counters.take(demand), Taken)
+        clock.offset = 1.0
+        taken = await counters.take(demand)
+        assert isinstance(taken, Taken) or taken.retry_after <= 1.0
+        for minute in range(1, 11):  # a message a minute, at 1/s: every one fits
+            clock.offset = 1.0 + 60 * minute
+            assert isinstance(await counters.take(demand), Taken), f"minute {minute}"
+    finally:
+        await counters.close()
+
+
+async def test_a_boot_with_the_clock_a_year_ahead_leaves_no_frozen_bucket(tmp_path):
+    """A VM that starts with a wrong RTC and counts one message before NTP corrects it: the
+    counts are kept across restarts, and the bucket's time a year ahead used to refuse
+    that user for the year."""
+    clock = Clock()
+    limits = Limits(rate=parse_rate("10/s"), burst=50, daily=1000)
+    demand = [Demand(Entity("user", "billing"), limits, 1, 1)]
+    counters = LocalCounters(tmp_path / "limits", clock=clock)
+    clock.offset = 365 * 86400.0
+    assert isinstance(await counters.take(demand), Taken)
+    clock.offset = 0.0  # NTP synced
+    for _ in range(49):
+        assert isinstance(await counters.take(demand), Taken)
+    await counters.close()
+    clock.offset = 3 * 86400.0  # three days later, after restarts
+    counters = LocalCounters(tmp_path / "limits", clock=clock)
+    try:
+        assert isinstance(await counters.take(demand), Taken)
+        # The daily window follows the clock too: the 50 counts are out of it by now.
+        assert (await counters.usage([demand[0].entity]))[demand[0].entity] == Usage(1, 1)
+    finally:
+        await counters.close()

@@ -102,6 +102,11 @@ class Counters(Protocol):
     async def close(self) -> None: ...
 
 
+# A clock this far behind the last time a bucket was computed has been stepped back (a
+# smaller difference is workers reading the clock in one order and committing in another).
+CLOCK_STEP = 1.0
+
+
 def slot_of(now: float) -> int:
     return int(now // SLOT_SECONDS)
 
@@ -189,7 +194,13 @@ class CounterState:
                         self.messages -= messages
                         self.recipients -= recipients
                         self._set_slot(slot, 0, 0)
-            self.slot = current  # a clock that went back moves nothing
+            self.slot = current
+        elif self.slot > current + 1:
+            # The clock was stepped back (after a step forward, or a boot with a wrong RTC):
+            # the window follows it back. What was counted meanwhile stays in the ring,
+            # under the slots it reuses, and leaves the window within 24 h. (One slot of
+            # slack: workers racing at a slot boundary are not a clock step.)
+            self.slot = current
         if limits.rate is None:
             self.tokens, self.at = math.nan, now
             return
@@ -199,7 +210,9 @@ class CounterState:
             self.tokens = min(float(limits.burst), self.tokens + (now - self.at) * limits.rate.per_second)
         else:
             self.tokens = min(self.tokens, float(limits.burst))
-        self.at = max(self.at, now)
+        # A clock stepped back: refill from now on (keeping the tokens), rather than from a
+        # time in the future that real time reaches only after the length of the step.
+        self.at = now if now < self.at - CLOCK_STEP else max(self.at, now)
 
     def totals_at(self, now: float) -> tuple[int, int]:
         """The window's messages and recipients at `now`, without moving it: what `advance`

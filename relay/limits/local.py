@@ -168,13 +168,19 @@ class LocalCounters:
 
     def _forget_idle(self) -> None:
         """Drop entities idle for longer than FORGET_IDLE (users and domains no longer
-        configured): their window is empty and their bucket full, so nothing is lost."""
+        configured): their window is empty and their bucket full, so nothing is lost. And
+        those whose window lies more than a day ahead: counted under a clock that was wrong."""
         if self._env is None:
             return
-        horizon = slot_of(self._clock() - FORGET_IDLE)
+        now = self._clock()
+        horizon, ahead = slot_of(now - FORGET_IDLE), slot_of(now + 86400)
         try:
             with self._env.begin(write=True) as txn:
-                stale = [bytes(key) for key, data in txn.cursor() if CounterState.from_bytes(data).slot < horizon]
+                stale = [
+                    bytes(key)
+                    for key, data in txn.cursor()
+                    if not horizon <= CounterState.from_bytes(data).slot <= ahead
+                ]
                 for key in stale:
                     txn.delete(key)
         except lmdb.Error as exc:

@@ -34,7 +34,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of, window_totals
+from relay.limits.counters import (
+    CLOCK_STEP,
+    FAIL_OPEN,
+    CounterState,
+    Demand,
+    Excess,
+    Taken,
+    Usage,
+    slot_of,
+    window_totals,
+)
 from relay.limits.local import LocalCounters
 from relay.limits.rules import DAILY, DAILY_RECIPIENTS, RATE, SLOT_SECONDS, WINDOW_SLOTS, Entity
 
@@ -94,6 +104,8 @@ local function load(key, rate, burst)
       end
     end
     st.slot = current
+  elseif st.slot > current + 1 then
+    st.slot = current  -- the clock was stepped back (see CounterState.advance)
   end
   if rate == nil then
     st.tokens, st.at = nil, now
@@ -105,7 +117,7 @@ local function load(key, rate, burst)
     else
       st.tokens = math.min(burst, st.tokens)
     end
-    if now > st.at then st.at = now end
+    if now > st.at or now < st.at - @CLOCK_STEP@ then st.at = now end
   end
   return st
 end
@@ -205,6 +217,7 @@ LUA = (
     LUA.replace("@SLOT_SECONDS@", str(SLOT_SECONDS))
     .replace("@WINDOW_SLOTS@", str(WINDOW_SLOTS))
     .replace("@KEY_TTL_MS@", str(KEY_TTL_MS))
+    .replace("@CLOCK_STEP@", repr(CLOCK_STEP))
 )
 
 
