@@ -279,3 +279,31 @@ def test_with_redis_the_retry_of_a_message_the_upstream_refused_is_not_refused(
         assert redis.cli("HGET", "relay:limits:user:app", "m").strip() == "0"  # given back in Redis
         assert send(relay, pki, "retried")[0] == 250
         assert send(relay, pki, "one too many")[0] == 451
+
+
+@in_thread
+def test_spool_keeps_a_limit_deferral_across_scans(make_loop_relay, upstream, pki, tmp_path):
+    """A deferral by a sending limit is not an attempt, so it is not in the entry's state;
+    every scan used to put the entry back at its on-disk due time (past): read from disk,
+    parsed and counted again, scan after scan, for as long as the limit held."""
+    relay = make_loop_relay(
+        upstream.port,
+        queue={"mode": "spool", "dir": str(tmp_path / "spool"), "retry": ["1m"]},
+        limits={"domains": {"example.com": {"rate": "1/h", "burst": 1}}},
+    )
+    runner = relay.running.queue.runner
+    runner.scan_interval = 0.2  # 10 s in production; only makes the test quicker
+    for i in range(5):
+        assert send(relay, pki, f"p{i}")[0] == 250
+    upstream.wait_for(1)
+
+    def deferrals() -> list[dict]:
+        return [e for e in relay.logs() if e.get("msg") == "delivery deferred by a sending limit"]
+
+    relay.wait_log(lambda e: len(deferrals()) >= 4)
+    scans = []
+    relay.wait_log(lambda e: scans.append(runner._last_scan) or len(set(scans)) >= 10, timeout=30)
+    assert all(e["wait_s"] > 3000 for e in deferrals())  # "try again in an hour"...
+    assert len(deferrals()) == 4  # ...and each of the four waits: no scan reads it again
+    assert len(upstream.messages) == 1
+    assert relay.metric("relay_queue_messages", state="deferred") == 4

@@ -80,6 +80,8 @@ MAX_BYTES = Gauge(
 )
 
 SCAN_INTERVAL = 10.0
+# An entry of a domain whose limit another entry is trying asks again after this.
+PACED_PROBE_WAIT = 1.0
 KICK_POLL = 1.0
 DUE_SLACK = 0.5  # recipients due this soon go along with the ones due now
 DEAD_SWEEP_INTERVAL = 300.0
@@ -135,6 +137,11 @@ class QueueRunner:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._summaries: dict[str, EntrySummary] = {}
+        # Deferrals by a sending limit live here, not in the entry's state (they are not
+        # attempts): the scan, which schedules from the state, must not undo them.
+        self._paced: dict[str, tuple[str, float]] = {}  # entry id -> (From domain, not before)
+        self._domain_gates: dict[str, float] = {}  # From domain -> over its limit until then
+        self._probing: dict[str, str] = {}  # From domain -> the one entry trying its gate
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -223,13 +230,50 @@ class QueueRunner:
             del self._due[entry_id]
             if entry_id in self._inflight:
                 continue
+            wait_until = self._paced_until(entry_id, now)
+            if wait_until is not None:
+                self._schedule(entry_id, wait_until)
+                continue
             self._launch(entry_id, self._attempt(entry_id))
+
+    def _paced_until(self, entry_id: str, now: float) -> float | None:
+        """When an entry a sending limit deferred may be read again, if not now. Its From
+        domain's gate holds every entry of the domain (none is read and counted while the
+        limit is known to be reached); when the gate opens, one entry tries it, the others
+        wait for its outcome (else each would be read and counted to learn the same)."""
+        paced = self._paced.get(entry_id)
+        if paced is None:
+            return None
+        domain, not_before = paced
+        gate = max(not_before, self._domain_gates.get(domain, 0.0))
+        if gate > now:
+            return gate
+        trying = self._probing.get(domain)
+        if trying is not None and trying != entry_id and trying in self._inflight:
+            return now + PACED_PROBE_WAIT
+        self._probing[domain] = entry_id
+        return None
+
+    def _defer_paced(self, entry_id: str, domain: str, until: float) -> None:
+        self._paced[entry_id] = (domain, until)
+        self._domain_gates[domain] = until
+        if self._probing.get(domain) == entry_id:
+            del self._probing[domain]
+        self._schedule(entry_id, until)
+
+    def _passed_pacing(self, entry_id: str, domain: str) -> None:
+        self._paced.pop(entry_id, None)
+        self._domain_gates.pop(domain, None)
+        if self._probing.get(domain) == entry_id:
+            del self._probing[domain]
 
     async def _scan(self) -> None:
         started = time.time()
         result = await asyncio.to_thread(self.spool.scan, dict(self._summaries))
         self._last_scan = time.time()
         self._summaries = result.entries
+        for gone in self._paced.keys() - result.entries.keys():
+            del self._paced[gone]  # delivered or removed elsewhere
         for entry_id in result.corrupt:
             held = self.spool.lock(entry_id)
             if held is not None:
@@ -256,7 +300,8 @@ class QueueRunner:
                 continue
             if summary.due is None:
                 continue
-            if summary.due <= now or summary.id in self._inflight:
+            paced = self._paced.get(summary.id)
+            if summary.id in self._inflight or (summary.due <= now and (paced is None or paced[1] <= now)):
                 active += 1
             else:
                 deferred += 1
@@ -325,13 +370,15 @@ class QueueRunner:
         pacer = self.pacer() if self.pacer is not None and due else None
         counted = None
         if pacer is not None:
-            paced = await pacer.pace_delivery(entry.from_domain or _author_domain(message), len(due))
+            domain = entry.from_domain or _author_domain(message)
+            paced = await pacer.pace_delivery(domain, len(due))
             if isinstance(paced, float):
                 # Over a limit of its From domain (the upstream's side): not an attempt, not
                 # a failure; the entry waits until it fits.
                 log.info("delivery deferred by a sending limit", extra={"id": entry.id, "wait_s": round(paced)})
-                self._schedule(entry.id, now + paced)
+                self._defer_paced(entry.id, (domain or "").lower(), now + paced)
                 return
+            self._passed_pacing(entry.id, (domain or "").lower())
             counted = paced
         if due:
             # Routes go by the envelope sender, so one target carries every recipient; a
