@@ -36,10 +36,20 @@ from relay.limits.rules import Entity
 
 log = logging.getLogger("relay.limits")
 
-# Room for ~40,000 entities of ~1.6 KB; the file is sparse, so this costs only address space.
-MAP_SIZE = 64 * 1024 * 1024
+# Room for ~70,000 entities: each ends up on a 4 KiB leaf page of its own (a 1.6 KB value).
+# The file grows with use; the map size costs only address space.
+MAP_SIZE = 256 * 1024 * 1024
 PROBLEM_LOG_INTERVAL = 60.0
+# A failure stays in `problem()` (/readyz detail) this long after it happened, whatever
+# worked since: a failure on some entities only is otherwise hidden by the others' success.
+PROBLEM_STICKY = 600.0
+# How often a process checks that the file it counts in is still the one in the directory
+# (another process may have set a damaged one aside).
+FILE_CHECK_INTERVAL = 10.0
 FORGET_IDLE = 2 * 86400.0
+# What LMDB raises for a damaged data page in a file that opened fine (LMDB documents that
+# a system crash can leave one when commits are not synced).
+DAMAGED = (lmdb.CorruptedError, lmdb.PageNotFoundError)
 
 
 class LocalCounters:
@@ -49,7 +59,9 @@ class LocalCounters:
         self.directory = directory
         self._clock = clock
         self._problem: str | None = None
+        self._problem_until = 0.0
         self._last_logged = -PROBLEM_LOG_INTERVAL
+        self._last_file_check = time.monotonic()
         self._env = self._open()
         self._forget_idle()
 
@@ -57,19 +69,51 @@ class LocalCounters:
         try:
             return _environments.acquire(self.directory)
         except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as exc:
-            aside = self.directory.with_name(f"{self.directory.name}.broken-{int(time.time())}")
-            log.error(
-                "limit counters unreadable; starting afresh",
-                extra={"path": str(self.directory), "moved_to": str(aside), "reason": f"{type(exc).__name__}: {exc}"},
-            )
-            try:
-                self.directory.rename(aside)
-                return _environments.acquire(self.directory)
-            except (OSError, lmdb.Error) as again:
-                self._failed(f"cannot open {self.directory}: {type(again).__name__}: {again}")
+            return self._start_afresh(exc)
         except (OSError, lmdb.Error) as exc:
             self._failed(f"cannot open {self.directory}: {type(exc).__name__}: {exc}")
         return None
+
+    def _start_afresh(self, exc: BaseException, *, damaged: lmdb.Environment | None = None) -> lmdb.Environment | None:
+        """Set the unreadable or damaged file aside and open a new one. With `damaged`, the
+        environment in use: the directory is moved only if it still holds that file (another
+        process may have set it aside already), and every process moves on to the new file
+        within FILE_CHECK_INTERVAL."""
+        aside = self.directory.with_name(f"{self.directory.name}.broken-{int(time.time())}-{os.getpid()}")
+        reason = f"{type(exc).__name__}: {exc}"
+        try:
+            if damaged is None or not _environments.replaced(damaged, self.directory):
+                self.directory.rename(aside)
+                log.error(
+                    "limit counters unreadable; starting afresh",
+                    extra={"path": str(self.directory), "moved_to": str(aside), "reason": reason},
+                )
+            env = _environments.acquire(self.directory)
+        except (OSError, lmdb.Error) as again:
+            self._failed(f"cannot open {self.directory}: {type(again).__name__}: {again}")
+            return None
+        finally:
+            if damaged is not None:
+                _environments.release(damaged)
+        self._note_problem(f"counter file damaged ({reason}), set aside and started afresh")
+        return env
+
+    def _check_file(self) -> None:
+        """Move on to a new file if another process set the one in use aside."""
+        now = time.monotonic()
+        if self._env is None or now - self._last_file_check < FILE_CHECK_INTERVAL:
+            return
+        self._last_file_check = now
+        if _environments.replaced(self._env, self.directory):
+            old, self._env = self._env, None
+            _environments.release(old)
+            self._env = self._open()
+
+    def _count_failed(self, exc: lmdb.Error) -> None:
+        self._failed(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, DAMAGED) and self._env is not None:
+            damaged, self._env = self._env, None
+            self._env = self._start_afresh(exc, damaged=damaged)
 
     # -- the contract (see counters.py) ------------------------------------------------
     def peek(self, demands: Sequence[Demand]) -> Excess | None:
@@ -85,7 +129,7 @@ class LocalCounters:
                     if excess is not None:
                         return excess
         except lmdb.Error as exc:
-            self._failed(f"{type(exc).__name__}: {exc}")
+            self._count_failed(exc)
         return None
 
     async def take(self, demands: Sequence[Demand]) -> Taken | Excess:
@@ -93,6 +137,7 @@ class LocalCounters:
 
     def take_now(self, demands: Sequence[Demand]) -> Taken | Excess:
         """`take` without a suspension point (the Redis backend falls back on it)."""
+        self._check_file()
         now = self._clock()
         taken = Taken(tuple(demands), slot_of(now), self.name)
         if self._env is None:
@@ -119,9 +164,10 @@ class LocalCounters:
                     taken = Taken(tuple(demands), states[0][1].slot, self.name)
         except lmdb.Error as exc:
             FAIL_OPEN.labels(self.name).inc()
-            self._failed(f"{type(exc).__name__}: {exc}")
+            self._count_failed(exc)
             return taken
-        self._problem = None
+        if self._problem is not None and time.monotonic() >= self._problem_until:
+            self._problem = None
         return taken
 
     async def give_back(self, taken: Taken) -> None:
@@ -143,7 +189,7 @@ class LocalCounters:
                     state.uncount(demand, taken.slot)
                     txn.put(key, state.to_bytes())
         except lmdb.Error as exc:
-            self._failed(f"{type(exc).__name__}: {exc}")
+            self._count_failed(exc)
 
     async def usage(self, entities: Sequence[Entity]) -> dict[Entity, Usage]:
         if self._env is None:
@@ -184,18 +230,22 @@ class LocalCounters:
                 for key in stale:
                     txn.delete(key)
         except lmdb.Error as exc:
-            self._failed(f"{type(exc).__name__}: {exc}")
+            self._count_failed(exc)
 
     def problem(self) -> str | None:
         return self._problem
 
     async def close(self) -> None:
         if self._env is not None:
-            self._env = None
-            _environments.release(self.directory)
+            env, self._env = self._env, None
+            _environments.release(env)
+
+    def _note_problem(self, problem: str) -> None:
+        self._problem = problem
+        self._problem_until = time.monotonic() + PROBLEM_STICKY
 
     def _failed(self, reason: str) -> None:
-        self._problem = f"local limit counters failing (mail is let through): {reason}"
+        self._note_problem(f"local limit counters failing (mail is let through): {reason}")
         now = time.monotonic()
         if now - self._last_logged >= PROBLEM_LOG_INTERVAL:
             self._last_logged = now
@@ -208,15 +258,19 @@ class LocalCounters:
 class _Environments:
     """One open LMDB environment per directory and process: LMDB forbids opening the same
     one twice in a process (a reload builds new counters while the old ones still serve),
-    and an environment must not be used across fork (workers open their own)."""
+    and an environment must not be used across fork (workers open their own). A file set
+    aside is replaced by a new one; the old environment is closed when its last user lets
+    it go."""
 
     def __init__(self) -> None:
-        self._open: dict[tuple[int, str], tuple[lmdb.Environment, int]] = {}
+        self._current: dict[tuple[int, str], lmdb.Environment] = {}
+        self._users: dict[lmdb.Environment, int] = {}
+        self._files: dict[lmdb.Environment, tuple[int, int]] = {}  # (device, inode) of data.mdb
 
     def acquire(self, directory: Path) -> lmdb.Environment:
         key = (os.getpid(), str(directory.resolve()))
-        env, users = self._open.get(key, (None, 0))
-        if env is None:
+        env = self._current.get(key)
+        if env is None or self.replaced(env, directory):
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             env = lmdb.open(
                 str(directory),
@@ -232,19 +286,31 @@ class _Environments:
                 lock=True,
             )
             env.reader_check()  # free the reader slots of processes that died
-        self._open[key] = (env, users + 1)
+            stat = (directory / "data.mdb").stat()
+            self._current[key] = env
+            self._files[env] = (stat.st_dev, stat.st_ino)
+        self._users[env] = self._users.get(env, 0) + 1
         return env
 
-    def release(self, directory: Path) -> None:
-        key = (os.getpid(), str(directory.resolve()))
-        env, users = self._open.get(key, (None, 0))
-        if env is None:
+    def replaced(self, env: lmdb.Environment, directory: Path) -> bool:
+        """Whether the directory no longer holds the file `env` has open."""
+        try:
+            stat = (directory / "data.mdb").stat()
+        except OSError:
+            return True
+        return self._files.get(env) != (stat.st_dev, stat.st_ino)
+
+    def release(self, env: lmdb.Environment) -> None:
+        users = self._users.get(env, 0) - 1
+        if users > 0:
+            self._users[env] = users
             return
-        if users > 1:
-            self._open[key] = (env, users - 1)
-        else:
-            del self._open[key]
-            env.close()
+        self._users.pop(env, None)
+        self._files.pop(env, None)
+        for key, current in list(self._current.items()):
+            if current is env:
+                del self._current[key]
+        env.close()
 
 
 _environments = _Environments()
