@@ -57,6 +57,7 @@ def limits_of(spec: dict) -> Limits:
         burst=spec.get("burst", rate.count if rate else 1),
         daily=spec.get("daily"),
         daily_recipients=spec.get("daily_recipients"),
+        rate_recipients=spec.get("rate_counts") == "recipients",
     )
 
 

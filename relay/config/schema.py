@@ -651,12 +651,15 @@ def _redis_url(value: str) -> str:
 
 
 LimitRate = Annotated[object, PlainValidator(_limit_rate)]
-_LIMIT_FIELDS = ("rate", "burst", "daily", "daily_recipients")
+_LIMIT_FIELDS = ("rate", "burst", "rate_counts", "daily", "daily_recipients")
 
 
 class _LimitFields(Strict):
     rate: LimitRate = None  # messages per time: 10/s, 600/m, 1000/h (a token bucket)
     burst: int | None = Field(default=None, ge=1)  # default: the rate's count
+    # What the rate's tokens are: messages (default), or recipients (how SES counts its
+    # sending rate: a message to 50 recipients takes 50 tokens).
+    rate_counts: Literal["messages", "recipients"] | None = None
     daily: int | None = Field(default=None, ge=0)  # messages in a rolling 24 h
     daily_recipients: int | None = Field(default=None, ge=0)  # recipients in a rolling 24 h
 
@@ -668,6 +671,8 @@ class LimitSettings(_LimitFields):
     def _burst_with_rate(self) -> LimitSettings:
         if self.burst is not None and self.rate is None:
             raise ValueError("burst needs a rate")
+        if self.rate_counts is not None and self.rate is None:
+            raise ValueError("rate_counts needs a rate")
         return self
 
 

@@ -48,6 +48,11 @@ class Demand:
     messages: int
     recipients: int
 
+    @property
+    def tokens(self) -> int:
+        """What the demand takes from the entity's bucket."""
+        return self.recipients if self.limits.rate_recipients else self.messages
+
 
 @dataclass(frozen=True, slots=True)
 class Excess:
@@ -227,8 +232,11 @@ class CounterState:
     def excess(self, demand: Demand, now: float) -> Excess | None:
         """Whether `demand` would pass a limit (after `advance`)."""
         limits = demand.limits
-        if limits.rate is not None and demand.messages and self.tokens < demand.messages:
-            wait = (demand.messages - self.tokens) / limits.rate.per_second
+        # More than the burst can never be in the bucket: such a demand waits for a full
+        # bucket and leaves it in debt (`count`).
+        needed = min(demand.tokens, limits.burst)
+        if limits.rate is not None and needed and self.tokens < needed:
+            wait = (needed - self.tokens) / limits.rate.per_second
             return Excess(demand.entity, RATE, self.tokens, limits.burst, wait)
         if limits.daily is not None and self.messages + demand.messages > limits.daily:
             return Excess(demand.entity, DAILY, self.messages, limits.daily, self._until_slot_ends(now))
@@ -240,7 +248,7 @@ class CounterState:
 
     def count(self, demand: Demand) -> None:
         if demand.limits.rate is not None:
-            self.tokens -= demand.messages
+            self.tokens -= demand.tokens
         messages, recipients = self.in_slot(self.slot)
         self._set_slot(self.slot, messages + demand.messages, recipients + demand.recipients)
         self.messages += demand.messages
@@ -249,7 +257,7 @@ class CounterState:
     def uncount(self, demand: Demand, slot: int) -> None:
         """Give back what `count` took in `slot`, if that slot is still in the window."""
         if demand.limits.rate is not None and not math.isnan(self.tokens):
-            self.tokens = min(float(demand.limits.burst), self.tokens + demand.messages)
+            self.tokens = min(float(demand.limits.burst), self.tokens + demand.tokens)
         if self.slot - slot >= WINDOW_SLOTS or slot > self.slot:
             return
         in_slot_messages, in_slot_recipients = self.in_slot(slot)

@@ -65,7 +65,8 @@ class LimitExceeded(SmtpError):
 
 def _figure(kind: str, limits: Limits) -> str:
     if kind == RATE:
-        return f"{limits.rate}, burst {limits.burst}"
+        counted = " recipients" if limits.rate_recipients else ""
+        return f"{limits.rate}{counted}, burst {limits.burst}"
     if kind == DAILY:
         return f"{limits.daily} messages in 24 h"
     return f"{limits.daily_recipients} recipients in 24 h"

@@ -64,7 +64,8 @@ _KINDS = {1: RATE, 2: DAILY, 3: DAILY_RECIPIENTS}
 # s the current slot, m / r the window's totals, m<i> / r<i> the ring of per-slot counts.
 # ARGV: op (take | give | probe), now in ms (empty: Redis's TIME), the slot to give back to;
 # then one argument per key: "messages recipients rate-per-second burst daily
-# daily-recipients", with "-" for a limit that is not set. (Few arguments: encoding each one
+# daily-recipients tokens" (tokens: what the demand takes from the bucket, messages or
+# recipients), with "-" for a limit that is not set. (Few arguments: encoding each one
 # costs the client more than the script costs Redis.)
 LUA = r"""
 local op = ARGV[1]
@@ -147,7 +148,8 @@ for k = 1, #KEYS do
   local f = {}
   for word in string.gmatch(ARGV[3 + k], '%S+') do table.insert(f, word) end
   local d = {messages = tonumber(f[1]), recipients = tonumber(f[2]), rate = num(f[3], nil),
-             burst = tonumber(f[4]), daily = num(f[5], nil), daily_r = num(f[6], nil)}
+             burst = tonumber(f[4]), daily = num(f[5], nil), daily_r = num(f[6], nil),
+             tokens = tonumber(f[7])}
   demands[k] = d
   states[k] = load(KEYS[k], d.rate, d.burst)
 end
@@ -166,7 +168,7 @@ if op == 'give' then
   for k = 1, #KEYS do
     local st, d = states[k], demands[k]
     if redis.call('EXISTS', KEYS[k]) == 1 then
-      if d.rate ~= nil and st.tokens ~= nil then st.tokens = math.min(d.burst, st.tokens + d.messages) end
+      if d.rate ~= nil and st.tokens ~= nil then st.tokens = math.min(d.burst, st.tokens + d.tokens) end
       if give_slot <= st.slot and st.slot - give_slot < n_slots then
         local i = give_slot % n_slots
         local m = math.min(d.messages, num(redis.call('HGET', KEYS[k], 'm' .. i), 0))
@@ -189,8 +191,9 @@ end
 for k = 1, #KEYS do
   local st, d = states[k], demands[k]
   local kind, used, limit, wait = 0, 0, 0, 0
-  if d.rate ~= nil and d.messages > 0 and st.tokens < d.messages then
-    kind, used, limit, wait = 1, st.tokens, d.burst, (d.messages - st.tokens) / d.rate
+  local needed = math.min(d.tokens, d.burst)
+  if d.rate ~= nil and needed > 0 and st.tokens < needed then
+    kind, used, limit, wait = 1, st.tokens, d.burst, (needed - st.tokens) / d.rate
   elseif d.daily ~= nil and st.m + d.messages > d.daily then
     kind, used, limit, wait = 2, st.m, d.daily, (st.slot + 1) * slot_seconds - now
   elseif d.daily_r ~= nil and st.r + d.recipients > d.daily_r then
@@ -204,7 +207,7 @@ end
 local i = current % n_slots
 for k = 1, #KEYS do
   local st, d = states[k], demands[k]
-  if d.rate ~= nil then st.tokens = st.tokens - d.messages end
+  if d.rate ~= nil then st.tokens = st.tokens - d.tokens end
   st.m = st.m + d.messages
   st.r = st.r + d.recipients
   save(KEYS[k], st)
@@ -426,7 +429,7 @@ class RedisCounters:
                 f"{demand.messages} {demand.recipients} "
                 f"{'-' if limits.rate is None else repr(limits.rate.per_second)} {limits.burst} "
                 f"{'-' if limits.daily is None else limits.daily} "
-                f"{'-' if limits.daily_recipients is None else limits.daily_recipients}"
+                f"{'-' if limits.daily_recipients is None else limits.daily_recipients} {demand.tokens}"
             )
         keys = [self._prefix + demand.entity.key for demand in demands]
         self.round_trips += 1

@@ -3,8 +3,10 @@
 A limit applies to an `Entity`: an authenticated user (`user`, by username) or a header-From
 domain (`domain`). Each entity may have:
 
-- `rate` with `burst`: a token bucket of messages. `burst` messages may go at once, then
-  one more each 1/rate seconds. It is the brake on a runaway loop.
+- `rate` with `burst`: a token bucket of messages (or of recipients, with `rate_counts:
+  recipients`, as SES counts its sending rate). `burst` may go at once, then one more each
+  1/rate seconds. It is the brake on a runaway loop. A message with more recipients than
+  the burst goes when the bucket is full and leaves it in debt: the rate holds on average.
 - `daily`: messages, and `daily_recipients`: recipients, in a rolling 24 hours. Upstreams
   count both ways (Amazon SES's quota and Microsoft 365's cap count recipients; Google's
   caps count messages and recipients), so both can be set.
@@ -95,6 +97,7 @@ class Limits:
     burst: int = 1
     daily: int | None = None
     daily_recipients: int | None = None
+    rate_recipients: bool = False  # the bucket's tokens are recipients, not messages
 
     @property
     def empty(self) -> bool:
@@ -110,6 +113,7 @@ def _limits(fields: Mapping[str, object]) -> Limits:
     burst = fields.get("burst")
     daily = fields.get("daily")
     daily_recipients = fields.get("daily_recipients")
+    rate_counts = fields.get("rate_counts")
     assert rate is None or isinstance(rate, Rate)
     assert burst is None or isinstance(burst, int)
     assert daily is None or isinstance(daily, int)
@@ -118,7 +122,13 @@ def _limits(fields: Mapping[str, object]) -> Limits:
         # Without a burst, a rate of N per unit lets N go at once: `600/m` is 600 at once,
         # then 10 a second.
         burst = rate.count
-    return Limits(rate=rate, burst=burst or 1, daily=daily, daily_recipients=daily_recipients)
+    return Limits(
+        rate=rate,
+        burst=burst or 1,
+        daily=daily,
+        daily_recipients=daily_recipients,
+        rate_recipients=rate is not None and rate_counts == "recipients",
+    )
 
 
 def _declared(settings: _LimitFields) -> dict[str, object]:
@@ -126,7 +136,7 @@ def _declared(settings: _LimitFields) -> dict[str, object]:
     return {name: getattr(settings, name) for name in settings.model_fields_set if name in _FIELDS}
 
 
-_FIELDS = ("rate", "burst", "daily", "daily_recipients")
+_FIELDS = ("rate", "burst", "rate_counts", "daily", "daily_recipients")
 
 
 class LimitPolicy:
