@@ -17,6 +17,7 @@ delivery loop to the snapshot's real targets (`Components.router`).
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -374,7 +375,15 @@ def build_limiter(settings: Settings, counters: Counters | None) -> tuple[Limite
     policy = LimitPolicy(settings.limits)
     if not policy.limits_anything:
         return None, None
-    usage = LimitUsage(policy, counters, [user.username for user in settings.clients.users])
+    unauthenticated = [listener.name for listener in settings.listeners if listener.auth != "required"]
+    optional = [listener.name for listener in settings.listeners if listener.auth == "optional"]
+    if optional and policy.limits_users and policy.for_unauthenticated() is None:
+        logging.getLogger("relay.limits").warning(
+            "user limits apply to authenticated clients only: on these listeners a client can "
+            "skip AUTH and them; set limits.unauthenticated to limit those clients too",
+            extra={"listeners": optional},
+        )
+    usage = LimitUsage(policy, counters, [user.username for user in settings.clients.users], unauthenticated)
     return Limiter(policy, counters), usage
 
 

@@ -307,3 +307,38 @@ def test_spool_keeps_a_limit_deferral_across_scans(make_loop_relay, upstream, pk
     assert len(deferrals()) == 4  # ...and each of the four waits: no scan reads it again
     assert len(upstream.messages) == 1
     assert relay.metric("relay_queue_messages", state="deferred") == 4
+
+
+@in_thread
+def test_skipping_auth_on_an_optional_listener_does_not_escape_the_limits(make_loop_relay, upstream, pki):
+    """On an `auth: optional` listener a client could leave its user's limits by not
+    authenticating. `limits.unauthenticated` counts those clients together, per listener;
+    without it, the relay says at start that the user limits can be skipped there."""
+
+    def send_as(login: bool, subject: str) -> tuple[int, str]:
+        client = connect(relay, pki, login=login)
+        try:
+            assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+            code, text = reply(client, "RCPT TO:<u@example.net>")
+            if code != 250:
+                return code, text
+            code, text = client.data(message(subject=subject))
+            return code, text.decode()
+        finally:
+            client.close()
+
+    relay = make_loop_relay(upstream.port, start=False, limits={"users": {"daily": 1}})
+    relay.config["listeners"][0]["auth"] = "optional"
+    relay.start()
+    warning = relay.wait_log(lambda e: "user limits apply to authenticated clients only" in e.get("msg", ""))
+    assert warning["listeners"] == ["submission"]
+
+    relay = make_loop_relay(upstream.port, start=False, limits={"users": {"daily": 1}, "unauthenticated": {"daily": 2}})
+    relay.config["listeners"][0]["auth"] = "optional"
+    relay.start()
+    assert send_as(True, "a1")[0] == 250
+    assert send_as(True, "a2")[0] == 451  # the user's daily quota of 1
+    assert [send_as(False, f"n{i}")[0] for i in range(2)] == [250, 250]
+    code, text = send_as(False, "n3")  # the same app without AUTH: the listener's quota of 2
+    assert code == 451 and "daily message quota of listener submission (2 messages in 24 h)" in text
+    assert relay.metric("relay_limit_refusals_total", scope="listener", name="submission") == 1

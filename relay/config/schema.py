@@ -720,6 +720,9 @@ class RedisLimitSettings(Strict):
 class LimitsSettings(Strict):
     users: UserLimitSettings = Field(default_factory=UserLimitSettings)
     domains: dict[Domain, LimitSettings] = Field(default_factory=dict)
+    # Clients that did not authenticate (listeners with auth: optional or none), counted
+    # together per listener: without it, not authenticating escapes the user limits.
+    unauthenticated: LimitSettings | None = None
     backend: Literal["local", "redis"] = "local"
     redis: RedisLimitSettings | None = None
 

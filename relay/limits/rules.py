@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 USER = "user"
 DOMAIN = "domain"
+LISTENER = "listener"  # the clients of one listener that did not authenticate, together
 
 RATE = "rate"
 DAILY = "daily"
@@ -78,7 +79,7 @@ def parse_rate(value: object) -> Rate:
 
 @dataclass(frozen=True, slots=True)
 class Entity:
-    scope: str  # USER or DOMAIN
+    scope: str  # USER, DOMAIN or LISTENER
     name: str
 
     @property
@@ -157,6 +158,8 @@ class LimitPolicy:
                 fields.pop("burst", None)
             self._users[username] = _limits(fields)
         self._domains = {domain: _limits(_declared(limits)) for domain, limits in settings.domains.items()}
+        unauthenticated = settings.unauthenticated
+        self._unauthenticated = None if unauthenticated is None else _limits(_declared(unauthenticated))
 
     def for_user(self, username: str | None) -> Limits | None:
         if username is None:
@@ -164,15 +167,32 @@ class LimitPolicy:
         limits = self._users.get(username, self._default_user)
         return None if limits.empty else limits
 
+    def for_unauthenticated(self) -> Limits | None:
+        """The limits of the clients of one listener that did not authenticate (`auth:
+        optional`/`none`), counted together per listener; None when not set."""
+        limits = self._unauthenticated
+        return None if limits is None or limits.empty else limits
+
+    def for_entity(self, entity: Entity) -> Limits | None:
+        if entity.scope == USER:
+            return self.for_user(entity.name)
+        if entity.scope == DOMAIN:
+            return self.for_domain(entity.name)
+        return self.for_unauthenticated()
+
     def for_domain(self, domain: str | None) -> Limits | None:
         if not domain:
             return None
         limits = self._domains.get(domain.lower())
         return None if limits is None or limits.empty else limits
 
-    def with_daily_quota(self, usernames: Iterable[str]) -> list[tuple[Entity, Limits]]:
-        """Every entity that has a daily quota: the ones whose usage is exported."""
+    def with_daily_quota(self, usernames: Iterable[str], listeners: Iterable[str] = ()) -> list[tuple[Entity, Limits]]:
+        """Every entity that has a daily quota: the ones whose usage is exported
+        (`listeners`: those where clients may send without authenticating)."""
         out = []
+        unauthenticated = self.for_unauthenticated()
+        if unauthenticated is not None and unauthenticated.has_daily:
+            out += [(Entity(LISTENER, listener), unauthenticated) for listener in listeners]
         for username in usernames:
             limits = self.for_user(username)
             if limits is not None and limits.has_daily:
@@ -183,7 +203,13 @@ class LimitPolicy:
         return out
 
     @property
+    def limits_users(self) -> bool:
+        return not self._default_user.empty or any(not v.empty for v in self._users.values())
+
+    @property
     def limits_anything(self) -> bool:
-        return not self._default_user.empty or any(
-            not v.empty for v in (*self._users.values(), *self._domains.values())
+        return (
+            not self._default_user.empty
+            or any(not v.empty for v in (*self._users.values(), *self._domains.values()))
+            or self.for_unauthenticated() is not None
         )

@@ -30,8 +30,10 @@ REFRESH_MAX_AGE = 10.0
 
 
 class LimitUsage(Collector):
-    def __init__(self, policy: LimitPolicy, counters: Counters, usernames: Iterable[str]) -> None:
-        self._entities = policy.with_daily_quota(usernames)
+    def __init__(
+        self, policy: LimitPolicy, counters: Counters, usernames: Iterable[str], listeners: Iterable[str] = ()
+    ) -> None:
+        self._entities = policy.with_daily_quota(usernames, listeners)
         self._counters = counters
         self._ratios: dict[tuple[str, str], float] = {}
         self._refreshed = -REFRESH_MAX_AGE
