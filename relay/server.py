@@ -109,6 +109,8 @@ class Relay:
         self.components = await build_components(
             settings, self.store, self.targets, spool=spool, counters=self.limit_counters
         )
+        if self.components.counters is not None:
+            self.limit_counters.adopt(self.components.counters)
         self.store.subscribe(self._secret_changed)
         # Access tokens before the listeners open: the first message finds one ready.
         await self._start_token_auths(self.components.token_auths)
@@ -211,6 +213,7 @@ class Relay:
             return False
         old = self.components
         assert old is not None
+        new = None
         try:
             if settings.queue != old.settings.queue:
                 log.warning("queue settings changed; they take effect at the next restart")
@@ -223,6 +226,7 @@ class Relay:
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
             log.error("reload failed; the running configuration stays", extra={"reason": str(exc)})
+            await self.limit_counters.discard(new.counters if new is not None else None)
             return False
         old.pipeline.keyring.detach()
         new.pipeline.keyring.attach()
@@ -237,8 +241,9 @@ class Relay:
             self._in_background(target.close())
         for token_auth in new.retired_token_auths:
             self._in_background(token_auth.close())
-        if new.retired_counters is not None:
-            self._in_background(new.retired_counters.close())
+        retired_counters = self.limit_counters.adopt(new.counters) if new.counters is not None else None
+        if retired_counters is not None:
+            self._in_background(retired_counters.close())
         log.info("configuration reloaded", extra={"config": redacted(settings)})
         return True
 

@@ -342,3 +342,47 @@ def test_skipping_auth_on_an_optional_listener_does_not_escape_the_limits(make_l
     code, text = send_as(False, "n3")  # the same app without AUTH: the listener's quota of 2
     assert code == 451 and "daily message quota of listener submission (2 messages in 24 h)" in text
     assert relay.metric("relay_limit_refusals_total", scope="listener", name="submission") == 1
+
+
+@in_thread
+def test_a_failed_reload_keeps_the_counters_in_use_and_closes_the_new_ones(make_loop_relay, upstream, pki, tmp_path):
+    """A reload that fails after the counters were rebuilt (here a new listener on a port
+    in use, with a new data_dir) used to leave them current: /readyz detail and stop()
+    looked at counters nothing used, and the ones in use were never closed."""
+    import socket
+
+    from relay.config.schema import ListenerSettings
+    from relay.limits import local
+
+    relay = make_loop_relay(upstream.port, limits={"users": {"daily": 5}})
+    running = relay.running
+    in_use = running.pipeline.limiter.counters
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        settings = running.settings
+        busy = ListenerSettings.model_validate(
+            {"name": "extra", "bind": f"127.0.0.1:{taken.getsockname()[1]}", "tls": "starttls", "auth": "required"}
+        )
+        elsewhere = tmp_path / "elsewhere"
+        new = settings.model_copy(update={"data_dir": elsewhere, "listeners": [*settings.listeners, busy]})
+        running._reload_settings = lambda: new
+        assert relay._in_loop(running.reload(), 20) is False  # "the running configuration stays"
+    finally:
+        taken.close()
+    assert running.pipeline.limiter.counters is in_use
+    assert running.limit_counters.current is in_use  # what /readyz detail and stop() look at
+    opened = [path for _pid, path in local._environments._current]
+    assert not [path for path in opened if path.startswith(str(elsewhere))]  # the new ones closed
+    assert send(relay, pki, "after")[0] == 250
+
+
+async def test_redis_counters_close_their_local_fallback(tmp_path):
+    from relay.limits.local import LocalCounters
+    from relay.limits.redis_counters import RedisCounters
+
+    fallback = LocalCounters(tmp_path / "limits")
+    counters = RedisCounters("redis://127.0.0.1:1/0", fallback=fallback)
+    await counters.close()
+    assert fallback._env is None  # every reload that rebuilt Redis counters kept one open

@@ -419,6 +419,7 @@ class RedisCounters:
                 await self._recovery
         with contextlib.suppress(*self._errors):
             await self._client.aclose()
+        await self._fallback.close()
 
     # -- Redis -------------------------------------------------------------------------
     async def _run(self, op: str, demands: Sequence[Demand], give_slot: int = 0) -> list[Any]:
