@@ -712,7 +712,9 @@ class UserLimitSettings(LimitSettings):
 class RedisLimitSettings(Strict):
     url: Annotated[str, AfterValidator(_redis_url)]
     password: SecretRefStr | None = None
-    timeout: Duration = 1.0  # per call, waiting for a connection included; then local counters
+    # Per call, waiting for a connection included; then local counters. Above 0 (0 would be
+    # a permanent fail open), at most 10 s (it is added to a message's latency).
+    timeout: Annotated[Duration, Field(gt=0, le=10.0)] = 1.0
     key_prefix: str = Field(default="relay:limits:", min_length=1)
     ca_file: Path | None = None  # for rediss://, on top of the system's CAs
 
@@ -725,6 +727,22 @@ class LimitsSettings(Strict):
     unauthenticated: LimitSettings | None = None
     backend: Literal["local", "redis"] = "local"
     redis: RedisLimitSettings | None = None
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _one_key_per_domain(cls, value: object) -> object:
+        # Keys are normalized (case, a trailing dot): two spellings of one domain would
+        # otherwise leave only the last one's limits, silently.
+        if isinstance(value, dict):
+            seen: dict[str, str] = {}
+            for key in value:
+                if not isinstance(key, str):
+                    continue
+                name = key.strip().lower().rstrip(".")
+                if name in seen:
+                    raise ValueError(f"{seen[name]!r} and {key!r} are the same domain: give its limits once")
+                seen[name] = key
+        return value
 
     @model_validator(mode="after")
     def _redis_section(self) -> LimitsSettings:
