@@ -523,3 +523,12 @@ async def test_a_damaged_counter_file_is_set_aside_and_said_in_problem(tmp_path)
             assert isinstance(await counters.take([Demand(user, limits, 1, 1)]), Excess), user
     finally:
         await counters.close()
+
+
+async def test_redis_over_tls_checks_the_host_name_whatever_the_client_version(tmp_path):
+    """redis-py before 6 (which pyproject.toml allows) does not check it by default."""
+    counters = RedisCounters("rediss://limits.internal:6379/0", fallback=LocalCounters(tmp_path / "limits"))
+    try:
+        assert counters._client.connection_pool.connection_kwargs["ssl_check_hostname"] is True
+    finally:
+        await counters.close()

@@ -277,8 +277,11 @@ class RedisCounters:
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._refusals: tuple[type[BaseException], ...] = (ResponseError,)
         options: dict[str, object] = {}
-        if ca_file is not None:
-            options["ssl_ca_certs"] = str(ca_file)
+        if url.startswith("rediss://"):
+            # Explicit: redis-py before 6 does not check the host name by default.
+            options["ssl_check_hostname"] = True
+            if ca_file is not None:
+                options["ssl_ca_certs"] = str(ca_file)
         # Fail fast and let this class decide what a failure means: no retries inside the
         # client, every wait bounded by `timeout`. At most MAX_CONNECTIONS calls at once, queued
         # first come first served (redis-py's blocking pool lets a busy task take a freed
