@@ -4,7 +4,7 @@
 not N times over. The counters therefore live outside any one process, in LMDB (a
 memory-mapped B-tree with one writer at a time across processes):
 
-- a check is one write transaction over a few pages already in memory: about 15 µs, where
+- a check is one write transaction over a few pages already in memory: tens of µs, where
   SQLite's transaction cost 70-100 µs and a counter service over a unix socket costs a
   round trip through two event loops;
 - its writer lock is a robust mutex: a worker killed while holding it does not wedge the
@@ -36,7 +36,8 @@ from relay.limits.rules import Entity
 
 log = logging.getLogger("relay.limits")
 
-# Room for ~70,000 entities: each ends up on a 4 KiB leaf page of its own (a 1.6 KB value).
+# Room for ~65,000 entities (measured): each ends up on a 4 KiB leaf page of its own (a
+# 1.6 KB value); past that, new entities go uncounted (fail open, said in problem()).
 # The file grows with use; the map size costs only address space.
 MAP_SIZE = 256 * 1024 * 1024
 PROBLEM_LOG_INTERVAL = 60.0
