@@ -196,8 +196,13 @@ class LocalCounters:
         if self._env is None:
             return {}
         # Off the event loop: one read transaction over every entity with a daily quota
-        # (thousands of users) must not stall the sessions of this worker.
-        return await asyncio.to_thread(self._usage_now, self._env, entities, self._clock())
+        # (thousands of users) must not stall the sessions of this worker. The environment
+        # is held meanwhile: a file set aside at the same time is not closed under the read.
+        env = _environments.hold(self._env)
+        try:
+            return await asyncio.to_thread(self._usage_now, env, entities, self._clock())
+        finally:
+            _environments.release(env)
 
     def _usage_now(self, env: lmdb.Environment, entities: Sequence[Entity], now: float) -> dict[Entity, Usage]:
         out: dict[Entity, Usage] = {}
@@ -290,6 +295,11 @@ class _Environments:
             stat = (directory / "data.mdb").stat()
             self._current[key] = env
             self._files[env] = (stat.st_dev, stat.st_ino)
+        self._users[env] = self._users.get(env, 0) + 1
+        return env
+
+    def hold(self, env: lmdb.Environment) -> lmdb.Environment:
+        """One more user of an environment already acquired (release it likewise)."""
         self._users[env] = self._users.get(env, 0) + 1
         return env
 
