@@ -308,6 +308,22 @@ def test_spool_keeps_a_limit_deferral_across_scans(make_loop_relay, upstream, pk
     assert len(upstream.messages) == 1
     assert relay.metric("relay_queue_messages", state="deferred") == 4
 
+    async def the_hour_is_over() -> None:  # as if: the domain's gate and deferrals end now
+        for entry_id, (domain, _until) in list(runner._paced.items()):
+            runner._paced[entry_id] = (domain, 0.0)
+        runner._domain_gates.clear()
+        for entry_id in list(runner._paced):
+            runner._schedule(entry_id, 0.0)
+
+    relay._in_loop(the_hour_is_over(), 10)
+    relay.wait_log(lambda e: len(deferrals()) >= 5)
+    scans.clear()
+    relay.wait_log(lambda e: scans.append(runner._last_scan) or len(set(scans)) >= 5, timeout=30)
+    # One entry tried the domain's limit (still reached: the rate is 1/h); the other three
+    # waited for its outcome instead of each being read and counted to learn the same.
+    assert len(deferrals()) == 5
+    assert len(upstream.messages) == 1
+
 
 @in_thread
 def test_skipping_auth_on_an_optional_listener_does_not_escape_the_limits(make_loop_relay, upstream, pki):

@@ -80,8 +80,9 @@ MAX_BYTES = Gauge(
 )
 
 SCAN_INTERVAL = 10.0
-# An entry of a domain whose limit another entry is trying asks again after this.
-PACED_PROBE_WAIT = 1.0
+# An entry of a domain whose limit another entry is trying is woken by the outcome; it
+# asks again after this only if none comes (that attempt could not read its entry).
+PACED_PROBE_WAIT = 60.0
 KICK_POLL = 1.0
 DUE_SLACK = 0.5  # recipients due this soon go along with the ones due now
 DEAD_SWEEP_INTERVAL = 300.0
@@ -142,6 +143,7 @@ class QueueRunner:
         self._paced: dict[str, tuple[str, float]] = {}  # entry id -> (From domain, not before)
         self._domain_gates: dict[str, float] = {}  # From domain -> over its limit until then
         self._probing: dict[str, str] = {}  # From domain -> the one entry trying its gate
+        self._waiting: dict[str, set[str]] = {}  # From domain -> entries waiting for that try
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -193,6 +195,7 @@ class QueueRunner:
 
     # -- the schedule ---------------------------------------------------------------------
     def _schedule(self, entry_id: str, when: float) -> None:
+        when = max(when, self._not_before(entry_id))  # a limit's deferral outlasts the scans
         if self._due.get(entry_id) == when:
             return
         self._due[entry_id] = when
@@ -230,42 +233,58 @@ class QueueRunner:
             del self._due[entry_id]
             if entry_id in self._inflight:
                 continue
-            wait_until = self._paced_until(entry_id, now)
-            if wait_until is not None:
+            wait_until = self._not_before(entry_id)  # its domain's gate may have moved on
+            if wait_until <= now:
+                wait_until = self._paced_until(entry_id, now) or 0.0
+            if wait_until > now:
                 self._schedule(entry_id, wait_until)
                 continue
             self._launch(entry_id, self._attempt(entry_id))
 
+    def _not_before(self, entry_id: str) -> float:
+        """When an entry a sending limit deferred may be read again: its own deferral, or
+        its From domain's gate (none of the domain's entries is read and counted while the
+        limit is known to be reached)."""
+        paced = self._paced.get(entry_id)
+        if paced is None:
+            return 0.0
+        domain, not_before = paced
+        return max(not_before, self._domain_gates.get(domain, 0.0))
+
     def _paced_until(self, entry_id: str, now: float) -> float | None:
-        """When an entry a sending limit deferred may be read again, if not now. Its From
-        domain's gate holds every entry of the domain (none is read and counted while the
-        limit is known to be reached); when the gate opens, one entry tries it, the others
-        wait for its outcome (else each would be read and counted to learn the same)."""
+        """When the gate of a deferred entry's domain opens, one entry tries it and the
+        others wait for its outcome (else each would be read and counted to learn the
+        same); None: this one may go now."""
         paced = self._paced.get(entry_id)
         if paced is None:
             return None
-        domain, not_before = paced
-        gate = max(not_before, self._domain_gates.get(domain, 0.0))
-        if gate > now:
-            return gate
+        domain = paced[0]
         trying = self._probing.get(domain)
         if trying is not None and trying != entry_id and trying in self._inflight:
-            return now + PACED_PROBE_WAIT
+            self._waiting.setdefault(domain, set()).add(entry_id)
+            return now + PACED_PROBE_WAIT  # woken by the outcome; this only if none comes
         self._probing[domain] = entry_id
         return None
 
     def _defer_paced(self, entry_id: str, domain: str, until: float) -> None:
         self._paced[entry_id] = (domain, until)
         self._domain_gates[domain] = until
-        if self._probing.get(domain) == entry_id:
-            del self._probing[domain]
         self._schedule(entry_id, until)
+        self._tried(entry_id, domain)
 
     def _passed_pacing(self, entry_id: str, domain: str) -> None:
         self._paced.pop(entry_id, None)
         self._domain_gates.pop(domain, None)
+        self._tried(entry_id, domain)
+
+    def _tried(self, entry_id: str, domain: str) -> None:
+        """The entry trying its domain's gate has its outcome: the waiting ones go now, or
+        at the new gate."""
         if self._probing.get(domain) == entry_id:
             del self._probing[domain]
+        now = time.time()
+        for waiting in self._waiting.pop(domain, ()):
+            self._schedule(waiting, now)
 
     async def _scan(self) -> None:
         started = time.time()
