@@ -15,7 +15,7 @@ LOCKS := requirements/build.txt requirements/image.txt requirements/test.txt
 # run in their loopback-only namespace: the debootstrap base and the wheels of the lock files.
 IMAGE_CACHE ?= $(CURDIR)/.cache/image
 
-.PHONY: run test test-fast lint typecheck bench bench-tools clean lock image-cache
+.PHONY: run test test-fast lint typecheck bench bench-tools fuzz soak clean lock image-cache
 
 # `make run` needs what the image ships (image.txt); `make test` adds the test tools (test.txt,
 # the same pins plus pytest & co). Both refuse lock files older than pyproject.toml.
@@ -61,6 +61,15 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# The property tests of tests/test_properties.py with many more examples (the SMTP edge over
+# real sockets, the parser, the signer, linear work): ~20-40 min on 2 shared cores.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz tests/loopback-only $(PY) -m pytest -q -p no:cacheprovider --timeout 7200 tests/test_properties.py $(PYTEST_ARGS)
+
+# 1,000 concurrent sessions for 10 minutes, misbehaving at random (bench/soak.py).
+soak: $(STAMP)
+	tests/loopback-only $(PY) bench/soak.py $(SOAK_ARGS)
 
 # The TLS load client and its trivial TLS sink (C, OpenSSL: Debian's libssl-dev).
 BENCH_BIN := bench/bin

@@ -8,6 +8,7 @@ and leaves the body as one slice, so signing canonicalizes the body exactly once
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
 
@@ -15,6 +16,7 @@ from relay.errors import SmtpError
 
 # RFC 5322 §2.2: field-name = 1*ftext, printable US-ASCII except ":".
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,37 +32,70 @@ class HeaderField:
         return self.value.replace(b"\r\n", b"").decode("utf-8", "replace").strip()
 
 
+class WireMessage:
+    """A message as it goes upstream: pieces (new header lines, the kept fields, the body as a
+    view of the received bytes), never joined into one copy. CRLF line endings, not yet
+    dot-stuffed (RFC 5321 §4.5.2 is the sender's job)."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: Sequence[bytes | memoryview]) -> None:
+        self.pieces = list(pieces)
+        self.size = sum(len(p) for p in self.pieces)
+
+    def __bytes__(self) -> bytes:
+        """One copy of the whole message (for targets that need it whole, and tests)."""
+        return b"".join(self.pieces)
+
+    def isascii(self) -> bool:
+        # Searched in place: a memoryview has no isascii(), and bytes(view) would copy.
+        return not any(_NON_ASCII.search(piece) for piece in self.pieces)
+
+
 class Message:
-    """The parsed message. `fields` are in order, top to bottom."""
+    """The parsed message. `fields` are in order, top to bottom; the body is a view of the
+    received bytes (`raw[body_start:]`), never copied."""
 
-    __slots__ = ("fields", "body")
+    __slots__ = ("fields", "raw", "body_start")
 
-    def __init__(self, fields: list[HeaderField], body: bytes) -> None:
+    def __init__(self, fields: list[HeaderField], raw: bytes, body_start: int) -> None:
         self.fields = fields
-        self.body = body
+        self.raw = raw
+        self.body_start = body_start
+
+    @property
+    def body(self) -> memoryview:
+        return memoryview(self.raw)[self.body_start :]
 
     @classmethod
     def parse(cls, raw: bytes) -> Message:
         if raw.startswith(b"\r\n"):
-            return cls([], raw[2:])
+            return cls([], raw, 2)
         end = raw.find(b"\r\n\r\n")
         if end == -1:
-            head, body = raw, b""
+            head, body_start = raw, len(raw)
         else:
-            head, body = raw[: end + 2], raw[end + 4 :]
+            head, body_start = raw[: end + 2], end + 4
         fields: list[HeaderField] = []
+        # A field's lines are collected and joined once: appending each folded line to
+        # the value would copy the value again per line (quadratic in a field's length).
+        name = b""
+        lines: list[bytes] = []
         for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
             if line[:1] in (b" ", b"\t"):
-                if not fields:
+                if not lines:
                     raise _malformed("the message starts with a folded line")
-                last = fields[-1]
-                fields[-1] = HeaderField(last.name, last.value + line + b"\r\n")
+                lines.append(line)
                 continue
             match = _FIELD.match(line)
             if match is None:
                 raise _malformed("a header line has no field name")
-            fields.append(HeaderField(match.group(1), line[match.end() :] + b"\r\n"))
-        return cls(fields, body)
+            if lines:
+                fields.append(HeaderField(name, b"\r\n".join(lines) + b"\r\n"))
+            name, lines = match.group(1), [line[match.end() :]]
+        if lines:
+            fields.append(HeaderField(name, b"\r\n".join(lines) + b"\r\n"))
+        return cls(fields, raw, body_start)
 
     def get_all(self, name: str) -> list[HeaderField]:
         return [f for f in self.fields if f.lname == name]
@@ -70,11 +105,20 @@ class Message:
 
     def to_bytes(self, prepend: bytes = b"") -> bytes:
         """The message with `prepend` (complete CRLF-terminated header lines) on top."""
-        return b"".join((prepend, self.header_bytes(), b"\r\n", self.body))
+        return bytes(self.wire(prepend))
 
-    def without(self, drop: list[HeaderField]) -> Message:
-        kept = [f for f in self.fields if not any(f is d for d in drop)]
-        return Message(kept, self.body)
+    def wire(self, prepend: bytes = b"") -> WireMessage:
+        """The message to send, with `prepend` (complete header lines) on top; the body is
+        not copied."""
+        return WireMessage((prepend + self.header_bytes() + b"\r\n", self.body))
+
+    def without(self, drop: Iterable[HeaderField]) -> Message:
+        """The message without the fields in `drop` (these objects, not equal copies).
+        One pass with a set of identities: comparing every field with every dropped one
+        is quadratic, and a message can carry tens of thousands of fields."""
+        dropped = {id(f) for f in drop}
+        kept = [f for f in self.fields if id(f) not in dropped]
+        return Message(kept, self.raw, self.body_start)
 
     def from_domain(self) -> tuple[str, str]:
         """The one author address and its domain (RFC 5322 §3.6.2; RFC 7489 §6.6.1).

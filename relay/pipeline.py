@@ -20,7 +20,8 @@ from typing import Protocol
 
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from relay.auth.users import User, UserDirectory
+from relay.auth.throttle import AuthThrottle
+from relay.auth.users import AuthBusy, User, UserDirectory
 from relay.config.schema import ListenerSettings, Settings
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTransaction
 from relay.deliver.dsn import relayed_report
@@ -76,6 +77,16 @@ class Transaction:
         return self.envelope.mail_from.rpartition("@")[2].lower()
 
 
+def new_auth_throttle(settings: Settings) -> AuthThrottle:
+    limits = settings.clients.auth_throttle
+    return AuthThrottle(
+        per_address=limits.per_address,
+        per_username=limits.per_username,
+        window=limits.window,
+        max_tracked=limits.max_tracked,
+    )
+
+
 def new_message_id() -> str:
     return os.urandom(8).hex()
 
@@ -89,9 +100,11 @@ class Pipeline:
         keyring: KeyRing,
         router: Router,
         gate: SendGate | None = None,
+        throttle: AuthThrottle | None = None,
         limiter: Limiter | None = None,
     ) -> None:
         self.settings = settings
+        self.throttle = throttle or new_auth_throttle(settings)
         self.users = users
         self.keyring = keyring
         self.router = router
@@ -117,8 +130,35 @@ class Pipeline:
         )
 
     # -- 2. authenticate ------------------------------------------------------------------
-    async def authenticate(self, username: str, password: bytes) -> User | None:
-        return await self.users.authenticate(username, password)
+    async def authenticate(self, username: str, password: bytes, client: str = "") -> User | None:
+        """The user, or None for wrong credentials. Raises SmtpError when the attempt is not
+        checked at all: the client address has failed too often (421, relay.auth.throttle),
+        or too many password checks are already waiting (454, RFC 4954 §6)."""
+        throttle = self.throttle
+        if throttle.address_blocked(client):
+            raise SmtpError(
+                421,
+                "4.7.0",
+                "Too many failed authentications, try again later",
+                reason=f"AUTH from {client} throttled after repeated failures",
+                label="auth_throttled",
+            )
+        limited = throttle.username_limited(username)
+        try:
+            user = await self.users.authenticate(username, password, verify=not limited)
+        except AuthBusy:
+            raise SmtpError(
+                454,
+                "4.7.0",
+                "Temporary authentication failure, try again later",
+                reason="too many password checks in progress",
+                label="auth_busy",
+            ) from None
+        if user is None:
+            throttle.failed(client, username, username_limited=limited)
+        else:
+            throttle.succeeded(client)
+        return user
 
     # -- 3. authorize the envelope sender -------------------------------------------------
     def senders_for(self, listener: ListenerSettings, user: User | None) -> SenderPolicy:
@@ -275,7 +315,7 @@ class Pipeline:
                     reason="DATA without an open upstream transaction",
                     label="internal",
                 )
-            reply = await tx.upstream.send(message.to_bytes(signatures + self._received_header(tx)))
+            reply = await tx.upstream.send(message.wire(signatures + self._received_header(tx)))
         except SmtpError:
             if tx.upstream is not None:
                 await tx.upstream.abort()
@@ -405,7 +445,7 @@ class Pipeline:
     async def _send_relayed_notice(self, tx: Transaction, report: bytes, domain: str) -> None:
         notice = Message.parse(report)
         keys = self.keyring.keys_for(domain)
-        signed = notice.to_bytes(self.signer.sign(notice, keys) if keys else b"")
+        signed = notice.wire(self.signer.sign(notice, keys) if keys else b"")
         sender = tx.envelope.mail_from
         # RFC 3461 §6.1: the null reverse-path, so a notice can never cause another.
         envelope = Envelope(mail_from="", body_8bit=not signed.isascii(), smtputf8=not sender.isascii())

@@ -25,6 +25,7 @@ from relay.config.schema import ListenerSettings, Settings
 from relay.errors import SmtpError
 from relay.limits.usage import LimitUsage
 from relay.listen import patches
+from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.listeners import ListenerServer, ServerTls, check_tls_files
 from relay.oauth.upstream_auth import UpstreamTokenAuth
@@ -70,6 +71,8 @@ class Relay:
         self.tls = ServerTls(settings.tls)
         self.listeners: dict[ListenerKey, ListenerServer] = {}
         self.connections = Connections()
+        # One budget for the DATA of every listener's sessions (relay.listen.budget).
+        self.data_budget = DataBudget(settings.clients.max_bytes_in_flight)
         self.health = HealthServer(self.readiness, detail=self.readiness_detail, scraped=self._scraped)
         self._draining = False
         self._stopped = asyncio.Event()
@@ -134,7 +137,9 @@ class Relay:
         return self.components
 
     def _listener(self, lst: ListenerSettings, settings: Settings) -> ListenerServer:
-        return ListenerServer(lst, self, self.connections, self.tls, settings, reuse_port=self.reuse_port)
+        return ListenerServer(
+            lst, self, self.connections, self.tls, settings, reuse_port=self.reuse_port, budget=self.data_budget
+        )
 
     def _report_keys(self, pipeline: Pipeline) -> None:
         for ident, why in pipeline.keyring.never_loaded().items():
@@ -235,6 +240,7 @@ class Relay:
             self._posture_task.cancel()
         self._posture_task = asyncio.create_task(new.posture.run(), name="posture")
         self.settings = settings
+        self.data_budget.limit = settings.clients.max_bytes_in_flight
         setup_logging(settings.logging.format, settings.logging.level)
         self._report_keys(new.pipeline)
         for target in new.retired:

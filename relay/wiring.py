@@ -134,10 +134,16 @@ async def load_secrets(store: SecretStore, settings: Settings) -> None:
 
 
 def build_dialer(upstream: UpstreamSettings, store: SecretStore, resolver: AddressResolver | None = None) -> Dialer:
-    password = store.get(upstream.proxy_password) if upstream.proxy_password else None
+    password_ref = upstream.proxy_password
+
+    def current_password() -> str | None:
+        # Read at every dial: the store keeps the secret current (rotation, no reload).
+        value = store.get(password_ref) if password_ref else None
+        return value.text() if value else None
+
     return dialer_for(
         upstream.proxy,
-        password=password.text() if password else None,
+        current_password=current_password if password_ref else None,
         connect_timeout=upstream.connect_timeout,
         handshake_timeout=upstream.connect_timeout,
         resolver=resolver,
@@ -299,6 +305,7 @@ def build_pipeline(
     targets: list[UpstreamTarget],
     dns: DnsService,
     previous: PostureMonitor | None = None,
+    previous_pipeline: Pipeline | None = None,
     spool: UpstreamTarget | None = None,
     limiter: Limiter | None = None,
 ) -> tuple[Pipeline, PostureMonitor]:
@@ -320,6 +327,13 @@ def build_pipeline(
         keyring=keyring,
         router=Router(spool) if spool is not None else router,
         gate=monitor,
+        # AUTH failures counted so far survive a reload that keeps the same limits.
+        throttle=(
+            previous_pipeline.throttle
+            if previous_pipeline is not None
+            and previous_pipeline.settings.clients.auth_throttle == settings.clients.auth_throttle
+            else None
+        ),
         limiter=limiter,
     )
     return pipeline, monitor
@@ -454,6 +468,7 @@ async def build_components(
             built.targets,
             dns,
             previous=previous.posture if previous is not None else None,
+            previous_pipeline=previous.pipeline if previous is not None else None,
             spool=spool,
             limiter=limiter,
         )

@@ -9,10 +9,12 @@ that need programs outside the test process. Tests that use `make_relay` are mar
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.support.certs import TestPki, make_pki
 from tests.support.config import APP_PASSWORD, relay_config
@@ -20,6 +22,12 @@ from tests.support.dkim import DkimKeys, make_dkim_keys
 from tests.support.inloop import LoopRelay
 from tests.support.relayproc import RelayProcess
 from tests.support.upstream import Upstream
+
+# Property tests (tests/test_properties.py): a modest run in the suite, a long one in
+# `make fuzz` (HYPOTHESIS_PROFILE=fuzz).
+settings.register_profile("suite", max_examples=60)
+settings.register_profile("fuzz", max_examples=4000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 # Fixtures that start a program outside the test process (tests/test_posture.py: nsd, microsocks).
 _BINARY_FIXTURES = {"nameserver", "resolver", "socks_proxy"}

@@ -6,6 +6,7 @@ import base64
 import os
 import re
 import signal
+import smtplib
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.support.aws import AWS_ENV, REGION, moto_server, stop
 from tests.support.config import APP_PASSWORD
 from tests.support.dkim import verify_all
+from tests.support.proxies import microsocks
 from tests.support.smtp import connect, message
 
 pytestmark = [pytest.mark.e2e, pytest.mark.binaries]
@@ -245,29 +247,39 @@ def test_no_secret_reaches_logs_metrics_or_replies(make_relay, pki, tmp_path, dk
     from tests.support.upstream import Upstream
 
     secrets = {"USER_PW": "User-Pa55-QX81", "UP_PW": "Upstream-Pa55-ZK42", "PROXY_PW": "Proxy-Pa55-WM27"}
-    with Upstream(tls="starttls", server_context=pki.server_context(), users={"relayuser": secrets["UP_PW"]}) as up:
+    with (
+        Upstream(tls="starttls", server_context=pki.server_context(), users={"relayuser": secrets["UP_PW"]}) as up,
+        microsocks(tmp_path, user="relayproxy", password=secrets["PROXY_PW"]) as proxy_port,
+    ):
         relay = make_relay(up.port, start=False, env=dict(secrets))
         relay.config["clients"]["users"].append(
             {"username": "svc", "password": "env://USER_PW", "senders": ["example.com"]}
         )
+        # A real proxy that needs the password, so the proxy password is really used.
         relay.config["upstream"].update(
-            {"username": "relayuser", "password": "env://UP_PW", "proxy_password": "env://PROXY_PW"}
+            {
+                "username": "relayuser",
+                "password": "env://UP_PW",
+                "proxy": f"socks5://relayproxy@127.0.0.1:{proxy_port}",
+                "proxy_password": "env://PROXY_PW",
+            }
         )
         relay.start()
         replies: list[str] = []
         client = connect(relay, pki, login=False)
         client.user, client.password = "svc", secrets["USER_PW"] + "x"
-        try:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as wrong_password:
             client.auth("PLAIN", client.auth_plain)
-        except Exception as exc:
-            replies.append(str(exc))
+        replies.append(str(wrong_password.value))
         client.login("svc", secrets["USER_PW"])
         client.sendmail("app@example.com", ["u@example.net"], message())
-        try:
+        with pytest.raises(smtplib.SMTPDataError) as from_denied:
             client.sendmail("app@example.com", ["u@example.net"], message(frm="x@other.example"))
-        except Exception as exc:
-            replies.append(str(exc))
-        up.wait_for(1)
+        assert from_denied.value.smtp_code == 550
+        replies.append(str(from_denied.value))
+        [received] = up.wait_for(1)
+        assert received.peer[0] == "127.0.0.2"  # through the proxy, which took the password
+        assert received.user == "relayuser"
         validate = subprocess.run(
             [sys.executable, "-m", "relay", "config", "validate", "-c", str(relay.config_path)],
             capture_output=True,

@@ -89,7 +89,11 @@ def test_upstream_stall_after_data_gives_451(make_loop_relay, upstream, pki):
 
 @in_thread
 def test_client_disconnect_mid_data_sends_nothing_upstream(make_loop_relay, upstream, pki):
-    relay = make_loop_relay(upstream.port)
+    # One pool slot, so a transaction left open upstream would block the next message; and
+    # the upstream must see the abort itself (RSET), not only a free slot.
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["upstream"]["pool"] = {"max_connections": 1, "acquire_timeout": "5s"}
+    relay.start()
     client = connect(relay, pki)
     assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
     assert reply(client, "RCPT TO:<u@example.net>")[0] == 250
@@ -97,9 +101,15 @@ def test_client_disconnect_mid_data_sends_nothing_upstream(make_loop_relay, upst
     client.send(b"From: app@example.com\r\nSubject: half\r\n\r\nfirst half of the bo")
     client.sock.shutdown(socket.SHUT_RDWR)
     client.close()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 20
+    while "RSET" not in upstream.commands:
+        assert time.monotonic() < deadline, f"the upstream saw {upstream.commands}, no RSET"
+        time.sleep(0.02)
+    assert upstream.commands[-3:] == ["MAIL", "RCPT", "RSET"]  # (before: the readiness probes)
+    assert relay.metric("relay_upstream_pool_connections", state="busy") == 0
+    assert relay.metric("relay_upstream_pool_connections", state="idle") == 1
     assert upstream.messages == []
-    # The relay aborted the upstream transaction and is still serving.
+    # The relay aborted the upstream transaction and is still serving, on the same connection.
     connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
     assert len(upstream.wait_for(1)) == 1
 

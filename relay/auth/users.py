@@ -10,12 +10,15 @@ store's current value, so rotating it needs no reload.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import hmac
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from prometheus_client import Counter
 
 from relay.auth.passwords import hash_password, verify_password
 from relay.errors import SmtpError
@@ -25,6 +28,20 @@ from relay.secrets.store import SecretStore
 # Verified against when the username is unknown, so that unknown users cost the same time
 # as known ones (no username discovery by timing).
 _DUMMY_HASH = hash_password(os.urandom(16).hex())
+
+# scrypt runs on threads of its own, never on the event loop nor on the loop's default
+# executor (which file secrets, DNS and TLS setup share); at most this many checks wait for
+# one, then AUTH answers 454 at once instead of queueing without bound.
+_HASH_THREADS = 2
+_HASH_QUEUE = 16
+
+HASH_VERIFICATIONS = Counter(
+    "relay_auth_hash_verifications_total", "Password hash (scrypt) verifications run for SMTP AUTH."
+)
+
+
+class AuthBusy(Exception):
+    """Too many password checks in progress: the client should try again shortly."""
 
 
 class UserEntry(Protocol):
@@ -57,10 +74,13 @@ class UserDirectory:
     def knows(self, username: str) -> bool:
         return username in self._users
 
-    async def authenticate(self, username: str, password: bytes) -> User | None:
+    async def authenticate(self, username: str, password: bytes, *, verify: bool = True) -> User | None:
+        """The user these credentials belong to, or None. With `verify=False` (a throttled
+        username) only credentials already verified pass, and no hash is computed."""
         cfg = self._settings.get(username)
         if cfg is None:
-            await asyncio.to_thread(verify_password, password, _DUMMY_HASH)
+            if verify:
+                await _verify(password, _DUMMY_HASH)
             return None
         if cfg.password is not None:
             current = self._store.get(cfg.password)
@@ -81,7 +101,25 @@ class UserDirectory:
         if cached is not None and hmac.compare_digest(cached, tag):
             return self._users[username]
         assert cfg.password_hash is not None
-        if await asyncio.to_thread(verify_password, password, cfg.password_hash):
+        if verify and await _verify(password, cfg.password_hash):
             self._verified[username] = tag
             return self._users[username]
         return None
+
+
+_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_waiting = 0
+
+
+async def _verify(password: bytes, encoded: str) -> bool:
+    global _executor, _waiting
+    if _waiting >= _HASH_QUEUE:
+        raise AuthBusy
+    if _executor is None:
+        _executor = concurrent.futures.ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="scrypt")
+    _waiting += 1
+    try:
+        HASH_VERIFICATIONS.inc()
+        return await asyncio.get_running_loop().run_in_executor(_executor, verify_password, password, encoded)
+    finally:
+        _waiting -= 1

@@ -178,13 +178,28 @@ class UserSettings(Strict):
         return self
 
 
+class AuthThrottleSettings(Strict):
+    """AUTH failures counted across connections (relay.auth.throttle)."""
+
+    # Failures from one client address before its AUTH attempts are refused (421 4.7.0).
+    per_address: int = Field(default=5, ge=1)
+    # Failures for one username (from any address) before only already-verified
+    # credentials pass for it.
+    per_username: int = Field(default=10, ge=1)
+    window: Duration = 600.0
+    max_tracked: int = Field(default=10_000, ge=100, le=1_000_000)
+
+
 class ClientSettings(Strict):
     networks: list[Network] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     users: list[UserSettings] = Field(default_factory=list)
     max_message_size: Size = 25 * 1024 * 1024
+    # DATA held in memory by all sessions of the process together; beyond it, 452 4.3.1.
+    max_bytes_in_flight: Size = 256 * 1024 * 1024
     max_recipients: int = Field(default=100, ge=1, le=10_000)
     # Failed AUTH attempts in one session before it is closed (421 4.7.0).
     max_auth_failures: int = Field(default=3, ge=1)
+    auth_throttle: AuthThrottleSettings = Field(default_factory=AuthThrottleSettings)
     session_timeout: Duration = 300.0
     # The whole DATA phase (354 to the final dot) and the whole connection, however often
     # the client sends a byte: a slow client cannot hold a session forever.

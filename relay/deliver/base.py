@@ -9,7 +9,7 @@ message can go (a smarthost, MX hosts, a failover chain, the dev outbox); it ope
 
     tx = await target.begin(envelope, first_recipient)     # connect (or reuse), MAIL FROM
     reply = await tx.add_recipient(rcpt, dsn)                # upstream RCPT reply, per rcpt
-    reply = await tx.send(signed_message)                    # DATA; the upstream's final reply
+    reply = await tx.send(signed_message)                    # DATA (a WireMessage); the final reply
     await tx.abort()                                         # client RSET/QUIT/disconnect
 
 Rules every implementation keeps:
@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from relay.errors import Reply
+from relay.message import WireMessage
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +95,9 @@ class UpstreamTransaction(Protocol):
 
     async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply: ...
 
-    async def send(self, message: bytes) -> Reply: ...
+    async def send(self, message: WireMessage) -> Reply:
+        """`message` is in pieces (relay.message.WireMessage): write them, never join them."""
+        ...
 
     async def abort(self) -> None: ...
 

@@ -22,6 +22,7 @@ from relay.deliver.connection import UpstreamConnection, UpstreamConnector
 from relay.deliver.smarthost import SmtpTransaction, begin_on
 from relay.dns.resolver import DnsNameError, DnsService, DnsTemporaryError
 from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
 
 
 def recipient_domain(address: str) -> str:
@@ -49,7 +50,7 @@ class MxTransaction:
             return Reply(452, "4.5.3", f"Send recipients outside {self.domain} in a separate transaction")
         return await self._inner.add_recipient(address, dsn)
 
-    async def send(self, message: bytes) -> Reply:
+    async def send(self, message: WireMessage) -> Reply:
         return await self._inner.send(message)
 
     async def abort(self) -> None:

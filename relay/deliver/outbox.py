@@ -14,6 +14,7 @@ from pathlib import Path
 
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
 
 
 class OutboxTransaction:
@@ -32,12 +33,12 @@ class OutboxTransaction:
         self._recipients.append(address)
         return Reply(250, "2.1.5", "OK")
 
-    async def send(self, message: bytes) -> Reply:
+    async def send(self, message: WireMessage) -> Reply:
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(4).hex()}.eml"
         # RFC 5321 §4.4: Return-Path records the envelope sender at final delivery.
         head = f"Return-Path: <{self._envelope.mail_from}>\r\nX-Envelope-To: {', '.join(self._recipients)}\r\n"
         try:
-            await asyncio.to_thread(_write_durably, self._outbox / name, head.encode("utf-8") + message)
+            await asyncio.to_thread(_write_durably, self._outbox / name, [head.encode("utf-8"), *message.pieces])
         except OSError as exc:
             raise SmtpError(
                 451,
@@ -74,12 +75,13 @@ class OutboxTarget:
         return None
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def _write_durably(path: Path, pieces: list[bytes | memoryview]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+        for piece in pieces:
+            fh.write(piece)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

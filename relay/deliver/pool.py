@@ -48,6 +48,7 @@ class ConnectionPool:
         self.acquire_timeout = acquire_timeout
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def acquire(self) -> UpstreamConnection:
         if self._closed:
@@ -84,7 +85,9 @@ class ConnectionPool:
         if reusable and not self._closed and conn.alive and conn.messages < self.max_messages:
             self._idle.append(conn)
         else:
-            asyncio.get_running_loop().create_task(conn.quit())
+            closing = asyncio.get_running_loop().create_task(conn.quit())
+            self._closing.add(closing)  # the loop keeps only weak references to tasks
+            closing.add_done_callback(self._closing.discard)
         self._slots.release()
         self._update_gauges()
 

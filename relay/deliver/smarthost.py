@@ -8,6 +8,7 @@ from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.deliver.connection import UpstreamConnection, UpstreamConnector
 from relay.deliver.pool import ConnectionPool
 from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
 
 log = logging.getLogger("relay.deliver")
 
@@ -34,11 +35,14 @@ class SmtpTransaction:
         conn = self._require()
         try:
             return await conn.rcpt(address, dsn)
-        except SmtpError:
+        except BaseException:
+            # A broken path, or the caller cancelled (the client vanished while we waited
+            # for the reply): the connection's state is unknown, so it is closed (QUIT),
+            # and its pool slot is free either way.
             self._finish(reusable=False)
             raise
 
-    async def send(self, message: bytes) -> Reply:
+    async def send(self, message: WireMessage) -> Reply:
         conn = self._require()
         if self._7bit_only and not message.isascii():
             await self.abort()
@@ -51,7 +55,7 @@ class SmtpTransaction:
             )
         try:
             reply = await conn.data(message)
-        except SmtpError:
+        except BaseException:
             self._finish(reusable=False)
             raise
         # After the final reply (any code) the upstream transaction is over (RFC 5321
@@ -64,8 +68,11 @@ class SmtpTransaction:
         if conn is None:
             return
         self._conn = None
-        reusable = conn.alive and await conn.reset()
-        self._release(conn, reusable)
+        reusable = False
+        try:
+            reusable = conn.alive and await conn.reset()
+        finally:
+            self._release(conn, reusable)
 
     def _require(self) -> UpstreamConnection:
         if self._conn is None:
@@ -97,8 +104,8 @@ async def begin_on(
     tx = SmtpTransaction(upstream, conn, pool, body_8bit=envelope.body_8bit)
     try:
         reply = await conn.mail(envelope)
-    except SmtpError:
-        tx._finish(reusable=False)
+    except BaseException:
+        tx._finish(reusable=False)  # see SmtpTransaction.add_recipient
         raise
     if not reply.positive:
         await tx.abort()

@@ -14,6 +14,7 @@ import socket
 import ssl
 
 from relay.config.schema import ListenerSettings, Settings, TlsSettings
+from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession, SessionContext
 from relay.listen.smtp import RelaySMTP
@@ -68,6 +69,7 @@ class ListenerServer:
         global_settings: Settings,
         *,
         reuse_port: bool = False,
+        budget: DataBudget | None = None,
     ) -> None:
         self.settings = settings
         self.context = context
@@ -75,6 +77,7 @@ class ListenerServer:
         self.tls = tls
         self.global_settings = global_settings
         self.reuse_port = reuse_port
+        self.budget = budget or DataBudget(global_settings.clients.max_bytes_in_flight)
         self._server: asyncio.Server | None = None
 
     @property
@@ -97,6 +100,7 @@ class ListenerServer:
             max_session_duration=cfg.clients.max_session_duration,
             proxy_from=ClientNetworks(lst.proxy_protocol_from) if lst.proxy_protocol_from is not None else None,
             advertise_auth=lst.auth != "none",
+            budget=self.budget,
             hostname=cfg.hostname,
             ident="ESMTP relay",
             data_size_limit=cfg.clients.max_message_size,

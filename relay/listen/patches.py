@@ -12,6 +12,11 @@ both libraries to the same range.
 2. aiosmtplib rewrites every line ending of a message with a regex before DATA. The listener
    refuses bare CR/LF (RFC 5321 §2.3.8), so messages here are CRLF-only already and the
    rewrite changes nothing; checking that is three C-level scans instead of a regex pass.
+   (The relay's own DATA path, `UpstreamConnection._stream_data`, no longer calls it; the
+   patch stays for any other use of `SMTP.data`.)
+3. `UpstreamConnection._stream_data` writes DATA in pieces through aiosmtplib's protocol and
+   uses two of its private members: `_drain_helper` (flow control) and `_response_pending`
+   (a reply arriving before `read_response()` is awaited is kept, not dropped).
 
 `RelaySMTP` (relay.listen.smtp) also overrides private members of aiosmtpd's `SMTP`; they
 are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too.
@@ -33,14 +38,17 @@ AIOSMTPLIB_VERSIONS = ((3, 0), (6, 0))
 # Private members of aiosmtpd.smtp.SMTP that RelaySMTP overrides or reads.
 AIOSMTPD_PRIVATE_MEMBERS = (
     "_set_rset_state",  # RSET/HELO/EHLO/STARTTLS reset: ends the upstream transaction too
-    "_set_post_data_state",  # after our own DATA handling
+    "_set_post_data_state",  # after our own DATA handling; gives the DATA budget back
     "_getaddr",  # a stricter, faster path parser
     "_strip_command_keyword",  # "FROM:"/"TO:" off MAIL/RCPT, which RelaySMTP implements itself
     "_reset_timeout",  # DATA is read by RelaySMTP in chunks: each chunk resets the timer
     "_handle_client",  # sends the greeting through push(): where a client is admitted
 )
+# Private members of aiosmtplib's SMTPProtocol that the upstream DATA path uses (patch 3).
+AIOSMTPLIB_PRIVATE_MEMBERS = ("_drain_helper",)
+AIOSMTPLIB_PRIVATE_ATTRIBUTES = ("_response_pending",)
 # Instance attributes set in SMTP.__init__ that RelaySMTP reads.
-AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_tls_protocol")
+AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_tls_protocol", "_timeout_handle")
 
 _applied = False
 
@@ -70,6 +78,10 @@ def check() -> None:
         missing.append("aiosmtpd.smtp.inspect")
     if not callable(getattr(aiosmtplib.protocol, "normalize_message_line_endings", None)):
         missing.append("aiosmtplib.protocol.normalize_message_line_endings")
+    protocol = aiosmtplib.protocol.SMTPProtocol
+    missing += [name for name in AIOSMTPLIB_PRIVATE_MEMBERS if not callable(getattr(protocol, name, None))]
+    protocol_source = inspect.getsource(protocol)
+    missing += [name for name in AIOSMTPLIB_PRIVATE_ATTRIBUTES if f"self.{name} = " not in protocol_source]
     if missing:
         raise IncompatibleLibrary(f"installed aiosmtpd/aiosmtplib lack what relay patches: {', '.join(missing)}")
 

@@ -29,8 +29,10 @@ from relay.listen.esmtp import MailParams
 from relay.observe import messages, sessions
 from relay.pipeline import Pipeline, Transaction
 
-# Or the reply to give when the password could not be checked at all.
-AuthOutcome = Literal["accepted", "refused", "closing"] | Reply
+# Or the reply to give when the password could not be checked at all (454, RFC 4954 §6).
+# refused: wrong credentials (535); closing: too many in this session (535, then 421 and
+# close); throttled: too many from this address (421 and close, relay.auth.throttle).
+AuthOutcome = Literal["accepted", "refused", "closing", "throttled"] | Reply
 
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
 NEED_MAIL = Reply(503, "5.5.1", "Send MAIL FROM first")
@@ -56,11 +58,19 @@ class ClientSession:
         self.user: User | None = None
         self.auth_failures = 0
         self.transaction: Transaction | None = None
+        self.relaying = False  # from the end of DATA to its reply
         self.admitted = False
 
     @property
     def draining(self) -> bool:
         return self.context.draining
+
+    @property
+    def idle(self) -> bool:
+        """No transaction open and no message on its way: a drain may close the session now.
+        A message being relayed is not idle although its transaction has left the session:
+        closing then would send 421 for a message the upstream may accept (a duplicate)."""
+        return self.transaction is None and not self.relaying
 
     # -- connection -----------------------------------------------------------------------
     def on_connect(self, client_ip: str) -> SmtpError | None:
@@ -118,12 +128,15 @@ class ClientSession:
         username = login.decode("utf-8", "replace")
         pipeline = self.context.pipeline
         try:
-            user = await pipeline.authenticate(username, password)
+            user = await pipeline.authenticate(username, password, self.client_ip)
         except SmtpError as exc:
-            # The user's password could not be checked (its secret is not loaded): a
-            # temporary failure (RFC 4954 §6: 454 4.7.0), not the client's fault.
-            sessions.auth_unavailable(self.listener.name, mechanism, client=self.client_ip, reason=exc.reason)
-            return exc.reply
+            if exc.label == "auth_unavailable":
+                # The user's password could not be checked (its secret is not loaded): a
+                # temporary failure (RFC 4954 §6: 454 4.7.0), not the client's fault.
+                sessions.auth_unavailable(self.listener.name, mechanism, client=self.client_ip, reason=exc.reason)
+            else:
+                sessions.auth_not_checked(self.listener.name, mechanism, exc, client=self.client_ip)
+            return "throttled" if exc.code == 421 else exc.reply
         sessions.auth_attempt(
             self.listener.name,
             mechanism,
@@ -187,11 +200,14 @@ class ClientSession:
         tx, self.transaction = self.transaction, None
         if tx is None:
             return NEED_MAIL
+        self.relaying = True
         try:
             reply = await tx.pipeline.relay_message(tx, content)
         except SmtpError as exc:
             messages.transaction_ended(tx, exc.reply, exc)
             return exc.reply
+        finally:
+            self.relaying = False
         messages.transaction_ended(tx, reply, None)
         return reply
 

@@ -30,13 +30,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import re
 import unicodedata
+from collections.abc import Iterator
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay.errors import Reply, SmtpError
+from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.esmtp import parse_mail_params, parse_rcpt_params
 from relay.listen.session import ClientSession
@@ -111,11 +114,16 @@ def with_enhanced_code(status: str) -> str:
 
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
 _SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
+# Closing a TLS transport waits for the client's close_notify (asyncio gives it 30 s), and
+# closing any transport waits for its unsent data: a client that reads nothing would hold its
+# connection, and a drain, that long. Once our last reply is out, it gets this long to go.
+CLOSE_GRACE = 5.0
 _PROXY_REFUSED = b"554 5.7.1 Access denied: PROXY header not accepted from this address\r\n"
 # RFC 5321 §4.1.1.1: EHLO/HELO take a domain or an address literal; neither has a space or a
 # control character (and a CR there would become a header line in `Received:`).
 _BAD_HELO = re.compile(r"[\x00-\x20\x7f]")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+# A line ending, bare LF or CRLF, and the transparency dot after it (RFC 5321 §4.5.2).
+_LINE_END_AND_DOT = re.compile(rb"\r?\n\.?")
 _MAIL_SYNTAX = "501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
 _RCPT_SYNTAX = "501 5.5.4 Syntax: RCPT TO: <address> [SP <mail-parameters>]"
 _MALFORMED_ADDRESS = "553 5.1.3 Error: malformed address"
@@ -133,7 +141,9 @@ def data_content(raw: bytes, bare_newline: str) -> bytes:
     smuggling advisories exploit. A bare LF is read as CRLF (`normalize`, like Postfix 3.9)
     or refused (`reject`). A NUL is refused (RFC 5322 §3.5 has no place for it). Then the
     transparency rule (RFC 5321 §4.5.2) drops the first dot of every line, whatever its
-    ending was. Costs: a few C-level scans; a copy only when something changes.
+    ending was. Costs: a few C-level scans, and one copy only when something changes (the
+    line endings and the dots are fixed in the same pass), so at most twice the message is
+    held while this runs.
     """
     crlf = raw.count(b"\r\n")
     if raw.count(b"\r") != crlf:
@@ -143,11 +153,11 @@ def data_content(raw: bytes, bare_newline: str) -> bytes:
     if raw.count(b"\n") != crlf:
         if bare_newline == "reject":
             raise SmtpError(550, "5.6.0", BARE_LINE_ENDING, reason="bare LF in DATA", label="bare_line_ending")
-        raw = _BARE_LF.sub(b"\r\n", raw)
+        raw = _LINE_END_AND_DOT.sub(b"\r\n", raw)
+    elif b"\r\n." in raw:
+        raw = raw.replace(b"\r\n.", b"\r\n")
     if raw.startswith(b"."):
         raw = raw[1:]
-    if b"\r\n." in raw:
-        raw = raw.replace(b"\r\n.", b"\r\n")
     return raw
 
 
@@ -165,6 +175,7 @@ class RelaySMTP(SMTP):
         *,
         implicit_tls: bool,
         advertise_auth: bool,
+        budget: DataBudget | None = None,
         bare_newline: str = "normalize",
         data_timeout: float = 600.0,
         max_session_duration: float = 1800.0,
@@ -172,13 +183,16 @@ class RelaySMTP(SMTP):
         **kwargs: Any,
     ) -> None:
         super().__init__(_HOOKS, **kwargs)
+        self._budget = budget or DataBudget(2**62)
+        self._budget_held = 0  # this session's share of the budget
+        self._over_budget = False
         self.bare_newline = bare_newline
         self.data_timeout = data_timeout
         self.max_session_duration = max_session_duration
         self.proxy_from = proxy_from
         self._deadline: float | None = None
-        self._awaiting_upstream = False
         self._ending = "client disconnected"  # what ends an open transaction, for its log line
+        self._abort_handle: asyncio.TimerHandle | None = None
         self.client = client
         self._connections = connections
         self._implicit_tls = implicit_tls
@@ -205,6 +219,9 @@ class RelaySMTP(SMTP):
         try:
             super().connection_lost(error)
         finally:
+            if self._abort_handle is not None:
+                self._abort_handle.cancel()
+            self._release_budget()
             self._connections.discard(self)
             self.client.on_close(self._ending)
 
@@ -216,15 +233,14 @@ class RelaySMTP(SMTP):
         super()._reset_timeout(duration)
 
     def _timeout_cb(self) -> None:
-        if self._deadline is not None and self.loop.time() >= self._deadline - 0.05:
-            if self._awaiting_upstream:
-                # The upstream's reply to DATA decides; the session ends right after it.
-                self._shutting_down = True
-                return
+        # Never runs while the upstream's answer is awaited (_waiting_for_upstream stops the
+        # timer): after DATA, the session then ends right after the reply (smtp_DATA).
+        if self._past_deadline():
             self._ending = "session time limit"
             if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
                 self.transport.write(_SESSION_OVER)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
+        self._abort_when_stuck()
 
     async def _handle_client(self) -> None:
         # Only the load balancer may say who the client is (listeners[].proxy_protocol_from).
@@ -235,9 +251,23 @@ class RelaySMTP(SMTP):
                 self.client.proxy_refused(peer)
                 assert isinstance(self.transport, asyncio.WriteTransport)
                 self.transport.write(_PROXY_REFUSED)
-                self.transport.close()
+                self.close()
                 return
-        await super()._handle_client()
+        try:
+            await super()._handle_client()
+        finally:
+            # QUIT or too many errors: aiosmtpd closed the transport.
+            self._abort_when_stuck()
+
+    def _set_post_data_state(self) -> None:
+        # The message is answered: its bytes leave the budget (and on a lost connection, in
+        # connection_lost).
+        self._release_budget()
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    def _release_budget(self) -> None:
+        self._budget.give(self._budget_held)
+        self._budget_held, self._over_budget = 0, False
 
     def _set_rset_state(self) -> None:
         # EHLO, HELO, RSET and STARTTLS reset the transaction (RFC 5321 §4.1.1.1, §4.1.1.5,
@@ -282,13 +312,26 @@ class RelaySMTP(SMTP):
         """Drain (RFC 5321 §3.8): an idle session gets 421 and is closed now; a session inside
         a transaction gets it right after the transaction's final reply (see smtp_DATA)."""
         self._shutting_down = True
-        if self.client.transaction is None and isinstance(self.transport, asyncio.WriteTransport):
+        if self.client.idle and isinstance(self.transport, asyncio.WriteTransport):
             self.transport.write(_CLOSING)
             self.close()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+            self._abort_when_stuck()
+
+    def _abort_when_stuck(self) -> None:
+        """Abort the connection if it is still closing after CLOSE_GRACE (see there)."""
+        transport = self.transport
+        if not isinstance(transport, asyncio.WriteTransport) or not transport.is_closing() or self._abort_handle:
+            return
+
+        def abort() -> None:
+            if self.transport is transport:  # connection_lost has not come
+                transport.abort()
+
+        self._abort_handle = self.loop.call_later(CLOSE_GRACE, abort)
 
     async def handle_exception(self, error: Exception) -> str:
         sessions.session_error(self.client.listener.name, error)
@@ -380,7 +423,8 @@ class RelaySMTP(SMTP):
         except SmtpError as refusal:
             await self.push(str(refusal.reply))
             return
-        reply = await self.client.rcpt(address, dsn)
+        with self._waiting_for_upstream():
+            reply = await self.client.rcpt(address, dsn)
         if reply.positive:
             self.envelope.rcpt_tos.append(address)
             self.envelope.rcpt_options.extend(words)
@@ -459,15 +503,21 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        if self._budget.spent:
+            reply = self.client.data_refused(_budget_spent("DATA refused: the in-flight budget is spent"), 0)
+            self._set_post_data_state()
+            await self.push(str(reply))
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         assert self._deadline is not None
-        budget = min(self.data_timeout, self._deadline - self.loop.time())
+        time_left = min(self.data_timeout, self._deadline - self.loop.time())
         try:
-            async with asyncio.timeout(max(budget, 0.01)):
+            async with asyncio.timeout(max(time_left, 0.01)):
                 raw, size = await self._read_data()
         except TimeoutError:
             # RFC 5321 §4.5.3.2: the server may close a stalled session; the transaction
             # ends unanswered (nothing was accepted), with its log line.
+            self._release_budget()
             self.client.data_refused(
                 SmtpError(
                     421,
@@ -481,7 +531,9 @@ class RelaySMTP(SMTP):
             await self.push("421 4.4.2 Timeout: DATA took too long, closing connection")
             self.close()
             return
-        if raw is None:
+        if self._over_budget:
+            reply = self.client.data_refused(_budget_spent(f"{size} bytes of DATA over the in-flight budget"), size)
+        elif raw is None:
             reply = self.client.data_refused(
                 SmtpError(
                     552,
@@ -499,19 +551,33 @@ class RelaySMTP(SMTP):
                 reply = self.client.data_refused(refusal, size)
             else:
                 del raw
-                self._awaiting_upstream = True
-                try:
+                with self._waiting_for_upstream():
                     reply = await self.client.data(content)
-                finally:
-                    self._awaiting_upstream = False
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self._set_post_data_state()
         await self.push(str(reply))
-        if self._shutting_down or self.client.draining:
-            if self._deadline is not None and self.loop.time() >= self._deadline - 0.05:
-                await self.push("421 4.4.2 Session time limit reached, closing connection")
-            else:
-                await self.push("421 4.3.2 Service shutting down, closing connection")
+        if self._past_deadline():
+            # The session's time ran out while the upstream answered (see _timeout_cb).
+            await self.push("421 4.4.2 Session time limit reached, closing connection")
             self.close()
+        elif self._shutting_down or self.client.draining:
+            await self.push("421 4.3.2 Service shutting down, closing connection")
+            self.close()
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and self.loop.time() >= self._deadline - 0.05
+
+    @contextlib.contextmanager
+    def _waiting_for_upstream(self) -> Iterator[None]:
+        """While the relay waits for the upstream's answer, the client waits for ours: it is
+        not idle, so `session_timeout` does not run (the upstream's `command_timeout`
+        bounds the wait). Otherwise, with session_timeout <= command_timeout, a slow
+        upstream would cost the client its connection with no reply at all."""
+        assert self._timeout_handle is not None
+        self._timeout_handle.cancel()
+        try:
+            yield
+        finally:
+            self._reset_timeout()
 
     async def _read_data(self) -> tuple[bytes | None, int]:
         """Read up to CRLF.CRLF. Returns (content, size); content is None when the size
@@ -534,7 +600,11 @@ class RelaySMTP(SMTP):
             if done:
                 chunk = chunk[:-3]
             size += len(chunk)
-            if limit and size > limit:
+            if not self._over_budget and not self._budget.take(len(chunk)):
+                self._over_budget = True
+            elif not self._over_budget:
+                self._budget_held += len(chunk)
+            if (limit and size > limit) or self._over_budget:
                 parts.clear()
             else:
                 parts.append(chunk)
@@ -544,6 +614,11 @@ class RelaySMTP(SMTP):
         if limit and size > limit:
             return None, size
         return b"".join(parts), size
+
+
+def _budget_spent(reason: str) -> SmtpError:
+    # RFC 3463 X.3.1 mail system full; see relay.listen.budget.
+    return SmtpError(452, "4.3.1", "Insufficient system storage, try again later", reason=reason, label="data_budget")
 
 
 def _ascii(text: str) -> str:
@@ -620,6 +695,10 @@ class _Hooks:
         if outcome == "closing":
             await server.push("535 5.7.8 Authentication credentials invalid")
             await server.push("421 4.7.0 Too many failed authentications, closing connection")
+            server.close()
+            return AuthResult(success=False, handled=True)
+        if outcome == "throttled":
+            await server.push("421 4.7.0 Too many failed authentications, try again later")
             server.close()
             return AuthResult(success=False, handled=True)
         # aiosmtpd 1.4.6 defaults a failed AuthResult to handled=True and then sends nothing.

@@ -114,6 +114,9 @@ def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | Non
         "size": tx.size,
         "dkim": tx.dkim,
         "upstream": tx.upstream.upstream if tx.upstream is not None else None,
+        # Upstreams a failover chain left before this one took the transaction, and why
+        # (relay.deliver.failover.Skipped); absent for a single upstream.
+        "failovers": [str(s) for s in getattr(tx.upstream, "skipped", ())] or None,
         "upstream_reply": str(upstream_reply) if upstream_reply else None,
         "upstream_id": upstream_id(upstream_reply.text) if upstream_reply and upstream_reply.positive else None,
         # Spool mode: the 250 meant "on disk"; the delivery attempts have lines of their own

@@ -78,6 +78,12 @@ def _short_hash(text: str) -> str:
 _HASH_KEY = os.urandom(16)
 
 
+def auth_not_checked(listener: str, mechanism: str, refusal: SmtpError, *, client: str) -> None:
+    """An AUTH attempt answered without checking the password (throttled, or busy)."""
+    AUTH_ATTEMPTS.labels(listener, mechanism, refusal.label).inc()
+    log.info("authentication not checked", extra={"listener": listener, "client": client, "reason": refusal.reason})
+
+
 def auth_unavailable(listener: str, mechanism: str, *, client: str, reason: str) -> None:
     """A password that could not be checked (its secret is not loaded): answered 454."""
     AUTH_ATTEMPTS.labels(listener, mechanism, "unavailable").inc()

@@ -23,6 +23,7 @@ import ipaddress
 import re
 import socket
 import time
+from collections.abc import Callable
 
 from prometheus_client import Counter, Histogram
 
@@ -58,6 +59,7 @@ class ProxyDialer:
         url: ProxyUrl | str,
         *,
         password: str | None = None,
+        current_password: Callable[[], str | None] | None = None,
         connect_timeout: float = 30,
         handshake_timeout: float = 30,
         resolver: HostResolver | None = None,
@@ -65,6 +67,9 @@ class ProxyDialer:
         if connect_timeout <= 0 or handshake_timeout <= 0:
             raise ValueError("proxy connect and handshake timeouts must be positive")
         self.url = parse_proxy_url(url, password) if isinstance(url, str) else url.with_password(password)
+        # A password from a secret reference is read at every dial, like the upstream's, so
+        # a rotated proxy password is used without a reload.
+        self._current_password = current_password
         self.connect_timeout = float(connect_timeout)
         self.handshake_timeout = float(handshake_timeout)
         # The configured DNS, for the proxy's name and (socks5://, socks4://) the upstream's.
@@ -120,15 +125,19 @@ class ProxyDialer:
         dest = host
         if self.scheme in ("socks5", "socks4") and not is_ip:
             dest = await self._resolve_upstream(loop, host, port, via)
+        url = self.url
+        if self._current_password is not None:
+            try:
+                url = url.with_password(self._current_password())
+            except ValueError as exc:  # a rotated value the protocol cannot carry
+                raise dial_error("proxy_auth", f"{via}: proxy password unusable: {exc}") from None
         sock = await self._open_proxy_connection()
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 if self.scheme == "http":
-                    await http_connect(loop, sock, self.url, host, port, via=via)
+                    await http_connect(loop, sock, url, host, port, via=via)
                 else:
-                    sock = await socks_handshake(
-                        loop, sock, self.url, dest, port, timeout=self.handshake_timeout, via=via
-                    )
+                    sock = await socks_handshake(loop, sock, url, dest, port, timeout=self.handshake_timeout, via=via)
         except TimeoutError as exc:
             sock.close()
             raise dial_error("proxy_timeout", f"{via}: handshake timed out after {self.handshake_timeout:g}s") from exc
@@ -196,6 +205,7 @@ def dialer_for(
     proxy: ProxyUrl | str | None,
     *,
     password: str | None = None,
+    current_password: Callable[[], str | None] | None = None,
     connect_timeout: float = 30,
     handshake_timeout: float = 30,
     resolver: HostResolver | None = None,
@@ -207,6 +217,7 @@ def dialer_for(
     return ProxyDialer(
         proxy,
         password=password,
+        current_password=current_password,
         connect_timeout=connect_timeout,
         handshake_timeout=handshake_timeout,
         resolver=resolver,

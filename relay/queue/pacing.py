@@ -15,6 +15,7 @@ import time
 
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply
+from relay.message import WireMessage
 
 
 class TokenBucket:
@@ -57,7 +58,7 @@ class PacedTransaction:
             await self._bucket.take()
         return await self._inner.add_recipient(address, dsn)
 
-    async def send(self, message: bytes) -> Reply:
+    async def send(self, message: WireMessage) -> Reply:
         return await self._inner.send(message)
 
     async def abort(self) -> None:

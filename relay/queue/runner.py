@@ -41,6 +41,7 @@ from prometheus_client import Counter, Gauge
 from relay.deliver.base import DsnRequest, Envelope, UpstreamTarget
 from relay.deliver.dsn import relayed_report
 from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
 from relay.observe import messages
 from relay.queue.dsn import build_dsn, reportable
 from relay.queue.entry import DELIVERED, FAILED, CorruptEntry, QueueEntry, RecipientState
@@ -465,7 +466,7 @@ class QueueRunner:
             else:
                 after = self._with_delivered(entry, accepted, upstream)
                 prepared = await self.spool.prepare(held, after)
-            reply = await tx.send(message)
+            reply = await tx.send(WireMessage([message]))
         except SmtpError as exc:
             if prepared is not None:
                 prepared.discard()

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTarget
 from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
 from relay.queue.entry import QueueEntry, RecipientState
 from relay.queue.runner import QueueRunner, queue_id
 from relay.queue.store import Spool, valid_id
@@ -57,7 +58,7 @@ class SpoolTransaction:
         self._recipients.append(RecipientState(address, notify=dsn.notify, orcpt=dsn.orcpt))
         return Reply(250, "2.1.5", "OK")
 
-    async def send(self, message: bytes) -> Reply:
+    async def send(self, message: WireMessage) -> Reply:
         if not self._recipients:
             raise SmtpError(
                 503, "5.5.1", "No valid recipients", reason="DATA without accepted recipients", label="no_recipients"
@@ -78,9 +79,10 @@ class SpoolTransaction:
             # RFC 4954 §5: the AUTH= value the pipeline vouches for, for the upstream.
             extra={} if envelope.auth is None else {"auth": envelope.auth},
         )
-        held = await self._target.spool.put(entry, message)  # SmtpError 452/451 on failure
+        content = bytes(message)  # the spool writes and keeps the message whole
+        held = await self._target.spool.put(entry, content)  # SmtpError 452/451 on failure
         self.queued_id = entry.id
-        self._target.runner.submit(held, entry, message)
+        self._target.runner.submit(held, entry, content)
         return Reply(250, "2.0.0", f"Ok: queued as {entry.id}")
 
     async def abort(self) -> None:

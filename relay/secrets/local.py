@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import stat
+import tempfile
 
 from relay.secrets.base import SecretFetchError, SecretNotFoundError, SecretRef, SecretValue
 
@@ -52,14 +54,20 @@ class FileBackend:
         path = ref.location
         if os.path.exists(path) and not force:
             raise SecretFetchError(f"{ref}: exists; pass --force to overwrite")
-        tmp = f"{path}.tmp-{os.getpid()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # mkstemp: a new file of an unpredictable name, created with O_EXCL and mode 0600, so
+        # nothing planted beside the key (a symlink at a guessable name) is followed.
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path) or ".")
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         return "file"
 
     async def delete(self, ref: SecretRef) -> bool:

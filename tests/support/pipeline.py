@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from relay.config.schema import Settings
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.errors import Reply, SmtpError
+from relay.message import WireMessage
 from relay.pipeline import Pipeline
 from relay.wiring import build_dns, build_pipeline, load_secrets, new_secret_store
 
@@ -77,11 +78,11 @@ class FakeTransaction:
             self._dsn.append(dsn)
         return reply
 
-    async def send(self, message: bytes) -> Reply:
+    async def send(self, message: WireMessage) -> Reply:
         self._done = True
         if self._target.data_reply is not None:
             return self._target.data_reply
-        self._target.sent.append(SentMessage(self._envelope, list(self._recipients), message, list(self._dsn)))
+        self._target.sent.append(SentMessage(self._envelope, list(self._recipients), bytes(message), list(self._dsn)))
         return Reply(250, "2.0.0", f"Ok: queued as F{len(self._target.sent):06d}")
 
     async def abort(self) -> None:

@@ -40,6 +40,7 @@ class UpstreamBehaviour:
     data_reply: str | None = None
     data_delay: float = 0.0
     rcpt_delay: float = 0.0
+    mail_delay: float = 0.0
     queue_id_prefix: str = "Q"
 
 
@@ -57,6 +58,9 @@ class _Handler:
 
     async def handle_MAIL(self, server, session, envelope, address, options):
         self.up.mail_commands += 1
+        self.up.commands.append("MAIL")
+        if self.up.behaviour.mail_delay:
+            await asyncio.sleep(self.up.behaviour.mail_delay)
         if self.up.behaviour.mail_reply:
             return self.up.behaviour.mail_reply
         envelope.mail_from = address
@@ -64,17 +68,30 @@ class _Handler:
         envelope.rcpt_params = {}
         return "250 2.1.0 OK"
 
+    async def handle_RSET(self, server, session, envelope):
+        self.up.commands.append("RSET")
+        return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.up.commands.append("QUIT")
+        return "221 2.0.0 Bye"
+
     async def handle_RCPT(self, server, session, envelope, address, options):
+        self.up.commands.append("RCPT")
         if self.up.behaviour.rcpt_delay:
             await asyncio.sleep(self.up.behaviour.rcpt_delay)
         reply = self.up.behaviour.rcpt_replies.get(address)
         if reply:
+            if reply.startswith("421"):
+                # RFC 5321 §3.8: 421, then the server closes the channel (once the reply is out).
+                asyncio.get_running_loop().call_soon(server.transport.close)
             return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_params[address] = getattr(server, "dsn_rcpt_params", []) + options
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self.up.commands.append("DATA")
         b = self.up.behaviour
         if b.data_delay:
             await asyncio.sleep(b.data_delay)
@@ -164,6 +181,7 @@ class Upstream:
         self.behaviour = UpstreamBehaviour()
         self.messages: list[ReceivedMessage] = []
         self.mail_commands = 0
+        self.commands: list[str] = []  # MAIL, RCPT, RSET, QUIT as they arrive
         self.lock = threading.Lock()
         kwargs: dict = {"data_size_limit": 60 * 1024 * 1024}
         if tls == "starttls":

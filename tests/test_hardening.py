@@ -1,0 +1,230 @@
+"""Hostile clients and unlucky timing (issue 12): one message must not freeze the relay, and
+a client that vanishes, a slow upstream or a drain must not leak, duplicate or lose."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from relay.deliver import connection
+from tests.support.dkim import verify_all
+from tests.support.inloop import in_thread
+from tests.support.proxies import microsocks
+from tests.support.smtp import connect, message, reply, submit
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+STALE_OWN = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s1; h=from; bh=x; b=y\r\n"
+
+
+@in_thread
+def test_a_message_with_20000_own_signatures_leaves_other_sessions_served(make_loop_relay, upstream, pki, dkim_keys):
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["max_message_size"] = "4MiB"
+    relay.start()
+    big = STALE_OWN * 20_000 + message(subject="many signatures")
+    sender = connect(relay, pki)
+    other = connect(relay, pki)
+    assert reply(sender, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(sender, "RCPT TO:<u@example.net>")[0] == 250
+    assert reply(sender, "DATA")[0] == 354
+    sender.send(big + b".\r\n")
+    wait_until(lambda: relay.metric("relay_messages_received_total") == 1)
+    # The whole message is in: while it is parsed, signed and sent, another session is
+    # answered (a loop frozen by quadratic work answered nothing for over a minute; 20 s is
+    # generous for a loaded machine).
+    other.sock.settimeout(20)
+    assert other.noop()[0] == 250
+    assert reply(other, "MAIL FROM:<app@example.com>")[0] == 250
+    sender.sock.settimeout(120)
+    code, text = sender.getreply()
+    assert code == 250, text
+    [received] = upstream.wait_for(1)
+    assert received.content.count(b"DKIM-Signature:") == 2  # ours, fresh; the stale ones gone
+    assert verify_all(received.content, dkim_keys.dns()) == [True, True]
+    other.quit()
+    sender.quit()
+
+
+def vanish(client: smtplib.SMTP) -> None:
+    """The client is gone: no QUIT, the connection just ends."""
+    client.sock.shutdown(socket.SHUT_RDWR)
+    client.close()
+
+
+def busy_upstream_connections(relay) -> float:
+    return relay.metric("relay_upstream_pool_connections", state="busy")
+
+
+@pytest.mark.parametrize("stage", ["MAIL", "RCPT", "DATA"])
+@in_thread
+def test_a_client_gone_while_the_upstream_answers_frees_the_pool_slot(make_loop_relay, upstream, pki, stage):
+    """The client vanishes while the relay waits for the upstream's reply to MAIL, RCPT or
+    DATA: the upstream connection is ended (QUIT) and its pool slot freed, so with a pool
+    of one the next message still goes through (before: 451 4.4.5 Upstream busy)."""
+    setattr(upstream.behaviour, f"{stage.lower()}_delay", 3.0)
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["upstream"]["pool"] = {"max_connections": 1, "acquire_timeout": "5s"}
+    relay.start()
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    if stage == "DATA":
+        assert reply(client, "RCPT TO:<u@example.net>")[0] == 250
+        assert reply(client, "DATA")[0] == 354
+        client.send(message() + b".\r\n")
+    else:
+        client.send(b"RCPT TO:<u@example.net>\r\n")
+    wait_until(lambda: stage in upstream.commands)  # the relay now waits for the reply
+    vanish(client)
+    wait_until(lambda: "QUIT" in upstream.commands or "RSET" in upstream.commands[upstream.commands.index(stage) :])
+    wait_until(lambda: busy_upstream_connections(relay) == 0)
+    setattr(upstream.behaviour, f"{stage.lower()}_delay", 0.0)
+    assert submit(relay, pki) == {}
+
+
+@in_thread
+def test_session_timeout_equal_to_command_timeout_gets_a_reply_and_frees_the_slot(make_loop_relay, upstream, pki):
+    """With session_timeout == command_timeout and an upstream slower than both, the client
+    got EOF and no reply, and the slot leaked. The session's idle timer does not run while
+    the relay itself waits for the upstream: the client gets 451 and the slot is free."""
+    upstream.behaviour.rcpt_delay = 4.0
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["upstream"]["command_timeout"] = "2s"
+    relay.config["upstream"]["pool"] = {"max_connections": 1, "acquire_timeout": "5s"}
+    relay.config["clients"]["session_timeout"] = "2s"
+    relay.start()
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    code, text = reply(client, "RCPT TO:<u@example.net>")
+    assert (code, text[:5]) == (451, "4.4.2")
+    wait_until(lambda: busy_upstream_connections(relay) == 0)
+    upstream.behaviour.rcpt_delay = 0.0
+    assert submit(relay, pki) == {}
+    assert len(upstream.wait_for(1)) == 1
+
+
+@in_thread
+def test_drain_while_the_upstream_answers_data_gives_the_real_reply_then_421(make_loop_relay, upstream, pki):
+    """SIGTERM's drain while the upstream is answering DATA: the client gets the upstream's
+    answer (250: delivered once), then 421; before, it got 421 at once and retried a
+    message the upstream had accepted (a duplicate)."""
+    upstream.behaviour.data_delay = 2.0
+    relay = make_loop_relay(upstream.port)
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(client, "RCPT TO:<u@example.net>")[0] == 250
+    assert reply(client, "DATA")[0] == 354
+    client.send(message() + b".\r\n")
+    wait_until(lambda: "DATA" in upstream.commands)
+    drained = asyncio.run_coroutine_threadsafe(relay.running.drain(), relay.loop)
+    code, text = client.getreply()
+    assert code == 250, text
+    assert client.getreply() == (421, b"4.3.2 Service shutting down, closing connection")
+    drained.result(timeout=30)
+    assert len(upstream.wait_for(1)) == 1
+    assert busy_upstream_connections(relay) == 0
+
+
+@pytest.mark.binaries
+@in_thread
+def test_a_rotated_proxy_password_is_used_without_a_reload(make_loop_relay, upstream, pki, tmp_path):
+    """The proxy password is read at every dial, like the upstream's: before, it was read
+    once at start, so after a rotation every message got 451 until a reload."""
+    secret = tmp_path / "proxy-password"
+    secret.write_text("old-secret")
+    secret.chmod(0o600)
+    with microsocks(tmp_path, user="relay", password="new-secret") as proxy_port:
+        relay = make_loop_relay(upstream.port, start=False, wait_ready=False)
+        relay.config["upstream"]["proxy"] = f"socks5://relay@127.0.0.1:{proxy_port}"
+        relay.config["upstream"]["proxy_password"] = f"file://{secret}"
+        relay.config["secrets"] = {"refresh": "1s"}
+        relay.start(wait_ready=False)
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            submit(relay, pki)
+        assert refused.value.recipients["user@example.net"][0] == 451
+        rotated = tmp_path / "proxy-password.new"
+        rotated.write_text("new-secret")
+        rotated.chmod(0o600)
+        rotated.replace(secret)
+        # The secret store refreshes every second; no reload, no restart.
+        delivered = None
+        for _ in range(40):
+            try:
+                delivered = submit(relay, pki)
+                break
+            except smtplib.SMTPRecipientsRefused:
+                time.sleep(0.5)
+        assert delivered == {}
+        [received] = upstream.wait_for(1)
+        assert received.peer[0] == "127.0.0.2"  # through the proxy
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 64 * 1024])
+@in_thread
+def test_the_message_reaches_the_upstream_byte_for_byte_whatever_the_write_size(
+    make_loop_relay, upstream, pki, dkim_keys, monkeypatch, piece
+):
+    """The upstream DATA is written in pieces and dot-stuffed piece by piece: lines that
+    start with a dot, a CRLF split between two writes, a last line without CRLF."""
+    monkeypatch.setattr(connection, "_DATA_PIECE", piece)
+    relay = make_loop_relay(upstream.port)
+    body = b".\r\n..\r\n.a\r\nb.\r\n\r\n.\r\n x\r\n" * 3 + b"end"
+    client = connect(relay, pki)
+    client.sendmail("app@example.com", ["u@example.net"], message(body=body.decode()))
+    [received] = upstream.wait_for(1)
+    assert received.content.endswith(b"\r\n\r\n" + body + b"\r\n")
+    assert verify_all(received.content, dkim_keys.dns()) == [True, True]
+
+
+@in_thread
+def test_data_over_the_in_flight_budget_gets_452_and_the_budget_comes_back(make_loop_relay, upstream, pki):
+    upstream.behaviour.data_delay = 3.0  # the first message is held while the second arrives
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["max_bytes_in_flight"] = "200KiB"
+    relay.start()
+    first = connect(relay, pki)
+    for command in ("MAIL FROM:<app@example.com>", "RCPT TO:<u@example.net>", "DATA"):
+        first.putcmd(command)
+        first.getreply()
+    first.send(message(body=("a" * 70 + "\r\n") * 2100) + b".\r\n")
+    wait_until(lambda: "DATA" in upstream.commands)
+    assert relay.metric("relay_data_bytes_in_flight") > 150_000
+    # A second message does not fit beside it: read to its end, then 452 4.3.1 (retry later).
+    with pytest.raises(smtplib.SMTPDataError) as full:
+        connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message(body=("b" * 70 + "\r\n") * 1400))
+    assert (full.value.smtp_code, full.value.smtp_error) == (452, b"4.3.1 Insufficient system storage, try again later")
+    assert first.getreply()[0] == 250
+    wait_until(lambda: relay.metric("relay_data_bytes_in_flight") == 0)
+    assert relay.metric("relay_messages_rejected_total", reason="data_budget") == 1
+    # Once the first is answered, its bytes are back: the same message now passes.
+    assert submit(relay, pki, data=message(body=("b" * 70 + "\r\n") * 1400)) == {}
+    assert len(upstream.wait_for(2)) == 2
+
+
+@pytest.mark.parametrize("listener", ["submission", "submissions"])
+@in_thread
+def test_drain_does_not_wait_for_an_idle_tls_client_that_never_reads(make_loop_relay, upstream, pki, listener):
+    """An idle TLS session (STARTTLS or implicit) whose client reads nothing: the drain's 421
+    and close used to wait for the client's TLS close_notify (asyncio's 30 s TLS shutdown
+    timeout), so the drain ran to drain_timeout and left the session open. Now the
+    connection is aborted after a short grace once our close_notify is out."""
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["drain_timeout"] = "20s"  # under asyncio's 30 s, far over the grace
+    relay.start()
+    client = connect(relay, pki, listener=listener)  # then reads nothing until the drain ends
+    drained = asyncio.run_coroutine_threadsafe(relay.running.drain(), relay.loop)
+    drained.result(timeout=60)
+    assert not [e for e in relay.logs() if e.get("msg", "").startswith("drain timeout")]
+    assert len(relay.running.connections) == 0
+    assert client.getreply() == (421, b"4.3.2 Service shutting down, closing connection")
