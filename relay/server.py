@@ -106,7 +106,11 @@ class Relay:
             extra={"config": redacted(settings), "source": str(self.config_path or "embedded dev default")},
         )
         self.queue = build_spool(settings, self._components)
+        host, port = settings.metrics.bind
         if self.queue is not None:
+            # /healthz answers while a large backlog is scanned (a startupProbe must not kill
+            # the process for it); /readyz says "spool: opening" until the scan is done.
+            await self.health.start(host, port, reuse_port=self.reuse_port)
             await asyncio.to_thread(self.queue.spool.open)  # OSError: "cannot start"
         spool = self.queue.target if self.queue is not None else None
         self.components = await build_components(
@@ -123,8 +127,8 @@ class Relay:
             server = self._listener(lst, settings)
             await server.start()
             self.listeners[_listener_key(lst)] = server
-        host, port = settings.metrics.bind
-        await self.health.start(host, port, reuse_port=self.reuse_port)
+        if self.queue is None:
+            await self.health.start(host, port, reuse_port=self.reuse_port)
         self._tasks.append(asyncio.create_task(self.store.run(), name="secret-refresh"))
         self._tasks.append(asyncio.create_task(self._probe_upstreams(), name="upstream-probe"))
         self._tasks.append(asyncio.create_task(self._update_key_ages(), name="key-ages"))
@@ -162,7 +166,10 @@ class Relay:
         problems = [(a.label, a.problem) for a in self.targets.token_auths()]
         checks["upstream_token"] = "; ".join(f"{label}: {p}" for label, p in problems if p) or None
         if self.queue is not None:
-            checks["spool"] = self.queue.spool.unwritable()
+            if self.queue.spool.opened_scan is None:
+                checks["spool"] = "opening (scanning the spool)"
+            else:
+                checks["spool"] = self.queue.spool.unwritable() or self.queue.runner.problem()
         return checks
 
     async def _start_token_auths(self, token_auths: list[UpstreamTokenAuth]) -> None:
@@ -349,7 +356,8 @@ async def serve(
     try:
         await relay.start()
     except OSError as exc:
-        log.error("cannot start", extra={"reason": f"{exc.strerror or exc}"})
+        where = f": {exc.filename}" if exc.filename else ""
+        log.error("cannot start", extra={"reason": f"{exc.strerror or exc}{where}"})
         await relay.stop()
         return 1
     relay.install_signal_handlers()

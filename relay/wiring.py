@@ -50,7 +50,7 @@ from relay.posture.monitor import PostureMonitor
 from relay.posture.report import CheckReport, TokenCheck, run_check
 from relay.proxy import dialer_for
 from relay.queue.dsn import report_signer
-from relay.queue.pacing import PacedTarget
+from relay.queue.pacing import PacedTarget, pacing_state
 from relay.queue.runner import QueueRunner
 from relay.queue.schedule import RetryPolicy
 from relay.queue.spooled import SpoolTarget
@@ -192,7 +192,8 @@ def build_target(
     target = _build_target(upstream, settings, store, dns, token_auth)
     if upstream.max_rate is not None and settings.queue.mode == "spool":
         # Pacing applies to deliveries from the spool; in passthrough the client waits.
-        return PacedTarget(target, upstream.max_rate)
+        # One bucket for every worker on this spool: max_rate is the upstream's limit.
+        return PacedTarget(target, upstream.max_rate, shared=pacing_state(settings.queue.dir, target.name))
     return target
 
 

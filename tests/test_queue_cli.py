@@ -108,3 +108,43 @@ def test_bad_ids_and_missing_spool(spool_config, tmp_path):
     other.write_text(yaml.safe_dump(settings))
     missing = relay_queue(other, "list")
     assert missing.returncode == 1 and "no spool" in missing.stderr
+
+
+def test_changes_are_refused_for_another_user_than_the_spools_owner(spool_config, tmp_path):
+    """`sudo relay queue retry` wrote a root-owned 0600 state file the relay (User=relay)
+    could not read: its delivery loop died and it could not start again. Now a change is
+    refused unless made as the spool's owner; reading is fine."""
+    import os
+
+    config, spool = spool_config
+    for path in [spool.root, *spool.root.rglob("*")]:
+        os.chown(path, 65534, 65534)  # the relay's user; this test runs as root
+    refused = relay_queue(config, "retry", "waiting1")
+    assert refused.returncode == 1 and "run this as that user" in refused.stderr
+    assert not spool.state_path("waiting1").exists()
+    assert relay_queue(config, "delete", "waiting1").returncode == 1 and spool.path("waiting1").exists()
+    assert relay_queue(config, "list").returncode == 0
+
+
+def test_queue_without_a_subcommand_shows_its_own_help(spool_config):
+    config, _ = spool_config
+    bare = subprocess.run([sys.executable, "-m", "relay", "queue"], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2
+    assert "requeue" in bare.stderr and "serve" not in bare.stderr
+
+
+def test_list_shows_damaged_entries_and_removes_nothing(spool_config):
+    import os
+
+    config, spool = spool_config
+    with open(spool.path("waiting1"), "r+b") as fh:
+        fh.truncate(40)
+    leftover = spool.entries / ".tmp-dead1.state-0001"
+    leftover.write_bytes(b"x")
+    old = time.time() - 3600
+    os.utime(leftover, (old, old))
+    listed = relay_queue(config, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = {e["id"]: e for e in json.loads(listed.stdout)}
+    assert entries["waiting1"]["state"] == "damaged" and entries["dead1"]["state"] == "dead"
+    assert leftover.exists() and spool.path("waiting1").exists()

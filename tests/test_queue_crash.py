@@ -10,12 +10,14 @@ pipeline's tests.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import random
 import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections import Counter
@@ -23,10 +25,12 @@ from pathlib import Path
 
 import pytest
 
+from relay.queue import admin
 from relay.queue.runner import QueueRunner
 from relay.queue.schedule import RetryPolicy
 from relay.queue.store import Spool
 from tests.support.upstream import Upstream
+from tests.test_queue_delivery import Harness, eventually
 
 # Processes killed with SIGKILL: the process tier.
 pytestmark = pytest.mark.e2e
@@ -118,3 +122,134 @@ async def test_kill_9_at_random_moments_loses_no_acknowledged_message(tmp_path, 
         assert not list((root / "corrupt").iterdir())
         with upstream.lock:
             assert {m.mail_from for m in upstream.messages} == {"app@example.com"}  # no failure reports
+
+
+# -- journal replay vs removals by others (review of the spool: each failed before its fix) --
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from pathlib import Path
+    from relay.queue.entry import QueueEntry, RecipientState
+    from relay.queue.store import Spool
+
+    async def main(root, count):
+        spool = Spool(Path(root)); spool.open()
+        spool.journal.checkpoint_interval = float(sys.argv[3])
+        for n in range(count):
+            e = QueueEntry(id=f"w{n:04d}", mail_from="app@example.com",
+                           recipients=[RecipientState("x@example.net")], created=time.time())
+            held = await spool.put(e, b"From: app@example.com\\r\\nSubject: x\\r\\n\\r\\nbody\\r\\n")
+            held.release()          # as QueueRunner.submit does when the runner is busy
+            print("ACK", e.id, flush=True)
+        print("DONE", flush=True)
+        await asyncio.sleep(60)   # wait for kill -9
+
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    """
+)
+
+
+def start_writer(root: Path, count: int, checkpoint: float = 3600.0) -> tuple[subprocess.Popen, list[str]]:
+    """A process that spools `count` entries and waits to be killed; checkpoint=3600 pins
+    "killed before its segment is retired"."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(root), str(count), str(checkpoint)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    acked = []
+    for line in proc.stdout:
+        if line.startswith("ACK"):
+            acked.append(line.split()[1])
+        if line.startswith("DONE"):
+            break
+    return proc, acked
+
+
+@pytest.fixture
+def upstream():
+    with Upstream() as up:
+        yield up
+
+
+@pytest.fixture
+async def harness(tmp_path, upstream):
+    made: list[Harness] = []
+
+    def make(**kwargs) -> Harness:
+        made.append(Harness(tmp_path / "spool", upstream, **kwargs))
+        return made[-1]
+
+    yield make
+    for h in made:
+        await h.close()
+
+
+async def test_replay_never_resurrects_an_entry_another_worker_delivered(tmp_path):
+    """Worker A accepted X and is killed within its segment's life; before, the replay read
+    "X missing" as "lost" and brought back what worker B had delivered. Now B cannot take
+    X while A's live segment vouches for it, and after A's death a missing X (the same boot:
+    the page cache kept every write) is not restored."""
+    root = tmp_path / "spool"
+    writer, acked = start_writer(root, 1)
+    try:
+        assert acked == ["w0000"]
+        b = Spool(root)
+        b.open()
+        assert b.lock("w0000") is None  # A's journal keeps it
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        held = b.lock("w0000")
+        assert held is not None
+        b.remove(held)  # delivered by B
+        held.release()
+        a2 = Spool(root)
+        a2.open()
+        assert not a2.path("w0000").exists(), "resurrected"
+        assert not list((root / "journal").glob("*.log"))
+        await a2.close()
+        await b.close()
+    finally:
+        writer.kill()
+
+
+async def test_a_deleted_message_does_not_come_back_after_a_kill(tmp_path):
+    root = tmp_path / "spool"
+    writer, acked = start_writer(root, 1)
+    try:
+        cli = Spool(root, journal=False)  # what `relay queue delete ID` builds
+        with pytest.raises(admin.QueueCommandError, match="being delivered"):
+            admin.delete(cli, "w0000", wait=0.2)  # its segment still vouches for it
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        admin.delete(cli, "w0000", wait=5)
+        a2 = Spool(root)
+        a2.open()
+        assert not a2.path("w0000").exists(), "the deleted message is back"
+        await a2.close()
+    finally:
+        writer.kill()
+
+
+async def test_replay_during_a_restart_race_does_not_deliver_twice(tmp_path, upstream, harness):
+    """--workers 2 after a kill -9: one worker holds the dead segment (replaying it) while
+    the other delivers; before, the first then restored all it found missing: every
+    acknowledged message delivered twice."""
+    root = tmp_path / "spool"
+    writer, acked = start_writer(root, 20)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    (segment,) = list((root / "journal").glob("*.log"))
+    fd = os.open(segment, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # worker 1, inside its replay
+    w2 = harness()
+    w2.runner.start()
+    await eventually(lambda: len(upstream.messages) == 20, what="worker 2 delivers all 20")
+    await eventually(lambda: not list((root / "entries").glob("w*")), what="spool empty")
+    os.close(fd)
+    w1 = harness()
+    w1.runner.start()
+    await asyncio.sleep(1.5)
+    assert not list((root / "journal").glob("*.log"))  # replayed
+    assert len(upstream.messages) == 20

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
+import logging
 import os
 import threading
 import time
+import zlib
 
 import pytest
 
 from relay.config.schema import Settings, UpstreamSettings
 from relay.queue import admin
-from relay.queue.entry import DELIVERED, FAILED, PENDING, QueueEntry, RecipientState
+from relay.queue.entry import DELIVERED, FAILED, PENDING, STATE_MAGIC, QueueEntry, RecipientState
 from relay.queue.pacing import PacedTarget
 from relay.queue.runner import QueueRunner, queue_id
 from relay.queue.schedule import RetryPolicy
@@ -360,3 +363,231 @@ async def test_spool_delivery_stands_in_for_the_upstream_transaction(harness, up
     with pytest.raises(SmtpError) as full:
         await spooled.begin(Envelope("app@example.com"), "one@example.net")
     assert (full.value.code, full.value.reply.enhanced) == (452, "4.3.1")
+
+
+# -- review fixes: each test failed on the code before its fix ------------------------------
+async def test_a_loop_error_is_logged_and_the_loop_goes_on(harness, upstream, caplog):
+    """Before: an exception in a scan ended the delivery loop silently (no log, deferred
+    mail never retried, `stop()` re-raised it)."""
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 busy"}
+    h = harness(steps=(0.3,))
+    h.runner.error_backoff = 0.2
+    h.runner.start()
+    deferred = await h.put(["later@example.net"])
+    await eventually(
+        lambda: (e := state_of(h.spool, deferred)) is not None and e.recipients[0].attempts == 1, what="deferred"
+    )
+    real = h.spool.scan
+    failures = {"n": 0}
+
+    def broken(cache, **kw):
+        if failures["n"] < 2:
+            failures["n"] += 1
+            raise OSError(5, "Input/output error")
+        return real(cache, **kw)
+
+    h.spool.scan = broken
+    upstream.behaviour.rcpt_replies = {}
+    with caplog.at_level(logging.ERROR, logger="relay.queue"):
+        await eventually(lambda: len(upstream.messages) == 1, what="the deferred message retried")
+    assert failures["n"] == 2 and not h.runner._main.done()
+    assert any(r.getMessage() == "spool delivery loop error; going on" for r in caplog.records)
+    await h.close()  # and the drain does not raise
+
+
+async def test_an_unknown_state_field_does_not_stop_delivery(harness, upstream):
+    """A state file written by a newer version (a rollback): the entry is delivered."""
+    h = harness(steps=(0.3,))
+    other = await h.put(["x@example.net"], submit=False)
+    await eventually(lambda: not getattr(h.spool.journal, "_kept", {}), what="checkpoint")
+    with h.spool.lock(other) as held:
+        e, _ = h.spool.read(held)
+    st = e.state()
+    st["recipients"][0]["dsn_sent"] = False
+    body = json.dumps(st).encode()
+    h.spool.state_path(other).write_bytes(b"%s %d %08x\n" % (STATE_MAGIC, len(body), zlib.crc32(body)) + body)
+    Spool(h.spool.root).open()  # a restart works too
+    h.runner.start()
+    await eventually(lambda: len(upstream.messages) == 1, what="delivery")
+    assert not h.runner._main.done()
+
+
+async def test_the_sweep_keeps_a_dead_letter_the_operator_just_requeued(harness, upstream):
+    """Before: the sweep removed on the strength of the scan's summary, so a requeue made
+    between the scan and the sweep was deleted without a trace."""
+    upstream.behaviour.rcpt_replies = {"gone@example.net": "550 5.1.1 no such user"}
+    h = harness(bounce="drop")
+    h.runner.dead_letter_age = 0.2
+    entry_id = await h.put(["gone@example.net"])
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.done, what="dead")
+    await asyncio.sleep(0.3)
+    h.runner._last_sweep = time.time()
+    await h.runner._scan()  # the summaries come from here
+    upstream.behaviour.rcpt_replies = {}
+    cli = Spool(h.spool.root, journal=False)
+    assert await asyncio.to_thread(admin.requeue, cli, entry_id, wait=5) == 1
+    h.runner._sweep_dead(time.time())  # the sweep right after that scan
+    assert state_of(h.spool, entry_id) is not None and not state_of(h.spool, entry_id).done
+    h.runner.start()
+    await eventually(lambda: len(upstream.messages) == 1, what="the requeued message delivered")
+
+
+async def test_a_report_that_cannot_be_queued_waits_for_its_retry_step(harness, upstream, monkeypatch):
+    """Before: every scan rebuilt, signed and logged the report of every dead letter while
+    the spool was full (the in-memory backoff was overridden by the scan)."""
+    from relay.queue import runner as runner_mod
+
+    built = []
+    real = runner_mod.build_dsn
+    monkeypatch.setattr(runner_mod, "build_dsn", lambda *a, **kw: (built.append(1), real(*a, **kw))[1])
+    upstream.behaviour.rcpt_replies = {"never@example.net": "550 5.1.1 no such user"}
+    h = harness(steps=(60.0,))
+    entry_id = await h.put(["never@example.net"], submit=False)
+    h.spool.max_bytes = 1  # full from now on
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.dsn == "pending", what="dead")
+    await asyncio.sleep(2.5)  # about 12 scans at 0.2 s
+    assert state_of(h.spool, entry_id).dsn == "pending"
+    assert built == []  # the room is checked before the report is built and signed
+
+
+async def test_the_last_try_happens_at_the_deadline_and_counts_as_failed(harness, upstream):
+    """Before: expiry was checked before the attempt, so the try at the deadline never
+    happened, and `max_age` failures were not counted in attempts_total{result="failed"}."""
+    from prometheus_client import REGISTRY
+
+    upstream.behaviour.rcpt_replies = {"slow@example.net": "451 4.4.1 later"}
+
+    def failed_count():
+        return (
+            REGISTRY.get_sample_value("relay_queue_delivery_attempts_total", {"upstream": "up", "result": "failed"})
+            or 0
+        )
+
+    before = failed_count()
+    h = harness(steps=(10.0,), max_age=1.0, bounce="drop")
+    entry_id = await h.put(["slow@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.done, what="expiry")
+    r = state_of(h.spool, entry_id).recipients[0]
+    assert r.status == FAILED and r.attempts == 2 and upstream.mail_commands == 2
+    assert failed_count() == before + 1
+
+
+async def test_a_long_transaction_keeps_its_prepared_state(harness, upstream):
+    """A prepared state older than the tmp-file age, under a transaction still running:
+    before, any scan (even `relay queue list`) deleted it and the message went out twice."""
+    upstream.behaviour.rcpt_replies = {"no@example.net": "550 5.1.1 no such user"}
+    upstream.behaviour.data_delay = 1.5
+    h = harness(steps=(0.3,), bounce="drop")
+    h.runner.start()
+    entry_id = await h.put(["ok@example.net", "no@example.net"])
+    found = []
+
+    def prepared():
+        found[:] = list(h.spool.entries.glob(f".tmp-{entry_id}.state-*"))
+        return bool(found)
+
+    await eventually(prepared, what="prepared state")
+    old = time.time() - 700  # the transaction has lasted 11+ minutes
+    os.utime(found[0], (old, old))
+    admin.list_entries(Spool(h.spool.root, journal=False))  # `relay queue list` meanwhile
+    await asyncio.to_thread(Spool(h.spool.root).scan, {})  # another worker's scan
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.done, what="final")
+    await asyncio.sleep(1)
+    assert [m.rcpt_tos for m in upstream.messages] == [["ok@example.net"]]
+
+
+async def test_a_torn_state_file_does_not_quarantine_the_message(harness, upstream):
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 busy"}
+    h = harness(steps=(0.3,))
+    entry_id = await h.put(["later@example.net"])
+    h.runner.start()
+    await eventually(lambda: h.spool.state_path(entry_id).exists(), what="state file")
+    with open(h.spool.state_path(entry_id), "r+b") as fh:
+        fh.truncate(10)
+    upstream.behaviour.rcpt_replies = {}
+    await eventually(lambda: len(upstream.messages) == 1, what="delivery from the initial state")
+    assert not (h.spool.corrupt / entry_id).exists()
+
+
+async def test_a_busy_pool_does_not_spend_attempts(tmp_path, upstream):
+    """More deliveries than pool connections: the relay's own 451 4.4.5 (no free connection)
+    is not an attempt. Before: 12 of 16 messages got a deferred attempt and a retry step."""
+    from relay.queue.runner import BUSY_RETRY
+
+    settings = Settings(
+        hostname="relay.test",
+        listeners=[{"name": "plain", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        upstream={
+            "host": "127.0.0.1",
+            "port": upstream.port,
+            "tls": "none",
+            "name": "up",
+            "pool": {"max_connections": 2, "acquire_timeout": "1s"},
+        },
+    )
+    delivery = build_target(settings.upstream[0], settings, SecretStore([FileBackend(), EnvBackend()], 300), None)
+    upstream.behaviour.data_delay = 0.6
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    router = Router(delivery)
+    runner = QueueRunner(spool, lambda: router, RetryPolicy([60.0], max_age=3600, jitter=0.0), hostname="relay.test")
+    for i in range(16):
+        e = QueueEntry(
+            id=f"p{i:02d}", mail_from="a@example.com", recipients=[RecipientState(f"r{i}@x.test")], created=time.time()
+        )
+        (await spool.put(e, MESSAGE)).release()
+    runner.start()
+    try:
+        await eventually(lambda: len(upstream.messages) == 16, timeout=60 + 4 * BUSY_RETRY, what="all 16 delivered")
+    finally:
+        await runner.stop(1)
+        await delivery.close()
+        await spool.close()
+    assert sorted(m.rcpt_tos[0] for m in upstream.messages) == sorted(f"r{i}@x.test" for i in range(16))
+
+
+async def test_deliveries_under_way_stay_within_a_byte_budget(harness, upstream):
+    """Before: up to 64 whole messages in memory at once, whatever their size."""
+    upstream.behaviour.data_delay = 0.3
+    h = harness()
+    big = MESSAGE + (b"x" * 76 + b"\r\n") * 1300  # 100 KB
+    h.runner.delivery_bytes = 9 * len(big)  # two at a time (each counts four times)
+    for _ in range(8):
+        await h.put(["big@example.net"], message=big, submit=False)
+    most = 0
+
+    async def watch():
+        nonlocal most
+        while True:
+            most = max(most, h.runner._reading)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    h.runner.start()
+    await eventually(lambda: len(upstream.messages) == 8, timeout=60, what="all 8 delivered")
+    watcher.cancel()
+    assert 0 < most <= h.runner.delivery_bytes
+
+
+async def test_the_first_scan_reuses_what_open_read(tmp_path, upstream, monkeypatch):
+    """A backlog found at start is read once (by `Spool.open()`), not a second time by the
+    delivery loop's first scan."""
+    first = Spool(tmp_path / "spool")
+    first.open()
+    for i in range(5):
+        e = QueueEntry(
+            id=f"b{i}", mail_from="a@example.com", recipients=[RecipientState("r@x.test")], created=time.time()
+        )
+        e.recipients[0].next_attempt = time.time() + 3600  # not due: nothing is delivered
+        (await first.put(e, MESSAGE)).release()
+    await first.close()
+    h = Harness(tmp_path / "spool", upstream)
+    reads = []
+    real = Spool.read_meta
+    monkeypatch.setattr(Spool, "read_meta", lambda self, i: (reads.append(i), real(self, i))[1])
+    h.runner.start()
+    await eventually(lambda: h.runner._last_scan > 0, what="the first scan")
+    assert reads == [] and len(h.runner._summaries) == 5
+    await h.close()

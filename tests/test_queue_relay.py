@@ -103,6 +103,40 @@ def test_readyz_fails_when_the_spool_cannot_be_written(make_loop_relay, upstream
     assert status == 503 and "spool" in body["checks"]["spool"]
 
 
+async def test_healthz_answers_while_a_large_spool_is_opened(make_loop_relay, upstream, tmp_path, monkeypatch):
+    """The scan of a large backlog at start ran before the health endpoint existed: a 60 s
+    startupProbe killed the pod at every start. Now /healthz answers during the scan and
+    /readyz says why it is not ready."""
+    import asyncio
+    import threading
+
+    from relay.queue.store import Spool
+
+    release = threading.Event()
+    real_open = Spool.open
+
+    def slow_open(self):
+        release.wait(30)  # a scan of 100k entries
+        real_open(self)
+
+    monkeypatch.setattr(Spool, "open", slow_open)
+    relay = make_loop_relay(upstream.port, queue=spool_queue(tmp_path), start=False)
+    starting = asyncio.create_task(relay.astart())
+    try:
+        for _ in range(500):
+            if relay.relay is not None and relay.relay.health.sockets():
+                break
+            await asyncio.sleep(0.02)
+        assert (await asyncio.to_thread(relay.http, "/healthz"))[0] == 200
+        status, body = await asyncio.to_thread(relay.http_json, "/readyz")
+        assert status == 503 and "opening" in body["checks"]["spool"]
+    finally:
+        release.set()
+        await asyncio.wait_for(starting, 30)
+    status, body = await asyncio.to_thread(relay.http_json, "/readyz")
+    assert status == 200
+
+
 @in_thread
 def test_full_spool_refuses_new_mail_with_452_and_keeps_what_it_holds(make_loop_relay, pki, tmp_path):
     up = Upstream(tls="starttls", server_context=pki.server_context())  # down: mail stays queued

@@ -60,16 +60,47 @@ def describe(entry: QueueEntry, now: float) -> dict[str, Any]:
 
 
 def list_entries(spool: Spool) -> list[dict[str, Any]]:
+    """Every entry, damaged and unreadable ones included (state `damaged`/`unreadable`, so
+    an operator sees them before a worker quarantines them). Reads only: nothing removed."""
     now = time.time()
     out = []
-    for entry_id in sorted(spool.scan({}).entries):
+    result = spool.scan({}, tidy=False)
+    for entry_id in sorted(result.entries):
         try:
             entry = spool.read_meta(entry_id)
-        except (FileNotFoundError, CorruptEntry):
+        except FileNotFoundError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - changed since the scan: shown as it is now
+            out.append(_problem(spool, entry_id, "damaged" if isinstance(exc, CorruptEntry) else "unreadable", exc))
             continue
         out.append(describe(entry, now))
+    for state, ids in (("damaged", result.corrupt), ("unreadable", result.unreadable)):
+        for entry_id in ids:
+            out.append(_problem(spool, entry_id, state, None))
     out.sort(key=lambda item: item["created"])
     return out
+
+
+def _problem(spool: Spool, entry_id: str, state: str, exc: Exception | None) -> dict[str, Any]:
+    try:
+        stat = os.stat(spool.path(entry_id))
+        created, size = stat.st_mtime, stat.st_size
+    except OSError:
+        created, size = time.time(), 0
+    return {
+        "id": entry_id,
+        "state": state,
+        "created": _iso(created),
+        "age_seconds": round(time.time() - created, 1),
+        "from": "?",
+        "size": size,
+        "recipients": [],
+        "next_attempt": None,
+        "finished": None,
+        "report": None,
+        "owner": None,
+        "problem": f"{type(exc).__name__}: {exc}" if exc is not None else None,
+    }
 
 
 def show(spool: Spool, entry_id: str) -> dict[str, Any]:
@@ -103,7 +134,7 @@ def retry(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
 
 def retry_all(spool: Spool, *, wait: float = LOCK_WAIT) -> tuple[int, list[str]]:
     done, busy = 0, []
-    for entry_id, summary in spool.scan({}).entries.items():
+    for entry_id, summary in spool.scan({}, tidy=False).entries.items():
         if summary.due is None:
             continue
         try:

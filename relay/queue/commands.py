@@ -8,6 +8,8 @@
 
 The spool is the one of `queue.dir` in the config (`-c FILE`, else $RELAY_CONFIG). Exit 0 on
 success, 1 when the entry cannot be acted on (the message says why), 2 on a config error.
+retry, delete and requeue run only as the user who owns the spool directory: a state file
+written as another user (`sudo relay queue retry`) could not be read by the relay.
 """
 
 from __future__ import annotations
@@ -32,23 +34,31 @@ def add_queue_commands(sub: Any, load_settings: Callable[[str | None], Any]) -> 
     queue = sub.add_parser("queue", help="inspect and act on the spool (queue.mode: spool)")
     queue_sub = queue.add_subparsers(metavar="SUBCOMMAND")
 
-    def command(name: str, help_text: str, func: Callable[[Spool, argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def usage(_args: argparse.Namespace) -> int:
+        queue.print_help(sys.stderr)
+        return EXIT_CONFIG
+
+    queue.set_defaults(func=usage)
+
+    def command(
+        name: str, help_text: str, func: Callable[[Spool, argparse.Namespace], int], *, changes: bool = False
+    ) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = queue_sub.add_parser(name, help=help_text)
         parser.add_argument("-c", "--config")
-        parser.set_defaults(func=lambda args: _run(args, load_settings, func))
+        parser.set_defaults(func=lambda args: _run(args, load_settings, func, changes=changes))
         return parser
 
     listing = command("list", "list the entries of the spool", _list)
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     show = command("show", "show one entry", _show)
     show.add_argument("id")
-    retry = command("retry", "retry waiting recipients now", _retry)
+    retry = command("retry", "retry waiting recipients now", _retry, changes=True)
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?")
     which.add_argument("--all", action="store_true", help="every entry with recipients waiting")
-    delete = command("delete", "remove an entry from the spool", _delete)
+    delete = command("delete", "remove an entry from the spool", _delete, changes=True)
     delete.add_argument("id")
-    requeue = command("requeue", "put a dead letter back in the queue", _requeue)
+    requeue = command("requeue", "put a dead letter back in the queue", _requeue, changes=True)
     requeue.add_argument("id")
 
 
@@ -56,6 +66,8 @@ def _run(
     args: argparse.Namespace,
     load_settings: Callable[[str | None], Any],
     func: Callable[[Spool, argparse.Namespace], int],
+    *,
+    changes: bool,
 ) -> int:
     from relay.config.load import ConfigError
     from relay.queue import admin
@@ -70,6 +82,9 @@ def _run(
     if not (root / "entries").is_dir():
         print(f"relay queue: no spool at {root} (queue.dir)", file=sys.stderr)
         return EXIT_FAILED
+    if changes and (problem := _not_the_owner(root)):
+        print(f"relay queue: {problem}", file=sys.stderr)
+        return EXIT_FAILED
     # No journal: the command never adds entries, and must not replay a running relay's.
     spool = Spool(root, max_bytes=settings.queue.max_bytes, journal=False)
     entry_id = getattr(args, "id", None)
@@ -81,6 +96,25 @@ def _run(
     except admin.QueueCommandError as exc:
         print(f"relay queue: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _not_the_owner(root: Any) -> str | None:
+    """Why this user must not change the spool, or None: files it writes (state files, mode
+    0600) must stay readable by the relay, which runs as the spool directory's owner."""
+    import os
+    import pwd
+
+    owner = os.stat(root).st_uid
+    if os.geteuid() == owner:
+        return None
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = str(owner)
+    return (
+        f"the spool {root} belongs to {name} (uid {owner}); run this as that user "
+        f"(e.g. sudo -u {name} relay queue ...), or the relay could not read what it writes"
+    )
 
 
 def _valid(entry_id: str) -> bool:

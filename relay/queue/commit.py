@@ -200,12 +200,16 @@ def _rename_and_sync(ready: list[_Write], dirty: set[Path]) -> dict[int, BaseExc
         try:
             fsync_directory(directory)
         except OSError as exc:
-            # Not durable, so not acknowledged: and since the writer will be told to try
-            # again, the file must not stay to be delivered a second time.
             for request in ready:
                 if id(request) not in failures and request.path.parent == directory:
                     failures[id(request)] = exc
-                    _undo(request, str(request.path))
+                    if request.lock:
+                        # A new entry: not durable, so not acknowledged; since its writer
+                        # will be told to try again, it must not stay to be delivered twice.
+                        _undo(request, str(request.path))
+                    # A state file stays: the rename already replaced the previous state, so
+                    # it is the newest one there is (unlinked, the entry would fall back to
+                    # its initial state and deliver its delivered recipients again).
     return failures
 
 

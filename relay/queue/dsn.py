@@ -6,7 +6,13 @@ It is never made for a message whose own sender is null: that message is a repor
 RFC 3461 is honoured: a recipient whose NOTIFY does not include FAILURE (or is NEVER) is
 left out; ORCPT and ENVID are echoed; RET=FULL returns the whole message, otherwise only its
 header (the default here: an application's mail can be large and the header is what the
-sender needs to recognise it).
+sender needs to recognise it); a message above `RETURN_FULL_MAX` is returned as its header
+alone, as Postfix does above `bounce_size_limit`.
+
+8-bit content (a UTF-8 diagnostic, an SMTPUTF8 message's header) is declared as such: the
+parts that carry it say `Content-Transfer-Encoding: 8bit` (RFC 6152), and the report is
+queued with BODY=8BITMIME (`report_envelope`); UTF-8 addresses use the RFC 6533 forms
+(`utf-8;` address type, message/global-delivery-status, message/global-headers).
 """
 
 from __future__ import annotations
@@ -35,6 +41,14 @@ def reportable(entry: QueueEntry) -> list[RecipientState]:
     if not entry.mail_from:
         return []  # never a bounce of a bounce
     return [r for r in entry.failed if wants_report(r)]
+
+
+RETURN_FULL_MAX = 50_000
+
+
+def report_envelope(report: bytes, sender: str) -> tuple[bool, bool]:
+    """(body_8bit, smtputf8) for the entry that carries `report` to `sender`."""
+    return not report.isascii(), not sender.isascii()
 
 
 def build_dsn(
@@ -69,7 +83,10 @@ def build_dsn(
     status.append(f"Arrival-Date: {arrival}")
     for r in failed:
         status.append("")
-        status.append(f"Final-Recipient: rfc822; {r.address}")
+        if r.address.isascii():
+            status.append(f"Final-Recipient: rfc822; {r.address}")
+        else:
+            status.append(f"Final-Recipient: utf-8; {r.address}")  # RFC 6533 §3
         if r.orcpt:
             addr_type, _, original = r.orcpt.partition(";")
             status.append(f"Original-Recipient: {addr_type};{xtext_decode(original)}")
@@ -79,8 +96,15 @@ def build_dsn(
             status.append(f"Diagnostic-Code: smtp; {r.last_reply}")
         if r.last_attempt:
             status.append(f"Last-Attempt-Date: {email.utils.formatdate(r.last_attempt, localtime=False)}")
-    full = (entry.ret or "").upper() == "FULL"
+    full = (entry.ret or "").upper() == "FULL" and len(message) <= RETURN_FULL_MAX
     returned = message if full else _header_block(message)
+    human_text = "\r\n".join(human).encode("utf-8")
+    status_text = "\r\n".join(status).encode("utf-8")
+    global_status = not status_text.isascii()  # RFC 6533 §6.2
+    if full:
+        returned_type = b"message/global" if not returned.isascii() else b"message/rfc822"
+    else:
+        returned_type = b"message/global-headers" if not returned.isascii() else b"text/rfc822-headers"
     parts = [
         "\r\n".join(header).encode("utf-8"),
         b"",
@@ -88,18 +112,21 @@ def build_dsn(
         b"",
         f"--{boundary}".encode(),
         b'Content-Type: text/plain; charset="utf-8"',
+        *_eight_bit(human_text),
         b"Content-Description: Notification",
         b"",
-        "\r\n".join(human).encode("utf-8"),
+        human_text,
         b"",
         f"--{boundary}".encode(),
-        b"Content-Type: message/delivery-status",
+        b"Content-Type: message/global-delivery-status" if global_status else b"Content-Type: message/delivery-status",
+        *_eight_bit(status_text),
         b"Content-Description: Delivery report",
         b"",
-        "\r\n".join(status).encode("utf-8"),
+        status_text,
         b"",
         f"--{boundary}".encode(),
-        b"Content-Type: message/rfc822" if full else b"Content-Type: text/rfc822-headers",
+        b"Content-Type: " + returned_type,
+        *_eight_bit(returned),
         b"Content-Description: " + (b"Undelivered message" if full else b"Undelivered message header"),
         b"",
     ]
@@ -107,6 +134,10 @@ def build_dsn(
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     return body + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _eight_bit(part: bytes) -> list[bytes]:
+    return [] if part.isascii() else [b"Content-Transfer-Encoding: 8bit"]
 
 
 def _status_code(reply: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ENTRY_MAGIC = b"RELAYQ1"
@@ -30,6 +30,11 @@ FAILED = "failed"
 
 class CorruptEntry(Exception):
     """A spool file that is not what we wrote: torn, truncated or altered."""
+
+
+class CorruptState(CorruptEntry):
+    """A `.state` file that is not what we wrote. The entry file (the message) may well be
+    intact: its embedded initial state stands in (see Spool.read)."""
 
 
 @dataclass
@@ -48,6 +53,12 @@ class RecipientState:
     @property
     def final(self) -> bool:
         return self.status != PENDING
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecipientState:
+        # Fields this version does not know (written by a newer relay before a rollback)
+        # are dropped, not fatal: the entry stays deliverable.
+        return cls(**{k: v for k, v in data.items() if k in _RECIPIENT_FIELDS})
 
 
 @dataclass
@@ -113,13 +124,17 @@ class QueueEntry:
         self.owner = str(state.get("owner", ""))
         self.finished = float(state.get("finished", 0.0))
         self.dsn = str(state.get("dsn", ""))
-        self.recipients = [RecipientState(**r) for r in state["recipients"]]
+        self.recipients = [RecipientState.from_dict(r) for r in state["recipients"]]
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> QueueEntry:
-        meta = dict(meta)
-        meta["recipients"] = [RecipientState(**r) for r in meta["recipients"]]
+        meta = {k: v for k, v in meta.items() if k in _ENTRY_FIELDS}  # see RecipientState.from_dict
+        meta["recipients"] = [RecipientState.from_dict(r) for r in meta["recipients"]]
         return cls(**meta)
+
+
+_RECIPIENT_FIELDS = frozenset(f.name for f in fields(RecipientState))
+_ENTRY_FIELDS = frozenset(f.name for f in fields(QueueEntry))
 
 
 def encode_entry(entry: QueueEntry, message: bytes) -> bytes:
@@ -184,14 +199,17 @@ def meta_span(head: bytes) -> int:
 
 
 def decode_state(data: bytes) -> dict[str, Any]:
-    start, (length, crc) = _first_line(data, STATE_MAGIC, 2)
+    try:
+        start, (length, crc) = _first_line(data, STATE_MAGIC, 2)
+    except CorruptEntry as exc:
+        raise CorruptState(f"state file: {exc}") from None
     body = data[start:]
     if len(body) != length or zlib.crc32(body) != crc:
-        raise CorruptEntry("state file torn or altered")
+        raise CorruptState("state file torn or altered")
     try:
         state = json.loads(body)
         if not isinstance(state, dict) or not isinstance(state.get("recipients"), list):
             raise ValueError("no recipients")
     except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptEntry(f"bad state: {type(exc).__name__}") from None
+        raise CorruptState(f"bad state: {type(exc).__name__}") from None
     return state

@@ -6,16 +6,32 @@ into 4xx only fills the retry schedule, so the spool waits before each RCPT inst
 token bucket with one second of burst: an idle upstream gets a short burst, a busy one a
 steady rate. Pacing is a wrapper around an `UpstreamTarget` (relay.deliver.base), so every path
 it wraps keeps the same begin → add_recipient → send | abort contract.
+
+`max_rate` is the upstream's limit, not a process's: with `relay serve --workers N` the
+workers share one bucket, a small file in the spool directory (`pacing/<upstream>`) updated
+under flock for each token (a reload keeps it too, instead of starting with a full burst).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import struct
 import time
+from pathlib import Path
 
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTarget, UpstreamTransaction
 from relay.errors import Reply
 from relay.message import WireMessage
+
+log = logging.getLogger("relay.queue")
+
+_STATE = struct.Struct("<dd")  # tokens, time.monotonic() of the last update
+FLOCK_TRIES = 200  # x 1 ms: the holder only reads and writes 16 bytes
 
 
 class TokenBucket:
@@ -40,8 +56,75 @@ class TokenBucket:
                 await asyncio.sleep((count - self._tokens) / self.rate)
 
 
+class SharedTokenBucket:
+    """A TokenBucket whose state lives in a file shared by the workers of one spool.
+
+    Each take reserves its tokens at once (the count may go below zero: the debt is the
+    wait), so concurrent takers in several processes queue up in the order they came and
+    together never exceed `rate`. CLOCK_MONOTONIC is system-wide on Linux, so the
+    processes agree on time; a stamp from before a reboot (in the future) is reset."""
+
+    def __init__(self, path: Path, rate: float, burst: float | None = None) -> None:
+        self.path = path
+        self.rate = rate
+        self.burst = max(1.0, burst if burst is not None else rate)
+        self._local = TokenBucket(rate, burst)  # when the file cannot be used
+        self._fd = -1
+        self._warned = False
+
+    async def take(self, count: float = 1.0) -> None:
+        try:
+            wait = self._reserve(count)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "max_rate: shared pacing state unusable; pacing this process alone",
+                    extra={"path": str(self.path), "reason": str(exc)},
+                )
+            await self._local.take(count)
+            return
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _reserve(self, count: float) -> float:
+        if self._fd < 0:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._fd
+        for _ in range(FLOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                time.sleep(0.001)
+        else:
+            raise OSError("pacing state locked for too long")
+        try:
+            now = time.monotonic()
+            raw = os.pread(fd, _STATE.size, 0)
+            tokens, stamp = (float(v) for v in _STATE.unpack(raw)) if len(raw) == _STATE.size else (self.burst, now)
+            if stamp > now:
+                stamp = now
+            tokens = min(self.burst, tokens + (now - stamp) * self.rate) - count
+            os.pwrite(fd, _STATE.pack(tokens, now), 0)  # no fsync: a crash only forgets a burst
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return max(0.0, -tokens / self.rate)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+
+def pacing_state(spool_dir: Path, upstream: str) -> Path:
+    return spool_dir / "pacing" / re.sub(r"[^A-Za-z0-9_.-]", "_", upstream)
+
+
 class PacedTransaction:
-    def __init__(self, inner: UpstreamTransaction, bucket: TokenBucket, first_paid: bool) -> None:
+    def __init__(self, inner: UpstreamTransaction, bucket: TokenBucket | SharedTokenBucket, first_paid: bool) -> None:
         self._inner = inner
         self._bucket = bucket
         self._first_paid = first_paid
@@ -68,10 +151,13 @@ class PacedTransaction:
 class PacedTarget:
     """An upstream target whose recipients go out at no more than `rate` per second."""
 
-    def __init__(self, inner: UpstreamTarget, rate: float) -> None:
+    def __init__(self, inner: UpstreamTarget, rate: float, *, shared: Path | None = None) -> None:
+        """`shared`: the state file of a bucket shared with the other workers (pacing_state)."""
         self.inner = inner
         self.name = inner.name
-        self.bucket = TokenBucket(rate)
+        self.bucket: TokenBucket | SharedTokenBucket = (
+            SharedTokenBucket(shared, rate) if shared is not None else TokenBucket(rate)
+        )
 
     async def begin(self, envelope: Envelope, recipient: str) -> PacedTransaction:
         # The first recipient's token is taken before connecting: no connection is held
@@ -83,6 +169,8 @@ class PacedTarget:
         return await self.inner.probe()
 
     async def close(self) -> None:
+        if isinstance(self.bucket, SharedTokenBucket):
+            self.bucket.close()
         await self.inner.close()
 
     def describe(self) -> str:

@@ -43,7 +43,7 @@ from relay.deliver.dsn import relayed_report
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
 from relay.observe import messages
-from relay.queue.dsn import build_dsn, reportable
+from relay.queue.dsn import build_dsn, report_envelope, reportable
 from relay.queue.entry import DELIVERED, FAILED, CorruptEntry, QueueEntry, RecipientState
 from relay.queue.schedule import RetryPolicy
 from relay.queue.store import EntryLock, EntrySummary, PreparedChange, Spool
@@ -80,6 +80,18 @@ MAX_BYTES = Gauge(
     multiprocess_mode="livemax",
 )
 
+UNREADABLE = Gauge(
+    "relay_queue_unreadable_messages",
+    "Spool entries the last scan could not read (permissions, I/O errors; the log names "
+    "each): skipped, not quarantined, tried again at every scan.",
+    multiprocess_mode="livemax",
+)
+LOOP_ERRORS = Counter(
+    "relay_queue_loop_errors_total",
+    "Unexpected errors in the spool's delivery loop (a scan or an entry that could not be "
+    "read); the loop goes on, the log says what.",
+)
+
 SCAN_INTERVAL = 10.0
 # An entry of a domain whose limit another entry is trying is woken by the outcome; it
 # asks again after this only if none comes (that attempt could not read its entry).
@@ -87,6 +99,20 @@ PACED_PROBE_WAIT = 60.0
 KICK_POLL = 1.0
 DUE_SLACK = 0.5  # recipients due this soon go along with the ones due now
 DEAD_SWEEP_INTERVAL = 300.0
+LOOP_ERROR_BACKOFF = 5.0  # after an unexpected error in the loop, before the next scan
+ERROR_RETRY = 60.0  # an entry whose attempt failed unexpectedly waits at least this long
+BUSY_RETRY = 5.0  # no free upstream connection: not an attempt, tried again this soon
+# Bytes of messages held in memory by deliveries under way. One larger message is let
+# through alone. Each message counts COPIES times its size: measured with 8 MiB messages,
+# a delivery holds the file's bytes, the decoded message and the copies made to send it.
+DELIVERY_BYTES = 128 * 1024 * 1024
+COPIES = 4
+INLINE_READ_MAX = 256 * 1024
+REPORT_SIZE_GUESS = 8192  # a failure report with the returned header, for the room check
+# The delivery loop counts as stuck when it has not finished a scan for this long.
+STUCK_AFTER = 300.0
+# Refusals made by the relay itself before the upstream saw the transaction: no attempt.
+NOT_ATTEMPTED = frozenset({"upstream_busy", "shutting_down"})
 
 
 class RouteSource(Protocol):
@@ -149,7 +175,15 @@ class QueueRunner:
         self._wake = asyncio.Event()
         self._stopping = False
         self._main: asyncio.Task[None] | None = None
+        # Not before these times (in memory only): a report that could not be queued, an
+        # attempt that failed unexpectedly. A scan reschedules from disk, never earlier.
+        self._backoff: dict[str, float] = {}
+        self._unreadable = 0
+        self.delivery_bytes = DELIVERY_BYTES
+        self.error_backoff = LOOP_ERROR_BACKOFF
+        self._reading = 0  # bytes of messages held by deliveries under way
         self._last_scan = 0.0
+        self._loop_alive = time.time()
         self._last_kick = 0.0
         self._last_sweep = 0.0
         if spool.max_bytes is not None:
@@ -157,7 +191,24 @@ class QueueRunner:
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
+        opened = self.spool.opened_scan
+        if opened is not None and not self._summaries:
+            # The scan `Spool.open()` made: the first scan of the loop reads only what
+            # changed since, not every entry again.
+            self._summaries = dict(opened.entries)
+        self._loop_alive = time.time()
         self._main = asyncio.create_task(self._run(), name="queue-runner")
+
+    def problem(self) -> str | None:
+        """Why the delivery loop is not working (for /readyz), or None."""
+        if self._main is None or self._stopping:
+            return None
+        if self._main.done():
+            return "spool delivery loop stopped"
+        stuck = time.time() - self._loop_alive
+        if stuck > max(STUCK_AFTER, 3 * self.scan_interval):
+            return f"spool delivery loop has not completed a scan for {stuck:.0f}s"
+        return None
 
     async def stop(self, timeout: float) -> None:
         """Stop taking new attempts; let the ones under way finish within `timeout`, then
@@ -167,7 +218,10 @@ class QueueRunner:
         if self._main is not None:
             self._main.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._main
+                try:
+                    await self._main
+                except Exception:  # logged where it happened; the drain goes on
+                    log.exception("spool delivery loop had stopped")
         tasks = list(self._inflight.values())
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -187,16 +241,29 @@ class QueueRunner:
 
     def submit(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
         """Deliver a freshly spooled entry now, keeping the lock taken when it was written.
-        When the runner is busy (or stopping), the lock is let go and the schedule has it."""
-        if self._stopping or len(self._inflight) >= self.concurrency or entry.id in self._inflight:
+        When the runner is busy (or stopping), the lock is let go (to the journal while it
+        vouches for the entry) and the schedule has it."""
+        size = COPIES * len(message)
+        if (
+            self._stopping
+            or len(self._inflight) >= self.concurrency
+            or entry.id in self._inflight
+            or not self._fits(size)
+        ):
             held.release()
             self._schedule(entry.id, time.time())
             return
-        self._launch(entry.id, self._attempt_held(held, entry, message))
+        self._reading += size
+        self._launch(entry.id, self._attempt_held(held, entry, message, size))
+
+    def _fits(self, size: int) -> bool:
+        # One message larger than the budget goes alone, rather than never.
+        return self._reading == 0 or self._reading + size <= self.delivery_bytes
 
     # -- the schedule ---------------------------------------------------------------------
     def _schedule(self, entry_id: str, when: float) -> None:
-        when = max(when, self._not_before(entry_id))  # a limit's deferral outlasts the scans
+        # In-memory backoff, and a sending limit's deferral: both outlast the scans.
+        when = max(when, self._backoff.get(entry_id, 0.0), self._not_before(entry_id))
         if self._due.get(entry_id) == when:
             return
         self._due[entry_id] = when
@@ -214,20 +281,42 @@ class QueueRunner:
 
     async def _run(self) -> None:
         while not self._stopping:
-            now = time.time()
-            if now - self._last_scan >= self.scan_interval or self.spool.kicked_at() > self._last_kick:
-                self._last_kick = self.spool.kicked_at()
-                await self._scan()
-            self._dispatch(time.time())
-            wait = min(KICK_POLL, max(0.0, self._last_scan + self.scan_interval - time.time()))
-            if self._heap and len(self._inflight) < self.concurrency:
-                wait = min(wait, max(0.0, self._heap[0][0] - time.time()))
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            try:
+                await self._step()
+            except (asyncio.CancelledError, KeyboardInterrupt):
+                raise
+            except Exception:
+                # One bad file, an I/O error: never the end of delivery. Logged, counted,
+                # and the loop goes on after a pause (/readyz says so if it stays stuck).
+                LOOP_ERRORS.inc()
+                log.exception("spool delivery loop error; going on", extra={"retry_in_s": self.error_backoff})
+                self._last_scan = time.time() - self.scan_interval + self.error_backoff
+                await asyncio.sleep(self.error_backoff)
+
+    async def _step(self) -> None:
+        now = time.time()
+        kicked = self.spool.kicked_at()
+        if now - self._last_scan >= self.scan_interval or kicked > self._last_kick:
+            if kicked > self._last_kick:
+                self._backoff.clear()  # an operator's retry: now, not after a backoff
+            self._last_kick = kicked
+            await self._scan()
+        self._loop_alive = time.time()
+        self._dispatch(time.time())
+        wait = min(KICK_POLL, max(0.0, self._last_scan + self.scan_interval - time.time()))
+        if self._heap and len(self._inflight) < self.concurrency:
+            wait = min(wait, max(0.0, self._heap[0][0] - time.time()))
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
     def _dispatch(self, now: float) -> None:
-        while self._heap and self._heap[0][0] <= now and len(self._inflight) < self.concurrency:
+        while (
+            self._heap
+            and self._heap[0][0] <= now
+            and len(self._inflight) < self.concurrency
+            and self._reading < self.delivery_bytes
+        ):
             when, entry_id = heapq.heappop(self._heap)
             if self._due.get(entry_id) != when:
                 continue  # superseded
@@ -292,6 +381,7 @@ class QueueRunner:
         result = await asyncio.to_thread(self.spool.scan, dict(self._summaries))
         self._last_scan = time.time()
         self._summaries = result.entries
+        self._unreadable = len(result.unreadable)
         for gone in self._paced.keys() - result.entries.keys():
             del self._paced[gone]  # delivered or removed elsewhere
         for entry_id in result.corrupt:
@@ -301,11 +391,14 @@ class QueueRunner:
                     why = self.spool.damaged(held)
                     if why:
                         self.spool.quarantine(entry_id, why)
+        for entry_id in [i for i, until in self._backoff.items() if until <= started or i not in result.entries]:
+            del self._backoff[entry_id]
         for entry_id, summary in result.entries.items():
-            if summary.dsn_pending:
-                self._schedule(entry_id, started)
-            elif summary.due is not None and entry_id not in self._inflight:
-                self._schedule(entry_id, summary.due)
+            if entry_id in self._inflight:
+                continue
+            due = started if summary.dsn_pending else summary.due
+            if due is not None:
+                self._schedule(entry_id, due)  # not before an in-memory backoff
         if started - self._last_sweep >= DEAD_SWEEP_INTERVAL:
             self._last_sweep = started
             self._sweep_dead(started)
@@ -329,6 +422,7 @@ class QueueRunner:
         MESSAGES.labels("active").set(active)
         MESSAGES.labels("deferred").set(deferred)
         MESSAGES.labels("dead").set(dead)
+        UNREADABLE.set(self._unreadable)
         BYTES.set(self.spool.used_bytes)
         OLDEST.set(max(0.0, now - oldest) if oldest is not None else 0.0)
 
@@ -339,6 +433,16 @@ class QueueRunner:
                 if held is None:
                     continue
                 with held:
+                    # The summary is from the scan: an operator may have requeued the entry
+                    # since. Removed only if it still is an expired dead letter, owing nothing.
+                    try:
+                        entry = self.spool.read_meta(summary.id)  # the envelope and state only
+                    except (OSError, CorruptEntry):
+                        continue
+                    if not (entry.done and entry.failed and entry.finished) or entry.dsn == "pending":
+                        continue
+                    if now - entry.finished <= self.dead_letter_age:
+                        continue
                     self.spool.remove(held)
                 log.info("dead letter expired and removed", extra={"id": summary.id})
 
@@ -349,17 +453,47 @@ class QueueRunner:
             return  # gone, or another worker holds it: its state will come with the next scan
         with held:
             try:
-                entry, message = self.spool.read(held)
-            except CorruptEntry as exc:
-                self.spool.quarantine(entry_id, str(exc))
+                size = COPIES * os.fstat(held.fd).st_size
+            except OSError:
+                size = 0
+            if not self._fits(size):
+                # The memory budget of deliveries under way is spent: after the next one ends.
+                self._schedule(entry_id, time.time() + DUE_SLACK)
                 return
-            except FileNotFoundError:
-                return
-            await self._deliver(held, entry, message)
+            self._reading += size
+            try:
+                try:
+                    if size > COPIES * INLINE_READ_MAX:
+                        entry, message = await asyncio.to_thread(self.spool.read, held)  # CRC off the loop
+                    else:
+                        entry, message = self.spool.read(held)
+                except CorruptEntry as exc:
+                    self.spool.quarantine(entry_id, str(exc))
+                    return
+                except FileNotFoundError:
+                    return
+                except Exception as exc:  # noqa: BLE001 - permissions, I/O error: this entry only
+                    LOOP_ERRORS.inc()
+                    log.error(
+                        "spool entry unreadable; will retry",
+                        extra={"id": entry_id, "reason": f"{type(exc).__name__}: {exc}"},
+                    )
+                    self._back_off(entry_id, time.time() + ERROR_RETRY)
+                    return
+                await self._deliver(held, entry, message)
+            finally:
+                self._reading -= size
 
-    async def _attempt_held(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
-        with held:
-            await self._deliver(held, entry, message)
+    async def _attempt_held(self, held: EntryLock, entry: QueueEntry, message: bytes, size: int) -> None:
+        try:
+            with held:
+                await self._deliver(held, entry, message)
+        finally:
+            self._reading -= size
+
+    def _back_off(self, entry_id: str, until: float) -> None:
+        self._backoff[entry_id] = until
+        self._schedule(entry_id, until)
 
     async def _deliver(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
         try:
@@ -370,7 +504,7 @@ class QueueRunner:
             # Whatever went wrong, the entry stays in its last committed state and is
             # tried again later; a delivery task must never take the runner down.
             log.exception("delivery attempt failed unexpectedly; will retry", extra={"id": entry.id})
-            self._schedule(entry.id, time.time() + self.policy.delay(1, self.rng))
+            self._back_off(entry.id, time.time() + max(ERROR_RETRY, self.policy.delay(1, self.rng)))
 
     async def _deliver_due(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
         if entry.dsn == "pending":
@@ -379,10 +513,14 @@ class QueueRunner:
         if entry.done:
             return
         now = time.time()
-        if self.policy.expired(now, entry.since):
+        deadline = self.policy.deadline(entry.since)
+        if now >= deadline and all(r.last_attempt >= deadline for r in entry.pending):
+            # Each pending recipient has had its try at the deadline (the schedule never
+            # goes past it) and is still pending: e.g. deferred by a sending limit since.
             for r in entry.pending:
                 r.status = FAILED
                 r.last_reply = r.last_reply or "451 4.4.7 Delivery time expired"
+            ATTEMPTS.labels(entry.pending[0].upstream if entry.pending else "", "failed").inc()
             log.warning("max_age reached; remaining recipients failed", extra={"id": entry.id})
             await self._settle(held, entry, message, now)
             return
@@ -406,7 +544,11 @@ class QueueRunner:
             target = self.router().target_for(entry.mail_from)
             recipients = due
             while recipients:
-                leftover = await self._transact(held, entry, target, recipients, message)
+                try:
+                    leftover = await self._transact(held, entry, target, recipients, message)
+                except _Postponed:
+                    self._back_off(entry.id, time.time() + BUSY_RETRY * (1 + self.rng.random()))
+                    break
                 if len(leftover) == len(recipients):
                     # No progress at all: not a split but a refusal; retry later.
                     self._record(entry, leftover, Reply(452, "4.5.3", "recipient refused"), target.name)
@@ -438,6 +580,14 @@ class QueueRunner:
         try:
             tx = await delivery.begin(envelope, recipients[0].address)
         except SmtpError as exc:
+            if exc.label in NOT_ATTEMPTED:
+                # The relay's own pool had no free connection (or is being replaced): the
+                # upstream never saw this, so no attempt is spent and no retry step taken.
+                log.info(
+                    "delivery postponed; no free upstream connection",
+                    extra={"id": entry.id, "upstream": upstream, "reason": exc.reason, "retry_in_s": BUSY_RETRY},
+                )
+                raise _Postponed from None
             self._record(entry, recipients, exc.reply, upstream, reason=exc.reason, started=started)
             return []
         upstream = tx.upstream
@@ -521,6 +671,7 @@ class QueueRunner:
             return
         now = time.time()
         text = str(reply)
+        expired = 0
         for r in recipients:
             if reply.positive:
                 self._set(r, DELIVERED, text, upstream, now)
@@ -529,9 +680,15 @@ class QueueRunner:
                 r.next_attempt = self.policy.next_attempt(now, r.attempts, entry.since, self.rng)
                 if r.next_attempt <= now:
                     r.status = FAILED  # the deadline has come: this was the last try
+                    expired += 1
             else:
                 self._set(r, FAILED, text, upstream, now)
-        result = "delivered" if reply.positive else "deferred" if reply.temporary else "failed"
+        if reply.positive:
+            result = "delivered"
+        elif reply.temporary and expired < len(recipients):
+            result = "deferred"
+        else:
+            result = "failed"  # refused for good, or deferred at the `max_age` deadline
         ATTEMPTS.labels(upstream, result).inc()
         self._log_attempt(entry, recipients, upstream, result, reply, started, reason)
 
@@ -586,15 +743,27 @@ class QueueRunner:
             await self.spool.save(held, entry)
             return
         now = time.time()
+        try:
+            # Before the report is built and signed (RSA): not every scan while the spool is full.
+            self.spool.check_room(REPORT_SIZE_GUESS)
+        except SmtpError as exc:
+            log.error(
+                "could not queue the failure report; will try again", extra={"id": entry.id, "reason": exc.reason}
+            )
+            self._back_off(entry.id, now + self.policy.steps[0])
+            return
         report = build_dsn(entry, failed, message, hostname=self.hostname, now=now)
         if self.sign_report is not None:
             report = self.sign_report(report)
+        body_8bit, smtputf8 = report_envelope(report, entry.mail_from)
         dsn = QueueEntry(
             id=queue_id(),
             mail_from="",
             recipients=[RecipientState(entry.mail_from)],
             created=now,
             since=now,
+            body_8bit=body_8bit,
+            smtputf8=smtputf8,
             listener="dsn",
             from_domain=self.hostname,
             extra={"report_for": entry.id},
@@ -605,7 +774,7 @@ class QueueRunner:
             log.error(
                 "could not queue the failure report; will try again", extra={"id": entry.id, "reason": exc.reason}
             )
-            self._schedule(entry.id, now + self.policy.steps[0])
+            self._back_off(entry.id, now + self.policy.steps[0])
             return
         entry.dsn = "queued"
         await self.spool.save(held, entry)
@@ -687,6 +856,10 @@ class QueueRunner:
         if result == "deferred":
             fields["next_attempt_in_s"] = round(min(r.next_attempt for r in recipients) - time.time(), 1)
         log.info("delivery attempt", extra=fields)
+
+
+class _Postponed(Exception):
+    """The relay itself had no upstream connection to offer: the attempt did not happen."""
 
 
 def _copy_state(source: QueueEntry, target: QueueEntry) -> None:

@@ -18,7 +18,13 @@ flock(2) on its entry file for the whole operation, and re-reads the state after
 The lock dies with its process (kill -9 included), so no lease needs to expire. With
 `relay serve --workers N` every worker sees every entry, and the one that gets the lock
 delivers it; the others skip it. A new entry is locked before it has its name (see
-`GroupCommitter.write`), so the worker that accepted it delivers it first.
+`GroupCommitter.write`), so the worker that accepted it delivers it first, and it keeps the
+lock (in its journal, `Journal.keep`) until its journal segment is retired: nobody else
+removes an entry a live segment vouches for.
+
+Listings and journal replays exclude each other (`journal/replay.lock`: shared for a listing,
+exclusive for a replay), so no worker delivers from a listing a replay may then contradict.
+`relay queue` changes only as the directory's owner (relay.queue.commands).
 """
 
 from __future__ import annotations
@@ -31,13 +37,15 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.errors import SmtpError
 from relay.queue.commit import GroupCommitter, fsync_directory
 from relay.queue.entry import (
     CorruptEntry,
+    CorruptState,
     QueueEntry,
     decode_entry,
     decode_meta,
@@ -46,7 +54,7 @@ from relay.queue.entry import (
     encode_state,
     meta_span,
 )
-from relay.queue.journal import Journal, replay_orphans
+from relay.queue.journal import Journal, orphans, replay_orphans
 
 log = logging.getLogger("relay.queue")
 
@@ -54,6 +62,9 @@ ENTRIES = "entries"
 CORRUPT = "corrupt"
 JOURNAL = "journal"
 KICK = "kick"
+# flock'd shared by every listing of the entries, exclusively by a journal replay: nobody
+# delivers from a listing taken while a replay may still restore what it lists.
+REPLAY_LOCK = "replay.lock"
 STATE_SUFFIX = ".state"
 TMP_PREFIX = ".tmp-"
 STALE_TMP_AGE = 600.0
@@ -75,15 +86,20 @@ def instance_name() -> str:
 
 
 class EntryLock:
-    """An exclusive hold on one entry; released by `release()` or at process death."""
+    """An exclusive hold on one entry; released by `release()` or at process death.
 
-    def __init__(self, entry_id: str, fd: int) -> None:
+    With a journal, a release may hand the lock to it instead (Journal.keep): while a live
+    segment of this process vouches for the entry, nobody else may remove it."""
+
+    def __init__(self, entry_id: str, fd: int, keeper: Journal | None = None) -> None:
         self.id = entry_id
         self.fd = fd
+        self.keeper = keeper
 
     def release(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)  # closing the only descriptor drops the flock
+            if self.keeper is None or not self.keeper.keep(self.id, self.fd):
+                os.close(self.fd)  # closing the only descriptor drops the flock
             self.fd = -1
 
     def __enter__(self) -> EntryLock:
@@ -115,6 +131,9 @@ class ScanResult:
     entries: dict[str, EntrySummary]
     corrupt: list[str]
     bytes: int
+    # Entries that could not be read for another reason (permissions, I/O error): skipped
+    # and logged, never quarantined (the file may be fine), tried again at the next scan.
+    unreadable: list[str] = field(default_factory=list)
 
 
 class Spool:
@@ -139,14 +158,28 @@ class Spool:
         # it, by an fsync of each entry file (`committer`), as chasquid and Postfix do.
         self.journal = Journal(self.journal_dir, self.entries, self.owner) if journal else None
         # Bytes on disk as of the last scan plus this process's changes since. Other
-        # workers' new entries show up at the next scan.
+        # workers' new entries show up at the next scan (docs: `queue.max_bytes`).
         self.used_bytes = 0
+        self._changed_bytes = 0  # this process's puts minus removals, ever (see `scan`)
+        # The scan made by `open()`, handed to the delivery loop so that it does not read
+        # every entry a second time at start.
+        self.opened_scan: ScanResult | None = None
+        self._reported_unreadable: dict[str, str] = {}
 
     # -- setup and health ---------------------------------------------------------------
     def open(self) -> None:
+        created = False
         for directory in (self.root, self.entries, self.corrupt, self.journal_dir):
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.used_bytes = self.scan({}).bytes
+            if not directory.is_dir():
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                created = True
+        if created:
+            # A new spool's directories must be durable before its first acknowledgement.
+            for directory in {self.root.parent, self.root}:
+                with contextlib.suppress(OSError):
+                    fsync_directory(directory)
+        self.opened_scan = self.scan({})
+        self.used_bytes = self.opened_scan.bytes
 
     def problem(self) -> str | None:
         """Why new mail cannot be spooled now, or None."""
@@ -233,21 +266,29 @@ class Spool:
                     raise
         except OSError as exc:
             raise _storage_error(exc) from None
-        self.used_bytes += len(data)
-        return EntryLock(entry.id, fd)
+        self._account(len(data))
+        return EntryLock(entry.id, fd, self.journal)
 
-    def restore(self, entry_id: str, data: bytes) -> bool:
-        """Journal replay: write `data` as the entry if its file is missing or damaged."""
+    def _account(self, delta: int) -> None:
+        self.used_bytes = max(0, self.used_bytes + delta)
+        self._changed_bytes += delta
+
+    def restore(self, entry_id: str, data: bytes, lost_possible: bool = True) -> bool:
+        """Journal replay: make the entry durable; write `data` as the entry if its file is
+        damaged, or missing while `lost_possible` (see relay.queue.journal)."""
         if not valid_id(entry_id):
             return False
         path = self.path(entry_id)
         held = self.lock(entry_id)
-        if held is None and path.exists():
-            return False  # held by a live delivery: it is there
+        if held is None and (path.exists() or not lost_possible):
+            # Held by a live delivery: it is there. Or removed by someone (delivered by
+            # another worker, deleted by an operator): a kill does not lose a written file.
+            return False
         try:
             if held is not None:
                 try:
                     decode_entry(os.pread(held.fd, os.fstat(held.fd).st_size, 0))
+                    os.fsync(held.fd)  # its writer died before its checkpoint
                     return False  # intact
                 except CorruptEntry:
                     pass
@@ -269,6 +310,10 @@ class Spool:
     def lock(self, entry_id: str, *, wait: float = 0.0) -> EntryLock | None:
         """Take the entry's lock; None if it is gone, or held by another past `wait` seconds."""
         path = self.path(entry_id)
+        if self.journal is not None:
+            kept = self.journal.take_kept(entry_id)
+            if kept is not None:
+                return EntryLock(entry_id, kept, self.journal)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -292,7 +337,7 @@ class Spool:
             if not same:
                 os.close(fd)
                 return None
-            return EntryLock(entry_id, fd)
+            return EntryLock(entry_id, fd, self.journal)
 
     async def lock_async(self, entry_id: str, *, wait: float) -> EntryLock | None:
         deadline = time.monotonic() + wait
@@ -304,11 +349,15 @@ class Spool:
 
     # -- reading ---------------------------------------------------------------------------
     def read(self, held: EntryLock) -> tuple[QueueEntry, bytes]:
-        """The whole entry (checksum verified) with its current state. CorruptEntry if not intact."""
+        """The whole entry (checksum verified) with its current state. CorruptEntry if the
+        entry file is not intact; a damaged state file is moved to quarantine and the entry
+        goes on from the state embedded in its file."""
         size = os.fstat(held.fd).st_size
         data = os.pread(held.fd, size, 0)
         entry, message = decode_entry(data)
-        self._apply_state_file(entry)
+        damaged = self._apply_state_file(entry)
+        if damaged is not None:
+            self._quarantine_state(held.id, damaged)
         return entry, message
 
     def read_meta(self, entry_id: str) -> QueueEntry:
@@ -327,19 +376,52 @@ class Spool:
         with open(self.path(entry_id), "rb") as fh:
             return decode_entry(fh.read())[1]
 
-    def _apply_state_file(self, entry: QueueEntry) -> None:
+    def _apply_state_file(self, entry: QueueEntry) -> str | None:
+        """Apply the entry's `.state` file; returns why it was not usable (the entry then keeps
+        the state embedded in its file), or None."""
         try:
             data = self.state_path(entry.id).read_bytes()
         except FileNotFoundError:
             if not entry.since:
                 entry.since = entry.created
-            return
-        entry.apply_state(decode_state(data))
+            return None
+        initial = entry.state()
+        try:
+            entry.apply_state(decode_state(data))
+        except CorruptState as exc:
+            return str(exc)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            entry.apply_state(initial)
+            return f"bad state: {type(exc).__name__}"
+        return None
+
+    def _quarantine_state(self, entry_id: str, why: str) -> None:
+        """A damaged `.state` (the caller holds the entry's lock): out of the way, kept for
+        inspection. The message itself is intact, so it stays queued from its initial state:
+        recipients already delivered may get it again (a duplicate rather than a loss)."""
+        source = self.state_path(entry_id)
+        target = self.corrupt / source.name
+        if target.exists():
+            target = self.corrupt / f"{source.name}.{int(time.time())}"
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(source, target)
+        log.error(
+            "spool state file damaged; moved to quarantine, the message stays queued from its initial state",
+            extra={"id": entry_id, "reason": why, "quarantine": str(target)},
+        )
+        self.committer.sync_later(self.entries)
 
     # -- state changes (the caller holds the entry's lock) ---------------------------------
     async def save(self, held: EntryLock, entry: QueueEntry) -> None:
         entry.owner = self.owner
-        await self.committer.write(self.state_path(held.id), encode_state(entry))
+        write = asyncio.ensure_future(self.committer.write(self.state_path(held.id), encode_state(entry)))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # The caller's lock must outlive the write: released now, the rename could land
+            # later over what the next holder (an operator, another worker) wrote.
+            await asyncio.wait([write])
+            raise
 
     def save_sync(self, held: EntryLock, entry: QueueEntry, owner: str | None = None) -> None:
         """`save` for callers without an event loop (the `relay queue` command)."""
@@ -378,7 +460,7 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             size += self.state_path(held.id).stat().st_size
             os.unlink(self.state_path(held.id))
-        self.used_bytes = max(0, self.used_bytes - size)
+        self._account(-size)
         self.committer.sync_later(self.entries)
 
     def damaged(self, held: EntryLock) -> str | None:
@@ -409,14 +491,45 @@ class Spool:
         self.committer.sync_later(self.entries)
 
     # -- scanning -------------------------------------------------------------------------
-    def scan(self, cache: dict[str, EntrySummary]) -> ScanResult:
+    def scan(self, cache: dict[str, EntrySummary], *, tidy: bool = True) -> ScanResult:
         """Every entry's summary, reusing `cache` for files that did not change. Damaged
-        entries are reported (not read further); orphaned state files and old tmp files
-        are removed."""
-        if self.journal is not None:
-            replay_orphans(self.journal_dir, self.journal.prefix, self.restore)
+        entries are reported (not read further), unreadable ones skipped and logged. With
+        `tidy` (the relay, not `relay queue`), segments of stopped processes are replayed,
+        and orphaned state files and old tmp files of entries nobody holds are removed."""
+        changed_before = self._changed_bytes
+        with self._listing():
+            result = self._scan(cache, tidy)
+        # This process's puts and removals made while the listing ran are not lost (a
+        # put may be counted twice until the next scan: over, never under).
+        self.used_bytes = result.bytes + (self._changed_bytes - changed_before)
+        return result
+
+    @contextlib.contextmanager
+    def _listing(self) -> Iterator[None]:
+        """Shared hold of the replay lock for a listing; a replay of stopped processes'
+        segments first, exclusively, when there is one (see REPLAY_LOCK)."""
+        path = self.journal_dir / REPLAY_LOCK
+        try:
+            flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_CREAT if self.journal is not None else 0)
+            fd = os.open(path, flags, 0o600)
+        except OSError:
+            if self.journal is not None:
+                raise
+            yield  # `relay queue` on a spool no relay has opened yet (or not ours to create)
+            return
+        try:
+            if self.journal is not None and orphans(self.journal_dir, self.journal.prefix):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                replay_orphans(self.journal_dir, self.journal.prefix, self.restore, self.entries)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _scan(self, cache: dict[str, EntrySummary], tidy: bool) -> ScanResult:
         files: dict[str, os.stat_result] = {}
         states: dict[str, os.stat_result] = {}
+        stale: list[str] = []
         now = time.time()
         with os.scandir(self.entries) as listing:
             for item in listing:
@@ -427,14 +540,14 @@ class Spool:
                     continue
                 if name.startswith(TMP_PREFIX):
                     if now - stat.st_mtime > STALE_TMP_AGE:
-                        with contextlib.suppress(OSError):
-                            os.unlink(item.path)
+                        stale.append(name)
                 elif name.endswith(STATE_SUFFIX):
                     states[name[: -len(STATE_SUFFIX)]] = stat
                 elif valid_id(name):
                     files[name] = stat
         summaries: dict[str, EntrySummary] = {}
         corrupt: list[str] = []
+        unreadable: list[str] = []
         total = 0
         for entry_id, stat in files.items():
             state = states.get(entry_id)
@@ -452,15 +565,49 @@ class Spool:
                 log.debug("damaged entry found by scan", extra={"id": entry_id, "reason": str(exc)})
                 corrupt.append(entry_id)
                 continue
+            except Exception as exc:  # noqa: BLE001 - one entry's problem is never the spool's
+                self._report_unreadable(entry_id, exc)
+                unreadable.append(entry_id)
+                continue
+            self._reported_unreadable.pop(entry_id, None)
             summaries[entry_id] = summarize(entry, key, stat.st_size + (state.st_size if state else 0))
-        for entry_id in states.keys() - files.keys():
-            # The entry was removed (delivered) and a crash left its state behind. Checked
-            # again: the entry may be new since the listing.
-            if not self.path(entry_id).exists():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.state_path(entry_id))
-        self.used_bytes = total
-        return ScanResult(summaries, corrupt, total)
+        if tidy:
+            for name in stale:
+                self._remove_stale_tmp(name)
+            for entry_id in states.keys() - files.keys():
+                # The entry was removed (delivered) and a crash left its state behind. Checked
+                # again: the entry may be new since the listing.
+                if not self.path(entry_id).exists():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.state_path(entry_id))
+        return ScanResult(summaries, corrupt, total, unreadable)
+
+    def _report_unreadable(self, entry_id: str, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._reported_unreadable.get(entry_id) != reason:  # once per new reason, not every scan
+            self._reported_unreadable[entry_id] = reason
+            log.error(
+                "spool entry unreadable; skipped, tried again at the next scan",
+                extra={"id": entry_id, "reason": reason, "path": str(self.path(entry_id))},
+            )
+
+    def _remove_stale_tmp(self, name: str) -> None:
+        """An old tmp file is a crash's leftover, unless its entry is held: a prepared state
+        (`.tmp-<id>.state-*`) waits for its transaction's end, however long it takes."""
+        entry_id = name[len(TMP_PREFIX) :].rsplit("-", 1)[0].removesuffix(STATE_SUFFIX)
+        if valid_id(entry_id) and self.path(entry_id).exists():
+            held = self.lock(entry_id)
+            if held is None:
+                return  # held by a delivery under way (or gone this instant: next scan)
+            try:
+                # Under the entry's lock: nobody can be preparing a state for it now.
+                with contextlib.suppress(OSError):
+                    os.unlink(self.entries / name)
+            finally:
+                held.release()
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.entries / name)
 
     # -- waking the workers -----------------------------------------------------------------
     def kick(self) -> None:

@@ -262,10 +262,23 @@ async def test_journal_shares_syncs_between_concurrent_puts(spool):
         held.release()
     assert spool.journal.writes == 40 and spool.journal.batches < 40
     await spool.close()
-    assert list(spool.journal_dir.iterdir()) == []  # a clean stop leaves nothing to replay
+    assert list(spool.journal_dir.glob("*.log")) == []  # a clean stop leaves nothing to replay
 
 
-async def test_journal_replay_after_a_crash_restores_lost_entries_only(tmp_path):
+def crash(spool: Spool) -> None:
+    """What a process's death does to its journal: the segment's and the kept entry locks
+    go, no retirement."""
+    os.close(spool.journal._fd)
+    spool.journal._fd = -1
+    kept = getattr(spool.journal, "_kept", {})
+    for fd in kept.values():
+        os.close(fd)
+    kept.clear()
+
+
+async def test_journal_replay_after_a_crash_restores_lost_entries_only(tmp_path, monkeypatch):
+    from relay.queue import journal as journal_mod
+
     crashed = Spool(tmp_path / "spool")
     crashed.open()
     crashed.journal.checkpoint_interval = 3600  # no checkpoint may retire the segment here
@@ -276,12 +289,12 @@ async def test_journal_replay_after_a_crash_restores_lost_entries_only(tmp_path)
     held.release()
     await crashed.put(make_entry("last"), MESSAGE)  # syncs the completion mark with it
     # A power loss: the entry files were never written back, or only partly; the process
-    # is gone (its journal lock with it).
+    # is gone (its journal lock with it), and the machine came back with another boot id.
     os.unlink(crashed.path("lost"))
     with open(crashed.path("torn"), "r+b") as fh:
         fh.truncate(20)
-    os.close(crashed.journal._fd)
-    crashed.journal._fd = -1
+    crash(crashed)
+    monkeypatch.setattr(journal_mod, "boot_id", lambda: "after-the-reboot")
 
     restarted = Spool(tmp_path / "spool")
     restarted.open()  # the scan replays the orphaned segment
@@ -325,8 +338,7 @@ async def test_replay_after_kill_never_resurrects_delivered_entries(tmp_path):
     for held in locks:
         killed.remove(held)  # delivered
         held.release()
-    os.close(killed.journal._fd)  # kill -9: no retirement, the segment stays
-    killed.journal._fd = -1
+    crash(killed)  # kill -9: no retirement, the segment stays
 
     restarted = Spool(tmp_path / "spool")
     restarted.open()
@@ -352,3 +364,289 @@ def test_reports_are_signed_with_the_hostname_domain_key(dkim_keys):
     assert dkim.verify(signed, dnsfunc=dkim_keys.dns())
     unsigned = report_signer(lambda d: [], signer, "relay.other.test")(report)
     assert unsigned == report
+
+
+# -- review fixes: each test failed on the code before its fix ------------------------------
+async def test_failed_rotation_keeps_the_old_segment_and_its_entries(tmp_path, monkeypatch):
+    """A new segment that cannot be opened (EMFILE) changes nothing: the current segment
+    takes the next batch, and when a rotation works, it is retired with every entry it
+    vouched for fsynced (before: the acknowledged entry was never fsynced, its segment
+    deleted, and the next writer hung)."""
+    from relay.queue import journal as journal_mod
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    j = spool.journal
+    j.checkpoint_interval = 3600
+    fsynced = []
+    real_fsync_entry = journal_mod.fsync_entry
+    monkeypatch.setattr(journal_mod, "fsync_entry", lambda p: (fsynced.append(p.name), real_fsync_entry(p)))
+    (await spool.put(make_entry("e1"), MESSAGE)).release()  # acknowledged; in segment 1
+    first_segment = j._segment
+    j.checkpoint_interval = 0.0  # the next batch retires segment 1
+    real_open = j._open_segment
+    calls = {"n": 0}
+
+    def flaky(seq):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(24, "Too many open files")
+        return real_open(seq)
+
+    monkeypatch.setattr(j, "_open_segment", flaky)
+    (await asyncio.wait_for(spool.put(make_entry("e2"), MESSAGE), 10)).release()  # not left hanging
+    (await spool.put(make_entry("e3"), MESSAGE)).release()  # this rotation works
+    await asyncio.gather(*j._retiring, return_exceptions=True)
+    assert not first_segment.exists()
+    assert {"e1", "e2"} <= set(fsynced)
+    await spool.close()
+
+
+async def test_no_segment_at_all_refuses_the_batch_instead_of_hanging(tmp_path, monkeypatch):
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+
+    def broken(seq):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool.journal, "_open_segment", broken)
+    with pytest.raises(SmtpError) as refused:
+        await asyncio.wait_for(spool.put(make_entry("n1"), MESSAGE), 10)
+    assert refused.value.reply.code == 452 and not spool.path("n1").exists()
+    monkeypatch.undo()
+    (await spool.put(make_entry("n2"), MESSAGE)).release()  # the next put opens one
+    await spool.close()
+
+
+async def test_failed_directory_sync_of_a_state_write_keeps_the_new_state(tmp_path, monkeypatch):
+    """Before: the new state file (the only one, the rename had replaced the old) was
+    unlinked, and the entry fell back to its initial state: delivered recipients again."""
+    from relay.queue import commit as commit_mod
+    from relay.queue.entry import DELIVERED
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    (await spool.put(make_entry("u1", rcpts=("done@x.test", "later@x.test")), MESSAGE)).release()
+    await spool.close()
+    spool = Spool(tmp_path / "spool")  # a fresh process: no lock kept by the writer
+    spool.open()
+    held = spool.lock("u1")
+    e, _ = spool.read(held)
+    e.recipients[0].status = DELIVERED
+    await spool.save(held, e)
+    e.recipients[1].attempts = 1
+    real = commit_mod.fsync_directory
+
+    def eio(d):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(commit_mod, "fsync_directory", eio)
+    with pytest.raises(OSError):
+        await spool.save(held, e)
+    monkeypatch.setattr(commit_mod, "fsync_directory", real)
+    held.release()
+    state = spool.read_meta("u1")
+    assert state.recipients[0].status == DELIVERED and state.recipients[1].attempts == 1
+    await spool.close()
+
+
+async def test_a_cancelled_save_keeps_the_lock_until_its_write_is_done(tmp_path, monkeypatch):
+    """Before: the lock was released at the cancellation while the write went on, and the
+    stale state landed over the operator's `retry` made meanwhile."""
+    from relay.queue import admin
+    from relay.queue import commit as commit_mod
+
+    spool = Spool(tmp_path / "spool", journal=False)
+    spool.open()
+    (await spool.put(make_entry("s1"), MESSAGE)).release()
+    real = commit_mod._rename_and_sync
+
+    def slow(ready, dirty):
+        time.sleep(0.5)  # a slow fsync (EFS, a saturated disk)
+        return real(ready, dirty)
+
+    monkeypatch.setattr(commit_mod, "_rename_and_sync", slow)
+
+    async def worker_attempt():
+        with spool.lock("s1") as held:
+            e, _ = spool.read(held)
+            e.recipients[0].next_attempt = time.time() + 3600
+            e.recipients[0].last_reply = "451 worker"
+            await spool.save(held, e)
+
+    task = asyncio.create_task(worker_attempt())
+    await asyncio.sleep(0.1)
+    task.cancel()  # the drain timeout
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    cli = Spool(tmp_path / "spool", journal=False)
+    assert await asyncio.to_thread(admin.retry, cli, "s1", wait=0) == 1  # the lock is free only now
+    await spool.committer.flush()
+    after = cli.read_meta("s1").recipients[0]
+    assert after.next_attempt == 0.0  # the operator's retry stands
+    await spool.close()
+
+
+async def test_max_rate_is_shared_by_the_workers(tmp_path, monkeypatch):
+    """Two workers build their targets from one config: together they get `max_rate`, not
+    twice it (before: one bucket per process)."""
+    from relay.config.schema import Settings
+    from relay.secrets.local import EnvBackend, FileBackend
+    from relay.secrets.store import SecretStore
+    from relay.wiring import build_target
+
+    settings = Settings(
+        hostname="relay.test",
+        listeners=[{"name": "plain", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        upstream={"host": "127.0.0.1", "port": 2, "tls": "none", "name": "ses", "max_rate": "14/s"},
+        queue={"mode": "spool", "dir": str(tmp_path / "spool")},
+    )
+    slept = []
+
+    async def no_sleep(d):
+        slept.append(d)
+
+    monkeypatch.setattr("relay.queue.pacing.asyncio.sleep", no_sleep)
+    targets = [
+        build_target(settings.upstream[0], settings, SecretStore([FileBackend(), EnvBackend()], 300), None)
+        for _ in range(2)
+    ]
+    for t in targets:
+        for _ in range(14):
+            await t.bucket.take()
+    assert len(slept) >= 13  # the second worker's 14 waited for the shared burst to refill
+    assert sum(slept) > 0.9
+    for t in targets:
+        await t.close()
+
+
+async def test_an_entry_with_an_unreadable_state_is_skipped_not_fatal(spool, monkeypatch, caplog):
+    """Before: any error but CorruptEntry in a scan (EACCES from a root-owned state file, a
+    field written by a newer version) stopped the scan, the delivery loop and `open()`."""
+    for name in ("good", "bad"):
+        (await spool.put(make_entry(name), MESSAGE)).release()
+    real = Spool.read_meta
+
+    def read_meta(self, entry_id):
+        if entry_id == "bad":
+            raise PermissionError(13, "Permission denied", str(self.state_path(entry_id)))
+        return real(self, entry_id)
+
+    monkeypatch.setattr(Spool, "read_meta", read_meta)
+    other = Spool(spool.root)
+    with caplog.at_level(logging.ERROR, logger="relay.queue"):
+        other.open()
+    result = other.opened_scan
+    assert set(result.entries) == {"good"} and result.unreadable == ["bad"]
+    assert any(getattr(r, "id", None) == "bad" and "Permission denied" in r.reason for r in caplog.records)
+    await other.close()
+    await spool.close()
+
+
+def test_fields_of_a_newer_version_are_ignored():
+    entry = make_entry("n1")
+    state = entry.state()
+    state["recipients"][0]["dsn_sent"] = False  # a field this version does not know
+    entry.apply_state(state)
+    meta = entry.meta()
+    meta["priority"] = 3
+    meta["recipients"][0]["dsn_sent"] = False
+    assert QueueEntry.from_meta(meta).recipients[0].address == "a@example.net"
+
+
+async def test_a_damaged_state_file_is_quarantined_alone(spool):
+    """Before: the whole entry went to quarantine (never delivered) for a torn `.state`."""
+    (await spool.put(make_entry("t1", rcpts=("a@example.net", "b@example.net")), MESSAGE)).release()
+    await spool.close()
+    spool = Spool(spool.root)
+    spool.open()
+    with spool.lock("t1") as held:
+        e, _ = spool.read(held)
+        e.recipients[0].attempts = 2
+        await spool.save(held, e)
+    with open(spool.state_path("t1"), "r+b") as fh:
+        fh.truncate(10)
+    assert spool.scan({}).corrupt == []  # the scan goes on from the initial state
+    with spool.lock("t1") as held:
+        entry, message = spool.read(held)
+    assert message == MESSAGE and [r.attempts for r in entry.recipients] == [0, 0]
+    assert not spool.state_path("t1").exists() and (spool.corrupt / "t1.state").exists()
+    await spool.close()
+
+
+async def test_a_live_segment_keeps_its_entries_locked_until_it_is_retired(tmp_path):
+    """While the writer's segment vouches for an entry, nobody else can remove it (so a
+    replay never finds it "missing" because someone else delivered or deleted it)."""
+    writer = Spool(tmp_path / "spool")
+    writer.open()
+    writer.journal.checkpoint_interval = 3600
+    (await writer.put(make_entry("k1"), MESSAGE)).release()
+    other = Spool(tmp_path / "spool")
+    other.open()
+    assert other.lock("k1") is None  # kept by the writer's journal
+    with writer.lock("k1") as held:  # the writer's own runner takes it back
+        assert held.id == "k1"
+    assert other.lock("k1") is None  # and gives it back to the journal
+    writer.journal.checkpoint_interval = 0.0
+    (await writer.put(make_entry("k2"), MESSAGE)).release()  # rotates: segment 1 retires
+    await asyncio.gather(*writer.journal._retiring, return_exceptions=True)
+    held = other.lock("k1")
+    assert held is not None
+    held.release()
+    await other.close()
+    await writer.close()
+
+
+async def test_replay_after_a_kill_does_not_restore_what_someone_removed(tmp_path):
+    """The same boot: a missing file was removed (a kill keeps the page cache), not lost."""
+    killed = Spool(tmp_path / "spool")
+    killed.open()
+    killed.journal.checkpoint_interval = 3600
+    (await killed.put(make_entry("x1"), MESSAGE)).release()
+    (await killed.put(make_entry("x2"), MESSAGE)).release()
+    crash(killed)
+    os.unlink(killed.path("x1"))  # delivered by another worker (it could lock it now)
+    restarted = Spool(tmp_path / "spool")
+    restarted.open()
+    assert set(restarted.scan({}).entries) == {"x2"}
+    await restarted.close()
+
+
+async def test_a_listing_waits_for_a_replay_under_way(tmp_path):
+    """Another worker replaying a dead segment (after a reboot: missing files restored)
+    holds the replay lock: no listing, so no delivery from one, meanwhile (before: the
+    second worker delivered what the first then restored: every message twice)."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    fd = os.open(spool.journal_dir / "replay.lock", os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the replayer
+    listing = asyncio.ensure_future(asyncio.to_thread(spool.scan, {}))
+    await asyncio.sleep(0.3)
+    assert not listing.done()
+    os.close(fd)
+    await asyncio.wait_for(listing, 10)
+    await spool.close()
+
+
+def test_dsn_declares_8bit_content_and_utf8_addresses():
+    entry = make_entry("u8", rcpts=("josé@exämple.net",))
+    entry.smtputf8 = True
+    entry.recipients[0].status = FAILED
+    entry.recipients[0].last_reply = "550 5.1.1 nö such user"
+    message = "From: app@example.com\r\nSubject: Grüße\r\n\r\nbody\r\n".encode()
+    report = build_dsn(entry, entry.failed, message, hostname="relay.example.com", now=time.time())
+    assert b"Final-Recipient: utf-8; jos\xc3\xa9@ex\xc3\xa4mple.net" in report
+    assert b"Content-Type: message/global-delivery-status\r\nContent-Transfer-Encoding: 8bit" in report
+    assert b"Content-Type: message/global-headers\r\nContent-Transfer-Encoding: 8bit" in report
+    from relay.queue.dsn import report_envelope
+
+    assert report_envelope(report, entry.mail_from) == (True, False)
+
+
+def test_dsn_returns_a_large_message_as_its_header_only():
+    entry = make_entry("big")
+    entry.ret = "FULL"
+    entry.recipients[0].status = FAILED
+    message = b"From: app@example.com\r\nSubject: big\r\n\r\n" + b"x" * 100_000 + b"\r\n"
+    report = build_dsn(entry, entry.failed, message, hostname="relay.example.com", now=time.time())
+    assert b"Content-Type: text/rfc822-headers" in report and len(report) < 10_000
