@@ -56,8 +56,14 @@ DKIM_KEY = TMP / "keys" / "s1.private"
 SINK_PORT = 2636
 USER, PASSWORD = "bench", "bench-password-1"  # the same as tls_anchor.sh's sasldb user
 # First port of each target: +0 ECDSA STARTTLS, +1 ECDSA implicit, +2 RSA STARTTLS, +3 RSA implicit.
-BASE_PORT = {"relay": 2640, "anchor": 2650, "anchor_unix": 2660, "tls_sink": 2670}
-RELAY_METRICS = {"ecdsa": 9481, "rsa": 9482}
+# relay_base: the relay of another source tree (--base-src), for a before/after in one run.
+BASE_PORT = {"relay": 2640, "relay_base": 2644, "anchor": 2650, "anchor_unix": 2660, "tls_sink": 2670}
+RELAY_METRICS = {
+    ("relay", "ecdsa"): 9481,
+    ("relay", "rsa"): 9482,
+    ("relay_base", "ecdsa"): 9483,
+    ("relay_base", "rsa"): 9484,
+}
 CERT_OFFSET = {"ecdsa": 0, "rsa": 2}
 MODE_OFFSET = {"starttls": 0, "implicit": 1}
 DEFAULT_COUNTS = {1: 100, 20: 1000, 100: 1000}
@@ -123,12 +129,12 @@ def parse_grid(text: str) -> list[dict]:
 # ------------------------------------------------------------------------------ relay
 
 
-def relay_config(workdir: Path, cert: str) -> Path:
+def relay_config(workdir: Path, cert: str, target: str = "relay") -> Path:
     """bench/run.py's production shape, with submission listeners: STARTTLS and implicit TLS,
     AUTH required, one user allowed to send as example.com."""
     from relay.auth.passwords import hash_password
 
-    base = BASE_PORT["relay"] + CERT_OFFSET[cert]
+    base = BASE_PORT[target] + CERT_OFFSET[cert]
     config = {
         "hostname": "bench.relay.test",
         "listeners": [
@@ -149,27 +155,33 @@ def relay_config(workdir: Path, cert: str) -> Path:
         # Loopback only, DNS included: the posture checks ask a port where nothing answers.
         "dns": {"nameservers": ["127.0.0.1"], "port": 5399, "timeout": "1s", "attempts": 1},
         "spf": {"egress_ip": ["192.0.2.1"]},
-        "metrics": {"bind": f"127.0.0.1:{RELAY_METRICS[cert]}"},
+        "metrics": {"bind": f"127.0.0.1:{RELAY_METRICS[target, cert]}"},
         "logging": {"format": "json", "level": "info"},
-        "data_dir": str(workdir / cert),
+        "data_dir": str(workdir / f"{target}-{cert}"),
     }
-    (workdir / cert).mkdir(exist_ok=True)
-    path = workdir / f"relay-{cert}.yaml"
+    (workdir / f"{target}-{cert}").mkdir(exist_ok=True)
+    path = workdir / f"{target}-{cert}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
 
 
-def start_relay(workdir: Path, cert: str, workers: int) -> subprocess.Popen:
-    config = relay_config(workdir, cert)
+def start_relay(
+    workdir: Path, cert: str, workers: int, target: str = "relay", src: Path | None = None
+) -> subprocess.Popen:
+    """relay from this tree, or (relay_base) from the source tree `src` with the same venv."""
+    config = relay_config(workdir, cert, target)
+    env = dict(os.environ, PYTHONPATH=str(src)) if src else None
     proc = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "relay"), "serve", "-c", str(config), "--workers", str(workers)],
-        stdout=open(workdir / f"relay-{cert}.log", "wb"),
+        [str(REPO / ".venv" / "bin" / "python"), "-m", "relay", "serve", "-c", str(config), "--workers", str(workers)],
+        stdout=open(workdir / f"{target}-{cert}.log", "wb"),
         stderr=subprocess.STDOUT,
+        env=env,
+        cwd=str(src or REPO),
     )
-    base = BASE_PORT["relay"] + CERT_OFFSET[cert]
+    base = BASE_PORT[target] + CERT_OFFSET[cert]
     wait_port(base)
     wait_port(base + 1)
-    wait_port(RELAY_METRICS[cert])
+    wait_port(RELAY_METRICS[target, cert])
     time.sleep(1.0)  # let every worker bind
     return proc
 
@@ -417,7 +429,7 @@ def summarize(rows: list[dict]) -> str:
     key = lambda r: tuple(r[d] for d in DIMS)  # noqa: E731
     cells = sorted({key(r) for r in rows}, key=lambda k: (k[4], k[0], k[1], k[2], k[3]))
     for cell in cells:
-        for target in ("relay", "anchor", "anchor_unix", "tls_sink"):
+        for target in ("relay", "relay_base", "anchor", "anchor_unix", "tls_sink"):
             runs = [r for r in rows if key(r) == cell and r["target"] == target]
             if not runs:
                 continue
@@ -453,8 +465,9 @@ def compare(rows: list[dict]) -> str:
     """relay against the faster anchor variant of each cell (medians over the reps)."""
     lines = [
         "| cert | mode | TLS | resume | clients | relay msgs/s | faster anchor msgs/s | ratio "
-        "| relay p99 ms | anchor p99 ms (lower) | relay CPU ms/msg | anchor CPU ms/msg (lower) |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| relay p99 ms | anchor p99 ms (lower) | relay CPU ms/msg | anchor CPU ms/msg (lower) "
+        "| relay_base msgs/s, ratio, p99 ms, CPU ms/msg |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     key = lambda r: tuple(r[d] for d in DIMS)  # noqa: E731
     for cell in sorted({key(r) for r in rows}, key=lambda k: (k[4], k[0], k[1], k[2], k[3])):
@@ -473,11 +486,18 @@ def compare(rows: list[dict]) -> str:
         best = max(anchors, key=lambda a: med(a, "e2e_msgs_per_s"))
         p99 = min(med(a, "lat_p99_ms", client=True) for a in anchors)
         cpu = min(med(a, "server_cpu_ms_per_msg") for a in anchors)
+        base = med("relay_base", "e2e_msgs_per_s")
+        before = (
+            f"{base:.0f}, {base / med(best, 'e2e_msgs_per_s'):.2f}x, "
+            f"{med('relay_base', 'lat_p99_ms', client=True):.1f}, {med('relay_base', 'server_cpu_ms_per_msg'):.2f}"
+            if base is not None
+            else "–"
+        )
         lines.append(
             f"| {cell[0]} | {cell[1]} | {cell[2]} | {cell[3]} | {cell[4]} | {relay:.0f} "
             f"| {med(best, 'e2e_msgs_per_s'):.0f} ({best}) | {relay / med(best, 'e2e_msgs_per_s'):.2f}x "
             f"| {med('relay', 'lat_p99_ms', client=True):.1f} | {p99:.1f} "
-            f"| {med('relay', 'server_cpu_ms_per_msg'):.2f} | {cpu:.2f} |"
+            f"| {med('relay', 'server_cpu_ms_per_msg'):.2f} | {cpu:.2f} | {before} |"
         )
     return "\n".join(lines)
 
@@ -557,11 +577,12 @@ def profile(args, client: str, workdir: Path, results: Path, stamp: str) -> None
         sys.exit("tls_run: --profile needs py-spy (.venv/bin/pip install py-spy)")
     count = args.profile
     report = results / f"tls-profile-{stamp}.txt"
-    for cert, mode in itertools.product(args.certs, args.modes):
-        relay = start_relay(workdir, cert, workers=1)
+    trees = [("relay", None)] + ([("relay_base", args.base_src.resolve())] if args.base_src else [])
+    for cert, mode, (target, src) in itertools.product(args.certs, args.modes, trees):
+        relay = start_relay(workdir, cert, 1, target, src)
         try:
             cell = {"cert": cert, "mode": mode, "tls": "1.3", "resume": "off", "conc": 20}
-            port = BASE_PORT["relay"] + CERT_OFFSET[cert] + MODE_OFFSET[mode]
+            port = BASE_PORT[target] + CERT_OFFSET[cert] + MODE_OFFSET[mode]
             run_load(load_cmd(client, cell, port, 200, 30), 30)  # warm up
             load_before = loadavg()
             speed = openssl_rsa_signs_per_s()
@@ -571,7 +592,7 @@ def profile(args, client: str, workdir: Path, results: Path, stamp: str) -> None
             cpu_ms = 1000 * (cpu_seconds(relay.pid) - cpu0) / ok
             user1, sys1 = user_system_seconds(relay.pid)
             split = f"user {1000 * (user1 - user0) / ok:.2f} + system {1000 * (sys1 - sys0) / ok:.2f}"
-            folded = results / f"tls-profile-{stamp}-{cert}-{mode}.folded"
+            folded = results / f"tls-profile-{stamp}-{target}-{cert}-{mode}.folded"
             spy = subprocess.Popen(
                 [py_spy, "record", "-p", str(relay.pid), "-r", "200", "-F", "-f", "raw", "-o", str(folded)],
                 stdout=subprocess.DEVNULL,
@@ -583,7 +604,7 @@ def profile(args, client: str, workdir: Path, results: Path, stamp: str) -> None
             spy.wait(60)
             native = ""
             if shutil.which("perf"):
-                data = workdir / f"perf-{cert}-{mode}.data"
+                data = workdir / f"perf-{target}-{cert}-{mode}.data"
                 rec = subprocess.Popen(
                     [
                         "perf",
@@ -610,7 +631,7 @@ def profile(args, client: str, workdir: Path, results: Path, stamp: str) -> None
                 native = perf_table(data, cpu_ms) + "\n\n"
                 data.unlink(missing_ok=True)
             text = (
-                f"## relay --workers 1, {cert} certificate, {mode}, TLS 1.3, no resumption, 20 clients\n"
+                f"## {target} --workers 1, {cert} certificate, {mode}, TLS 1.3, no resumption, 20 clients\n"
                 f"without profiler: {stats.get('ok')} msgs, {stats.get('msgs_per_s')} msgs/s, "
                 f"relay CPU {cpu_ms:.2f} ms/msg ({split}; load {load_before} -> {loadavg()}; "
                 f"openssl speed rsa2048 {speed} signs/s); "
@@ -755,7 +776,16 @@ def main() -> None:
         "--concs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 20, 100], help="for --client-check"
     )
     parser.add_argument("--summarize", type=Path, metavar="RAW", help="only print the tables of a raw file")
+    parser.add_argument(
+        "--base-src",
+        type=Path,
+        metavar="DIR",
+        help="also run the relay of this source tree (e.g. `git archive main | tar -x -C DIR`) as "
+        "target relay_base, interleaved with the others: a before/after in one run",
+    )
     args = parser.parse_args()
+    if args.base_src and "relay_base" not in args.targets:
+        args.targets.insert(1, "relay_base")
     if args.summarize:
         rows = [r for r in map(json.loads, args.summarize.read_text().splitlines()) if "target" in r and r["rep"] >= 0]
         print(summarize(rows) + "\n\n" + compare(rows))
@@ -778,7 +808,7 @@ def main() -> None:
 
     sh("stop")
     sh("sink", "start", "count")
-    relays: dict[str, subprocess.Popen] = {}
+    relays: dict[tuple[str, str], subprocess.Popen] = {}
     try:
         if args.profile:
             profile(args, client, workdir, results, stamp)
@@ -786,13 +816,16 @@ def main() -> None:
             return
         cells = [c for g in (args.grid or DEFAULT_GRIDS) for c in parse_grid(g)]
         certs = sorted({c["cert"] for c in cells})
-        if "relay" in args.targets:
-            for cert in certs:
-                relays[cert] = start_relay(workdir, cert, args.workers)
+        roots: dict[str, dict[str, list[int]]] = {}
+        for target in ("relay", "relay_base"):
+            if target in args.targets:
+                for cert in certs:
+                    src = args.base_src.resolve() if target == "relay_base" else None
+                    relays[target, cert] = start_relay(workdir, cert, args.workers, target, src)
+                    roots.setdefault(target, {})[cert] = [relays[target, cert].pid]
         anchors = [t for t in args.targets if t.startswith("anchor")]
         for target in anchors:
             sh("start", "inet" if target == "anchor" else "unix")
-        roots = {"relay": {cert: [p.pid] for cert, p in relays.items()}}
         for target in anchors:
             pids = [int(p) for p in sh("pids", "inet" if target == "anchor" else "unix", capture=True).split(",")]
             roots[target] = {cert: pids for cert in certs}
@@ -810,6 +843,7 @@ def main() -> None:
             "argv": sys.argv[1:],
             "grids": args.grid or DEFAULT_GRIDS,
             "targets": args.targets,
+            "base_src": str(args.base_src) if args.base_src else None,
             "bad_every": args.bad_every,
             "reps": args.reps,
             "counts": args.counts,

@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -218,11 +219,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # (exit 2) stops them all.
         from relay.supervisor import supervise
 
-        return supervise(args.workers, lambda index: serve_worker(config, index=index, reuse_port=True))
+        # One server TLS context made before the fork: OpenSSL draws the session-ticket key
+        # when the context is created, so every worker then decrypts every worker's tickets
+        # (a resuming client lands on any worker, SO_REUSEPORT picks which). Each worker
+        # loads the certificate into its copy, and reloads it in place on SIGHUP.
+        tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        return supervise(
+            args.workers,
+            lambda index: serve_worker(config, index=index, reuse_port=True, tls_context=tls_context),
+        )
     return serve_worker(config, index=0, reuse_port=False)
 
 
-def serve_worker(config: str | None, *, index: int, reuse_port: bool) -> int:
+def serve_worker(config: str | None, *, index: int, reuse_port: bool, tls_context: ssl.SSLContext | None = None) -> int:
     """Run one relay process: the only one, or worker `index` of `relay serve --workers N`
     (which share the listening ports with SO_REUSEPORT)."""
     # One series per counter, not two: the *_created timestamps add nothing to dashboards.
@@ -251,7 +260,14 @@ def serve_worker(config: str | None, *, index: int, reuse_port: bool) -> int:
     _install_uvloop()
     _raise_open_file_limit()
     return asyncio.run(
-        serve(settings, config_path=path, reload_settings=reload_settings, on_started=on_started, reuse_port=reuse_port)
+        serve(
+            settings,
+            config_path=path,
+            reload_settings=reload_settings,
+            on_started=on_started,
+            reuse_port=reuse_port,
+            tls_context=tls_context,
+        )
     )
 
 

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
@@ -47,6 +48,7 @@ log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
 KEY_AGE_INTERVAL = 15.0
+CANCEL_RETRY_S = 1.0  # stop: how long a cancelled task may take before it is cancelled again
 
 ListenerKey = tuple[str, str, str]
 
@@ -59,6 +61,7 @@ class Relay:
         config_path: Path | None,
         reload_settings: Callable[[], Settings] | None = None,
         reuse_port: bool = False,
+        tls_context: ssl.SSLContext | None = None,  # made before the workers' fork (relay.cli)
     ) -> None:
         self.settings = settings
         self.config_path = config_path
@@ -68,7 +71,7 @@ class Relay:
         self.targets = UpstreamTargets()
         self.limit_counters = LimitCounters()
         self.components: Components | None = None
-        self.tls = ServerTls(settings.tls)
+        self.tls = ServerTls(settings.tls, context=tls_context)
         self.listeners: dict[ListenerKey, ListenerServer] = {}
         self.connections = Connections()
         # One budget for the DATA of every listener's sessions (relay.listen.budget).
@@ -245,6 +248,8 @@ class Relay:
         self.components = new
         if self._posture_task is not None:
             self._posture_task.cancel()
+            # Ended by stop() if it lets this cancellation go by (see _cancelled).
+            self._tasks = [t for t in self._tasks if not t.done()] + [self._posture_task]
         self._posture_task = asyncio.create_task(new.posture.run(), name="posture")
         self.settings = settings
         self.data_budget.limit = settings.clients.max_bytes_in_flight
@@ -302,8 +307,7 @@ class Relay:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _cancelled(task)
         await finish_background(0)
         if self.queue is not None:
             await self.queue.runner.stop(0)  # a no-op after a drain
@@ -340,6 +344,18 @@ class Relay:
         await self._stopped.wait()
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Wait until `task` has ended, cancelling it again while it runs: Python 3.11's
+    asyncio.wait_for (dnspython waits with it) returns the awaited result instead of
+    raising when the cancellation lands just as that operation completes, and a loop
+    around it then carries on."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()  # its end (cancelled, or an error already logged) is not stop's
+
+
 def _listener_key(lst: ListenerSettings) -> ListenerKey:
     return (lst.name, str(lst.bind), lst.tls)
 
@@ -351,8 +367,15 @@ async def serve(
     reload_settings: Callable[[], Settings] | None = None,
     on_started: Callable[[Relay], None] | None = None,
     reuse_port: bool = False,
+    tls_context: ssl.SSLContext | None = None,
 ) -> int:
-    relay = Relay(settings, config_path=config_path, reload_settings=reload_settings, reuse_port=reuse_port)
+    relay = Relay(
+        settings,
+        config_path=config_path,
+        reload_settings=reload_settings,
+        reuse_port=reuse_port,
+        tls_context=tls_context,
+    )
     try:
         await relay.start()
     except OSError as exc:

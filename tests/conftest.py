@@ -20,6 +20,7 @@ from tests.support.certs import TestPki, make_pki
 from tests.support.config import APP_PASSWORD, relay_config
 from tests.support.dkim import DkimKeys, make_dkim_keys
 from tests.support.inloop import LoopRelay
+from tests.support.procs import holding_dead_ports
 from tests.support.relayproc import RelayProcess
 from tests.support.upstream import Upstream
 
@@ -40,6 +41,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
         if fixtures & _BINARY_FIXTURES:
             item.add_marker(pytest.mark.binaries)
+
+
+@pytest.fixture(autouse=True)
+def _dead_ports() -> Iterator[None]:
+    """The ports a test holds with `dead_port()` stay held until its last fixture is done."""
+    with holding_dead_ports():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from relay.secrets.vault import VaultBackend
 from tests.support.aws import AWS_ENV, REGION, moto_server
 from tests.support.dns import dns_server
 from tests.support.inloop import in_thread
-from tests.support.procs import free_port
 from tests.support.proxies import microsocks, tinyproxy
 from tests.support.smtp import connect, message
 
@@ -110,8 +109,8 @@ async def test_vault_host_name_resolves_through_the_configured_dns(nameserver):
     app.router.add_get("/v1/auth/token/lookup-self", lookup)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
     backend = VaultBackend(
         f"http://vault.secrets.test:{port}", auth="token", token="hvs.test", resolver=_addresses(nameserver)
     )

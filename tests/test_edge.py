@@ -63,6 +63,8 @@ def test_workers_share_the_ports_and_the_metrics(make_relay, upstream, pki):
     relay.start()
     children = _children(relay.proc.pid)
     assert len(children) == 2, children
+    # Both workers serve, signal handlers in place (a worker still starting dies of a SIGHUP).
+    _wait_for_lines(relay, "metrics and health listening", 2, "both workers start")
     for i in range(12):
         connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message(subject=f"w{i}"))
     assert len(upstream.wait_for(12)) == 12
@@ -71,13 +73,17 @@ def test_workers_share_the_ports_and_the_metrics(make_relay, upstream, pki):
         assert relay.metric("relay_messages_relayed_total") == 12
     served = [e for e in relay.message_logs() if e.get("code") == 250]
     relay.signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while sum(1 for e in relay.logs() if e.get("msg") == "configuration reloaded") < 2:
-        assert time.monotonic() < deadline, "both workers reload on SIGHUP"
-        time.sleep(0.1)
+    _wait_for_lines(relay, "configuration reloaded", 2, "both workers reload on SIGHUP")
     assert relay.stop() == 0
     assert not any(_alive(pid) for pid in children)
     assert len(served) == 12  # every message was logged once, by the worker that relayed it
+
+
+def _wait_for_lines(relay, msg: str, count: int, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(1 for e in relay.logs() if e.get("msg") == msg) < count:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
 
 
 def _children(pid: int) -> list[int]:

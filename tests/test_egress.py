@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.dkim import verify_all
 from tests.support.inloop import in_thread
-from tests.support.procs import free_port
+from tests.support.procs import dead_port
 from tests.support.proxies import microsocks, tinyproxy
 from tests.support.smtp import connect, message, reply
 from tests.support.upstream import Upstream
@@ -101,7 +101,7 @@ def test_proxy_failures_give_451_with_the_reason(make_loop_relay, upstream, pki,
     allowed = [upstream.port] if case != "connect_forbidden" else [upstream.port + 1]
     with tinyproxy(tmp_path, user=PROXY_USER, password=PROXY_PASSWORD, connect_ports=allowed) as proxy_port:
         relay = make_loop_relay(upstream.port, start=False, wait_ready=False)
-        port = free_port() if case == "proxy_down" else proxy_port
+        port = dead_port() if case == "proxy_down" else proxy_port
         via_proxy(relay, f"http://{PROXY_USER}@127.0.0.1:{port}", port=upstream.port)
         if case == "wrong_password":
             relay.env["PROXY_PASSWORD"] = "not-the-password"
@@ -126,7 +126,7 @@ def two_upstreams(relay, first: dict, second: dict) -> None:
 @in_thread
 def test_failover_to_the_second_upstream_when_the_first_refuses_connections(make_loop_relay, upstream, pki):
     relay = make_loop_relay(upstream.port, start=False)
-    two_upstreams(relay, {"name": "primary", "port": free_port()}, {"name": "secondary", "port": upstream.port})
+    two_upstreams(relay, {"name": "primary", "port": dead_port()}, {"name": "secondary", "port": upstream.port})
     relay.start()
     connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
     assert len(upstream.wait_for(1)) == 1

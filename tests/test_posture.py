@@ -47,7 +47,7 @@ from relay.sign.keyring import KeyRing
 from relay.sign.keys import load_signing_key
 from relay.wiring import build_target
 from tests.support.dns import black_hole, dns_server
-from tests.support.procs import free_port, require_binary, running
+from tests.support.procs import dead_port, free_port, require_binary, running
 from tests.support.upstream import Upstream
 
 DATA = Path(__file__).parent / "data"
@@ -80,7 +80,7 @@ def dead_nameserver() -> Iterator[tuple[str, int]]:
 @pytest.fixture
 def resolver(nameserver) -> DnsResolver:
     host, port = nameserver
-    return DnsResolver([host], port=port, timeout=2, attempts=1)
+    return DnsResolver([host], port=port, timeout=10, attempts=1)  # NSD answers: a loaded machine's margin
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def make_settings(tmp_path: Path, **overrides) -> Settings:
         "upstream": {
             "name": "smarthost",
             "host": LOOP,
-            "port": free_port(),
+            "port": dead_port(),
             "tls": "none",
             "connect_timeout": "3s",
             "command_timeout": "3s",
@@ -595,7 +595,7 @@ async def test_ip_echo_private_answer_is_not_an_egress_ip():
 async def test_ip_echo_unreachable_says_where_without_credentials():
     dialer = dialer_for(None, connect_timeout=2)
     with pytest.raises(EchoError) as info:
-        await fetch_echo_ip(f"http://user:pw-secret@{LOOP}:{free_port()}/ip", dialer)
+        await fetch_echo_ip(f"http://user:pw-secret@{LOOP}:{dead_port()}/ip", dialer)
     assert str(info.value).startswith(f"http://{LOOP}:")
     assert "pw-secret" not in str(info.value)
 
@@ -609,6 +609,8 @@ def check_config(
     key_files: dict[str, Path],
     keys: list[tuple[str, str, str]],
     upstream: dict,
+    *,
+    dns_timeout: str = "10s",
     **overrides,
 ) -> Path:
     key_entries = []
@@ -624,8 +626,9 @@ def check_config(
         "hostname": "relay.test",
         "listeners": [{"name": "submission", "bind": "127.0.0.1:2587", "tls": "none", "auth": "none"}],
         "dkim": {"keys": key_entries},
-        "upstream": {"name": "smarthost", "connect_timeout": "3s", "command_timeout": "3s", **upstream},
-        "dns": {"nameservers": [host], "port": port, "timeout": "2s", "attempts": 1},
+        # Generous: the servers answer, and a loaded machine must not turn that into a timeout.
+        "upstream": {"name": "smarthost", "connect_timeout": "30s", "command_timeout": "30s", **upstream},
+        "dns": {"nameservers": [host], "port": port, "timeout": dns_timeout, "attempts": 1},
         "spf": {"egress_ip": [EGRESS]},
         "data_dir": str(tmp_path),
         **overrides,
@@ -687,8 +690,10 @@ def test_relay_check_json(case, tmp_path, nameserver, dead_nameserver, key_files
             up = stack.enter_context(Upstream(tls="none"))
             upstream = {"host": LOOP, "port": up.port, "tls": "none"}
         else:
-            upstream = {"host": LOOP, "port": free_port(), "tls": "starttls"}
-        config = check_config(tmp_path, dns_address, key_files, keys, upstream)
+            upstream = {"host": LOOP, "port": dead_port(), "tls": "starttls"}
+        # Only the black hole times out: its wait is kept short.
+        dns_timeout = "10s" if dns_kind == "nsd" else "2s"
+        config = check_config(tmp_path, dns_address, key_files, keys, upstream, dns_timeout=dns_timeout)
         result = run_check_cli(config, "--json")
     assert result.returncode == exit_code, result.stderr
     got = normalized(result.stdout, [upstream["port"], dns_address[1]])

@@ -16,6 +16,7 @@ import contextlib
 import socket
 import ssl
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 
@@ -31,7 +32,9 @@ from relay.proxy import FAILURE_LABELS, SCHEMES, ProxyDialer, dialer_for
 from tests.support.procs import (
     MissingBinaryError,
     ProcessError,
+    dead_port,
     free_port,
+    holding_dead_ports,
     require_binary,
     running,
     wait_port,
@@ -56,13 +59,14 @@ class Ports:
     greeter: int = field(default_factory=free_port)
     smtp: int = field(default_factory=free_port)  # plain SMTP, STARTTLS offered
     smtps: int = field(default_factory=free_port)  # implicit TLS
-    forbidden: int = field(default_factory=free_port)  # no proxy lets a tunnel go there
-    closed: int = field(default_factory=free_port)  # nothing ever listens here
+    forbidden: int = field(default_factory=dead_port)  # no proxy lets a tunnel go there
+    closed: int = field(default_factory=dead_port)  # nothing ever listens here
 
 
 @pytest.fixture(scope="module")
-def ports() -> Ports:
-    return Ports()
+def ports() -> Iterator[Ports]:
+    with holding_dead_ports():
+        yield Ports()
 
 
 @dataclass

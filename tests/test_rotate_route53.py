@@ -65,7 +65,9 @@ class Setup:
         self.clock = StepClock()
         self.lines: list[str] = []
         self.backend = AwsSecretsBackend(region=REGION, endpoint_url=endpoint)
-        self.resolver = DnsResolver([zone.host], port=zone.port, timeout=1, attempts=1, cache=False)
+        # NSD answers every lookup: the timeout is only a loaded machine's margin (a lookup
+        # timed out would be one more poll, and a 4096-bit record goes UDP, TC, then TCP).
+        self.resolver = DnsResolver([zone.host], port=zone.port, timeout=10, attempts=1, cache=False)
 
     async def publish_s1(self) -> None:
         publisher = Route53Publisher(self.zone.zone_id, endpoint_url=self.settings.route53.endpoint_url)
@@ -95,7 +97,7 @@ class Setup:
         """The TXT records NSD serves at `name`, each as its character-strings."""
         # A 4096-bit key's record does not fit 512 bytes of UDP: TC, then TCP (RFC 7766).
         reply, _ = dns.query.udp_with_fallback(
-            dns.message.make_query(name, dns.rdatatype.TXT), self.zone.host, port=self.zone.port, timeout=2
+            dns.message.make_query(name, dns.rdatatype.TXT), self.zone.host, port=self.zone.port, timeout=10
         )
         return [list(r.strings) for rrset in reply.answer for r in rrset]
 

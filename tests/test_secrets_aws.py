@@ -17,7 +17,7 @@ from relay.secrets.aws import AwsSecretsBackend
 from relay.secrets.base import SecretFetchError, SecretRef
 from tests.support.aws import AWS_ENV as _AWS_ENV
 from tests.support.aws import moto_server, stop
-from tests.support.procs import free_port
+from tests.support.procs import dead_port
 
 pytestmark = pytest.mark.binaries
 
@@ -257,7 +257,7 @@ async def test_dead_endpoint_fails_fast(tmp_path):
 
 
 async def test_never_listening_endpoint_is_a_fetch_error():
-    backend = AwsSecretsBackend(region=REGION, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    backend = AwsSecretsBackend(region=REGION, endpoint_url=f"http://127.0.0.1:{dead_port()}")
     try:
         with pytest.raises(SecretFetchError) as info:
             await backend.fetch(SecretRef.parse("aws-sm://relay-test/x#f"))

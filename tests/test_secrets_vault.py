@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
 import ssl
 import time
 import uuid
@@ -30,6 +29,7 @@ from aiohttp import web
 
 from relay.secrets.base import SecretFetchError, SecretRef
 from relay.secrets.vault import VaultBackend
+from tests.support.procs import dead_port
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIS3cr3tK3yMat3r1al0123456789\n-----END PRIVATE KEY-----\n"
 ROOT_TOKEN = "hvs.R00tT0kenDoNotLeak"
@@ -216,12 +216,6 @@ class FakeVault:
                 }
             )
         return self._error(404)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def start_fake(vault: FakeVault, ssl_context: ssl.SSLContext | None = None):
@@ -550,7 +544,7 @@ async def test_missing_secret_and_field(vault, make_backend):
 
 
 async def test_unreachable_vault_is_a_fetch_error():
-    backend = VaultBackend(f"http://127.0.0.1:{free_port()}", token=ROOT_TOKEN, timeout=3)
+    backend = VaultBackend(f"http://127.0.0.1:{dead_port()}", token=ROOT_TOKEN, timeout=3)
     try:
         with pytest.raises(SecretFetchError) as info:
             await backend.fetch(REF)

@@ -10,13 +10,13 @@ import time
 import pytest
 
 from tests.support.inloop import in_thread
-from tests.support.procs import free_port
+from tests.support.procs import dead_port
 from tests.support.smtp import connect, message, reply
 
 
 @in_thread
 def test_upstream_down_gives_451_at_rcpt(make_loop_relay, pki):
-    relay = make_loop_relay(free_port(), wait_ready=False)  # nothing listens there
+    relay = make_loop_relay(dead_port(), wait_ready=False)  # nothing listens there
     relay_ready = relay.http_json("/readyz")
     assert relay_ready[0] == 503 and "upstream" in relay_ready[1]["checks"]
     client = connect(relay, pki)

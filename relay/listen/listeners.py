@@ -17,7 +17,7 @@ from relay.config.schema import ListenerSettings, Settings, TlsSettings
 from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.session import ClientSession, SessionContext
-from relay.listen.smtp import RelaySMTP
+from relay.listen.smtp import TLS_HANDSHAKE_TIMEOUT, RelaySMTP
 from relay.policy.senders import ClientNetworks
 
 log = logging.getLogger("relay.listen")
@@ -29,8 +29,8 @@ PROXY_PROTOCOL_TIMEOUT = 10.0
 class ServerTls:
     """The server-side TLS context, reloadable in place."""
 
-    def __init__(self, settings: TlsSettings) -> None:
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    def __init__(self, settings: TlsSettings, *, context: ssl.SSLContext | None = None) -> None:
+        self.context = context or ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.context.verify_mode = ssl.CERT_NONE  # clients authenticate with AUTH, not certs
         self.context.options |= ssl.OP_NO_COMPRESSION
         self.load(settings)
@@ -124,7 +124,7 @@ class ListenerServer:
             host=host,
             port=port,
             ssl=self.tls.context if implicit else None,
-            ssl_handshake_timeout=30 if implicit else None,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if implicit else None,
             reuse_address=True,
             reuse_port=self.reuse_port or None,
             backlog=1024,

@@ -19,11 +19,14 @@ both libraries to the same range.
    (a reply arriving before `read_response()` is awaited is kept, not dropped).
 
 `RelaySMTP` (relay.listen.smtp) also overrides private members of aiosmtpd's `SMTP`; they
-are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too.
+are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too. Its STARTTLS is its own
+(relay.listen.starttls: the loop's TLS transport instead of asyncio's pure-Python one) and
+repoints the stream's private transport attributes, as aiosmtpd does: checked here too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Callable
 from importlib.metadata import version
@@ -48,7 +51,13 @@ AIOSMTPD_PRIVATE_MEMBERS = (
 AIOSMTPLIB_PRIVATE_MEMBERS = ("_drain_helper",)
 AIOSMTPLIB_PRIVATE_ATTRIBUTES = ("_response_pending",)
 # Instance attributes set in SMTP.__init__ that RelaySMTP reads.
-AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_tls_protocol", "_timeout_handle")
+AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_writer", "_timeout_handle")
+# asyncio's stream attributes that STARTTLS repoints, as aiosmtpd does (relay.listen.starttls).
+ASYNCIO_STREAM_ATTRIBUTES = (
+    ("StreamReader", "_buffer"),
+    ("StreamReader", "_transport"),
+    ("StreamWriter", "_transport"),
+)
 
 _applied = False
 
@@ -82,6 +91,11 @@ def check() -> None:
     missing += [name for name in AIOSMTPLIB_PRIVATE_MEMBERS if not callable(getattr(protocol, name, None))]
     protocol_source = inspect.getsource(protocol)
     missing += [name for name in AIOSMTPLIB_PRIVATE_ATTRIBUTES if f"self.{name} = " not in protocol_source]
+    missing += [
+        f"asyncio.{cls}.{name}"
+        for cls, name in ASYNCIO_STREAM_ATTRIBUTES
+        if f"self.{name} = " not in inspect.getsource(getattr(asyncio, cls))
+    ]
     if missing:
         raise IncompatibleLibrary(f"installed aiosmtpd/aiosmtplib lack what relay patches: {', '.join(missing)}")
 

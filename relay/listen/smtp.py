@@ -34,11 +34,12 @@ import contextlib
 import re
 import unicodedata
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from relay.errors import Reply, SmtpError
+from relay.listen import starttls
 from relay.listen.budget import DataBudget
 from relay.listen.connections import Connections
 from relay.listen.esmtp import parse_mail_params, parse_rcpt_params
@@ -112,6 +113,8 @@ def with_enhanced_code(status: str) -> str:
     return f"{code} {enhanced} {text}"
 
 
+# Bounds the STARTTLS handshake and the implicit-TLS one (relay.listen.listeners).
+TLS_HANDSHAKE_TIMEOUT = 30.0
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
 _SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
 # Closing a TLS transport waits for the client's close_notify (asyncio gives it 30 s), and
@@ -199,23 +202,27 @@ class RelaySMTP(SMTP):
         self._advertise_auth = advertise_auth
         self._greeted = False
         self._shutting_down = False
+        self._upgraded = False  # STARTTLS done (see smtp_STARTTLS)
+        self._handshaking = False
+        self._lost = False
 
     @property
     def tls_active(self) -> bool:
-        return self._implicit_tls or self._tls_protocol is not None
+        return self._implicit_tls or self._upgraded
 
     # -- the connection's events --------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Called again after STARTTLS with the TLS transport (aiosmtpd starts a new Session).
-        restarted = self.session is not None
-        if self._deadline is None:
-            self._deadline = self.loop.time() + self.max_session_duration
+        # Once per connection (STARTTLS goes through _tls_started); TLS here is implicit TLS.
+        self._deadline = self.loop.time() + self.max_session_duration
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            self.client.on_tls(ssl_object.version(), restarted=restarted)
+            self.client.on_tls(ssl_object.version(), restarted=False)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
         try:
             super().connection_lost(error)
         finally:
@@ -237,8 +244,9 @@ class RelaySMTP(SMTP):
         # timer): after DATA, the session then ends right after the reply (smtp_DATA).
         if self._past_deadline():
             self._ending = "session time limit"
-            if isinstance(self.transport, asyncio.WriteTransport) and not self.transport.is_closing():
-                self.transport.write(_SESSION_OVER)
+            transport = _writable(self.transport)
+            if transport is not None and not transport.is_closing():
+                transport.write(_SESSION_OVER)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
         self._abort_when_stuck()
 
@@ -249,8 +257,9 @@ class RelaySMTP(SMTP):
             peer = str(self.session.peer[0]) if self.session.peer else ""
             if not self.proxy_from.allows(peer):
                 self.client.proxy_refused(peer)
-                assert isinstance(self.transport, asyncio.WriteTransport)
-                self.transport.write(_PROXY_REFUSED)
+                transport = _writable(self.transport)
+                assert transport is not None
+                transport.write(_PROXY_REFUSED)
                 self.close()
                 return
         try:
@@ -312,8 +321,12 @@ class RelaySMTP(SMTP):
         """Drain (RFC 5321 §3.8): an idle session gets 421 and is closed now; a session inside
         a transaction gets it right after the transaction's final reply (see smtp_DATA)."""
         self._shutting_down = True
-        if self.client.idle and isinstance(self.transport, asyncio.WriteTransport):
-            self.transport.write(_CLOSING)
+        if self._handshaking:
+            self.close()  # mid-STARTTLS: nothing can be said in the clear any more
+            return
+        transport = _writable(self.transport)
+        if self.client.idle and transport is not None:
+            transport.write(_CLOSING)
             self.close()
 
     def close(self) -> None:
@@ -323,8 +336,8 @@ class RelaySMTP(SMTP):
 
     def _abort_when_stuck(self) -> None:
         """Abort the connection if it is still closing after CLOSE_GRACE (see there)."""
-        transport = self.transport
-        if not isinstance(transport, asyncio.WriteTransport) or not transport.is_closing() or self._abort_handle:
+        transport = _writable(self.transport)
+        if transport is None or not transport.is_closing() or self._abort_handle:
             return
 
         def abort() -> None:
@@ -455,13 +468,14 @@ class RelaySMTP(SMTP):
         # RET= and ENVID= 110 on MAIL, NOTIFY= and ORCPT= 500 on RCPT (RFC 3461 §4).
         self.command_size_limits["MAIL"] = 512 + 26 + 10 + 500 + 110
         self.command_size_limits["RCPT"] = 512 + 500
-        if self.tls_context and not self._tls_protocol:
+        if self.tls_context and not self.tls_active:
             lines.append("STARTTLS")
         if self._advertise_auth and self.tls_active:
             lines.append("AUTH PLAIN LOGIN")
-        for i, line in enumerate(lines):
-            sep = " " if i == len(lines) - 1 else "-"
-            await SMTP.push(self, f"250{sep}{line}")
+        # One write for the whole reply, not one per line: over TLS each write is a record
+        # and a send, and EHLO is sent twice per STARTTLS session.
+        last = len(lines) - 1
+        await SMTP.push(self, "\r\n".join(f"250{' ' if i == last else '-'}{line}" for i, line in enumerate(lines)))
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -469,8 +483,46 @@ class RelaySMTP(SMTP):
         if self.tls_active:
             await self.push("503 5.5.1 TLS already active")
             return
+        if arg:
+            await self.push("501 5.5.4 Syntax: STARTTLS")
+            return
+        # Not aiosmtpd's STARTTLS, which wraps the socket in asyncio's pure-Python SSLProtocol
+        # itself: loop.start_tls() gives the event loop's own TLS transport (uvloop's is
+        # native code), a third of the relay's CPU per message when each message is a new
+        # session. See relay.listen.starttls.
         self._ending = "STARTTLS"
-        await super().smtp_STARTTLS(arg)
+        self._set_rset_state()  # RFC 3207 §4.2: the transaction ends here, handshake or not
+        assert self.tls_context is not None
+        self._handshaking = True
+        try:
+            tls = await starttls.upgrade(self, self._reader, self._writer, self.tls_context, TLS_HANDSHAKE_TIMEOUT)
+        finally:
+            self._handshaking = False
+        if tls is None:
+            # The loop may or may not report the lost connection itself (asyncio does not
+            # when it is lost mid-handshake); connection_lost runs once either way.
+            self.connection_lost(None)
+            return
+        self._tls_started(tls)
+
+    def _tls_started(self, transport: asyncio.Transport) -> None:
+        """What aiosmtpd's connection_made does after its own STARTTLS (RFC 3207 §4.2: the
+        session starts over), on the loop's TLS transport."""
+        self.transport = transport
+        self._upgraded = True
+        old = self.session
+        self.session = self._create_session()
+        if old is not None:
+            self.session.peer, self.session.proxy_data = old.peer, old.proxy_data
+        ssl_object = transport.get_extra_info("ssl_object")
+        # A non-None `ssl` also tells aiosmtpd's eof_received that the transport is TLS.
+        self.session.ssl = {
+            "ssl_object": ssl_object,
+            "cipher": transport.get_extra_info("cipher"),
+            "peercert": transport.get_extra_info("peercert"),
+        }
+        self._reset_timeout()
+        self.client.on_tls(ssl_object.version() if ssl_object is not None else None, restarted=True)
 
     @syntax("RSET")
     async def smtp_RSET(self, arg: str) -> None:
@@ -619,6 +671,13 @@ class RelaySMTP(SMTP):
 def _budget_spent(reason: str) -> SmtpError:
     # RFC 3463 X.3.1 mail system full; see relay.listen.budget.
     return SmtpError(452, "4.3.1", "Insufficient system storage, try again later", reason=reason, label="data_budget")
+
+
+def _writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport | None:
+    """The transport, to write to. uvloop's transports (TCP, and TLS since STARTTLS uses the
+    loop's own) do not subclass asyncio's, so `isinstance(t, asyncio.WriteTransport)` is
+    False for them: what matters is that the session still has one."""
+    return cast(asyncio.WriteTransport, transport) if transport is not None else None
 
 
 def _ascii(text: str) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from tests.support.certs import TestPki
 from tests.support.dkim import DkimKeys
-from tests.support.procs import free_port
+from tests.support.procs import dead_port, free_port
 
 # The password of user "app" (its scrypt hash is made once per session: `app_password_hash`).
 APP_PASSWORD = "app-password"
@@ -58,7 +58,7 @@ def relay_config(
         },
         "metrics": {"bind": loopback_bind()},
         # Tests never send DNS beyond loopback: a port where nothing answers (fast temperror).
-        "dns": {"nameservers": ["127.0.0.1"], "port": free_port(), "timeout": "1s", "attempts": 1},
+        "dns": {"nameservers": ["127.0.0.1"], "port": dead_port(udp=True), "timeout": "1s", "attempts": 1},
         "logging": {"format": "json", "level": "info"},
         "drain_timeout": "10s",
         "data_dir": str(tmp_path),

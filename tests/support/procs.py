@@ -27,7 +27,9 @@ from pathlib import Path
 __all__ = [
     "MissingBinaryError",
     "ProcessError",
+    "dead_port",
     "free_port",
+    "holding_dead_ports",
     "log_tail",
     "require_binary",
     "running",
@@ -65,14 +67,67 @@ def require_binary(name: str) -> str:
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that nothing listens on right now.
 
-    The port is released before returning, so another process could take it before the
-    caller binds it; on loopback in a test run this is rare enough. Prefer binding port 0
-    directly when the server is in-process.
+    The port is released before returning, so another listener (the relay's own port-0
+    ones among them) can take it before the caller binds it: use it only for a port the
+    caller listens on at once, and `dead_port()` for a port where nothing must listen.
+    Prefer binding port 0 directly when the server is in-process.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+# The sockets that hold dead ports, innermost `holding_dead_ports()` block last.
+_dead_sockets: list[socket.socket] = []
+
+
+def dead_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
+    """A TCP port on `host` where nothing listens, until the test (or the fixture in a
+    `holding_dead_ports()` block) that asked for it ends.
+
+    The port stays bound by a socket that never listens: a connect there is refused
+    (ECONNREFUSED) at once, and no other socket can bind it meanwhile, so no listener
+    started later (with port 0 or a `free_port()`) can take it. `udp=True` holds the same
+    port number for UDP too, with a socket connected elsewhere, so a datagram sent there
+    is refused as well (ICMP port unreachable, as for a port nobody holds): for a DNS
+    server that must not answer.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        holder = socket.socket(family, socket.SOCK_STREAM)  # no SO_REUSEADDR: nobody shares it
+        holder.bind((host, 0))
+        port = int(holder.getsockname()[1])
+        if not udp:
+            _dead_sockets.append(holder)
+            return port
+        datagrams = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            datagrams.bind((host, port))
+        except OSError:  # that UDP port is in use: try another number
+            datagrams.close()
+            holder.close()
+            continue
+        # A connected UDP socket takes datagrams from its peer only; the others are refused.
+        datagrams.connect((host, 9))
+        _dead_sockets.extend((holder, datagrams))
+        return port
+    raise RuntimeError(f"no port on {host} free for both TCP and UDP")
+
+
+@contextlib.contextmanager
+def holding_dead_ports() -> Iterator[None]:
+    """The ports `dead_port()` gives inside the block are released when it ends.
+
+    tests/conftest.py runs every test in one; a module-scoped fixture that makes dead ports
+    yields inside its own.
+    """
+    held_before = len(_dead_sockets)
+    try:
+        yield
+    finally:
+        while len(_dead_sockets) > held_before:
+            _dead_sockets.pop().close()
 
 
 def wait_port(

@@ -1,0 +1,36 @@
+"""tests.support.procs.dead_port: a port where nothing listens, and nothing can start to."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tests.support.procs import dead_port, holding_dead_ports
+
+
+def test_a_connect_to_a_dead_port_is_refused_and_nobody_can_bind_it():
+    port = dead_port()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    for option in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):  # what asyncio's servers set
+        with socket.socket() as other, pytest.raises(OSError):
+            other.setsockopt(socket.SOL_SOCKET, option, 1)
+            other.bind(("127.0.0.1", port))
+
+
+def test_a_dead_udp_port_refuses_datagrams():
+    port = dead_port(udp=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(5)
+        client.connect(("127.0.0.1", port))
+        client.send(b"query")
+        with pytest.raises(ConnectionRefusedError):
+            client.recv(512)
+
+
+def test_the_port_is_released_when_the_block_ends():
+    with holding_dead_ports():
+        port = dead_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", port))
