@@ -246,7 +246,7 @@ class Pipeline:
         if self.limiter is not None:
             # Before the upstream hears of it: a user over its limits opens nothing upstream.
             try:
-                self.limiter.check_recipient(tx.user, len(tx.recipients))
+                self.limiter.check_recipient(tx.user, len(tx.recipients), listener=tx.listener)
             except LimitExceeded as exc:
                 tx.limit = exc.limit
                 raise
@@ -352,7 +352,9 @@ class Pipeline:
             # Spool mode: the domain's limits stand for what the upstream takes, so the
             # delivery loop paces them (defers); the user's limits are refused here.
             spool = self.settings.queue.mode == "spool"
-            return await self.limiter.reserve(tx.user, from_domain, len(tx.recipients), domain_limits=not spool)
+            return await self.limiter.reserve(
+                tx.user, from_domain, len(tx.recipients), domain_limits=not spool, listener=tx.listener
+            )
         except LimitExceeded as exc:
             tx.limit = exc.limit
             raise

@@ -125,6 +125,8 @@ class Relay:
         )
         assert self.components.upstreams is not None
         self.targets.commit(self.components.upstreams)
+        if self.components.counters is not None:
+            self.limit_counters.adopt(self.components.counters)
         self.store.subscribe(self._secret_changed)
         # Access tokens before the listeners open: the first message finds one ready.
         await self._start_token_auths(self.components.token_auths)
@@ -259,6 +261,7 @@ class Relay:
             if new is not None and new.upstreams is not None:
                 self._in_background(self.targets.discard(new.upstreams))
             log.error("reload failed; the running configuration stays", extra={"reason": str(exc)})
+            await self.limit_counters.discard(new.counters if new is not None else None)
             return False
         assert new.upstreams is not None
         self.targets.commit(new.upstreams)
@@ -278,8 +281,9 @@ class Relay:
             self._in_background(target.close())
         for token_auth in new.retired_token_auths:
             self._in_background(token_auth.retire())
-        if new.retired_counters is not None:
-            self._in_background(new.retired_counters.close())
+        retired_counters = self.limit_counters.adopt(new.counters) if new.counters is not None else None
+        if retired_counters is not None:
+            self._in_background(retired_counters.close())
         log.info("configuration reloaded", extra={"config": redacted(settings)})
         return True
 

@@ -20,6 +20,7 @@ delivery loop to the snapshot's real targets (`Components.router`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -365,7 +366,11 @@ def build_pipeline(
 
 class LimitCounters:
     """The counters of sending limits. Built once and kept across reloads while the backend
-    settings stay the same: the counts live on, whatever the limits become."""
+    settings stay the same: the counts live on, whatever the limits become.
+
+    A reload builds new counters only when those settings change, and they become the
+    current ones only when the reload is applied (`adopt`); a reload that fails after
+    building them closes them (`discard`), and the running ones stay current."""
 
     def __init__(self) -> None:
         self._key: str | None = None
@@ -375,16 +380,33 @@ class LimitCounters:
     def current(self) -> Counters | None:
         return self._counters
 
-    def build(self, settings: Settings, store: SecretStore) -> tuple[Counters | None, Counters | None]:
-        """The counters `settings` asks for, and the ones they replace (to be closed)."""
+    def build(self, settings: Settings, store: SecretStore) -> BuiltCounters:
+        """The counters `settings` asks for: the current ones, or new ones (`fresh`)."""
         limits = settings.limits
         key = None if limits is None else f"{limits.backend} {limits.redis} {settings.data_dir}"
         if key == self._key:
-            return self._counters, None
-        retired = self._counters
-        self._counters = None if limits is None else build_counters(settings, store)
-        self._key = key
-        return self._counters, retired
+            return BuiltCounters(self._counters, key, fresh=False)
+        return BuiltCounters(None if limits is None else build_counters(settings, store), key, fresh=True)
+
+    def adopt(self, built: BuiltCounters) -> Counters | None:
+        """Make `built` current (the config it came with is applied); returns the counters
+        it replaces, to be closed."""
+        if not built.fresh:
+            return None
+        retired, self._counters, self._key = self._counters, built.counters, built.key
+        return retired
+
+    async def discard(self, built: BuiltCounters | None) -> None:
+        """The config `built` came with was not applied: close what was built for it."""
+        if built is not None and built.fresh and built.counters is not None:
+            await built.counters.close()
+
+
+@dataclass(frozen=True)
+class BuiltCounters:
+    counters: Counters | None
+    key: str | None  # the backend settings they were built for
+    fresh: bool  # built for this config (not the current ones)
 
 
 def build_counters(settings: Settings, store: SecretStore) -> Counters:
@@ -413,7 +435,15 @@ def build_limiter(settings: Settings, counters: Counters | None) -> tuple[Limite
     policy = LimitPolicy(settings.limits)
     if not policy.limits_anything:
         return None, None
-    usage = LimitUsage(policy, counters, [user.username for user in settings.clients.users])
+    unauthenticated = [listener.name for listener in settings.listeners if listener.auth != "required"]
+    optional = [listener.name for listener in settings.listeners if listener.auth == "optional"]
+    if optional and policy.limits_users and policy.for_unauthenticated() is None:
+        logging.getLogger("relay.limits").warning(
+            "user limits apply to authenticated clients only: on these listeners a client can "
+            "skip AUTH and them; set limits.unauthenticated to limit those clients too",
+            extra={"listeners": optional},
+        )
+    usage = LimitUsage(policy, counters, [user.username for user in settings.clients.users], unauthenticated)
     return Limiter(policy, counters), usage
 
 
@@ -433,9 +463,10 @@ class Components:
     token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
     retired_token_auths: list[UpstreamTokenAuth] = field(default_factory=list)
     limit_usage: LimitUsage | None = None  # relay_limit_usage_ratio, read at scrape
-    retired_counters: Counters | None = None  # limit counters this snapshot replaced
     # The upstream targets and token sides as built (`UpstreamTargets.commit` / `discard`).
     upstreams: BuiltTargets | None = None
+    # The limit counters this snapshot uses (LimitCounters.adopt them once it is applied).
+    counters: BuiltCounters | None = None
 
 
 async def build_components(
@@ -456,19 +487,25 @@ async def build_components(
     await load_secrets(store, settings)
     dns = build_dns(settings)
     built = targets.build(settings, store, dns)
-    limit_counters, retired_counters = (counters or LimitCounters()).build(settings, store)
-    limiter, limit_usage = build_limiter(settings, limit_counters)
-    pipeline, posture = build_pipeline(
-        settings,
-        store,
-        built.targets,
-        dns,
-        previous=previous.posture if previous is not None else None,
-        previous_pipeline=previous.pipeline if previous is not None else None,
-        spool=spool,
-        limiter=limiter,
-    )
-    await pipeline.keyring.fetch_missing()  # the keys key-set documents list
+    limit_counters = (counters or LimitCounters()).build(settings, store)
+    try:
+        limiter, limit_usage = build_limiter(settings, limit_counters.counters)
+        pipeline, posture = build_pipeline(
+            settings,
+            store,
+            built.targets,
+            dns,
+            previous=previous.posture if previous is not None else None,
+            previous_pipeline=previous.pipeline if previous is not None else None,
+            spool=spool,
+            limiter=limiter,
+        )
+        await pipeline.keyring.fetch_missing()  # the keys key-set documents list
+    except BaseException:
+        # A config that cannot be built leaves nothing open: its new targets and counters go.
+        await targets.discard(built)
+        await (counters or LimitCounters()).discard(limit_counters)
+        raise
     return Components(
         settings,
         dns,
@@ -479,8 +516,8 @@ async def build_components(
         token_auths=built.token_auths,
         retired_token_auths=built.retired_token_auths,
         limit_usage=limit_usage,
-        retired_counters=retired_counters,
         upstreams=built,
+        counters=limit_counters,
     )
 
 

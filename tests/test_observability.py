@@ -52,6 +52,7 @@ EXPECTED_ALERTS = {
     "RelayDkimKeyTooOld",
     "RelayUserNearDailyQuota",
     "RelayLimitsNotShared",
+    "RelayLimitsNotCounted",
 }
 # Panels that must show data once mail has flowed (the others may legitimately be empty:
 # no posture gauges without DNS, no key load failures, ...).

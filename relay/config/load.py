@@ -299,4 +299,22 @@ def redacted(settings: Settings) -> dict[str, Any]:
             scheme, _, rest = proxy.partition("://")
             userinfo, _, hostpart = rest.rpartition("@")
             upstream["proxy"] = f"{scheme}://{userinfo.partition(':')[0]}:<redacted>@{hostpart}"
+    redis = (data.get("limits") or {}).get("redis")
+    if redis and redis.get("url"):
+        redis["url"] = redacted_url(redis["url"])
     return data
+
+
+def redacted_url(value: str) -> str:
+    """A URL without what may carry a secret: the userinfo's password and the query
+    (validation refuses both for limits.redis.url; this holds should that ever change)."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    rest, query, _ = rest.partition("?")
+    rest = rest.partition("#")[0]
+    userinfo, at, hostpart = rest.rpartition("@")
+    if at:
+        user = userinfo.partition(":")[0]
+        rest = f"{user}:<redacted>@{hostpart}" if ":" in userinfo else f"{user}@{hostpart}"
+    return f"{scheme}://{rest}" + ("?<redacted>" if query else "")

@@ -650,6 +650,14 @@ def _redis_url(value: str) -> str:
         raise ValueError("the URL has no host (expected redis://HOST:PORT/DB)")
     if url.password is not None:
         raise ValueError("no password in the URL: put it in limits.redis.password as a secret reference")
+    if url.query or url.fragment:
+        # redis-py reads every query argument as a connection option that overrides relay's
+        # own (`?password=` would end up in the logs, `?ssl_cert_reqs=none` turns TLS
+        # verification off, `?socket_timeout=` bypasses limits.redis.timeout).
+        raise ValueError(
+            "no options in the URL's query (password, ssl_cert_reqs, ...): relay sets them from "
+            "limits.redis (a password goes in limits.redis.password as a secret reference)"
+        )
     if port is not None and not 0 < port < 65536:
         raise ValueError("port must be 1-65535")
     if url.path.strip("/") and not url.path.strip("/").isdigit():
@@ -658,12 +666,15 @@ def _redis_url(value: str) -> str:
 
 
 LimitRate = Annotated[object, PlainValidator(_limit_rate)]
-_LIMIT_FIELDS = ("rate", "burst", "daily", "daily_recipients")
+_LIMIT_FIELDS = ("rate", "burst", "rate_counts", "daily", "daily_recipients")
 
 
 class _LimitFields(Strict):
     rate: LimitRate = None  # messages per time: 10/s, 600/m, 1000/h (a token bucket)
     burst: int | None = Field(default=None, ge=1)  # default: the rate's count
+    # What the rate's tokens are: messages (default), or recipients (how SES counts its
+    # sending rate: a message to 50 recipients takes 50 tokens).
+    rate_counts: Literal["messages", "recipients"] | None = None
     daily: int | None = Field(default=None, ge=0)  # messages in a rolling 24 h
     daily_recipients: int | None = Field(default=None, ge=0)  # recipients in a rolling 24 h
 
@@ -675,6 +686,8 @@ class LimitSettings(_LimitFields):
     def _burst_with_rate(self) -> LimitSettings:
         if self.burst is not None and self.rate is None:
             raise ValueError("burst needs a rate")
+        if self.rate_counts is not None and self.rate is None:
+            raise ValueError("rate_counts needs a rate")
         return self
 
 
@@ -714,7 +727,9 @@ class UserLimitSettings(LimitSettings):
 class RedisLimitSettings(Strict):
     url: Annotated[str, AfterValidator(_redis_url)]
     password: SecretRefStr | None = None
-    timeout: Duration = 1.0  # per call, waiting for a connection included; then local counters
+    # Per call, waiting for a connection included; then local counters. Above 0 (0 would be
+    # a permanent fail open), at most 10 s (it is added to a message's latency).
+    timeout: Annotated[Duration, Field(gt=0, le=10.0)] = 1.0
     key_prefix: str = Field(default="relay:limits:", min_length=1)
     ca_file: Path | None = None  # for rediss://, on top of the system's CAs
 
@@ -722,8 +737,27 @@ class RedisLimitSettings(Strict):
 class LimitsSettings(Strict):
     users: UserLimitSettings = Field(default_factory=UserLimitSettings)
     domains: dict[Domain, LimitSettings] = Field(default_factory=dict)
+    # Clients that did not authenticate (listeners with auth: optional or none), counted
+    # together per listener: without it, not authenticating escapes the user limits.
+    unauthenticated: LimitSettings | None = None
     backend: Literal["local", "redis"] = "local"
     redis: RedisLimitSettings | None = None
+
+    @field_validator("domains", mode="before")
+    @classmethod
+    def _one_key_per_domain(cls, value: object) -> object:
+        # Keys are normalized (case, a trailing dot): two spellings of one domain would
+        # otherwise leave only the last one's limits, silently.
+        if isinstance(value, dict):
+            seen: dict[str, str] = {}
+            for key in value:
+                if not isinstance(key, str):
+                    continue
+                name = key.strip().lower().rstrip(".")
+                if name in seen:
+                    raise ValueError(f"{seen[name]!r} and {key!r} are the same domain: give its limits once")
+                seen[name] = key
+        return value
 
     @model_validator(mode="after")
     def _redis_section(self) -> LimitsSettings:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,6 +47,11 @@ class Demand:
     limits: Limits
     messages: int
     recipients: int
+
+    @property
+    def tokens(self) -> int:
+        """What the demand takes from the entity's bucket."""
+        return self.recipients if self.limits.rate_recipients else self.messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +107,39 @@ class Counters(Protocol):
     async def close(self) -> None: ...
 
 
+# A clock this far behind the last time a bucket was computed has been stepped back (a
+# smaller difference is workers reading the clock in one order and committing in another).
+CLOCK_STEP = 1.0
+
+
 def slot_of(now: float) -> int:
     return int(now // SLOT_SECONDS)
+
+
+def window_totals(
+    slot: int,
+    messages: int,
+    recipients: int,
+    now: float,
+    ring: Callable[[], tuple[Sequence[int], Sequence[int]]],
+) -> tuple[int, int]:
+    """Totals kept as of `slot`, seen at `now`: minus the slots that have left the window
+    since (`ring()` gives the per-slot messages and recipients, indexed by slot % WINDOW_SLOTS;
+    asked only when some slot has left)."""
+    current = slot_of(now)
+    if current <= slot:
+        return messages, recipients  # same slot, or a clock that went back: nothing left
+    passed = current - slot
+    if passed >= WINDOW_SLOTS:
+        return 0, 0
+    ring_messages, ring_recipients = ring()
+    start = (slot + 1) % WINDOW_SLOTS
+    end = start + passed
+
+    def left(counts: Sequence[int]) -> int:
+        return sum(counts[start:end]) + (sum(counts[: end - WINDOW_SLOTS]) if end > WINDOW_SLOTS else 0)
+
+    return messages - left(ring_messages), recipients - left(ring_recipients)
 
 
 class CounterState:
@@ -117,6 +153,7 @@ class CounterState:
 
     _HEADER = struct.Struct("<ddqqq")  # tokens, at, slot, messages, recipients
     _PAIR = struct.Struct("<qq")  # one slot: messages, recipients
+    _RING = struct.Struct(f"<{2 * WINDOW_SLOTS}q")
     _SIZE = _HEADER.size + WINDOW_SLOTS * _PAIR.size
     __slots__ = ("tokens", "at", "slot", "messages", "recipients", "_ring")
 
@@ -162,7 +199,13 @@ class CounterState:
                         self.messages -= messages
                         self.recipients -= recipients
                         self._set_slot(slot, 0, 0)
-            self.slot = current  # a clock that went back moves nothing
+            self.slot = current
+        elif self.slot > current + 1:
+            # The clock was stepped back (after a step forward, or a boot with a wrong RTC):
+            # the window follows it back. What was counted meanwhile stays in the ring,
+            # under the slots it reuses, and leaves the window within 24 h. (One slot of
+            # slack: workers racing at a slot boundary are not a clock step.)
+            self.slot = current
         if limits.rate is None:
             self.tokens, self.at = math.nan, now
             return
@@ -172,13 +215,28 @@ class CounterState:
             self.tokens = min(float(limits.burst), self.tokens + (now - self.at) * limits.rate.per_second)
         else:
             self.tokens = min(self.tokens, float(limits.burst))
-        self.at = max(self.at, now)
+        # A clock stepped back: refill from now on (keeping the tokens), rather than from a
+        # time in the future that real time reaches only after the length of the step.
+        self.at = now if now < self.at - CLOCK_STEP else max(self.at, now)
+
+    def totals_at(self, now: float) -> tuple[int, int]:
+        """The window's messages and recipients at `now`, without moving it: what `advance`
+        would leave, read-only and in one unpack of the ring (usage runs this for every
+        entity with a daily quota at each scrape)."""
+        return window_totals(self.slot, self.messages, self.recipients, now, self._ring_counts)
+
+    def _ring_counts(self) -> tuple[Sequence[int], Sequence[int]]:
+        ring = self._RING.unpack_from(self._ring)
+        return ring[0::2], ring[1::2]
 
     def excess(self, demand: Demand, now: float) -> Excess | None:
         """Whether `demand` would pass a limit (after `advance`)."""
         limits = demand.limits
-        if limits.rate is not None and demand.messages and self.tokens < demand.messages:
-            wait = (demand.messages - self.tokens) / limits.rate.per_second
+        # More than the burst can never be in the bucket: such a demand waits for a full
+        # bucket and leaves it in debt (`count`).
+        needed = min(demand.tokens, limits.burst)
+        if limits.rate is not None and needed and self.tokens < needed:
+            wait = (needed - self.tokens) / limits.rate.per_second
             return Excess(demand.entity, RATE, self.tokens, limits.burst, wait)
         if limits.daily is not None and self.messages + demand.messages > limits.daily:
             return Excess(demand.entity, DAILY, self.messages, limits.daily, self._until_slot_ends(now))
@@ -190,7 +248,7 @@ class CounterState:
 
     def count(self, demand: Demand) -> None:
         if demand.limits.rate is not None:
-            self.tokens -= demand.messages
+            self.tokens -= demand.tokens
         messages, recipients = self.in_slot(self.slot)
         self._set_slot(self.slot, messages + demand.messages, recipients + demand.recipients)
         self.messages += demand.messages
@@ -199,7 +257,7 @@ class CounterState:
     def uncount(self, demand: Demand, slot: int) -> None:
         """Give back what `count` took in `slot`, if that slot is still in the window."""
         if demand.limits.rate is not None and not math.isnan(self.tokens):
-            self.tokens = min(float(demand.limits.burst), self.tokens + demand.messages)
+            self.tokens = min(float(demand.limits.burst), self.tokens + demand.tokens)
         if self.slot - slot >= WINDOW_SLOTS or slot > self.slot:
             return
         in_slot_messages, in_slot_recipients = self.in_slot(slot)

@@ -27,7 +27,7 @@ from prometheus_client import Counter
 
 from relay.errors import SmtpError
 from relay.limits.counters import Counters, Demand, Excess, Taken
-from relay.limits.rules import DAILY, DAILY_RECIPIENTS, DOMAIN, RATE, USER, Entity, LimitPolicy, Limits
+from relay.limits.rules import DAILY, DAILY_RECIPIENTS, DOMAIN, LISTENER, RATE, USER, Entity, LimitPolicy, Limits
 
 LIMIT_REFUSALS = Counter(
     "relay_limit_refusals_total",
@@ -47,7 +47,9 @@ class LimitExceeded(SmtpError):
             code, enhanced, later = 452, "4.5.3", "send to the other recipients later"
         else:
             code, enhanced, later = 451, "4.7.0", "try again later"
-        figure = f" ({_figure(kind, limits)})" if entity.scope == USER and limits is not None else ""
+        # The client's own figures (a user's, or its listener's for unauthenticated
+        # clients), never a domain's: that is shared with others.
+        figure = f" ({_figure(kind, limits)})" if entity.scope != DOMAIN and limits is not None else ""
         text = f"Sending limit reached: {_KIND_TEXT[kind]} of {entity}{figure}, {later}"
         reason = (
             f"{entity} reached its {_KIND_TEXT[kind]}: "
@@ -65,7 +67,8 @@ class LimitExceeded(SmtpError):
 
 def _figure(kind: str, limits: Limits) -> str:
     if kind == RATE:
-        return f"{limits.rate}, burst {limits.burst}"
+        counted = " recipients" if limits.rate_recipients else ""
+        return f"{limits.rate}{counted}, burst {limits.burst}"
     if kind == DAILY:
         return f"{limits.daily} messages in 24 h"
     return f"{limits.daily_recipients} recipients in 24 h"
@@ -92,26 +95,44 @@ class Limiter:
         self.policy = policy
         self.counters = counters
 
-    def check_recipient(self, user: str | None, accepted: int) -> None:
+    def check_recipient(self, user: str | None, accepted: int, *, listener: str | None = None) -> None:
         """Before accepting one more recipient (`accepted` are accepted already): raise
-        LimitExceeded if the user's limits are known to be reached. Counts nothing."""
-        limits = self.policy.for_user(user)
-        if limits is None or user is None:
+        LimitExceeded if the client's limits (its user's, or, unauthenticated, its
+        listener's) are known to be reached. Counts nothing."""
+        subject = self._client(user, listener)
+        if subject is None:
             return
+        entity, limits = subject
         # The message itself is checked with its first recipient; later ones only add
         # recipients.
-        demand = Demand(Entity(USER, user), limits, 1 if accepted == 0 else 0, accepted + 1)
+        demand = Demand(entity, limits, 1 if accepted == 0 else 0, accepted + 1)
         excess = self.counters.peek([demand])
         if excess is not None:
             raise self._refusal(excess, at_rcpt=True)
 
+    def _client(self, user: str | None, listener: str | None) -> tuple[Entity, Limits] | None:
+        """Whose limits the client's messages count against: its user, or the clients of
+        its listener that did not authenticate (else `auth: optional` would be a way around
+        the user limits)."""
+        if user is not None:
+            limits = self.policy.for_user(user)
+            return None if limits is None else (Entity(USER, user), limits)
+        limits = self.policy.for_unauthenticated()
+        return None if limits is None or listener is None else (Entity(LISTENER, listener), limits)
+
     async def reserve(
-        self, user: str | None, from_domain: str | None, recipients: int, *, domain_limits: bool = True
+        self,
+        user: str | None,
+        from_domain: str | None,
+        recipients: int,
+        *,
+        domain_limits: bool = True,
+        listener: str | None = None,
     ) -> Reservation:
-        """At DATA: count the message against the user and its From domain, or raise
-        LimitExceeded having counted nothing. `domain_limits=False` leaves the domain to
-        whoever paces deliveries (the spool)."""
-        demands = self.demands(user, from_domain if domain_limits else None, recipients)
+        """At DATA: count the message against the client (user, or unauthenticated on
+        `listener`) and its From domain, or raise LimitExceeded having counted nothing.
+        `domain_limits=False` leaves the domain to whoever paces deliveries (the spool)."""
+        demands = self.demands(user, from_domain if domain_limits else None, recipients, listener=listener)
         if not demands:
             return NOTHING_RESERVED
         taken = await self.counters.take(demands)
@@ -131,11 +152,13 @@ class Limiter:
             return max(1.0, taken.retry_after)
         return Reservation(self.counters, taken)
 
-    def demands(self, user: str | None, from_domain: str | None, recipients: int) -> Sequence[Demand]:
+    def demands(
+        self, user: str | None, from_domain: str | None, recipients: int, *, listener: str | None = None
+    ) -> Sequence[Demand]:
         demands = []
-        user_limits = self.policy.for_user(user)
-        if user_limits is not None and user is not None:
-            demands.append(Demand(Entity(USER, user), user_limits, 1, recipients))
+        client = self._client(user, listener)
+        if client is not None:
+            demands.append(Demand(client[0], client[1], 1, recipients))
         domain_limits = self.policy.for_domain(from_domain)
         if domain_limits is not None and from_domain:
             demands.append(Demand(Entity(DOMAIN, from_domain.lower()), domain_limits, 1, recipients))
@@ -143,6 +166,6 @@ class Limiter:
 
     def _refusal(self, excess: Excess, *, at_rcpt: bool) -> LimitExceeded:
         entity = excess.entity
-        limits = self.policy.for_user(entity.name) if entity.scope == USER else self.policy.for_domain(entity.name)
+        limits = self.policy.for_entity(entity)
         LIMIT_REFUSALS.labels(entity.scope, entity.name).inc()
         return LimitExceeded(excess, limits, at_rcpt=at_rcpt)

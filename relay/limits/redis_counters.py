@@ -13,8 +13,11 @@ When Redis cannot be reached (refused, timed out, or any Redis error), relay kee
 and counts on this host's counters instead (fail open: a limit is a brake, and a Redis
 outage must not stop every app's mail). Each such check is counted in
 `relay_limit_fail_open_total{backend="redis"}`, a warning is logged at most once a minute,
-and `/readyz` says so in its detail without failing. A background task pings Redis with a
-growing pause (up to 10 s) and switches back when it answers. Counts made locally during
+and `/readyz` says so in its detail without failing. A background task retries with a
+growing pause (up to 10 s) by running the script on a probe key, and switches back when
+that works: a Redis that answers but refuses the script (a replica after a failover, at
+maxmemory, an ACL without EVALSHA) stays "down" rather than flapping, and `problem()`
+says it refuses rather than that it is unreachable. Counts made locally during
 an outage are not copied into Redis: each replica enforced the limits on its own traffic
 for that time.
 """
@@ -31,15 +34,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from relay.limits.counters import FAIL_OPEN, CounterState, Demand, Excess, Taken, Usage, slot_of
+from relay.limits.counters import (
+    CLOCK_STEP,
+    FAIL_OPEN,
+    CounterState,
+    Demand,
+    Excess,
+    Taken,
+    Usage,
+    slot_of,
+    window_totals,
+)
 from relay.limits.local import LocalCounters
-from relay.limits.rules import DAILY, DAILY_RECIPIENTS, RATE, SLOT_SECONDS, WINDOW_SLOTS, Entity, Limits
+from relay.limits.rules import DAILY, DAILY_RECIPIENTS, RATE, SLOT_SECONDS, WINDOW_SLOTS, Entity
 
 log = logging.getLogger("relay.limits")
 
 LOG_INTERVAL = 60.0
 RECOVERY_PAUSES = (0.5, 1.0, 2.0, 5.0, 10.0)
+FLAP_WINDOW = 60.0  # down again within this of a recovery: the same outage
 MAX_CONNECTIONS = 16
+USAGE_BATCH = 200  # entities per pipeline when usage is read
 KEY_TTL_MS = (WINDOW_SLOTS + 1) * SLOT_SECONDS * 1000
 
 _KINDS = {1: RATE, 2: DAILY, 3: DAILY_RECIPIENTS}
@@ -47,9 +62,10 @@ _KINDS = {1: RATE, 2: DAILY, 3: DAILY_RECIPIENTS}
 # The same steps as `CounterState` (counters.py), per key of KEYS, in one atomic script.
 # Hash fields: t tokens (absent: a full bucket), a the time tokens were last computed,
 # s the current slot, m / r the window's totals, m<i> / r<i> the ring of per-slot counts.
-# ARGV: op (take | give | usage), now in ms (empty: Redis's TIME), the slot to give back to;
+# ARGV: op (take | give | probe), now in ms (empty: Redis's TIME), the slot to give back to;
 # then one argument per key: "messages recipients rate-per-second burst daily
-# daily-recipients", with "-" for a limit that is not set. (Few arguments: encoding each one
+# daily-recipients tokens" (tokens: what the demand takes from the bucket, messages or
+# recipients), with "-" for a limit that is not set. (Few arguments: encoding each one
 # costs the client more than the script costs Redis.)
 LUA = r"""
 local op = ARGV[1]
@@ -89,6 +105,8 @@ local function load(key, rate, burst)
       end
     end
     st.slot = current
+  elseif st.slot > current + 1 then
+    st.slot = current  -- the clock was stepped back (see CounterState.advance)
   end
   if rate == nil then
     st.tokens, st.at = nil, now
@@ -100,7 +118,7 @@ local function load(key, rate, burst)
     else
       st.tokens = math.min(burst, st.tokens)
     end
-    if now > st.at then st.at = now end
+    if now > st.at or now < st.at - @CLOCK_STEP@ then st.at = now end
   end
   return st
 end
@@ -118,12 +136,20 @@ local function show(v)
   return tostring(v)
 end
 
+if op == 'probe' then
+  -- What recovery asks: can the script run and write here? (A node that answers PING may
+  -- still refuse: READONLY after a failover, OOM at maxmemory, NOPERM.)
+  redis.call('SET', KEYS[1], '1', 'PX', 60000)
+  return {1}
+end
+
 local demands, states = {}, {}
 for k = 1, #KEYS do
   local f = {}
   for word in string.gmatch(ARGV[3 + k], '%S+') do table.insert(f, word) end
   local d = {messages = tonumber(f[1]), recipients = tonumber(f[2]), rate = num(f[3], nil),
-             burst = tonumber(f[4]), daily = num(f[5], nil), daily_r = num(f[6], nil)}
+             burst = tonumber(f[4]), daily = num(f[5], nil), daily_r = num(f[6], nil),
+             tokens = tonumber(f[7])}
   demands[k] = d
   states[k] = load(KEYS[k], d.rate, d.burst)
 end
@@ -138,15 +164,11 @@ local function report(head)
   return head
 end
 
-if op == 'usage' then
-  return report({1, current, show(now)})
-end
-
 if op == 'give' then
   for k = 1, #KEYS do
     local st, d = states[k], demands[k]
     if redis.call('EXISTS', KEYS[k]) == 1 then
-      if d.rate ~= nil and st.tokens ~= nil then st.tokens = math.min(d.burst, st.tokens + d.messages) end
+      if d.rate ~= nil and st.tokens ~= nil then st.tokens = math.min(d.burst, st.tokens + d.tokens) end
       if give_slot <= st.slot and st.slot - give_slot < n_slots then
         local i = give_slot % n_slots
         local m = math.min(d.messages, num(redis.call('HGET', KEYS[k], 'm' .. i), 0))
@@ -159,16 +181,19 @@ if op == 'give' then
       else
         save(KEYS[k], st)
       end
+      local totals = redis.call('HMGET', KEYS[k], 'm', 'r')
+      st.m, st.r = num(totals[1], 0), num(totals[2], 0)
     end
   end
-  return {1}
+  return report({1, current, show(now)})
 end
 
 for k = 1, #KEYS do
   local st, d = states[k], demands[k]
   local kind, used, limit, wait = 0, 0, 0, 0
-  if d.rate ~= nil and d.messages > 0 and st.tokens < d.messages then
-    kind, used, limit, wait = 1, st.tokens, d.burst, (d.messages - st.tokens) / d.rate
+  local needed = math.min(d.tokens, d.burst)
+  if d.rate ~= nil and needed > 0 and st.tokens < needed then
+    kind, used, limit, wait = 1, st.tokens, d.burst, (needed - st.tokens) / d.rate
   elseif d.daily ~= nil and st.m + d.messages > d.daily then
     kind, used, limit, wait = 2, st.m, d.daily, (st.slot + 1) * slot_seconds - now
   elseif d.daily_r ~= nil and st.r + d.recipients > d.daily_r then
@@ -182,7 +207,7 @@ end
 local i = current % n_slots
 for k = 1, #KEYS do
   local st, d = states[k], demands[k]
-  if d.rate ~= nil then st.tokens = st.tokens - d.messages end
+  if d.rate ~= nil then st.tokens = st.tokens - d.tokens end
   st.m = st.m + d.messages
   st.r = st.r + d.recipients
   save(KEYS[k], st)
@@ -195,7 +220,26 @@ LUA = (
     LUA.replace("@SLOT_SECONDS@", str(SLOT_SECONDS))
     .replace("@WINDOW_SLOTS@", str(WINDOW_SLOTS))
     .replace("@KEY_TTL_MS@", str(KEY_TTL_MS))
+    .replace("@CLOCK_STEP@", repr(CLOCK_STEP))
 )
+
+
+def _usage_of(fields: dict[bytes, bytes], now: float) -> Usage:
+    """One entity's usage at `now` from its hash (the fields of the script above)."""
+    if b"s" not in fields:
+        return Usage(0, 0)
+    slot = int(fields[b"s"])
+
+    def ring() -> tuple[list[int], list[int]]:
+        messages, recipients = [0] * WINDOW_SLOTS, [0] * WINDOW_SLOTS
+        for name, value in fields.items():
+            if len(name) > 1 and name[1:].isdigit():
+                column = messages if name[:1] == b"m" else recipients if name[:1] == b"r" else None
+                if column is not None:
+                    column[int(name[1:]) % WINDOW_SLOTS] = int(value)
+        return messages, recipients
+
+    return Usage(*window_totals(slot, int(fields.get(b"m", 0)), int(fields.get(b"r", 0)), now, ring))
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,13 +271,17 @@ class RedisCounters:
         # Imported here: only a relay configured with `backend: redis` pays for the client.
         import redis.asyncio as aioredis
         from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisError, ResponseError
         from redis.retry import Retry
 
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._refusals: tuple[type[BaseException], ...] = (ResponseError,)
         options: dict[str, object] = {}
-        if ca_file is not None:
-            options["ssl_ca_certs"] = str(ca_file)
+        if url.startswith("rediss://"):
+            # Explicit: redis-py before 6 does not check the host name by default.
+            options["ssl_check_hostname"] = True
+            if ca_file is not None:
+                options["ssl_ca_certs"] = str(ca_file)
         # Fail fast and let this class decide what a failure means: no retries inside the
         # client, every wait bounded by `timeout`. At most MAX_CONNECTIONS calls at once, queued
         # first come first served (redis-py's blocking pool lets a busy task take a freed
@@ -261,6 +309,10 @@ class RedisCounters:
         self._fallbacks_unlogged = 0
         self._last_logged = -LOG_INTERVAL
         self._recovery: asyncio.Task[None] | None = None
+        self._refused = False  # the last failure was Redis refusing the script
+        self._attempt = 0  # recovery attempts; kept across a flap (see _went_down)
+        self._up_since = -FLAP_WINDOW
+        self._last_recovery_logged = -LOG_INTERVAL
         self.round_trips = 0  # EVALSHA calls made (for tests and the bench)
 
     @property
@@ -314,30 +366,52 @@ class RedisCounters:
         if not self.available or not taken.demands:
             return  # lost with the outage: the count errs on the safe side
         try:
-            await self._run("give", taken.demands, give_slot=taken.slot)
+            reply = await self._run("give", taken.demands, give_slot=taken.slot)
         except self._errors as exc:
             self._went_down(exc)
+            return
+        # What `peek` answers from must show the count given back (else the retry of a
+        # message the upstream refused is refused at RCPT until the slot ends).
+        self._remember(taken.demands, reply[3:], int(reply[1]), float(reply[2]))
 
     async def usage(self, entities: Sequence[Entity]) -> dict[Entity, Usage]:
         """Usage across every replica, read from Redis (nothing while it is unreachable:
-        this host's counts alone would understate it)."""
+        this host's counts alone would understate it).
+
+        Read-only and cheap, since every scrape of every worker of every replica asks: no
+        script (a script blocks Redis for every replica's messages while it runs), one
+        `HGETALL` per entity in pipelines of USAGE_BATCH, the window moved in Python. A
+        failure here says nothing about the messages' path: it never marks Redis down."""
         if not self.available or not entities:
             return {}
-        demands = [Demand(entity, Limits(), 0, 0) for entity in entities]
+        out: dict[Entity, Usage] = {}
         try:
-            reply = await self._run("usage", demands)
+            now = self._clock() if self._clock is not None else None
+            for start in range(0, len(entities), USAGE_BATCH):
+                batch = entities[start : start + USAGE_BATCH]
+                async with asyncio.timeout(self._timeout), self._slots:
+                    pipe = self._client.pipeline(transaction=False)
+                    if now is None:
+                        pipe.time()
+                    for entity in batch:
+                        pipe.hgetall(self._prefix + entity.key)
+                    replies = await pipe.execute()
+                if now is None:
+                    seconds, micros = replies.pop(0)
+                    now = int(seconds) + int(micros) / 1e6
+                for entity, fields in zip(batch, replies, strict=True):
+                    out[entity] = _usage_of(fields, now)
         except self._errors as exc:
-            self._went_down(exc)
+            log.debug("limit usage not read from redis", extra={"reason": f"{type(exc).__name__}: {exc}"[:200]})
             return {}
-        rest = reply[3:]
-        return {entity: Usage(int(rest[3 * i + 1]), int(rest[3 * i + 2])) for i, entity in enumerate(entities)}
+        return out
 
     def problem(self) -> str | None:
         if self.available:
             return self._fallback.problem()
         since = datetime.fromtimestamp(self._down_wall, UTC)
         return (
-            f"redis unreachable since {since:%Y-%m-%dT%H:%M:%SZ} ({self._down_reason}); "
+            f"{self._what_is_wrong()} since {since:%Y-%m-%dT%H:%M:%SZ} ({self._down_reason}); "
             "limits are counted on this host only"
         )
 
@@ -348,6 +422,7 @@ class RedisCounters:
                 await self._recovery
         with contextlib.suppress(*self._errors):
             await self._client.aclose()
+        await self._fallback.close()
 
     # -- Redis -------------------------------------------------------------------------
     async def _run(self, op: str, demands: Sequence[Demand], give_slot: int = 0) -> list[Any]:
@@ -358,7 +433,7 @@ class RedisCounters:
                 f"{demand.messages} {demand.recipients} "
                 f"{'-' if limits.rate is None else repr(limits.rate.per_second)} {limits.burst} "
                 f"{'-' if limits.daily is None else limits.daily} "
-                f"{'-' if limits.daily_recipients is None else limits.daily_recipients}"
+                f"{'-' if limits.daily_recipients is None else limits.daily_recipients} {demand.tokens}"
             )
         keys = [self._prefix + demand.entity.key for demand in demands]
         self.round_trips += 1
@@ -387,9 +462,13 @@ class RedisCounters:
         return self._fallback.take_now(demands)
 
     def _went_down(self, exc: BaseException) -> None:
-        self._down_reason = f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+        self._down_reason = _describe(exc)
+        self._refused = isinstance(exc, self._refusals)
         if self._down_since is None:
-            self._down_since = time.monotonic()
+            now = time.monotonic()
+            if now - self._up_since > FLAP_WINDOW:
+                self._attempt = 0  # up long enough: this is a new outage, not the same one back
+            self._down_since = now
             self._down_wall = time.time()
             self._seen.clear()
             self._log_outage()
@@ -402,26 +481,42 @@ class RedisCounters:
             return
         self._last_logged = now
         log.warning(
-            "redis unreachable; limits counted on this host only (fail open)",
+            f"{self._what_is_wrong()}; limits counted on this host only (fail open)",
             extra={"reason": self._down_reason, "checks_since_last_log": self._fallbacks_unlogged},
         )
         self._fallbacks_unlogged = 0
 
+    def _what_is_wrong(self) -> str:
+        # A refusal is configuration to fix (the node is a replica, at maxmemory, or the ACL
+        # user may not run scripts), not a network outage.
+        return "redis refuses the limit script" if self._refused else "redis unreachable"
+
     async def _recover(self) -> None:
-        attempt = 0
+        """Switch back once the script itself runs again (PING answers on a node that
+        refuses it), pausing longer each time; a flap right after a recovery continues the
+        back-off rather than starting it over."""
         while self._down_since is not None:
-            await asyncio.sleep(RECOVERY_PAUSES[min(attempt, len(RECOVERY_PAUSES) - 1)])
-            attempt += 1
+            await asyncio.sleep(RECOVERY_PAUSES[min(self._attempt, len(RECOVERY_PAUSES) - 1)])
+            self._attempt += 1
             try:
                 async with asyncio.timeout(self._timeout), self._slots:
-                    await self._client.ping()
+                    await self._script(keys=[self._prefix + "probe"], args=["probe", "", 0])
             except self._errors as exc:
-                self._down_reason = f"{type(exc).__name__}: {exc}"[:200]
+                self._down_reason = _describe(exc)
+                self._refused = isinstance(exc, self._refusals)
                 continue
-            down_for = time.monotonic() - self._down_since
+            now = time.monotonic()
+            down_for = now - self._down_since
             self._down_since = None
-            log.warning(
-                "redis reachable again; limits shared across replicas again",
-                extra={"down_s": round(down_for, 1), "checks_on_local_counters": self._fallbacks_unlogged},
-            )
-            self._fallbacks_unlogged = 0
+            self._up_since = now
+            if now - self._last_recovery_logged >= LOG_INTERVAL:
+                self._last_recovery_logged = now
+                log.warning(
+                    "redis reachable again; limits shared across replicas again",
+                    extra={"down_s": round(down_for, 1), "checks_on_local_counters": self._fallbacks_unlogged},
+                )
+                self._fallbacks_unlogged = 0
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__

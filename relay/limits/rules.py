@@ -3,8 +3,10 @@
 A limit applies to an `Entity`: an authenticated user (`user`, by username) or a header-From
 domain (`domain`). Each entity may have:
 
-- `rate` with `burst`: a token bucket of messages. `burst` messages may go at once, then
-  one more each 1/rate seconds. It is the brake on a runaway loop.
+- `rate` with `burst`: a token bucket of messages (or of recipients, with `rate_counts:
+  recipients`, as SES counts its sending rate). `burst` may go at once, then one more each
+  1/rate seconds. It is the brake on a runaway loop. A message with more recipients than
+  the burst goes when the bucket is full and leaves it in debt: the rate holds on average.
 - `daily`: messages, and `daily_recipients`: recipients, in a rolling 24 hours. Upstreams
   count both ways (Amazon SES's quota and Microsoft 365's cap count recipients; Google's
   caps count messages and recipients), so both can be set.
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 USER = "user"
 DOMAIN = "domain"
+LISTENER = "listener"  # the clients of one listener that did not authenticate, together
 
 RATE = "rate"
 DAILY = "daily"
@@ -76,7 +79,7 @@ def parse_rate(value: object) -> Rate:
 
 @dataclass(frozen=True, slots=True)
 class Entity:
-    scope: str  # USER or DOMAIN
+    scope: str  # USER, DOMAIN or LISTENER
     name: str
 
     @property
@@ -95,6 +98,7 @@ class Limits:
     burst: int = 1
     daily: int | None = None
     daily_recipients: int | None = None
+    rate_recipients: bool = False  # the bucket's tokens are recipients, not messages
 
     @property
     def empty(self) -> bool:
@@ -110,6 +114,7 @@ def _limits(fields: Mapping[str, object]) -> Limits:
     burst = fields.get("burst")
     daily = fields.get("daily")
     daily_recipients = fields.get("daily_recipients")
+    rate_counts = fields.get("rate_counts")
     assert rate is None or isinstance(rate, Rate)
     assert burst is None or isinstance(burst, int)
     assert daily is None or isinstance(daily, int)
@@ -118,7 +123,13 @@ def _limits(fields: Mapping[str, object]) -> Limits:
         # Without a burst, a rate of N per unit lets N go at once: `600/m` is 600 at once,
         # then 10 a second.
         burst = rate.count
-    return Limits(rate=rate, burst=burst or 1, daily=daily, daily_recipients=daily_recipients)
+    return Limits(
+        rate=rate,
+        burst=burst or 1,
+        daily=daily,
+        daily_recipients=daily_recipients,
+        rate_recipients=rate is not None and rate_counts == "recipients",
+    )
 
 
 def _declared(settings: _LimitFields) -> dict[str, object]:
@@ -126,7 +137,7 @@ def _declared(settings: _LimitFields) -> dict[str, object]:
     return {name: getattr(settings, name) for name in settings.model_fields_set if name in _FIELDS}
 
 
-_FIELDS = ("rate", "burst", "daily", "daily_recipients")
+_FIELDS = ("rate", "burst", "rate_counts", "daily", "daily_recipients")
 
 
 class LimitPolicy:
@@ -147,6 +158,8 @@ class LimitPolicy:
                 fields.pop("burst", None)
             self._users[username] = _limits(fields)
         self._domains = {domain: _limits(_declared(limits)) for domain, limits in settings.domains.items()}
+        unauthenticated = settings.unauthenticated
+        self._unauthenticated = None if unauthenticated is None else _limits(_declared(unauthenticated))
 
     def for_user(self, username: str | None) -> Limits | None:
         if username is None:
@@ -154,15 +167,32 @@ class LimitPolicy:
         limits = self._users.get(username, self._default_user)
         return None if limits.empty else limits
 
+    def for_unauthenticated(self) -> Limits | None:
+        """The limits of the clients of one listener that did not authenticate (`auth:
+        optional`/`none`), counted together per listener; None when not set."""
+        limits = self._unauthenticated
+        return None if limits is None or limits.empty else limits
+
+    def for_entity(self, entity: Entity) -> Limits | None:
+        if entity.scope == USER:
+            return self.for_user(entity.name)
+        if entity.scope == DOMAIN:
+            return self.for_domain(entity.name)
+        return self.for_unauthenticated()
+
     def for_domain(self, domain: str | None) -> Limits | None:
         if not domain:
             return None
         limits = self._domains.get(domain.lower())
         return None if limits is None or limits.empty else limits
 
-    def with_daily_quota(self, usernames: Iterable[str]) -> list[tuple[Entity, Limits]]:
-        """Every entity that has a daily quota: the ones whose usage is exported."""
+    def with_daily_quota(self, usernames: Iterable[str], listeners: Iterable[str] = ()) -> list[tuple[Entity, Limits]]:
+        """Every entity that has a daily quota: the ones whose usage is exported
+        (`listeners`: those where clients may send without authenticating)."""
         out = []
+        unauthenticated = self.for_unauthenticated()
+        if unauthenticated is not None and unauthenticated.has_daily:
+            out += [(Entity(LISTENER, listener), unauthenticated) for listener in listeners]
         for username in usernames:
             limits = self.for_user(username)
             if limits is not None and limits.has_daily:
@@ -173,7 +203,13 @@ class LimitPolicy:
         return out
 
     @property
+    def limits_users(self) -> bool:
+        return not self._default_user.empty or any(not v.empty for v in self._users.values())
+
+    @property
     def limits_anything(self) -> bool:
-        return not self._default_user.empty or any(
-            not v.empty for v in (*self._users.values(), *self._domains.values())
+        return (
+            not self._default_user.empty
+            or any(not v.empty for v in (*self._users.values(), *self._domains.values()))
+            or self.for_unauthenticated() is not None
         )

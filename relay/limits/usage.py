@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily
@@ -23,26 +24,42 @@ from relay.limits.rules import LimitPolicy
 log = logging.getLogger("relay.limits")
 
 REFRESH_TIMEOUT = 2.0
+# Figures younger than this are served again: several Prometheus servers (or a scrape
+# retried) cost one read of the counters, not one each.
+REFRESH_MAX_AGE = 10.0
 
 
 class LimitUsage(Collector):
-    def __init__(self, policy: LimitPolicy, counters: Counters, usernames: Iterable[str]) -> None:
-        self._entities = policy.with_daily_quota(usernames)
+    def __init__(
+        self, policy: LimitPolicy, counters: Counters, usernames: Iterable[str], listeners: Iterable[str] = ()
+    ) -> None:
+        self._entities = policy.with_daily_quota(usernames, listeners)
         self._counters = counters
         self._ratios: dict[tuple[str, str], float] = {}
+        self._refreshed = -REFRESH_MAX_AGE
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
-        """Read current usage; called by the metrics endpoint before it renders."""
+        """Read current usage; called by the metrics endpoint before it renders. At most one
+        read at a time and one per REFRESH_MAX_AGE; a read that takes too long leaves the
+        series absent for this scrape."""
+        if time.monotonic() - self._refreshed < REFRESH_MAX_AGE:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._read(), name="limit-usage")
         try:
-            async with asyncio.timeout(REFRESH_TIMEOUT):
-                usage = await self._counters.usage([entity for entity, _ in self._entities])
+            await asyncio.wait_for(asyncio.shield(self._refreshing), REFRESH_TIMEOUT)
         except TimeoutError:
-            usage = {}
+            self._ratios = {}
+
+    async def _read(self) -> None:
+        usage = await self._counters.usage([entity for entity, _ in self._entities])
         self._ratios = {
             (entity.scope, entity.name): usage[entity].ratio(limits)
             for entity, limits in self._entities
             if entity in usage
         }
+        self._refreshed = time.monotonic()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(

@@ -93,6 +93,9 @@ LOOP_ERRORS = Counter(
 )
 
 SCAN_INTERVAL = 10.0
+# An entry of a domain whose limit another entry is trying is woken by the outcome; it
+# asks again after this only if none comes (that attempt could not read its entry).
+PACED_PROBE_WAIT = 60.0
 KICK_POLL = 1.0
 DUE_SLACK = 0.5  # recipients due this soon go along with the ones due now
 DEAD_SWEEP_INTERVAL = 300.0
@@ -162,6 +165,12 @@ class QueueRunner:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._summaries: dict[str, EntrySummary] = {}
+        # Deferrals by a sending limit live here, not in the entry's state (they are not
+        # attempts): the scan, which schedules from the state, must not undo them.
+        self._paced: dict[str, tuple[str, float]] = {}  # entry id -> (From domain, not before)
+        self._domain_gates: dict[str, float] = {}  # From domain -> over its limit until then
+        self._probing: dict[str, str] = {}  # From domain -> the one entry trying its gate
+        self._waiting: dict[str, set[str]] = {}  # From domain -> entries waiting for that try
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
@@ -253,7 +262,8 @@ class QueueRunner:
 
     # -- the schedule ---------------------------------------------------------------------
     def _schedule(self, entry_id: str, when: float) -> None:
-        when = max(when, self._backoff.get(entry_id, 0.0))
+        # In-memory backoff, and a sending limit's deferral: both outlast the scans.
+        when = max(when, self._backoff.get(entry_id, 0.0), self._not_before(entry_id))
         if self._due.get(entry_id) == when:
             return
         self._due[entry_id] = when
@@ -313,7 +323,58 @@ class QueueRunner:
             del self._due[entry_id]
             if entry_id in self._inflight:
                 continue
+            wait_until = self._not_before(entry_id)  # its domain's gate may have moved on
+            if wait_until <= now:
+                wait_until = self._paced_until(entry_id, now) or 0.0
+            if wait_until > now:
+                self._schedule(entry_id, wait_until)
+                continue
             self._launch(entry_id, self._attempt(entry_id))
+
+    def _not_before(self, entry_id: str) -> float:
+        """When an entry a sending limit deferred may be read again: its own deferral, or
+        its From domain's gate (none of the domain's entries is read and counted while the
+        limit is known to be reached)."""
+        paced = self._paced.get(entry_id)
+        if paced is None:
+            return 0.0
+        domain, not_before = paced
+        return max(not_before, self._domain_gates.get(domain, 0.0))
+
+    def _paced_until(self, entry_id: str, now: float) -> float | None:
+        """When the gate of a deferred entry's domain opens, one entry tries it and the
+        others wait for its outcome (else each would be read and counted to learn the
+        same); None: this one may go now."""
+        paced = self._paced.get(entry_id)
+        if paced is None:
+            return None
+        domain = paced[0]
+        trying = self._probing.get(domain)
+        if trying is not None and trying != entry_id and trying in self._inflight:
+            self._waiting.setdefault(domain, set()).add(entry_id)
+            return now + PACED_PROBE_WAIT  # woken by the outcome; this only if none comes
+        self._probing[domain] = entry_id
+        return None
+
+    def _defer_paced(self, entry_id: str, domain: str, until: float) -> None:
+        self._paced[entry_id] = (domain, until)
+        self._domain_gates[domain] = until
+        self._schedule(entry_id, until)
+        self._tried(entry_id, domain)
+
+    def _passed_pacing(self, entry_id: str, domain: str) -> None:
+        self._paced.pop(entry_id, None)
+        self._domain_gates.pop(domain, None)
+        self._tried(entry_id, domain)
+
+    def _tried(self, entry_id: str, domain: str) -> None:
+        """The entry trying its domain's gate has its outcome: the waiting ones go now, or
+        at the new gate."""
+        if self._probing.get(domain) == entry_id:
+            del self._probing[domain]
+        now = time.time()
+        for waiting in self._waiting.pop(domain, ()):
+            self._schedule(waiting, now)
 
     async def _scan(self) -> None:
         started = time.time()
@@ -321,6 +382,8 @@ class QueueRunner:
         self._last_scan = time.time()
         self._summaries = result.entries
         self._unreadable = len(result.unreadable)
+        for gone in self._paced.keys() - result.entries.keys():
+            del self._paced[gone]  # delivered or removed elsewhere
         for entry_id in result.corrupt:
             held = self.spool.lock(entry_id)
             if held is not None:
@@ -350,7 +413,8 @@ class QueueRunner:
                 continue
             if summary.due is None:
                 continue
-            if summary.due <= now or summary.id in self._inflight:
+            paced = self._paced.get(summary.id)
+            if summary.id in self._inflight or (summary.due <= now and (paced is None or paced[1] <= now)):
                 active += 1
             else:
                 deferred += 1
@@ -464,13 +528,15 @@ class QueueRunner:
         pacer = self.pacer() if self.pacer is not None and due else None
         counted = None
         if pacer is not None:
-            paced = await pacer.pace_delivery(entry.from_domain or _author_domain(message), len(due))
+            domain = entry.from_domain or _author_domain(message)
+            paced = await pacer.pace_delivery(domain, len(due))
             if isinstance(paced, float):
                 # Over a limit of its From domain (the upstream's side): not an attempt, not
                 # a failure; the entry waits until it fits.
                 log.info("delivery deferred by a sending limit", extra={"id": entry.id, "wait_s": round(paced)})
-                self._schedule(entry.id, now + paced)
+                self._defer_paced(entry.id, (domain or "").lower(), now + paced)
                 return
+            self._passed_pacing(entry.id, (domain or "").lower())
             counted = paced
         if due:
             # Routes go by the envelope sender, so one target carries every recipient; a

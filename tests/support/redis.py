@@ -3,6 +3,7 @@
 with RedisServer(tmp_path) as redis:
     redis.url                     # redis://127.0.0.1:PORT/0
     redis.kill()                  # SIGKILL: an outage, nothing saved
+    redis.freeze(); redis.thaw()  # SIGSTOP / SIGCONT: no answer meanwhile
     redis.start()                 # back on the same port, empty
     redis.cli("INFO", "commandstats")
 """
@@ -57,6 +58,16 @@ class RedisServer:
             self._proc.send_signal(signal.SIGKILL)
             self._proc.wait(10)
         self._proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: Redis answers nothing until `thaw` (a busy or unreachable Redis whose
+        connections stay open)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(

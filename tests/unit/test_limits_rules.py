@@ -169,3 +169,21 @@ async def test_unlimited_users_cost_nothing(counters):
     limiter.check_recipient("app", 0)
     reservation = await limiter.reserve("app", "example.com", 1)
     assert reservation._taken is None
+
+
+async def test_a_rate_counting_recipients_paces_a_many_recipient_message(tmp_path):
+    """The domain's limits mirror an SES account (1 recipient a second, `rate_counts:
+    recipients`): a message to 50 recipients used to pass on one token."""
+    from relay.config.schema import LimitsSettings
+    from relay.limits.limiter import Reservation
+
+    settings = LimitsSettings.model_validate(
+        {"domains": {"example.com": {"rate": "1/s", "burst": 1, "rate_counts": "recipients", "daily": 200}}}
+    )
+    limiter = Limiter(LimitPolicy(settings), LocalCounters(tmp_path / "limits"))
+    try:
+        assert isinstance(await limiter.pace_delivery("example.com", 50), Reservation)
+        wait = await limiter.pace_delivery("example.com", 1)
+        assert isinstance(wait, float) and wait > 45  # the 50 recipients are paid for first
+    finally:
+        await limiter.counters.close()
