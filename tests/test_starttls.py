@@ -12,7 +12,7 @@ import time
 import pytest
 
 from relay.listen import smtp as relay_smtp
-from tests.support.config import APP_PASSWORD
+from tests.support.config import APP_PASSWORD, loopback_bind
 from tests.support.inloop import in_thread
 from tests.support.smtp import connect, reply
 
@@ -198,3 +198,22 @@ def test_sessions_resume_on_any_worker(make_relay, upstream, pki):
         outcomes.append(resumed)
     assert all(outcomes), outcomes
     assert relay.metric("relay_sessions_total", listener="submission") == 13
+
+
+@in_thread
+def test_starttls_on_a_listener_without_tls_is_454(make_loop_relay, upstream, pki):
+    # Not offered in EHLO, but a client may send it anyway: RFC 3207 §4's 454, and the
+    # session goes on (it was an AssertionError logged as a session error).
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["listeners"].append({"name": "plain", "bind": loopback_bind(), "tls": "none", "auth": "none"})
+    relay.start()
+    sock = socket.create_connection(("127.0.0.1", relay.port("plain")), timeout=20)
+    assert _reply(sock)[0].startswith(b"220 ")
+    sock.sendall(b"EHLO client.test\r\n")
+    assert b"STARTTLS" not in b"".join(_reply(sock))
+    sock.sendall(b"STARTTLS\r\n")
+    assert _reply(sock) == [b"454 4.7.0 TLS not available\r\n"]
+    sock.sendall(b"NOOP\r\n")
+    assert _reply(sock)[0].startswith(b"250 ")
+    sock.close()
+    assert not [e for e in relay.logs() if e.get("level") == "error"]

@@ -486,13 +486,16 @@ class RelaySMTP(SMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: STARTTLS")
             return
+        if self.tls_context is None:
+            # A listener without TLS (tls: none) does not offer it (RFC 3207 §4: 454).
+            await self.push("454 4.7.0 TLS not available")
+            return
         # Not aiosmtpd's STARTTLS, which wraps the socket in asyncio's pure-Python SSLProtocol
         # itself: loop.start_tls() gives the event loop's own TLS transport (uvloop's is
         # native code), a third of the relay's CPU per message when each message is a new
         # session. See relay.listen.starttls.
         self._ending = "STARTTLS"
         self._set_rset_state()  # RFC 3207 §4.2: the transaction ends here, handshake or not
-        assert self.tls_context is not None
         self._handshaking = True
         try:
             tls = await starttls.upgrade(self, self._reader, self._writer, self.tls_context, TLS_HANDSHAKE_TIMEOUT)
