@@ -350,16 +350,25 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return keygen(args)
 
 
-def cmd_dkim_rotate(args: argparse.Namespace) -> int:
+def _dkim_settings(path_arg: str | None) -> Settings | None:
+    """The settings `relay dkim` works on, or None once the config errors are printed."""
     from relay.config.load import ConfigError
-    from relay.rotate.command import rotate_command
 
     try:
-        settings, _ = _load(args.config)
+        settings, _ = _load(path_arg)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
+        return None
+    logging.basicConfig(level=logging.ERROR)  # the commands print their own lines
+    return settings
+
+
+def cmd_dkim_rotate(args: argparse.Namespace) -> int:
+    from relay.rotate.command import rotate_command
+
+    settings = _dkim_settings(args.config)
+    if settings is None:
         return EXIT_CONFIG
-    logging.basicConfig(level=logging.ERROR)
     return asyncio.run(
         rotate_command(
             settings,
@@ -376,15 +385,11 @@ def cmd_dkim_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_dkim_status(args: argparse.Namespace) -> int:
-    from relay.config.load import ConfigError
     from relay.rotate.command import status_command
 
-    try:
-        settings, _ = _load(args.config)
-    except ConfigError as exc:
-        print(exc.render(), file=sys.stderr)
+    settings = _dkim_settings(args.config)
+    if settings is None:
         return EXIT_CONFIG
-    logging.basicConfig(level=logging.ERROR)
     return asyncio.run(status_command(settings, as_json=args.json))
 
 
