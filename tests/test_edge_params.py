@@ -351,3 +351,18 @@ def test_spool_queues_a_relayed_notice_for_an_upstream_without_dsn(make_loop_rel
     assert "From: Mail Delivery System <MAILER-DAEMON@relay.test>" in report
     assert "Action: relayed" in report and "Original-Envelope-Id: sp+2" in report
     assert relay.metric("relay_dsn_relayed_notices_total", result="queued") == 1
+
+
+@in_thread
+def test_spool_relayed_notice_of_8bit_headers_is_sent_as_8bitmime(make_loop_relay, upstream, pki, tmp_path):
+    # The notice returns the original header (RFC 3461 §4.3): with UTF-8 in it the notice is
+    # 8-bit content and must be declared so (RFC 6152), as the spool's failure reports are.
+    relay = make_loop_relay(upstream.port, queue=spool_queue(tmp_path))
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com> BODY=8BITMIME SMTPUTF8")[0] == 250
+    assert reply(client, "RCPT TO:<u@example.net> NOTIFY=SUCCESS")[0] == 250
+    assert client.data(message(subject="caf\u00e9 relayed"))[0] == 250
+    original, notice = sorted(upstream.wait_for(2, timeout=30), key=lambda m: m.mail_from, reverse=True)
+    assert (notice.mail_from, notice.rcpt_tos) == ("", ["app@example.com"])
+    assert "caf\u00e9 relayed".encode() in notice.content
+    assert "BODY=8BITMIME" in notice.mail_options

@@ -755,19 +755,7 @@ class QueueRunner:
         report = build_dsn(entry, failed, message, hostname=self.hostname, now=now)
         if self.sign_report is not None:
             report = self.sign_report(report)
-        body_8bit, smtputf8 = report_envelope(report, entry.mail_from)
-        dsn = QueueEntry(
-            id=queue_id(),
-            mail_from="",
-            recipients=[RecipientState(entry.mail_from)],
-            created=now,
-            since=now,
-            body_8bit=body_8bit,
-            smtputf8=smtputf8,
-            listener="dsn",
-            from_domain=self.hostname,
-            extra={"report_for": entry.id},
-        )
+        dsn = self._report_entry(entry, report, now, extra={"report_for": entry.id})
         try:
             dsn_lock = await self.spool.put(dsn, report)
         except SmtpError as exc:
@@ -783,6 +771,23 @@ class QueueRunner:
             extra={"id": entry.id, "dsn_id": dsn.id, "to_domain": entry.mail_from.rpartition("@")[2]},
         )
         self.submit(dsn_lock, dsn, report)
+
+    def _report_entry(self, entry: QueueEntry, report: bytes, now: float, *, extra: dict[str, str]) -> QueueEntry:
+        """The entry that carries one of relay's own reports about `entry` to its sender: the
+        null reverse-path (RFC 3461 §6.1), 8BITMIME/SMTPUTF8 as the report and the address need."""
+        body_8bit, smtputf8 = report_envelope(report, entry.mail_from)
+        return QueueEntry(
+            id=queue_id(),
+            mail_from="",
+            recipients=[RecipientState(entry.mail_from)],
+            created=now,
+            since=now,
+            body_8bit=body_8bit,
+            smtputf8=smtputf8,
+            listener="dsn",
+            from_domain=self.hostname,
+            extra=extra,
+        )
 
     async def _relayed_notice(
         self, entry: QueueEntry, accepted: list[RecipientState], reply: Reply, message: bytes
@@ -810,16 +815,7 @@ class QueueRunner:
         )
         if self.sign_report is not None:
             report = self.sign_report(report)
-        notice = QueueEntry(
-            id=queue_id(),
-            mail_from="",
-            recipients=[RecipientState(entry.mail_from)],
-            created=now,
-            since=now,
-            listener="dsn",
-            from_domain=self.hostname,
-            extra={"relayed_for": entry.id},
-        )
+        notice = self._report_entry(entry, report, now, extra={"relayed_for": entry.id})
         try:
             notice_lock = await self.spool.put(notice, report)
         except SmtpError as exc:
