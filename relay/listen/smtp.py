@@ -330,9 +330,17 @@ class RelaySMTP(SMTP):
             self.close()
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-            self._abort_when_stuck()
+        """End the session after the relay's last reply. On plain TCP the connection lingers
+        (see _Linger); under TLS, and mid-STARTTLS, it closes."""
+        transport = _writable(self.transport)
+        if transport is None:
+            return
+        if not self._handshaking and not transport.is_closing() and transport.can_write_eof():
+            transport.set_protocol(_Linger(cast(asyncio.Transport, transport), self.loop))
+            self.connection_lost(None)  # the session is over now; the socket is _Linger's
+            return
+        transport.close()
+        self._abort_when_stuck()
 
     def _abort_when_stuck(self) -> None:
         """Abort the connection if it is still closing after CLOSE_GRACE (see there)."""
@@ -681,6 +689,29 @@ def _writable(transport: asyncio.BaseTransport | None) -> asyncio.WriteTransport
     loop's own) do not subclass asyncio's, so `isinstance(t, asyncio.WriteTransport)` is
     False for them: what matters is that the session still has one."""
     return cast(asyncio.WriteTransport, transport) if transport is not None else None
+
+
+class _Linger(asyncio.Protocol):
+    """A closed session's socket, half-closed: the relay's last reply is followed by FIN, and
+    what the client still sends is read and dropped until it closes too, or CLOSE_GRACE ends
+    it. RFC 1122 §4.2.2.13: closing with input unread, or input arriving after the close,
+    sends RST, and a client reading its reply late then sees "connection reset" in its place
+    (a PROXY header refused unread; a command crossing the final 421)."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        transport.write_eof()  # after the reply still buffered, if any
+        if not transport.is_reading():  # paused by the session's full buffer
+            transport.resume_reading()
+        self._deadline = loop.call_later(CLOSE_GRACE, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # nothing more is answered
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._deadline.cancel()
 
 
 def _ascii(text: str) -> str:
