@@ -112,9 +112,13 @@ class Route53Zone:
         os.utime(self.zone_file, (stamp, stamp))
         if self._proc is None:
             return
+        # NSD reloads by forking new server processes; the old ones answer from the same
+        # socket until they exit. Seeing the new serial once is not enough: a next query
+        # could still meet an old server, with the old zone.
+        old_servers = _leaf_descendants(self._proc.pid)
         os.kill(self._proc.pid, signal.SIGHUP)
         deadline = time.monotonic() + timeout
-        while self._serial_served() != self.serial:
+        while self._serial_served() != self.serial or any(_alive(pid) for pid in old_servers):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 raise ProcessError(f"nsd does not serve serial {self.serial}\n{log_tail(self.workdir / 'nsd.log')}")
             time.sleep(0.05)
@@ -146,3 +150,40 @@ class Route53Zone:
         if self._running is not None:
             self._running.__exit__(*exc)
             self._running = self._proc = None
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid → its children's pids, from /proc."""
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # The command name (field 2) may hold spaces: the parent pid is second after its ')'.
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        tree.setdefault(parent, []).append(int(entry.name))
+    return tree
+
+
+def _leaf_descendants(pid: int) -> list[int]:
+    """The processes under `pid` that have none of their own: NSD's server processes."""
+    tree, leaves, todo = _children(), [], [pid]
+    while todo:
+        kids = tree.get(todo.pop(), [])
+        for kid in kids:
+            if kid in tree:
+                todo.append(kid)
+            else:
+                leaves.append(kid)
+    return leaves
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie serves nothing
