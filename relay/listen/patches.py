@@ -17,6 +17,14 @@ both libraries to the same range.
 3. `UpstreamConnection._stream_data` writes DATA in pieces through aiosmtplib's protocol and
    uses two of its private members: `_drain_helper` (flow control) and `_response_pending`
    (a reply arriving before `read_response()` is awaited is kept, not dropped).
+4. aiosmtpd's `SMTP.__init__` also lists `dir()` of the protocol and of the handler on every
+   connection to find their `smtp_*` and `handle_*` methods. The class part of that list is
+   made once per class; the instance's own attributes are added each time, so the result is
+   what `dir()` gives.
+5. aiosmtpd passes every command line through `sanitized_log` (a regex that hides AUTH
+   credentials) twice, before the logger is asked whether that level is on; the relay keeps
+   `mail.log` at WARNING, so the work was thrown away. The check now comes first; a line
+   that is logged is sanitized exactly as before.
 
 `RelaySMTP` (relay.listen.smtp) also overrides private members of aiosmtpd's `SMTP`; they
 are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too. Its STARTTLS is its own
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import Callable
 from importlib.metadata import version
 
@@ -59,6 +68,9 @@ ASYNCIO_STREAM_ATTRIBUTES = (
     ("StreamWriter", "_transport"),
 )
 
+# What patches 4 and 5 rely on aiosmtpd's module calling by these names.
+_AIOSMTPD_CALLS = ("in dir(self)", "in dir(handler)", "sanitized_log(log.info, ", "sanitized_log(log.debug, ")
+
 _applied = False
 
 
@@ -73,6 +85,8 @@ def apply() -> None:
         return
     check()
     setattr(aiosmtpd.smtp, "inspect", _AuthMemberLookup)  # noqa: B010 - replaces a module global
+    setattr(aiosmtpd.smtp, "dir", _dir_by_class)  # noqa: B010 - shadows the builtin in that module
+    setattr(aiosmtpd.smtp, "sanitized_log", _sanitized_log_if_enabled)  # noqa: B010
     aiosmtplib.protocol.normalize_message_line_endings = _crlf_only_fast_path
     _applied = True
 
@@ -85,6 +99,10 @@ def check() -> None:
     missing += [name for name in AIOSMTPD_PRIVATE_ATTRIBUTES if f"self.{name} = " not in source]
     if getattr(aiosmtpd.smtp, "inspect", None) is not inspect and not _applied:
         missing.append("aiosmtpd.smtp.inspect")
+    if not callable(getattr(aiosmtpd.smtp, "sanitized_log", None)):
+        missing.append("aiosmtpd.smtp.sanitized_log")
+    smtp_source = inspect.getsource(aiosmtpd.smtp)
+    missing += [f"aiosmtpd.smtp: {use}" for use in _AIOSMTPD_CALLS if use not in smtp_source]
     if not callable(getattr(aiosmtplib.protocol, "normalize_message_line_endings", None)):
         missing.append("aiosmtplib.protocol.normalize_message_line_endings")
     protocol = aiosmtplib.protocol.SMTPProtocol
@@ -121,6 +139,37 @@ class _AuthMemberLookup:
         if names is None:
             names = cls._names[type(obj)] = [n for n in dir(type(obj)) if n.startswith("auth_")]
         return [(name, getattr(obj, name)) for name in names]
+
+
+_class_names: dict[type, tuple[list[str], frozenset[str]]] = {}
+
+
+def _dir_by_class(obj: object) -> list[str]:
+    """`dir(obj)` with the class part made once per class (patch 4): `object.__dir__` is the
+    instance's own attributes and its class's, sorted."""
+    cls = type(obj)
+    if cls.__dir__ is not object.__dir__:
+        return dir(obj)
+    cached = _class_names.get(cls)
+    if cached is None:
+        names = dir(cls)
+        cached = _class_names[cls] = (names, frozenset(names))
+    names, known = cached
+    own = [name for name in getattr(obj, "__dict__", ()) if name not in known]
+    return sorted(names + own) if own else list(names)
+
+
+_original_sanitized_log = aiosmtpd.smtp.sanitized_log
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _sanitized_log_if_enabled(func: Callable[..., None], msg: str, *args: object, **kwargs: object) -> None:
+    """aiosmtpd's `sanitized_log`, skipped when the logger would drop the line (patch 5)."""
+    logger = getattr(func, "__self__", None)
+    level = _LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
+        return
+    _original_sanitized_log(func, msg, *args, **kwargs)
 
 
 _normalize_line_endings: Callable[[bytes], bytes] = aiosmtplib.protocol.normalize_message_line_endings

@@ -1,0 +1,86 @@
+"""The aiosmtpd/aiosmtplib patches (relay.listen.patches) change cost, never results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiosmtpd.smtp
+import pytest
+
+from relay.listen import patches
+from relay.listen.smtp import _Hooks
+
+patches.apply()
+
+
+class _WithOwnAttributes:
+    kind = "class"
+
+    def __init__(self) -> None:
+        self.smtp_NOOP = "an instance attribute"
+        self.zzz = 1
+
+
+class _CustomDir:
+    def __dir__(self) -> list[str]:
+        return ["smtp_X", "handle_Y"]
+
+
+class _Slotted:
+    __slots__ = ("handle_Z",)
+
+
+@pytest.mark.parametrize("make", [_Hooks, _WithOwnAttributes, _CustomDir, _Slotted, object])
+def test_dir_by_class_is_dir(make):
+    obj = make()
+    assert patches._dir_by_class(obj) == dir(obj)
+    assert patches._dir_by_class(obj) == dir(obj)  # and from the cache
+
+
+def test_the_protocol_finds_the_same_commands_and_hooks():
+    loop = asyncio.new_event_loop()
+    try:
+        handler = _Hooks()
+        protocol = aiosmtpd.smtp.SMTP(handler, hostname="relay.test", loop=loop)
+        assert aiosmtpd.smtp.dir is patches._dir_by_class
+        commands = {name[5:] for name in dir(protocol) if name.startswith("smtp_")}
+        hooks = {name[7:] for name in dir(handler) if name.startswith("handle_")}
+        assert set(protocol._smtp_methods) == commands and "DATA" in commands
+        assert set(protocol._handle_hooks) == hooks == {"PROXY"}
+    finally:
+        loop.close()
+
+
+@pytest.fixture
+def mail_log():
+    logger = logging.getLogger("mail.log")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    level = logger.level
+    logger.addHandler(handler)
+    yield logger, records
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def test_command_lines_are_not_sanitized_for_a_level_that_is_off(mail_log, monkeypatch):
+    logger, records = mail_log
+    logger.setLevel(logging.WARNING)  # as the relay keeps it (relay.observe.logs)
+    sanitized: list[bytes] = []
+    monkeypatch.setattr(aiosmtpd.smtp, "sanitize", lambda text: sanitized.append(text) or text)
+    aiosmtpd.smtp.sanitized_log(logger.info, "%r >> %r", "peer", b"AUTH PLAIN AGFwcABzZWNyZXQ=")
+    aiosmtpd.smtp.sanitized_log(logger.debug, "readline: %r", b"AUTH PLAIN AGFwcABzZWNyZXQ=\r\n")
+    assert sanitized == [] and records == []
+
+
+def test_a_logged_command_line_still_hides_the_credentials(mail_log):
+    logger, records = mail_log
+    logger.setLevel(logging.DEBUG)
+    aiosmtpd.smtp.sanitized_log(logger.info, "%r >> %r", "peer", b"AUTH PLAIN AGFwcABzZWNyZXQ=")
+    aiosmtpd.smtp.sanitized_log(logger.debug, "readline: %r", b"AUTH PLAIN AGFwcABzZWNyZXQ=\r\n")
+    assert [record.getMessage() for record in records] == [
+        "'peer' >> b'AUTH PLAIN ********'",
+        "readline: b'AUTH PLAIN ********\\r\\n'",
+    ]
