@@ -8,7 +8,9 @@ name, never the proxy's (RFC 3207 §4.1, RFC 8314).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import re
 import socket
 import ssl
 import time
@@ -30,6 +32,15 @@ from relay.message import WireMessage
 
 log = logging.getLogger("relay.deliver")
 
+# A mailbox the listener accepted that needs no quoting or parsing on the command line: a
+# dot-atom-like local part and a domain (UTF-8 allowed, RFC 6531), no quotes, spaces, angle
+# brackets or address literals (those go through aiosmtplib's own quoting).
+_PLAIN_MAILBOX = re.compile(
+    r'[^\s<>()\[\]\\,;:@"\x00-\x1f\x7f\ud800-\udfff]+@[^\s<>()\[\]\\,;:@"\x00-\x1f\x7f\ud800-\udfff]+\Z'
+)
+_SENDER_OK = frozenset({250})  # as aiosmtplib's mail()
+_RECIPIENT_OK = frozenset({250, 251})  # as aiosmtplib's rcpt()
+
 # The message goes upstream in writes of this size (see UpstreamConnection._stream_data).
 _DATA_PIECE = 64 * 1024
 
@@ -49,6 +60,13 @@ UPSTREAM_CONNECTS = Counter(
     "Upstream connections opened, by result (ok, or the failure label).",
     ["upstream", "result"],
 )
+
+
+# The label children, looked up once per label values: labels() checks and locks on every
+# call, and each message makes two of these. It returns the same child for the same values
+# (none is ever removed), so one evicted past maxsize is only looked up again.
+_replies = functools.lru_cache(maxsize=1024)(UPSTREAM_REPLIES.labels)
+_latencies = functools.lru_cache(maxsize=256)(UPSTREAM_LATENCY.labels)
 
 
 class SessionAuth(Protocol):
@@ -138,16 +156,40 @@ class UpstreamConnection:
             # an upstream the relay authenticated to (the upstream trusts the relay, not
             # the client). An unauthenticated hop gets neither.
             options.append("AUTH=" + (xtext_encode(envelope.auth) if envelope.auth else "<>"))
-        return await self._command("MAIL", self.smtp.mail(envelope.mail_from, options=options, encoding="utf-8"))
+        sender = envelope.mail_from
+        if self._greeted and _PLAIN_MAILBOX.match(sender):
+            return await self._command("MAIL", self._path_command(b"MAIL FROM:", sender, options, _SENDER_OK))
+        return await self._command("MAIL", self.smtp.mail(sender, options=options, encoding="utf-8"))
 
     async def rcpt(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         options = dsn.params() if self.supports("dsn") else []
+        if self._greeted and _PLAIN_MAILBOX.match(address):
+            return await self._command("RCPT", self._path_command(b"RCPT TO:", address, options, _RECIPIENT_OK))
         return await self._command("RCPT", self.smtp.rcpt(address, options=options, encoding="utf-8"))
+
+    @property
+    def _greeted(self) -> bool:
+        return self.smtp.last_ehlo_response is not None or self.smtp.last_helo_response is not None
+
+    async def _path_command(self, verb: bytes, address: str, options: list[str], ok: frozenset[int]) -> SMTPResponse:
+        """MAIL or RCPT with an address the listener has already parsed and checked, the way
+        aiosmtplib's `mail()`/`rcpt()` send it, without its second parse of the address
+        (`email.utils.parseaddr`, which returns such an address unchanged): the same command
+        bytes, the same exceptions. Only for a greeted connection (aiosmtplib would send EHLO
+        first otherwise) and a plain `local@domain` (anything else goes through aiosmtplib)."""
+        keyword, _, prefix = verb.partition(b" ")
+        response = await self.smtp.execute_command(
+            keyword, prefix + b"<" + address.encode("utf-8") + b">", *(option.encode("ascii") for option in options)
+        )
+        if response.code not in ok:
+            refused = aiosmtplib.SMTPSenderRefused if keyword == b"MAIL" else aiosmtplib.SMTPRecipientRefused
+            raise refused(response.code, response.message, address)
+        return response
 
     async def data(self, message: WireMessage) -> Reply:
         started = time.perf_counter()
         reply = await self._command("DATA", self._stream_data(message))
-        UPSTREAM_LATENCY.labels(self.endpoint.label).observe(time.perf_counter() - started)
+        _latencies(self.endpoint.label).observe(time.perf_counter() - started)
         self.messages += 1
         return reply
 
@@ -230,7 +272,7 @@ class UpstreamConnection:
                 self.close()
                 raise _broken(label, stage, f"unexpected reply {exc.code}") from None
             reply = Reply.from_upstream(exc.code, exc.message)
-            UPSTREAM_REPLIES.labels(label, stage.lower(), f"{exc.code // 100}xx").inc()
+            _replies(label, stage.lower(), f"{exc.code // 100}xx").inc()
             return reply
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
             self.close()
@@ -244,7 +286,7 @@ class UpstreamConnection:
         finally:
             self.last_used = time.monotonic()
         if stage == "DATA":
-            UPSTREAM_REPLIES.labels(label, "data", f"{response.code // 100}xx").inc()
+            _replies(label, "data", f"{response.code // 100}xx").inc()
         return Reply.from_upstream(response.code, response.message)
 
 
