@@ -322,7 +322,7 @@ class Pipeline:
             await reservation.give_back()
             raise
         finally:
-            messages.RELAY_DURATION.labels(tx.listener).observe(time.perf_counter() - started)
+            messages.relay_duration(tx.listener, time.perf_counter() - started)
         tx.upstream_reply = reply
         if reply.positive:
             messages.message_relayed(tx.listener, tx.upstream.upstream)
@@ -385,7 +385,7 @@ class Pipeline:
         signatures = self.signer.sign(message, keys)
         messages.DKIM_SIGN_DURATION.observe(time.perf_counter() - started)
         for key in keys:
-            messages.DKIM_SIGNATURES.labels(key.domain, key.selector, key.algorithm).inc()
+            messages.signature_added(key.domain, key.selector, key.algorithm)
             tx.dkim.append(f"{key.domain}/{key.selector}")
         return signatures
 

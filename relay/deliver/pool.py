@@ -39,6 +39,7 @@ class ConnectionPool:
         acquire_timeout: float,
     ) -> None:
         self.label = label
+        self._gauges: tuple[Gauge, Gauge] | None = None  # (idle, busy), at first use
         self._open = open_connection
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: deque[UpstreamConnection] = deque()
@@ -130,5 +131,9 @@ class ConnectionPool:
                 return
 
     def _update_gauges(self) -> None:
-        POOL_CONNECTIONS.labels(self.label, "idle").set(len(self._idle))
-        POOL_CONNECTIONS.labels(self.label, "busy").set(self._busy)
+        if self._gauges is None:
+            # The children, looked up once: labels() checks and locks on every call.
+            self._gauges = (POOL_CONNECTIONS.labels(self.label, "idle"), POOL_CONNECTIONS.labels(self.label, "busy"))
+        idle, busy = self._gauges
+        idle.set(len(self._idle))
+        busy.set(self._busy)

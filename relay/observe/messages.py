@@ -8,6 +8,7 @@ addresses beyond their domains, or a secret.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -57,6 +58,14 @@ DSN_RELAYED_NOTICES = Counter(
     ["result"],
 )
 
+# The label children, looked up once per label values (see relay.observe.sessions).
+_received = functools.lru_cache(maxsize=256)(MESSAGES_RECEIVED.labels)
+_sizes = functools.lru_cache(maxsize=256)(MESSAGE_SIZE.labels)
+_relayed = functools.lru_cache(maxsize=1024)(MESSAGES_RELAYED.labels)
+_rejected = functools.lru_cache(maxsize=1024)(MESSAGES_REJECTED.labels)
+_durations = functools.lru_cache(maxsize=256)(RELAY_DURATION.labels)
+_signatures = functools.lru_cache(maxsize=1024)(DKIM_SIGNATURES.labels)
+
 _QUEUE_ID = re.compile(r"(?:queued as|id=|\bid\s)\s*<?([A-Za-z0-9._@+-]{4,})", re.IGNORECASE)
 
 
@@ -94,7 +103,7 @@ class TransactionFacts(Protocol):
 
 
 def count_rejection(listener: str, reason: str) -> None:
-    MESSAGES_REJECTED.labels(listener, reason).inc()
+    _rejected(listener, reason).inc()
 
 
 def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | None) -> None:
@@ -197,12 +206,20 @@ def upstream_id(reply_text: str) -> str | None:
 
 
 def message_received(listener: str, size: int) -> None:
-    MESSAGES_RECEIVED.labels(listener).inc()
-    MESSAGE_SIZE.labels(listener).observe(size)
+    _received(listener).inc()
+    _sizes(listener).observe(size)
 
 
 def message_relayed(listener: str, upstream: str) -> None:
-    MESSAGES_RELAYED.labels(listener, upstream).inc()
+    _relayed(listener, upstream).inc()
+
+
+def relay_duration(listener: str, seconds: float) -> None:
+    _durations(listener).observe(seconds)
+
+
+def signature_added(domain: str, selector: str, algorithm: str) -> None:
+    _signatures(domain, selector, algorithm).inc()
 
 
 def relayed_notice(tx_id: str, reply: Reply | None, failure: str | None) -> None:

@@ -5,6 +5,7 @@ The edge (`relay.listen`) calls these at the session's events; nothing here deci
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -36,9 +37,17 @@ AUTH_ATTEMPTS = Counter(
     ["listener", "mechanism", "result"],
 )
 
+# The label children, looked up once per label values: prometheus-client's labels() checks
+# and locks on every call, and a session makes several. labels() returns the same child for
+# the same values (none of these is ever removed), so a child evicted past maxsize is only
+# looked up again; a listener renamed on reload is new label values, a new child.
+_active = functools.lru_cache(maxsize=256)(SESSIONS_ACTIVE.labels)
+_ended = functools.lru_cache(maxsize=256)(SESSIONS_TOTAL.labels)
+_auth_attempts = functools.lru_cache(maxsize=256)(AUTH_ATTEMPTS.labels)
+
 
 def session_admitted(listener: str) -> None:
-    SESSIONS_ACTIVE.labels(listener).inc()
+    _active(listener).inc()
 
 
 def session_refused(listener: str, client: str, refusal: SmtpError) -> None:
@@ -57,12 +66,12 @@ def session_refused(listener: str, client: str, refusal: SmtpError) -> None:
 
 def session_ended(listener: str, tls_version: str | None) -> None:
     """Counted at the end, so a STARTTLS session shows the TLS version it ended with."""
-    SESSIONS_ACTIVE.labels(listener).dec()
-    SESSIONS_TOTAL.labels(listener, tls_version or "none").inc()
+    _active(listener).dec()
+    _ended(listener, tls_version or "none").inc()
 
 
 def auth_attempt(listener: str, mechanism: str, ok: bool, *, client: str, username: str, known: bool) -> None:
-    AUTH_ATTEMPTS.labels(listener, mechanism, "success" if ok else "failure").inc()
+    _auth_attempts(listener, mechanism, "success" if ok else "failure").inc()
     if not ok:
         # A username that is not configured may be a password typed into the wrong field:
         # it is logged only as a short hash keyed per process, enough to see one name
