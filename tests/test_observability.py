@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.support.config import APP_PASSWORD, relay_config
+from tests.support.inloop import in_thread
 from tests.support.procs import free_port, require_binary, running
 from tests.support.relayproc import RelayProcess, split_bind
 from tests.support.smtp import message, submit
@@ -436,3 +437,32 @@ def test_kubernetes_prometheusrule_carries_exactly_the_alert_rules():
     operator = yaml.safe_load((repo / "deploy" / "kubernetes" / "prometheusrule.yaml").read_text())
     assert operator["kind"] == "PrometheusRule"
     assert operator["spec"]["groups"] == rules["groups"]
+
+
+@in_thread
+def test_a_reload_that_renames_the_listener_and_the_upstream_counts_under_the_new_names(make_loop_relay, upstream, pki):
+    """The per-message metrics keep their label children once looked up; new names after a
+    reload are new children, and the old names count nothing more."""
+    relay = make_loop_relay(upstream.port)
+    assert submit(relay, pki) == {}
+    settings = relay.running.settings
+    listeners = [
+        lst.model_copy(update={"name": "apps"}) if lst.name == "submission" else lst for lst in settings.listeners
+    ]
+    renamed = settings.model_copy(
+        update={"listeners": listeners, "upstream": [settings.upstream[0].model_copy(update={"name": "smarthost-b"})]}
+    )
+    relay.running._reload_settings = lambda: renamed
+    assert relay._in_loop(relay.running.reload(), 20)
+    assert submit(relay, pki, listener="apps") == {}
+    upstream.wait_for(2)
+    for listener, upstream_label in (("submission", settings.upstream[0].label), ("apps", "smarthost-b")):
+        assert relay.metric("relay_messages_relayed_total", listener=listener, upstream=upstream_label) == 1
+        assert relay.metric("relay_messages_received_total", listener=listener) == 1
+        assert relay.metric("relay_message_size_bytes_count", listener=listener) == 1
+        assert relay.metric("relay_message_relay_duration_seconds_count", listener=listener) == 1
+        assert relay.metric("relay_sessions_total", listener=listener) == 1
+        assert relay.metric("relay_auth_attempts_total", listener=listener, result="success") == 1
+        assert relay.metric("relay_upstream_replies_total", upstream=upstream_label, stage="data") == 1
+        assert relay.metric("relay_upstream_latency_seconds_count", upstream=upstream_label) == 1
+    assert relay.metric("relay_dkim_signatures_total", domain="example.com", selector="s1") == 2

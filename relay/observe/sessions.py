@@ -37,17 +37,18 @@ AUTH_ATTEMPTS = Counter(
     ["listener", "mechanism", "result"],
 )
 
-# The label children, looked up once per label values: prometheus-client's labels() checks
-# and locks on every call, and a session makes several. labels() returns the same child for
-# the same values (none of these is ever removed), so a child evicted past maxsize is only
-# looked up again; a listener renamed on reload is new label values, a new child.
-_active = functools.lru_cache(maxsize=256)(SESSIONS_ACTIVE.labels)
+# The counters' label children, looked up once per label values: prometheus-client's
+# labels() checks and locks on every call, and a session makes several. labels() returns the
+# same child for the same values (a counter's are never removed), so a child evicted past
+# maxsize is only looked up again; a listener renamed on reload is new label values, a new
+# child. The gauge is looked up each time: a gauge's series can be cleared (the in-process
+# tests do, so that each relay starts with none, as a process does).
 _ended = functools.lru_cache(maxsize=256)(SESSIONS_TOTAL.labels)
 _auth_attempts = functools.lru_cache(maxsize=256)(AUTH_ATTEMPTS.labels)
 
 
 def session_admitted(listener: str) -> None:
-    _active(listener).inc()
+    SESSIONS_ACTIVE.labels(listener).inc()
 
 
 def session_refused(listener: str, client: str, refusal: SmtpError) -> None:
@@ -66,7 +67,7 @@ def session_refused(listener: str, client: str, refusal: SmtpError) -> None:
 
 def session_ended(listener: str, tls_version: str | None) -> None:
     """Counted at the end, so a STARTTLS session shows the TLS version it ended with."""
-    _active(listener).dec()
+    SESSIONS_ACTIVE.labels(listener).dec()
     _ended(listener, tls_version or "none").inc()
 
 
