@@ -18,9 +18,10 @@ both libraries to the same range.
    uses two of its private members: `_drain_helper` (flow control) and `_response_pending`
    (a reply arriving before `read_response()` is awaited is kept, not dropped).
 4. aiosmtpd's `SMTP.__init__` also lists `dir()` of the protocol and of the handler on every
-   connection to find their `smtp_*` and `handle_*` methods. The class part of that list is
-   made once per class; the instance's own attributes are added each time, so the result is
-   what `dir()` gives.
+   connection, and goes through every name (~150) to find the `smtp_*` and `handle_*` ones:
+   its only two uses of `dir` (checked). Inside aiosmtpd.smtp, `dir` now gives just the
+   names with those prefixes, in `dir()`'s order: the class's looked up once per class, the
+   instance's own added each time. What aiosmtpd builds from them is unchanged.
 5. aiosmtpd passes every command line through `sanitized_log` (a regex that hides AUTH
    credentials) twice, before the logger is asked whether that level is on; the relay keeps
    `mail.log` at WARNING, so the work was thrown away. The check now comes first; a line
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 from collections.abc import Callable
 from importlib.metadata import version
 
@@ -69,7 +71,13 @@ ASYNCIO_STREAM_ATTRIBUTES = (
 )
 
 # What patches 4 and 5 rely on aiosmtpd's module calling by these names.
-_AIOSMTPD_CALLS = ("in dir(self)", "in dir(handler)", "sanitized_log(log.info, ", "sanitized_log(log.debug, ")
+_AIOSMTPD_CALLS = ("sanitized_log(log.info, ", "sanitized_log(log.debug, ")
+# Patch 4 holds while aiosmtpd.smtp uses dir() only for these two filtered loops.
+_AIOSMTPD_DIR_USES = (
+    re.compile(r'for m in dir\(handler\)\s+if m\.startswith\("handle_"\)'),
+    re.compile(r'for m in dir\(self\)\s+if m\.startswith\("smtp_"\)'),
+)
+_DIR_PREFIXES = ("smtp_", "handle_")
 
 _applied = False
 
@@ -85,7 +93,7 @@ def apply() -> None:
         return
     check()
     setattr(aiosmtpd.smtp, "inspect", _AuthMemberLookup)  # noqa: B010 - replaces a module global
-    setattr(aiosmtpd.smtp, "dir", _dir_by_class)  # noqa: B010 - shadows the builtin in that module
+    setattr(aiosmtpd.smtp, "dir", _method_names)  # noqa: B010 - shadows the builtin in that module
     setattr(aiosmtpd.smtp, "sanitized_log", _sanitized_log_if_enabled)  # noqa: B010
     aiosmtplib.protocol.normalize_message_line_endings = _crlf_only_fast_path
     _applied = True
@@ -103,6 +111,9 @@ def check() -> None:
         missing.append("aiosmtpd.smtp.sanitized_log")
     smtp_source = inspect.getsource(aiosmtpd.smtp)
     missing += [f"aiosmtpd.smtp: {use}" for use in _AIOSMTPD_CALLS if use not in smtp_source]
+    if len(re.findall(r"\bdir\(", smtp_source)) != len(_AIOSMTPD_DIR_USES):
+        missing.append("aiosmtpd.smtp: dir() used only to find smtp_*/handle_* methods")
+    missing += [f"aiosmtpd.smtp: {use.pattern}" for use in _AIOSMTPD_DIR_USES if not use.search(smtp_source)]
     if not callable(getattr(aiosmtplib.protocol, "normalize_message_line_endings", None)):
         missing.append("aiosmtplib.protocol.normalize_message_line_endings")
     protocol = aiosmtplib.protocol.SMTPProtocol
@@ -141,21 +152,19 @@ class _AuthMemberLookup:
         return [(name, getattr(obj, name)) for name in names]
 
 
-_class_names: dict[type, tuple[list[str], frozenset[str]]] = {}
+_class_names: dict[type, list[str]] = {}
 
 
-def _dir_by_class(obj: object) -> list[str]:
-    """`dir(obj)` with the class part made once per class (patch 4): `object.__dir__` is the
-    instance's own attributes and its class's, sorted."""
+def _method_names(obj: object) -> list[str]:
+    """What aiosmtpd.smtp reads of `dir(obj)`: the `smtp_*` and `handle_*` names, in
+    `dir()`'s (sorted) order, the class's looked up once per class (patch 4)."""
     cls = type(obj)
     if cls.__dir__ is not object.__dir__:
         return dir(obj)
-    cached = _class_names.get(cls)
-    if cached is None:
-        names = dir(cls)
-        cached = _class_names[cls] = (names, frozenset(names))
-    names, known = cached
-    own = [name for name in getattr(obj, "__dict__", ()) if name not in known]
+    names = _class_names.get(cls)
+    if names is None:
+        names = _class_names[cls] = [name for name in dir(cls) if name.startswith(_DIR_PREFIXES)]
+    own = [name for name in getattr(obj, "__dict__", ()) if name.startswith(_DIR_PREFIXES) and name not in names]
     return sorted(names + own) if own else list(names)
 
 
