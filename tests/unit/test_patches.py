@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 
 import aiosmtpd.smtp
@@ -86,3 +87,19 @@ def test_a_logged_command_line_still_hides_the_credentials(mail_log):
         "'peer' >> b'AUTH PLAIN ********'",
         "readline: b'AUTH PLAIN ********\\r\\n'",
     ]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda source: source + "\nnames = dir(something)\n",  # a third use of dir()
+        lambda source: source.replace('if m.startswith("smtp_")', 'if m.startswith("cmd_")'),
+        lambda source: source.replace("sanitized_log(log.info, ", "log.info("),
+    ],
+)
+def test_check_refuses_an_aiosmtpd_the_patches_do_not_fit(monkeypatch, change):
+    original = inspect.getsource
+    changed = change(original(aiosmtpd.smtp))
+    monkeypatch.setattr(inspect, "getsource", lambda obj: changed if obj is aiosmtpd.smtp else original(obj))
+    with pytest.raises(patches.IncompatibleLibrary, match="aiosmtpd.smtp"):
+        patches.check()
