@@ -174,10 +174,15 @@ if op == 'give' then
         local m = math.min(d.messages, num(redis.call('HGET', KEYS[k], 'm' .. i), 0))
         local r = math.min(d.recipients, num(redis.call('HGET', KEYS[k], 'r' .. i), 0))
         save(KEYS[k], st)
-        redis.call('HINCRBY', KEYS[k], 'm' .. i, -m)
-        redis.call('HINCRBY', KEYS[k], 'r' .. i, -r)
-        redis.call('HINCRBY', KEYS[k], 'm', -m)
-        redis.call('HINCRBY', KEYS[k], 'r', -r)
+        -- (Only what is not zero: Lua's -0 reaches Redis as "-0", which HINCRBY refuses.)
+        if m > 0 then
+          redis.call('HINCRBY', KEYS[k], 'm' .. i, -m)
+          redis.call('HINCRBY', KEYS[k], 'm', -m)
+        end
+        if r > 0 then
+          redis.call('HINCRBY', KEYS[k], 'r' .. i, -r)
+          redis.call('HINCRBY', KEYS[k], 'r', -r)
+        end
       else
         save(KEYS[k], st)
       end
