@@ -555,7 +555,13 @@ class QueueRunner:
                 # neither count it again nor forget that it is counted.
                 counted = paced
                 entry.limits_unsettled = counted
-                await self.spool.save(held, entry)
+                try:
+                    await self.spool.save(held, entry)
+                except Exception:
+                    # Not on disk (a cancellation lets the write finish first: see Spool.save),
+                    # so nothing would give it back later.
+                    await pacer.give_back_delivery(domain, counted)
+                    raise
         if due:
             # Routes go by the envelope sender, so one target carries every recipient; a
             # target that takes them in several transactions says so with 452 4.5.3.
