@@ -568,11 +568,15 @@ class QueueRunner:
             target = self.router().target_for(entry.mail_from)
             recipients = due
             while recipients:
+                positions = {id(r): i for i, r in enumerate(entry.recipients)}
                 try:
                     leftover = await self._transact(held, entry, target, recipients, message)
                 except _Postponed:
                     self._back_off(entry.id, time.time() + BUSY_RETRY * (1 + self.rng.random()))
                     break
+                # A partial delivery's commit replaced the entry's recipients (`_copy_state`):
+                # the leftovers are taken from the entry again, by position.
+                leftover = [entry.recipients[positions[id(r)]] for r in leftover]
                 if len(leftover) == len(recipients):
                     # No progress at all: not a split but a refusal; retry later.
                     self._record(entry, leftover, Reply(452, "4.5.3", "recipient refused"), target.name)
