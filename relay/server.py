@@ -21,6 +21,7 @@ import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
+from relay import startup_signals
 from relay.config.load import ConfigError, load_settings, redacted
 from relay.config.schema import ListenerSettings, Settings
 from relay.errors import SmtpError
@@ -354,17 +355,25 @@ class Relay:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-
-        def on_term() -> None:
-            self._signals += 1
-            if self._signals > 1:
-                log.warning("second stop signal: exiting now")
-                os._exit(1)
-            self._in_background(self.drain())
-
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_term)
+            loop.add_signal_handler(sig, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        # What arrived while the relay started (relay.startup_signals), read only now that
+        # the handlers above take any further signal: none falls between the two.
+        requested = startup_signals.take()
+        if requested.stop:
+            log.info("stop requested while starting")
+            self._stop_signal()
+        elif requested.reload:
+            log.info("reload requested while starting")
+            self._sighup()
+
+    def _stop_signal(self) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second stop signal: exiting now")
+            os._exit(1)
+        self._in_background(self.drain())
 
     def _in_background(self, work: Coroutine[object, object, object]) -> None:
         # The loop keeps only weak references to tasks: hold them until they are done.
