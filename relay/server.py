@@ -13,7 +13,6 @@ keys without dropping a session (an invalid new config is refused and the runnin
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 from relay import startup_signals
+from relay.cancel import cancel_and_wait
 from relay.config.load import ConfigError, load_settings, redacted
 from relay.config.schema import ListenerSettings, Settings
 from relay.errors import SmtpError
@@ -49,7 +49,6 @@ log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
 KEY_AGE_INTERVAL = 15.0
-CANCEL_RETRY_S = 1.0  # stop: how long a cancelled task may take before it is cancelled again
 
 ListenerKey = tuple[str, str, str]
 
@@ -271,7 +270,7 @@ class Relay:
         self.components = new
         if self._posture_task is not None:
             self._posture_task.cancel()
-            # Ended by stop() if it lets this cancellation go by (see _cancelled).
+            # Ended by stop() if it lets this cancellation go by (relay.cancel).
             self._tasks = [t for t in self._tasks if not t.done()] + [self._posture_task]
         self._posture_task = asyncio.create_task(new.posture.run(), name="posture")
         self.settings = settings
@@ -337,10 +336,10 @@ class Relay:
     async def stop(self) -> None:
         if self._posture_task is not None:
             self._tasks.append(self._posture_task)
+        await cancel_and_wait(self._tasks)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            await _cancelled(task)
+            if task.done() and not task.cancelled():
+                task.exception()  # its end (an error already logged) is not stop's
         await finish_background(0)
         if self.queue is not None:
             await self.queue.runner.stop(0)  # a no-op after a drain
@@ -383,18 +382,6 @@ class Relay:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-async def _cancelled(task: asyncio.Task[None]) -> None:
-    """Wait until `task` has ended, cancelling it again while it runs: Python 3.11's
-    asyncio.wait_for (dnspython waits with it) returns the awaited result instead of
-    raising when the cancellation lands just as that operation completes, and a loop
-    around it then carries on."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        task.result()  # its end (cancelled, or an error already logged) is not stop's
 
 
 def _listener_key(lst: ListenerSettings) -> ListenerKey:

@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from relay.cancel import cancel_and_wait
 from relay.limits.counters import (
     CLOCK_STEP,
     FAIL_OPEN,
@@ -417,9 +418,7 @@ class RedisCounters:
 
     async def close(self) -> None:
         if self._recovery is not None:
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
+            await cancel_and_wait({self._recovery})
         with contextlib.suppress(*self._errors):
             await self._client.aclose()
         await self._fallback.close()
