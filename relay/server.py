@@ -13,6 +13,7 @@ keys without dropping a session (an invalid new config is refused and the runnin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -49,6 +50,7 @@ log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
 KEY_AGE_INTERVAL = 15.0
+STOP_RELOAD_WAIT_S = 60.0  # stop: how long a reload under way may take to end
 
 ListenerKey = tuple[str, str, str]
 
@@ -88,6 +90,7 @@ class Relay:
         # during one queues one more, and further ones meanwhile add nothing to it.
         self._reloading = asyncio.Lock()
         self._reload_queued = False
+        self._stopping = False
         self.queue: SpoolParts | None = None  # spool mode: the spool and its delivery loop
 
     def _load_config_file(self) -> Settings:
@@ -227,6 +230,9 @@ class Relay:
         Reloads run one after the other, each reading the config as it is when it starts."""
         async with self._reloading:
             self._reload_queued = False
+            if self._draining or self._stopping:
+                log.info("reload not done: the relay is stopping")
+                return False
             return await self._reload()
 
     def _sighup(self) -> None:
@@ -254,6 +260,14 @@ class Relay:
                 settings, self.store, self.targets, previous=old, spool=spool, counters=self.limit_counters
             )
             await self._start_token_auths(new.token_auths)  # new upstreams' (the others run)
+            if self._draining or self._stopping:
+                # The stop began while this was built (it waits for this reload): nothing
+                # built for it may outlive the stop.
+                assert new.upstreams is not None
+                await self.targets.discard(new.upstreams)
+                await self.limit_counters.discard(new.counters)
+                log.info("reload abandoned: the relay is stopping")
+                return False
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
@@ -334,6 +348,14 @@ class Relay:
         await self.stop()
 
     async def stop(self) -> None:
+        self._stopping = True
+        # A reload under way ends first (its every wait is bounded; it keeps nothing once it
+        # sees the stop), so that what it builds is not left open after the stop.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_RELOAD_WAIT_S), self._reloading:
+                pass
+        for server in self.listeners.values():
+            server.stop_accepting()  # also one a reload bound during the drain
         if self._posture_task is not None:
             self._tasks.append(self._posture_task)
         await cancel_and_wait(self._tasks)

@@ -39,7 +39,7 @@ class HeldVault:
     env = {"RELAY_TEST_VAULT_TOKEN": TOKEN}
 
     def wait_held(self, count: int, timeout: float = 60.0) -> None:
-        """Until `count` requests are being held."""
+        """Until `count` requests have arrived (the last ones held, unless released)."""
         with self._held:
             if not self._held.wait_for(lambda: self._held_count >= count, timeout):
                 raise TimeoutError(f"{self._held_count} requests held, waited for {count}")
@@ -47,6 +47,16 @@ class HeldVault:
     def release(self) -> None:
         """Answer the held requests and every later one at once."""
         self._released.set()
+
+    def hold(self) -> None:
+        """Hold the requests that arrive from now on, until the next `release()`."""
+        self._released.clear()
+
+    @property
+    def requests(self) -> int:
+        """Requests that arrived so far (held or answered)."""
+        with self._held:
+            return self._held_count
 
     def __enter__(self) -> HeldVault:
         self._thread.start()
