@@ -91,3 +91,19 @@ def test_empty_body_and_only_terminator(make_loop_relay, upstream, pki):
     client = connect(relay, pki)
     client.sendmail("app@example.com", ["u@example.net"], b"From: app@example.com\r\nSubject: e\r\n\r\n")
     assert len(upstream.wait_for(1)) == 1
+
+
+@in_thread
+def test_two_messages_pipelined_in_one_write_are_two_messages(make_loop_relay, upstream, pki):
+    # RFC 2920 §3.1: a client may send the next transaction right after the end of data;
+    # what follows CRLF.CRLF is commands again, read after the first message is answered.
+    relay = make_loop_relay(upstream.port)
+    client = connect(relay, pki)
+    envelope = b"MAIL FROM:<app@example.com>\r\nRCPT TO:<u@example.net>\r\nDATA\r\n"
+    first = b"From: app@example.com\r\nSubject: one\r\n\r\n..dot\r\n.\r\n"
+    second = b"From: app@example.com\r\nSubject: two\r\n\r\nend.\r\n.\r\n"
+    client.send(envelope + first + envelope + second + b"QUIT\r\n")
+    codes = [client.getreply()[0] for _ in range(9)]
+    assert codes == [250, 250, 354, 250, 250, 250, 354, 250, 221]
+    got = upstream.wait_for(2)
+    assert [m.content.split(b"\r\n\r\n", 1)[1] for m in got] == [b".dot\r\n", b"end.\r\n"]
