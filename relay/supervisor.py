@@ -53,21 +53,23 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
         # Signals wait while a worker is forked: the supervisor passes them on only to the
         # workers it knows of, and a new worker must not run the supervisor's handler.
         signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-        pid = os.fork()
-        if pid == 0:  # the worker
-            # It records signals until its relay runs and acts on them, rather than dying
-            # of them while it starts (relay.startup_signals).
-            startup_signals.hold()
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                # It records signals until its relay runs and acts on them, rather than
+                # dying of them while it starts (relay.startup_signals).
+                startup_signals.hold()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+                code = 1
+                try:
+                    code = run_worker(index)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            children[pid] = index
+        finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-            code = 1
-            try:
-                code = run_worker(index)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = index
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
