@@ -383,7 +383,11 @@ class LimitCounters:
     def build(self, settings: Settings, store: SecretStore) -> BuiltCounters:
         """The counters `settings` asks for: the current ones, or new ones (`fresh`)."""
         limits = settings.limits
-        key = None if limits is None else f"{limits.backend} {limits.redis} {settings.data_dir}"
+        key = None
+        if limits is not None:
+            key = f"{limits.backend} {limits.redis} {settings.data_dir}"
+            if limits.backend == "redis":
+                key += f" {settings.dns}"  # the resolver the Redis host name goes through
         if key == self._key:
             return BuiltCounters(self._counters, key, fresh=False)
         return BuiltCounters(None if limits is None else build_counters(settings, store), key, fresh=True)
@@ -417,15 +421,26 @@ def build_counters(settings: Settings, store: SecretStore) -> Counters:
         return local
     from relay.limits.redis_counters import RedisCounters
 
-    password = store.get(redis.password) if redis.password else None
-    return RedisCounters(
+    password_ref = redis.password
+
+    def password() -> str | None:
+        # The store's current value: a rotated secret is used by the next connection.
+        value = store.get(password_ref) if password_ref else None
+        return value.text() if value else None
+
+    counters = RedisCounters(
         redis.url,
         fallback=local,
-        password=password.text() if password else None,
+        password=password if password_ref else None,
         timeout=redis.timeout,
         key_prefix=redis.key_prefix,
         ca_file=redis.ca_file,
+        # The Redis host is resolved like every other name relay connects to.
+        resolver=configured_resolver(settings, build_dns(settings)),
     )
+    if password_ref:
+        counters.follow_secret(store, password_ref)
+    return counters
 
 
 def build_limiter(settings: Settings, counters: Counters | None) -> tuple[Limiter | None, LimitUsage | None]:

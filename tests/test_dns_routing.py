@@ -18,6 +18,7 @@ from tests.support.aws import AWS_ENV, REGION, moto_server
 from tests.support.dns import dns_server
 from tests.support.inloop import in_thread
 from tests.support.proxies import microsocks, tinyproxy
+from tests.support.redis import RedisServer
 from tests.support.smtp import connect, message
 
 pytestmark = pytest.mark.binaries
@@ -33,6 +34,10 @@ ZONES = {
     "@ 3600 IN NS ns\nns 3600 IN A 127.0.0.1\n@ 3600 IN A 127.0.0.1\n",
     "proxy.test": "@ 3600 IN SOA ns.proxy.test. admin.proxy.test. 1 3600 600 86400 60\n"
     "@ 3600 IN NS ns\nns 3600 IN A 127.0.0.1\negress 3600 IN A 127.0.0.1\n",
+    # Two addresses for the limits' Redis, one where nothing listens: in whichever order
+    # they come, relay tries the next address after a refused one.
+    "limits.test": "@ 3600 IN SOA ns.limits.test. admin.limits.test. 1 3600 600 86400 60\n"
+    "@ 3600 IN NS ns\nns 3600 IN A 127.0.0.1\nredis 3600 IN A 127.0.0.2\nredis 3600 IN A 127.0.0.1\n",
 }
 
 
@@ -136,3 +141,26 @@ async def test_secrets_manager_endpoint_name_resolves_through_the_configured_dns
             assert value.data == b"PEM"
         finally:
             await backend.close()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["redis", "rediss"])
+@in_thread
+def test_limits_redis_host_name_resolves_through_the_configured_dns(
+    make_loop_relay, upstream, pki, nameserver, tmp_path, tls
+):
+    """The Redis of `limits.backend: redis` by name: the system resolver cannot know it, so
+    relay used to fall back to local counters. Over TLS the certificate is checked against
+    the name (upstream.test is on the test certificate), not the address it resolved to."""
+    with RedisServer(tmp_path, tls=(pki.cert_file, pki.key_file) if tls else None) as redis:
+        host = "upstream.test" if tls else "redis.limits.test"
+        redis_settings = {"url": f"{'rediss' if tls else 'redis'}://{host}:{redis.port}/0"}
+        if tls:
+            redis_settings["ca_file"] = str(pki.ca_file)
+        relay = make_loop_relay(upstream.port, start=False)
+        relay.config["limits"] = {"users": {"daily": 10}, "backend": "redis", "redis": redis_settings}
+        relay.config["dns"] = {"nameservers": [nameserver[0]], "port": nameserver[1], "timeout": "2s", "attempts": 1}
+        relay.start()
+        connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
+        assert len(upstream.wait_for(1)) == 1
+        assert redis.cli("HGET", "relay:limits:user:app", "m").strip() == "1"  # counted in Redis
+        assert relay.metric("relay_limit_fail_open_total", backend="redis") == 0

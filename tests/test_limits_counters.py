@@ -375,6 +375,24 @@ async def test_a_count_given_back_is_not_refused_at_rcpt(kind, tmp_path, request
         await counters.close()
 
 
+@pytest.mark.parametrize("kind", ["local", pytest.param("redis", marks=pytest.mark.binaries)])
+async def test_a_give_back_of_recipients_only_keeps_the_message(kind, tmp_path, request):
+    """What a partly delivered spool entry gives back: recipients, no message. In Lua the
+    message's -0 reached Redis as "-0", which HINCRBY refuses: Redis was declared down."""
+    redis_server = request.getfixturevalue("redis_server") if kind == "redis" else None
+    counters = make_counters(kind, tmp_path, Clock(), redis_server, prefix="test:give-recipients:")
+    limits = Limits(daily=5, daily_recipients=10)
+    app = Entity("domain", "example.com")
+    try:
+        taken = await counters.take([Demand(app, limits, 1, 3)])
+        assert isinstance(taken, Taken)
+        await counters.give_back(Taken((Demand(app, limits, 0, 2),), taken.slot, taken.backend))
+        assert counters.problem() is None
+        assert (await counters.usage([app]))[app] == Usage(1, 1)
+    finally:
+        await counters.close()
+
+
 @pytest.mark.binaries
 @pytest.mark.parametrize("breakage", ["readonly", "oom"])
 async def test_redis_refusing_the_script_stays_down_until_it_runs_it(breakage, tmp_path, caplog):

@@ -147,6 +147,22 @@ async def test_entries_left_on_disk_are_delivered_after_a_restart(harness, upstr
     await h.close()
 
 
+async def test_an_upstream_taking_one_recipient_per_transaction_gets_them_all_in_one_attempt(harness, upstream, caplog):
+    """452 4.5.3 after each first recipient: three transactions in one attempt. The second
+    used to fail ("delivery attempt failed unexpectedly") — the first one's commit had
+    replaced the entry's recipients, and the leftovers were the old objects — and the rest
+    waited for a retry a minute later."""
+    upstream.behaviour.max_recipients = 1
+    h = harness(steps=(60.0,))
+    rcpts = ["a@example.net", "b@example.net", "c@example.net"]
+    entry_id = await h.put(rcpts)
+    h.runner.start()
+    await eventually(lambda: len(upstream.messages) == 3, what="three transactions")
+    assert [m.rcpt_tos for m in upstream.messages] == [[r] for r in rcpts]
+    await eventually(lambda: state_of(h.spool, entry_id) is None, what="the entry done")
+    assert "delivery attempt failed unexpectedly" not in caplog.text
+
+
 async def test_per_recipient_outcomes_retry_and_report(harness, upstream):
     upstream.behaviour.rcpt_replies = {
         "later@example.net": "451 4.2.0 mailbox busy",

@@ -22,6 +22,8 @@ delivers to the recipients already accepted and sends the rest later.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -140,17 +142,50 @@ class Limiter:
             raise self._refusal(taken, at_rcpt=False)
         return Reservation(self.counters, taken)
 
-    async def pace_delivery(self, from_domain: str | None, recipients: int) -> Reservation | float:
+    async def pace_delivery(
+        self, from_domain: str | None, recipients: int, *, counted: bool = False
+    ) -> dict[str, Any] | None | float:
         """For a queue delivering a message it has already acknowledged (spool mode): count
-        it against its From domain, or say in how many seconds to try again. Never a
-        refusal: a limit never takes back an acknowledged message, it only defers it."""
+        an attempt's `recipients` against its From domain, or say in how many seconds to try
+        again. Never a refusal: a limit never takes back an acknowledged message, it only
+        defers it. `counted`: the message itself was counted by an earlier attempt (that
+        delivered to some recipients), so only these recipients are.
+
+        Returns what was counted as plain data, for the queue to keep with the entry (a
+        count must survive a restart) and to give back, all or in part, with
+        `give_back_delivery`; None when no limit applies."""
         demands = self.demands(None, from_domain, recipients)
         if not demands:
-            return NOTHING_RESERVED
+            return None
+        if counted:
+            demands = [replace(demand, messages=0) for demand in demands]
         taken = await self.counters.take(demands)
         if isinstance(taken, Excess):
             return max(1.0, taken.retry_after)
-        return Reservation(self.counters, taken)
+        if not taken.demands:
+            return None
+        demand = taken.demands[0]
+        return {
+            "slot": taken.slot,
+            "messages": demand.messages,
+            "recipients": demand.recipients,
+            "backend": taken.backend,
+        }
+
+    async def give_back_delivery(self, from_domain: str | None, counted: dict[str, Any]) -> None:
+        """Give back what `pace_delivery` counted (or the part of it no delivery used)."""
+        limits = self.policy.for_domain(from_domain)
+        if limits is None or not from_domain:
+            return  # the domain's limits are gone (a reload): nothing to give back to
+        try:
+            demand = Demand(
+                Entity(DOMAIN, from_domain.lower()), limits, int(counted["messages"]), int(counted["recipients"])
+            )
+            taken = Taken((demand,), int(counted["slot"]), str(counted["backend"]))
+        except (KeyError, TypeError, ValueError):
+            return  # not what this version wrote: left counted (errs on the safe side)
+        if demand.messages or demand.recipients:
+            await self.counters.give_back(taken)
 
     def demands(
         self, user: str | None, from_domain: str | None, recipients: int, *, listener: str | None = None

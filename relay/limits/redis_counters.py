@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.cancel import cancel_and_wait
 from relay.limits.counters import (
@@ -48,6 +48,9 @@ from relay.limits.counters import (
 )
 from relay.limits.local import LocalCounters
 from relay.limits.rules import DAILY, DAILY_RECIPIENTS, RATE, SLOT_SECONDS, WINDOW_SLOTS, Entity
+
+if TYPE_CHECKING:
+    from relay.limits.redis_connect import HostAddresses
 
 log = logging.getLogger("relay.limits")
 
@@ -175,10 +178,15 @@ if op == 'give' then
         local m = math.min(d.messages, num(redis.call('HGET', KEYS[k], 'm' .. i), 0))
         local r = math.min(d.recipients, num(redis.call('HGET', KEYS[k], 'r' .. i), 0))
         save(KEYS[k], st)
-        redis.call('HINCRBY', KEYS[k], 'm' .. i, -m)
-        redis.call('HINCRBY', KEYS[k], 'r' .. i, -r)
-        redis.call('HINCRBY', KEYS[k], 'm', -m)
-        redis.call('HINCRBY', KEYS[k], 'r', -r)
+        -- (Only what is not zero: Lua's -0 reaches Redis as "-0", which HINCRBY refuses.)
+        if m > 0 then
+          redis.call('HINCRBY', KEYS[k], 'm' .. i, -m)
+          redis.call('HINCRBY', KEYS[k], 'm', -m)
+        end
+        if r > 0 then
+          redis.call('HINCRBY', KEYS[k], 'r' .. i, -r)
+          redis.call('HINCRBY', KEYS[k], 'r', -r)
+        end
       else
         save(KEYS[k], st)
       end
@@ -255,6 +263,14 @@ class _Seen:
     local_now: float  # time.monotonic() when it arrived
 
 
+class SecretChanges(Protocol):
+    """Where a rotated password comes from (relay.secrets.store.SecretStore)."""
+
+    def subscribe(self, listener: Callable[[str, Any], None]) -> None: ...
+
+    def unsubscribe(self, listener: Callable[[str, Any], None]) -> None: ...
+
+
 class RedisCounters:
     name = "redis"
 
@@ -263,46 +279,34 @@ class RedisCounters:
         url: str,
         *,
         fallback: LocalCounters,
-        password: str | None = None,
+        password: str | Callable[[], str | None] | None = None,
         timeout: float = 1.0,
         key_prefix: str = "relay:limits:",
         ca_file: Path | None = None,
         clock: Callable[[], float] | None = None,
+        resolver: HostAddresses | None = None,
     ) -> None:
+        """`password`: the password, or where to read the current one at each new
+        connection (a secret that rotates: see `follow_secret`). `resolver`: resolves the
+        host name (dns.nameservers) instead of the system's resolver."""
         # Imported here: only a relay configured with `backend: redis` pays for the client.
-        import redis.asyncio as aioredis
-        from redis.backoff import NoBackoff
         from redis.exceptions import RedisError, ResponseError
-        from redis.retry import Retry
 
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._refusals: tuple[type[BaseException], ...] = (ResponseError,)
-        options: dict[str, object] = {}
-        if url.startswith("rediss://"):
-            # Explicit: redis-py before 6 does not check the host name by default.
-            options["ssl_check_hostname"] = True
-            if ca_file is not None:
-                options["ssl_ca_certs"] = str(ca_file)
-        # Fail fast and let this class decide what a failure means: no retries inside the
-        # client, every wait bounded by `timeout`. At most MAX_CONNECTIONS calls at once, queued
-        # first come first served (redis-py's blocking pool lets a busy task take a freed
-        # connection again ahead of the waiters, which starves some of them into timeouts).
-        pool = aioredis.ConnectionPool.from_url(
-            url,
-            password=password,
-            max_connections=MAX_CONNECTIONS,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            **options,
-        )
+        self._url = url
+        self._password = password
+        self._ca_file = ca_file
+        self._resolver = resolver
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
-        self._client = aioredis.Redis(connection_pool=pool)
-        self._script = self._client.register_script(LUA)
         self._fallback = fallback
         self._timeout = timeout
         self._prefix = key_prefix
         self._clock = clock
+        self._client, self._script = self._connect()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._secrets: SecretChanges | None = None
+        self._password_ref: str | None = None
         self._seen: dict[str, _Seen] = {}
         self._down_since: float | None = None
         self._down_wall = 0.0
@@ -315,6 +319,75 @@ class RedisCounters:
         self._up_since = -FLAP_WINDOW
         self._last_recovery_logged = -LOG_INTERVAL
         self.round_trips = 0  # EVALSHA calls made (for tests and the bench)
+
+    def _connect(self) -> tuple[Any, Any]:
+        """A client (with its own connection pool) and the script registered on it."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.connection import ConnectionPool, parse_url
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        from relay.limits.redis_connect import Credentials, resolving
+
+        options: dict[str, Any] = dict(parse_url(self._url))
+        if self._url.startswith("rediss://"):
+            # Explicit: redis-py before 6 does not check the host name by default.
+            options["ssl_check_hostname"] = True
+            if self._ca_file is not None:
+                options["ssl_ca_certs"] = str(self._ca_file)
+        username = options.pop("username", None)
+        if self._password is not None:
+            # Read at each new connection: a rotated password needs no restart.
+            password = self._password
+            options["credential_provider"] = Credentials(username, password if callable(password) else lambda: password)
+        elif username is not None:
+            options["username"] = username
+        if self._resolver is not None:
+            options["connection_class"] = resolving(options.get("connection_class"), self._resolver)
+        # Fail fast and let this class decide what a failure means: no retries inside the
+        # client, every wait bounded by `timeout`. At most MAX_CONNECTIONS calls at once, queued
+        # first come first served (redis-py's blocking pool lets a busy task take a freed
+        # connection again ahead of the waiters, which starves some of them into timeouts).
+        pool = ConnectionPool(
+            max_connections=MAX_CONNECTIONS,
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            retry=Retry(NoBackoff(), 0),
+            **options,
+        )
+        client = aioredis.Redis(connection_pool=pool)
+        return client, client.register_script(LUA)
+
+    def follow_secret(self, secrets: SecretChanges, ref: str) -> None:
+        """Reconnect with the new password when the secret `ref` changes."""
+        self._secrets, self._password_ref = secrets, ref
+        secrets.subscribe(self._secret_changed)
+
+    def _secret_changed(self, ref: str, _value: object) -> None:
+        if ref != self._password_ref:
+            return
+        # New calls go through a new pool, whose connections authenticate with the new
+        # password; the old pool is closed once no call can still be using it (every call
+        # is bounded by `timeout`). Not the value: only the reference is logged.
+        log.info("redis password changed; reconnecting", extra={"secret": ref})
+        retired = self._client
+        self._client, self._script = self._connect()
+        task = asyncio.get_running_loop().create_task(self._retire(retired), name="limits-redis-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        if not self.available:
+            # Down, perhaps because Redis already wanted the new password: try it now.
+            self._attempt = 0
+            if self._recovery is not None:
+                self._recovery.cancel()
+            self._recovery = asyncio.get_running_loop().create_task(self._recover(), name="limits-redis-recovery")
+
+    async def _retire(self, client: Any) -> None:
+        try:
+            await asyncio.sleep(self._timeout)
+        finally:
+            with contextlib.suppress(*self._errors):
+                await client.aclose()
 
     @property
     def available(self) -> bool:
@@ -417,8 +490,12 @@ class RedisCounters:
         )
 
     async def close(self) -> None:
+        if self._secrets is not None:
+            self._secrets.unsubscribe(self._secret_changed)
+            self._secrets = None
         if self._recovery is not None:
             await cancel_and_wait({self._recovery})
+        await cancel_and_wait(list(self._retiring))  # each closes its client when cancelled
         with contextlib.suppress(*self._errors):
             await self._client.aclose()
         await self._fallback.close()

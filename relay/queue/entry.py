@@ -83,6 +83,13 @@ class QueueEntry:
     # a crash in between is caught up on), "queued", or "none" (not wanted / not allowed).
     dsn: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Sending limits of the From domain (spool mode counts them at delivery): whether the
+    # message has been counted (once, however many attempts it takes), and a count taken
+    # for an attempt that no delivery has settled yet ({"slot", "messages", "recipients",
+    # "backend"}): an attempt cut short (a crash, a stop) leaves it, and the next attempt
+    # gives it back before counting again.
+    limits_counted: bool = False
+    limits_unsettled: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.since:
@@ -111,13 +118,18 @@ class QueueEntry:
 
     def state(self) -> dict[str, Any]:
         """The mutable part: what a `.state` file carries."""
-        return {
+        state = {
             "since": self.since,
             "owner": self.owner,
             "finished": self.finished,
             "dsn": self.dsn,
             "recipients": [asdict(r) for r in self.recipients],
         }
+        if self.limits_counted:
+            state["limits_counted"] = True
+        if self.limits_unsettled is not None:
+            state["limits_unsettled"] = self.limits_unsettled
+        return state
 
     def apply_state(self, state: dict[str, Any]) -> None:
         self.since = float(state["since"])
@@ -125,6 +137,9 @@ class QueueEntry:
         self.finished = float(state.get("finished", 0.0))
         self.dsn = str(state.get("dsn", ""))
         self.recipients = [RecipientState.from_dict(r) for r in state["recipients"]]
+        self.limits_counted = bool(state.get("limits_counted", False))
+        unsettled = state.get("limits_unsettled")
+        self.limits_unsettled = unsettled if isinstance(unsettled, dict) else None
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> QueueEntry:

@@ -45,7 +45,7 @@ from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
 from relay.observe import messages
 from relay.queue.dsn import build_dsn, report_envelope, reportable
-from relay.queue.entry import DELIVERED, FAILED, CorruptEntry, QueueEntry, RecipientState
+from relay.queue.entry import DELIVERED, FAILED, PENDING, CorruptEntry, QueueEntry, RecipientState
 from relay.queue.schedule import RetryPolicy
 from relay.queue.store import EntryLock, EntrySummary, PreparedChange, Spool
 
@@ -120,16 +120,17 @@ class RouteSource(Protocol):
     def target_for(self, mail_from: str) -> UpstreamTarget: ...
 
 
-class GivenBack(Protocol):
-    async def give_back(self) -> None: ...
-
-
 class DeliveryPacer(Protocol):
-    """The upstream-side sending limits (relay.limits.Limiter): count a delivery against its
-    From domain, or say in how many seconds it fits. Never a refusal: the message was
-    acknowledged, so a limit can only defer it."""
+    """The upstream-side sending limits (relay.limits.Limiter): count a delivery attempt
+    against its From domain, or say in how many seconds it fits. Never a refusal: the
+    message was acknowledged, so a limit can only defer it. What was counted comes back as
+    plain data, kept in the entry's state until a delivery settles it."""
 
-    async def pace_delivery(self, from_domain: str | None, recipients: int) -> GivenBack | float: ...
+    async def pace_delivery(
+        self, from_domain: str | None, recipients: int, *, counted: bool
+    ) -> dict[str, Any] | None | float: ...
+
+    async def give_back_delivery(self, from_domain: str | None, counted: dict[str, Any]) -> None: ...
 
 
 def queue_id() -> str:
@@ -521,12 +522,24 @@ class QueueRunner:
             log.warning("max_age reached; remaining recipients failed", extra={"id": entry.id})
             await self._settle(held, entry, message, now)
             return
-        due = [r for r in entry.pending if r.next_attempt <= now + DUE_SLACK]
+        due_at = [
+            i for i, r in enumerate(entry.recipients) if r.status == PENDING and r.next_attempt <= now + DUE_SLACK
+        ]
+        due = [entry.recipients[i] for i in due_at]
         pacer = self.pacer() if self.pacer is not None and due else None
+        domain = None
         counted = None
         if pacer is not None:
             domain = entry.from_domain or _author_domain(message)
-            paced = await pacer.pace_delivery(domain, len(due))
+            if entry.limits_unsettled is not None:
+                # Counted by an attempt that was cut short (a crash, a stop) before any
+                # delivery settled it: given back before this attempt counts.
+                await pacer.give_back_delivery(domain, entry.limits_unsettled)
+                entry.limits_unsettled = None
+                await self.spool.save(held, entry)
+            # Once per message however many attempts it takes: an attempt that delivers to
+            # some recipients keeps the message's count, the next counts only its recipients.
+            paced = await pacer.pace_delivery(domain, len(due), counted=entry.limits_counted)
             if isinstance(paced, float):
                 # Over a limit of its From domain (the upstream's side): not an attempt, not
                 # a failure; the entry waits until it fits.
@@ -534,26 +547,53 @@ class QueueRunner:
                 self._defer_paced(entry.id, (domain or "").lower(), now + paced)
                 return
             self._passed_pacing(entry.id, (domain or "").lower())
-            counted = paced
+            if paced is not None:
+                # On disk before the upstream sees the message: a restart in between must
+                # neither count it again nor forget that it is counted.
+                counted = paced
+                entry.limits_unsettled = counted
+                try:
+                    await self.spool.save(held, entry)
+                except Exception:
+                    # Not on disk (a cancellation lets the write finish first: see Spool.save),
+                    # so nothing would give it back later.
+                    await pacer.give_back_delivery(domain, counted)
+                    raise
         if due:
             # Routes go by the envelope sender, so one target carries every recipient; a
             # target that takes them in several transactions says so with 452 4.5.3.
             target = self.router().target_for(entry.mail_from)
             recipients = due
             while recipients:
+                positions = {id(r): i for i, r in enumerate(entry.recipients)}
                 try:
                     leftover = await self._transact(held, entry, target, recipients, message)
                 except _Postponed:
                     self._back_off(entry.id, time.time() + BUSY_RETRY * (1 + self.rng.random()))
                     break
+                # A partial delivery's commit replaced the entry's recipients (`_copy_state`):
+                # the leftovers are taken from the entry again, by position.
+                leftover = [entry.recipients[positions[id(r)]] for r in leftover]
                 if len(leftover) == len(recipients):
                     # No progress at all: not a split but a refusal; retry later.
                     self._record(entry, leftover, Reply(452, "4.5.3", "recipient refused"), target.name)
                     break
                 recipients = leftover
-            if counted is not None and not any(r.status == DELIVERED for r in due):
-                await counted.give_back()  # nothing went out: the limit's count comes back
+        unused = None
+        if counted is not None:
+            # What no delivery used comes back: everything when nothing went out, else the
+            # recipients that were not delivered. Saved first (a crash in between leaves
+            # the count taken: over, never twice given back).
+            # By position: a partial delivery's commit replaces the entry's recipient
+            # objects (`_copy_state`), so `due`'s own may be stale.
+            delivered = sum(1 for i in due_at if entry.recipients[i].status == DELIVERED)
+            if delivered:
+                entry.limits_counted = True
+            unused = _unused_count(counted, delivered)
+            entry.limits_unsettled = None
         await self._settle(held, entry, message, now)
+        if unused is not None and pacer is not None:
+            await pacer.give_back_delivery(domain, unused)
 
     async def _transact(
         self,
@@ -651,6 +691,11 @@ class QueueRunner:
         now = time.time()
         for r in accepted:
             self._set(after.recipients[addresses[id(r)]], DELIVERED, "250 delivered", upstream, now)
+        if after.limits_unsettled is not None:
+            # Committed with the delivery: the message is counted for good, and only what
+            # the delivered recipients did not use is still to be given back.
+            after.limits_counted = True
+            after.limits_unsettled = _unused_count(after.limits_unsettled, len(accepted))
         self._finalize(after, now)
         return after
 
@@ -853,6 +898,15 @@ class QueueRunner:
 
 class _Postponed(Exception):
     """The relay itself had no upstream connection to offer: the attempt did not happen."""
+
+
+def _unused_count(counted: dict[str, Any], delivered: int) -> dict[str, Any] | None:
+    """The part of a delivery's count that `delivered` recipients did not use (None: all
+    used). One delivered recipient uses the message's count and its own."""
+    if not delivered:
+        return counted
+    recipients = max(0, int(counted.get("recipients", 0)) - delivered)
+    return {**counted, "messages": 0, "recipients": recipients} if recipients else None
 
 
 def _copy_state(source: QueueEntry, target: QueueEntry) -> None:

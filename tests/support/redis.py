@@ -6,11 +6,15 @@ with RedisServer(tmp_path) as redis:
     redis.freeze(); redis.thaw()  # SIGSTOP / SIGCONT: no answer meanwhile
     redis.start()                 # back on the same port, empty
     redis.cli("INFO", "commandstats")
+    redis.password = "..."         # what cli() authenticates with (after CONFIG SET requirepass)
+
+RedisServer(tmp_path, tls=(cert_file, key_file)) serves TLS only (rediss://).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -19,15 +23,17 @@ from tests.support.procs import free_port, require_binary, wait_port
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: tuple[Path, Path] | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.log_path = workdir / f"redis-{self.port}.log"
+        self.tls = tls
+        self.password: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         # No persistence: a restart is an empty Redis, the hardest case for the relay.
@@ -46,6 +52,10 @@ class RedisServer:
             "--protected-mode",
             "yes",
         ]
+        if self.tls is not None:
+            cert, key = self.tls
+            argv[3:5] = ["--port", "0", "--tls-port", str(self.port)]
+            argv += ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-auth-clients", "no"]
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -70,12 +80,16 @@ class RedisServer:
         self._proc.send_signal(signal.SIGCONT)
 
     def cli(self, *args: str) -> str:
+        tls = ["--tls", "--insecure"] if self.tls else []
+        # The password through the environment, not the command line (ps shows that).
+        env = {**os.environ, "REDISCLI_AUTH": self.password} if self.password else None
         result = subprocess.run(
-            [require_binary("redis-cli"), "-h", "127.0.0.1", "-p", str(self.port), *args],
+            [require_binary("redis-cli"), "-h", "127.0.0.1", "-p", str(self.port), *tls, *args],
             capture_output=True,
             text=True,
             timeout=10,
             check=True,
+            env=env,
         )
         return result.stdout
 

@@ -37,6 +37,8 @@ class ReceivedMessage:
 class UpstreamBehaviour:
     mail_reply: str | None = None  # e.g. "451 4.3.0 try later"
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address → reply
+    # Recipients taken per transaction; beyond: 452 4.5.3 (RFC 5321 §4.5.3.1.10).
+    max_recipients: int | None = None
     data_reply: str | None = None
     data_delay: float = 0.0
     rcpt_delay: float = 0.0
@@ -81,6 +83,9 @@ class _Handler:
         if self.up.behaviour.rcpt_delay:
             await asyncio.sleep(self.up.behaviour.rcpt_delay)
         reply = self.up.behaviour.rcpt_replies.get(address)
+        limit = self.up.behaviour.max_recipients
+        if not reply and limit is not None and len(envelope.rcpt_tos) >= limit:
+            reply = "452 4.5.3 Too many recipients"
         if reply:
             if reply.startswith("421"):
                 # RFC 5321 §3.8: 421, then the server closes the channel (once the reply is out).
