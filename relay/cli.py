@@ -212,6 +212,10 @@ async def _unreadable_secrets(settings: Settings) -> list[tuple[str, str]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from relay import startup_signals
+
+    # Before the slow imports: a SIGHUP or SIGTERM while starting must not kill the relay.
+    startup_signals.hold()
     config = args.config or os.environ.get("RELAY_CONFIG") or None
     if args.workers > 1:
         # Before anything imports prometheus-client: the supervisor must switch it to
@@ -237,11 +241,13 @@ def serve_worker(config: str | None, *, index: int, reuse_port: bool, tls_contex
     # One series per counter, not two: the *_created timestamps add nothing to dashboards.
     from prometheus_client import disable_created_metrics
 
+    from relay import startup_signals
     from relay.config.load import ConfigError
     from relay.observe.logs import setup_logging
     from relay.server import serve
 
     disable_created_metrics()  # type: ignore[no-untyped-call]
+    startup_signals.config_read()
     try:
         settings, path = _load(config)
         _full_check(settings, path)

@@ -22,6 +22,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from relay.auth.throttle import AuthThrottle
 from relay.auth.users import AuthBusy, User, UserDirectory
+from relay.cancel import cancel_and_wait
 from relay.config.schema import ListenerSettings, Settings
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope, UpstreamTransaction
 from relay.deliver.dsn import relayed_report
@@ -502,10 +503,7 @@ async def finish_background(timeout: float) -> None:
     pending = {task for task in _background if task.get_loop() is loop}
     if pending and timeout > 0:
         _done, pending = await asyncio.wait(pending, timeout=timeout)
-    for task in pending:
-        task.cancel()
-    if pending:
-        await asyncio.wait(pending)
+    await cancel_and_wait(pending)
 
 
 def _for_whom(user: str | None) -> str:

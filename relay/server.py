@@ -21,6 +21,8 @@ import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 
+from relay import startup_signals
+from relay.cancel import cancel_and_wait
 from relay.config.load import ConfigError, load_settings, redacted
 from relay.config.schema import ListenerSettings, Settings
 from relay.errors import SmtpError
@@ -48,7 +50,7 @@ log = logging.getLogger("relay")
 
 UPSTREAM_PROBE_INTERVAL = 30.0
 KEY_AGE_INTERVAL = 15.0
-CANCEL_RETRY_S = 1.0  # stop: how long a cancelled task may take before it is cancelled again
+STOP_RELOAD_WAIT_S = 60.0  # stop: how long a reload under way may take to end
 
 ListenerKey = tuple[str, str, str]
 
@@ -88,6 +90,7 @@ class Relay:
         # during one queues one more, and further ones meanwhile add nothing to it.
         self._reloading = asyncio.Lock()
         self._reload_queued = False
+        self._stopping = False
         self.queue: SpoolParts | None = None  # spool mode: the spool and its delivery loop
 
     def _load_config_file(self) -> Settings:
@@ -227,6 +230,9 @@ class Relay:
         Reloads run one after the other, each reading the config as it is when it starts."""
         async with self._reloading:
             self._reload_queued = False
+            if self._draining or self._stopping:
+                log.info("reload not done: the relay is stopping")
+                return False
             return await self._reload()
 
     def _sighup(self) -> None:
@@ -254,6 +260,14 @@ class Relay:
                 settings, self.store, self.targets, previous=old, spool=spool, counters=self.limit_counters
             )
             await self._start_token_auths(new.token_auths)  # new upstreams' (the others run)
+            if self._draining or self._stopping:
+                # The stop began while this was built (it waits for this reload): nothing
+                # built for it may outlive the stop.
+                assert new.upstreams is not None
+                await self.targets.discard(new.upstreams)
+                await self.limit_counters.discard(new.counters)
+                log.info("reload abandoned: the relay is stopping")
+                return False
             await self._apply_listeners(settings)
             self.tls.load(settings.tls)
         except (ConfigError, OSError) as exc:
@@ -270,7 +284,7 @@ class Relay:
         self.components = new
         if self._posture_task is not None:
             self._posture_task.cancel()
-            # Ended by stop() if it lets this cancellation go by (see _cancelled).
+            # Ended by stop() if it lets this cancellation go by (relay.cancel).
             self._tasks = [t for t in self._tasks if not t.done()] + [self._posture_task]
         self._posture_task = asyncio.create_task(new.posture.run(), name="posture")
         self.settings = settings
@@ -334,12 +348,20 @@ class Relay:
         await self.stop()
 
     async def stop(self) -> None:
+        self._stopping = True
+        # A reload under way ends first (its every wait is bounded; it keeps nothing once it
+        # sees the stop), so that what it builds is not left open after the stop.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_RELOAD_WAIT_S), self._reloading:
+                pass
+        for server in self.listeners.values():
+            server.stop_accepting()  # also one a reload bound during the drain
         if self._posture_task is not None:
             self._tasks.append(self._posture_task)
+        await cancel_and_wait(self._tasks)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            await _cancelled(task)
+            if task.done() and not task.cancelled():
+                task.exception()  # its end (an error already logged) is not stop's
         await finish_background(0)
         if self.queue is not None:
             await self.queue.runner.stop(0)  # a no-op after a drain
@@ -354,17 +376,25 @@ class Relay:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-
-        def on_term() -> None:
-            self._signals += 1
-            if self._signals > 1:
-                log.warning("second stop signal: exiting now")
-                os._exit(1)
-            self._in_background(self.drain())
-
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_term)
+            loop.add_signal_handler(sig, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
+        # What arrived while the relay started (relay.startup_signals), read only now that
+        # the handlers above take any further signal: none falls between the two.
+        requested = startup_signals.take()
+        if requested.stop:
+            log.info("stop requested while starting")
+            self._stop_signal()
+        elif requested.reload:
+            log.info("reload requested while starting")
+            self._sighup()
+
+    def _stop_signal(self) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second stop signal: exiting now")
+            os._exit(1)
+        self._in_background(self.drain())
 
     def _in_background(self, work: Coroutine[object, object, object]) -> None:
         # The loop keeps only weak references to tasks: hold them until they are done.
@@ -374,18 +404,6 @@ class Relay:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-async def _cancelled(task: asyncio.Task[None]) -> None:
-    """Wait until `task` has ended, cancelling it again while it runs: Python 3.11's
-    asyncio.wait_for (dnspython waits with it) returns the awaited result instead of
-    raising when the cancellation lands just as that operation completes, and a loop
-    around it then carries on."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=CANCEL_RETRY_S)
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        task.result()  # its end (cancelled, or an error already logged) is not stop's
 
 
 def _listener_key(lst: ListenerSettings) -> ListenerKey:

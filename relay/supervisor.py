@@ -16,8 +16,9 @@ The directory must be set before prometheus-client is first imported, which is w
 supervisor sets it before it loads anything else.
 
 The supervisor only starts, restarts and signals workers: SIGTERM and SIGHUP are passed on
-(each worker drains or reloads by itself); a worker that dies unexpectedly is restarted
-after a short, growing pause; a worker that exits with a config error (2) is not.
+(each worker drains or reloads by itself, also one still starting: relay.startup_signals);
+a worker that dies unexpectedly is restarted after a short, growing pause; a worker that
+exits with a config error (2) is not.
 """
 
 from __future__ import annotations
@@ -33,40 +34,42 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from relay import startup_signals
+
 RESTART_PAUSE_MAX = 30.0
 EXIT_CONFIG = 2
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
     """Run `run_worker(index)` in `workers` forked processes until they stop; returns the
     exit code. The worker function gets its settings as arguments, not from the environment:
     only PROMETHEUS_MULTIPROC_DIR is set here, because prometheus-client reads it."""
-    multiproc_dir = Path(tempfile.mkdtemp(prefix="relay-metrics-"))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
-
-    # Preload everything a worker imports, then fork: the workers share these pages.
-    import relay.server  # noqa: F401
-
-    gc.collect()
-    gc.freeze()
-
     children: dict[int, int] = {}  # pid → worker index
     stopping = False
     pauses = [0.0] * workers
 
     def start(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                signal.signal(signum, signal.SIG_DFL)
-            code = 1
-            try:
-                code = run_worker(index)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = index
+        # Signals wait while a worker is forked: the supervisor passes them on only to the
+        # workers it knows of, and a new worker must not run the supervisor's handler.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the worker
+                # It records signals until its relay runs and acts on them, rather than
+                # dying of them while it starts (relay.startup_signals).
+                startup_signals.hold()
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+                code = 1
+                try:
+                    code = run_worker(index)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            children[pid] = index
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
@@ -78,12 +81,27 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
             except ProcessLookupError:
                 pass
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in FORWARDED:
         signal.signal(signum, forward)
-    for index in range(workers):
-        start(index)
+    # A stop before this point (relay.startup_signals): no worker starts. A reload needs
+    # nothing: the workers read the config when they start.
+    if startup_signals.take().stop:
+        stopping = True
+    multiproc_dir = Path(tempfile.mkdtemp(prefix="relay-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
+
+    # Preload everything a worker imports, then fork: the workers share these pages.
+    import relay.server  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
     codes: list[int] = []
     try:
+        for index in range(workers):
+            if stopping:  # a stop while the others started: passed on to them, none more
+                break
+            start(index)
         while children:
             try:
                 pid, status = os.wait()
@@ -109,11 +127,12 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
                 flush=True,
             )
             time.sleep(pauses[index])
-            start(index)
+            if not stopping:  # a stop during the pause was passed on to the others only
+                start(index)
     finally:
         shutil.rmtree(multiproc_dir, ignore_errors=True)
     if EXIT_CONFIG in codes:
-        # The others were stopped because of it (a worker still starting dies of the SIGTERM).
+        # The others were stopped because of it.
         return EXIT_CONFIG
     return max(codes, default=0) if all(c >= 0 for c in codes) else 1
 

@@ -36,6 +36,7 @@ from tests.support.procs import (
     free_port,
     holding_dead_ports,
     require_binary,
+    reserved_port,
     running,
     wait_port,
 )
@@ -56,9 +57,12 @@ CLIENT_NAME = "relay.test"  # our EHLO name
 
 @dataclass
 class Ports:
-    greeter: int = field(default_factory=free_port)
-    smtp: int = field(default_factory=free_port)  # plain SMTP, STARTTLS offered
-    smtps: int = field(default_factory=free_port)  # implicit TLS
+    # Held from the start of the module (the proxies' configs name them) until their servers
+    # listen: a free_port() could be taken meanwhile by a port-0 listener or an outgoing
+    # connection, and a tunnel then reach it.
+    greeter: int = field(default_factory=reserved_port)
+    smtp: int = field(default_factory=reserved_port)  # plain SMTP, STARTTLS offered
+    smtps: int = field(default_factory=reserved_port)  # implicit TLS
     forbidden: int = field(default_factory=dead_port)  # no proxy lets a tunnel go there
     closed: int = field(default_factory=dead_port)  # nothing ever listens here
 
@@ -88,7 +92,7 @@ async def greeter(ports: Ports):
             await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(handle, LOOP, ports.greeter, reuse_address=True)
+    server = await asyncio.start_server(handle, LOOP, ports.greeter, reuse_port=True)  # reserved_port()
     async with server:
         yield state
         server.close()
@@ -133,6 +137,15 @@ def client_tls(tls_ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
+class ReservedPortController(Controller):
+    """aiosmtpd's Controller listening with SO_REUSEPORT, on a `reserved_port()`."""
+
+    def _create_server(self):
+        return self.loop.create_server(
+            self._factory_invoker, host=self.hostname, port=self.port, ssl=self.ssl_context, reuse_port=True
+        )
+
+
 @pytest.fixture(scope="module")
 def smtp_upstream(ports: Ports, tls_ca: trustme.CA):
     """Real aiosmtpd servers: plain with STARTTLS, and implicit TLS; certificate for
@@ -143,8 +156,8 @@ def smtp_upstream(ports: Ports, tls_ca: trustme.CA):
     recorder = Recorder()
     # explicit names everywhere: no getfqdn() lookups (no DNS in tests)
     common = {"hostname": LOOP, "server_hostname": "upstream.test"}
-    plain = Controller(recorder, port=ports.smtp, tls_context=server_tls, **common)
-    implicit = Controller(recorder, port=ports.smtps, ssl_context=server_tls, **common)
+    plain = ReservedPortController(recorder, port=ports.smtp, tls_context=server_tls, **common)
+    implicit = ReservedPortController(recorder, port=ports.smtps, ssl_context=server_tls, **common)
     plain.start()
     try:
         implicit.start()

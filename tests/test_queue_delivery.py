@@ -607,3 +607,34 @@ async def test_the_first_scan_reuses_what_open_read(tmp_path, upstream, monkeypa
     await eventually(lambda: h.runner._last_scan > 0, what="the first scan")
     assert reads == [] and len(h.runner._summaries) == 5
     await h.close()
+
+
+async def test_a_stop_ends_a_delivery_that_lets_its_first_cancellation_go_by(harness, upstream):
+    """Python 3.11's wait_for (aiosmtplib reads every reply with it) can let a cancellation
+    go by: the delivery goes on. Before, the stop that cancelled it once waited for ever."""
+    upstream.behaviour.data_delay = 30  # a real delivery is under way at the stop
+    h = harness()
+    h.runner.start()
+    entry_id = await h.put(["slow@example.net"])
+    await eventually(lambda: h.runner.inflight == 1, what="a delivery under way")
+    cancellations = 0
+
+    async def delivery_that_goes_on() -> None:
+        nonlocal cancellations
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                cancellations += 1
+                if cancellations == 1:
+                    continue  # what wait_for does with a cancellation that lands late
+                raise
+
+    h.runner._inflight["goes-on"] = asyncio.create_task(delivery_that_goes_on())
+    await asyncio.sleep(0.1)
+    stopping = asyncio.create_task(h.runner.stop(0.1))
+    done, _ = await asyncio.wait({stopping}, timeout=60)  # bounded: before the fix, for ever
+    assert done, "the stop is still waiting for the delivery"
+    assert cancellations == 2
+    assert state_of(h.spool, entry_id) is not None  # not delivered: still spooled, for the next start
+    assert upstream.messages == []

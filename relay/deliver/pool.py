@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from prometheus_client import Gauge
 
+from relay.cancel import cancel_and_wait
 from relay.deliver.connection import UpstreamConnection
 from relay.errors import SmtpError
 
@@ -95,9 +96,12 @@ class ConnectionPool:
     async def close(self) -> None:
         self._closed = True
         if self._reaper:
-            self._reaper.cancel()
+            # Ended first: while it quits a stale connection it holds the ones it keeps.
+            await cancel_and_wait({self._reaper})
         idle, self._idle = list(self._idle), deque()
-        await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
+        quits = [asyncio.ensure_future(c.quit()) for c in idle] + list(self._closing)
+        if quits:
+            await asyncio.wait(quits)  # each QUIT has its own timeout (UpstreamConnection.quit)
         self._update_gauges()
 
     def _take_idle(self) -> UpstreamConnection | None:
@@ -118,14 +122,17 @@ class ConnectionPool:
             await asyncio.sleep(max(1.0, self.idle_timeout / 2))
             now = time.monotonic()
             keep: deque[UpstreamConnection] = deque()
-            while self._idle:
-                conn = self._idle.popleft()
-                if conn.alive and now - conn.last_used < self.idle_timeout:
-                    keep.append(conn)
-                else:
-                    with contextlib.suppress(Exception):
-                        await conn.quit()
-            self._idle.extendleft(reversed(keep))
+            try:
+                while self._idle:
+                    conn = self._idle.popleft()
+                    if conn.alive and now - conn.last_used < self.idle_timeout:
+                        keep.append(conn)
+                    else:
+                        with contextlib.suppress(Exception):
+                            await conn.quit()
+            finally:
+                # Also when cancelled during a QUIT (close): what it kept is closed there.
+                self._idle.extendleft(reversed(keep))
             self._update_gauges()
             if not self._idle and self._busy == 0:
                 return

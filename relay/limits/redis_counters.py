@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from relay.cancel import cancel_and_wait
 from relay.limits.counters import (
     CLOCK_STEP,
     FAIL_OPEN,
@@ -493,13 +494,8 @@ class RedisCounters:
             self._secrets.unsubscribe(self._secret_changed)
             self._secrets = None
         if self._recovery is not None:
-            self._recovery.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovery
-        for task in list(self._retiring):
-            task.cancel()
-        if self._retiring:
-            await asyncio.wait(self._retiring)  # each closes its client when cancelled
+            await cancel_and_wait({self._recovery})
+        await cancel_and_wait(list(self._retiring))  # each closes its client when cancelled
         with contextlib.suppress(*self._errors):
             await self._client.aclose()
         await self._fallback.close()

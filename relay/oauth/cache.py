@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from relay.cancel import cancel_and_wait
 from relay.oauth.providers import TokenSource
 from relay.oauth.token import REASONS, TOKEN_FAILURES, AccessToken, TokenError
 
@@ -172,10 +173,8 @@ class TokenCache:
         """Stop now: a fetch in flight is cancelled (its waiters get a `TokenError`)."""
         self._closed = True
         task, self._inflight = self._inflight, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        if task is not None:
+            await cancel_and_wait({task})
 
     async def retire(self) -> None:
         """Stop once a fetch in flight is done (it has its own deadline): connections of a

@@ -18,11 +18,11 @@ status) but never shown: the token appears only in the AUTH line.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable
 
 import aiosmtplib
 
+from relay.cancel import cancel_and_wait
 from relay.errors import SmtpError
 from relay.oauth import sasl
 from relay.oauth.cache import TokenCache
@@ -82,9 +82,7 @@ class UpstreamTokenAuth:
     async def _stop_refresher(self) -> None:
         task, self._refresher = self._refresher, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait({task})
 
     async def authenticate(self, smtp: aiosmtplib.SMTP, host: str, port: int) -> None:
         token = await self._token(self.cache.token())

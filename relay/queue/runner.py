@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
+from relay.cancel import cancel_and_wait
 from relay.deliver.base import DsnRequest, Envelope, UpstreamTarget
 from relay.deliver.dsn import relayed_report
 from relay.errors import Reply, SmtpError
@@ -217,23 +218,19 @@ class QueueRunner:
         self._stopping = True
         self._wake.set()
         if self._main is not None:
-            self._main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                try:
-                    await self._main
-                except Exception:  # logged where it happened; the drain goes on
-                    log.exception("spool delivery loop had stopped")
+            await cancel_and_wait({self._main})
+            if self._main.done() and not self._main.cancelled() and self._main.exception():
+                # Logged where it happened too; the drain goes on.
+                log.error("spool delivery loop had stopped", exc_info=self._main.exception())
         tasks = list(self._inflight.values())
         if tasks:
             _done, pending = await asyncio.wait(tasks, timeout=timeout)
-            for task in pending:
-                task.cancel()
             if pending:
                 log.warning(
                     "deliveries still under way at the end of the drain; left in the spool",
                     extra={"count": len(pending)},
                 )
-                await asyncio.wait(pending)
+                await cancel_and_wait(pending)
         await self.spool.committer.flush()
 
     @property

@@ -115,6 +115,22 @@ def dead_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
     raise RuntimeError(f"no port on {host} free for both TCP and UDP")
 
 
+def reserved_port(host: str = "127.0.0.1") -> int:
+    """A TCP port held, like a `dead_port()`, for a server in this process that listens there
+    later (a module's upstream, set up once, serving some of its tests; its number written
+    into a proxy's config before). Until it listens, and after, a connect is refused and no
+    other listener (port 0, a `free_port()`) can take the number: the holder never listens,
+    and it shares the port only with sockets that set SO_REUSEPORT too (asyncio:
+    `reuse_port=True`), as the server must.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, 0))
+    _dead_sockets.append(holder)
+    return int(holder.getsockname()[1])
+
+
 @contextlib.contextmanager
 def holding_dead_ports() -> Iterator[None]:
     """The ports `dead_port()` gives inside the block are released when it ends.

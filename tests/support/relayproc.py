@@ -45,6 +45,11 @@ class RelayProcess:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def start(self, *, wait_ready: bool = True, timeout: float = 20.0) -> RelayProcess:
+        self.launch()
+        return self.wait_started(wait_ready=wait_ready, timeout=timeout)
+
+    def launch(self) -> RelayProcess:
+        """Start the process and return at once (`wait_started` waits for its ports)."""
         self.write_config()
         self._stack = contextlib.ExitStack()
         self.proc = self._stack.enter_context(
@@ -56,6 +61,9 @@ class RelayProcess:
                 cwd=self.workdir,
             )
         )
+        return self
+
+    def wait_started(self, *, wait_ready: bool = True, timeout: float = 20.0) -> RelayProcess:
         try:
             for listener in self.config["listeners"]:
                 host, port = split_bind(listener["bind"])

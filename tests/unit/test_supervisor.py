@@ -13,12 +13,16 @@ SUPERVISED = textwrap.dedent(
     import sys
     import time
 
+    from relay import startup_signals
     from relay.supervisor import supervise
 
     def worker(index: int) -> int:
         if index == 0:
             return 2  # a config error
-        time.sleep(120)  # still starting: the SIGTERM that stops the others kills it
+        # Still starting: the SIGTERM that stops the others is recorded, acted on once started.
+        deadline = time.monotonic() + 120
+        while not startup_signals.take().stop and time.monotonic() < deadline:
+            time.sleep(0.05)
         return 0
 
     sys.exit(supervise(2, worker))

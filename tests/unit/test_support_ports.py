@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tests.support.procs import dead_port, holding_dead_ports
+from tests.support.procs import dead_port, holding_dead_ports, reserved_port
 
 
 def test_a_connect_to_a_dead_port_is_refused_and_nobody_can_bind_it():
@@ -34,3 +34,20 @@ def test_the_port_is_released_when_the_block_ends():
         port = dead_port()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", port))
+
+
+def test_a_reserved_port_is_for_the_server_that_binds_it_with_so_reuseport():
+    port = reserved_port()
+    with socket.socket() as other, pytest.raises(OSError):  # what a port-0 or free_port() listener is
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", port))
+    with pytest.raises(ConnectionRefusedError):  # nobody listens yet
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        server.accept()[0].close()
+    with pytest.raises(ConnectionRefusedError):  # the server is gone; the port is still held
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
