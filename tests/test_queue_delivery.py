@@ -30,6 +30,7 @@ from relay.route.router import Router
 from relay.secrets.local import EnvBackend, FileBackend
 from relay.secrets.store import SecretStore
 from relay.wiring import build_target
+from tests.support.cancel import LateCancel
 from tests.support.upstream import Upstream
 
 MESSAGE = (
@@ -617,24 +618,12 @@ async def test_a_stop_ends_a_delivery_that_lets_its_first_cancellation_go_by(har
     h.runner.start()
     entry_id = await h.put(["slow@example.net"])
     await eventually(lambda: h.runner.inflight == 1, what="a delivery under way")
-    cancellations = 0
-
-    async def delivery_that_goes_on() -> None:
-        nonlocal cancellations
-        while True:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                cancellations += 1
-                if cancellations == 1:
-                    continue  # what wait_for does with a cancellation that lands late
-                raise
-
-    h.runner._inflight["goes-on"] = asyncio.create_task(delivery_that_goes_on())
+    late = LateCancel()
+    h.runner._inflight["goes-on"] = asyncio.create_task(late.run())
     await asyncio.sleep(0.1)
     stopping = asyncio.create_task(h.runner.stop(0.1))
     done, _ = await asyncio.wait({stopping}, timeout=60)  # bounded: before the fix, for ever
     assert done, "the stop is still waiting for the delivery"
-    assert cancellations == 2
+    assert late.cancellations == 2
     assert state_of(h.spool, entry_id) is not None  # not delivered: still spooled, for the next start
     assert upstream.messages == []

@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.support.cancel import LateCancel
+
 
 async def test_stop_ends_a_task_that_let_its_first_cancellation_go_by(make_loop_relay, upstream):
     relay = make_loop_relay(upstream.port, start=False)
     await relay.astart()
-    cancellations = 0
-
-    async def checks_forever() -> None:
-        nonlocal cancellations
-        while True:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                cancellations += 1
-                if cancellations == 1:
-                    continue  # what wait_for does with a cancellation that lands late
-                raise
-
-    relay.relay._tasks.append(asyncio.create_task(checks_forever()))  # beside its own tasks
+    late = LateCancel()
+    relay.relay._tasks.append(asyncio.create_task(late.run()))  # beside its own tasks
     await asyncio.sleep(0.1)
     stopping = asyncio.create_task(relay.astop())
     done, _ = await asyncio.wait({stopping}, timeout=60)  # bounded: before the fix, for ever
     assert done, "stop is still waiting for the task"
-    assert cancellations == 2
+    assert late.cancellations == 2
 
 
 async def test_stop_ends_background_work_that_lets_its_first_cancellation_go_by(make_loop_relay, upstream):
@@ -42,25 +32,13 @@ async def test_stop_ends_background_work_that_lets_its_first_cancellation_go_by(
 
     relay = make_loop_relay(upstream.port, start=False)
     await relay.astart()
-    cancellations = 0
-
-    async def notice_that_goes_on() -> None:
-        nonlocal cancellations
-        while True:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                cancellations += 1
-                if cancellations == 1:
-                    continue
-                raise
-
-    _in_background(notice_that_goes_on())
+    late = LateCancel()
+    _in_background(late.run())
     await asyncio.sleep(0.1)
     stopping = asyncio.create_task(relay.astop())
     done, _ = await asyncio.wait({stopping}, timeout=60)  # bounded: before the fix, for ever
     assert done, "stop is still waiting for the background work"
-    assert cancellations == 2
+    assert late.cancellations == 2
 
 
 async def test_a_reload_under_way_when_the_relay_stops_keeps_nothing_it_built(make_loop_relay, upstream, dkim_keys):
