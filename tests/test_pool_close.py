@@ -7,30 +7,12 @@ loop then closed under them)."""
 
 from __future__ import annotations
 
-from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint
-from relay.deliver.dial import DirectDialer
 from relay.deliver.pool import ConnectionPool
-from relay.dns.addresses import AddressResolver
-from tests.support.upstream import Upstream
+from tests.support.upstream import Upstream, plain_upstream_pool
 
 
 def pool_to(port: int) -> ConnectionPool:
-    endpoint = UpstreamEndpoint(
-        label="up",
-        host="127.0.0.1",
-        port=port,
-        tls="none",
-        tls_context=None,
-        helo_name="relay.test",
-        username=None,
-        password=None,
-        connect_timeout=30.0,
-        command_timeout=30.0,
-    )
-    connector = UpstreamConnector(endpoint, DirectDialer(connect_timeout=30.0), AddressResolver(None))
-    return ConnectionPool(
-        "up", connector.open, max_connections=4, max_messages=100, idle_timeout=60.0, acquire_timeout=30.0
-    )
+    return plain_upstream_pool(port)[1]
 
 
 async def test_close_ends_the_reaper_and_a_quit_under_way():

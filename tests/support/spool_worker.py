@@ -17,33 +17,15 @@ from pathlib import Path
 
 
 async def main(root: Path, port: int, first: int, count: int) -> None:
-    from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint
-    from relay.deliver.dial import DirectDialer
-    from relay.deliver.pool import ConnectionPool
     from relay.deliver.smarthost import SmarthostTarget
-    from relay.dns.addresses import AddressResolver
     from relay.queue.entry import QueueEntry, RecipientState
     from relay.queue.runner import QueueRunner
     from relay.queue.schedule import RetryPolicy
     from relay.queue.store import Spool
     from relay.route.router import Router
+    from tests.support.upstream import plain_upstream_pool
 
-    endpoint = UpstreamEndpoint(
-        label="up",
-        host="127.0.0.1",
-        port=port,
-        tls="none",
-        tls_context=None,
-        helo_name="relay.test",
-        username=None,
-        password=None,
-        connect_timeout=5.0,
-        command_timeout=10.0,
-    )
-    connector = UpstreamConnector(endpoint, DirectDialer(connect_timeout=5.0), AddressResolver(None))
-    pool = ConnectionPool(
-        "up", connector.open, max_connections=8, max_messages=100, idle_timeout=30.0, acquire_timeout=10.0
-    )
+    connector, pool = plain_upstream_pool(port, timeout=10.0, max_connections=8, idle_timeout=30.0)
     router = Router(SmarthostTarget("up", connector, pool))
     spool = Spool(root)
     spool.open()

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
+from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint
+from relay.deliver.dial import DirectDialer
+from relay.deliver.pool import ConnectionPool
+from relay.dns.addresses import AddressResolver
 from tests.support.procs import free_port
 
 
@@ -241,3 +245,32 @@ class Upstream:
                     return list(self.messages)
             time.sleep(0.02)
         raise AssertionError(f"upstream got {len(self.messages)} messages, expected {count}")
+
+
+def plain_upstream_pool(
+    port: int, *, timeout: float = 30.0, max_connections: int = 4, idle_timeout: float = 60.0
+) -> tuple[UpstreamConnector, ConnectionPool]:
+    """relay's own connector and pool to a plain-SMTP upstream on 127.0.0.1:`port`, without
+    the wiring: for tests of the pool and the spool runner."""
+    endpoint = UpstreamEndpoint(
+        label="up",
+        host="127.0.0.1",
+        port=port,
+        tls="none",
+        tls_context=None,
+        helo_name="relay.test",
+        username=None,
+        password=None,
+        connect_timeout=timeout,
+        command_timeout=timeout,
+    )
+    connector = UpstreamConnector(endpoint, DirectDialer(connect_timeout=timeout), AddressResolver(None))
+    pool = ConnectionPool(
+        "up",
+        connector.open,
+        max_connections=max_connections,
+        max_messages=100,
+        idle_timeout=idle_timeout,
+        acquire_timeout=timeout,
+    )
+    return connector, pool
