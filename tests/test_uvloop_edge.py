@@ -38,11 +38,17 @@ def test_drain_tells_an_idle_plain_session_to_go_away(make_relay, upstream):
     assert relay.proc.wait(30) == 0
 
 
-def test_proxy_header_from_elsewhere_gets_its_refusal(make_relay, upstream):
+def _proxy_only_from_elsewhere(make_relay, upstream):
+    """A relay whose listener takes the PROXY header from 127.0.0.2 only (tests use .1)."""
     relay = make_relay(upstream.port, start=False)
     relay.config["listeners"][0]["proxy_protocol"] = True
     relay.config["listeners"][0]["proxy_protocol_from"] = ["127.0.0.2/32"]
     relay.start()
+    return relay
+
+
+def test_proxy_header_from_elsewhere_gets_its_refusal(make_relay, upstream):
+    relay = _proxy_only_from_elsewhere(make_relay, upstream)
     sock = socket.create_connection(("127.0.0.1", relay.port("submission")), timeout=20)
     with sock:
         sock.sendall(b"PROXY TCP4 10.1.2.3 10.0.0.1 40000 587\r\n")
@@ -54,10 +60,7 @@ def test_proxy_header_from_elsewhere_gets_its_refusal(make_relay, upstream):
 def test_a_refused_client_that_keeps_sending_still_reads_its_refusal(make_relay, upstream):
     # RFC 1122 §4.2.2.13: closing on unread input sends RST, and the refusal already sent is
     # then lost to the client ("connection reset"). The relay half-closes and drops the rest.
-    relay = make_relay(upstream.port, start=False)
-    relay.config["listeners"][0]["proxy_protocol"] = True
-    relay.config["listeners"][0]["proxy_protocol_from"] = ["127.0.0.2/32"]
-    relay.start()
+    relay = _proxy_only_from_elsewhere(make_relay, upstream)
     sock = socket.create_connection(("127.0.0.1", relay.port("submission")), timeout=20)
     with sock:
         sock.sendall(b"PROXY TCP4 10.1.2.3 10.0.0.1 40000 587\r\n" + b"EHLO client.test\r\n" * 20_000)
