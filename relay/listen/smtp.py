@@ -665,8 +665,7 @@ class RelaySMTP(SMTP):
             if not block:
                 raise ConnectionResetError("client closed the connection during DATA")
             self._reset_timeout()
-            scan = seen + block
-            at = scan.find(_END_OF_DATA)
+            at = _find_end(seen, block)
             if at >= 0:
                 past = at + len(_END_OF_DATA) - len(seen)  # in `block`, just after the end
                 _unread(reader, block[past:])  # a pipelined command (RFC 2920) comes next
@@ -687,7 +686,7 @@ class RelaySMTP(SMTP):
                 # command's own: `seen` starts with it, and then size is 0).
                 size = read - len(block) + at + 2 - len(seen)
                 break
-            seen = scan[-4:]
+            seen = (seen + block[-4:])[-4:]
         if limit and size > limit:
             return None, size
         # The blocks end with the end's ".\r\n": drop it before joining (one copy).
@@ -698,6 +697,16 @@ class RelaySMTP(SMTP):
                 parts.append(last[:-extra])
             extra -= min(extra, len(last))
         return b"".join(parts), size
+
+
+def _find_end(seen: bytes, block: bytes) -> int:
+    """Where CRLF.CRLF starts in `seen + block` (-1: not there), without copying the block:
+    an end that starts in `seen` (at most 4 bytes) ends within the block's first 4."""
+    at = (seen + block[:4]).find(_END_OF_DATA)
+    if at >= 0:
+        return at
+    at = block.find(_END_OF_DATA)
+    return at + len(seen) if at >= 0 else -1
 
 
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
