@@ -21,7 +21,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -64,17 +64,49 @@ def require_binary(name: str) -> str:
     return path
 
 
+# The port numbers handed out lately, by any of the functions below. The kernel may give a
+# number just released to the next bind to port 0: a `free_port()` given to a relay's metrics,
+# then a `dead_port()` for its DNS, could be the same number, and the relay then fails to bind
+# the port the test holds. No number is handed out twice while it is in this window.
+_RECENT_LIMIT = 4096
+_recent: dict[int, None] = {}
+
+
+def _bound_fresh(family: int, make: Callable[[], socket.socket], host: str) -> socket.socket:
+    """A socket from `make()` bound to a port on `host` not handed out lately (see `_recent`).
+
+    Sockets bound to a recent number stay open while the search goes on, so the kernel
+    cannot offer that number again; they are closed when a fresh one is found.
+    """
+    rejected: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            sock = make()
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+            if port not in _recent:
+                _recent[port] = None
+                while len(_recent) > _RECENT_LIMIT:
+                    del _recent[next(iter(_recent))]
+                return sock
+            rejected.append(sock)
+        raise RuntimeError(f"no port on {host} that was not handed out lately")
+    finally:
+        for sock in rejected:
+            sock.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that nothing listens on right now.
 
     The port is released before returning, so another listener (the relay's own port-0
     ones among them) can take it before the caller binds it: use it only for a port the
     caller listens on at once, and `dead_port()` for a port where nothing must listen.
-    Prefer binding port 0 directly when the server is in-process.
+    Prefer binding port 0 directly when the server is in-process. No other call here hands
+    out the same number while it is recent.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
+    with _bound_fresh(family, lambda: socket.socket(family, socket.SOCK_STREAM), host) as sock:
         return int(sock.getsockname()[1])
 
 
@@ -95,8 +127,8 @@ def dead_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     for _ in range(100):
-        holder = socket.socket(family, socket.SOCK_STREAM)  # no SO_REUSEADDR: nobody shares it
-        holder.bind((host, 0))
+        # No SO_REUSEADDR: nobody shares it.
+        holder = _bound_fresh(family, lambda: socket.socket(family, socket.SOCK_STREAM), host)
         port = int(holder.getsockname()[1])
         if not udp:
             _dead_sockets.append(holder)
@@ -124,9 +156,13 @@ def reserved_port(host: str = "127.0.0.1") -> int:
     `reuse_port=True`), as the server must.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    holder = socket.socket(family, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((host, 0))
+
+    def make() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
+
+    holder = _bound_fresh(family, make, host)
     _dead_sockets.append(holder)
     return int(holder.getsockname()[1])
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tests.support.procs import dead_port, holding_dead_ports, reserved_port
+from tests.support.procs import dead_port, free_port, holding_dead_ports, reserved_port
 
 
 def test_a_connect_to_a_dead_port_is_refused_and_nobody_can_bind_it():
@@ -51,3 +51,13 @@ def test_a_reserved_port_is_for_the_server_that_binds_it_with_so_reuseport():
         server.accept()[0].close()
     with pytest.raises(ConnectionRefusedError):  # the server is gone; the port is still held
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_no_port_number_is_handed_out_twice_in_a_row_of_calls():
+    """A relay's config takes free ports for its listeners, then a dead port for its DNS: the
+    kernel may offer a number just released again, and the relay then cannot bind the port
+    the test holds ("address already in use"). With 600 numbers drawn from ~14,000, a
+    repeat is all but certain unless the helpers refuse recent numbers."""
+    with holding_dead_ports():
+        ports = [free_port() for _ in range(300)] + [dead_port(udp=(i % 2 == 0)) for i in range(300)]
+    assert len(set(ports)) == len(ports)
