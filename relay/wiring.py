@@ -24,9 +24,10 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from relay.auth.users import UserDirectory
-from relay.config.load import secret_references
+from relay.config.load import redacted_url, secret_references
 from relay.config.schema import Settings, UpstreamSettings
 from relay.deliver.base import UpstreamTarget
 from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint, upstream_tls_context
@@ -50,7 +51,7 @@ from relay.oauth.upstream_auth import UpstreamTokenAuth
 from relay.pipeline import Pipeline
 from relay.posture.egress import Accept, is_public_unicast
 from relay.posture.monitor import PostureMonitor
-from relay.posture.report import CheckReport, TokenCheck, run_check
+from relay.posture.report import CheckReport, LimitsCheck, TokenCheck, limits_remediation, run_check
 from relay.proxy import dialer_for
 from relay.queue.dsn import report_signer
 from relay.queue.pacing import PacedTarget, pacing_state
@@ -421,6 +422,16 @@ def build_counters(settings: Settings, store: SecretStore) -> Counters:
         return local
     from relay.limits.redis_counters import RedisCounters
 
+    counters = RedisCounters(redis.url, fallback=local, **_redis_options(settings, store))
+    if redis.password:
+        counters.follow_secret(store, redis.password)
+    return counters
+
+
+def _redis_options(settings: Settings, store: SecretStore) -> dict[str, Any]:
+    """How relay connects to the limits' Redis: for the counters and for `relay check`."""
+    assert settings.limits is not None and settings.limits.redis is not None
+    redis = settings.limits.redis
     password_ref = redis.password
 
     def password() -> str | None:
@@ -428,19 +439,30 @@ def build_counters(settings: Settings, store: SecretStore) -> Counters:
         value = store.get(password_ref) if password_ref else None
         return value.text() if value else None
 
-    counters = RedisCounters(
-        redis.url,
-        fallback=local,
-        password=password if password_ref else None,
-        timeout=redis.timeout,
-        key_prefix=redis.key_prefix,
-        ca_file=redis.ca_file,
+    return {
+        "password": password if password_ref else None,
+        "timeout": redis.timeout,
+        "key_prefix": redis.key_prefix,
+        "ca_file": redis.ca_file,
         # The Redis host is resolved like every other name relay connects to.
-        resolver=configured_resolver(settings, build_dns(settings)),
-    )
-    if password_ref:
-        counters.follow_secret(store, password_ref)
-    return counters
+        "resolver": configured_resolver(settings, build_dns(settings)),
+    }
+
+
+async def check_limits(settings: Settings, store: SecretStore) -> LimitsCheck | None:
+    """`relay check`'s row for shared limits: the script run once on the Redis of
+    `limits.redis`, as the relay runs it. None when the limits are not shared."""
+    limits = settings.limits
+    if limits is None or limits.backend != "redis" or limits.redis is None:
+        return None
+    from relay.limits.redis_counters import probe
+
+    where = redacted_url(limits.redis.url)
+    problem = await probe(limits.redis.url, **_redis_options(settings, store))
+    if problem is None:
+        return LimitsCheck("redis", where, True, "the limit script runs: counters shared by every replica")
+    kind, error = problem
+    return LimitsCheck("redis", where, False, f"{kind}: {error}", limits_remediation(kind, error))
 
 
 def build_limiter(settings: Settings, counters: Counters | None) -> tuple[Limiter | None, LimitUsage | None]:
@@ -586,6 +608,7 @@ async def preflight(
         target = build_target(upstream, settings, store, dns, token_auths[0])
         keyring = KeyRing(settings.dkim, store)
         await keyring.fetch_missing()
+        limits = await check_limits(settings, store)
         return await run_check(
             settings,
             dns=dns,
@@ -595,6 +618,7 @@ async def preflight(
             accept=accept,
             echo_tls_context=echo_tls_context,
             tokens=tokens,
+            limits=limits,
         )
     finally:
         if target is not None:

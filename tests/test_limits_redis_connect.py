@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
 from redis.asyncio.connection import Connection, SSLConnection
 
+from tests.support.config import relay_config
 from tests.support.inloop import LoopRelay, in_thread
+from tests.support.procs import dead_port
 from tests.support.redis import RedisServer
 from tests.support.smtp import connect, message
 
@@ -109,3 +114,48 @@ def test_redis_refusing_the_old_password_recovers_when_the_secret_rotates(make_l
         )
         sent_and_counted(relay, pki, redis, 2)
         no_password_shown(relay)
+
+
+# -- relay check ---------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["shared", "wrong-password", "replica", "nothing-there"])
+def test_relay_check_runs_the_limit_script_on_the_shared_redis(
+    case, tmp_path, pki, dkim_keys, app_password_hash, upstream
+):
+    """`relay check` used to say nothing of the limits' Redis: a wrong password or a replica
+    address passed the preflight, and the fleet then ran on per-replica counts (fail open),
+    letting N times the limit through. The check runs the script the relay runs."""
+    secret = tmp_path / "redis-password"
+    secret.write_text(OLD if case != "wrong-password" else NEW)
+    with RedisServer(tmp_path) as redis:
+        redis.cli("ACL", "SETUSER", "relay", "on", f">{OLD}", "~*", "+@all")
+        if case == "replica":
+            redis.cli("REPLICAOF", "127.0.0.1", "1")
+        port = dead_port() if case == "nothing-there" else redis.port
+        url = f"redis://relay@127.0.0.1:{port}/0"
+        limits = {"users": {"daily": 100}, "backend": "redis", "redis": {"url": url, "password": f"file://{secret}"}}
+        config = relay_config(tmp_path, pki, dkim_keys, upstream.port, app_password_hash, limits=limits)
+        path = tmp_path / "relay.yaml"
+        path.write_text(json.dumps(config))
+        checked = [sys.executable, "-m", "relay", "check", "-c", str(path)]
+        result = subprocess.run([*checked, "--json"], capture_output=True, text=True, timeout=120)
+        table = subprocess.run(checked, capture_output=True, text=True, timeout=120).stdout
+        doc = json.loads(result.stdout)
+        limits_row = doc["limits"]
+        assert limits_row["backend"] == "redis" and limits_row["where"] == url
+        if case == "shared":
+            assert limits_row["ok"] and limits_row["level"] == "ok" and limits_row["remediation"] is None
+            assert redis.cli("EXISTS", "relay:limits:probe").strip() == "1"  # the script wrote
+            assert f"✓ limits     redis {url}: the limit script runs" in table
+            return
+    assert result.returncode == 1 and not limits_row["ok"] and limits_row["level"] == "fail"
+    detail, remedy = limits_row["detail"], limits_row["remediation"]
+    if case == "wrong-password":
+        assert detail.startswith("unreachable: AuthenticationError")
+        assert "limits.redis.password" in remedy
+    elif case == "replica":
+        assert detail.startswith("refused: ReadOnlyError") and "read only replica" in detail
+        assert "primary" in remedy
+    else:
+        assert detail.startswith("unreachable: ConnectionError") and "limits.redis.url" in remedy
+    assert f"✗ limits     redis {url}: {detail}" in table and f"→ {remedy}" in table
+    assert OLD not in result.stdout + result.stderr + table and NEW not in result.stdout + result.stderr + table

@@ -321,42 +321,9 @@ class RedisCounters:
         self.round_trips = 0  # EVALSHA calls made (for tests and the bench)
 
     def _connect(self) -> tuple[Any, Any]:
-        """A client (with its own connection pool) and the script registered on it."""
-        import redis.asyncio as aioredis
-        from redis.asyncio.connection import ConnectionPool, parse_url
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        from relay.limits.redis_connect import Credentials, resolving
-
-        options: dict[str, Any] = dict(parse_url(self._url))
-        if self._url.startswith("rediss://"):
-            # Explicit: redis-py before 6 does not check the host name by default.
-            options["ssl_check_hostname"] = True
-            if self._ca_file is not None:
-                options["ssl_ca_certs"] = str(self._ca_file)
-        username = options.pop("username", None)
-        if self._password is not None:
-            # Read at each new connection: a rotated password needs no restart.
-            password = self._password
-            options["credential_provider"] = Credentials(username, password if callable(password) else lambda: password)
-        elif username is not None:
-            options["username"] = username
-        if self._resolver is not None:
-            options["connection_class"] = resolving(options.get("connection_class"), self._resolver)
-        # Fail fast and let this class decide what a failure means: no retries inside the
-        # client, every wait bounded by `timeout`. At most MAX_CONNECTIONS calls at once, queued
-        # first come first served (redis-py's blocking pool lets a busy task take a freed
-        # connection again ahead of the waiters, which starves some of them into timeouts).
-        pool = ConnectionPool(
-            max_connections=MAX_CONNECTIONS,
-            socket_timeout=self._timeout,
-            socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 0),
-            **options,
+        return connect(
+            self._url, password=self._password, timeout=self._timeout, ca_file=self._ca_file, resolver=self._resolver
         )
-        client = aioredis.Redis(connection_pool=pool)
-        return client, client.register_script(LUA)
 
     def follow_secret(self, secrets: SecretChanges, ref: str) -> None:
         """Reconnect with the new password when the secret `ref` changes."""
@@ -596,3 +563,76 @@ class RedisCounters:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+
+
+def connect(
+    url: str,
+    *,
+    password: str | Callable[[], str | None] | None,
+    timeout: float,
+    ca_file: Path | None,
+    resolver: HostAddresses | None,
+) -> tuple[Any, Any]:
+    """A client (with its own connection pool) and the limit script registered on it."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.connection import ConnectionPool, parse_url
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from relay.limits.redis_connect import Credentials, resolving
+
+    options: dict[str, Any] = dict(parse_url(url))
+    if url.startswith("rediss://"):
+        # Explicit: redis-py before 6 does not check the host name by default.
+        options["ssl_check_hostname"] = True
+        if ca_file is not None:
+            options["ssl_ca_certs"] = str(ca_file)
+    username = options.pop("username", None)
+    if password is not None:
+        # Read at each new connection: a rotated password needs no restart.
+        options["credential_provider"] = Credentials(username, password if callable(password) else lambda: password)
+    elif username is not None:
+        options["username"] = username
+    if resolver is not None:
+        options["connection_class"] = resolving(options.get("connection_class"), resolver)
+    # Fail fast and let this class decide what a failure means: no retries inside the
+    # client, every wait bounded by `timeout`. At most MAX_CONNECTIONS calls at once, queued
+    # first come first served (redis-py's blocking pool lets a busy task take a freed
+    # connection again ahead of the waiters, which starves some of them into timeouts).
+    pool = ConnectionPool(
+        max_connections=MAX_CONNECTIONS,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        **options,
+    )
+    client = aioredis.Redis(connection_pool=pool)
+    return client, client.register_script(LUA)
+
+
+async def probe(
+    url: str,
+    *,
+    password: str | Callable[[], str | None] | None = None,
+    timeout: float = 1.0,
+    key_prefix: str = "relay:limits:",
+    ca_file: Path | None = None,
+    resolver: HostAddresses | None = None,
+) -> tuple[str, str] | None:
+    """What `relay check` asks: does the limit script run there, as the relay would run it
+    (connect, TLS, AUTH, a write under `key_prefix`)? None if it does, else what is wrong
+    (`unreachable` or `refused`, and the error): the same test as the recovery's."""
+    from redis.exceptions import RedisError, ResponseError
+
+    client, script = connect(url, password=password, timeout=timeout, ca_file=ca_file, resolver=resolver)
+    try:
+        async with asyncio.timeout(timeout):
+            await script(keys=[key_prefix + "probe"], args=["probe", "", 0])
+    except ResponseError as exc:
+        return "refused", _describe(exc)
+    except (RedisError, OSError, TimeoutError) as exc:
+        return "unreachable", _describe(exc)
+    finally:
+        with contextlib.suppress(RedisError, OSError):
+            await client.aclose()
+    return None

@@ -97,6 +97,39 @@ class TokenCheck:
         return OK if self.ok else FAIL
 
 
+@dataclass(frozen=True)
+class LimitsCheck:
+    """The shared counters of `limits.backend: redis`: does the limit script run there?"""
+
+    backend: str
+    where: str  # the URL, without a secret
+    ok: bool
+    detail: str
+    remediation: str | None = None
+
+    @property
+    def level(self) -> str:
+        # Failing open keeps mail flowing, but every replica then counts alone: a limit set
+        # for the whole fleet lets N times as much through. That is a failed preflight.
+        return OK if self.ok else FAIL
+
+
+def limits_remediation(kind: str, error: str) -> str:
+    """What to do about a Redis the relay cannot use (kind: `unreachable` or `refused`)."""
+    if kind == "refused":
+        # READONLY: a replica after a failover; OOM: at maxmemory; NOPERM: the ACL user.
+        return (
+            "point limits.redis.url at the primary, give Redis room under maxmemory, and let "
+            "the ACL user run EVALSHA/EVAL and write keys under limits.redis.key_prefix"
+        )
+    if "AuthenticationError" in error or "WRONGPASS" in error or "NOAUTH" in error:
+        return "check the secret limits.redis.password names, and the user in limits.redis.url"
+    return (
+        "check limits.redis.url (host, port, rediss:// and limits.redis.ca_file) and the "
+        "network path to it; until it answers, each replica counts its own traffic only"
+    )
+
+
 @dataclass
 class CheckReport:
     upstream: UpstreamCheck
@@ -104,9 +137,12 @@ class CheckReport:
     egress_level: str
     domains: list[DomainPosture] = field(default_factory=list)
     tokens: list[TokenCheck] = field(default_factory=list)
+    limits: LimitsCheck | None = None
 
     def levels(self) -> list[str]:
         out = [self.upstream.level, *(t.level for t in self.tokens), self.egress_level]
+        if self.limits is not None:
+            out.append(self.limits.level)
         for d in self.domains:
             out += [d.spf.level, d.dmarc.level, *(k.level for k in d.dkim)]
         return out
@@ -142,6 +178,16 @@ class CheckReport:
                 }
                 for t in self.tokens
             ],
+            "limits": None
+            if self.limits is None
+            else {
+                "level": self.limits.level,
+                "backend": self.limits.backend,
+                "where": self.limits.where,
+                "ok": self.limits.ok,
+                "detail": self.limits.detail,
+                "remediation": self.limits.remediation,
+            },
             "egress": {
                 "level": self.egress_level,
                 "ips": list(self.egress.ips),
@@ -174,6 +220,8 @@ class CheckReport:
         lines += [f"    {' ' * 9}  ! {w}" for w in up.warnings]
         for t in self.tokens:
             lines += _row(t.level, "token", f"{t.upstream} ({t.provider}): {t.detail}", t.remediation, width=9)
+        if (lim := self.limits) is not None:
+            lines += _row(lim.level, "limits", f"{lim.backend} {lim.where}: {lim.detail}", lim.remediation, width=9)
         eg = self.egress
         eg_text = f"{', '.join(eg.ips)} (from {_SOURCES[eg.source]})" if eg.ips else f"unknown: {eg.problem}"
         lines += _row(self.egress_level, "egress IP", eg_text, None, width=9)
@@ -340,6 +388,7 @@ async def run_check(
     accept: Accept = is_public_unicast,
     echo_tls_context: ssl.SSLContext | None = None,
     tokens: list[TokenCheck] | None = None,
+    limits: LimitsCheck | None = None,
 ) -> CheckReport:
     """The whole preflight over parts built by `relay.wiring.preflight`: the default
     upstream's `target` and `dialer`, and the access tokens already fetched (`tokens`);
@@ -351,4 +400,4 @@ async def run_check(
         discover_egress(settings.spf, probe=probe, dialer=dialer, accept=accept, tls_context=echo_tls_context),
     )
     domains = await assess_all(dns, key_specs(settings.dkim, keyring), egress.ips)
-    return CheckReport(upstream_check, egress, egress_level(egress, settings), domains, list(tokens or []))
+    return CheckReport(upstream_check, egress, egress_level(egress, settings), domains, list(tokens or []), limits)
