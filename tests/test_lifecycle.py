@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
 
 import pytest
 
@@ -53,6 +54,44 @@ def test_sigterm_lets_a_relayed_notice_in_flight_go_out(make_relay, upstream, pk
     relay.signal(signal.SIGTERM)
     assert relay.proc.wait(30) == 0
     assert [m.mail_from for m in upstream.messages] == ["app@example.com", ""]
+
+
+def test_idle_sessions_sending_as_the_drain_starts_read_their_421_not_a_reset(make_relay, upstream):
+    """Clients that send NOOP after NOOP while SIGTERM's drain closes them: each reads the
+    421, then the end of the connection. Before, the drain's close left their crossing
+    command unread (or let it arrive at a closed socket): RST (RFC 1122 §4.2.2.13), and a
+    client saw "connection reset" in place of the 421's close, or of the 421 itself."""
+    relay = make_relay(upstream.port)
+    port = relay.port("submission")
+    count = 20
+    ready = threading.Barrier(count + 1, timeout=60)
+    outcomes: list[object] = [None] * count
+
+    def client(index: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                lines = sock.makefile("rb")
+                assert lines.readline().startswith(b"220")
+                ready.wait()
+                while True:
+                    sock.sendall(b"NOOP\r\n")
+                    line = lines.readline()
+                    if not line.startswith(b"250"):
+                        break
+                outcomes[index] = (line, lines.read())  # the reply, then up to the end
+        except OSError as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    relay.signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(60)
+    closing = b"421 4.3.2 Service shutting down, closing connection\r\n"
+    assert outcomes == [(closing, b"")] * count
+    assert relay.proc.wait(30) == 0
 
 
 def test_second_sigterm_exits_at_once(make_relay, upstream, pki):
