@@ -51,6 +51,7 @@ log = logging.getLogger("relay")
 UPSTREAM_PROBE_INTERVAL = 30.0
 KEY_AGE_INTERVAL = 15.0
 STOP_RELOAD_WAIT_S = 60.0  # stop: how long a reload under way may take to end
+STOP_BACKGROUND_WAIT_S = 10.0  # stop: how long closing what a reload retired may take
 
 ListenerKey = tuple[str, str, str]
 
@@ -236,7 +237,10 @@ class Relay:
             return await self._reload()
 
     def _sighup(self) -> None:
-        if not self._reload_queued:
+        if self._stopping:
+            # Not a task the stop would have to wait for (or leave pending at the loop's end).
+            log.info("reload not done: the relay is stopping")
+        elif not self._reload_queued:
             self._reload_queued = True
             self._in_background(self.reload())
 
@@ -280,6 +284,7 @@ class Relay:
         assert new.upstreams is not None
         self.targets.commit(new.upstreams)
         old.pipeline.keyring.detach()
+        self._in_background(old.pipeline.keyring.close())  # its key fetches end
         new.pipeline.keyring.attach()
         self.components = new
         if self._posture_task is not None:
@@ -363,6 +368,15 @@ class Relay:
             if task.done() and not task.cancelled():
                 task.exception()  # its end (an error already logged) is not stop's
         await finish_background(0)
+        # The relay's own work beside the sessions: closing what a reload retired (pools,
+        # token caches, Redis clients, an old key ring's fetches), a reload queued behind the
+        # stop. Each is bounded; one still running after the bound is ended.
+        others = self._background - {asyncio.current_task()}  # a drain runs this stop
+        if others:
+            _done, running = await asyncio.wait(others, timeout=STOP_BACKGROUND_WAIT_S)
+            await cancel_and_wait(running)
+        if self.components is not None:
+            await self.components.pipeline.keyring.close()
         if self.queue is not None:
             await self.queue.runner.stop(0)  # a no-op after a drain
             await self.queue.spool.close()
