@@ -390,7 +390,7 @@ class Relay:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in startup_signals.stop_signals():  # a worker leaves SIGINT to its supervisor
             loop.add_signal_handler(sig, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         # What arrived while the relay started (relay.startup_signals), read only now that
@@ -404,6 +404,8 @@ class Relay:
             self._sighup()
 
     def _stop_signal(self) -> None:
+        if self._stopped.is_set():
+            return  # stopped already: the process is on its way out (relay.startup_signals)
         self._signals += 1
         if self._signals > 1:
             log.warning("second stop signal: exiting now")
@@ -433,6 +435,9 @@ async def serve(
     reuse_port: bool = False,
     tls_context: ssl.SSLContext | None = None,
 ) -> int:
+    """`relay serve`'s one process (or worker): start, run until stopped; the exit code. Run
+    by asyncio.run in the main thread, which calls `startup_signals.ignore_until_exit()`
+    once the loop has closed (the signals are blocked from the stop until then)."""
     relay = Relay(
         settings,
         config_path=config_path,
@@ -446,10 +451,14 @@ async def serve(
         where = f": {exc.filename}" if exc.filename else ""
         log.error("cannot start", extra={"reason": f"{exc.strerror or exc}{where}"})
         await relay.stop()
+        startup_signals.hold_until_exit()
         return 1
     relay.install_signal_handlers()
     if on_started:
         on_started(relay)
     await relay.wait_stopped()
     log.info("stopped")
+    # What is left is the loop's end and the interpreter's: the signals wait from now on
+    # (the caller ignores them once the loop has closed).
+    startup_signals.hold_until_exit()
     return 0
