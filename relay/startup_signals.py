@@ -44,7 +44,7 @@ class Requested:
 
 _requested = Requested()
 _holder: int | None = None  # the process whose record `_requested` is (a fork starts its own)
-_stop_signals = STOP_SIGNALS
+_stop_signals: tuple[signal.Signals, ...] = STOP_SIGNALS
 
 
 def hold(*, worker: bool = False) -> None:
