@@ -67,7 +67,7 @@ def test_sigterm_while_starting_stops_cleanly_once_started(held_relay, workers):
 
 
 # How relay is started: the console script (the image's ENTRYPOINT, systemd's ExecStart, the
-# Terraform task's command) and `python -m relay` (the tests' and `make run`'s).
+# Terraform task's command, `make run`) and `python -m relay` (the other tests').
 ENTRIES = pytest.mark.parametrize(
     "command",
     [[str(Path(sys.executable).parent / "relay")], [sys.executable, "-m", "relay"]],
@@ -77,7 +77,9 @@ ENTRIES = pytest.mark.parametrize(
 
 @ENTRIES
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
-def test_a_signal_while_the_command_line_is_imported_does_not_kill_relay(make_relay, upstream, pki, tmp_path, command, sig):
+def test_a_signal_while_the_command_line_is_imported_does_not_kill_relay(
+    make_relay, upstream, pki, tmp_path, command, sig
+):
     """The process is held just before `relay.cli` (and what it loads: asyncio, ssl, the
     queue commands...) is imported: a third of a second of every start. Before, the start-up
     handlers were installed only after that import, and either signal killed the process."""

@@ -348,7 +348,9 @@ class RedisCounters:
                 # The old recovery ends first: one that let a single cancel go by (relay.cancel)
                 # would run beside the new one until Redis is back.
                 self._until_closed(self._recovery)
-                self._until_closed(loop.create_task(cancel_and_wait({self._recovery}), name="limits-redis-recovery-end"))
+                self._until_closed(
+                    loop.create_task(cancel_and_wait({self._recovery}), name="limits-redis-recovery-end")
+                )
             self._recovery = loop.create_task(self._recover(), name="limits-redis-recovery")
 
     def _until_closed(self, task: asyncio.Task[Any]) -> None:

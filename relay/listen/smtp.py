@@ -742,9 +742,7 @@ class _Linger(asyncio.Protocol):
     It stays among the open connections until then: a drain waits for it (within
     drain_timeout) rather than exit with the socket still taking input."""
 
-    def __init__(
-        self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, connections: Connections
-    ) -> None:
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, connections: Connections) -> None:
         self._transport = transport
         self._connections = connections
         connections.add(self)  # before the session leaves them: a drain never sees none
