@@ -88,11 +88,13 @@ async def test_stop_ends_the_key_rings_fetches(make_loop_relay, upstream):
     relay = make_loop_relay(upstream.port, start=False)
     await relay.astart()
     late = LateCancel()
-    fetch = asyncio.create_task(late.run())
-    relay.running.components.pipeline.keyring._tasks.add(fetch)  # a key fetch under way
-    await asyncio.wait_for(relay.astop(), 60)
-    assert fetch.done(), "the fetch outlived the stop"  # before the fix: never cancelled
-    assert late.cancellations == 2
+    try:
+        relay.running.components.pipeline.keyring._tasks.add(await late.start())  # a key fetch under way
+        await asyncio.wait_for(relay.astop(), 60)
+        assert late.task.done(), "the fetch outlived the stop"  # before the fix: never cancelled
+        assert late.cancellations == 2
+    finally:
+        await late.end()
 
 
 async def test_a_reload_ends_the_old_key_rings_fetches(make_loop_relay, upstream):
@@ -103,15 +105,17 @@ async def test_a_reload_ends_the_old_key_rings_fetches(make_loop_relay, upstream
     await relay.astart()
     running = relay.running
     late = LateCancel()
-    fetch = asyncio.create_task(late.run())
-    running.components.pipeline.keyring._tasks.add(fetch)
-    relay.config["upstream"]["pool"]["max_connections"] = 3
-    new = on_port_zero(settings_from_mapping(relay.config, source="relay.yaml"))
-    running._reload_settings = lambda: new
-    assert await running.reload()
-    done, _ = await asyncio.wait({fetch}, timeout=30)  # before the fix: cancelled once only
-    assert done, "the old ring's fetch still runs after the reload"
-    assert late.cancellations == 2
+    try:
+        running.components.pipeline.keyring._tasks.add(await late.start())
+        relay.config["upstream"]["pool"]["max_connections"] = 3
+        new = on_port_zero(settings_from_mapping(relay.config, source="relay.yaml"))
+        running._reload_settings = lambda: new
+        assert await running.reload()
+        done, _ = await asyncio.wait({late.task}, timeout=30)  # before the fix: cancelled once only
+        assert done, "the old ring's fetch still runs after the reload"
+        assert late.cancellations == 2
+    finally:
+        await late.end()
     await relay.astop()
 
 
@@ -120,17 +124,21 @@ async def test_stop_waits_for_closing_what_a_reload_retired_then_ends_it(make_lo
     the background. Before, the stop did not wait for them, and the loop closed under them."""
     import relay.server
 
-    monkeypatch.setattr(relay.server, "STOP_BACKGROUND_WAIT_S", 0.2)  # then it is cancelled
+    monkeypatch.setattr(relay.server, "STOP_BACKGROUND_WAIT_S", 0.2, raising=False)  # then it is cancelled
     loop_relay = make_loop_relay(upstream.port, start=False)
     await loop_relay.astart()
     running = loop_relay.running
     late = LateCancel()
-    before = set(running._background)
-    running._in_background(late.run())  # as a reload hands it a retired target's close()
-    [closing] = running._background - before
-    await asyncio.wait_for(loop_relay.astop(), 60)
-    assert closing.done(), "the background work outlived the stop"
-    assert late.cancellations == 2
+    try:
+        before = set(running._background)
+        running._in_background(late.run())  # as a reload hands it a retired target's close()
+        [late.task] = running._background - before
+        await asyncio.sleep(0)  # its first step
+        await asyncio.wait_for(loop_relay.astop(), 60)
+        assert late.task.done(), "the background work outlived the stop"
+        assert late.cancellations == 2
+    finally:
+        await late.end()
 
 
 async def test_a_redis_password_change_ends_the_old_recovery(tmp_path):
@@ -153,10 +161,12 @@ async def test_a_redis_password_change_ends_the_old_recovery(tmp_path):
     secrets = Secrets()
     counters.follow_secret(secrets, "env://REDIS_PASSWORD")
     late = LateCancel()
-    old = asyncio.create_task(late.run())
-    counters._down_since, counters._recovery = time.monotonic(), old  # down, recovering
-    secrets.changed("env://REDIS_PASSWORD", None)
-    done, _ = await asyncio.wait({old}, timeout=30)
-    assert done, "the old recovery still runs"
-    assert late.cancellations == 2
-    await counters.close()
+    try:
+        counters._down_since, counters._recovery = time.monotonic(), await late.start()  # down, recovering
+        secrets.changed("env://REDIS_PASSWORD", None)
+        done, _ = await asyncio.wait({late.task}, timeout=30)
+        assert done, "the old recovery still runs"
+        assert late.cancellations == 2
+    finally:
+        await late.end()
+        await counters.close()

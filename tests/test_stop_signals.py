@@ -17,11 +17,13 @@ from tests.support.smtp import connect, message
 pytestmark = pytest.mark.e2e
 
 
-def test_a_signal_while_a_stopped_relay_exits_changes_nothing(make_relay, upstream, tmp_path):
-    """Held in the interpreter's exit, after the event loop has closed (which puts the
-    signals' default actions back): before, a SIGHUP there killed the process (status 129
-    from a shell) although its stop was done."""
-    hold = HoldPoints(tmp_path / "hold", at_exit=True)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_signal_while_a_stopped_relay_exits_changes_nothing(make_relay, upstream, tmp_path, loop):
+    """Held in the interpreter's exit, after the event loop has closed. asyncio's loop puts
+    the signals' default actions back when it closes: before, a SIGHUP there killed the
+    process (status 129 from a shell) although its stop was done. (uvloop leaves its handler
+    in place; the interpreter's finalization then puts the default back, too late to hold.)"""
+    hold = HoldPoints(tmp_path / "hold", at_exit=True, not_installed=("uvloop",) if loop == "asyncio" else ())
     relay = make_relay(upstream.port, start=False, env=hold.env)
     relay.start()
     relay.signal(signal.SIGTERM)

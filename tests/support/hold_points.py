@@ -7,6 +7,8 @@ before the program's first line) holds the process, until the test releases it:
 - `at_exit=True`: in the interpreter's exit (the first atexit callback registered, so the
   last to run: after the program and its event loop are done).
 
+`not_installed=("uvloop",)` makes those modules' imports fail, as without the extra.
+
     hold = HoldPoints(tmp_path, at_import="relay.cli")
     relay = make_relay(upstream.port, start=False, env=hold.env)
     relay.launch()
@@ -53,6 +55,10 @@ _SITECUSTOMIZE = textwrap.dedent(
             return None
 
 
+    for _name in filter(None, os.environ.get("RELAY_TEST_NO_IMPORT", "").split(",")):
+        sys.modules[_name] = None  # its import fails: as if it were not installed
+
+
     if _dir and os.environ.get("RELAY_TEST_HOLD_IMPORT"):
         sys.meta_path.insert(0, _HoldImport(os.environ["RELAY_TEST_HOLD_IMPORT"]))
     if _dir and os.environ.get("RELAY_TEST_HOLD_EXIT"):
@@ -64,7 +70,14 @@ _SITECUSTOMIZE = textwrap.dedent(
 
 
 class HoldPoints:
-    def __init__(self, directory: Path, *, at_import: str | None = None, at_exit: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        at_import: str | None = None,
+        at_exit: bool = False,
+        not_installed: tuple[str, ...] = (),
+    ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "sitecustomize.py").write_text(_SITECUSTOMIZE)
@@ -77,6 +90,8 @@ class HoldPoints:
             self.env["RELAY_TEST_HOLD_IMPORT"] = at_import
         if at_exit:
             self.env["RELAY_TEST_HOLD_EXIT"] = "1"
+        if not_installed:
+            self.env["RELAY_TEST_NO_IMPORT"] = ",".join(not_installed)
 
     def wait_held(self, point: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         """Until the process is held at `point` ("import" or "exit")."""
