@@ -339,7 +339,7 @@ class RelaySMTP(SMTP):
         if transport is None:
             return
         if not self._handshaking and not transport.is_closing() and transport.can_write_eof():
-            linger = _Linger(cast(asyncio.Transport, transport), self.loop, self._connections)
+            linger = _Linger(cast(asyncio.Transport, transport), self.loop, self._connections, self._writer)
             transport.set_protocol(linger)
             # aiosmtpd's command loop, cancelled by connection_lost while it waits for a
             # command (a drain's 421 comes from outside it), closes its writer on the way out:
@@ -742,9 +742,18 @@ class _Linger(asyncio.Protocol):
     It stays among the open connections until then: a drain waits for it (within
     drain_timeout) rather than exit with the socket still taking input."""
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, connections: Connections) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        connections: Connections,
+        writer: asyncio.StreamWriter,
+    ) -> None:
         self._transport = transport
         self._connections = connections
+        # The session's StreamWriter closes its transport when it is collected (asyncio's
+        # StreamWriter.__del__): held until the socket is closed, or the GC cuts this short.
+        self._writer: asyncio.StreamWriter | None = writer
         connections.add(self)  # before the session leaves them: a drain never sees none
         transport.write_eof()  # after the reply still buffered, if any
         if not transport.is_reading():  # paused by the session's full buffer
@@ -760,6 +769,7 @@ class _Linger(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
         self._connections.discard(self)
+        self._writer = None
 
     # -- as one of the open connections (relay.listen.connections) ------------------------
     def shutdown(self) -> None:
