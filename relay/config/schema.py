@@ -793,9 +793,17 @@ class QueueSettings(Strict):
         return steps
 
 
+def _hostname(value: str) -> str:
+    # It is the greeting's and EHLO's domain, the Received: header's "by", MAILER-DAEMON@it:
+    # a space or a control character there would break each (RFC 5321 §4.1.1.1).
+    if not value or re.search(r"[\x00-\x20\x7f]", value):
+        raise ValueError(f"expected a host name like relay.example.com, got {value!r}")
+    return value
+
+
 class Settings(Strict):
     # socket.gethostname, not getfqdn: no DNS lookup just to load a config.
-    hostname: str = Field(default_factory=socket.gethostname)
+    hostname: Annotated[str, AfterValidator(_hostname)] = Field(default_factory=socket.gethostname)
     listeners: list[ListenerSettings] = Field(min_length=1)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     clients: ClientSettings = Field(default_factory=ClientSettings)
