@@ -27,3 +27,14 @@ async def test_limit_fail_open_is_exported_at_zero_once_limits_count(tmp_path):
         assert REGISTRY.get_sample_value("relay_limit_fail_open_total", {"backend": "local"}) is not None
     finally:
         await counters.close()
+
+
+@in_thread
+def test_each_listener_shows_zero_sessions_and_messages_before_its_first_client(make_loop_relay, upstream):
+    name = f"quiet-{uuid.uuid4().hex[:8]}"  # a listener no other test named
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["listeners"][0]["name"] = name
+    relay.start()
+    lines = relay.scrape().splitlines()
+    assert f'relay_sessions_active{{listener="{name}"}} 0.0' in lines
+    assert f'relay_messages_received_total{{listener="{name}"}} 0.0' in lines
