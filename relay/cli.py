@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # supervisor process small, and `relay hash-password` starts fast.
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+_CONFIG_HELP = "config file (default: $RELAY_CONFIG, else the dev default)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `relay queue list | head`: the reader went away, which is no error of ours. Point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,17 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the relay (no config: the embedded dev default)")
-    serve.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
+    serve.add_argument("-c", "--config", help=_CONFIG_HELP)
     serve.add_argument(
         "--workers",
-        type=int,
-        default=int(os.environ.get("RELAY_WORKERS", "1")),
+        type=_worker_count,
+        # A string: argparse converts it with `type` only when `serve` runs, so a bad
+        # $RELAY_WORKERS is a usage error of `relay serve`, not a traceback of every command.
+        default=os.environ.get("RELAY_WORKERS") or "1",
         help="worker processes sharing the listeners, one core each (default 1, or $RELAY_WORKERS)",
     )
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check", help="preflight of the DNS posture and the path out")
-    check.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
+    check.add_argument("-c", "--config", help=_CONFIG_HELP)
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(func=cmd_check)
 
@@ -83,14 +91,15 @@ def _parser() -> argparse.ArgumentParser:
     keygen.set_defaults(func=cmd_keygen)
 
     dkim = sub.add_parser("dkim", help="DKIM key rotation: rotate, status")
+    dkim.set_defaults(func=_usage(dkim))
     dkim_sub = dkim.add_subparsers(metavar="SUBCOMMAND")
     rotate = dkim_sub.add_parser(
         "rotate",
         help="rotate one domain's key: new selector, published, verified, "
         "switched, retired (resumable: run it again to continue)",
     )
-    rotate.add_argument("-c", "--config")
-    rotate.add_argument("-d", "--domain", required=True)
+    rotate.add_argument("-c", "--config", help=_CONFIG_HELP)
+    rotate.add_argument("-d", "--domain", required=True, help="the key-set domain (dkim.key_sets[].domain)")
     rotate.add_argument(
         "--algorithm",
         choices=["rsa-sha256", "ed25519-sha256"],
@@ -111,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     rotate.set_defaults(func=cmd_dkim_rotate)
     dkim_status = dkim_sub.add_parser("status", help="each domain's selectors, ages, states and next step")
-    dkim_status.add_argument("-c", "--config")
+    dkim_status.add_argument("-c", "--config", help=_CONFIG_HELP)
     dkim_status.add_argument("--json", action="store_true", help="machine-readable output")
     dkim_status.set_defaults(func=cmd_dkim_status)
 
@@ -119,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     hashpw.set_defaults(func=cmd_hash_password)
 
     config = sub.add_parser("config", help="configuration commands")
+    config.set_defaults(func=_usage(config))
     config_sub = config.add_subparsers(metavar="SUBCOMMAND")
     validate = config_sub.add_parser(
         "validate",
@@ -129,13 +139,33 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="syntax and meaning only: no files, no secrets (for a config checked away from where it runs)",
     )
-    validate.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
+    validate.add_argument("-c", "--config", help=_CONFIG_HELP)
     validate.set_defaults(func=cmd_config_validate)
 
     from relay.queue.commands import add_queue_commands
 
     add_queue_commands(sub, _load)
     return parser
+
+
+def _worker_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of processes, 1 or more, got {text!r}")
+    return count
+
+
+def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """A command group run without its subcommand: its own help, on stderr, exit 2."""
+
+    def usage(_args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return EXIT_CONFIG
+
+    return usage
 
 
 def _load(path_arg: str | None, *, offline: bool = False) -> tuple[Settings, Path | None]:
@@ -336,6 +366,9 @@ Stop with Ctrl-C.
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from relay.auth.passwords import hash_password
 
+    if sys.stdin is None:  # started with standard input closed
+        print("no password given: pipe it on stdin", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         if sys.stdin.isatty():
             password = getpass.getpass("Password: ")

@@ -6,12 +6,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 
 from relay.secrets.base import SecretFetchError, SecretRef
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem, txt_strings, zone_line
+from relay.sign.keyset import SELECTOR_SYNTAX
 
 __all__ = ["keygen", "txt_strings", "zone_line"]  # txt_strings, zone_line: relay.rotate.publish uses them
+
+_DOMAIN = r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)+"  # RFC 1035 labels, 2 or more
+_WRITABLE = ("file", "aws-sm")
 
 
 def keygen(args: argparse.Namespace) -> int:
@@ -28,11 +33,27 @@ def keygen(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # Usage errors before a key is made: a record that DNS cannot hold, or a --store the
+    # command cannot write, would leave a key pair nobody can use.
+    domain = args.domain.lower().rstrip(".")
+    if not re.fullmatch(_DOMAIN, domain):
+        print(f"relay keygen: -d: not a domain name: {args.domain!r}", file=sys.stderr)
+        return 2
+    if not re.fullmatch(SELECTOR_SYNTAX, args.selector):
+        print(f"relay keygen: -s: not a selector (letters, digits, '.', '-', '_'): {args.selector!r}", file=sys.stderr)
+        return 2
+    if args.store:
+        try:
+            scheme = SecretRef.parse(args.store).scheme
+        except ValueError as exc:
+            print(f"relay keygen: --store: {exc}", file=sys.stderr)
+            return 2
+        if scheme not in _WRITABLE:
+            print(f"relay keygen: --store supports file:// and aws-sm:// references, not {scheme}://", file=sys.stderr)
+            return 2
     private = generate_private_key(args.algorithm, args.bits)
     pem = private_key_pem(private)
-    key = load_signing_key(
-        pem, domain=args.domain.lower().rstrip("."), selector=args.selector, algorithm=args.algorithm
-    )
+    key = load_signing_key(pem, domain=domain, selector=args.selector, algorithm=args.algorithm)
     if args.store:
         try:
             version = asyncio.run(_store(args, pem))

@@ -173,12 +173,13 @@ class Relay:
             checks["listeners"] = "draining"
         missing = self.components.pipeline.keyring.never_loaded() if self.components else {"all": "starting"}
         checks["dkim_keys"] = "; ".join(f"{k}: {v}" for k, v in missing.items()) or None
-        checks["upstream"] = self._upstream_problem
-        # An upstream that cannot get (or use) an access token cannot take mail: the reason
-        # (invalid_client, consent_missing, ...) and the token endpoint's own words.
-        problems = [(a.label, a.problem) for a in self.targets.token_auths()]
-        checks["upstream_token"] = "; ".join(f"{label}: {p}" for label, p in problems if p) or None
-        if self.queue is not None:
+        if self.queue is None:
+            checks.update(self._upstream_problems())
+        else:
+            # Spool mode takes mail while the upstream is away: that is what the spool is
+            # for. Failing readiness then would have the load balancer take every replica
+            # out during exactly that outage; the problem is in the detail instead.
+            checks.update(dict.fromkeys(self._upstream_problems()))
             if self.queue.spool.opened_scan is None:
                 checks["spool"] = "opening (scanning the spool)"
             else:
@@ -192,12 +193,25 @@ class Relay:
         for token_auth in self.targets.token_auths():
             token_auth.secret_changed(ref)
 
+    def _upstream_problems(self) -> dict[str, str | None]:
+        """The default upstream's path at the last probe, and every upstream that cannot
+        get (or use) an access token: the reason (invalid_client, consent_missing, ...) and
+        the token endpoint's own words."""
+        problems = [(a.label, a.problem) for a in self.targets.token_auths()]
+        return {
+            "upstream": self._upstream_problem,
+            "upstream_token": "; ".join(f"{label}: {p}" for label, p in problems if p) or None,
+        }
+
     def readiness_detail(self) -> dict[str, str | None]:
         """What /readyz reports without failing: limits running on local counters because
         Redis is unreachable (fail open) is worth knowing, not worth taking relay out of
-        the load balancer."""
+        the load balancer; so is, in spool mode, an upstream that cannot take mail now."""
         counters = self.limit_counters.current
-        return {"limits": counters.problem() if counters is not None else None}
+        detail = {"limits": counters.problem() if counters is not None else None}
+        if self.queue is not None:
+            detail.update(self._upstream_problems())
+        return detail
 
     def _scraped(self) -> list[LimitUsage]:
         usage = self.components.limit_usage if self.components is not None else None

@@ -48,6 +48,7 @@ from relay.oauth.cache import TokenCache
 from relay.oauth.providers import token_source
 from relay.oauth.token import TokenError, remediation
 from relay.oauth.upstream_auth import UpstreamTokenAuth
+from relay.observe import messages, sessions
 from relay.pipeline import Pipeline
 from relay.posture.egress import Accept, is_public_unicast
 from relay.posture.monitor import PostureMonitor
@@ -543,6 +544,9 @@ async def build_components(
         await targets.discard(built)
         await (counters or LimitCounters()).discard(limit_counters)
         raise
+    listeners = [listener.name for listener in settings.listeners]
+    sessions.export_listeners(listeners)
+    messages.export_listeners(listeners)
     return Components(
         settings,
         dns,

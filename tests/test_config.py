@@ -201,3 +201,47 @@ def test_a_backend_whose_extra_is_not_installed_is_named_with_the_fix(monkeypatc
     with pytest.raises(ConfigError) as err:
         settings_from_mapping(config, offline=True)
     assert err.value.problems == [("dkim.keys[0].key", "aws-sm:// needs relay's aws extra: pip install 'relay[aws]'")]
+
+
+def _load_text(tmp_path: Path, text: str):
+    from relay.config.load import load_settings
+
+    path = tmp_path / "relay.yaml"
+    path.write_text(text)
+    return load_settings(path, offline=True)
+
+
+def test_an_unquoted_tls_version_is_the_version_meant(tmp_path):
+    listener = 'listeners: [{name: side, bind: "127.0.0.1:2525", tls: none, auth: none}]\n'
+    settings = _load_text(tmp_path, listener + "upstream: {host: smtp.example.com}\ntls: {min_version: 1.3}\n")
+    assert settings.tls.min_version == "1.3"
+
+
+def test_yaml_merge_keys_may_still_override(tmp_path):
+    # Only a key written twice is refused; `<<:` merging is for overriding.
+    settings = _load_text(
+        tmp_path,
+        "listeners:\n"
+        '  - &side {name: side, bind: "127.0.0.1:2525", tls: none, auth: none}\n'
+        '  - {<<: *side, name: other, bind: "127.0.0.1:2526"}\n'
+        "upstream: {host: smtp.example.com}\n",
+    )
+    assert [(lst.name, lst.bind.port) for lst in settings.listeners] == [("side", 2525), ("other", 2526)]
+
+
+@pytest.mark.parametrize(
+    ("one", "other", "clash"),
+    [
+        (("0.0.0.0", 587), ("10.0.0.1", 587), True),
+        (("::", 587), ("::1", 587), True),
+        (("localhost", 25), ("127.0.0.1", 25), True),
+        (("0.0.0.0", 2525), ("127.0.0.1", 2526), False),
+        (("::", 2525), ("127.0.0.1", 2525), False),  # asyncio binds IPv6 sockets V6ONLY
+        (("127.0.0.1", 2525), ("127.0.0.2", 2525), False),
+    ],
+)
+def test_binds_clash_on_one_port_of_one_address_or_its_wildcard(one, other, clash):
+    from relay.config.load import _bind_clash
+    from relay.config.units import HostPort
+
+    assert (_bind_clash(HostPort(*other), [("listeners[0]", HostPort(*one))]) is not None) is clash

@@ -100,7 +100,18 @@ def test_hash_password_at_ctrl_d_says_so_without_a_traceback():
     assert b"Traceback" not in output and b"no password given" in output
 
 
-@pytest.mark.parametrize("command", [["serve"], ["check"], ["config", "validate"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve"],
+        ["check"],
+        ["config", "validate"],
+        ["dkim", "rotate"],
+        ["dkim", "status"],
+        ["queue", "list"],
+        ["queue", "retry"],
+    ],
+)
 def test_every_config_option_says_what_it_is(command):
     result = relay_cli(*command, "--help")
     assert re.search(r"-c CONFIG, --config CONFIG\s+config file", result.stdout), result.stdout
@@ -157,3 +168,70 @@ def test_an_unauthenticated_client_is_not_told_about_a_user(make_loop_relay, ups
         client.sendmail("app@example.com", ["user@example.net"], message(frm="ceo@other.example"))
     assert err.value.smtp_error == b"5.7.1 From: <ceo@other.example> not allowed for unauthenticated clients"
     client.quit()
+
+
+# --- the command line: usage errors, not tracebacks --------------------------------------------
+
+
+@pytest.mark.parametrize(("group", "subcommand"), [("dkim", "rotate"), ("config", "validate"), ("queue", "list")])
+def test_a_command_group_without_its_subcommand_shows_its_own_help(group, subcommand):
+    result = relay_cli(group)
+    assert result.returncode == 2
+    assert subcommand in result.stderr and f"relay {group}" in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_a_bad_relay_workers_is_a_usage_error_of_serve_only():
+    env = {**os.environ, "RELAY_WORKERS": "many"}
+    other = relay_cli("config", "validate", "--offline", "-c", str(ROOT / "config" / "relay.example.yaml"), env=env)
+    assert other.returncode == 0, other.stderr  # not a traceback of every command
+    serve = relay_cli("serve", env=env)
+    assert serve.returncode == 2 and "--workers" in serve.stderr and "'many'" in serve.stderr, serve.stderr
+    assert "Traceback" not in serve.stderr
+
+
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_serve_refuses_a_worker_count_below_one(count):
+    result = relay_cli("serve", "--workers", count)
+    assert result.returncode == 2 and "1 or more" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("-s", "bad selector", "-s: not a selector"),
+        ("-d", "exa mple.com", "-d: not a domain name"),
+        ("--store", "env://DKIM_KEY", "--store supports file:// and aws-sm://"),
+        ("--store", "file://keys/s1.key", "--store: file:// reference needs an absolute path"),
+    ],
+)
+def test_keygen_refuses_what_dns_or_the_store_cannot_take_before_making_a_key(tmp_path, option, value, says):
+    args = {"-d": "example.com", "-s": "s1", "--store": f"file://{tmp_path}/s1.key", option: value}
+    result = relay_cli("keygen", *[part for pair in args.items() for part in pair])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert says in result.stderr and "TXT" not in result.stdout
+    assert list(tmp_path.iterdir()) == []  # no key made
+
+
+def test_hash_password_with_stdin_closed_says_so_without_a_traceback():
+    result = subprocess.run(
+        ["bash", "-c", 'exec "$0" -m relay hash-password <&-', sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2 and "no password given" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback():
+    # `relay queue list | head`: the reader is gone (here before anything was written).
+    result = subprocess.run(
+        ["bash", "-c", '"$0" -m relay keygen -d example.com -s s1 --print-private-key | true', sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.inloop import in_thread
+from tests.support.procs import dead_port
 from tests.support.smtp import message, submit
 from tests.support.upstream import Upstream
 
@@ -101,6 +102,19 @@ def test_readyz_fails_when_the_spool_cannot_be_written(make_loop_relay, upstream
     (tmp_path / "spool" / "entries").rename(tmp_path / "spool" / "moved")  # e.g. the volume went away
     status, body = relay.http_json("/readyz")
     assert status == 503 and "spool" in body["checks"]["spool"]
+
+
+@in_thread
+def test_readyz_stays_ready_in_spool_mode_while_the_upstream_is_down(make_loop_relay, pki, tmp_path):
+    """The spool takes mail while the upstream is away; /readyz used to fail on the upstream
+    probe, so a load balancer took every spool replica out during exactly that outage."""
+    relay = make_loop_relay(dead_port(), queue=spool_queue(tmp_path))
+    wait_for(lambda: "not probed" not in relay.http_json("/readyz")[1].get("detail", {}).get("upstream", "not probed"))
+    status, body = relay.http_json("/readyz")
+    assert status == 200 and body["checks"]["upstream"] == "ok"
+    assert "refused" in body["detail"]["upstream"].lower() or "connect" in body["detail"]["upstream"].lower()
+    assert submit(relay, pki) == {}  # and it takes mail
+    assert relay.metric("relay_ready") == 1
 
 
 async def test_healthz_answers_while_a_large_spool_is_opened(make_loop_relay, upstream, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import ipaddress
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from relay.config.schema import Settings, UpstreamSettings
+from relay.config.units import HostPort
 
 # Field names whose values must never be echoed in an error, even when wrong.
 _SECRET_FIELDS = {
@@ -45,6 +47,26 @@ class ConfigError(Exception):
         return "\n".join(lines)
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: YAML keeps only the
+    last, so a second `clients:` section would silently drop the first (a policy with it)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` keys may be overridden: that is what merging is for
+            key = self.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} is given twice (first at line {first[key].start_mark.line + 1}); "
+                    "YAML would keep only the last",
+                    problem_mark=key_node.start_mark,
+                )
+            first[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
 def config_path(cli_path: str | None) -> Path | None:
     """`-c FILE`, else `$RELAY_CONFIG`, else None (the embedded dev default)."""
     chosen = cli_path or os.environ.get("RELAY_CONFIG") or None
@@ -60,7 +82,7 @@ def load_settings(path: Path, *, offline: bool = False) -> Settings:
     except OSError as exc:
         raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -156,20 +178,22 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
 def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
     """Checks that span sections, reported at the key that has to change."""
     seen_names: dict[str, int] = {}
-    seen_binds: dict[object, int] = {}
+    binds: list[tuple[str, HostPort]] = []
     for i, listener in enumerate(settings.listeners):
         if listener.name in seen_names:
             yield f"listeners[{i}].name", f"{listener.name!r} is already used by listeners[{seen_names[listener.name]}]"
         seen_names.setdefault(listener.name, i)
-        if listener.bind in seen_binds:
-            yield f"listeners[{i}].bind", f"{listener.bind} is already bound by listeners[{seen_binds[listener.bind]}]"
-        seen_binds.setdefault(listener.bind, i)
+        if clash := _bind_clash(listener.bind, binds):
+            yield f"listeners[{i}].bind", clash
+        binds.append((f"listeners[{i}]", listener.bind))
         if listener.tls != "none" and settings.tls.cert_file is None:
             yield "tls.cert_file", f"needed by listeners[{i}] ({listener.name}, tls: {listener.tls})"
         if listener.auth != "none" and listener.tls == "none" and not listener.bind.is_loopback:
             yield f"listeners[{i}].tls", "AUTH is only offered over TLS; a non-loopback listener needs tls"
         if listener.auth == "required" and not settings.clients.users:
             yield "clients.users", f"listeners[{i}] ({listener.name}) has auth: required but no users are configured"
+    if clash := _bind_clash(settings.metrics.bind, binds):
+        yield "metrics.bind", clash
     upstream_names: dict[str, int] = {}
     for i, upstream in enumerate(settings.upstream):
         if upstream.name:
@@ -206,6 +230,37 @@ def _cross_checks(settings: Settings) -> Iterable[tuple[str, str]]:
             yield key_path, f"{scheme}:// needs relay's {extra[0]} extra: pip install 'relay[{extra[0]}]'"
     if settings.limits is not None:
         yield from _limits_checks(settings)
+
+
+def _bind_clash(bind: HostPort, taken: list[tuple[str, HostPort]]) -> str | None:
+    """Why `bind` cannot be bound beside the earlier ones, or None. One port on the same
+    address, or on the wildcard address and another of its family (0.0.0.0:587 covers
+    127.0.0.1:587; asyncio binds IPv6 sockets V6ONLY), is refused by the kernel at start, or
+    with --workers (SO_REUSEPORT) shared between them at random."""
+    for owner, other in taken:
+        if other.port == bind.port and _overlap(_address(bind.host), _address(other.host)):
+            return f"{bind} overlaps {other} of {owner}: one port, one listener"
+    return None
+
+
+def _address(host: str) -> str:
+    return "127.0.0.1" if host == "localhost" else host
+
+
+def _overlap(one: str, other: str) -> bool:
+    if one == other:
+        return True
+    for wildcard, family in (("0.0.0.0", 4), ("::", 6)):  # noqa: S104 - compared with, not bound
+        if wildcard in (one, other) and _family(one) == _family(other) == family:
+            return True
+    return False
+
+
+def _family(host: str) -> int:
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return 0  # a host name: compared by name only
 
 
 def _token_checks(key: str, upstream: UpstreamSettings) -> Iterable[tuple[str, str]]:

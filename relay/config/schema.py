@@ -100,6 +100,8 @@ def _proxy_url(value: object) -> ProxyUrl:
 
 
 SecretRefStr = Annotated[str, AfterValidator(_secret_ref)]
+# Timeouts and intervals: 0 would time out every wait, or poll in a busy loop.
+PositiveDuration = Annotated[Duration, Field(gt=0)]
 # Parsed once; dumped (for the redacted config log and reload comparison) as written.
 ProxyUrlField = Annotated[ProxyUrl, PlainValidator(_proxy_url), PlainSerializer(lambda url: url.text, return_type=str)]
 Network = Annotated[str, BeforeValidator(_network)]
@@ -146,10 +148,15 @@ class ListenerSettings(Strict):
         return sources
 
 
+def _tls_version(value: object) -> object:
+    # `min_version: 1.3` unquoted is a YAML float: the version the user meant.
+    return str(value) if isinstance(value, float) else value
+
+
 class TlsSettings(Strict):
     cert_file: Path | None = None
     key_file: Path | None = None
-    min_version: Literal["1.2", "1.3"] = "1.2"
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
 
     @model_validator(mode="after")
     def _pair(self) -> TlsSettings:
@@ -186,7 +193,7 @@ class AuthThrottleSettings(Strict):
     # Failures for one username (from any address) before only already-verified
     # credentials pass for it.
     per_username: int = Field(default=10, ge=1)
-    window: Duration = 600.0
+    window: PositiveDuration = 600.0
     max_tracked: int = Field(default=10_000, ge=100, le=1_000_000)
 
 
@@ -200,11 +207,11 @@ class ClientSettings(Strict):
     # Failed AUTH attempts in one session before it is closed (421 4.7.0).
     max_auth_failures: int = Field(default=3, ge=1)
     auth_throttle: AuthThrottleSettings = Field(default_factory=AuthThrottleSettings)
-    session_timeout: Duration = 300.0
+    session_timeout: PositiveDuration = 300.0
     # The whole DATA phase (354 to the final dot) and the whole connection, however often
     # the client sends a byte: a slow client cannot hold a session forever.
-    data_timeout: Duration = 600.0
-    max_session_duration: Duration = 1800.0
+    data_timeout: PositiveDuration = 600.0
+    max_session_duration: PositiveDuration = 1800.0
     # Bare LF line endings in DATA: read as CRLF (as Postfix 3.9 does), or refuse the message.
     # Only CRLF.CRLF ends DATA either way; a bare CR is always refused.
     bare_newline: Literal["normalize", "reject"] = "normalize"
@@ -313,7 +320,7 @@ class DkimRotationSettings(Strict):
     # One run waits this long for the resolver to serve the new record, asking every
     # `dns_poll`; a later run keeps waiting.
     dns_wait: Duration = 1800.0
-    dns_poll: Duration = 30.0
+    dns_poll: PositiveDuration = 30.0
     record_ttl: int = Field(default=3600, ge=60, le=86400)
     max_key_age: Duration = 180 * 86400.0
     route53: Route53Settings = Field(default_factory=Route53Settings)
@@ -396,7 +403,7 @@ class VaultSettings(Strict):
 
 
 class SecretsSettings(Strict):
-    refresh: Duration = 300.0
+    refresh: PositiveDuration = 300.0
     aws: AwsSettings = Field(default_factory=AwsSettings)
     vault: VaultSettings | None = None
 
@@ -448,7 +455,7 @@ class UpstreamAuthSettings(Strict):
     # Extra CA bundle for the token endpoint (a TLS-inspecting egress, a private endpoint).
     ca_file: Path | None = None
     # Bound on one token request (connect through the proxy, TLS, reply).
-    timeout: Duration = 10.0
+    timeout: PositiveDuration = 10.0
 
     @model_validator(mode="after")
     def _provider_inputs(self) -> UpstreamAuthSettings:
@@ -529,8 +536,8 @@ class UpstreamSettings(Strict):
     proxy: ProxyUrlField | None = None
     proxy_password: SecretRefStr | None = None
     pool: PoolSettings = Field(default_factory=PoolSettings)
-    connect_timeout: Duration = 30.0
-    command_timeout: Duration = 300.0
+    connect_timeout: PositiveDuration = 30.0
+    command_timeout: PositiveDuration = 300.0
     helo_name: str | None = None
     outbox_dir: Path | None = None
     auth: UpstreamAuthSettings | None = None
@@ -611,7 +618,7 @@ class RouteSettings(Strict):
 class DnsSettings(Strict):
     nameservers: list[IpAddress] | None = None
     port: int = Field(default=53, ge=1, le=65535)
-    timeout: Duration = 3.0
+    timeout: PositiveDuration = 3.0
     attempts: int = Field(default=2, ge=1, le=10)
 
 
@@ -619,7 +626,7 @@ class SpfSettings(Strict):
     # `auto`, one address, or the list of NAT gateway / proxy public addresses.
     egress_ip: Annotated[str | list[str], PlainValidator(_egress_ip)] = "auto"
     ip_echo_url: str | None = None
-    check_interval: Duration = 600.0
+    check_interval: PositiveDuration = 600.0
     on_fail: Literal["warn", "refuse"] = "warn"
 
 
@@ -786,9 +793,17 @@ class QueueSettings(Strict):
         return steps
 
 
+def _hostname(value: str) -> str:
+    # It is the greeting's and EHLO's domain, the Received: header's "by", MAILER-DAEMON@it:
+    # a space or a control character there would break each (RFC 5321 §4.1.1.1).
+    if not value or re.search(r"[\x00-\x20\x7f]", value):
+        raise ValueError(f"expected a host name like relay.example.com, got {value!r}")
+    return value
+
+
 class Settings(Strict):
     # socket.gethostname, not getfqdn: no DNS lookup just to load a config.
-    hostname: str = Field(default_factory=socket.gethostname)
+    hostname: Annotated[str, AfterValidator(_hostname)] = Field(default_factory=socket.gethostname)
     listeners: list[ListenerSettings] = Field(min_length=1)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     clients: ClientSettings = Field(default_factory=ClientSettings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from typing import Annotated, NamedTuple
 
@@ -49,6 +50,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s or 5m")
     if isinstance(value, int | float):
+        if not math.isfinite(value):  # YAML's .inf and .nan
+            raise ValueError("expected a duration like 30s or 5m")
         if value < 0:
             raise ValueError("duration must not be negative")
         return float(value)
@@ -70,8 +73,8 @@ def parse_rate(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a rate like 14/s")
     if isinstance(value, int | float):
-        if value <= 0:
-            raise ValueError("rate must be positive")
+        if not math.isfinite(value) or value <= 0:  # YAML's .inf and .nan too
+            raise ValueError("rate must be a positive number, like 14/s")
         return float(value)
     match = _RATE.match(str(value))
     if not match:

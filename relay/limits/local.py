@@ -59,6 +59,9 @@ class LocalCounters:
     def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.directory = directory
         self._clock = clock
+        # At 0 from the start: `increase()` (RelayLimitsNotCounted) cannot see a counter's
+        # first step when the series is born at 1.
+        FAIL_OPEN.labels(self.name)
         self._problem: str | None = None
         self._problem_until = 0.0
         self._last_logged = -PROBLEM_LOG_INTERVAL

@@ -292,6 +292,7 @@ class RedisCounters:
         # Imported here: only a relay configured with `backend: redis` pays for the client.
         from redis.exceptions import RedisError, ResponseError
 
+        FAIL_OPEN.labels(self.name)  # at 0 from the start, for increase() (RelayLimitsNotShared)
         self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
         self._refusals: tuple[type[BaseException], ...] = (ResponseError,)
         self._url = url

@@ -9,6 +9,7 @@ import functools
 import hashlib
 import logging
 import os
+from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge
 
@@ -45,6 +46,13 @@ AUTH_ATTEMPTS = Counter(
 # tests do, so that each relay starts with none, as a process does).
 _ended = functools.lru_cache(maxsize=256)(SESSIONS_TOTAL.labels)
 _auth_attempts = functools.lru_cache(maxsize=256)(AUTH_ATTEMPTS.labels)
+
+
+def export_listeners(listeners: Iterable[str]) -> None:
+    """Each configured listener's active sessions at 0 before its first session: the
+    dashboard shows 0, not "No data"."""
+    for listener in listeners:
+        SESSIONS_ACTIVE.labels(listener)
 
 
 def session_admitted(listener: str) -> None:

@@ -44,7 +44,7 @@ def add_queue_commands(sub: Any, load_settings: Callable[[str | None], Any]) -> 
         name: str, help_text: str, func: Callable[[Spool, argparse.Namespace], int], *, changes: bool = False
     ) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = queue_sub.add_parser(name, help=help_text)
-        parser.add_argument("-c", "--config")
+        parser.add_argument("-c", "--config", help="config file (default: $RELAY_CONFIG, else the dev default)")
         parser.set_defaults(func=lambda args: _run(args, load_settings, func, changes=changes))
         return parser
 

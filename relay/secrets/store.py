@@ -74,6 +74,10 @@ class SecretStore:
     async def ensure(self, refs: Iterable[str]) -> None:
         """Fetch every reference not fetched yet (new ones after a reload)."""
         missing = [r for r in dict.fromkeys(refs) if r not in self._entries]
+        for ref in missing:
+            # At 0 from the start: `increase()` (RelaySecretRefreshStale) cannot see a
+            # counter's first step when the series is born at 1.
+            SECRET_REFRESH_FAILURES.labels(ref)
         await asyncio.gather(*(self._fetch(r) for r in missing))
 
     def retain(self, refs: Iterable[str]) -> None:
