@@ -1,8 +1,8 @@
 """The `relay` command's first step (the console script, `python -m relay`, the image's
 ENTRYPOINT): for `relay serve`, SIGHUP, SIGTERM and SIGINT are recorded from here on
-(relay.startup_signals), before the command line and what it loads are imported (about a
-third of a second on a small machine, during which a signal's default action would kill the
-process). What is left before this point is the interpreter's own start."""
+(relay.startup_signals), before the command line and what it loads are imported (a tenth
+of a second and more, during which a signal's default action would kill the process). What
+is left before this point is the interpreter's own start."""
 
 import sys
 

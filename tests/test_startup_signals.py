@@ -81,8 +81,8 @@ def test_a_signal_while_the_command_line_is_imported_does_not_kill_relay(
     make_relay, upstream, pki, tmp_path, command, sig
 ):
     """The process is held just before `relay.cli` (and what it loads: asyncio, ssl, the
-    queue commands...) is imported: a third of a second of every start. Before, the start-up
-    handlers were installed only after that import, and either signal killed the process."""
+    queue commands...) is imported: a tenth of a second and more of every start. Before, the
+    start-up handlers were installed only after that import, and either signal killed it."""
     hold = HoldPoints(tmp_path / "hold", at_import="relay.cli")
     relay = make_relay(upstream.port, start=False, env=hold.env)
     relay.command = command
