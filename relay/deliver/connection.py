@@ -268,7 +268,10 @@ class UpstreamConnection:
         except aiosmtplib.SMTPResponseException as exc:
             # SMTPSenderRefused / SMTPRecipientRefused / SMTPDataError carry the upstream's
             # own reply; pass it through.
-            if exc.code < 400:
+            if not 400 <= exc.code < 600:
+                # RFC 5321 §4.2.1: a refusal is 4yz or 5yz. Anything else (a 2yz where
+                # the command wants 250, or 6yz-9yz, which no client knows how to take)
+                # leaves the transaction unknown: closed, and 451 for the client.
                 self.close()
                 raise _broken(label, stage, f"unexpected reply {exc.code}") from None
             reply = Reply.from_upstream(exc.code, exc.message)
