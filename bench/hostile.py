@@ -88,7 +88,9 @@ class Upstream:
                     return
                 verb = line[:4].upper()
                 if verb in (b"EHLO", b"HELO"):
-                    await self._send(writer, b"250-upstream.test\r\n" + many + b"250-8BITMIME\r\n250 PIPELINING\r\n", by_line)
+                    await self._send(
+                        writer, b"250-upstream.test\r\n" + many + b"250-8BITMIME\r\n250 PIPELINING\r\n", by_line
+                    )
                 elif verb == b"DATA":
                     await self._send(writer, b"354 go on\r\n", by_line)
                     await asyncio.wait_for(reader.readuntil(b"\r\n.\r\n"), 120)

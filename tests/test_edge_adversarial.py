@@ -39,9 +39,7 @@ def busy_upstream_connections(relay) -> float:
 
 
 @in_thread
-def test_a_from_header_the_address_parser_cannot_read_is_refused_and_frees_the_upstream(
-    make_loop_relay, upstream, pki
-):
+def test_a_from_header_the_address_parser_cannot_read_is_refused_and_frees_the_upstream(make_loop_relay, upstream, pki):
     """A From of deeply nested comments made the standard library's address parser recurse
     until RecursionError: the client got "451 Internal error", and the upstream transaction
     (MAIL and RCPT already mirrored) was never ended, so its pool slot was gone for good.
@@ -147,7 +145,11 @@ def test_a_client_gone_while_its_message_is_counted_frees_the_upstream(make_loop
     given back, and with a pool of one no message went through any more."""
     with RedisServer(tmp_path) as redis:
         relay = make_loop_relay(upstream.port, start=False)
-        relay.config["limits"] = {"users": {"daily": 100}, "backend": "redis", "redis": {"url": redis.url, "timeout": "20s"}}
+        relay.config["limits"] = {
+            "users": {"daily": 100},
+            "backend": "redis",
+            "redis": {"url": redis.url, "timeout": "10s"},
+        }
         relay.config["upstream"]["pool"] = {"max_connections": 1, "acquire_timeout": "3s"}
         relay.start()
         client = connect(relay, pki)
@@ -200,7 +202,9 @@ def test_a_client_gone_after_its_final_dot_leaves_the_message_log_line(make_loop
 
 
 @in_thread
-def test_spool_entry_of_a_client_gone_while_it_is_written_is_not_kept(make_loop_relay, upstream, pki, tmp_path, monkeypatch):
+def test_spool_entry_of_a_client_gone_while_it_is_written_is_not_kept(
+    make_loop_relay, upstream, pki, tmp_path, monkeypatch
+):
     """Spool mode, a message over 256 KiB (written in a thread): the client vanishes while
     the thread writes. The entry stayed, locked by a descriptor nobody closed: no worker
     could deliver or remove it, and the next start delivered a message whose client had
