@@ -662,9 +662,9 @@ class RelaySMTP(SMTP):
                 reply = self.client.data_refused(refusal, size)
             else:
                 del raw
-                refusal = self._charge_header_fields(content)
-                if refusal is not None:
-                    reply = self.client.data_refused(refusal, size)
+                too_many = self._charge_header_fields(content)
+                if too_many is not None:
+                    reply = self.client.data_refused(too_many, size)
                 else:
                     with self._waiting_for_upstream():
                         reply = await self.client.data(content)

@@ -104,7 +104,9 @@ def relaxed_header(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     pieces = []
     start, end_of_value = 0, len(value)
     while start < end_of_value:
-        end = _WSP_AT.match(value, min(start + _PIECE, end_of_value)).end()
+        run = _WSP_AT.match(value, min(start + _PIECE, end_of_value))
+        assert run is not None  # `[\t ]*` matches anywhere
+        end = run.end()
         pieces.append(_WSP_RUN.sub(b" ", value[start:end]))
         start = end
     return name.lower().rstrip(), b"".join(pieces).strip() + b"\r\n"
