@@ -19,6 +19,7 @@ from tests.support.config import APP_PASSWORD
 from tests.support.inloop import in_thread
 from tests.support.redis import RedisServer
 from tests.support.smtp import connect, message, reply, submit
+from tests.support.upstream import Upstream
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -290,3 +291,25 @@ def test_an_ehlo_name_that_is_not_utf8_is_refused(make_loop_relay, upstream, pki
     client.sendmail("app@example.com", ["u@example.net"], message())
     assert len(upstream.wait_for(1)) == 1
     client.quit()
+
+
+@in_thread
+def test_an_upstream_that_drops_a_waiting_transaction_frees_its_pool_slot(make_loop_relay, pki):
+    """A client holds MAIL and RCPT and then waits (under session_timeout, or with NOOPs):
+    its upstream transaction holds a pool slot. The upstream drops the idle session (RFC
+    5321 §4.5.3.2.7); the slot stayed taken until the client's next command, up to
+    max_session_duration, and `max_connections` such clients left everyone else with
+    451 4.4.5. Now the slot is freed when the upstream goes; the waiting client's DATA
+    gets 451 4.4.2."""
+    with Upstream(tls="starttls", server_context=pki.server_context(), idle_timeout=1.0) as upstream:
+        relay = make_loop_relay(upstream.port, start=False)
+        relay.config["upstream"]["pool"] = {"max_connections": 1, "acquire_timeout": "5s"}
+        relay.start()
+        waiting = connect(relay, pki)
+        assert reply(waiting, "MAIL FROM:<app@example.com>")[0] == 250
+        assert reply(waiting, "RCPT TO:<u@example.net>")[0] == 250
+        wait_until(lambda: busy_upstream_connections(relay) == 0)
+        assert submit(relay, pki) == {}
+        code, text = waiting.data(message())
+        assert (code, text.decode()[:5]) == (451, "4.4.2")
+        assert len(upstream.wait_for(1)) == 1

@@ -68,7 +68,9 @@ AIOSMTPD_PRIVATE_MEMBERS = (
 )
 # Private members of aiosmtplib's SMTPProtocol that the upstream DATA path uses (patch 3).
 AIOSMTPLIB_PRIVATE_MEMBERS = ("_drain_helper", "_read_response_from_buffer")  # patches 3 and 6
-AIOSMTPLIB_PRIVATE_ATTRIBUTES = ("_response_pending", "_buffer")
+AIOSMTPLIB_PRIVATE_ATTRIBUTES = ("_response_pending", "_buffer", "_connection_lost_callback")
+# aiosmtplib.SMTP's handler of a lost connection, chained by UpstreamConnection.watch_loss.
+AIOSMTPLIB_SMTP_PRIVATE_MEMBERS = ("_on_connection_lost",)
 # Instance attributes set in SMTP.__init__ that RelaySMTP reads.
 AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_writer", "_timeout_handle")
 # asyncio's stream attributes that STARTTLS repoints, as aiosmtpd does (relay.listen.starttls).
@@ -127,6 +129,9 @@ def check() -> None:
         missing.append("aiosmtplib.protocol.normalize_message_line_endings")
     protocol = aiosmtplib.protocol.SMTPProtocol
     missing += [name for name in AIOSMTPLIB_PRIVATE_MEMBERS if not callable(getattr(protocol, name, None))]
+    missing += [
+        f"SMTP.{name}" for name in AIOSMTPLIB_SMTP_PRIVATE_MEMBERS if not callable(getattr(aiosmtplib.SMTP, name, None))
+    ]
     protocol_source = inspect.getsource(protocol)
     missing += [name for name in AIOSMTPLIB_PRIVATE_ATTRIBUTES if f"self.{name} = " not in protocol_source]
     missing += [
