@@ -19,6 +19,7 @@ through `relay.observe`:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal, Protocol
 
 from relay.auth.users import User
@@ -206,6 +207,11 @@ class ClientSession:
         except SmtpError as exc:
             messages.transaction_ended(tx, exc.reply, exc)
             return exc.reply
+        except asyncio.CancelledError:
+            # The client went away (or the relay stopped) after the final dot, before our
+            # reply: the message's one log line says so (the upstream may have taken it).
+            messages.transaction_cancelled(tx, "session ended before the reply to DATA")
+            raise
         finally:
             self.relaying = False
         messages.transaction_ended(tx, reply, None)
