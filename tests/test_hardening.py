@@ -114,6 +114,21 @@ def test_session_timeout_equal_to_command_timeout_gets_a_reply_and_frees_the_slo
     assert len(upstream.wait_for(1)) == 1
 
 
+@pytest.mark.parametrize("listener", ["submission", "submissions"])
+@in_thread
+def test_an_idle_session_gets_421_before_the_close(make_loop_relay, upstream, pki, listener):
+    """session_timeout used to close an idle session with no reply: the client saw the
+    connection drop with nothing to log. RFC 5321 §3.8: 421 first (over TLS too)."""
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["session_timeout"] = "1s"
+    relay.start()
+    client = connect(relay, pki, listener=listener)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert client.getreply() == (421, b"4.4.2 Timeout exceeded, closing connection")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.noop()
+
+
 @in_thread
 def test_drain_while_the_upstream_answers_data_gives_the_real_reply_then_421(make_loop_relay, upstream, pki):
     """SIGTERM's drain while the upstream is answering DATA: the client gets the upstream's

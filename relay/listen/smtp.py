@@ -121,6 +121,7 @@ def with_enhanced_code(status: str) -> str:
 TLS_HANDSHAKE_TIMEOUT = 30.0
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
 _SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
+_IDLE_TIMEOUT = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
 # Closing a TLS transport waits for the client's close_notify (asyncio gives it 30 s), and
 # closing any transport waits for its unsent data: a client that reads nothing would hold its
 # connection, and a drain, that long. Once our last reply is out, it gets this long to go.
@@ -263,11 +264,16 @@ class RelaySMTP(SMTP):
     def _timeout_cb(self) -> None:
         # Never runs while the upstream's answer is awaited (_waiting_for_upstream stops the
         # timer): after DATA, the session then ends right after the reply (smtp_DATA).
+        reply = _IDLE_TIMEOUT
         if self._past_deadline():
             self._ending = "session time limit"
-            transport = _writable(self.transport)
-            if transport is not None and not transport.is_closing():
-                transport.write(_SESSION_OVER)
+            reply = _SESSION_OVER
+        transport = _writable(self.transport)
+        if transport is not None and not transport.is_closing() and not self._handshaking:
+            # RFC 5321 §3.8: a server that must close says 421 first, so that a client
+            # waiting on its own timer knows the session is over and why (Postfix: "421
+            # 4.4.2 … Error: timeout exceeded"); mid-handshake there is no channel to say it on.
+            transport.write(reply)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
         self._abort_when_stuck()
 
