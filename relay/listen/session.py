@@ -74,10 +74,11 @@ class ClientSession:
         return self.transaction is None and not self.relaying
 
     # -- connection -----------------------------------------------------------------------
-    def on_connect(self, client_ip: str) -> SmtpError | None:
-        """Admit the client, or return the refusal to send instead of the greeting."""
+    def on_connect(self, client_ip: str, full: SmtpError | None = None) -> SmtpError | None:
+        """Admit the client, or return the refusal to send instead of the greeting (`full`:
+        the connection limits' refusal, after the network check)."""
         self.client_ip = client_ip
-        refusal = self.context.pipeline.admit(client_ip)
+        refusal = self.context.pipeline.admit(client_ip) or full
         if refusal is None and self.draining:
             refusal = SmtpError(421, "4.3.2", "Service shutting down, try again", reason="draining", label="draining")
         if refusal is not None:

@@ -198,6 +198,8 @@ class RelaySMTP(SMTP):
         data_timeout: float = 600.0,
         max_session_duration: float = 1800.0,
         proxy_from: ClientNetworks | None = None,
+        max_connections: int = 1000,
+        max_connections_per_address: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(_HOOKS, **kwargs)
@@ -215,6 +217,8 @@ class RelaySMTP(SMTP):
         self.data_timeout = data_timeout
         self.max_session_duration = max_session_duration
         self.proxy_from = proxy_from
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
         self._deadline: float | None = None
         self._ending = "client disconnected"  # what ends an open transaction, for its log line
         self._abort_handle: asyncio.TimerHandle | None = None
@@ -336,12 +340,13 @@ class RelaySMTP(SMTP):
             client_ip = str(proxy.src_addr)
         else:
             client_ip = str(self.session.peer[0]) if self.session.peer else ""
-        refusal = self.client.on_connect(client_ip)
+        full = self._connections.refusal(client_ip, self.max_connections, self.max_connections_per_address)
+        refusal = self.client.on_connect(client_ip, full)
         if refusal is not None:
             await super().push(str(refusal.reply))
             self.close()
             return
-        self._connections.add(self)
+        self._connections.add(self, client_ip)
         await super().push(greeting)
 
     def shutdown(self) -> None:
