@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+# RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with its CRLF.
+_REPLY_LINE_MAX = 510
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +35,11 @@ class Reply:
     def __str__(self) -> str:
         # Multi-line texts are folded into one line: a relayed upstream reply must never
         # inject extra reply lines into our session.
+        # An upstream's reply of many lines (up to 32 KiB) becomes one line, cut to the
+        # length every client reads (Python's smtplib gives up past 8 KiB).
         text = " ".join(self.text.split())
-        return f"{self.code} {self.enhanced} {text}".rstrip()
+        line = f"{self.code} {self.enhanced} {text}".rstrip()
+        return line if len(line) <= _REPLY_LINE_MAX else line[: _REPLY_LINE_MAX - 3] + "..."
 
     @classmethod
     def from_upstream(cls, code: int, message: str) -> Reply:

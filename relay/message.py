@@ -140,7 +140,13 @@ class Message:
                 reason="several From headers",
                 label="multiple_from",
             )
-        addresses = [addr for _, addr in getaddresses([fields[0].unfolded()]) if addr]
+        try:
+            parsed = getaddresses([fields[0].unfolded()])
+        except RecursionError:
+            # The standard library's parser recurses once per nested comment (RFC 5322
+            # §3.2.2 sets no bound on nesting): thousands of "(" are no address at all.
+            parsed = []
+        addresses = [addr for _, addr in parsed if addr]
         if len(addresses) != 1 or "@" not in addresses[0]:
             raise SmtpError(
                 550,

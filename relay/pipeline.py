@@ -286,6 +286,7 @@ class Pipeline:
         messages.message_received(tx.listener, tx.size)
         started = time.perf_counter()
         reservation = NOTHING_RESERVED
+        sending = False
         try:
             message = Message.parse(raw)
             author, domain = message.from_domain()
@@ -316,12 +317,37 @@ class Pipeline:
                     reason="DATA without an open upstream transaction",
                     label="internal",
                 )
-            reply = await tx.upstream.send(message.wire(signatures + self._received_header(tx)))
+            wire = message.wire(signatures + self._received_header(tx))
+            sending = True
+            reply = await tx.upstream.send(wire)
         except SmtpError:
             if tx.upstream is not None:
                 await tx.upstream.abort()
             await reservation.give_back()
             raise
+        except asyncio.CancelledError:
+            # The client is gone (or the relay stops) before its reply. The upstream
+            # transaction ends, whatever its stage: it has left the session, which cannot
+            # end it any more, and it holds a pool slot. The count comes back unless the
+            # message was on its way upstream (it may have been delivered: it stays counted).
+            self.abandon(tx)
+            if not sending:
+                _in_background(reservation.give_back())
+            raise
+        except Exception as exc:
+            # A failure no stage foresaw: the client may retry (4xx), and nothing of the
+            # transaction may outlive it (a leaked upstream transaction is a pool slot lost).
+            log.exception("message %s failed", tx.id)
+            if tx.upstream is not None:
+                await tx.upstream.abort()
+            await reservation.give_back()
+            raise SmtpError(
+                451,
+                "4.3.0",
+                "Internal error, try again later",
+                reason=f"internal error: {type(exc).__name__}",
+                label="internal",
+            ) from exc
         finally:
             messages.relay_duration(tx.listener, time.perf_counter() - started)
         tx.upstream_reply = reply

@@ -114,6 +114,54 @@ def test_session_timeout_equal_to_command_timeout_gets_a_reply_and_frees_the_slo
     assert len(upstream.wait_for(1)) == 1
 
 
+def greeting(relay) -> bytes:
+    with socket.create_connection(("127.0.0.1", relay.port("submission")), timeout=20) as sock:
+        return sock.recv(512)
+
+
+@in_thread
+def test_sessions_past_max_connections_get_421_at_the_greeting(make_loop_relay, upstream, pki):
+    """Nothing bounded the sessions one process holds: one allowed client could open tens of
+    thousands (memory, file descriptors; the upstream connections and spool writes then fail
+    with EMFILE). RFC 5321 §3.1: 421 instead of the greeting."""
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["max_connections"] = 2
+    relay.start()
+    first, second = connect(relay, pki), connect(relay, pki)
+    assert greeting(relay) == b"421 4.3.2 Too many connections, try again later\r\n"
+    assert relay.metric("relay_sessions_refused_total", listener="submission", reason="too_many_connections") == 1
+    second.quit()
+    wait_until(lambda: greeting(relay).startswith(b"220 "))
+    assert first.noop()[0] == 250  # the sessions in place are untouched
+
+
+@in_thread
+def test_sessions_past_max_connections_per_address_get_421(make_loop_relay, upstream, pki):
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["max_connections_per_address"] = 1
+    relay.start()
+    held = connect(relay, pki)
+    assert greeting(relay) == b"421 4.7.0 Too many connections from your address, try again later\r\n"
+    held.quit()
+    wait_until(lambda: greeting(relay).startswith(b"220 "))
+    assert submit(relay, pki) == {}
+
+
+@pytest.mark.parametrize("listener", ["submission", "submissions"])
+@in_thread
+def test_an_idle_session_gets_421_before_the_close(make_loop_relay, upstream, pki, listener):
+    """session_timeout used to close an idle session with no reply: the client saw the
+    connection drop with nothing to log. RFC 5321 §3.8: 421 first (over TLS too)."""
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["session_timeout"] = "1s"
+    relay.start()
+    client = connect(relay, pki, listener=listener)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert client.getreply() == (421, b"4.4.2 Timeout exceeded, closing connection")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.noop()
+
+
 @in_thread
 def test_drain_while_the_upstream_answers_data_gives_the_real_reply_then_421(make_loop_relay, upstream, pki):
     """SIGTERM's drain while the upstream is answering DATA: the client gets the upstream's

@@ -134,3 +134,18 @@ def test_dns_outage_is_a_temporary_failure(make_loop_relay, mx_world, pki):
         assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
         code, text = reply(client, "RCPT TO:<u@order.mx.test>")
         assert code == 451 and text.startswith("4.4.3")
+
+
+@in_thread
+def test_at_most_five_mx_hosts_are_tried(make_loop_relay, mx_world, pki):
+    """Every MX host costs up to connect_timeout and command_timeout while the client waits
+    at RCPT: a domain with twenty unreachable ones held it for many minutes. Like Postfix
+    (smtp_mx_address_limit), five are tried; the sixth, which answers, is not."""
+    relay = mx_relay(make_loop_relay, mx_world)
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    code, text = reply(client, "RCPT TO:<u@many.mx.test>")
+    assert (code, text[:5]) == (451, "4.4.1"), text
+    assert mx_world["mx-b"].messages == [] and "MAIL" not in mx_world["mx-b"].commands
+    [refused] = [e for e in relay.logs() if e.get("msg") == "recipient not accepted"]
+    assert refused["reason"].startswith("the first 5 of 6 MX hosts (the most tried per message) of many.mx.test")

@@ -212,6 +212,12 @@ class ClientSettings(Strict):
     # the client sends a byte: a slow client cannot hold a session forever.
     data_timeout: PositiveDuration = 600.0
     max_session_duration: PositiveDuration = 1800.0
+    # Sessions open at once, per process (each `--workers` process has its own), and from one
+    # client address (after the PROXY header). Past either: 421 at the greeting. Off per
+    # address by default: behind a load balancer that hides client addresses every
+    # connection comes from a few of its own.
+    max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_address: int | None = Field(default=None, ge=1)
     # Bare LF line endings in DATA: read as CRLF (as Postfix 3.9 does), or refuse the message.
     # Only CRLF.CRLF ends DATA either way; a bare CR is always refused.
     bare_newline: Literal["normalize", "reject"] = "normalize"

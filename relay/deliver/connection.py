@@ -129,6 +129,23 @@ class UpstreamConnection:
     def alive(self) -> bool:
         return self.smtp.is_connected
 
+    def watch_loss(self, on_lost: Callable[[], None] | None) -> None:
+        """Call `on_lost` when the upstream drops the connection (None: stop watching). A
+        transaction holds its connection (and pool slot) between client commands: without
+        this, an upstream that closes an idle session (RFC 5321 §4.5.3.2.7, 5 minutes) left
+        the slot taken until the client's next command, however long the client dawdled."""
+        protocol = self.smtp.protocol
+        if protocol is None:
+            return
+        owner = self.smtp._on_connection_lost  # aiosmtplib's own (relay.listen.patches)
+
+        def lost(closed: SMTPProtocol) -> None:
+            owner(closed)
+            if on_lost is not None:
+                on_lost()
+
+        protocol._connection_lost_callback = lost if on_lost is not None else owner
+
     def supports(self, extension: str) -> bool:
         return self.smtp.supports_extension(extension)
 
@@ -268,7 +285,10 @@ class UpstreamConnection:
         except aiosmtplib.SMTPResponseException as exc:
             # SMTPSenderRefused / SMTPRecipientRefused / SMTPDataError carry the upstream's
             # own reply; pass it through.
-            if exc.code < 400:
+            if not 400 <= exc.code < 600:
+                # RFC 5321 §4.2.1: a refusal is 4yz or 5yz. Anything else (a 2yz where
+                # the command wants 250, or 6yz-9yz, which no client knows how to take)
+                # leaves the transaction unknown: closed, and 451 for the client.
                 self.close()
                 raise _broken(label, stage, f"unexpected reply {exc.code}") from None
             reply = Reply.from_upstream(exc.code, exc.message)

@@ -11,6 +11,9 @@ Per domain: MX records in preference order, a random order among equal preferenc
 (§5.1); the domain itself when there is no MX (implicit MX); a null MX (RFC 7505) means
 the domain accepts no mail (556 5.1.10). Each MX host is tried in turn until one answers;
 an answer (even a refusal) ends the search, a connection failure or a 4xx greeting moves on.
+At most MAX_MX_HOSTS hosts are tried for one transaction (Postfix's smtp_mx_address_limit):
+each costs up to connect_timeout and command_timeout while the client waits at RCPT, so a
+domain with twenty unreachable MX hosts would hold it for many minutes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from relay.deliver.smarthost import SmtpTransaction, begin_on
 from relay.dns.resolver import DnsNameError, DnsService, DnsTemporaryError
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
+
+MAX_MX_HOSTS = 5
 
 
 def recipient_domain(address: str) -> str:
@@ -120,7 +125,8 @@ class MxTarget:
 
     async def begin(self, envelope: Envelope, recipient: str) -> MxTransaction:
         domain = recipient_domain(recipient)
-        hosts = await self.mx_hosts(domain)
+        found = await self.mx_hosts(domain)
+        hosts = found[:MAX_MX_HOSTS]
         last: SmtpError | None = None
         for host in hosts:
             try:
@@ -141,7 +147,7 @@ class MxTarget:
             451,
             last.reply.enhanced if last.temporary else "4.4.1",
             f"No MX host of {domain} could be reached, try again later",
-            reason=f"all {len(hosts)} MX hosts of {domain} failed; last: {last.reason}",
+            reason=f"{_tried(hosts, found)} of {domain} failed; last: {last.reason}",
             label=last.label,
         )
 
@@ -162,3 +168,9 @@ class MxTarget:
 
     async def close(self) -> None:
         return None
+
+
+def _tried(hosts: list[str], found: list[str]) -> str:
+    if len(found) > len(hosts):
+        return f"the first {len(hosts)} of {len(found)} MX hosts (the most tried per message)"
+    return f"all {len(hosts)} MX hosts"

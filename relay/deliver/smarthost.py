@@ -26,6 +26,14 @@ class SmtpTransaction:
         # RFC 6152 §3: 8-bit content the client declared may not go to a 7-bit upstream,
         # and converting it would break the signature: it is refused instead (at DATA).
         self._7bit_only = body_8bit and not conn.supports("8bitmime")
+        self._lost = False
+        # Lost while the client is between commands: the slot is freed at once, and the
+        # client's next RCPT or DATA gets 451 (`_require`).
+        conn.watch_loss(self._on_lost)
+
+    def _on_lost(self) -> None:
+        self._lost = True
+        self._finish(reusable=False)
 
     @property
     def carries_dsn(self) -> bool:
@@ -75,6 +83,14 @@ class SmtpTransaction:
             self._release(conn, reusable)
 
     def _require(self) -> UpstreamConnection:
+        if self._conn is None and self._lost:
+            raise SmtpError(
+                451,
+                "4.4.2",
+                "Upstream connection lost, try again",
+                reason=f"upstream {self.upstream} closed the connection between commands",
+                label="upstream_disconnected",
+            )
         if self._conn is None:
             raise SmtpError(
                 451,
@@ -91,6 +107,7 @@ class SmtpTransaction:
             self._release(conn, reusable)
 
     def _release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        conn.watch_loss(None)
         if self._pool is not None:
             self._pool.release(conn, reusable=reusable)
         else:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from typing import Protocol
+
+from relay.errors import SmtpError
 
 
 class Connection(Protocol):
@@ -23,18 +26,49 @@ class Connections:
     included (they carry on until they close)."""
 
     def __init__(self) -> None:
-        self._open: set[Connection] = set()
+        self._open: dict[Connection, str] = {}  # each connection's client address
+        self._per_address: collections.Counter[str] = collections.Counter()
         self._empty = asyncio.Event()
         self._empty.set()
 
-    def add(self, connection: Connection) -> None:
-        self._open.add(connection)
+    def add(self, connection: Connection, address: str = "") -> None:
+        if connection in self._open:
+            return
+        self._open[connection] = address
+        self._per_address[address] += 1
         self._empty.clear()
 
     def discard(self, connection: Connection) -> None:
-        self._open.discard(connection)
+        address = self._open.pop(connection, None)
+        if address is not None:
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
         if not self._open:
             self._empty.set()
+
+    def refusal(self, address: str, max_open: int, max_per_address: int | None) -> SmtpError | None:
+        """The reply for one connection more from `address` past a limit, else None."""
+        if len(self._open) >= max_open:
+            # RFC 3463 §3.4: X.3.2 "system not accepting network messages" (for now).
+            return SmtpError(
+                421,
+                "4.3.2",
+                "Too many connections, try again later",
+                reason=f"{len(self._open)} sessions open (clients.max_connections)",
+                label="too_many_connections",
+            )
+        if max_per_address is not None and self._per_address[address] >= max_per_address:
+            # RFC 3463 §3.8: X.7.0, a policy of this server; Postfix's anvil says the same.
+            return SmtpError(
+                421,
+                "4.7.0",
+                "Too many connections from your address, try again later",
+                reason=f"{self._per_address[address]} sessions open from {address} "
+                "(clients.max_connections_per_address)",
+                label="too_many_connections",
+            )
+        return None
 
     def __len__(self) -> int:
         return len(self._open)

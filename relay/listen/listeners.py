@@ -98,6 +98,8 @@ class ListenerServer:
             bare_newline=cfg.clients.bare_newline,
             data_timeout=cfg.clients.data_timeout,
             max_session_duration=cfg.clients.max_session_duration,
+            max_connections=cfg.clients.max_connections,
+            max_connections_per_address=cfg.clients.max_connections_per_address,
             proxy_from=ClientNetworks(lst.proxy_protocol_from) if lst.proxy_protocol_from is not None else None,
             advertise_auth=lst.auth != "none",
             budget=self.budget,

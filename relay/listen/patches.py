@@ -27,6 +27,12 @@ both libraries to the same range.
    `mail.log` at WARNING, so the work was thrown away. The check now comes first; a line
    that is logged is sanitized exactly as before.
 
+6. aiosmtplib parses an upstream's reply from the start of its buffer whenever a read ends
+   in a line break, so a multiline reply that arrives a line per TCP segment is parsed once
+   per line: quadratic, ~20 s of the event loop for one 32 KiB reply of short lines (an MX
+   host in `mode: mx` is anyone's). The parse now runs once the final line (no "-" after
+   the code, RFC 5321 §4.2.1) has arrived; until then each byte is looked at once.
+
 `RelaySMTP` (relay.listen.smtp) also overrides private members of aiosmtpd's `SMTP`; they
 are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too. Its STARTTLS is its own
 (relay.listen.starttls: the loop's TLS transport instead of asyncio's pure-Python one) and
@@ -44,6 +50,8 @@ from importlib.metadata import version
 
 import aiosmtpd.smtp
 import aiosmtplib.protocol
+from aiosmtplib import SMTPResponse
+from aiosmtplib.protocol import SMTPProtocol
 
 # The versions these patches were written and tested against: [lowest, first untested).
 AIOSMTPD_VERSIONS = ((1, 4, 6), (1, 5))
@@ -59,8 +67,10 @@ AIOSMTPD_PRIVATE_MEMBERS = (
     "_handle_client",  # sends the greeting through push(): where a client is admitted
 )
 # Private members of aiosmtplib's SMTPProtocol that the upstream DATA path uses (patch 3).
-AIOSMTPLIB_PRIVATE_MEMBERS = ("_drain_helper",)
-AIOSMTPLIB_PRIVATE_ATTRIBUTES = ("_response_pending",)
+AIOSMTPLIB_PRIVATE_MEMBERS = ("_drain_helper", "_read_response_from_buffer")  # patches 3 and 6
+AIOSMTPLIB_PRIVATE_ATTRIBUTES = ("_response_pending", "_buffer", "_connection_lost_callback")
+# aiosmtplib.SMTP's handler of a lost connection, chained by UpstreamConnection.watch_loss.
+AIOSMTPLIB_SMTP_PRIVATE_MEMBERS = ("_on_connection_lost",)
 # Instance attributes set in SMTP.__init__ that RelaySMTP reads.
 AIOSMTPD_PRIVATE_ATTRIBUTES = ("_reader", "_writer", "_timeout_handle")
 # asyncio's stream attributes that STARTTLS repoints, as aiosmtpd does (relay.listen.starttls).
@@ -96,6 +106,7 @@ def apply() -> None:
     setattr(aiosmtpd.smtp, "dir", _method_names)  # noqa: B010 - shadows the builtin in that module
     setattr(aiosmtpd.smtp, "sanitized_log", _sanitized_log_if_enabled)  # noqa: B010
     aiosmtplib.protocol.normalize_message_line_endings = _crlf_only_fast_path
+    setattr(aiosmtplib.protocol.SMTPProtocol, "_read_response_from_buffer", _read_response_once_complete)  # noqa: B010
     _applied = True
 
 
@@ -118,6 +129,9 @@ def check() -> None:
         missing.append("aiosmtplib.protocol.normalize_message_line_endings")
     protocol = aiosmtplib.protocol.SMTPProtocol
     missing += [name for name in AIOSMTPLIB_PRIVATE_MEMBERS if not callable(getattr(protocol, name, None))]
+    missing += [
+        f"SMTP.{name}" for name in AIOSMTPLIB_SMTP_PRIVATE_MEMBERS if not callable(getattr(aiosmtplib.SMTP, name, None))
+    ]
     protocol_source = inspect.getsource(protocol)
     missing += [name for name in AIOSMTPLIB_PRIVATE_ATTRIBUTES if f"self.{name} = " not in protocol_source]
     missing += [
@@ -190,3 +204,28 @@ def _crlf_only_fast_path(message: bytes) -> bytes:
     if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
         return message if message.endswith(b"\r\n") else message + b"\r\n"
     return _normalize_line_endings(message)
+
+
+_read_response_from_buffer: Callable[[SMTPProtocol], SMTPResponse | None] = (
+    aiosmtplib.protocol.SMTPProtocol._read_response_from_buffer
+)
+
+
+def _read_response_once_complete(protocol: SMTPProtocol) -> SMTPResponse | None:
+    """aiosmtplib's reply parser, run only once the buffer holds the reply's final line
+    (patch 6). The lines before it are scanned once: where the scan stopped is kept on the
+    protocol, and starts over when the buffer was emptied (a reply taken, an overflow)."""
+    buffer = protocol._buffer
+    start, seen = getattr(protocol, "_relay_scan", (0, 0))
+    if len(buffer) < seen:
+        start = 0
+    while True:
+        end = buffer.find(b"\n", start)
+        if end == -1:
+            protocol._relay_scan = (start, len(buffer))  # type: ignore[attr-defined]
+            return None
+        if buffer[start + 3 : start + 4] != b"-":
+            # The last line (or a malformed one, which the parser reports).
+            protocol._relay_scan = (0, 0)  # type: ignore[attr-defined]
+            return _read_response_from_buffer(protocol)
+        start = end + 1

@@ -19,6 +19,7 @@ through `relay.observe`:
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal, Protocol
 
 from relay.auth.users import User
@@ -73,10 +74,11 @@ class ClientSession:
         return self.transaction is None and not self.relaying
 
     # -- connection -----------------------------------------------------------------------
-    def on_connect(self, client_ip: str) -> SmtpError | None:
-        """Admit the client, or return the refusal to send instead of the greeting."""
+    def on_connect(self, client_ip: str, full: SmtpError | None = None) -> SmtpError | None:
+        """Admit the client, or return the refusal to send instead of the greeting (`full`:
+        the connection limits' refusal, after the network check)."""
         self.client_ip = client_ip
-        refusal = self.context.pipeline.admit(client_ip)
+        refusal = self.context.pipeline.admit(client_ip) or full
         if refusal is None and self.draining:
             refusal = SmtpError(421, "4.3.2", "Service shutting down, try again", reason="draining", label="draining")
         if refusal is not None:
@@ -206,6 +208,11 @@ class ClientSession:
         except SmtpError as exc:
             messages.transaction_ended(tx, exc.reply, exc)
             return exc.reply
+        except asyncio.CancelledError:
+            # The client went away (or the relay stopped) after the final dot, before our
+            # reply: the message's one log line says so (the upstream may have taken it).
+            messages.transaction_cancelled(tx, "session ended before the reply to DATA")
+            raise
         finally:
             self.relaying = False
         messages.transaction_ended(tx, reply, None)

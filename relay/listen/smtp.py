@@ -19,6 +19,9 @@ What changes against aiosmtpd 1.4.6, and why:
   `clients.max_session_duration`): a client that sends one byte at a time still ends.
 - A PROXY header is taken only from `proxy_protocol_from`; EHLO/HELO names with spaces or
   control characters are refused (they would reach the Received header); STARTTLS works once.
+- Command line limits are the session's own (aiosmtpd shares one dict between all
+  sessions); AUTH takes the 12288 octets of RFC 4954 §4, on its line and in a response to
+  a challenge, and a longer response gets 500 5.5.6 (§6), not an internal error.
 
 The edge only translates: aiosmtpd's commands and hooks become calls on the connection's
 `ClientSession` (relay.listen.session), one way; the session never calls back. The private
@@ -30,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import re
 import unicodedata
@@ -117,6 +121,7 @@ def with_enhanced_code(status: str) -> str:
 TLS_HANDSHAKE_TIMEOUT = 30.0
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
 _SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
+_IDLE_TIMEOUT = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
 # Closing a TLS transport waits for the client's close_notify (asyncio gives it 30 s), and
 # closing any transport waits for its unsent data: a client that reads nothing would hold its
 # connection, and a drain, that long. Once our last reply is out, it gets this long to go.
@@ -124,10 +129,17 @@ CLOSE_GRACE = 5.0
 # DATA is read in blocks of up to this size (see RelaySMTP._read_data).
 _DATA_BLOCK = 64 * 1024
 _END_OF_DATA = b"\r\n.\r\n"
+# What one header line costs once parsed (relay.message.Message.parse): the line, the
+# field's value and its HeaderField, and the signer's tuple of them (about 210 bytes for a
+# tiny field, measured); see RelaySMTP._charge_header_fields.
+_FIELD_COST = 256
+_AUTH_RESPONSE_LIMIT = 12288  # RFC 4954 §4
+_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication Exchange line is too long"  # RFC 4954 §6
 _PROXY_REFUSED = b"554 5.7.1 Access denied: PROXY header not accepted from this address\r\n"
 # RFC 5321 §4.1.1.1: EHLO/HELO take a domain or an address literal; neither has a space or a
-# control character (and a CR there would become a header line in `Received:`).
-_BAD_HELO = re.compile(r"[\x00-\x20\x7f]")
+# control character (and a CR there would become a header line in `Received:`), nor bytes
+# that are not UTF-8 (aiosmtpd hands them on as lone surrogates, which no header can carry).
+_BAD_HELO = re.compile(r"[\x00-\x20\x7f\ud800-\udfff]")
 # A line ending, bare LF or CRLF, and the transparency dot after it (RFC 5321 §4.5.2).
 _LINE_END_AND_DOT = re.compile(rb"\r?\n\.?")
 _MAIL_SYNTAX = "501 5.5.4 Syntax: MAIL FROM: <address> [SP <mail-parameters>]"
@@ -186,9 +198,18 @@ class RelaySMTP(SMTP):
         data_timeout: float = 600.0,
         max_session_duration: float = 1800.0,
         proxy_from: ClientNetworks | None = None,
+        max_connections: int = 1000,
+        max_connections_per_address: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(_HOOKS, **kwargs)
+        # aiosmtpd keeps these limits in a dict on its class, shared by every session and
+        # emptied by each new connection: a session's raised limits (smtp_EHLO) were lost
+        # whenever another client connected. Each session has its own.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        # RFC 4954 §4: 12288 octets is a sufficient response length for deployed mechanisms;
+        # clients send PLAIN's initial response on the AUTH line whatever its length.
+        self.command_size_limits["AUTH"] = len("AUTH PLAIN \r\n") + _AUTH_RESPONSE_LIMIT
         self._budget = budget or DataBudget(2**62)
         self._budget_held = 0  # this session's share of the budget
         self._over_budget = False
@@ -196,6 +217,8 @@ class RelaySMTP(SMTP):
         self.data_timeout = data_timeout
         self.max_session_duration = max_session_duration
         self.proxy_from = proxy_from
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
         self._deadline: float | None = None
         self._ending = "client disconnected"  # what ends an open transaction, for its log line
         self._abort_handle: asyncio.TimerHandle | None = None
@@ -245,11 +268,16 @@ class RelaySMTP(SMTP):
     def _timeout_cb(self) -> None:
         # Never runs while the upstream's answer is awaited (_waiting_for_upstream stops the
         # timer): after DATA, the session then ends right after the reply (smtp_DATA).
+        reply = _IDLE_TIMEOUT
         if self._past_deadline():
             self._ending = "session time limit"
-            transport = _writable(self.transport)
-            if transport is not None and not transport.is_closing():
-                transport.write(_SESSION_OVER)
+            reply = _SESSION_OVER
+        transport = _writable(self.transport)
+        if transport is not None and not transport.is_closing() and not self._handshaking:
+            # RFC 5321 §3.8: a server that must close says 421 first, so that a client
+            # waiting on its own timer knows the session is over and why (Postfix: "421
+            # 4.4.2 … Error: timeout exceeded"); mid-handshake there is no channel to say it on.
+            transport.write(reply)
         super()._timeout_cb()  # type: ignore[no-untyped-call]
         self._abort_when_stuck()
 
@@ -312,12 +340,13 @@ class RelaySMTP(SMTP):
             client_ip = str(proxy.src_addr)
         else:
             client_ip = str(self.session.peer[0]) if self.session.peer else ""
-        refusal = self.client.on_connect(client_ip)
+        full = self._connections.refusal(client_ip, self.max_connections, self.max_connections_per_address)
+        refusal = self.client.on_connect(client_ip, full)
         if refusal is not None:
             await super().push(str(refusal.reply))
             self.close()
             return
-        self._connections.add(self)
+        self._connections.add(self, client_ip)
         await super().push(greeting)
 
     def shutdown(self) -> None:
@@ -375,7 +404,12 @@ class RelaySMTP(SMTP):
             return simple.group(1), simple.group(2)
         # Anything else (quoted local parts, comments, the null path) goes the long way, with
         # aiosmtpd's parser made strict: it lets "<a@b" without ">" pass; a relay must not.
-        address, rest = super()._getaddr(arg)
+        try:
+            address, rest = super()._getaddr(arg)
+        except RecursionError:
+            # The email package's parser recurses once per nested comment (RFC 5322
+            # §3.2.2): a line of "(((..." is a malformed address, not an internal error.
+            return None, None
         if address is None:
             return None, None
         stripped = arg.lstrip()
@@ -563,6 +597,28 @@ class RelaySMTP(SMTP):
             return
         await super().smtp_AUTH(arg)
 
+    async def challenge_auth(
+        self, challenge: str | bytes, encode_to_b64: bool = True, log_client_response: bool = False
+    ) -> Any:
+        """aiosmtpd's, with the client's response line bounded: aiosmtpd reads it with
+        `readline()`, whose buffer limit then surfaced as an exception (451 Internal error),
+        and the rest of the line was read as commands."""
+        data = challenge.encode() if isinstance(challenge, str) else challenge
+        await self.push(b"334 " + (base64.b64encode(data) if encode_to_b64 else data))
+        line = await _read_line(self._reader)
+        if line is None or len(line) > _AUTH_RESPONSE_LIMIT + 2:
+            await self.push(_AUTH_LINE_TOO_LONG)
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":  # RFC 4954 §4: the client cancels the exchange
+            await self.push("501 5.7.0 Auth aborted")
+            return MISSING
+        decoded = _b64(blob)
+        if decoded is None:
+            await self.push("501 5.5.2 Cannot decode base64")
+            return MISSING
+        return decoded
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
@@ -622,8 +678,12 @@ class RelaySMTP(SMTP):
                 reply = self.client.data_refused(refusal, size)
             else:
                 del raw
-                with self._waiting_for_upstream():
-                    reply = await self.client.data(content)
+                too_many = self._charge_header_fields(content)
+                if too_many is not None:
+                    reply = self.client.data_refused(too_many, size)
+                else:
+                    with self._waiting_for_upstream():
+                        reply = await self.client.data(content)
         self._set_post_data_state()
         await self.push(str(reply))
         if self._past_deadline():
@@ -633,6 +693,29 @@ class RelaySMTP(SMTP):
         elif self._shutting_down or self.client.draining:
             await self.push("421 4.3.2 Service shutting down, closing connection")
             self.close()
+
+    def _charge_header_fields(self, content: bytes) -> SmtpError | None:
+        """Parsing makes an object of every header field (relay.message), some _FIELD_COST
+        bytes each: a header of millions of tiny fields ("a:x") takes forty times its own
+        size. That memory is charged to the DATA budget with the bytes themselves, from a
+        count of the header's lines (one C-level scan), so the budget still bounds what the
+        process holds. A header that alone would take more than the whole budget can never
+        pass: 552 5.3.4 (RFC 3463 X.3.4), not the 452 of a budget spent by others."""
+        end = content.find(b"\r\n\r\n")
+        lines = content.count(b"\r\n", 0, len(content) if end < 0 else end + 2)
+        cost = lines * _FIELD_COST
+        if cost > self._budget.limit:
+            return SmtpError(
+                552,
+                "5.3.4",
+                "Message header has too many lines",
+                reason=f"{lines} header lines, over what clients.max_bytes_in_flight allows",
+                label="too_big",
+            )
+        if self._over_budget or not self._budget.take(cost):
+            return _budget_spent(f"{lines} header lines over the in-flight budget")
+        self._budget_held += cost
+        return None
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and self.loop.time() >= self._deadline - 0.05
@@ -702,6 +785,25 @@ class RelaySMTP(SMTP):
                 parts.append(last[:-extra])
             extra -= min(extra, len(last))
         return b"".join(parts), size
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes | None:
+    """One line, or None for a line longer than the reader's buffer, read to its end and
+    dropped (as aiosmtpd does for command lines)."""
+    try:
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as error:
+        return error.partial  # the client closed: what it sent is the answer
+    except asyncio.LimitOverrunError as error:
+        await reader.read(error.consumed)
+    while True:
+        try:
+            await reader.readuntil(b"\n")
+            return None
+        except asyncio.IncompleteReadError:
+            return None
+        except asyncio.LimitOverrunError as error:
+            await reader.read(error.consumed)
 
 
 def _find_end(seen: bytes, block: bytes) -> int:
@@ -880,7 +982,7 @@ class _Hooks:
 _HOOKS = _Hooks()
 
 
-def _b64(text: str) -> bytes | None:
+def _b64(text: str | bytes) -> bytes | None:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -253,7 +253,7 @@ class Spool:
                 assert fd is not None
             else:
                 if len(data) > INLINE_WRITE_MAX:
-                    fd = await asyncio.to_thread(_write_locked, path, data)
+                    fd = await _write_locked_in_thread(path, data)
                 else:
                     fd = _write_locked(path, data)  # page cache only: microseconds
                 try:
@@ -686,6 +686,28 @@ def _write_locked(path: Path, data: bytes) -> int:
             os.unlink(tmp)
         raise
     return fd
+
+
+async def _write_locked_in_thread(path: Path, data: bytes) -> int:
+    """`_write_locked` in a thread. A caller that gives up (a client that vanished) leaves
+    the thread writing: once it is done, its entry is removed and its lock closed, as after
+    a failed journal append (not acknowledged, so never to be delivered). Before, the entry
+    stayed with its lock held by a descriptor nobody closed: no worker could deliver or
+    remove it, and the next start delivered a message whose client had been told nothing."""
+    write = asyncio.ensure_future(asyncio.to_thread(_write_locked, path, data))
+    try:
+        return await asyncio.shield(write)
+    except asyncio.CancelledError:
+        write.add_done_callback(lambda done: _discard_written(path, done))
+        raise
+
+
+def _discard_written(path: Path, write: asyncio.Future[int]) -> None:
+    if write.cancelled() or write.exception() is not None:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    os.close(write.result())
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -172,7 +172,7 @@ class _Controller(Controller):
 class Upstream:
     """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH
     (and take AUTH= on MAIL). `dsn`: offer the DSN extension (RFC 3461). `eightbit=False`:
-    do not offer 8BITMIME (RFC 6152)."""
+    do not offer 8BITMIME (RFC 6152). `idle_timeout`: drop a session idle that long."""
 
     def __init__(
         self,
@@ -185,6 +185,7 @@ class Upstream:
         hostname: str = "upstream.test",
         dsn: bool = False,
         eightbit: bool = True,
+        idle_timeout: float | None = None,
     ) -> None:
         self.host = host
         self.dsn = dsn
@@ -197,6 +198,8 @@ class Upstream:
         self.commands: list[str] = []  # MAIL, RCPT, RSET, QUIT as they arrive
         self.lock = threading.Lock()
         kwargs: dict = {"data_size_limit": 60 * 1024 * 1024}
+        if idle_timeout is not None:
+            kwargs["timeout"] = idle_timeout  # 421 and close after this long without a command
         if tls == "starttls":
             kwargs["tls_context"] = server_context
             kwargs["require_starttls"] = False

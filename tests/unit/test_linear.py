@@ -4,12 +4,15 @@ ratios of CPU time between inputs of n and 8n, never by elapsed time."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
+from aiosmtplib.protocol import SMTPProtocol
 from dkim.canonicalization import Relaxed
 
+from relay.listen import patches
 from relay.message import HeaderField, Message
 from relay.sign.dkim import fold, relaxed_body, relaxed_body_hash
 
@@ -95,3 +98,46 @@ def test_fold_is_linear():
         return fold(b" : ".join([b"to"] * n), 14)
 
     assert cpu_ratio(folded, 20_000) < LINEAR
+
+
+class _Transport(asyncio.Transport):
+    def get_extra_info(self, name, default=None):
+        return default
+
+    def is_closing(self):
+        return False
+
+    def write(self, data):
+        pass
+
+
+def _upstream_reply(segments: Sequence[bytes]) -> tuple[int, str]:
+    """What aiosmtplib makes of a reply that arrives in these TCP segments."""
+    patches.apply()
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = SMTPProtocol(loop=loop)
+        protocol.connection_made(_Transport())
+        for segment in segments:
+            protocol.data_received(segment)
+        response = protocol._response_waiter.result()
+        return response.code, response.message
+    finally:
+        loop.close()
+
+
+def test_upstream_reply_of_many_lines_one_per_segment_is_read_in_linear_time():
+    # An upstream (an MX host in mode: mx is anyone's) sends a multiline reply a line per
+    # segment: aiosmtplib parsed the whole buffer again per line.
+    def read(n: int) -> object:
+        return _upstream_reply([b"250-x\r\n"] * n + [b"250 ok\r\n"])
+
+    assert read(3) == (250, "x\nx\nx\nok")
+    assert cpu_ratio(read, 500) < LINEAR
+
+
+def test_upstream_reply_split_anywhere_is_read_whole():
+    reply = b"250-first\r\n250-second\r\n250 last\r\n"
+    for cut in range(1, len(reply)):
+        assert _upstream_reply([reply[:cut], reply[cut:]]) == (250, "first\nsecond\nlast")
+    assert _upstream_reply([bytes([b]) for b in reply]) == (250, "first\nsecond\nlast")
