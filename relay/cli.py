@@ -244,7 +244,8 @@ async def _unreadable_secrets(settings: Settings) -> list[tuple[str, str]]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay import startup_signals
 
-    # Before the slow imports: a SIGHUP or SIGTERM while starting must not kill the relay.
+    # Done already by `relay` and `python -m relay` (relay.__main__), before the slow imports;
+    # kept here for a `main(["serve", ...])` called otherwise (the record is kept).
     startup_signals.hold()
     config = args.config or os.environ.get("RELAY_CONFIG") or None
     if args.workers > 1:
@@ -295,7 +296,7 @@ def serve_worker(config: str | None, *, index: int, reuse_port: bool, tls_contex
             on_started = _print_dev_banner
     _install_uvloop()
     _raise_open_file_limit()
-    return asyncio.run(
+    code = asyncio.run(
         serve(
             settings,
             config_path=path,
@@ -305,6 +306,10 @@ def serve_worker(config: str | None, *, index: int, reuse_port: bool, tls_contex
             tls_context=tls_context,
         )
     )
+    # The loop has closed (the signals waited meanwhile: serve()); a signal now must not
+    # change how a finished stop ends.
+    startup_signals.ignore_until_exit()
+    return code
 
 
 def _raise_open_file_limit() -> None:

@@ -51,6 +51,7 @@ log = logging.getLogger("relay")
 UPSTREAM_PROBE_INTERVAL = 30.0
 KEY_AGE_INTERVAL = 15.0
 STOP_RELOAD_WAIT_S = 60.0  # stop: how long a reload under way may take to end
+STOP_BACKGROUND_WAIT_S = 10.0  # stop: how long closing what a reload retired may take
 
 ListenerKey = tuple[str, str, str]
 
@@ -250,7 +251,10 @@ class Relay:
             return await self._reload()
 
     def _sighup(self) -> None:
-        if not self._reload_queued:
+        if self._stopping:
+            # Not a task the stop would have to wait for (or leave pending at the loop's end).
+            log.info("reload not done: the relay is stopping")
+        elif not self._reload_queued:
             self._reload_queued = True
             self._in_background(self.reload())
 
@@ -294,6 +298,7 @@ class Relay:
         assert new.upstreams is not None
         self.targets.commit(new.upstreams)
         old.pipeline.keyring.detach()
+        self._in_background(old.pipeline.keyring.close())  # its key fetches end
         new.pipeline.keyring.attach()
         self.components = new
         if self._posture_task is not None:
@@ -377,6 +382,15 @@ class Relay:
             if task.done() and not task.cancelled():
                 task.exception()  # its end (an error already logged) is not stop's
         await finish_background(0)
+        # The relay's own work beside the sessions: closing what a reload retired (pools,
+        # token caches, Redis clients, an old key ring's fetches), a reload queued behind the
+        # stop. Each is bounded; one still running after the bound is ended.
+        others = self._background - {asyncio.current_task()}  # a drain runs this stop
+        if others:
+            _done, running = await asyncio.wait(others, timeout=STOP_BACKGROUND_WAIT_S)
+            await cancel_and_wait(running)
+        if self.components is not None:
+            await self.components.pipeline.keyring.close()
         if self.queue is not None:
             await self.queue.runner.stop(0)  # a no-op after a drain
             await self.queue.spool.close()
@@ -390,7 +404,7 @@ class Relay:
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in startup_signals.stop_signals():  # a worker leaves SIGINT to its supervisor
             loop.add_signal_handler(sig, self._stop_signal)
         loop.add_signal_handler(signal.SIGHUP, self._sighup)
         # What arrived while the relay started (relay.startup_signals), read only now that
@@ -404,6 +418,8 @@ class Relay:
             self._sighup()
 
     def _stop_signal(self) -> None:
+        if self._stopped.is_set():
+            return  # stopped already: the process is on its way out (relay.startup_signals)
         self._signals += 1
         if self._signals > 1:
             log.warning("second stop signal: exiting now")
@@ -433,6 +449,9 @@ async def serve(
     reuse_port: bool = False,
     tls_context: ssl.SSLContext | None = None,
 ) -> int:
+    """`relay serve`'s one process (or worker): start, run until stopped; the exit code. Run
+    by asyncio.run in the main thread, which calls `startup_signals.ignore_until_exit()`
+    once the loop has closed (the signals are blocked from the stop until then)."""
     relay = Relay(
         settings,
         config_path=config_path,
@@ -446,10 +465,14 @@ async def serve(
         where = f": {exc.filename}" if exc.filename else ""
         log.error("cannot start", extra={"reason": f"{exc.strerror or exc}{where}"})
         await relay.stop()
+        startup_signals.hold_until_exit()
         return 1
     relay.install_signal_handlers()
     if on_started:
         on_started(relay)
     await relay.wait_stopped()
     log.info("stopped")
+    # What is left is the loop's end and the interpreter's: the signals wait from now on
+    # (the caller ignores them once the loop has closed).
+    startup_signals.hold_until_exit()
     return 0

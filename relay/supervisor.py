@@ -16,9 +16,11 @@ The directory must be set before prometheus-client is first imported, which is w
 supervisor sets it before it loads anything else.
 
 The supervisor only starts, restarts and signals workers: SIGTERM and SIGHUP are passed on
-(each worker drains or reloads by itself, also one still starting: relay.startup_signals);
-a worker that dies unexpectedly is restarted after a short, growing pause; a worker that
-exits with a config error (2) is not.
+(each worker drains or reloads by itself, also one still starting: relay.startup_signals),
+SIGINT as SIGTERM (a terminal's Ctrl-C reaches the workers too, and they ignore it: one
+stop, one drain; a second Ctrl-C is a second SIGTERM, an exit at once); a worker that dies
+unexpectedly is restarted after a short, growing pause; a worker that exits with a config
+error (2) is not.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
             pid = os.fork()
             if pid == 0:  # the worker
                 # It records signals until its relay runs and acts on them, rather than
-                # dying of them while it starts (relay.startup_signals).
-                startup_signals.hold()
+                # dying of them while it starts; SIGINT is the supervisor's (relay.startup_signals).
+                startup_signals.hold(worker=True)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
                 code = 1
                 try:
@@ -131,6 +133,9 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
                 start(index)
     finally:
         shutil.rmtree(multiproc_dir, ignore_errors=True)
+    # Every worker is gone: nothing to pass a signal on to, and one now must not change the
+    # exit status (the interpreter's exit puts the default actions back for Python handlers).
+    startup_signals.ignore_until_exit()
     if EXIT_CONFIG in codes:
         # The others were stopped because of it.
         return EXIT_CONFIG

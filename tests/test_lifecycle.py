@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import signal
 import socket
+import threading
+import time
 
 import pytest
 
@@ -53,6 +55,59 @@ def test_sigterm_lets_a_relayed_notice_in_flight_go_out(make_relay, upstream, pk
     relay.signal(signal.SIGTERM)
     assert relay.proc.wait(30) == 0
     assert [m.mail_from for m in upstream.messages] == ["app@example.com", ""]
+
+
+def test_idle_sessions_sending_as_the_drain_starts_read_their_421_not_a_reset(make_relay, upstream):
+    """Clients that send NOOP after NOOP, without waiting for the replies, while SIGTERM's
+    drain closes them: each reads its 421 and the end of the connection, and none of its
+    writes fails. Before, the drain's close left the commands that crossed the 421 unread, or
+    let them arrive at a closed socket: RST (RFC 1122 §4.2.2.13), and the client's next
+    write, or read, failed with "connection reset" (or "broken pipe")."""
+    relay = make_relay(upstream.port)
+    port = relay.port("submission")
+    count = 20
+    ready = threading.Barrier(count + 1, timeout=60)
+    outcomes: list[object] = [None] * count
+
+    def client(index: int) -> None:
+        write_errors: list[OSError] = []
+        done = threading.Event()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                lines = sock.makefile("rb")
+                assert lines.readline().startswith(b"220")
+
+                def write() -> None:
+                    deadline = time.monotonic() + 60
+                    try:
+                        while not done.is_set() and time.monotonic() < deadline:
+                            sock.sendall(b"NOOP\r\n" * 4)
+                    except OSError as exc:
+                        write_errors.append(exc)
+
+                ready.wait()
+                writer = threading.Thread(target=write)
+                writer.start()
+                try:
+                    while (line := lines.readline()).startswith(b"250"):
+                        pass
+                    outcomes[index] = (line, lines.read(), write_errors)  # the reply, then up to the end
+                finally:
+                    done.set()
+                    writer.join(60)
+        except OSError as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    relay.signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(120)
+    closing = b"421 4.3.2 Service shutting down, closing connection\r\n"
+    assert outcomes == [(closing, b"", [])] * count
+    assert relay.proc.wait(30) == 0
 
 
 def test_second_sigterm_exits_at_once(make_relay, upstream, pki):

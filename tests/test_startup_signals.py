@@ -13,10 +13,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.support.held_vault import HeldVault
+from tests.support.hold_points import HoldPoints
 from tests.support.smtp import connect, message
 
 WORKERS = pytest.mark.parametrize("workers", [1, 2], ids=["single", "workers"])
@@ -62,6 +64,41 @@ def test_sigterm_while_starting_stops_cleanly_once_started(held_relay, workers):
     assert relay.proc.wait(60) == 0
     assert len(_lines(relay, "stop requested while starting")) == workers
     assert len(_lines(relay, "stopped")) == workers
+
+
+# How relay is started: the console script (the image's ENTRYPOINT, systemd's ExecStart, the
+# Terraform task's command, `make run`) and `python -m relay` (the other tests').
+ENTRIES = pytest.mark.parametrize(
+    "command",
+    [[str(Path(sys.executable).parent / "relay")], [sys.executable, "-m", "relay"]],
+    ids=["console-script", "python-m"],
+)
+
+
+@ENTRIES
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_signal_while_the_command_line_is_imported_does_not_kill_relay(
+    make_relay, upstream, pki, tmp_path, command, sig
+):
+    """The process is held just before `relay.cli` (and what it loads: asyncio, ssl, the
+    queue commands...) is imported: a tenth of a second and more of every start. Before, the
+    start-up handlers were installed only after that import, and either signal killed it."""
+    hold = HoldPoints(tmp_path / "hold", at_import="relay.cli")
+    relay = make_relay(upstream.port, start=False, env=hold.env)
+    relay.command = command
+    relay.launch()
+    hold.wait_held("import", relay.proc)
+    relay.signal(sig)  # before the fix: the signal's default action, the process died of it
+    hold.release("import")
+    if sig == signal.SIGTERM:
+        assert relay.proc.wait(60) == 0, relay.log_text()[-3000:]
+        assert len(_lines(relay, "stop requested while starting")) == 1
+        return
+    # A SIGHUP before the config is read asks for nothing the start does not do anyway.
+    relay.wait_started()
+    connect(relay, pki).sendmail("app@example.com", ["u@example.net"], message())
+    assert len(upstream.wait_for(1)) == 1
+    assert relay.stop() == 0
 
 
 def test_supervisor_stopped_before_it_forks_starts_no_worker(tmp_path):

@@ -305,7 +305,7 @@ class RedisCounters:
         self._prefix = key_prefix
         self._clock = clock
         self._client, self._script = self._connect()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: set[asyncio.Task[Any]] = set()  # retired clients' closes, old recoveries
         self._secrets: SecretChanges | None = None
         self._password_ref: str | None = None
         self._seen: dict[str, _Seen] = {}
@@ -340,15 +340,24 @@ class RedisCounters:
         log.info("redis password changed; reconnecting", extra={"secret": ref})
         retired = self._client
         self._client, self._script = self._connect()
-        task = asyncio.get_running_loop().create_task(self._retire(retired), name="limits-redis-retire")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        loop = asyncio.get_running_loop()
+        self._until_closed(loop.create_task(self._retire(retired), name="limits-redis-retire"))
         if not self.available:
             # Down, perhaps because Redis already wanted the new password: try it now.
             self._attempt = 0
             if self._recovery is not None:
-                self._recovery.cancel()
-            self._recovery = asyncio.get_running_loop().create_task(self._recover(), name="limits-redis-recovery")
+                # The old recovery ends first: one that let a single cancel go by (relay.cancel)
+                # would run beside the new one until Redis is back.
+                self._until_closed(self._recovery)
+                self._until_closed(
+                    loop.create_task(cancel_and_wait({self._recovery}), name="limits-redis-recovery-end")
+                )
+            self._recovery = loop.create_task(self._recover(), name="limits-redis-recovery")
+
+    def _until_closed(self, task: asyncio.Task[Any]) -> None:
+        """Held until it is done; close() ends it if it still runs then."""
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _retire(self, client: Any) -> None:
         try:
@@ -463,7 +472,7 @@ class RedisCounters:
             self._secrets = None
         if self._recovery is not None:
             await cancel_and_wait({self._recovery})
-        await cancel_and_wait(list(self._retiring))  # each closes its client when cancelled
+        await cancel_and_wait(list(self._retiring))  # a retire closes its client when cancelled
         with contextlib.suppress(*self._errors):
             await self._client.aclose()
         await self._fallback.close()

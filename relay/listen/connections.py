@@ -1,4 +1,5 @@
-"""The open client connections of every listener, so that a drain can reach each of them."""
+"""The open client connections of every listener, so that a drain can reach each of them
+(and wait for the sockets of sessions already closed that still linger: relay.listen.smtp)."""
 
 from __future__ import annotations
 

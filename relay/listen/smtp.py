@@ -368,7 +368,12 @@ class RelaySMTP(SMTP):
         if transport is None:
             return
         if not self._handshaking and not transport.is_closing() and transport.can_write_eof():
-            transport.set_protocol(_Linger(cast(asyncio.Transport, transport), self.loop))
+            linger = _Linger(cast(asyncio.Transport, transport), self.loop, self._connections, self._writer)
+            transport.set_protocol(linger)
+            # aiosmtpd's command loop, cancelled by connection_lost while it waits for a
+            # command (a drain's 421 comes from outside it), closes its writer on the way out:
+            # that would close the socket under _Linger, with the client's input unread.
+            self._writer = cast(asyncio.StreamWriter, _HandedOver())
             self.connection_lost(None)  # the session is over now; the socket is _Linger's
             return
         transport.close()
@@ -835,9 +840,23 @@ class _Linger(asyncio.Protocol):
     what the client still sends is read and dropped until it closes too, or CLOSE_GRACE ends
     it. RFC 1122 §4.2.2.13: closing with input unread, or input arriving after the close,
     sends RST, and a client reading its reply late then sees "connection reset" in its place
-    (a PROXY header refused unread; a command crossing the final 421)."""
+    (a PROXY header refused unread; a command crossing the final 421, a drain's among them).
+    It stays among the open connections until then: a drain waits for it (within
+    drain_timeout) rather than exit with the socket still taking input."""
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        connections: Connections,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self._transport = transport
+        self._connections = connections
+        # The session's StreamWriter closes its transport when it is collected (asyncio's
+        # StreamWriter.__del__): held until the socket is closed, or the GC cuts this short.
+        self._writer: asyncio.StreamWriter | None = writer
+        connections.add(self)  # before the session leaves them: a drain never sees none
         transport.write_eof()  # after the reply still buffered, if any
         if not transport.is_reading():  # paused by the session's full buffer
             transport.resume_reading()
@@ -851,6 +870,29 @@ class _Linger(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline.cancel()
+        self._connections.discard(self)
+        self._writer = None
+
+    # -- as one of the open connections (relay.listen.connections) ------------------------
+    def shutdown(self) -> None:
+        pass  # closing already
+
+    def close(self) -> None:
+        self._transport.abort()  # the drain's time is up
+
+
+class _HandedOver:
+    """aiosmtpd's writer once the socket is _Linger's: closing it, or writing to it, is the
+    session's no longer."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _ascii(text: str) -> str:

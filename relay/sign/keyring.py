@@ -23,6 +23,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge
 
+from relay.cancel import cancel_and_wait
 from relay.secrets.base import SecretValue
 from relay.secrets.store import SecretStore
 from relay.sign.key_sets import HeldKey, KeySetConfig, KeySources, SigningSets, StaticKey
@@ -95,9 +96,17 @@ class KeyRing:
         self._sync()
 
     def detach(self) -> None:
+        """Stop following the store (a reload's old ring). The key fetches it started are
+        cancelled; `close()` waits for their end."""
         self._store.unsubscribe(self.on_secret)
         for task in self._tasks:
             task.cancel()
+
+    async def close(self) -> None:
+        """Detached, and its key fetches ended: a fetch may let one cancellation go by
+        (relay.cancel), and one still running when the loop closes is destroyed pending."""
+        self.detach()
+        await cancel_and_wait(self._tasks)
 
     async def fetch_missing(self) -> None:
         """Fetch what the store does not hold yet: the documents, then the keys they list;

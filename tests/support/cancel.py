@@ -12,12 +12,30 @@ from __future__ import annotations
 
 import asyncio
 
+from relay.cancel import cancel_and_wait
+
 
 class LateCancel:
     def __init__(self) -> None:
         self.cancellations = 0
+        self.running = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> asyncio.Task[None]:
+        """The task, once it runs (a task cancelled before its first step never sees it)."""
+        self.task = asyncio.create_task(self.run())
+        while not self.running:
+            await asyncio.sleep(0)
+        return self.task
+
+    async def end(self) -> None:
+        """In a test's `finally`: a task the code under test left running ends here, rather
+        than hang the close of the test's loop (which cancels it once)."""
+        if self.task is not None and not self.task.done():
+            await cancel_and_wait({self.task}, timeout=10)
 
     async def run(self) -> None:
+        self.running = True
         while True:
             try:
                 await asyncio.sleep(0.05)

@@ -35,6 +35,8 @@ class RelayProcess:
         self.log_path = workdir / "relay.log"
         self.env = env or {}
         self.args = args or []
+        # How relay is run: the console script (`relay`, the image's ENTRYPOINT) or this.
+        self.command = [sys.executable, "-m", "relay"]
         self.proc: subprocess.Popen | None = None
         self._stack: contextlib.ExitStack | None = None
 
@@ -54,7 +56,7 @@ class RelayProcess:
         self._stack = contextlib.ExitStack()
         self.proc = self._stack.enter_context(
             running(
-                [sys.executable, "-m", "relay", "serve", "-c", str(self.config_path), *self.args],
+                [*self.command, "serve", "-c", str(self.config_path), *self.args],
                 ready=None,
                 log_path=self.log_path,
                 env={"PYTHONUNBUFFERED": "1", **self.env},

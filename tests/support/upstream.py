@@ -47,6 +47,8 @@ class UpstreamBehaviour:
     data_delay: float = 0.0
     rcpt_delay: float = 0.0
     mail_delay: float = 0.0
+    # DATA's reply waits until the test sets it (a slow upstream, without a timing margin).
+    data_gate: threading.Event | None = None
     queue_id_prefix: str = "Q"
 
 
@@ -102,8 +104,10 @@ class _Handler:
     async def handle_DATA(self, server, session, envelope):
         self.up.commands.append("DATA")
         b = self.up.behaviour
-        if b.data_delay:
+        if b.data_delay or b.data_gate is not None:
             await asyncio.sleep(b.data_delay)
+            if b.data_gate is not None:
+                await asyncio.to_thread(b.data_gate.wait, 120)
             if server.transport is None or server.transport.is_closing():
                 # The client gave up waiting: no 250 can reach it, so nothing is committed.
                 return "421 4.4.2 client gone"
