@@ -26,36 +26,44 @@ class Connections:
     included (they carry on until they close)."""
 
     def __init__(self) -> None:
-        self._open: dict[Connection, str] = {}  # each connection's client address
+        # Each connection's client address; None for a closed session's lingering socket,
+        # which a drain waits for but the session limits do not count.
+        self._open: dict[Connection, str | None] = {}
         self._per_address: collections.Counter[str] = collections.Counter()
+        self._sessions = 0
         self._empty = asyncio.Event()
         self._empty.set()
 
-    def add(self, connection: Connection, address: str = "") -> None:
+    def add(self, connection: Connection, address: str | None = None) -> None:
+        """A session from `address`, or (None) a socket that lingers after its session."""
         if connection in self._open:
             return
         self._open[connection] = address
-        self._per_address[address] += 1
+        if address is not None:
+            self._sessions += 1
+            self._per_address[address] += 1
         self._empty.clear()
 
     def discard(self, connection: Connection) -> None:
-        address = self._open.pop(connection, None)
-        if address is not None:
-            self._per_address[address] -= 1
-            if self._per_address[address] <= 0:
-                del self._per_address[address]
+        if connection in self._open:
+            address = self._open.pop(connection)
+            if address is not None:
+                self._sessions -= 1
+                self._per_address[address] -= 1
+                if self._per_address[address] <= 0:
+                    del self._per_address[address]
         if not self._open:
             self._empty.set()
 
     def refusal(self, address: str, max_open: int, max_per_address: int | None) -> SmtpError | None:
-        """The reply for one connection more from `address` past a limit, else None."""
-        if len(self._open) >= max_open:
+        """The reply for one session more from `address` past a limit, else None."""
+        if self._sessions >= max_open:
             # RFC 3463 §3.4: X.3.2 "system not accepting network messages" (for now).
             return SmtpError(
                 421,
                 "4.3.2",
                 "Too many connections, try again later",
-                reason=f"{len(self._open)} sessions open (clients.max_connections)",
+                reason=f"{self._sessions} sessions open (clients.max_connections)",
                 label="too_many_connections",
             )
         if max_per_address is not None and self._per_address[address] >= max_per_address:
