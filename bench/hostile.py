@@ -33,11 +33,16 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from procstat import cpu_seconds  # noqa: E402
+
+from tests.support.procs import wait_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RELAY_PORT = 2559
 UPSTREAM_PORT = 2558
 METRICS_PORT = 9499
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- the upstream ----------------------------------------------------------------------------
@@ -147,23 +152,6 @@ def relay_config(workdir: Path, size: int) -> Path:
     path = workdir / "relay.yaml"
     path.write_text(json.dumps(config))
     return path
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"bench: nothing listens on 127.0.0.1:{port}")
-
-
-def cpu_seconds(pid: int) -> float:
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return sum(int(x) for x in fields[11:13]) / CLOCK_TICKS
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -310,7 +298,7 @@ def main() -> None:
             cwd=workdir,
         )
         try:
-            wait_port(RELAY_PORT)
+            wait_port("127.0.0.1", RELAY_PORT, 30, proc=relay)
             time.sleep(1.0)
             rows = []
             for name, work in client_cases(size).items():
