@@ -327,7 +327,10 @@ class RelaySMTP(SMTP):
         super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
     def _release_budget(self) -> None:
-        self._budget.give(self._budget_held)
+        # Runs at every reset (connect, EHLO, STARTTLS, RSET) and close, mostly with nothing
+        # held: the gauge (a shared-memory write under --workers) is only set for a change.
+        if self._budget_held:
+            self._budget.give(self._budget_held)
         self._budget_held, self._over_budget = 0, False
 
     def _set_rset_state(self) -> None:
