@@ -24,7 +24,6 @@ import yaml
 
 from relay import cli
 from relay.config.load import load_settings
-from relay.dns.resolver import DnsAnswer
 from relay.posture.assess import KeySpec, assess_domain
 from relay.posture.egress import Egress
 from relay.posture.levels import OK
@@ -34,7 +33,7 @@ from relay.queue.store import Spool
 from relay.rotate.command import status_command
 from relay.sign.keys import load_signing_key
 from tests.support.clock import DAY
-from tests.unit.test_rotate import World, write_key
+from tests.unit.test_rotate import World, Zone, write_key
 
 REPO = Path(__file__).parents[2]
 DOC = REPO / "docs" / "json.md"
@@ -128,28 +127,17 @@ def assert_documented(section: str, seen: dict[str, set[str]], *, also: dict[str
 # -- relay check --json ----------------------------------------------------------------------
 
 
-class _Zone:
-    """A DNS service serving fixed TXT records (the resolver is the seam, as in the
-    rotation tests)."""
-
-    def __init__(self, records: dict[str, str]) -> None:
-        self.records = records
-
-    async def resolve(self, name: str, rdtype: str) -> DnsAnswer:
-        value = self.records.get(name.rstrip(".")) if rdtype == "TXT" else None
-        return DnsAnswer((value.encode(),) if value else (), nxdomain=value is None, ttl=0)
-
-
 async def check_report() -> dict[str, Any]:
     """A report with every part a check can have: an OAuth upstream's token and the shared
     limits' Redis too, which the saved outputs do not have."""
     pem = (DATA / "dns" / "keys" / "ed25519.pem").read_bytes()
     key = load_signing_key(pem, domain="example.com", selector="ed1", algorithm="ed25519-sha256")
-    zone = _Zone(
+    zone = Zone()  # the DNS service is the seam, as in the rotation tests
+    zone.records.update(
         {
-            "example.com": "v=spf1 ip4:192.0.2.0/24 -all",
-            "ed1._domainkey.example.com": key.txt_value(),
-            "_dmarc.example.com": "v=DMARC1; p=reject; rua=mailto:dmarc@example.com",
+            "example.com": ["v=spf1 ip4:192.0.2.0/24 -all"],
+            "ed1._domainkey.example.com": [key.txt_value()],
+            "_dmarc.example.com": ["v=DMARC1; p=reject; rua=mailto:dmarc@example.com"],
         }
     )
     spec = KeySpec("example.com", "ed1", "ed25519-sha256", key)
