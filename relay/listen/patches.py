@@ -40,7 +40,9 @@ both libraries to the same range.
    hook or mechanism depends on the two classes alone: it is now found once per pair of
    classes, and `SMTP.__init__` only binds the hooks and mechanisms (a few) and gives the
    commands as a table that binds the one asked for (`CommandTable`). While mail.log logs
-   INFO, aiosmtpd builds its tables itself, so that its line lists the mechanisms.
+   INFO, aiosmtpd builds its tables itself (patches 1 and 4), so that its line lists the
+   mechanisms; so it does for a handler with `handle_EHLO` (its signature is checked there)
+   and for objects with such attributes of their own.
 
 `RelaySMTP` (relay.listen.smtp) also overrides private members of aiosmtpd's `SMTP`; they
 are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too. Its STARTTLS is its own
@@ -75,7 +77,7 @@ AIOSMTPD_PRIVATE_MEMBERS = (
     "_set_post_data_state",  # after our own DATA handling; gives the DATA budget back
     "_getaddr",  # a stricter, faster path parser
     "_strip_command_keyword",  # "FROM:"/"TO:" off MAIL/RCPT, which RelaySMTP implements itself
-    "_reset_timeout",  # DATA is read by RelaySMTP in chunks: each chunk resets the timer
+    "_reset_timeout",  # the idle timer, re-armed lazily (also per DATA chunk, read by RelaySMTP)
     "_handle_client",  # sends the greeting through push(): where a client is admitted
 )
 # Private members of aiosmtplib's SMTPProtocol that the upstream DATA path uses (patch 3).
