@@ -148,17 +148,18 @@ class DkimSigner:
         # Duplicates in the config would only make h= longer.
         self._sign = list(dict.fromkeys(h.lower() for h in sign_headers))
         self._oversign = {h.lower() for h in oversign}
+        self._sign_bytes = [(h.encode("ascii"), 1 if h in self._oversign else 0) for h in self._sign]
 
     def header_list(self, message: Message) -> list[bytes]:
         """h= (RFC 6376 §5.4.2): each configured field as often as it occurs, plus one
         more for oversigned fields so that none can be added after signing."""
-        counts: dict[str, int] = {}
+        counts: dict[bytes, int] = {}
         for f in message.fields:
-            counts[f.lname] = counts.get(f.lname, 0) + 1
+            name = f.name.lower()  # ASCII (relay.message._FIELD): as HeaderField.lname, undecoded
+            counts[name] = counts.get(name, 0) + 1
         names: list[bytes] = []
-        for name in self._sign:
-            n = counts.get(name, 0) + (1 if name in self._oversign else 0)
-            names.extend([name.encode("ascii")] * n)
+        for name, oversigned in self._sign_bytes:
+            names.extend([name] * (counts.get(name, 0) + oversigned))
         return names
 
     def sign(self, message: Message, keys: Sequence[SigningKey], now: float | None = None) -> bytes:
