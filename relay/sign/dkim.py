@@ -100,7 +100,10 @@ def relaxed_header(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     # Unfolding removes CRLF and, as dkimpy's `\r?\n` does, any bare LF (none reach here).
     value = value.replace(b"\r\n", b"").replace(b"\n", b"")
     if len(value) <= _PIECE:
-        return name.lower().rstrip(), _WSP_RUN.sub(b" ", value).strip() + b"\r\n"
+        if b"\t" in value or b"  " in value:
+            value = _WSP_RUN.sub(b" ", value)
+        # else: no run longer than one space, nothing to compress (the usual field)
+        return name.lower().rstrip(), value.strip() + b"\r\n"
     pieces = []
     start, end_of_value = 0, len(value)
     while start < end_of_value:
