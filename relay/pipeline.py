@@ -254,7 +254,7 @@ class Pipeline:
                 raise
         if tx.upstream is None:
             target = self.router.target_for(tx.envelope.mail_from)
-            tx.upstream = await target.begin(tx.envelope, recipient)
+            tx.upstream = await target.begin(tx.envelope, recipient, dsn)
         try:
             reply = await tx.upstream.add_recipient(recipient, dsn)
         except SmtpError as exc:

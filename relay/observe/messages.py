@@ -12,7 +12,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from prometheus_client import Counter, Histogram
@@ -150,7 +150,7 @@ def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | Non
     _message_line("relayed" if error is None else "refused", fields)
 
 
-def _message_line(msg: str, fields: dict[str, object]) -> None:
+def _message_line(msg: str, fields: Mapping[str, object]) -> None:
     """`message_log.info(msg, extra=fields)` without the search for the caller's source
     line (Logger.findCaller walks the stack on every line): no formatter of relay's prints
     it, and this line is written once per message."""
