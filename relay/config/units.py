@@ -64,25 +64,24 @@ def parse_duration(value: object) -> float:
     return sum(float(n) * _DURATION_FACTORS[u] for n, u in parts)
 
 
-_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$", re.IGNORECASE)
-_RATE_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
-
-
 def parse_rate(value: object) -> float:
-    """`14/s` → 14.0 per second, `600/m` → 10.0, `3600/h` → 1.0; a bare number is per second."""
+    """`14/s` → 14.0 per second, `600/m` → 10.0, `3600/h` → 1.0, `100/5m`, `50000/d`: the
+    grammar of `limits.*.rate`; a bare number is per second."""
+    from relay.limits.rules import split_rate  # one grammar for every rate in the config
+
     if isinstance(value, bool):
         raise ValueError("expected a rate like 14/s")
     if isinstance(value, int | float):
         if not math.isfinite(value) or value <= 0:  # YAML's .inf and .nan too
             raise ValueError("rate must be a positive number, like 14/s")
         return float(value)
-    match = _RATE.match(str(value))
-    if not match:
+    parts = split_rate(str(value))
+    if parts is None:
         raise ValueError(f"expected a rate like 14/s, 600/m or 3600/h, got {value!r}")
-    per_second = float(match.group(1)) / _RATE_PERIODS[match.group(2).lower()]
-    if per_second <= 0:
+    count, seconds = parts
+    if float(count) <= 0 or seconds <= 0:
         raise ValueError("rate must be positive")
-    return per_second
+    return float(count) / seconds
 
 
 class HostPort(NamedTuple):

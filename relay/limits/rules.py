@@ -41,8 +41,33 @@ DAILY_RECIPIENTS = "daily_recipients"
 SLOT_SECONDS = 900
 WINDOW_SLOTS = 86400 // SLOT_SECONDS + 1
 
-_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|m|min|h|d)\s*$")
-_UNIT_SECONDS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+# The one rate grammar of the config (`limits.*.rate` here, `upstream.max_rate` through
+# relay.config.units): a count per a unit, the unit optionally with a multiple (`100/5m`).
+_RATE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)?\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE
+)
+_UNIT_SECONDS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
+
+
+def split_rate(text: str) -> tuple[str, float] | None:
+    """`600/m` → ("600", 60.0), `100/5m` → ("100", 300.0), `0.5/s` → ("0.5", 1.0); None when
+    `text` is not a rate."""
+    match = _RATE.match(text)
+    if not match:
+        return None
+    count, multiple, unit = match.groups()
+    return count, float(multiple or 1) * _UNIT_SECONDS[unit.lower()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +92,10 @@ def parse_rate(value: object) -> Rate:
     """`10/s`, `600/m`, `1000/h`, `50000/d`, `100/5m`."""
     if isinstance(value, Rate):
         return value
-    match = _RATE.match(str(value)) if isinstance(value, str) else None
-    if not match:
+    parts = split_rate(value) if isinstance(value, str) else None
+    if parts is None or not parts[0].isdigit():  # a whole count of messages
         raise ValueError(f"expected a rate like 10/s, 600/m or 1000/h, got {value!r}")
-    count, multiple, unit = match.groups()
-    seconds = float(multiple or 1) * _UNIT_SECONDS[unit]
+    count, seconds = parts
     if int(count) < 1 or seconds <= 0:
         raise ValueError(f"a rate needs a count of at least 1 per a positive time, got {value!r}")
     return Rate(int(count), seconds)

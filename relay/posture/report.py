@@ -4,7 +4,8 @@
 default upstream's target and dialer: `relay.wiring.preflight` builds them), probes the
 upstream, finds the egress IP, and assesses each signing domain with the code the running relay's monitor uses
 (`relay.posture.assess`). `CheckReport.ok` is false when anything failed (✗); warnings (!)
-do not fail. `to_json()` has a stable schema, version 1:
+do not fail. `to_json()` has a stable schema, version 1 (key by key in docs/json.md, which
+tests/unit/test_json_doc.py holds to this code):
 
     {
       "version": 1,
@@ -13,6 +14,8 @@ do not fail. `to_json()` has a stable schema, version 1:
       "upstream": {"level", "name", "ok": bool, "detail", "greeting", "warnings": [str]},
       "tokens": [{"level", "upstream", "provider", "endpoint", "ok": bool, "reason",
                   "detail", "remediation"}],      # upstreams with auth.provider, config order
+      "limits": null | {"level", "backend": "redis", "where", "ok": bool, "detail",
+                        "remediation"},            # limits.backend: redis only
       "egress": {"level", "ips": [str], "source": "config"|"upstream"|"ip_echo_url"|null,
                  "problem": str|null},
       "domains": [{                                   # sorted by domain

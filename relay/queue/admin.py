@@ -46,7 +46,8 @@ def describe(entry: QueueEntry, now: float) -> dict[str, Any]:
                 "address": r.address,
                 "status": r.status,
                 "attempts": r.attempts,
-                "next_attempt": _iso(r.next_attempt) if r.status == PENDING else None,
+                # 0 means "now" (a new entry, or after `relay queue retry`): never 1970.
+                "next_attempt": _iso(max(r.next_attempt, now)) if r.status == PENDING else None,
                 "last_reply": r.last_reply or None,
                 "upstream": r.upstream or None,
             }

@@ -9,7 +9,8 @@
 The spool is the one of `queue.dir` in the config (`-c FILE`, else $RELAY_CONFIG). Exit 0 on
 success, 1 when the entry cannot be acted on (the message says why), 2 on a config error.
 retry, delete and requeue run only as the user who owns the spool directory: a state file
-written as another user (`sudo relay queue retry`) could not be read by the relay.
+written as another user (`sudo relay queue retry`) could not be read by the relay. The JSON of
+`list --json` and `show`, key by key: docs/json.md.
 """
 
 from __future__ import annotations

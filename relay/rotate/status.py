@@ -1,7 +1,7 @@
 """`relay dkim status`: each domain's selectors, their ages and states, and the next step.
 
 `domain_status` is pure (the caller reads the documents), so the same view serves the
-command's table and its JSON (`to_json`, version 1):
+command's table and its JSON (`to_json`, version 1; key by key in docs/json.md):
 
     {"version": 1, "domains": [{
         "domain", "source": "key_set" | "static" | "seed" (key set configured, no document yet),
@@ -9,7 +9,7 @@ command's table and its JSON (`to_json`, version 1):
         "keys": [{"selector", "state", "algorithm", "key", "age_seconds" | null, "since" | null}],
         "rotation": null | {"new", "old": [...], "step", "started"},
         "next": [{"when" (ISO time | null), "when_text", "action"}],
-        "problem": str | null}]}
+        "problem": str | null, "notes": [str]}]}
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from relay.limits.rules import LimitPolicy, Rate, parse_rate
         ("50000/d", 50000, 86400),
         ("100/5m", 100, 300),
         (" 7 / 2s ", 7, 2),
+        ("3600/Hour", 3600, 3600),
     ],
 )
 def test_rates(text, count, seconds):
@@ -31,6 +32,28 @@ def test_rates(text, count, seconds):
 def test_malformed_rates(text):
     with pytest.raises(ValueError, match="rate"):
         parse_rate(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "per_second"),
+    [("14/s", 14.0), ("0.5/s", 0.5), ("600/minute", 10.0), ("86400/d", 1.0), ("100/5m", 100 / 300), (3, 3.0)],
+)
+def test_upstream_max_rate_takes_the_same_grammar_as_the_limits(text, per_second):
+    """One rate grammar in the config: `upstream.max_rate` used to refuse `/d` and `/5m`,
+    which `limits.*.rate` took."""
+    assert _with_max_rate(text).upstream[0].max_rate == pytest.approx(per_second)
+
+
+@pytest.mark.parametrize("text", ["fast", "10/x", "0/s", "/s", "1/0s"])
+def test_upstream_max_rate_refuses_what_is_not_a_rate(text):
+    with pytest.raises(Exception, match="max_rate"):
+        _with_max_rate(text)
+
+
+def _with_max_rate(rate: object):
+    listener = {"name": "side", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}
+    upstream = {"host": "127.0.0.1", "port": 2526, "tls": "none", "max_rate": rate}
+    return settings_from_mapping({"listeners": [listener], "upstream": [upstream]}, offline=True)
 
 
 def test_rate_prints_as_written():

@@ -650,3 +650,19 @@ def test_dsn_returns_a_large_message_as_its_header_only():
     message = b"From: app@example.com\r\nSubject: big\r\n\r\n" + b"x" * 100_000 + b"\r\n"
     report = build_dsn(entry, entry.failed, message, hostname="relay.example.com", now=time.time())
     assert b"Content-Type: text/rfc822-headers" in report and len(report) < 10_000
+
+
+def test_a_recipient_due_now_is_shown_due_now_not_in_1970():
+    from relay.queue import admin
+
+    entry = make_entry(rcpts=("a@example.net", "b@example.net"))
+    entry.recipients[0].next_attempt = 0.0  # "now", as `relay queue retry` leaves it
+    entry.recipients[1].next_attempt = entry.created + 600
+    now = entry.created + 5
+    info = admin.describe(entry, now)
+    due_now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    assert [r["next_attempt"] for r in info["recipients"]] == [
+        due_now,
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.created + 600)),
+    ]
+    assert info["next_attempt"] == due_now
