@@ -16,6 +16,7 @@ import pytest
 from relay.deliver.base import DsnRequest, Envelope
 from relay.deliver.connection import UpstreamConnector, UpstreamEndpoint
 from relay.deliver.dial import DirectDialer
+from relay.deliver.failover import FailoverTarget
 from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostTarget
 from relay.errors import SmtpError
@@ -137,7 +138,9 @@ def _target(port: int) -> SmarthostTarget:
 MESSAGE = Message.parse(b"From: a@example.com\r\nSubject: x\r\n\r\n.leading dot\r\nbody\r\n").wire()
 
 
-async def _deliver(target: SmarthostTarget, recipient: str = "b@example.net", dsn: DsnRequest = NO_NOTICE) -> int:
+async def _deliver(
+    target: SmarthostTarget | FailoverTarget, recipient: str = "b@example.net", dsn: DsnRequest = NO_NOTICE
+) -> int:
     tx = await target.begin(Envelope("a@example.com"), recipient, dsn)
     reply = await tx.add_recipient(recipient, dsn)
     if not reply.positive:
@@ -326,3 +329,17 @@ def test_the_relay_delivers_to_a_pipelining_upstream(make_loop_relay, pki):
         assert refused_mail.value.recipients == {"user@example.net": (550, b"5.7.1 Sender blocked")}
         line = relay.wait_log(lambda e: e.get("event") == "message" and e.get("code") == 550)
         assert line["reason"].startswith("upstream") and "refused MAIL FROM" in line["reason"]
+
+
+async def test_a_failover_chain_moves_on_after_a_pipelined_mail_refusal() -> None:
+    """The chain sees the first upstream's 451 at MAIL as it saw it one command at a time
+    (begin raises it), and opens the next with MAIL and the first RCPT together."""
+    async with ScriptedUpstream(Script(mail=b"451 4.3.0 Try later")) as first, ScriptedUpstream(Script()) as second:
+        chain = FailoverTarget([_target(first.port), _target(second.port)])
+        try:
+            assert await _deliver(chain) == 250
+        finally:
+            await chain.close()
+    assert _commands(first.sessions[0])[:4] == [b"EHLO", b"MAIL", b"RCPT", b"RSET"]
+    assert _commands(second.sessions[0])[:4] == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]
+    assert second.sessions[0].sent_ahead_of_mail_reply == [True]
