@@ -33,6 +33,17 @@ both libraries to the same range.
    host in `mode: mx` is anyone's). The parse now runs once the final line (no "-" after
    the code, RFC 5321 §4.2.1) has arrived; until then each byte is looked at once.
 
+7. Even so, aiosmtpd's `SMTP.__init__` bound every `smtp_*` method of the protocol (~25),
+   every `handle_*` hook and `auth_*` mechanism of both objects into per-connection dicts,
+   and formatted an "Available AUTH mechanisms" line that mail.log (at WARNING) drops: about
+   40 of the ~55 µs a connection's protocol cost. Which attribute serves which command,
+   hook or mechanism depends on the two classes alone: it is now found once per pair of
+   classes, and `SMTP.__init__` only binds the hooks and mechanisms (a few) and gives the
+   commands as a table that binds the one asked for (`CommandTable`). While mail.log logs
+   INFO, aiosmtpd builds its tables itself (patches 1 and 4), so that its line lists the
+   mechanisms; so it does for a handler with `handle_EHLO` (its signature is checked there)
+   and for objects with such attributes of their own.
+
 `RelaySMTP` (relay.listen.smtp) also overrides private members of aiosmtpd's `SMTP`; they
 are listed in `AIOSMTPD_PRIVATE_MEMBERS` and checked here too. Its STARTTLS is its own
 (relay.listen.starttls: the loop's TLS transport instead of asyncio's pure-Python one) and
@@ -45,8 +56,11 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Any
 
 import aiosmtpd.smtp
 import aiosmtplib.protocol
@@ -63,7 +77,7 @@ AIOSMTPD_PRIVATE_MEMBERS = (
     "_set_post_data_state",  # after our own DATA handling; gives the DATA budget back
     "_getaddr",  # a stricter, faster path parser
     "_strip_command_keyword",  # "FROM:"/"TO:" off MAIL/RCPT, which RelaySMTP implements itself
-    "_reset_timeout",  # DATA is read by RelaySMTP in chunks: each chunk resets the timer
+    "_reset_timeout",  # the idle timer, re-armed lazily (also per DATA chunk, read by RelaySMTP)
     "_handle_client",  # sends the greeting through push(): where a client is admitted
 )
 # Private members of aiosmtplib's SMTPProtocol that the upstream DATA path uses (patch 3).
@@ -88,6 +102,18 @@ _AIOSMTPD_DIR_USES = (
     re.compile(r'for m in dir\(self\)\s+if m\.startswith\("smtp_"\)'),
 )
 _DIR_PREFIXES = ("smtp_", "handle_")
+# What patch 7 relies on: the tables SMTP.__init__ builds (and it replaces), how a mechanism
+# is named, and what an entry of `_auth_methods` is.
+_AIOSMTPD_TABLES = (
+    "self._auth_methods: Dict[str, _AuthMechAttr] = {",
+    "self._handle_hooks: Dict[str, Callable] = {",
+    "self._smtp_methods: Dict[str, Any] = {",
+    '"__auth_mechanism_name__"',
+    'mname.replace("auth_", "").replace("__", "-")',
+    "for m in (auth_exclude_mechanism or []):",
+    'ehlo_hook = self._handle_hooks.get("EHLO")',
+)
+_TABLE_PREFIXES = ("smtp_", "handle_", "auth_")
 
 _applied = False
 
@@ -105,6 +131,7 @@ def apply() -> None:
     setattr(aiosmtpd.smtp, "inspect", _AuthMemberLookup)  # noqa: B010 - replaces a module global
     setattr(aiosmtpd.smtp, "dir", _method_names)  # noqa: B010 - shadows the builtin in that module
     setattr(aiosmtpd.smtp, "sanitized_log", _sanitized_log_if_enabled)  # noqa: B010
+    setattr(aiosmtpd.smtp.SMTP, "__init__", _init_with_class_tables)  # noqa: B010
     aiosmtplib.protocol.normalize_message_line_endings = _crlf_only_fast_path
     setattr(aiosmtplib.protocol.SMTPProtocol, "_read_response_from_buffer", _read_response_once_complete)  # noqa: B010
     _applied = True
@@ -122,6 +149,9 @@ def check() -> None:
         missing.append("aiosmtpd.smtp.sanitized_log")
     smtp_source = inspect.getsource(aiosmtpd.smtp)
     missing += [f"aiosmtpd.smtp: {use}" for use in _AIOSMTPD_CALLS if use not in smtp_source]
+    missing += [f"aiosmtpd.smtp: {use}" for use in _AIOSMTPD_TABLES if use not in smtp_source]
+    if not hasattr(aiosmtpd.smtp, "_AuthMechAttr"):
+        missing.append("aiosmtpd.smtp._AuthMechAttr")
     if len(re.findall(r"\bdir\(", smtp_source)) != len(_AIOSMTPD_DIR_USES):
         missing.append("aiosmtpd.smtp: dir() used only to find smtp_*/handle_* methods")
     missing += [f"aiosmtpd.smtp: {use.pattern}" for use in _AIOSMTPD_DIR_USES if not use.search(smtp_source)]
@@ -160,6 +190,8 @@ class _AuthMemberLookup:
 
     @classmethod
     def getmembers(cls, obj: object) -> list[tuple[str, object]]:
+        if getattr(_building, "tables", False):
+            return []  # patch 7 makes the table
         names = cls._names.get(type(obj))
         if names is None:
             names = cls._names[type(obj)] = [n for n in dir(type(obj)) if n.startswith("auth_")]
@@ -172,6 +204,8 @@ _class_names: dict[type, list[str]] = {}
 def _method_names(obj: object) -> list[str]:
     """What aiosmtpd.smtp reads of `dir(obj)`: the `smtp_*` and `handle_*` names, in
     `dir()`'s (sorted) order, the class's looked up once per class (patch 4)."""
+    if getattr(_building, "tables", False):
+        return []  # patch 7 makes the tables
     cls = type(obj)
     if cls.__dir__ is not object.__dir__:
         return dir(obj)
@@ -180,6 +214,108 @@ def _method_names(obj: object) -> list[str]:
         names = _class_names[cls] = [name for name in dir(cls) if name.startswith(_DIR_PREFIXES)]
     own = [name for name in getattr(obj, "__dict__", ()) if name.startswith(_DIR_PREFIXES) and name not in names]
     return sorted(names + own) if own else list(names)
+
+
+_original_smtp_init: Callable[..., None] = aiosmtpd.smtp.SMTP.__init__
+# Set while aiosmtpd's SMTP.__init__ runs for patch 7: its dir() and getmembers() then find
+# nothing, and the tables are made after it (per thread: test upstreams run in threads).
+_building = threading.local()
+
+
+class CommandTable(Mapping[str, Any]):
+    """A connection's `SMTP._smtp_methods`: command -> the protocol's `smtp_*` method, bound
+    when it is looked up (patch 7). aiosmtpd reads it with `get()` per command and
+    `items()` for HELP."""
+
+    __slots__ = ("_protocol", "_names")
+
+    def __init__(self, protocol: object, names: dict[str, str]) -> None:
+        self._protocol = protocol
+        self._names = names
+
+    def get(self, command: str, default: Any = None) -> Any:
+        name = self._names.get(command)
+        return default if name is None else getattr(self._protocol, name)
+
+    def __getitem__(self, command: str) -> Any:
+        return getattr(self._protocol, self._names[command])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+@dataclass(frozen=True)
+class _ClassTables:
+    """Which attribute serves each command, hook and AUTH mechanism, for one pair of
+    (protocol class, handler class); None where the classes' dir() is their own."""
+
+    commands: dict[str, str]
+    hooks: tuple[tuple[str, str], ...]
+    mechanisms: tuple[tuple[str, bool, str], ...]  # (mechanism, of the protocol, attribute)
+
+
+_tables: dict[tuple[type, type], _ClassTables | None] = {}
+
+
+def _class_tables(protocol_class: type[object], handler_class: type[object]) -> _ClassTables | None:
+    key = (protocol_class, handler_class)
+    if key in _tables:
+        return _tables[key]
+    tables = None
+    if protocol_class.__dir__ is object.__dir__ and handler_class.__dir__ is object.__dir__:
+        # As aiosmtpd names them: the same str.replace calls, the last of equal names wins.
+        protocol_names, handler_names = dir(protocol_class), dir(handler_class)
+        mechanisms: dict[str, tuple[bool, str]] = {}
+        for of_protocol, cls, names in ((True, protocol_class, protocol_names), (False, handler_class, handler_names)):
+            for name in names:
+                if name.startswith("auth_"):
+                    default = name.replace("auth_", "").replace("__", "-")
+                    mechanisms[getattr(getattr(cls, name), "__auth_mechanism_name__", default)] = (of_protocol, name)
+        tables = _ClassTables(
+            commands={name.replace("smtp_", ""): name for name in protocol_names if name.startswith("smtp_")},
+            hooks=tuple((name.replace("handle_", ""), name) for name in handler_names if name.startswith("handle_")),
+            mechanisms=tuple((mechanism, *source) for mechanism, source in mechanisms.items()),
+        )
+        if any(hook == "EHLO" for hook, _ in tables.hooks):
+            tables = None  # aiosmtpd checks that hook's signature (and warns): its own way
+    _tables[key] = tables
+    return tables
+
+
+def _own_table_names(obj: object) -> bool:
+    """Whether the object has attributes of its own that aiosmtpd's dir() would find."""
+    own: dict[str, Any] = getattr(obj, "__dict__", None) or {}
+    return bool(own) and any(name.startswith(_TABLE_PREFIXES) for name in own)
+
+
+def _init_with_class_tables(self: aiosmtpd.smtp.SMTP, handler: Any, **kwargs: Any) -> None:
+    """aiosmtpd's `SMTP.__init__`, its tables made from the classes' (patch 7)."""
+    tables = _class_tables(type(self), type(handler))
+    if (
+        tables is None
+        or aiosmtpd.smtp.log.isEnabledFor(logging.INFO)
+        or _own_table_names(self)
+        or _own_table_names(handler)
+    ):
+        _original_smtp_init(self, handler, **kwargs)
+        return
+    _building.tables = True
+    try:
+        _original_smtp_init(self, handler, **kwargs)
+    finally:
+        _building.tables = False
+    self._smtp_methods = CommandTable(self, tables.commands)  # type: ignore[assignment] # read as a dict
+    self._handle_hooks = {hook: getattr(handler, name) for hook, name in tables.hooks}
+    auth_methods = {
+        mechanism: aiosmtpd.smtp._AuthMechAttr(getattr(self if of_protocol else handler, name), of_protocol)
+        for mechanism, of_protocol, name in tables.mechanisms
+    }
+    for mechanism in kwargs.get("auth_exclude_mechanism") or ():
+        auth_methods.pop(mechanism, None)
+    self._auth_methods = auth_methods
 
 
 _original_sanitized_log = aiosmtpd.smtp.sanitized_log

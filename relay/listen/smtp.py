@@ -126,6 +126,9 @@ _IDLE_TIMEOUT = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
 # closing any transport waits for its unsent data: a client that reads nothing would hold its
 # connection, and a drain, that long. Once our last reply is out, it gets this long to go.
 CLOSE_GRACE = 5.0
+# A loop timer may fire this much before its time (uvloop counts in milliseconds): the idle
+# timer then counts as due, as it did when it was set anew for every command.
+_TIMER_SLACK = 0.001
 # DATA is read in blocks of up to this size (see RelaySMTP._read_data).
 _DATA_BLOCK = 64 * 1024
 _END_OF_DATA = b"\r\n.\r\n"
@@ -220,6 +223,7 @@ class RelaySMTP(SMTP):
         self.max_connections = max_connections
         self.max_connections_per_address = max_connections_per_address
         self._deadline: float | None = None
+        self._idle_expiry = 0.0  # when the session is idle for too long (see _reset_timeout)
         self._ending = "client disconnected"  # what ends an open transaction, for its log line
         self._abort_handle: asyncio.TimerHandle | None = None
         self.client = client
@@ -259,11 +263,28 @@ class RelaySMTP(SMTP):
             self.client.on_close(self._ending)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
-        # The idle timer (session_timeout) never runs past the session's deadline.
+        """Re-arm the idle timer (session_timeout, RFC 5321 §4.5.3.2.7), which never runs past
+        the session's deadline. aiosmtpd cancels it and makes a new one for every command (and
+        relay for every DATA chunk); here the new expiry is only noted, and the one timer,
+        when it fires early, is set again for what remains (`_idle_timer_fired`). A timer is
+        made only when there is none or it would fire late (a shorter duration, a stop)."""
+        now = self.loop.time()
+        duration = duration or self._timeout_duration
         if self._deadline is not None:
-            remaining = self._deadline - self.loop.time()
-            duration = max(0.01, min(duration or self._timeout_duration, remaining))
-        super()._reset_timeout(duration)
+            duration = max(0.01, min(duration, self._deadline - now))
+        expiry = self._idle_expiry = now + duration
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > expiry:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(expiry, self._idle_timer_fired)
+
+    def _idle_timer_fired(self) -> None:
+        if self.loop.time() < self._idle_expiry - _TIMER_SLACK:
+            # Activity since it was set: wait for the rest.
+            self._timeout_handle = self.loop.call_at(self._idle_expiry, self._idle_timer_fired)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # Never runs while the upstream's answer is awaited (_waiting_for_upstream stops the
@@ -306,7 +327,10 @@ class RelaySMTP(SMTP):
         super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
     def _release_budget(self) -> None:
-        self._budget.give(self._budget_held)
+        # Runs at every reset (connect, EHLO, STARTTLS, RSET) and close, mostly with nothing
+        # held: the gauge (a shared-memory write under --workers) is only set for a change.
+        if self._budget_held:
+            self._budget.give(self._budget_held)
         self._budget_held, self._over_budget = 0, False
 
     def _set_rset_state(self) -> None:
