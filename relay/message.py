@@ -17,6 +17,13 @@ from relay.errors import SmtpError
 # RFC 5322 §2.2: field-name = 1*ftext, printable US-ASCII except ":".
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
+# The usual From: `a@b.c`, `<a@b.c>` or `Name Words <a@b.c>`: a dot-atom address of a few
+# plain characters, and a display name of plain words. For these the full parse
+# (email.utils.getaddresses, most of from_domain's cost) finds exactly this address
+# (tests/unit/test_message_from.py checks it against the full parse); anything else gets
+# the full parse.
+_PLAIN_ADDRESS = r"[A-Za-z0-9_+-]+(?:\.[A-Za-z0-9_+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_FROM = re.compile(rf"(?:(?:[A-Za-z0-9]+ )*[A-Za-z0-9]+ ?)?<({_PLAIN_ADDRESS})>|({_PLAIN_ADDRESS})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +105,9 @@ class Message:
         return cls(fields, raw, body_start)
 
     def get_all(self, name: str) -> list[HeaderField]:
-        return [f for f in self.fields if f.lname == name]
+        # Compared as bytes: field names are ASCII (_FIELD), and decoding each is the cost.
+        wanted = name.encode("ascii")
+        return [f for f in self.fields if f.name.lower() == wanted]
 
     def header_bytes(self) -> bytes:
         return b"".join(f.name + b":" + f.value for f in self.fields)
@@ -140,13 +149,9 @@ class Message:
                 reason="several From headers",
                 label="multiple_from",
             )
-        try:
-            parsed = getaddresses([fields[0].unfolded()])
-        except RecursionError:
-            # The standard library's parser recurses once per nested comment (RFC 5322
-            # §3.2.2 sets no bound on nesting): thousands of "(" are no address at all.
-            parsed = []
-        addresses = [addr for _, addr in parsed if addr]
+        value = fields[0].unfolded()
+        plain = _PLAIN_FROM.fullmatch(value)
+        addresses = [plain.group(1) or plain.group(2)] if plain else _parsed_addresses(value)
         if len(addresses) != 1 or "@" not in addresses[0]:
             raise SmtpError(
                 550,
@@ -160,6 +165,17 @@ class Message:
         if not domain:
             raise SmtpError(550, "5.6.0", "From: address has no domain", reason="From without domain", label="bad_from")
         return address, domain
+
+
+def _parsed_addresses(value: str) -> list[str]:
+    """The addresses of a From value by the full RFC 5322 parse."""
+    try:
+        parsed = getaddresses([value])
+    except RecursionError:
+        # The standard library's parser recurses once per nested comment (RFC 5322
+        # §3.2.2 sets no bound on nesting): thousands of "(" are no address at all.
+        parsed = []
+    return [addr for _, addr in parsed if addr]
 
 
 def _malformed(why: str) -> SmtpError:

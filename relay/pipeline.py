@@ -10,6 +10,7 @@ A `Transaction` is changed here and nowhere else; the session only holds it.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import logging
 import os
@@ -253,7 +254,7 @@ class Pipeline:
                 raise
         if tx.upstream is None:
             target = self.router.target_for(tx.envelope.mail_from)
-            tx.upstream = await target.begin(tx.envelope, recipient)
+            tx.upstream = await target.begin(tx.envelope, recipient, dsn)
         try:
             reply = await tx.upstream.add_recipient(recipient, dsn)
         except SmtpError as exc:
@@ -445,7 +446,7 @@ class Pipeline:
         protocol = "ESMTP" + ("S" if tx.tls else "") + ("A" if tx.user else "")
         source = f"from {tx.helo} ([{tx.client}])\r\n\t" if mode == "full" else ""
         with_tls = f" ({tx.tls})" if tx.tls else ""
-        stamp = email.utils.format_datetime(email.utils.localtime())
+        stamp = _received_date(int(time.time()))
         line = (
             f"Received: {source}by {self.settings.hostname} (relay) with {protocol}{with_tls}"
             f"\r\n\tid {tx.id}; {stamp}\r\n"
@@ -530,6 +531,25 @@ async def finish_background(timeout: float) -> None:
     if pending and timeout > 0:
         _done, pending = await asyncio.wait(pending, timeout=timeout)
     await cancel_and_wait(pending)
+
+
+class _DateOfSecond:
+    """RFC 5322 §3.3 date-time of a second, local time: the text of
+    `email.utils.format_datetime(email.utils.localtime())` during that second, made once
+    per second (one per message was most of the cost of the Received field)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, second: int) -> str:
+        if second != self._second:
+            local = datetime.datetime.fromtimestamp(second, datetime.UTC).astimezone()
+            self._second, self._text = second, email.utils.format_datetime(local)
+        return self._text
+
+
+_received_date = _DateOfSecond()
 
 
 def _for_whom(user: str | None) -> str:

@@ -7,7 +7,7 @@ command (maddy's Start → AddRcpt → Body → Commit/Abort). An `UpstreamTarge
 message can go (a smarthost, MX hosts, a failover chain, the dev outbox); it opens one
 `UpstreamTransaction` per client transaction:
 
-    tx = await target.begin(envelope, first_recipient)     # connect (or reuse), MAIL FROM
+    tx = await target.begin(envelope, first_recipient, dsn)  # connect (or reuse), MAIL FROM
     reply = await tx.add_recipient(rcpt, dsn)                # upstream RCPT reply, per rcpt
     reply = await tx.send(signed_message)                    # DATA (a WireMessage); the final reply
     await tx.abort()                                         # client RSET/QUIT/disconnect
@@ -20,6 +20,9 @@ Rules every implementation keeps:
   (554 5.6.3, RFC 6152).
 - An upstream's own refusal is returned (or raised from `begin`) as a `Reply`/`SmtpError`
   with the upstream's code, enhanced code and text.
+- With `dsn` (the first recipient's DSN request), `begin` may send that recipient's RCPT
+  with MAIL (RFC 2920 PIPELINING); the first `add_recipient` must then be that recipient
+  with that request, and returns (or raises) its reply. Without it, `begin` sends MAIL only.
 - `send` is called at most once. After it returns or raises, the transaction is over and
   the connection is back in its pool or closed; `abort` is then a no-op.
 - `abort` never raises.
@@ -107,7 +110,7 @@ class UpstreamTarget(Protocol):
 
     name: str
 
-    async def begin(self, envelope: Envelope, recipient: str) -> UpstreamTransaction: ...
+    async def begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> UpstreamTransaction: ...
 
     async def probe(self) -> str:
         """Check the path (dial, greet, TLS, auth) without sending a message; raise

@@ -21,11 +21,13 @@ from typing import Protocol
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 from aiosmtplib.protocol import SMTPProtocol
+from aiosmtplib.typing import SMTPStatus
 from prometheus_client import Counter, Histogram
 
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.deliver.dial import Dialer
 from relay.deliver.dsn import xtext_encode
+from relay.deliver.pipelining import Pipelined
 from relay.dns.addresses import AddressResolver
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
@@ -152,6 +154,13 @@ class UpstreamConnection:
     async def mail(self, envelope: Envelope) -> Reply:
         """MAIL FROM with the client's parameters that this upstream offers (see
         relay.listen.esmtp for what each one means)."""
+        options = self._mail_options(envelope)
+        sender = envelope.mail_from
+        if self._greeted and _PLAIN_MAILBOX.match(sender):
+            return await self._command("MAIL", self._path_command(b"MAIL FROM:", sender, options, _SENDER_OK))
+        return await self._command("MAIL", self.smtp.mail(sender, options=options, encoding="utf-8"))
+
+    def _mail_options(self, envelope: Envelope) -> list[str]:
         options = []
         if envelope.body_8bit and self.supports("8bitmime"):
             options.append("BODY=8BITMIME")
@@ -173,10 +182,85 @@ class UpstreamConnection:
             # an upstream the relay authenticated to (the upstream trusts the relay, not
             # the client). An unauthenticated hop gets neither.
             options.append("AUTH=" + (xtext_encode(envelope.auth) if envelope.auth else "<>"))
-        sender = envelope.mail_from
-        if self._greeted and _PLAIN_MAILBOX.match(sender):
-            return await self._command("MAIL", self._path_command(b"MAIL FROM:", sender, options, _SENDER_OK))
-        return await self._command("MAIL", self.smtp.mail(sender, options=options, encoding="utf-8"))
+        return options
+
+    def can_pipeline(self, envelope: Envelope, recipient: str) -> bool:
+        """MAIL and the first RCPT can go in one write (RFC 2920): the upstream offers
+        PIPELINING, and both commands are ones `_path_command` would send."""
+        return (
+            self.supports("pipelining")
+            and self._greeted
+            and self.smtp.protocol is not None
+            and _PLAIN_MAILBOX.match(envelope.mail_from) is not None
+            and _PLAIN_MAILBOX.match(recipient) is not None
+        )
+
+    async def mail_and_rcpt(
+        self, envelope: Envelope, recipient: str, dsn: DsnRequest
+    ) -> tuple[Reply, Reply | SmtpError | None]:
+        """MAIL FROM and the first RCPT TO in one write, their replies read in order (RFC
+        2920 §3.1: the client reads every reply, in order). Each reply means what it means
+        after `mail()` / `rcpt()`: the same commands, replies, errors, metrics and timeout
+        per reply. After a refused MAIL the RCPT's reply is read and ignored (None): the
+        refusal is MAIL's. A failure of the path while reading the RCPT's reply is returned,
+        not raised: MAIL began the transaction. Only where `can_pipeline()`."""
+        smtp = self.smtp
+        protocol = smtp.protocol
+        if protocol is None:
+            raise _broken(
+                self.endpoint.label, "MAIL", "connection lost (Server not connected)", "upstream_disconnected"
+            )
+        mail_options = self._mail_options(envelope)
+        rcpt_options = dsn.params() if self.supports("dsn") else []
+        commands = [
+            _path_line(b"MAIL FROM:", envelope.mail_from, mail_options),
+            _path_line(b"RCPT TO:", recipient, rcpt_options),
+        ]
+        exchange = Pipelined(protocol, commands, smtp.timeout)
+        try:
+            mail = await self._command("MAIL", self._reply(exchange, _SENDER_OK, envelope.mail_from, start=True))
+            if not mail.positive:
+                await self._ignore_reply(exchange)
+                return mail, None
+            try:
+                rcpt: Reply | SmtpError = await self._command("RCPT", self._reply(exchange, _RECIPIENT_OK, recipient))
+            except SmtpError as exc:
+                # MAIL was accepted: as with `mail()` then `rcpt()`, the transaction began
+                # and the RCPT failed; the caller raises this at the first add_recipient.
+                rcpt = exc
+        finally:
+            exchange.close()
+        return mail, rcpt
+
+    async def _reply(
+        self, exchange: Pipelined, ok: frozenset[int], address: str, *, start: bool = False
+    ) -> SMTPResponse:
+        """The next reply (the commands written first if `start`), as `_path_command` returns
+        or raises it; and, as aiosmtplib's `SMTP.execute_command`, the connection closed
+        after a timeout, a loss or a 421."""
+        try:
+            if start:
+                await exchange.start()
+            response = await exchange.next()
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            self.smtp.close()
+            raise
+        if response.code == SMTPStatus.domain_unavailable:
+            self.smtp.close()
+        if response.code not in ok:
+            refused = aiosmtplib.SMTPSenderRefused if ok is _SENDER_OK else aiosmtplib.SMTPRecipientRefused
+            raise refused(response.code, response.message, address)
+        return response
+
+    async def _ignore_reply(self, exchange: Pipelined) -> None:
+        """The RCPT reply after a refused MAIL: read so the next command is answered by its
+        own reply; a connection that fails meanwhile is closed (the abort finds it gone)."""
+        if not self.alive:
+            return
+        try:
+            await exchange.next()
+        except (aiosmtplib.SMTPException, ConnectionError):
+            self.smtp.close()
 
     async def rcpt(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         options = dsn.params() if self.supports("dsn") else []
@@ -252,9 +336,15 @@ class UpstreamConnection:
     @staticmethod
     async def _write(protocol: SMTPProtocol, data: bytes, timeout: float) -> None:
         protocol.write(data)
+        if not getattr(protocol, "_paused", True):
+            # The transport has not asked to pause (aiosmtplib's flow control flag; absent,
+            # the wait below): nothing to wait for, so no timer to arm and cancel.
+            # _drain_helper still raises if the connection was lost meanwhile.
+            await protocol._drain_helper()
+            return
         try:
             async with asyncio.timeout(timeout):
-                await protocol._drain_helper()  # returns at once unless the buffer is full
+                await protocol._drain_helper()
         except TimeoutError:
             raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
 
@@ -308,6 +398,12 @@ class UpstreamConnection:
         if stage == "DATA":
             _replies(label, "data", f"{response.code // 100}xx").inc()
         return Reply.from_upstream(response.code, response.message)
+
+
+def _path_line(verb: bytes, address: str, options: list[str]) -> bytes:
+    """The command line `_path_command` sends (aiosmtplib's `execute_command` joins its
+    arguments with spaces)."""
+    return b" ".join([verb + b"<" + address.encode("utf-8") + b">", *(option.encode("ascii") for option in options)])
 
 
 def _broken(upstream: str, stage: str, why: str, label: str = "upstream_error") -> SmtpError:

@@ -179,7 +179,7 @@ class FailoverTransaction:
         label `upstream_temporary`/`upstream_permanent` for a refusal)."""
         delivery = self._chain.deliveries[index]
         try:
-            tx = await delivery.begin(self._envelope, recipients[0][0])
+            tx = await delivery.begin(self._envelope, *recipients[0])
         except SmtpError as exc:
             return exc
         reply = Reply(250, "2.1.5", "OK")
@@ -203,11 +203,11 @@ class FailoverTarget:
         self.name = "failover(" + ",".join(d.name for d in self.deliveries) + ")"
         self._aborting: set[asyncio.Task[None]] = set()
 
-    async def begin(self, envelope: Envelope, recipient: str) -> FailoverTransaction:
+    async def begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> FailoverTransaction:
         failed: list[tuple[str, SmtpError]] = []
         for index, delivery in enumerate(self.deliveries):
             try:
-                inner = await delivery.begin(envelope, recipient)
+                inner = await delivery.begin(envelope, recipient, dsn)
             except SmtpError as exc:
                 if not exc.temporary:
                     raise

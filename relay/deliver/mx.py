@@ -123,7 +123,7 @@ class MxTarget:
             hosts += group
         return hosts
 
-    async def begin(self, envelope: Envelope, recipient: str) -> MxTransaction:
+    async def begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> MxTransaction:
         domain = recipient_domain(recipient)
         found = await self.mx_hosts(domain)
         hosts = found[:MAX_MX_HOSTS]
@@ -135,7 +135,7 @@ class MxTarget:
                 last = exc
                 continue
             try:
-                inner = await begin_on(self.name, conn, None, envelope)
+                inner = await begin_on(self.name, conn, None, envelope, (recipient, dsn) if dsn is not None else None)
             except SmtpError as exc:
                 if exc.label in ("upstream_disconnected", "upstream_error", "upstream_timeout"):
                     last = exc

@@ -61,7 +61,7 @@ class OutboxTarget:
     def describe(self) -> str:
         return f"outbox {self.outbox}"
 
-    async def begin(self, envelope: Envelope, recipient: str) -> OutboxTransaction:
+    async def begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> OutboxTransaction:
         return OutboxTransaction(self.outbox, envelope)
 
     async def probe(self) -> str:

@@ -58,7 +58,11 @@ class ConnectionPool:
                 451, "4.3.2", "Relay is reloading, try again", reason=f"pool {self.label} closed", label="shutting_down"
             )
         try:
-            async with asyncio.timeout(self.acquire_timeout):
+            if self._slots.locked():
+                async with asyncio.timeout(self.acquire_timeout):
+                    await self._slots.acquire()
+            else:
+                # A free slot is taken without waiting: no timer to arm and cancel.
                 await self._slots.acquire()
         except TimeoutError:
             raise SmtpError(

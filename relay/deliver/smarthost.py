@@ -27,6 +27,9 @@ class SmtpTransaction:
         # and converting it would break the signature: it is refused instead (at DATA).
         self._7bit_only = body_8bit and not conn.supports("8bitmime")
         self._lost = False
+        # The first recipient's reply when its RCPT went with MAIL (RFC 2920), for the
+        # first add_recipient: (address, DSN request, reply).
+        self._first: tuple[str, DsnRequest, Reply | SmtpError] | None = None
         # Lost while the client is between commands: the slot is freed at once, and the
         # client's next RCPT or DATA gets 451 (`_require`).
         conn.watch_loss(self._on_lost)
@@ -40,6 +43,8 @@ class SmtpTransaction:
         return self._dsn
 
     async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
+        if self._first is not None:
+            return self._first_recipient(address, dsn)
         conn = self._require()
         try:
             return await conn.rcpt(address, dsn)
@@ -49,6 +54,26 @@ class SmtpTransaction:
             # and its pool slot is free either way.
             self._finish(reusable=False)
             raise
+
+    def _first_recipient(self, address: str, dsn: DsnRequest) -> Reply:
+        """The reply to the RCPT that went with MAIL (see begin_on), as `add_recipient`
+        would have returned or raised it."""
+        assert self._first is not None
+        (first, first_dsn, outcome), self._first = self._first, None
+        if (address, dsn) != (first, first_dsn):
+            # The upstream has that recipient already: another in its place would be a
+            # message to a recipient the client did not name here.
+            outcome = SmtpError(
+                451,
+                "4.3.0",
+                "Transaction out of order, try again",
+                reason=f"first recipient sent with MAIL was not the first added (upstream {self.upstream})",
+                label="internal",
+            )
+        if isinstance(outcome, SmtpError):
+            self._finish(reusable=False)
+            raise outcome
+        return outcome
 
     async def send(self, message: WireMessage) -> Reply:
         conn = self._require()
@@ -76,6 +101,7 @@ class SmtpTransaction:
         if conn is None:
             return
         self._conn = None
+        self._first = None
         reusable = False
         try:
             reusable = conn.alive and await conn.reset()
@@ -115,12 +141,24 @@ class SmtpTransaction:
 
 
 async def begin_on(
-    upstream: str, conn: UpstreamConnection, pool: ConnectionPool | None, envelope: Envelope
+    upstream: str,
+    conn: UpstreamConnection,
+    pool: ConnectionPool | None,
+    envelope: Envelope,
+    first: tuple[str, DsnRequest] | None = None,
 ) -> SmtpTransaction:
-    """MAIL FROM on an open connection; an upstream refusal is raised with its own code."""
+    """MAIL FROM on an open connection; an upstream refusal is raised with its own code.
+
+    With `first` (the first recipient and its DSN request) and an upstream that offers
+    PIPELINING, its RCPT goes in the same write (RFC 2920) and its reply is the
+    transaction's answer to the first `add_recipient`, which must name that recipient."""
     tx = SmtpTransaction(upstream, conn, pool, body_8bit=envelope.body_8bit)
+    rcpt: Reply | SmtpError | None = None
     try:
-        reply = await conn.mail(envelope)
+        if first is not None and conn.can_pipeline(envelope, first[0]):
+            reply, rcpt = await conn.mail_and_rcpt(envelope, *first)
+        else:
+            reply = await conn.mail(envelope)
     except BaseException:
         tx._finish(reusable=False)  # see SmtpTransaction.add_recipient
         raise
@@ -133,6 +171,8 @@ async def begin_on(
             reason=f"upstream {upstream} refused MAIL FROM: {reply}",
             label="upstream_refused",
         )
+    if first is not None and rcpt is not None:
+        tx._first = (*first, rcpt)
     return tx
 
 
@@ -145,11 +185,12 @@ class SmarthostTarget:
     def describe(self) -> str:
         return self.connector.describe()
 
-    async def begin(self, envelope: Envelope, recipient: str) -> SmtpTransaction:
+    async def begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> SmtpTransaction:
+        first = (recipient, dsn) if dsn is not None else None
         conn = await self.pool.acquire()
         reused = not conn.fresh
         try:
-            return await begin_on(self.name, conn, self.pool, envelope)
+            return await begin_on(self.name, conn, self.pool, envelope, first)
         except SmtpError as exc:
             # A pooled connection may have been dropped by the upstream while idle; that
             # is not the message's fault, so try once more on a fresh connection.
@@ -157,7 +198,7 @@ class SmarthostTarget:
                 raise
         log.debug("stale pooled connection; reconnecting", extra={"upstream": self.name})
         conn = await self.pool.acquire()
-        return await begin_on(self.name, conn, self.pool, envelope)
+        return await begin_on(self.name, conn, self.pool, envelope, first)
 
     async def probe(self) -> str:
         conn = await self.connector.open()

@@ -13,6 +13,19 @@ import time
 from typing import TextIO
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# One encoder for every line: json.dumps() with options builds a new one per call.
+_ENCODE = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+
+def _extra_keys(keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The `extra` fields among a record's attributes, in order."""
+    return tuple(key for key in keys if key not in _STANDARD and not key.startswith("_"))
+
+
+# A record's attribute names, mostly the same few tuples (one per kind of line): the
+# filtering is done once per tuple. Bounded: an unseen tuple past the limit is filtered anew.
+_EXTRA_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_EXTRA_KEYS_LIMIT = 512
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,12 +44,18 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value
+        attributes = vars(record)
+        names = tuple(attributes)
+        extra = _EXTRA_KEYS.get(names)
+        if extra is None:
+            extra = _extra_keys(names)
+            if len(_EXTRA_KEYS) < _EXTRA_KEYS_LIMIT:
+                _EXTRA_KEYS[names] = extra
+        for key in extra:
+            out[key] = attributes[key]
         if record.exc_info and record.exc_info[0] is not None:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _ENCODE(out)
 
 
 class TextFormatter(logging.Formatter):

@@ -12,7 +12,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from prometheus_client import Counter, Histogram
@@ -147,7 +147,17 @@ def transaction_ended(tx: TransactionFacts, reply: Reply, error: SmtpError | Non
         fields["reason"] = error.reason
     if tx.limit is not None:
         fields["limit"] = tx.limit  # the sending limit that refused it: scope:name:kind
-    message_log.info("relayed" if error is None else "refused", extra=fields)
+    _message_line("relayed" if error is None else "refused", fields)
+
+
+def _message_line(msg: str, fields: Mapping[str, object]) -> None:
+    """`message_log.info(msg, extra=fields)` without the search for the caller's source
+    line (Logger.findCaller walks the stack on every line): no formatter of relay's prints
+    it, and this line is written once per message."""
+    if message_log.isEnabledFor(logging.INFO):
+        message_log.handle(
+            message_log.makeRecord(message_log.name, logging.INFO, __file__, 0, msg, (), None, extra=fields)
+        )
 
 
 def transaction_cancelled(tx: TransactionFacts, why: str) -> None:

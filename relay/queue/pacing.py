@@ -159,11 +159,11 @@ class PacedTarget:
             SharedTokenBucket(shared, rate) if shared is not None else TokenBucket(rate)
         )
 
-    async def begin(self, envelope: Envelope, recipient: str) -> PacedTransaction:
+    async def begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> PacedTransaction:
         # The first recipient's token is taken before connecting: no connection is held
         # open while waiting for the first slot.
         await self.bucket.take()
-        return PacedTransaction(await self.inner.begin(envelope, recipient), self.bucket, first_paid=True)
+        return PacedTransaction(await self.inner.begin(envelope, recipient, dsn), self.bucket, first_paid=True)
 
     async def probe(self) -> str:
         return await self.inner.probe()

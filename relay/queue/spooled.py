@@ -100,7 +100,7 @@ class SpoolTarget:
         self.runner = runner
         self.routes = routes
 
-    async def begin(self, envelope: Envelope, recipient: str) -> SpoolTransaction:
+    async def begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> SpoolTransaction:
         problem = self.spool.problem()
         if problem is not None:
             # Refuse at the first RCPT already: the client can try another relay now rather

@@ -100,7 +100,10 @@ def relaxed_header(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     # Unfolding removes CRLF and, as dkimpy's `\r?\n` does, any bare LF (none reach here).
     value = value.replace(b"\r\n", b"").replace(b"\n", b"")
     if len(value) <= _PIECE:
-        return name.lower().rstrip(), _WSP_RUN.sub(b" ", value).strip() + b"\r\n"
+        if b"\t" in value or b"  " in value:
+            value = _WSP_RUN.sub(b" ", value)
+        # else: no run longer than one space, nothing to compress (the usual field)
+        return name.lower().rstrip(), value.strip() + b"\r\n"
     pieces = []
     start, end_of_value = 0, len(value)
     while start < end_of_value:
@@ -148,17 +151,18 @@ class DkimSigner:
         # Duplicates in the config would only make h= longer.
         self._sign = list(dict.fromkeys(h.lower() for h in sign_headers))
         self._oversign = {h.lower() for h in oversign}
+        self._sign_bytes = [(h.encode("ascii"), 1 if h in self._oversign else 0) for h in self._sign]
 
     def header_list(self, message: Message) -> list[bytes]:
         """h= (RFC 6376 §5.4.2): each configured field as often as it occurs, plus one
         more for oversigned fields so that none can be added after signing."""
-        counts: dict[str, int] = {}
+        counts: dict[bytes, int] = {}
         for f in message.fields:
-            counts[f.lname] = counts.get(f.lname, 0) + 1
+            name = f.name.lower()  # ASCII (relay.message._FIELD): as HeaderField.lname, undecoded
+            counts[name] = counts.get(name, 0) + 1
         names: list[bytes] = []
-        for name in self._sign:
-            n = counts.get(name, 0) + (1 if name in self._oversign else 0)
-            names.extend([name.encode("ascii")] * n)
+        for name, oversigned in self._sign_bytes:
+            names.extend([name] * (counts.get(name, 0) + oversigned))
         return names
 
     def sign(self, message: Message, keys: Sequence[SigningKey], now: float | None = None) -> bytes:

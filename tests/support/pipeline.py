@@ -45,7 +45,7 @@ class FakeTarget:
     begun: int = 0
     aborted: int = 0
 
-    async def begin(self, envelope: Envelope, recipient: str) -> FakeTransaction:
+    async def begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> FakeTransaction:
         if self.fail_begin is not None:
             raise self.fail_begin
         self.begun += 1

@@ -60,6 +60,10 @@ class _Handler:
         session.host_name = hostname
         if self.up.dsn:
             responses.insert(-1, "250-DSN")
+        if self.up.pipelining:
+            # aiosmtpd reads commands one by one from its stream, so it takes pipelined
+            # ones (RFC 2920) as they come; it just does not say so.
+            responses.insert(-1, "250-PIPELINING")
         if not self.up.eightbit:
             responses = [r for r in responses if r[4:] != "8BITMIME"]
         return responses
@@ -172,7 +176,8 @@ class _Controller(Controller):
 class Upstream:
     """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH
     (and take AUTH= on MAIL). `dsn`: offer the DSN extension (RFC 3461). `eightbit=False`:
-    do not offer 8BITMIME (RFC 6152). `idle_timeout`: drop a session idle that long."""
+    do not offer 8BITMIME (RFC 6152). `idle_timeout`: drop a session idle that long.
+    `pipelining`: offer PIPELINING (RFC 2920)."""
 
     def __init__(
         self,
@@ -186,9 +191,11 @@ class Upstream:
         dsn: bool = False,
         eightbit: bool = True,
         idle_timeout: float | None = None,
+        pipelining: bool = False,
     ) -> None:
         self.host = host
         self.dsn = dsn
+        self.pipelining = pipelining
         self.eightbit = eightbit
         self.port = port or free_port(host)
         self.implicit = tls == "implicit"
