@@ -82,7 +82,15 @@ AIOSMTPD_PRIVATE_MEMBERS = (
 )
 # Private members of aiosmtplib's SMTPProtocol that the upstream DATA path uses (patch 3).
 AIOSMTPLIB_PRIVATE_MEMBERS = ("_drain_helper", "_read_response_from_buffer")  # patches 3 and 6
-AIOSMTPLIB_PRIVATE_ATTRIBUTES = ("_response_pending", "_buffer", "_connection_lost_callback")
+# Its instance attributes that the DATA path and RFC 2920 pipelining (relay.deliver.pipelining,
+# which reads two replies of one write) rely on.
+AIOSMTPLIB_PRIVATE_ATTRIBUTES = (
+    "_response_pending",
+    "_buffer",
+    "_connection_lost_callback",
+    "_response_waiter",
+    "_command_lock",
+)
 # aiosmtplib.SMTP's handler of a lost connection, chained by UpstreamConnection.watch_loss.
 AIOSMTPLIB_SMTP_PRIVATE_MEMBERS = ("_on_connection_lost",)
 # Instance attributes set in SMTP.__init__ that RelaySMTP reads.
