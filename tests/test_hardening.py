@@ -301,9 +301,9 @@ def _cycles_holding(min_size: int) -> list[str]:
     gc.collect()
     held = []
     for obj in gc.garbage:
-        for ref in gc.get_referents(obj):
-            if isinstance(ref, bytes) and len(ref) >= min_size:
-                held.append(_described(obj))
+        # One large bytes object (a message), or many pieces of one (the chunks DATA is read in).
+        if sum(len(ref) for ref in gc.get_referents(obj) if isinstance(ref, bytes)) >= min_size:
+            held.append(_described(obj))
     return held
 
 
