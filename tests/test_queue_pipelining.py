@@ -61,7 +61,9 @@ async def test_spool_deliveries_send_mail_and_the_first_rcpt_together(harness, u
     ids = [await h.put([f"r{i}@example.net", f"s{i}@example.net"]) for i in range(3)]
     await eventually(lambda: len(upstream.messages) == 3, what="3 deliveries")
     await eventually(lambda: all(state_of(h.spool, i) is None for i in ids), what="empty spool")
-    assert sorted(m.rcpt_tos for m in upstream.messages) == [[f"r{i}@example.net", f"s{i}@example.net"] for i in range(3)]
+    assert sorted(m.rcpt_tos for m in upstream.messages) == [
+        [f"r{i}@example.net", f"s{i}@example.net"] for i in range(3)
+    ]
     assert pipelined(upstream) == [True, True, True]
 
 

@@ -843,9 +843,7 @@ class QueueRunner:
         recipients that asked for SUCCESS get a "relayed" notice (relay.deliver.dsn), queued
         like a failure report. Best effort: a crash before it is queued loses the notice,
         never the delivery."""
-        wanted = [
-            (r.address, request) for r in accepted if (request := _dsn_request(r)).notifies("SUCCESS")
-        ]
+        wanted = [(r.address, request) for r in accepted if (request := _dsn_request(r)).notifies("SUCCESS")]
         if not wanted or not entry.mail_from:
             return
         now = time.time()

@@ -15,9 +15,9 @@ import zlib
 import pytest
 
 from relay.errors import SmtpError
+from relay.queue import admin
 from relay.queue.commit import GroupCommitter
 from relay.queue.dsn import build_dsn, reportable
-from relay.queue import admin
 from relay.queue.entry import (
     ENTRY_MAGIC,
     FAILED,
