@@ -9,11 +9,13 @@ tree's venv) both serve the same cell as in tls_run.py (certificate, mode, TLS 1
 resumption, CONC clients of bench/bin/tls_load, one TLS connection, AUTH PLAIN and one 10 KB
 message per connection, behind the same smtp-sink). Each round loads both at once with COUNT
 messages each, so whatever else happens on the machine, and its speed (which drifts by ±20 %
-between minutes on a shared VM), hits both alike. The figure is each round's ratio of CPU per
-message (relay / relay_base; CPU-seconds of each process tree from /proc over the messages its
-client got 250 for), printed per round, then the median, the geometric mean and the standard
-error of the mean log ratio. Sequential A/B runs (tls_run.py --base-src) need many quiet reps
-to resolve a 5 % change; this resolves it in a few minutes.
+between minutes on a shared VM), hits both alike; half the rounds run each tree on the other's
+ports and folders, and the clients' start order alternates, so no slot favours a tree. The
+figure is each round's ratio of CPU per message (relay / relay_base; CPU-seconds of each
+process tree from /proc over the messages its client got 250 for), printed per round, then the
+median, the geometric mean and the standard error of the mean log ratio. Sequential A/B runs
+(tls_run.py --base-src) need many quiet reps to resolve a 5 % change; this resolves it in a few
+minutes.
 
 Bounded: COUNT messages per client per round, a time limit per round; loopback only;
 everything started here is stopped here, by PID. Uses tls_run.py's set-up (sink, keys,
@@ -52,7 +54,6 @@ def main() -> None:
 
     client = bench.tool("tls_load")
     cell = {"cert": args.cert, "mode": args.mode, "tls": "1.3", "resume": "off", "conc": args.conc}
-    ports = {t: bench.BASE_PORT[t] + bench.CERT_OFFSET[args.cert] + bench.MODE_OFFSET[args.mode] for t in TARGETS}
     results = bench.HERE / "results"
     results.mkdir(exist_ok=True)
     raw = results / f"tls-ab-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
@@ -60,59 +61,17 @@ def main() -> None:
     bench.sh("stop")
     bench.sh("sink", "start", "count")
     workdir = Path(tempfile.mkdtemp(prefix="relay-tls-ab-"))
-    relays: dict[str, subprocess.Popen] = {}
-    rows = []
+    base = args.base_src.resolve()
+    sources = {"relay": bench.REPO, "relay_base": base}
+    rows: list[dict] = [{"meta": vars(args) | {"base_src": str(base)}}]
     try:
-        relays["relay"] = bench.start_relay(workdir, args.cert, args.workers, "relay")
-        base = args.base_src.resolve()
-        relays["relay_base"] = bench.start_relay(workdir, args.cert, args.workers, "relay_base", base)
-        for target in TARGETS:  # warm up: first connections, imports, key loading
-            bench.run_load(bench.load_cmd(client, cell, ports[target], 200, 30), 30)
-        signs = bench.openssl_rsa_signs_per_s()
-        rows.append({"meta": vars(args) | {"base_src": str(base), "openssl_rsa2048_signs_per_s": signs}})
-        for n in range(args.rounds):
-            cpu_before = {t: cpu_seconds(relays[t].pid) for t in TARGETS}
-            load_before = bench.loadavg()
-            clients = {
-                t: subprocess.Popen(
-                    bench.load_cmd(client, cell, ports[t], args.count, args.limit),
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for t in TARGETS
-            }
-            stats = {}
-            for t, proc in clients.items():
-                try:
-                    out, _ = proc.communicate(timeout=args.limit + 30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    out, _ = proc.communicate()
-                lines = out.strip().splitlines()
-                stats[t] = json.loads(lines[-1]) if lines else {"ok": 0, "errors": -1}
-            ok = {t: stats[t].get("ok", 0) for t in TARGETS}
-            ms = {t: 1000 * (cpu_seconds(relays[t].pid) - cpu_before[t]) / max(ok[t], 1) for t in TARGETS}
-            row = {
-                "round": n,
-                "cell": cell,
-                "cpu_ms_per_msg": ms,
-                "ok": ok,
-                "errors": {t: stats[t].get("errors") for t in TARGETS},
-                "msgs_per_s": {t: stats[t].get("msgs_per_s") for t in TARGETS},
-                "lat_p99_ms": {t: stats[t].get("lat_p99_ms") for t in TARGETS},
-                "ratio": ms["relay"] / ms["relay_base"],
-                "loadavg": [load_before, bench.loadavg()],
-            }
-            rows.append(row)
-            print(
-                f"round {n}: relay {ms['relay']:.2f} ms/msg, relay_base {ms['relay_base']:.2f} ms/msg, "
-                f"ratio {row['ratio']:.3f}; ok {ok}, errors {row['errors']}, load {row['loadavg'][1]}",
-                flush=True,
-            )
+        # Half the rounds with each tree on each of the two slots (ports, data folders,
+        # start order): whatever favours a slot favours both trees alike.
+        first = (args.rounds + 1) // 2
+        for phase, rounds in enumerate((first, args.rounds - first)):
+            slots = dict(zip(TARGETS, TARGETS if phase == 0 else TARGETS[::-1], strict=True))  # tree -> slot
+            rows += run_phase(args, client, cell, workdir, sources, slots, rounds, len(rows) - 1)
     finally:
-        for proc in relays.values():
-            bench.stop(proc)
         bench.sh("stop")
         raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ratios = [r["ratio"] for r in rows if "ratio" in r]
@@ -127,6 +86,75 @@ def main() -> None:
             f"relay_base {statistics.median(r['cpu_ms_per_msg']['relay_base'] for r in rows if 'ratio' in r):.2f}"
         )
     print(f"raw: {raw.relative_to(bench.REPO)}")
+
+
+def run_phase(
+    args: argparse.Namespace,
+    client: str,
+    cell: dict,
+    workdir: Path,
+    sources: dict[str, Path],
+    slots: dict[str, str],
+    rounds: int,
+    numbered: int,
+) -> list[dict]:
+    """`rounds` rounds with each tree's relay on its slot (a tls_run.py target's ports)."""
+    port = {t: bench.BASE_PORT[slots[t]] + bench.CERT_OFFSET[args.cert] + bench.MODE_OFFSET[args.mode] for t in TARGETS}
+    relays: dict[str, subprocess.Popen] = {}
+    rows = []
+    try:
+        for tree in TARGETS:
+            relays[tree] = bench.start_relay(workdir, args.cert, args.workers, slots[tree], sources[tree])
+        for tree in TARGETS:  # warm up: first connections, imports, key loading
+            bench.run_load(bench.load_cmd(client, cell, port[tree], 200, 30), 30)
+        for n in range(rounds):
+            cpu_before = {t: cpu_seconds(relays[t].pid) for t in TARGETS}
+            load_before = bench.loadavg()
+            # The two clients start one after the other; which one first alternates.
+            order = TARGETS if n % 2 == 0 else TARGETS[::-1]
+            clients = {
+                t: subprocess.Popen(
+                    bench.load_cmd(client, cell, port[t], args.count, args.limit),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for t in order
+            }
+            stats = {}
+            for t, proc in clients.items():
+                try:
+                    out, _ = proc.communicate(timeout=args.limit + 30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, _ = proc.communicate()
+                lines = out.strip().splitlines()
+                stats[t] = json.loads(lines[-1]) if lines else {"ok": 0, "errors": -1}
+            ok = {t: stats[t].get("ok", 0) for t in TARGETS}
+            ms = {t: 1000 * (cpu_seconds(relays[t].pid) - cpu_before[t]) / max(ok[t], 1) for t in TARGETS}
+            row = {
+                "round": numbered + len(rows),
+                "cell": cell,
+                "slots": slots,
+                "cpu_ms_per_msg": ms,
+                "ok": ok,
+                "errors": {t: stats[t].get("errors") for t in TARGETS},
+                "msgs_per_s": {t: stats[t].get("msgs_per_s") for t in TARGETS},
+                "lat_p99_ms": {t: stats[t].get("lat_p99_ms") for t in TARGETS},
+                "ratio": ms["relay"] / ms["relay_base"],
+                "loadavg": [load_before, bench.loadavg()],
+            }
+            rows.append(row)
+            print(
+                f"round {row['round']} (this tree on {slots['relay']}'s ports): relay {ms['relay']:.2f} ms/msg, "
+                f"relay_base {ms['relay_base']:.2f} ms/msg, ratio {row['ratio']:.3f}; ok {ok}, "
+                f"errors {row['errors']}, load {row['loadavg'][1]}",
+                flush=True,
+            )
+    finally:
+        for proc in relays.values():
+            bench.stop(proc)
+    return rows
 
 
 if __name__ == "__main__":
