@@ -220,7 +220,7 @@ class Pipeline:
             client=client,
             user=user,
             senders=senders,
-            envelope=replace(envelope, id=tx_id),
+            envelope=replace(envelope, id=tx_id, listener=listener, user=user),
             pipeline=self,
             helo=helo,
             tls=tls,

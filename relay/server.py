@@ -441,24 +441,15 @@ def _listener_key(lst: ListenerSettings) -> ListenerKey:
     return (lst.name, str(lst.bind), lst.tls)
 
 
-# Python's cyclic GC runs a young collection every 700 net allocations of container objects
-# (the default of gc.get_threshold()[0]). A session allocates about a thousand and lives for
-# the whole exchange, so with tens of sessions in flight most collections traverse objects
-# that are still alive, promote them, and traverse them again in the older generations: about
-# 5 % of the relay's CPU on the one-connection-per-message workload (bench/README.md). Every
-# 10,000 instead, cycles are still collected, only later; the message bytes are not tracked
-# by the GC at all, so this bounds a few MB of objects, not messages (bench/memory.py's peak
-# is unchanged).
-GC_YOUNG_THRESHOLD = 10_000
-
-
-def tune_gc() -> None:
-    """Once the relay has started: what start made is frozen (never traversed again; with
-    --workers the supervisor froze the preloaded modules before the fork), and young
-    collections come every GC_YOUNG_THRESHOLD allocations."""
+def freeze_gc() -> None:
+    """Once the relay has started: what start made (modules, config, keys, pools) is moved out
+    of the cyclic GC's reach, so no collection traverses it again. With --workers the
+    supervisor does the same before the fork (relay.supervisor); a single process did not,
+    and its collections kept walking the whole start-up heap: about 6 % of its CPU per
+    message on the one-connection-per-message workload (bench/tls_ab.py, standard error
+    3.5 %). Raising the young threshold on top of it measured no change, so it stays the
+    default."""
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 async def serve(
@@ -488,7 +479,7 @@ async def serve(
         await relay.stop()
         startup_signals.hold_until_exit()
         return 1
-    tune_gc()
+    freeze_gc()
     relay.install_signal_handlers()
     if on_started:
         on_started(relay)

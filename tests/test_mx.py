@@ -3,6 +3,7 @@ with real SMTP listeners on the loopback addresses the MX records name."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,13 @@ ZONES = Path(__file__).parent / "data" / "dns-mx"
 HOSTS = {"mx-b": "127.0.0.12", "mx-c": "127.0.0.14", "implicit": "127.0.0.13"}
 
 
-@pytest.fixture
-def mx_world(tmp_path, pki):
+@contextlib.contextmanager
+def mx_servers(tmp_path, pki, **options):
     """NSD plus SMTP listeners (STARTTLS) on mx-b, mx-c and implicit; mx-a stays down."""
     port = free_port()
     with dns_server(ZONES, tmp_path / "dns") as (dns_host, dns_port):
         servers = {
-            name: Upstream(tls="starttls", server_context=pki.server_context(), host=ip, port=port)
+            name: Upstream(tls="starttls", server_context=pki.server_context(), host=ip, port=port, **options)
             for name, ip in HOSTS.items()
         }
         for server in servers.values():
@@ -35,6 +36,19 @@ def mx_world(tmp_path, pki):
         finally:
             for server in servers.values():
                 server.stop()
+
+
+@pytest.fixture
+def mx_world(tmp_path, pki):
+    with mx_servers(tmp_path, pki) as made:
+        yield made
+
+
+@pytest.fixture
+def pipelining_mx_world(tmp_path, pki):
+    """The same, with MX hosts that offer PIPELINING (RFC 2920), as most do."""
+    with mx_servers(tmp_path, pki, pipelining=True) as made:
+        yield made
 
 
 def mx_relay(make_loop_relay, world, **upstream):
@@ -149,3 +163,72 @@ def test_at_most_five_mx_hosts_are_tried(make_loop_relay, mx_world, pki):
     assert mx_world["mx-b"].messages == [] and "MAIL" not in mx_world["mx-b"].commands
     [refused] = [e for e in relay.logs() if e.get("msg") == "recipient not accepted"]
     assert refused["reason"].startswith("the first 5 of 6 MX hosts (the most tried per message) of many.mx.test")
+
+
+# -- MX hosts that offer PIPELINING: MAIL and the first RCPT in one write ----------------------
+
+
+@in_thread
+def test_delivery_to_an_mx_that_offers_pipelining(make_loop_relay, pipelining_mx_world, pki):
+    world = pipelining_mx_world
+    relay = mx_relay(make_loop_relay, world)
+    refused = connect(relay, pki).sendmail("app@example.com", ["a@order.mx.test", "b@order.mx.test"], message())
+    assert refused == {}
+    [got] = world["mx-b"].wait_for(1)
+    assert got.rcpt_tos == ["a@order.mx.test", "b@order.mx.test"] and got.tls
+    assert world["mx-b"].mails == [("app@example.com", True)]  # the first RCPT went with MAIL
+    assert world["mx-c"].mails == []
+
+
+@pytest.mark.parametrize("refusal", ["451 4.3.0 Try again later", "421 4.3.2 Shutting down"])
+@in_thread
+def test_a_temporary_mail_refusal_moves_on_to_the_next_mx(make_loop_relay, pipelining_mx_world, pki, refusal):
+    """4xx to MAIL FROM (with the first RCPT in the same write): not now, here. The next MX
+    host takes the message, as after a 4xx greeting. Before, that 4xx was the client's
+    answer at RCPT although the domain's second MX would have taken it."""
+    world = pipelining_mx_world
+    world["mx-b"].behaviour.mail_reply = refusal
+    relay = mx_relay(make_loop_relay, world)
+    connect(relay, pki).sendmail("app@example.com", ["a@order.mx.test"], message())
+    [got] = world["mx-c"].wait_for(1)
+    assert got.rcpt_tos == ["a@order.mx.test"]
+    assert world["mx-b"].messages == [] and world["mx-b"].mails == [("app@example.com", True)]
+    assert world["mx-c"].mails == [("app@example.com", True)]
+
+
+@in_thread
+def test_when_every_mx_refuses_mail_for_now_the_client_gets_the_last_refusal(make_loop_relay, pipelining_mx_world, pki):
+    world = pipelining_mx_world
+    world["mx-b"].behaviour.mail_reply = "451 4.3.0 Try again later"
+    world["mx-c"].behaviour.mail_reply = "452 4.3.1 Insufficient system storage"
+    relay = mx_relay(make_loop_relay, world)
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(client, "RCPT TO:<a@order.mx.test>") == (452, "4.3.1 Insufficient system storage")
+    assert len(world["mx-b"].mails) == 1 and len(world["mx-c"].mails) == 1
+
+
+@in_thread
+def test_a_permanent_mail_refusal_is_the_answer(make_loop_relay, pipelining_mx_world, pki):
+    world = pipelining_mx_world
+    world["mx-b"].behaviour.mail_reply = "550 5.7.1 Sender rejected"
+    relay = mx_relay(make_loop_relay, world)
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(client, "RCPT TO:<a@order.mx.test>") == (550, "5.7.1 Sender rejected")
+    assert world["mx-b"].mails == [("app@example.com", True)]
+    assert world["mx-c"].mails == []  # a 5xx is never tried elsewhere
+
+
+@in_thread
+def test_a_refused_first_recipient_at_a_pipelining_mx(make_loop_relay, pipelining_mx_world, pki):
+    """The first RCPT went with MAIL: its refusal is that recipient's, the transaction goes on
+    with the next recipient on the same MX host, and no other host is tried."""
+    world = pipelining_mx_world
+    world["mx-b"].behaviour.rcpt_replies["a@order.mx.test"] = "550 5.1.1 No such user here"
+    relay = mx_relay(make_loop_relay, world)
+    refused = connect(relay, pki).sendmail("app@example.com", ["a@order.mx.test", "b@order.mx.test"], message())
+    assert refused == {"a@order.mx.test": (550, b"5.1.1 No such user here")}
+    [got] = world["mx-b"].wait_for(1)
+    assert got.rcpt_tos == ["b@order.mx.test"]
+    assert world["mx-b"].mails == [("app@example.com", True)] and world["mx-c"].mails == []

@@ -172,6 +172,40 @@ def test_full_spool_refuses_new_mail_with_452_and_keeps_what_it_holds(make_loop_
         up.stop()
 
 
+@in_thread
+def test_queue_list_and_show_name_the_listener_and_the_user(make_loop_relay, pki, tmp_path):
+    """Before, `relay queue show` said null for both and `list --json` had neither: the entry
+    was built from the envelope, which carried neither. Who sent a stuck message is what an
+    operator looks for; the password never goes with the username."""
+    from relay.queue import admin
+    from relay.queue.store import Spool
+    from tests.support.config import APP_PASSWORD, loopback_bind
+
+    up = Upstream(tls="starttls", server_context=pki.server_context())  # down: mail stays queued
+    relay = make_loop_relay(up.port, queue=spool_queue(tmp_path, retry=["1h"]), start=False)
+    relay.config["listeners"].append({"name": "sidecar", "bind": loopback_bind(), "tls": "none", "auth": "none"})
+    relay.start(wait_ready=False)
+    assert submit(relay, pki, rcpts=("a@example.net",)) == {}  # STARTTLS, AUTH as "app"
+    assert submit(relay, pki, listener="submissions", rcpts=("b@example.net",)) == {}
+    with smtplib.SMTP("127.0.0.1", relay.port("sidecar"), timeout=20) as client:
+        assert client.sendmail("app@example.com", ["c@example.net"], message(subject="sidecar")) == {}
+    spool = Spool(tmp_path / "spool", journal=False)  # as `relay queue` opens it
+
+    def listed() -> dict[str, dict]:
+        return {e["recipients"][0]["address"]: e for e in admin.list_entries(spool)}
+
+    wait_for(lambda: len(listed()) == 3, what="three entries")
+    who = {rcpt: (e["listener"], e["user"]) for rcpt, e in listed().items()}
+    assert who == {
+        "a@example.net": ("submission", "app"),
+        "b@example.net": ("submissions", "app"),
+        "c@example.net": ("sidecar", None),
+    }
+    shown = admin.show(spool, listed()["a@example.net"]["id"])
+    assert (shown["listener"], shown["user"]) == ("submission", "app")
+    assert APP_PASSWORD.encode() not in b"".join(p.read_bytes() for p in (tmp_path / "spool").rglob("*") if p.is_file())
+
+
 # -- process-level ------------------------------------------------------------------------------
 def send_many(
     relay, pki, subjects: list[str], *, threads: int = 4, outcomes: dict[str, str] | None = None

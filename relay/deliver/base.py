@@ -58,6 +58,11 @@ class Envelope:
     # RFC 4954 §5: who submitted the message, for AUTH= to an upstream the relay
     # authenticated to. None: the client sent no AUTH=; "": AUTH=<> (given so, or not trusted).
     auth: str | None = None
+    # Who handed the message to the relay: the listener's name and the authenticated
+    # username (None: no AUTH). The relay's own record (a spool entry, for `relay queue
+    # show`); never sent upstream.
+    listener: str = ""
+    user: str | None = None
 
     def dsn_params(self) -> list[str]:
         return ([f"RET={self.ret}"] if self.ret else []) + ([f"ENVID={self.envid}"] if self.envid else [])

@@ -9,8 +9,10 @@ client send again in a new transaction (every SMTP client library does this for 
 
 Per domain: MX records in preference order, a random order among equal preferences
 (§5.1); the domain itself when there is no MX (implicit MX); a null MX (RFC 7505) means
-the domain accepts no mail (556 5.1.10). Each MX host is tried in turn until one answers;
-an answer (even a refusal) ends the search, a connection failure or a 4xx greeting moves on.
+the domain accepts no mail (556 5.1.10). Each MX host is tried in turn until one takes the
+transaction: a connection failure, a 4xx greeting or a 4xx to MAIL FROM ("not now, here")
+moves on to the next host; a 5xx is the answer. When every host that answered said 4xx to
+MAIL FROM, the client gets the last such reply with its text.
 At most MAX_MX_HOSTS hosts are tried for one transaction (Postfix's smtp_mx_address_limit):
 each costs up to connect_timeout and command_timeout while the client waits at RCPT, so a
 domain with twenty unreachable MX hosts would hold it for many minutes.
@@ -128,6 +130,7 @@ class MxTarget:
         found = await self.mx_hosts(domain)
         hosts = found[:MAX_MX_HOSTS]
         last: SmtpError | None = None
+        refused: SmtpError | None = None
         for host in hosts:
             try:
                 conn = await self._connect(host)
@@ -140,8 +143,16 @@ class MxTarget:
                 if exc.label in ("upstream_disconnected", "upstream_error", "upstream_timeout"):
                     last = exc
                     continue
-                raise  # the MX answered: its refusal is the answer
+                if exc.label == "upstream_refused" and exc.temporary:
+                    # 4xx to MAIL FROM: this host cannot take mail now (RFC 5321 §4.2.1), as
+                    # after a 4xx greeting; another MX of the domain may (§5.1: try each
+                    # address until a delivery attempt succeeds).
+                    last = refused = exc
+                    continue
+                raise  # the MX answered for good: its refusal is the answer
             return MxTransaction(inner, domain)
+        if refused is not None:
+            raise refused  # a host answered "not now": that answer, rather than "unreachable"
         assert last is not None
         raise SmtpError(
             451,

@@ -57,6 +57,10 @@ def describe(entry: QueueEntry, now: float) -> dict[str, Any]:
         "finished": _iso(entry.finished) if entry.finished else None,
         "report": entry.dsn or None,
         "owner": entry.owner or None,
+        # Who sent it: the listener and the authenticated username ("dsn" for the relay's
+        # own reports); null in entries spooled before they were recorded.
+        "listener": entry.listener or None,
+        "user": entry.user,
     }
 
 
@@ -100,6 +104,8 @@ def _problem(spool: Spool, entry_id: str, state: str, exc: Exception | None) -> 
         "finished": None,
         "report": None,
         "owner": None,
+        "listener": None,
+        "user": None,
         "problem": f"{type(exc).__name__}: {exc}" if exc is not None else None,
     }
 
@@ -108,8 +114,6 @@ def show(spool: Spool, entry_id: str) -> dict[str, Any]:
     entry = _read(spool, entry_id)
     info = describe(entry, time.time())
     info["envelope"] = {k: v for k, v in asdict(entry).items() if k in ("ret", "envid", "body_8bit", "smtputf8")}
-    info["listener"] = entry.listener or None
-    info["user"] = entry.user
     try:
         message = spool.read_message(entry_id)
     except CorruptEntry as exc:

@@ -614,8 +614,13 @@ class QueueRunner:
         )
         upstream = delivery.name
         started = time.perf_counter()
+        first = recipients[0]
         try:
-            tx = await delivery.begin(envelope, recipients[0].address)
+            # With the first recipient's DSN request, a target whose upstream offers
+            # PIPELINING sends that RCPT with MAIL (RFC 2920); its reply, or a failure of
+            # the path after MAIL, comes from the first add_recipient below, as it would
+            # one command at a time: every outcome below is the same.
+            tx = await delivery.begin(envelope, first.address, _dsn_request(first))
         except SmtpError as exc:
             if exc.label in NOT_ATTEMPTED:
                 # The relay's own pool had no free connection (or is being replaced): the
@@ -634,7 +639,7 @@ class QueueRunner:
         prepared: PreparedChange | None = None
         try:
             for r in recipients:
-                reply = await tx.add_recipient(r.address, DsnRequest(r.notify, r.orcpt))
+                reply = await tx.add_recipient(r.address, _dsn_request(r))
                 if reply.positive:
                     accepted.append(r)
                 elif reply.code == 452 and reply.enhanced == "4.5.3":
@@ -838,9 +843,7 @@ class QueueRunner:
         recipients that asked for SUCCESS get a "relayed" notice (relay.deliver.dsn), queued
         like a failure report. Best effort: a crash before it is queued loses the notice,
         never the delivery."""
-        wanted = [
-            (r.address, request) for r in accepted if (request := DsnRequest(r.notify, r.orcpt)).notifies("SUCCESS")
-        ]
+        wanted = [(r.address, request) for r in accepted if (request := _dsn_request(r)).notifies("SUCCESS")]
         if not wanted or not entry.mail_from:
             return
         now = time.time()
@@ -898,6 +901,11 @@ class QueueRunner:
 
 class _Postponed(Exception):
     """The relay itself had no upstream connection to offer: the attempt did not happen."""
+
+
+def _dsn_request(r: RecipientState) -> DsnRequest:
+    """A recipient's DSN request as the client gave it (RFC 3461 §4.1 NOTIFY, §4.2 ORCPT)."""
+    return DsnRequest(r.notify, r.orcpt)
 
 
 def _unused_count(counted: dict[str, Any], delivered: int) -> dict[str, Any] | None:

@@ -78,6 +78,9 @@ class SpoolTransaction:
             envid=envelope.envid,
             # RFC 4954 §5: the AUTH= value the pipeline vouches for, for the upstream.
             extra={} if envelope.auth is None else {"auth": envelope.auth},
+            # Who sent it, for an operator looking at a stuck message (`relay queue show`).
+            listener=envelope.listener,
+            user=envelope.user,
         )
         content = bytes(message)  # the spool writes and keeps the message whole
         held = await self._target.spool.put(entry, content)  # SmtpError 452/451 on failure

@@ -71,6 +71,10 @@ class _Handler:
     async def handle_MAIL(self, server, session, envelope, address, options):
         self.up.mail_commands += 1
         self.up.commands.append("MAIL")
+        # The next command already read, before this MAIL has its reply: the client sent it
+        # with MAIL (RFC 2920). A client that waits for each reply cannot have sent it yet.
+        ahead = bytes(server._reader._buffer[:4]).upper() == b"RCPT"
+        self.up.mails.append((address, ahead))
         if self.up.behaviour.mail_delay:
             await asyncio.sleep(self.up.behaviour.mail_delay)
         if self.up.behaviour.mail_reply:
@@ -177,7 +181,8 @@ class Upstream:
     """`tls`: none | starttls | implicit. `users`: {username: password} to require AUTH
     (and take AUTH= on MAIL). `dsn`: offer the DSN extension (RFC 3461). `eightbit=False`:
     do not offer 8BITMIME (RFC 6152). `idle_timeout`: drop a session idle that long.
-    `pipelining`: offer PIPELINING (RFC 2920)."""
+    `pipelining`: offer PIPELINING (RFC 2920); `mails` records whether each MAIL came with
+    its first RCPT."""
 
     def __init__(
         self,
@@ -203,6 +208,9 @@ class Upstream:
         self.messages: list[ReceivedMessage] = []
         self.mail_commands = 0
         self.commands: list[str] = []  # MAIL, RCPT, RSET, QUIT as they arrive
+        # Per MAIL: its address, and whether the RCPT after it had come before MAIL's reply
+        # (sent with it, RFC 2920).
+        self.mails: list[tuple[str, bool]] = []
         self.lock = threading.Lock()
         kwargs: dict = {"data_size_limit": 60 * 1024 * 1024}
         if idle_timeout is not None:

@@ -231,6 +231,8 @@ def spool_config(tmp_path) -> Path:
             created=now - 120,
             ret="HDRS",
             envid="e1",
+            listener="submission",
+            user="app",
         )
         dead = QueueEntry(
             id="dead1",

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import email
 import fcntl
+import json
 import logging
 import os
 import random
 import time
+import zlib
 
 import pytest
 
 from relay.errors import SmtpError
+from relay.queue import admin
 from relay.queue.commit import GroupCommitter
 from relay.queue.dsn import build_dsn, reportable
 from relay.queue.entry import (
+    ENTRY_MAGIC,
     FAILED,
     CorruptEntry,
     QueueEntry,
@@ -68,6 +72,25 @@ def test_damaged_entry_is_detected(damage):
         data[:7] = b"XXXXXXX"
     with pytest.raises(CorruptEntry):
         decode_entry(bytes(data))
+
+
+@pytest.mark.parametrize("written_by", ["no such keys", "empty values"])
+async def test_an_entry_from_before_listener_and_user_were_recorded_shows_nulls(spool, written_by):
+    """Entries spooled before the listener and the user were recorded (the keys absent, or
+    "" and null as the dataclass defaults wrote them) stay readable: both show as null."""
+    meta = make_entry("old1").meta()
+    if written_by == "no such keys":
+        del meta["listener"], meta["user"]
+    else:
+        meta["listener"], meta["user"] = "", None
+    body = json.dumps(meta).encode()
+    first = b"%s %d %d %08x\n" % (ENTRY_MAGIC, len(body), len(MESSAGE), zlib.crc32(MESSAGE, zlib.crc32(body)))
+    spool.path("old1").write_bytes(first + body + MESSAGE)
+    shown = admin.show(spool, "old1")
+    assert (shown["listener"], shown["user"]) == (None, None)
+    [listed] = admin.list_entries(spool)
+    assert (listed["id"], listed["listener"], listed["user"]) == ("old1", None, None)
+    await spool.close()
 
 
 def test_max_age_counts_from_creation_unless_requeued():
