@@ -309,11 +309,12 @@ def _cycles_holding(min_size: int) -> list[str]:
 
 @in_thread
 def test_large_messages_on_failure_paths_are_freed_without_the_cyclic_gc(make_loop_relay, pki):
-    """After start the relay runs young collections every 10,000 allocations instead of
-    700 (relay.server.tune_gc), so what waits for the cyclic GC waits longer: a message
-    held by a reference cycle on a failure path (refused by the upstream at DATA, a client
-    gone mid-DATA) would stay in memory ~14x longer, and get promoted. With the GC off,
-    none of their bytes may be in unreachable cycles: reference counting frees them."""
+    """What waits for the cyclic GC waits long once promoted to an older generation: a
+    message held by a reference cycle on a failure path (refused by the upstream at DATA, a
+    client gone mid-DATA) made the relay's memory grow with every such message (the chunks
+    of an abandoned DATA were held by the traceback aiosmtpd keeps on the session's task).
+    With the GC off, none of their bytes may be in unreachable cycles: reference counting
+    frees them."""
     size = 900_000  # under the test config's message size limit (1 MiB)
     body = ("x" * 998 + "\r\n") * (size // 1000)
     with Upstream(tls="starttls", server_context=pki.server_context()) as up:

@@ -803,8 +803,8 @@ class RelaySMTP(SMTP):
         except BaseException:
             # The client gone mid-DATA (or the time up, a stop): aiosmtpd keeps the exception
             # on the session's task, which the session holds, and its traceback holds this
-            # frame: a reference cycle, which only the cyclic GC frees (later, and after
-            # promotion, since relay.server.tune_gc). What was read is let go now.
+            # frame: a reference cycle, which only the cyclic GC frees, much later once it
+            # has been promoted to an older generation. What was read is let go now.
             parts.clear()
             raise
         if limit and size > limit:
