@@ -6,6 +6,7 @@ client's own input, never a leaked upstream slot."""
 from __future__ import annotations
 
 import base64
+import logging
 import smtplib
 import socket
 import threading
@@ -313,3 +314,54 @@ def test_an_upstream_that_drops_a_waiting_transaction_frees_its_pool_slot(make_l
         code, text = waiting.data(message())
         assert (code, text.decode()[:5]) == (451, "4.4.2")
         assert len(upstream.wait_for(1)) == 1
+
+
+# What a client sends that goes through aiosmtpd's command, hook and AUTH mechanism tables
+# (made once per class pair by relay.listen.patches, patch 7): each line, and its reply.
+_TABLE_SCRIPT = (
+    "HELP",
+    "HELP MAIL",
+    "HELP mail",
+    "HELP NOSUCH",
+    "NOOP",
+    "XYZZY",
+    "VRFY <a@example.net>",
+    "EXPN staff",
+    "AUTH",
+    "AUTH CRAM-MD5",
+    "AUTH XOAUTH2 dGVzdA==",
+    "AUTH LOGIN",
+    base64.b64encode(b"app").decode(),
+    base64.b64encode(APP_PASSWORD.encode()).decode(),
+    "AUTH PLAIN",
+    "MAIL FROM:<app@example.com>",
+    "HELP RCPT",
+    "RSET",
+)
+
+
+@in_thread
+def test_commands_and_auth_mechanisms_answer_as_with_aiosmtpds_own_tables(make_loop_relay, upstream, pki):
+    """The same lines, over real sockets, to a session with the tables patch 7 makes and to
+    one with aiosmtpd's own (it builds them itself while mail.log logs INFO): every reply
+    the same, AUTH LOGIN in two steps included."""
+    relay = make_loop_relay(upstream.port)
+    mail_log = logging.getLogger("mail.log")
+    level = mail_log.level
+    transcripts = []
+    for own_tables in (False, True):
+        mail_log.setLevel(logging.INFO if own_tables else logging.WARNING)
+        try:
+            client = connect(relay, pki, login=False)
+        finally:
+            mail_log.setLevel(level)
+        transcripts.append([reply(client, line) for line in _TABLE_SCRIPT])
+        client.quit()
+    patched, aiosmtpds = transcripts
+    assert patched == aiosmtpds
+    replies = dict(zip(_TABLE_SCRIPT, patched, strict=True))
+    assert replies["HELP"][0] == 250 and "MAIL" in replies["HELP"][1]
+    assert replies["HELP MAIL"][0] == 250 and replies["HELP NOSUCH"][0] == 501
+    assert replies["XYZZY"][0] == 500
+    assert replies[_TABLE_SCRIPT[13]] == (235, "2.7.0 Authentication successful")
+    assert replies["MAIL FROM:<app@example.com>"][0] == 250

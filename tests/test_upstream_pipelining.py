@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
+import threading
 from dataclasses import dataclass, field
 
+import aiosmtplib
 import pytest
 
 from relay.deliver.base import DsnRequest, Envelope
@@ -21,8 +23,9 @@ from relay.deliver.pool import ConnectionPool
 from relay.deliver.smarthost import SmarthostTarget
 from relay.errors import SmtpError
 from relay.message import Message
+from tests.support.config import APP_PASSWORD
 from tests.support.inloop import in_thread
-from tests.support.smtp import submit
+from tests.support.smtp import message, submit
 from tests.support.upstream import Upstream
 
 NO_NOTICE = DsnRequest()
@@ -43,6 +46,12 @@ class Script:
     drop_at_mail: tuple[int, int] | None = None
     # (session, transaction) whose RCPT gets no reply but a closed connection.
     drop_at_rcpt: tuple[int, int] | None = None
+    # Written unasked, in the same segment, right after the reply to this verb (once).
+    extra: dict[bytes, bytes] = field(default_factory=dict)
+    # The first RCPT of all gets no reply (an upstream that answers only the first of the
+    # pipelined commands); its session waits for the relay's QUIT or EOF, and only then
+    # sends the reply, late.
+    hold_first_rcpt: bool = False
 
 
 @dataclass
@@ -56,6 +65,9 @@ class ScriptedUpstream:
     def __init__(self, script: Script) -> None:
         self.script = script
         self.sessions: list[Session] = []
+        # Set (from the loop) when the held RCPT has come, and when its session has ended.
+        self.rcpt_held = threading.Event()
+        self.held_session_ended = threading.Event()
 
     async def __aenter__(self) -> ScriptedUpstream:
         self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
@@ -73,6 +85,7 @@ class ScriptedUpstream:
         number, transaction = len(self.sessions), 0
         held: list[bytes] = []
         mail_ok = False
+        holding = False
         writer.write(b"220 upstream.test ESMTP\r\n")
         try:
             while line := await reader.readline():
@@ -102,13 +115,22 @@ class ScriptedUpstream:
                     if script.drop_at_rcpt == (number, transaction):
                         break
                     reply = script.rcpt if mail_ok else b"503 5.5.1 Error: need MAIL command"
-                    writer.write(b"".join(held) + reply + b"\r\n")
+                    if script.hold_first_rcpt and not self.rcpt_held.is_set():
+                        writer.write(b"".join(held))
+                        held.clear()
+                        holding = True
+                        self.rcpt_held.set()
+                        continue
+                    writer.write(b"".join(held) + reply + b"\r\n" + script.extra.pop(b"RCPT", b""))
                     held.clear()
                 elif verb == b"DATA":
                     writer.write(b"354 go ahead\r\n")
                     while (body := await reader.readline()) and body != b".\r\n":
                         pass
-                    writer.write(b"250 2.0.0 Ok: queued as Q%d\r\n" % transaction)
+                    writer.write(b"250 2.0.0 Ok: queued as Q%d\r\n" % transaction + script.extra.pop(b"DATA", b""))
+                elif holding:  # the relay gave up on the held reply: it comes now, late
+                    writer.write(script.rcpt + b"\r\n221 2.0.0 Bye\r\n")
+                    break
                 elif verb == b"QUIT":
                     writer.write(b"221 2.0.0 Bye\r\n")
                     break
@@ -116,10 +138,12 @@ class ScriptedUpstream:
                     writer.write(b"250 2.0.0 Ok\r\n")
                 await writer.drain()
         finally:
+            if holding:
+                self.held_session_ended.set()
             writer.close()
 
 
-def _target(port: int) -> SmarthostTarget:
+def _target(port: int, *, max_connections: int = 2, command_timeout: float = 5) -> SmarthostTarget:
     endpoint = UpstreamEndpoint(
         label="up",
         host="127.0.0.1",
@@ -128,10 +152,12 @@ def _target(port: int) -> SmarthostTarget:
         tls_context=None,
         helo_name="relay.test",
         connect_timeout=5,
-        command_timeout=5,
+        command_timeout=command_timeout,
     )
     connector = UpstreamConnector(endpoint, DirectDialer(connect_timeout=5))
-    pool = ConnectionPool("up", connector.open, max_connections=2, max_messages=100, idle_timeout=60, acquire_timeout=5)
+    pool = ConnectionPool(
+        "up", connector.open, max_connections=max_connections, max_messages=100, idle_timeout=60, acquire_timeout=5
+    )
     return SmarthostTarget("up", connector, pool)
 
 
@@ -343,3 +369,146 @@ async def test_a_failover_chain_moves_on_after_a_pipelined_mail_refusal() -> Non
     assert _commands(first.sessions[0])[:4] == [b"EHLO", b"MAIL", b"RCPT", b"RSET"]
     assert _commands(second.sessions[0])[:4] == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]
     assert second.sessions[0].sent_ahead_of_mail_reply == [True]
+
+
+# -- unasked replies, replies that never come, a caller gone mid-exchange ----------------------
+
+
+ONE_AT_A_TIME = {"pipelining": False, "together": False}
+WAYS = [{"together": True}, {"together": False}, ONE_AT_A_TIME]
+WAY_IDS = ["pipelined-one-segment", "pipelined-two-segments", "one-at-a-time"]
+
+
+@pytest.mark.parametrize("way", WAYS, ids=WAY_IDS)
+async def test_an_unasked_reply_after_the_rcpt_reply_answers_no_later_command(way: dict) -> None:
+    """A reply the relay did not ask for, in the same segment as the first RCPT's: it was
+    left in aiosmtplib's buffer and taken as the next command's reply, so the client heard
+    250 for a recipient the upstream refused (and every later reply moved by one)."""
+    async with ScriptedUpstream(Script(**way, extra={b"RCPT": b"250 2.0.0 Unasked\r\n"})) as up:
+        target = _target(up.port)
+        try:
+            tx = await target.begin(Envelope("a@example.com"), "b@example.net", NO_NOTICE)
+            assert (await tx.add_recipient("b@example.net", NO_NOTICE)).code == 250
+            up.script.rcpt = b"550 5.1.1 No such user"
+            refused = await tx.add_recipient("c@example.net")
+            assert (refused.code, refused.text) == (550, "No such user")
+            assert (await tx.send(MESSAGE)).code == 250
+            up.script.rcpt = b"250 2.1.5 Ok"
+            assert await _deliver(target) == 250
+        finally:
+            await target.close()
+    [session] = up.sessions
+    assert _commands(session) == [b"EHLO", b"MAIL", b"RCPT", b"RCPT", b"DATA", b"MAIL", b"RCPT", b"DATA", b"QUIT"]
+
+
+@pytest.mark.parametrize("way", WAYS, ids=WAY_IDS)
+async def test_an_unasked_reply_left_on_a_pooled_connection_answers_no_later_command(way: dict) -> None:
+    """An unasked reply after the final DATA reply stays in the buffer of a connection that
+    goes back to the pool; the next transaction's MAIL took it as its reply, and its RCPT
+    took MAIL's: a refused recipient was told 250."""
+    async with ScriptedUpstream(Script(**way, extra={b"DATA": b"250 2.0.0 Unasked\r\n"})) as up:
+        target = _target(up.port)
+        try:
+            assert await _deliver(target) == 250
+            up.script.rcpt = b"550 5.1.1 No such user"
+            tx = await target.begin(Envelope("a@example.com"), "b@example.net", NO_NOTICE)
+            refused = await tx.add_recipient("b@example.net", NO_NOTICE)
+            assert (refused.code, refused.text) == (550, "No such user")
+            await tx.abort()
+        finally:
+            await target.close()
+    assert len(up.sessions) == 1  # the same connection, reused
+
+
+@pytest.mark.parametrize("together", [True, False], ids=["one-segment", "two-segments"])
+async def test_a_caller_gone_while_the_rcpt_reply_is_awaited_leaves_no_slot_and_no_reply_behind(
+    together: bool,
+) -> None:
+    """The client vanishes (its task is cancelled) while the relay waits for the pipelined
+    RCPT's reply: the pool slot is free at once (one slot here: a leak would be a 451 busy),
+    and the connection, with a reply still to come, is never used again (it would answer
+    the next message's MAIL with this RCPT's reply)."""
+    async with ScriptedUpstream(Script(together=together, hold_first_rcpt=True)) as up:
+        target = _target(up.port, max_connections=1)
+        try:
+            begin = asyncio.create_task(target.begin(Envelope("a@example.com"), "b@example.net", NO_NOTICE))
+            assert await asyncio.to_thread(up.rcpt_held.wait, 10)
+            begin.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await begin
+            up.script.rcpt = b"550 5.1.1 No such user"
+            assert await _deliver(target) == 550
+            up.script.rcpt = b"250 2.1.5 Ok"
+            assert await _deliver(target) == 250
+            assert await asyncio.to_thread(up.held_session_ended.wait, 10)
+        finally:
+            await target.close()
+    assert len(up.sessions) == 2
+    assert _commands(up.sessions[0]) == [b"EHLO", b"MAIL", b"RCPT", b"QUIT"]
+
+
+@pytest.mark.parametrize("mail", [b"250 2.1.0 Ok", b"550 5.7.1 Sender refused"])
+async def test_an_upstream_that_answers_only_the_first_pipelined_command(mail: bytes) -> None:
+    """RFC 2920 §3.1 wants every reply; an upstream that sends only MAIL's: the missing reply
+    is a timeout of its own (command_timeout), after MAIL's 250 a 451 for the first RCPT,
+    after a refusal the refusal; either way the connection is closed and its slot free."""
+    async with ScriptedUpstream(Script(mail=mail, hold_first_rcpt=True)) as up:
+        target = _target(up.port, max_connections=1, command_timeout=0.5)
+        try:
+            if mail.startswith(b"250"):
+                tx = await target.begin(Envelope("a@example.com"), "b@example.net", NO_NOTICE)
+                with pytest.raises(SmtpError) as failed:
+                    await tx.add_recipient("b@example.net", NO_NOTICE)
+                assert (failed.value.code, failed.value.label) == (451, "upstream_timeout")
+                assert "during RCPT" in failed.value.reason
+            else:
+                with pytest.raises(SmtpError) as failed:
+                    await _deliver(target)
+                assert (failed.value.code, failed.value.label) == (550, "upstream_refused")
+            up.script.mail = b"250 2.1.0 Ok"
+            assert await _deliver(target) == 250
+            assert await asyncio.to_thread(up.held_session_ended.wait, 10)
+        finally:
+            await target.close()
+    assert len(up.sessions) == 2
+
+
+async def test_a_client_gone_while_the_relay_awaits_the_pipelined_rcpt_reply(make_loop_relay, pki) -> None:
+    """Through the relay, with a real client (aiosmtplib) that drops its connection while
+    the relay waits for the upstream's reply to the RCPT it pipelined with MAIL: the relay
+    gives that upstream connection up (QUIT), its one pool slot is free, and the next
+    client's message goes through on a new connection with every reply its own."""
+    async with ScriptedUpstream(Script(hold_first_rcpt=True)) as up:
+        relay = make_loop_relay(up.port, start=False)
+        relay.config["upstream"]["tls"] = "none"
+        relay.config["upstream"].pop("ca_file")
+        relay.config["upstream"]["pool"]["max_connections"] = 1
+        await relay.astart()
+        try:
+            gone = aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=relay.port("submission"), tls_context=pki.client_context(), timeout=20
+            )
+            await gone.connect(start_tls=True)
+            await gone.login("app", APP_PASSWORD)
+            await gone.mail("app@example.com")
+            rcpt = asyncio.create_task(gone.rcpt("user@example.net"))
+            assert await asyncio.to_thread(up.rcpt_held.wait, 10)
+            gone.close()
+            with pytest.raises(aiosmtplib.SMTPException):
+                await rcpt
+            assert await asyncio.to_thread(up.held_session_ended.wait, 10)
+            client = aiosmtplib.SMTP(
+                hostname="127.0.0.1", port=relay.port("submission"), tls_context=pki.client_context(), timeout=20
+            )
+            await client.connect(start_tls=True)
+            try:
+                await client.login("app", APP_PASSWORD)
+                refused, _ = await client.sendmail("app@example.com", ["user@example.net"], message())
+            finally:
+                await client.quit()
+            assert refused == {}
+        finally:
+            await relay.astop()
+    held, *others = [s for s in up.sessions if b"MAIL" in _commands(s)]
+    assert _commands(held) == [b"EHLO", b"MAIL", b"RCPT", b"QUIT"]
+    assert [_commands(s)[-4:] for s in others] == [[b"MAIL", b"RCPT", b"DATA", b"QUIT"]]

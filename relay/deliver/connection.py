@@ -27,7 +27,7 @@ from prometheus_client import Counter, Histogram
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope
 from relay.deliver.dial import Dialer
 from relay.deliver.dsn import xtext_encode
-from relay.deliver.pipelining import Pipelined
+from relay.deliver.pipelining import Pipelined, discard_buffered
 from relay.dns.addresses import AddressResolver
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
@@ -156,6 +156,7 @@ class UpstreamConnection:
         relay.listen.esmtp for what each one means)."""
         options = self._mail_options(envelope)
         sender = envelope.mail_from
+        self._drop_unasked()
         if self._greeted and _PLAIN_MAILBOX.match(sender):
             return await self._command("MAIL", self._path_command(b"MAIL FROM:", sender, options, _SENDER_OK))
         return await self._command("MAIL", self.smtp.mail(sender, options=options, encoding="utf-8"))
@@ -264,9 +265,19 @@ class UpstreamConnection:
 
     async def rcpt(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         options = dsn.params() if self.supports("dsn") else []
+        self._drop_unasked()
         if self._greeted and _PLAIN_MAILBOX.match(address):
             return await self._command("RCPT", self._path_command(b"RCPT TO:", address, options, _RECIPIENT_OK))
         return await self._command("RCPT", self.smtp.rcpt(address, options=options, encoding="utf-8"))
+
+    def _drop_unasked(self) -> None:
+        """Before a command of the transaction no reply is due (each one is read before the
+        next command goes): what aiosmtplib has buffered came unasked, in the same read as
+        the last reply (it drops only what arrives between commands). Left there, it would
+        be this command's reply, and every later reply would be the one before it."""
+        protocol = self.smtp.protocol
+        if protocol is not None and protocol._buffer:
+            discard_buffered(protocol)
 
     @property
     def _greeted(self) -> bool:
@@ -307,6 +318,7 @@ class UpstreamConnection:
         timeout = self.endpoint.command_timeout
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._drop_unasked()
         start = await smtp.execute_command(b"DATA", timeout=timeout)
         if start.code != 354:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
@@ -349,6 +361,7 @@ class UpstreamConnection:
             raise aiosmtplib.SMTPTimeoutError("Timed out writing the message") from None
 
     async def reset(self) -> bool:
+        self._drop_unasked()
         try:
             response = await self.smtp.rset()
             return response.code == 250

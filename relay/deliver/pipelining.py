@@ -35,6 +35,19 @@ PROTOCOL_PRIVATE_MEMBERS = (
 )
 
 
+# Where relay.listen.patches (patch 6) keeps how far it has scanned the buffer for a reply's
+# final line; it starts over when the buffer shrank, which a buffer emptied and filled again
+# beyond that point does not show.
+SCAN_STATE = "_relay_scan"
+
+
+def discard_buffered(protocol: SMTPProtocol) -> None:
+    """Drop what the protocol has buffered (unasked data: see `Pipelined.start`), and where
+    a scan of it had got to."""
+    del protocol._buffer[:]
+    vars(protocol).pop(SCAN_STATE, None)
+
+
 class Pipelined:
     """One exchange: `commands` (command lines without CRLF, checked as aiosmtplib checks a
     command's arguments) written at once by `start()`; `next()` is each reply in turn,
@@ -63,6 +76,10 @@ class Pipelined:
         self._lock = lock
         if protocol._response_waiter is None:  # lost meanwhile
             raise SMTPServerDisconnected("Connection lost")
+        # No reply is due (the lock is held): what is buffered came unasked, in the same read
+        # as an earlier reply (aiosmtplib drops only what arrives between commands), and
+        # would be taken as MAIL's reply, every later one moved by one.
+        discard_buffered(protocol)
         loop = asyncio.get_running_loop()
         self._replies = _Replies(protocol, [loop.create_future() for _ in self._commands])
         protocol._response_waiter = self._replies  # type: ignore[assignment]
@@ -87,6 +104,9 @@ class Pipelined:
             replies.close()
             if cast(object, protocol._response_waiter) is replies:
                 protocol._response_pending = False
+                # Every reply is in (or the connection is given up): anything after the last
+                # one, in its read, came unasked and would answer the next command.
+                discard_buffered(protocol)
                 # As aiosmtplib's read_response leaves it: a fresh waiter, or none once lost.
                 loop = asyncio.get_running_loop()
                 protocol._response_waiter = None if protocol.transport is None else loop.create_future()

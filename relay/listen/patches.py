@@ -67,6 +67,8 @@ import aiosmtplib.protocol
 from aiosmtplib import SMTPResponse
 from aiosmtplib.protocol import SMTPProtocol
 
+from relay.deliver.pipelining import SCAN_STATE
+
 # The versions these patches were written and tested against: [lowest, first untested).
 AIOSMTPD_VERSIONS = ((1, 4, 6), (1, 5))
 AIOSMTPLIB_VERSIONS = ((3, 0), (6, 0))
@@ -360,16 +362,16 @@ def _read_response_once_complete(protocol: SMTPProtocol) -> SMTPResponse | None:
     (patch 6). The lines before it are scanned once: where the scan stopped is kept on the
     protocol, and starts over when the buffer was emptied (a reply taken, an overflow)."""
     buffer = protocol._buffer
-    start, seen = getattr(protocol, "_relay_scan", (0, 0))
+    start, seen = getattr(protocol, SCAN_STATE, (0, 0))
     if len(buffer) < seen:
         start = 0
     while True:
         end = buffer.find(b"\n", start)
         if end == -1:
-            protocol._relay_scan = (start, len(buffer))  # type: ignore[attr-defined]
+            setattr(protocol, SCAN_STATE, (start, len(buffer)))
             return None
         if buffer[start + 3 : start + 4] != b"-":
             # The last line (or a malformed one, which the parser reports).
-            protocol._relay_scan = (0, 0)  # type: ignore[attr-defined]
+            setattr(protocol, SCAN_STATE, (0, 0))
             return _read_response_from_buffer(protocol)
         start = end + 1

@@ -772,33 +772,41 @@ class RelaySMTP(SMTP):
         # The last bytes read, to find an end split across blocks; the DATA command's CRLF
         # comes before the first line (an empty message is just ".\r\n").
         seen = b"\r\n"
-        while True:
-            block = await reader.read(_DATA_BLOCK)
-            if not block:
-                raise ConnectionResetError("client closed the connection during DATA")
-            self._reset_timeout()
-            at = _find_end(seen, block)
-            if at >= 0:
-                past = at + len(_END_OF_DATA) - len(seen)  # in `block`, just after the end
-                _unread(reader, block[past:])  # a pipelined command (RFC 2920) comes next
-                block = block[:past]
-            read += len(block)
-            if not self._over_budget and not self._budget.take(len(block)):
-                self._over_budget = True
-            elif not self._over_budget:
-                self._budget_held += len(block)
-            # Up to 3 bytes read may be the end's ".\r\n" (or the "." and "\r" of an end
-            # split across blocks), not content.
-            if (limit and read - 3 > limit) or self._over_budget:
-                parts.clear()
-            else:
-                parts.append(block)
-            if at >= 0:
-                # The content ends after the end's CRLF (for an empty message, the DATA
-                # command's own: `seen` starts with it, and then size is 0).
-                size = read - len(block) + at + 2 - len(seen)
-                break
-            seen = (seen + block[-4:])[-4:]
+        try:
+            while True:
+                block = await reader.read(_DATA_BLOCK)
+                if not block:
+                    raise ConnectionResetError("client closed the connection during DATA")
+                self._reset_timeout()
+                at = _find_end(seen, block)
+                if at >= 0:
+                    past = at + len(_END_OF_DATA) - len(seen)  # in `block`, just after the end
+                    _unread(reader, block[past:])  # a pipelined command (RFC 2920) comes next
+                    block = block[:past]
+                read += len(block)
+                if not self._over_budget and not self._budget.take(len(block)):
+                    self._over_budget = True
+                elif not self._over_budget:
+                    self._budget_held += len(block)
+                # Up to 3 bytes read may be the end's ".\r\n" (or the "." and "\r" of an end
+                # split across blocks), not content.
+                if (limit and read - 3 > limit) or self._over_budget:
+                    parts.clear()
+                else:
+                    parts.append(block)
+                if at >= 0:
+                    # The content ends after the end's CRLF (for an empty message, the DATA
+                    # command's own: `seen` starts with it, and then size is 0).
+                    size = read - len(block) + at + 2 - len(seen)
+                    break
+                seen = (seen + block[-4:])[-4:]
+        except BaseException:
+            # The client gone mid-DATA (or the time up, a stop): aiosmtpd keeps the exception
+            # on the session's task, which the session holds, and its traceback holds this
+            # frame: a reference cycle, which only the cyclic GC frees, much later once it
+            # has been promoted to an older generation. What was read is let go now.
+            parts.clear()
+            raise
         if limit and size > limit:
             return None, size
         # The blocks end with the end's ".\r\n": drop it before joining (one copy).

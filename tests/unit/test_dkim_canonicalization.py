@@ -43,6 +43,16 @@ HEADER_VALUES = [
     b"y" * 65_535 + b" " * 10 + b"z" * 70_000 + b"\r\n",
     b"w" * 65_536 + b"\t \t" + b"v\r\n",
     b" " * 200_000 + b"\r\n",
+    # Values the no-run fast path takes (no tab, no two spaces) and their neighbours.
+    b"\r\n",
+    b" \r\n",
+    b"no-space\r\n",
+    b" trailing \r\n",
+    b" a\r\n b\r\n c\r\n",
+    b" a \r\n b\r\n",
+    b"\ta\r\n",
+    b" vertical\x0btab and\x0cfeed \x0b\r\n",
+    b' caf\xc3\xa9 "quoted" (comment)\r\n',
 ]
 
 

@@ -178,3 +178,32 @@ def test_the_private_members_it_uses_exist() -> None:
     source = inspect.getsource(SMTPProtocol)
     for name in pipelining.PROTOCOL_PRIVATE_MEMBERS:
         assert f"self.{name} = " in source or callable(getattr(SMTPProtocol, name, None)), name
+
+
+async def test_replies_after_an_unasked_one_are_their_commands_own() -> None:
+    """Data in the same read as an exchange's last reply came unasked: it is dropped, not
+    taken as the next command's reply (nor is anything left before the next exchange)."""
+    protocol, _ = await _connected()
+    exchange = Pipelined(protocol, COMMANDS, timeout=5)
+    await exchange.start()
+    protocol.data_received(REPLIES + b"250 2.0.0 Unasked\r\n250-partial")
+    replies = [await exchange.next(), await exchange.next()]
+    exchange.close()
+    assert [(r.code, r.message) for r in replies] == EXPECTED
+    command = asyncio.get_running_loop().create_task(protocol.execute_command(b"RSET", timeout=5))
+    await asyncio.sleep(0)
+    protocol.data_received(b"250 2.0.0 reset\r\n")
+    assert (await command).message == "2.0.0 reset"
+
+
+async def test_a_discarded_partial_reply_leaves_no_scan_behind() -> None:
+    """Patch 6 resumes its scan where it stopped unless the buffer shrank: a buffer emptied
+    and then filled to the same length again would be scanned from past its end, and a
+    complete reply never seen."""
+    protocol, _ = await _connected()
+    protocol._buffer.extend(b"250-part\r\n")
+    assert protocol._read_response_from_buffer() is None
+    pipelining.discard_buffered(protocol)
+    protocol._buffer.extend(b"250 Okay\r\n")
+    response = protocol._read_response_from_buffer()
+    assert response is not None and (response.code, response.message) == (250, "Okay")
