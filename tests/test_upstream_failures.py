@@ -59,6 +59,19 @@ def test_upstream_refuses_sender(make_loop_relay, upstream, pki):
 
 
 @in_thread
+def test_an_upstream_421_at_rcpt_is_passed_on_and_the_session_closed(make_loop_relay, upstream, pki):
+    """RFC 5321 §3.8: a server that answers 421 closes the channel. relay passes the upstream's
+    421 to RCPT on, and closes the client's session as it does after its own 421."""
+    upstream.behaviour.rcpt_replies["u@example.net"] = "421 4.3.2 Service shutting down"
+    relay = make_loop_relay(upstream.port)
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(client, "RCPT TO:<u@example.net>") == (421, "4.3.2 Service shutting down")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.noop()
+
+
+@in_thread
 def test_upstream_stall_before_data_gives_451_and_nothing_delivered(make_loop_relay, upstream, pki):
     upstream.behaviour.rcpt_delay = 4.0
     relay = make_loop_relay(upstream.port, start=False)

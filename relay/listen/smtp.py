@@ -515,6 +515,10 @@ class RelaySMTP(SMTP):
         if reply.positive:
             self.envelope.rcpt_tos.append(address)
             self.envelope.rcpt_options.extend(words)
+        elif reply.code == 421:
+            # RFC 5321 §3.8: after 421 the server closes the channel (an upstream's 421,
+            # passed on, says the same to the client: its transaction cannot go on).
+            self.loop.call_soon(self.close)
         await self.push(str(reply))
 
     @syntax("HELO hostname")
