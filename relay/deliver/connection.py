@@ -248,10 +248,7 @@ class UpstreamConnection:
             raise
         if response.code == SMTPStatus.domain_unavailable:
             self.smtp.close()
-        if response.code not in ok:
-            refused = aiosmtplib.SMTPSenderRefused if ok is _SENDER_OK else aiosmtplib.SMTPRecipientRefused
-            raise refused(response.code, response.message, address)
-        return response
+        return _accepted(response, ok, address)
 
     async def _ignore_reply(self, exchange: Pipelined) -> None:
         """The RCPT reply after a refused MAIL: read so the next command is answered by its
@@ -289,14 +286,8 @@ class UpstreamConnection:
         (`email.utils.parseaddr`, which returns such an address unchanged): the same command
         bytes, the same exceptions. Only for a greeted connection (aiosmtplib would send EHLO
         first otherwise) and a plain `local@domain` (anything else goes through aiosmtplib)."""
-        keyword, _, prefix = verb.partition(b" ")
-        response = await self.smtp.execute_command(
-            keyword, prefix + b"<" + address.encode("utf-8") + b">", *(option.encode("ascii") for option in options)
-        )
-        if response.code not in ok:
-            refused = aiosmtplib.SMTPSenderRefused if keyword == b"MAIL" else aiosmtplib.SMTPRecipientRefused
-            raise refused(response.code, response.message, address)
-        return response
+        response = await self.smtp.execute_command(_path_line(verb, address, options))
+        return _accepted(response, ok, address)
 
     async def data(self, message: WireMessage) -> Reply:
         started = time.perf_counter()
@@ -414,9 +405,17 @@ class UpstreamConnection:
 
 
 def _path_line(verb: bytes, address: str, options: list[str]) -> bytes:
-    """The command line `_path_command` sends (aiosmtplib's `execute_command` joins its
-    arguments with spaces)."""
+    """A MAIL or RCPT command line as aiosmtplib's `mail()`/`rcpt()` send it: the path, then
+    the parameters, joined with spaces."""
     return b" ".join([verb + b"<" + address.encode("utf-8") + b">", *(option.encode("ascii") for option in options)])
+
+
+def _accepted(response: SMTPResponse, ok: frozenset[int], address: str) -> SMTPResponse:
+    """The reply to MAIL (`ok` is _SENDER_OK) or RCPT, or aiosmtplib's exception for a refusal."""
+    if response.code not in ok:
+        refused = aiosmtplib.SMTPSenderRefused if ok is _SENDER_OK else aiosmtplib.SMTPRecipientRefused
+        raise refused(response.code, response.message, address)
+    return response
 
 
 def _broken(upstream: str, stage: str, why: str, label: str = "upstream_error") -> SmtpError:
