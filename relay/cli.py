@@ -168,14 +168,16 @@ def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     return usage
 
 
-def _load(path_arg: str | None, *, offline: bool = False) -> tuple[Settings, Path | None]:
+def _load(path_arg: str | None, *, offline: bool = False, prepare: bool = True) -> tuple[Settings, Path | None]:
+    """The settings and the config file, None for the dev default. `prepare`: make the dev
+    default's folder if it is missing (a command that only reads passes False)."""
     from relay.config.load import config_path, load_settings
 
     path = config_path(path_arg)
     if path is None:
         from relay.config.dev import dev_settings
 
-        return dev_settings(), None
+        return dev_settings(prepare=prepare), None
     return load_settings(path, offline=offline), path
 
 
@@ -190,15 +192,20 @@ def _full_check(settings: Settings, path: Path | None) -> None:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
+    from relay.config.dev import dev_dir, dev_dir_is_prepared
     from relay.config.load import ConfigError, file_problems
 
     try:
-        settings, path = _load(args.config, offline=True)
+        # A validation writes nothing: the dev default's folder is made by `serve`.
+        settings, path = _load(args.config, offline=True, prepare=False)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
     source = str(path) if path else "embedded dev default"
-    if not args.offline:
+    note = " (offline: files and secrets not checked)" if args.offline else ""
+    if path is None and not args.offline and not dev_dir_is_prepared(dev_dir()):
+        note = f" (its files in {dev_dir()} are made by `relay serve`)"
+    elif not args.offline:
         # What `serve` would need here: the files it names, and every secret it references.
         problems = file_problems(settings)
         if not problems:
@@ -211,7 +218,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
             print(ConfigError(source, problems).render(), file=sys.stderr)
             return EXIT_CONFIG
     keys = ", ".join(f"{k.domain}/{k.selector}" for k in settings.dkim.keys) or "none"
-    print(f"{source}: configuration is valid" + (" (offline: files and secrets not checked)" if args.offline else ""))
+    print(f"{source}: configuration is valid{note}")
     listeners = ", ".join(f"{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}" for lst in settings.listeners)
     print(f"  listeners: {listeners}")
     key_sets = ", ".join(ks.domain for ks in settings.dkim.key_sets)

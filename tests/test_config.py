@@ -245,3 +245,40 @@ def test_binds_clash_on_one_port_of_one_address_or_its_wildcard(one, other, clas
     from relay.config.units import HostPort
 
     assert (_bind_clash(HostPort(*other), [("listeners[0]", HostPort(*one))]) is not None) is clash
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\xff\xfe\x00l\x00i\x00", "not UTF-8 text: byte 0xff on line 1"),  # UTF-16
+        (b"hostname: relay\nlisteners: []\nupstream: {host: caf\xe9.example}\n", "not UTF-8 text: byte 0xe9 on line 3"),
+    ],
+    ids=["utf-16", "latin-1"],
+)
+def test_a_config_that_is_not_utf8_text_is_named_without_a_traceback(tmp_path, content, problem):
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(content)
+    result = validate(path, "--offline")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[1:] == [f"  (top level): {problem}"]
+
+
+def test_validating_the_dev_default_writes_nothing(tmp_path, monkeypatch):
+    dev = tmp_path / "dev"
+    monkeypatch.setenv("RELAY_DEV_DIR", str(dev))
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    for options in ([], ["--offline"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["config", "validate", *options]) == 0
+        assert "embedded dev default: configuration is valid" in out.getvalue()
+        assert not dev.exists()
+    # Once `serve` has made the folder, its files are checked as any config's.
+    from relay.config.dev import prepare_dev_dir
+
+    prepare_dev_dir(dev)
+    (dev / "tls.crt").write_text("not a certificate")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["config", "validate"]) == 2
+    assert "tls.cert_file:" in err.getvalue()

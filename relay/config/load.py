@@ -78,9 +78,14 @@ def load_settings(path: Path, *, offline: bool = False) -> Settings:
     at the files the config names (they may exist only where it is deployed)."""
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(source, [("", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}")]) from None
     try:
         data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
@@ -88,6 +93,13 @@ def load_settings(path: Path, *, offline: bool = False) -> Settings:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [("", f"YAML syntax error at {where}{problem}")]) from None
+    except RecursionError:
+        # PyYAML composes and constructs recursively: thousands of nested [ or { (no config
+        # nests more than a few levels).
+        raise ConfigError(source, [("", "YAML nested too deeply")]) from None
+    except ValueError as exc:
+        # Python's own limit on integer digits (int_max_str_digits), met by a 5,000-digit number.
+        raise ConfigError(source, [("", f"YAML value out of range: {str(exc).partition(':')[0]}")]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the file must hold a mapping of settings")])
     return settings_from_mapping(data, source, offline=offline)
@@ -121,9 +133,14 @@ def _key_path(loc: Iterable[Any]) -> str:
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
     loc = list(err["loc"])
     # Union members show up as extra loc entries ("list[...]", "literal['auto']"); drop them.
+    kind = err["type"]
+    if kind == "invalid_key":
+        # YAML keys may be numbers, booleans or null; pydantic puts the key itself in loc.
+        key = err.get("input")
+        shown = "null" if key is None else str(key).lower() if isinstance(key, bool) else repr(key)
+        return _key_path(loc[:-1]), f"a key must be a name, not {shown}"
     loc = [p for p in loc if isinstance(p, int) or ("[" not in p and "(" not in p)]
     path = _key_path(loc)
-    kind = err["type"]
     message = err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
         field = str(loc[-1])

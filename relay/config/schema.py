@@ -802,6 +802,8 @@ class QueueSettings(Strict):
 def _hostname(value: str) -> str:
     # It is the greeting's and EHLO's domain, the Received: header's "by", MAILER-DAEMON@it:
     # a space or a control character there would break each (RFC 5321 §4.1.1.1).
+    if len(value) > 253:  # RFC 1035 §2.3.4: 255 octets on the wire, 253 characters written out
+        raise ValueError(f"a host name is at most 253 characters, got {len(value)}")
     if not value or re.search(r"[\x00-\x20\x7f]", value):
         raise ValueError(f"expected a host name like relay.example.com, got {value!r}")
     return value
