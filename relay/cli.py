@@ -232,20 +232,50 @@ async def _unreadable_secrets(settings: Settings) -> list[tuple[str, str]]:
     """Fetch every secret reference once, as `serve` would; the ones that fail, by key path.
     Only the backends' reasons are reported, never a value."""
     from relay.config.load import secret_references
+    from relay.sign.keys import KeyMaterialError, load_signing_key
     from relay.wiring import load_secrets, new_secret_store
 
     store = new_secret_store(settings)
     logging.disable(logging.WARNING)  # the store's own warnings: reported below instead
     try:
         await load_secrets(store, settings)
-        return [
-            (key_path, f"cannot read: {store.error(ref)}")
-            for key_path, ref in secret_references(settings)
-            if store.get(ref) is None
-        ]
+        problems: list[tuple[str, str]] = []
+        dkim_refs = {key.key for key in settings.dkim.keys}
+        for key_path, ref in secret_references(settings):
+            value = store.get(ref)
+            if value is None:
+                problems.append((key_path, f"cannot read: {store.error(ref)}"))
+            elif ref not in dkim_refs and not _is_utf8(value.data):
+                # Passwords and tokens are sent as text; such bytes would fail at every use.
+                problems.append((key_path, "not UTF-8 text"))
+        # A DKIM key that is read but is no key: `serve` would start and answer 451 to
+        # every message from its domain.
+        for i, key in enumerate(settings.dkim.keys):
+            value = store.get(key.key)
+            if value is None:
+                continue
+            try:
+                load_signing_key(
+                    value.data,
+                    domain=key.domain,
+                    selector=key.selector,
+                    algorithm=key.algorithm,
+                    allow_weak_rsa=settings.dkim.allow_weak_rsa,
+                )
+            except KeyMaterialError as exc:
+                problems.append((f"dkim.keys[{i}].key", f"not a usable key: {exc}"))
+        return problems
     finally:
         logging.disable(logging.NOTSET)
         await store.close()
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -371,7 +401,7 @@ Stop with Ctrl-C.
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from relay.auth.passwords import hash_password
+    from relay.auth.passwords import MAX_PASSWORD_OCTETS, hash_password
 
     if sys.stdin is None:  # started with standard input closed
         print("no password given: pipe it on stdin", file=sys.stderr)
@@ -382,17 +412,35 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
             if getpass.getpass("Again: ") != password:
                 print("passwords differ", file=sys.stderr)
                 return EXIT_CONFIG
+            raw = password.encode("utf-8", "surrogateescape")
         else:
-            password = sys.stdin.readline().rstrip("\r\n")
+            # The first line, as bytes, read no further than a password can be long.
+            raw = sys.stdin.buffer.readline(MAX_PASSWORD_OCTETS + 3).rstrip(b"\r\n")
     except EOFError:
         # Ctrl-D at the prompt: no password given, which is not a crash.
         print("\nno password given", file=sys.stderr)
         return EXIT_CONFIG
-    if not password:
-        print("empty password", file=sys.stderr)
+    problem = _password_problem(raw, MAX_PASSWORD_OCTETS)
+    if problem:
+        print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    print(hash_password(password))
+    print(hash_password(raw.decode("utf-8")))
     return EXIT_OK
+
+
+def _password_problem(raw: bytes, limit: int) -> str | None:
+    """Why a client could never log in with `raw`, or None."""
+    if not raw:
+        return "empty password"
+    if len(raw) > limit:
+        return f"password longer than {limit} octets: AUTH could not carry it (RFC 4954 §4)"
+    if b"\0" in raw:
+        return "password holds a NUL character, which AUTH PLAIN cannot carry (RFC 4616 §2)"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "password is not UTF-8 text"
+    return None
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

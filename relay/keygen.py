@@ -51,6 +51,10 @@ def keygen(args: argparse.Namespace) -> int:
         if scheme not in _WRITABLE:
             print(f"relay keygen: --store supports file:// and aws-sm:// references, not {scheme}://", file=sys.stderr)
             return 2
+        folder = os.path.dirname(SecretRef.parse(args.store).location)
+        if scheme == "file" and not os.path.isdir(folder):
+            print(f"relay keygen: --store: no such directory: {folder}", file=sys.stderr)
+            return 2
     private = generate_private_key(args.algorithm, args.bits)
     pem = private_key_pem(private)
     key = load_signing_key(pem, domain=domain, selector=args.selector, algorithm=args.algorithm)

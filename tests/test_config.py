@@ -99,8 +99,10 @@ def test_shipped_configs_pass_offline_validation(tmp_path, name, text):
 
 
 def test_full_validation_names_every_file_and_secret_it_cannot_read_without_values(tmp_path, pki, monkeypatch):
+    from relay.sign.keys import generate_private_key, private_key_pem
+
     key = tmp_path / "dkim.key"
-    key.write_text("not shown")
+    key.write_bytes(private_key_pem(generate_private_key("ed25519-sha256", 0)))
     monkeypatch.setenv("RELAY_TEST_UPSTREAM_PW", "Upstream-Pa55-QX81")
     monkeypatch.delenv("RELAY_TEST_MISSING_PW", raising=False)
     config = {
@@ -109,7 +111,7 @@ def test_full_validation_names_every_file_and_secret_it_cannot_read_without_valu
         "clients": {"users": [{"username": "app", "password": "env://RELAY_TEST_MISSING_PW", "senders": ["a.test"]}]},
         "dkim": {
             "keys": [
-                {"domain": "a.test", "selector": "s1", "key": f"file://{key}"},
+                {"domain": "a.test", "selector": "s1", "key": f"file://{key}", "algorithm": "ed25519-sha256"},
                 {"domain": "a.test", "selector": "s2", "key": f"file://{tmp_path / 'absent.key'}"},
             ]
         },
@@ -122,7 +124,7 @@ def test_full_validation_names_every_file_and_secret_it_cannot_read_without_valu
     assert result.returncode == 2
     problems = [line.strip() for line in result.stderr.splitlines()[1:]]
     assert [p.split(":")[0] for p in problems] == ["tls.cert_file", "dkim.keys[1].key", "clients.users[0].password"]
-    assert "Upstream-Pa55-QX81" not in result.stderr + result.stdout and "not shown" not in result.stderr
+    assert "Upstream-Pa55-QX81" not in result.stderr + result.stdout and "PRIVATE KEY" not in result.stderr
 
 
 def test_example_config_covers_every_key():
@@ -282,3 +284,32 @@ def test_validating_the_dev_default_writes_nothing(tmp_path, monkeypatch):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         assert main(["config", "validate"]) == 2
     assert "tls.cert_file:" in err.getvalue()
+
+
+def test_full_validation_names_a_key_that_is_no_key_and_a_password_that_is_not_text(tmp_path, monkeypatch):
+    junk = tmp_path / "junk.key"
+    junk.write_bytes(b"\x00\x01 not a key")
+    password = tmp_path / "upstream.pw"
+    password.write_bytes(b"\xff\xfe")
+    monkeypatch.setenv("RELAY_TEST_PROXY_PW", b"\xff".decode("utf-8", "surrogateescape"))
+    config = {
+        "listeners": [{"name": "side", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        "dkim": {"keys": [{"domain": "a.test", "selector": "s1", "key": f"file://{junk}"}]},
+        "upstream": {
+            "host": "smtp.a.test",
+            "username": "relay",
+            "password": f"file://{password}",
+            "proxy": "socks5://relay@127.0.0.1:1080",
+            "proxy_password": "env://RELAY_TEST_PROXY_PW",
+        },
+    }
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = validate(path)
+    assert result.returncode == 2, result.stdout
+    assert [line.strip() for line in result.stderr.splitlines()[1:]] == [
+        "upstream[0].password: not UTF-8 text",
+        "upstream[0].proxy_password: not UTF-8 text",
+        "dkim.keys[0].key: not a usable key: not a PEM key and not a base64 Ed25519 seed",
+    ]
+    assert "Traceback" not in result.stderr

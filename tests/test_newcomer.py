@@ -235,3 +235,57 @@ def test_output_cut_short_by_its_reader_is_no_traceback():
         cwd=ROOT,
     )
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("stdin", "says"),
+    [
+        (b"\xff\xfepass\n", "password is not UTF-8 text"),
+        (b"a" * 50_000 + b"\n", "password longer than 8192 octets"),
+        (b"pass\x00word\n", "password holds a NUL character"),
+        (b"\r\n", "empty password"),
+    ],
+    ids=["not-utf8", "huge", "nul", "empty"],
+)
+def test_hash_password_refuses_what_no_client_could_log_in_with(stdin, says):
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "hash-password"], input=stdin, capture_output=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr.decode()
+    assert b"Traceback" not in result.stderr and result.stdout == b""
+
+
+def test_hash_password_takes_the_first_line_as_utf8():
+    from relay.auth.passwords import verify_password
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "hash-password"],
+        input="pässwörd\r\nignored\n".encode(),
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert verify_password("pässwörd".encode(), result.stdout.decode().strip())
+
+
+@pytest.mark.parametrize(
+    ("store", "code", "says"),
+    [
+        ("file://{tmp}/absent/s1.key", 2, "--store: no such directory: {tmp}/absent"),
+        ("file:///proc/relay-test-s1.key", 1, "cannot store the key: file:///proc/relay-test-s1.key: cannot write ("),
+        (
+            "file://{tmp}/a-directory",
+            1,
+            "cannot store the key: file://{tmp}/a-directory: cannot write (Is a directory)",
+        ),
+    ],
+    ids=["missing-directory", "unwritable", "directory-at-the-name"],
+)
+def test_keygen_to_a_store_it_cannot_write_says_so_without_a_traceback(tmp_path, store, code, says):
+    (tmp_path / "a-directory").mkdir()
+    result = relay_cli("keygen", "-d", "example.com", "-s", "s1", "--force", "--store", store.format(tmp=tmp_path))
+    assert result.returncode == code, result.stderr
+    assert says.format(tmp=tmp_path) in result.stderr
+    assert "Traceback" not in result.stderr and "TXT" not in result.stdout
