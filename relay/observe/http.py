@@ -55,6 +55,28 @@ class _Exposition:
 
 
 _MAX_REQUEST_HEAD = 8192
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line, once the whole head (up to the empty line) is in: lines end in
+    CRLF or, from a hand-typed request, a bare LF (RFC 9112 §2.2). Past _MAX_REQUEST_HEAD
+    octets in all: ValueError."""
+    request_line = b""
+    read = 0
+    while True:
+        line = await reader.readuntil(b"\n")
+        read += len(line)
+        if read > _MAX_REQUEST_HEAD:
+            raise ValueError("request head too long")
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if not request_line:
+                continue  # RFC 9112 §2.2: empty lines before the request line are ignored
+            return request_line
+        if not request_line:
+            request_line = line
+
+
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
@@ -102,21 +124,27 @@ class HealthServer:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        method = ""
         try:
             async with asyncio.timeout(10):
-                head = await reader.readuntil(b"\r\n\r\n")
-            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+                request_line = await _read_head(reader)
+            method, path, _ = request_line.decode("latin-1").split(" ", 2)
             path = path.split("?", 1)[0]
-            status, content_type, body = await self._respond(method, path)
+            # RFC 9110 §9.3.2: HEAD is GET without the body (curl -I, some health checkers).
+            status, content_type, body = await self._respond("GET" if method == "HEAD" else method, path)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             status, content_type, body = 400, "text/plain", b"bad request\n"
         except ConnectionError:
             writer.close()
             return
+        # RFC 9110 §15.5.6: a 405 names the methods the resource takes.
+        allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
         head = (
             f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"Content-Length: {len(body)}\r\n{allow}Connection: close\r\n\r\n"
         ).encode("latin-1")
+        if method == "HEAD":
+            body = b""
         try:
             writer.write(head + body)
             await writer.drain()

@@ -1,0 +1,71 @@
+"""The metrics port under clients that are not Prometheus: curl -I, hand-typed requests,
+methods it does not serve, oversized heads. Real sockets against the real HealthServer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.observe.http import HealthServer
+
+
+@pytest.fixture
+async def health():
+    server = HealthServer(lambda: {"listeners": None})
+    await server.start("127.0.0.1", 0)
+    try:
+        yield server.sockets()[0].getsockname()[:2]
+    finally:
+        await server.stop()
+
+
+async def exchange(addr: tuple[str, int], request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(*addr)
+    try:
+        writer.write(request)
+        # A bound, not a measure: the server closes each connection after its answer.
+        return await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        writer.close()
+
+
+async def test_head_is_get_without_the_body(health):
+    answer = await exchange(health, b"HEAD /healthz HTTP/1.1\r\nHost: relay\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Content-Length: 16\r\n" in head + b"\r\n"  # the length GET's body has
+    assert body == b""
+
+
+async def test_a_method_it_does_not_serve_is_told_which_it_does(health):
+    answer = await exchange(health, b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    head = answer.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 405 Method Not Allowed"
+    assert b"Allow: GET, HEAD" in head  # RFC 9110 §15.5.6
+
+
+async def test_a_request_with_bare_lf_line_ends_is_answered(health):
+    # printf 'GET /healthz HTTP/1.0\n\n' | nc ...: answered at once, not after the timeout.
+    answer = await exchange(health, b"GET /healthz HTTP/1.0\nHost: relay\n\n")
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert answer.endswith(b'{"status": "ok"}')
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /" + b"a" * 1_000_000 + b" HTTP/1.1\r\n\r\n",  # a 1 MB request line
+        b"GET /healthz HTTP/1.1\r\n" + (b"X-Pad: " + b"p" * 100 + b"\r\n") * 100 + b"\r\n",  # many fields
+        b"\r\n" * 10_000,  # empty lines only, never a request
+    ],
+    ids=["long-line", "long-head", "empty-lines"],
+)
+async def test_a_head_over_8_kib_is_a_400(health, request_head):
+    try:
+        answer = await exchange(health, request_head)
+    except ConnectionResetError:
+        answer = None  # closed with the rest of the 1 MB unread: the kernel's RST may come first
+    if answer is not None:
+        assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert (await exchange(health, b"GET /healthz HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200 OK\r\n")
