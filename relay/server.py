@@ -301,6 +301,7 @@ class Relay:
         old.pipeline.keyring.detach()
         self._in_background(old.pipeline.keyring.close())  # its key fetches end
         new.pipeline.keyring.attach()
+        old.pipeline.successor = new.pipeline  # before the retired targets close (below)
         self.components = new
         if self._posture_task is not None:
             self._posture_task.cancel()
