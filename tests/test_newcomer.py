@@ -201,6 +201,8 @@ def test_serve_refuses_a_worker_count_below_one(count):
     [
         ("-s", "bad selector", "-s: not a selector"),
         ("-d", "exa mple.com", "-d: not a domain name"),
+        ("-d", "a" * 64 + ".example.com", "is not a DNS name: labels of at most 63 characters, 253 in all"),
+        ("-s", "s" * 200, "is not a DNS name: labels of at most 63 characters, 253 in all"),
         ("--store", "env://DKIM_KEY", "--store supports file:// and aws-sm://"),
         ("--store", "file://keys/s1.key", "--store: file:// reference needs an absolute path"),
     ],

@@ -72,7 +72,10 @@ def _egress_ip(value: object) -> str | list[str]:
 
 def _domain(value: str) -> str:
     value = value.strip().lower().rstrip(".")
-    if not value or " " in value or "@" in value or ".." in value:
+    if len(value) > 253 or any(len(label) > 63 for label in value.split(".")):
+        # RFC 1035 §2.3.4: no DNS query (SPF, DKIM, DMARC, MX) could ask for it.
+        raise ValueError("expected a domain name: labels of at most 63 characters, 253 in all")
+    if not value or " " in value or "@" in value or ".." in value or not value.isprintable():
         raise ValueError(f"expected a domain name, got {value!r}")
     return value
 
