@@ -4,10 +4,16 @@ methods it does not serve, oversized heads. Real sockets against the real Health
 from __future__ import annotations
 
 import asyncio
+import shutil
+import time
 
 import pytest
 
+from relay import server
 from relay.observe.http import HealthServer
+from tests.support.inloop import in_thread
+from tests.support.proxies import microsocks
+from tests.support.smtp import submit
 
 
 @pytest.fixture
@@ -69,3 +75,42 @@ async def test_a_head_over_8_kib_is_a_400(health, request_head):
     if answer is not None:
         assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert (await exchange(health, b"GET /healthz HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+# -- /readyz: "keys loaded, upstream path reachable" (PRODUCT.md), while the relay runs ------
+
+
+@pytest.mark.binaries
+@in_thread
+def test_readyz_follows_the_upstream_path_and_keeps_keys_loaded_through_a_failed_refresh(
+    make_loop_relay, upstream, pki, dkim_keys, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(server, "UPSTREAM_PROBE_INTERVAL", 0.2)  # the probe runs every 30 s
+    key = tmp_path / "s1.key"
+    shutil.copyfile(dkim_keys.rsa_path, key)
+    key.chmod(0o600)
+    with microsocks(tmp_path, user="relay", password="proxy-secret") as proxy_port:
+        relay = make_loop_relay(upstream.port, start=False, env={"RELAY_TEST_PROXY_PW": "proxy-secret"})
+        relay.config["upstream"]["proxy"] = f"socks5://relay@127.0.0.1:{proxy_port}"
+        relay.config["upstream"]["proxy_password"] = "env://RELAY_TEST_PROXY_PW"
+        relay.config["dkim"]["keys"][0]["key"] = f"file://{key}"
+        relay.config["secrets"] = {"refresh": "1s"}
+        relay.start()
+        assert relay.http_json("/readyz")[0] == 200
+        # The key's secret cannot be read any more: the key loaded stays in use.
+        key.unlink()
+        wait_until(lambda: relay.metric("relay_secret_refresh_failures_total", secret=f"file://{key}") >= 1)
+        status, body = relay.http_json("/readyz")
+        assert (status, body["checks"]["dkim_keys"]) == (200, "ok")
+        assert submit(relay, pki) == {}
+    # The proxy is gone: the upstream path is not reachable.
+    wait_until(lambda: relay.http_json("/readyz")[0] == 503)
+    checks = relay.http_json("/readyz")[1]["checks"]
+    assert checks["dkim_keys"] == "ok" and f"127.0.0.1:{proxy_port}" in checks["upstream"]
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
