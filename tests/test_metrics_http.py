@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 
 import pytest
@@ -17,13 +18,18 @@ from tests.support.smtp import submit
 
 
 @pytest.fixture
-async def health():
+async def health_server():
     server = HealthServer(lambda: {"listeners": None})
     await server.start("127.0.0.1", 0)
     try:
-        yield server.sockets()[0].getsockname()[:2]
+        yield server, server.sockets()[0].getsockname()[:2]
     finally:
         await server.stop()
+
+
+@pytest.fixture
+def health(health_server):
+    return health_server[1]
 
 
 async def exchange(addr: tuple[str, int], request: bytes) -> bytes:
@@ -114,3 +120,40 @@ def wait_until(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+async def test_many_scrapes_at_once_share_expositions_made_one_at_a_time(health_server, monkeypatch):
+    """Fifty clients scraping at once made fifty expositions, up to six at a time in threads
+    that compete with the SMTP sessions' event loop for the interpreter. Now one is made at a
+    time and the requests that arrive meanwhile share the next (never one older than them)."""
+    from relay.observe import http
+
+    server, addr = health_server
+    release = threading.Event()
+    made: list[int] = []
+
+    def generate(registry):
+        made.append(1)
+        if len(made) == 1:
+            release.wait(60)  # the first exposition is held until every request has arrived
+        return b"# exposition\n"
+
+    monkeypatch.setattr(http, "generate_latest", generate)
+    arrived = 0
+    respond = server._respond
+
+    async def counting(method, path):
+        nonlocal arrived
+        arrived += 1
+        return await respond(method, path)
+
+    server._respond = counting
+    answers = [asyncio.ensure_future(exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n")) for _ in range(50)]
+    for _ in range(3000):  # bounded: until the server has read every request
+        if arrived == 50:
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    for answer in await asyncio.gather(*answers):
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"# exposition\n")
+    assert arrived == 50 and len(made) <= 2  # the held one, and one for those that came during it

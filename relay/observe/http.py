@@ -104,6 +104,8 @@ class HealthServer:
         self._detail = detail
         self._scraped = scraped
         self._server: asyncio.Server | None = None
+        self._making: asyncio.Future[bytes] | None = None  # the exposition being made
+        self._queued: asyncio.Future[bytes] | None = None  # the next, for requests arriving meanwhile
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self._server = await asyncio.get_running_loop().create_server(
@@ -153,16 +155,30 @@ class HealthServer:
         finally:
             writer.close()
 
+    def _scrape(self) -> asyncio.Future[bytes]:
+        """The exposition for a request arriving now. One is made at a time, and every request
+        that arrives while one is being made shares the next (made after it, so never older
+        than the request): many clients scraping at once cost the event loop, which the
+        SMTP sessions share, about what one does."""
+        if self._queued is None:
+            self._queued = asyncio.ensure_future(self._generate(self._making))
+        return self._queued
+
+    async def _generate(self, before: asyncio.Future[bytes] | None) -> bytes:
+        if before is not None:
+            await asyncio.wait([before])
+        self._making, self._queued = self._queued, None
+        ready = all(v is None for v in self._readiness().values())
+        READY.set(1 if ready else 0)  # relay_ready tracks readiness even if nothing probes
+        sources = self._scraped() if self._scraped is not None else []
+        await asyncio.gather(*(source.refresh() for source in sources))
+        return await asyncio.to_thread(generate_latest, _Exposition(metrics_registry(), sources))
+
     async def _respond(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method != "GET":
             return 405, "text/plain", b"GET only\n"
         if path == "/metrics":
-            ready = all(v is None for v in self._readiness().values())
-            READY.set(1 if ready else 0)  # relay_ready tracks readiness even if nothing probes
-            sources = self._scraped() if self._scraped is not None else []
-            await asyncio.gather(*(source.refresh() for source in sources))
-            body = await asyncio.to_thread(generate_latest, _Exposition(metrics_registry(), sources))
-            return 200, CONTENT_TYPE_LATEST, body
+            return 200, CONTENT_TYPE_LATEST, await asyncio.shield(self._scrape())
         if path == "/healthz":
             return 200, "application/json", b'{"status": "ok"}'
         if path == "/readyz":
