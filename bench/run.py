@@ -35,8 +35,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 ANCHOR = REPO.parent / "shared" / "bench" / "anchor"
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
 
 from procstat import ProcessTree  # noqa: E402
+
+from tests.support.procs import wait_port  # noqa: E402
 
 SINK = ("127.0.0.1", 2526)
 RELAY_PORT = 2529
@@ -85,19 +88,6 @@ def bench_config(workdir: Path, key: Path, pool: int, spool: bool = False, limit
     return path
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"bench: nothing listens on 127.0.0.1:{port}")
-
-
 class Sink:
     def __init__(self, workdir: Path) -> None:
         self.out = workdir / "sink.out"
@@ -106,7 +96,7 @@ class Sink:
             stdout=open(self.out, "wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_port(SINK[1])
+        wait_port("127.0.0.1", SINK[1], 30)
 
     def count(self) -> int:
         # smtp-sink -c rewrites "sess=N quit=N mesg=N" on one line; the last counter wins.
@@ -126,8 +116,8 @@ def start_relay(config: Path, workers: int, log: Path) -> subprocess.Popen:
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
     )
-    wait_port(RELAY_PORT)
-    wait_port(METRICS_PORT)
+    wait_port("127.0.0.1", RELAY_PORT, 30)
+    wait_port("127.0.0.1", METRICS_PORT, 30)
     time.sleep(1.0)  # let every worker bind
     return proc
 
@@ -283,7 +273,7 @@ def limits_comparison(args) -> list[dict]:
             stdout=subprocess.DEVNULL,
             cwd=workdir,
         )
-        wait_port(6389)
+        wait_port("127.0.0.1", 6389, 30)
     sink = Sink(workdir)
     rows = []
     try:
