@@ -193,24 +193,25 @@ def run_point(tool: str, size: int, conc: int, count: int, relay_pid: int, sink:
     return row
 
 
-def matrix(args) -> list[dict]:
-    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    key = ANCHOR_KEY if ANCHOR_KEY.exists() else workdir / "s1.key"
+def signing_key(workdir: Path) -> Path:
+    """The anchor's DKIM key when the anchor harness made one (both sign alike), else a new
+    one in `workdir`."""
+    if ANCHOR_KEY.exists():
+        return ANCHOR_KEY
+    key = workdir / "s1.key"
     if not key.exists():
+        relay = str(REPO / ".venv" / "bin" / "relay")
         subprocess.run(
-            [
-                str(REPO / ".venv" / "bin" / "relay"),
-                "keygen",
-                "-d",
-                "example.com",
-                "-s",
-                "s1",
-                "--store",
-                f"file://{key}",
-            ],
+            [relay, "keygen", "-d", "example.com", "-s", "s1", "--store", f"file://{key}"],
             check=True,
             stdout=subprocess.DEVNULL,
         )
+    return key
+
+
+def matrix(args) -> list[dict]:
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    key = signing_key(workdir)
     config = bench_config(workdir, key, pool=args.pool, spool=args.spool)
     sink = Sink(workdir)
     relay = start_relay(config, args.workers, workdir / "relay.log")
@@ -250,22 +251,7 @@ def limits_comparison(args) -> list[dict]:
     """The same point with each `--limits` mode, interleaved rep by rep (the machine is
     shared: alternating spreads its noise over every mode alike); a fresh relay per run."""
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-limits-"))
-    key = ANCHOR_KEY if ANCHOR_KEY.exists() else workdir / "s1.key"
-    if not key.exists():
-        subprocess.run(
-            [
-                str(REPO / ".venv" / "bin" / "relay"),
-                "keygen",
-                "-d",
-                "example.com",
-                "-s",
-                "s1",
-                "--store",
-                f"file://{key}",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    key = signing_key(workdir)
     redis = None
     if "redis" in args.limits:
         redis = subprocess.Popen(
