@@ -313,3 +313,35 @@ def test_full_validation_names_a_key_that_is_no_key_and_a_password_that_is_not_t
         "dkim.keys[0].key: not a usable key: not a PEM key and not a base64 Ed25519 seed",
     ]
     assert "Traceback" not in result.stderr
+
+
+def _bounded_validate(path: Path) -> subprocess.CompletedProcess:
+    """`relay config validate --offline -c PATH` as a process, its memory bounded (1 GiB)."""
+    import resource
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "config", "validate", "--offline", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit_memory,
+    )
+
+
+@pytest.mark.e2e
+def test_a_config_path_that_is_a_device_a_fifo_or_huge_is_refused_unread(tmp_path):
+    fifo = tmp_path / "relay.fifo"
+    os.mkfifo(fifo)  # no writer: the read used to wait for one for ever
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"#" * (16 * 1024 * 1024 + 1))
+    for path, problem in (
+        (Path("/dev/zero"), "cannot read: not a regular file"),  # was read without end
+        (fifo, "the file must hold a mapping of settings"),
+        (huge, "larger than 16 MiB: not a relay config"),
+    ):
+        result = _bounded_validate(path)
+        assert result.returncode == 2, result.stderr[-500:]
+        assert result.stderr.splitlines()[1:] == [f"  (top level): {problem}"]

@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 import ipaddress
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,7 @@ def load_settings(path: Path, *, offline: bool = False) -> Settings:
     """The validated settings of `path`. `offline`: syntax and meaning only, without looking
     at the files the config names (they may exist only where it is deployed)."""
     source = str(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    raw = _read_config(path, source)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -103,6 +101,34 @@ def load_settings(path: Path, *, offline: bool = False) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the file must hold a mapping of settings")])
     return settings_from_mapping(data, source, offline=offline)
+
+
+# A config with thousands of users is well under a megabyte; more is the wrong file.
+MAX_CONFIG_SIZE = 16 * 1024 * 1024
+
+
+def _read_config(path: Path, source: str) -> bytes:
+    """The file's bytes. A regular file or a pipe (`-c <(envsubst < relay.tpl)`); not a
+    device (`/dev/zero` would be read without end) nor anything over MAX_CONFIG_SIZE."""
+    try:
+        # O_NONBLOCK: a FIFO without a writer must not block the open (at a reload, the loop).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        os.close(fd)
+        kind = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(source, [("", f"cannot read: {kind}")])
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            os.set_blocking(fd, True)
+            raw = fh.read(MAX_CONFIG_SIZE + 1)
+        except OSError as exc:
+            raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_CONFIG_SIZE:
+        raise ConfigError(source, [("", f"larger than {MAX_CONFIG_SIZE // (1024 * 1024)} MiB: not a relay config")])
+    return raw
 
 
 def settings_from_mapping(data: dict[str, Any], source: str = "config", *, offline: bool = False) -> Settings:
