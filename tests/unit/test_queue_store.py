@@ -689,3 +689,18 @@ def test_a_recipient_due_now_is_shown_due_now_not_in_1970():
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.created + 600)),
     ]
     assert info["next_attempt"] == due_now
+
+
+def test_a_state_or_metadata_nested_thousands_deep_is_corrupt_not_a_crash():
+    """json.loads recurses: arrays nested thousands deep raised RecursionError, which the
+    spool's scan did not take for a damaged file."""
+    import zlib
+
+    from relay.queue.entry import ENTRY_MAGIC, STATE_MAGIC, CorruptEntry, CorruptState, decode_entry, decode_state
+
+    nested = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(CorruptState, match="bad state: RecursionError"):
+        decode_state(b"%s %d %08x\n" % (STATE_MAGIC, len(nested), zlib.crc32(nested)) + nested)
+    entry = b"%s %d %d %08x\n" % (ENTRY_MAGIC, len(nested), 0, zlib.crc32(nested)) + nested
+    with pytest.raises(CorruptEntry, match="bad metadata: RecursionError"):
+        decode_entry(entry)
