@@ -144,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from relay.queue.commands import add_queue_commands
 
-    add_queue_commands(sub, _load)
+    add_queue_commands(sub, lambda path_arg: _load(path_arg, prepare=False))  # they only read
     return parser
 
 
@@ -454,7 +454,7 @@ def _dkim_settings(path_arg: str | None) -> Settings | None:
     from relay.config.load import ConfigError
 
     try:
-        settings, _ = _load(path_arg)
+        settings, _ = _load(path_arg, prepare=False)  # the dev default has no key sets to rotate
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return None

@@ -345,3 +345,13 @@ def test_a_config_path_that_is_a_device_a_fifo_or_huge_is_refused_unread(tmp_pat
         result = _bounded_validate(path)
         assert result.returncode == 2, result.stderr[-500:]
         assert result.stderr.splitlines()[1:] == [f"  (top level): {problem}"]
+
+
+@pytest.mark.parametrize("command", [["queue", "list"], ["dkim", "status"], ["dkim", "rotate", "-d", "example.test"]])
+def test_commands_that_only_read_write_nothing_for_the_dev_default(tmp_path, monkeypatch, command):
+    dev = tmp_path / "dev"
+    monkeypatch.setenv("RELAY_DEV_DIR", str(dev))
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(command)
+    assert not dev.exists()
