@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # supervisor process small, and `relay hash-password` starts fast.
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+MAX_WORKERS = 1024  # each is a whole relay process; far more than any machine has cores
 _CONFIG_HELP = "config file (default: $RELAY_CONFIG, else the dev default)"
 
 
@@ -153,8 +154,8 @@ def _worker_count(text: str) -> int:
         count = int(text)
     except ValueError:
         count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of processes, 1 or more, got {text!r}")
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected a number of processes, 1 to {MAX_WORKERS}, got {text[:20]!r}")
     return count
 
 

@@ -99,11 +99,25 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
     gc.freeze()
 
     codes: list[int] = []
+
+    def cannot_start(index: int, exc: OSError) -> None:
+        # fork() refused (EAGAIN: a process limit; ENOMEM): the workers already running are
+        # stopped rather than left serving unsupervised, and the supervisor exits 1.
+        nonlocal stopping
+        print(f"relay: cannot start worker {index}: {exc.strerror or exc}; stopping", file=sys.stderr, flush=True)
+        codes.append(1)
+        if not stopping:
+            stopping = True
+            forward(signal.SIGTERM, None)
+
     try:
         for index in range(workers):
             if stopping:  # a stop while the others started: passed on to them, none more
                 break
-            start(index)
+            try:
+                start(index)
+            except OSError as exc:
+                cannot_start(index, exc)
         while children:
             try:
                 pid, status = os.wait()
@@ -130,7 +144,10 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
             )
             time.sleep(pauses[index])
             if not stopping:  # a stop during the pause was passed on to the others only
-                start(index)
+                try:
+                    start(index)
+                except OSError as exc:
+                    cannot_start(index, exc)
     finally:
         shutil.rmtree(multiproc_dir, ignore_errors=True)
     # Every worker is gone: nothing to pass a signal on to, and one now must not change the

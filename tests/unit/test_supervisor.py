@@ -33,3 +33,47 @@ SUPERVISED = textwrap.dedent(
 def test_a_config_error_is_the_exit_code_when_another_worker_dies_of_the_stop():
     result = subprocess.run([sys.executable, "-c", SUPERVISED], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
+
+
+FORK_REFUSED = textwrap.dedent(
+    """
+    import os
+    import sys
+    import time
+
+    from relay import startup_signals
+    from relay.supervisor import supervise
+
+    real_fork, forks = os.fork, []
+
+    def fork():
+        forks.append(1)
+        if len(forks) == 3:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    os.fork = fork
+
+    def worker(index: int) -> int:
+        deadline = time.monotonic() + 20  # bounded: an orphan (the bug) ends by itself
+        while not startup_signals.take().stop and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print(f"worker {index} stopped by the supervisor" if time.monotonic() < deadline else "orphan", flush=True)
+        return 0
+
+    sys.exit(supervise(4, worker))
+    """
+)
+
+
+def test_a_worker_that_cannot_be_forked_stops_the_others_and_fails():
+    """fork() refused (a process limit) for the third worker: a traceback, and the two workers
+    already serving were left running without their supervisor."""
+    result = subprocess.run([sys.executable, "-c", FORK_REFUSED], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert "relay: cannot start worker 2: Resource temporarily unavailable; stopping" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(result.stdout.split("\n")[:2]) == [
+        "worker 0 stopped by the supervisor",
+        "worker 1 stopped by the supervisor",
+    ]
