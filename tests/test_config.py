@@ -355,3 +355,27 @@ def test_commands_that_only_read_write_nothing_for_the_dev_default(tmp_path, mon
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         main(command)
     assert not dev.exists()
+
+
+def test_unknown_limit_users_among_many_users_are_named_with_a_bounded_number_of_guesses(monkeypatch):
+    """2,000 limits for users not in a list of 50,000: a "did you mean" for each compared with
+    every user name (442 s). The first ten get a guess; every one is named (here 200 and 300)."""
+    import difflib
+
+    from relay.config.load import ConfigError, settings_from_mapping
+
+    guesses = []
+    real = difflib.get_close_matches
+    monkeypatch.setattr(difflib, "get_close_matches", lambda *a, **k: guesses.append(1) or real(*a, **k))
+    config = {
+        "listeners": [{"name": "side", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        "upstream": {"host": "smtp.example.com"},
+        "clients": {
+            "users": [{"username": f"u{i}", "password": "env://PW", "senders": ["a.test"]} for i in range(300)]
+        },
+        "limits": {"users": {f"x{i}": {"daily": 10} for i in range(200)}},
+    }
+    with pytest.raises(ConfigError) as err:
+        settings_from_mapping(config, offline=True)
+    assert len(err.value.problems) == 200 and len(guesses) <= 10
+    assert err.value.problems[0] == ("limits.users.x0", "no user named 'x0' in clients.users")

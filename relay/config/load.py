@@ -324,13 +324,23 @@ def _token_checks(key: str, upstream: UpstreamSettings) -> Iterable[tuple[str, s
         )
 
 
+MAX_GUESSES = 10
+
+
 def _limits_checks(settings: Settings) -> Iterable[tuple[str, str]]:
     assert settings.limits is not None
     usernames = [user.username for user in settings.clients.users]
+    known = set(usernames)
+    # Each guess compares with every user name: with tens of thousands of users, a guess for
+    # each of thousands of unknown names took minutes. The first few are enough to see a typo.
+    guesses_left = MAX_GUESSES
     for username in settings.limits.users.model_extra or {}:
-        if username not in usernames:
-            guess = difflib.get_close_matches(username, usernames, n=1)
-            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        if username not in known:
+            hint = ""
+            if guesses_left:
+                guesses_left -= 1
+                guess = difflib.get_close_matches(username, usernames, n=1)
+                hint = f" (did you mean {guess[0]!r}?)" if guess else ""
             yield _key_path(["limits", "users", username]), f"no user named {username!r} in clients.users{hint}"
     redis = settings.limits.redis
     if redis is not None and redis.ca_file is not None and not redis.ca_file.is_file():
