@@ -261,7 +261,9 @@ class Relay:
 
     async def _reload(self) -> bool:
         try:
-            settings = self._reload_settings()
+            # In a thread: reading and validating a large config (tens of thousands of users:
+            # seconds) must not stall every session meanwhile.
+            settings = await asyncio.to_thread(self._reload_settings)
             problem = check_tls_files(settings.tls)
             if problem:
                 raise ConfigError(str(self.config_path), [("tls", problem)])

@@ -4,6 +4,9 @@ reload but whose first RCPT comes after begins on the new upstream. No client ge
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 from tests.support.inloop import in_thread
 from tests.support.smtp import connect, message
 from tests.support.upstream import Upstream
@@ -87,3 +90,29 @@ def test_reloads_between_every_step_of_staggered_transactions_cost_no_4xx(make_l
         delivered = len(upstream.wait_for(0)) + len(other.wait_for(0))
     assert replies == [250] * (4 * len(clients))
     assert delivered == len(clients)
+
+
+@in_thread
+def test_sessions_are_answered_while_a_reload_reads_its_config(make_loop_relay, upstream, pki):
+    """The config was read and validated in the event loop: a config of 50,000 users takes
+    ~35 s to parse, and every session waited that long for its next reply."""
+    relay = make_loop_relay(upstream.port)
+    client = connect(relay, pki)
+    settings = relay.running.settings
+    reading, release = threading.Event(), threading.Event()
+
+    def slow_config():
+        reading.set()
+        release.wait(30)  # stands for a long parse; bounded
+        return settings
+
+    relay.running._reload_settings = slow_config
+    reload = asyncio.run_coroutine_threadsafe(relay.running.reload(), relay.loop)
+    try:
+        assert reading.wait(10)
+        client.sock.settimeout(10)
+        assert client.noop()[0] == 250  # while the config is being read
+    finally:
+        release.set()
+    assert reload.result(30)
+    client.quit()
