@@ -438,7 +438,7 @@ async def test_the_sweep_keeps_a_dead_letter_the_operator_just_requeued(harness,
     entry_id = await h.put(["gone@example.net"])
     await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.done, what="dead")
     await asyncio.sleep(0.3)
-    h.runner._last_sweep = time.time()
+    h.runner._last_sweep = time.monotonic()
     await h.runner._scan()  # the summaries come from here
     upstream.behaviour.rcpt_replies = {}
     cli = Spool(h.spool.root, journal=False)
@@ -627,3 +627,69 @@ async def test_a_stop_ends_a_delivery_that_lets_its_first_cancellation_go_by(har
     assert late.cancellations == 2
     assert state_of(h.spool, entry_id) is not None  # not delivered: still spooled, for the next start
     assert upstream.messages == []
+
+
+class SteppedClock:
+    """The wall clock (`time.time`) moved by an operator or a bad NTP step, for this process
+    only; `time.monotonic` goes on undisturbed, as it does on a real machine."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.offset = 0.0
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + self.offset)
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+async def test_a_clock_stepped_back_does_not_stall_the_delivery_loop(harness, upstream, monkeypatch):
+    """Before, the loop compared the wall clock with its last scan: stepped back five hours,
+    it scanned again only five hours later, so an entry another worker accepted (or a
+    restart left, or `relay queue retry` woke) waited that long."""
+    clock = SteppedClock(monkeypatch)
+    h = harness()
+    h.runner.start()
+    await h.put(["first@example.net"])
+    await eventually(lambda: len(upstream.messages) == 1, what="a delivery before the step")
+    clock.step(-5 * 3600)
+    await asyncio.sleep(0.5)  # the loop runs on with the clock stepped back
+    other = await h.put(["second@example.net"], submit=False)  # only a scan finds it
+    await eventually(lambda: len(upstream.messages) == 2, what="a delivery found by a scan after the step")
+    assert upstream.messages[1].rcpt_tos == ["second@example.net"]
+    await eventually(lambda: state_of(h.spool, other) is None, what="the entry removed")
+
+
+async def test_a_recipient_deferred_before_the_clock_stepped_back_is_retried(harness, upstream, monkeypatch):
+    """A retry is never scheduled further off than the longest retry step; one that is, was
+    scheduled by a clock since stepped back, and is due now rather than hours late."""
+    clock = SteppedClock(monkeypatch)
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 mailbox busy"}
+    h = harness(steps=(1.0,))
+    entry_id = await h.put(["later@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) and e.recipients[0].attempts == 1, what="deferred")
+    clock.step(-5 * 3600)
+    upstream.behaviour.rcpt_replies = {}
+    await eventually(lambda: len(upstream.messages) == 1, what="the retry after the step")
+    await eventually(lambda: state_of(h.spool, entry_id) is None, what="the entry removed")
+
+
+async def test_relay_queue_retry_after_the_clock_stepped_back_wakes_the_loop(harness, upstream, monkeypatch):
+    """`relay queue retry` touches the kick file; the loop took only a newer kick than the
+    last for one, and after a step back every kick is older."""
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 mailbox busy"}
+    h = harness(steps=(3600.0,))
+    h.runner.scan_interval = 3600.0  # only a kick makes the loop look at the spool
+    entry_id = await h.put(["later@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) and e.recipients[0].attempts == 1, what="deferred")
+    kick = h.spool.root / "kick"
+    assert await asyncio.to_thread(admin.retry, h.spool, entry_id) == 1
+    await eventually(lambda: state_of(h.spool, entry_id).recipients[0].attempts == 2, what="the first retry")
+    upstream.behaviour.rcpt_replies = {}
+    # The clock stepped back an hour since: the next `relay queue retry` touches the kick file
+    # with an older time than the one the loop took.
+    assert await asyncio.to_thread(admin.retry, h.spool, entry_id) == 1
+    stamp = kick.stat().st_mtime - 3600
+    os.utime(kick, (stamp, stamp))
+    await eventually(lambda: len(upstream.messages) == 1, what="the retry after the step")

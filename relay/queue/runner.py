@@ -30,6 +30,7 @@ import contextlib
 import copy
 import heapq
 import logging
+import math
 import os
 import random
 import time
@@ -184,10 +185,12 @@ class QueueRunner:
         self.delivery_bytes = DELIVERY_BYTES
         self.error_backoff = LOOP_ERROR_BACKOFF
         self._reading = 0  # bytes of messages held by deliveries under way
-        self._last_scan = 0.0
-        self._loop_alive = time.time()
+        # The loop's own intervals run on the monotonic clock: a wall clock stepped back
+        # must not stop the scans (nor one stepped forward make /readyz call the loop stuck).
+        self._last_scan = -math.inf
+        self._loop_alive = time.monotonic()
         self._last_kick = 0.0
-        self._last_sweep = 0.0
+        self._last_sweep = -math.inf
         if spool.max_bytes is not None:
             MAX_BYTES.set(spool.max_bytes)
 
@@ -198,7 +201,7 @@ class QueueRunner:
             # The scan `Spool.open()` made: the first scan of the loop reads only what
             # changed since, not every entry again.
             self._summaries = dict(opened.entries)
-        self._loop_alive = time.time()
+        self._loop_alive = time.monotonic()
         self._main = asyncio.create_task(self._run(), name="queue-runner")
 
     def problem(self) -> str | None:
@@ -207,7 +210,7 @@ class QueueRunner:
             return None
         if self._main.done():
             return "spool delivery loop stopped"
-        stuck = time.time() - self._loop_alive
+        stuck = time.monotonic() - self._loop_alive
         if stuck > max(STUCK_AFTER, 3 * self.scan_interval):
             return f"spool delivery loop has not completed a scan for {stuck:.0f}s"
         return None
@@ -288,20 +291,21 @@ class QueueRunner:
                 # and the loop goes on after a pause (/readyz says so if it stays stuck).
                 LOOP_ERRORS.inc()
                 log.exception("spool delivery loop error; going on", extra={"retry_in_s": self.error_backoff})
-                self._last_scan = time.time() - self.scan_interval + self.error_backoff
+                self._last_scan = time.monotonic() - self.scan_interval + self.error_backoff
                 await asyncio.sleep(self.error_backoff)
 
     async def _step(self) -> None:
-        now = time.time()
         kicked = self.spool.kicked_at()
-        if now - self._last_scan >= self.scan_interval or kicked > self._last_kick:
-            if kicked > self._last_kick:
+        # Any change of the kick file's time is a kick: after the wall clock stepped back,
+        # `relay queue retry` touches it with an older time than the last one.
+        if time.monotonic() - self._last_scan >= self.scan_interval or kicked != self._last_kick:
+            if kicked != self._last_kick:
                 self._backoff.clear()  # an operator's retry: now, not after a backoff
             self._last_kick = kicked
             await self._scan()
-        self._loop_alive = time.time()
+        self._loop_alive = time.monotonic()
         self._dispatch(time.time())
-        wait = min(KICK_POLL, max(0.0, self._last_scan + self.scan_interval - time.time()))
+        wait = min(KICK_POLL, max(0.0, self._last_scan + self.scan_interval - time.monotonic()))
         if self._heap and len(self._inflight) < self.concurrency:
             wait = min(wait, max(0.0, self._heap[0][0] - time.time()))
         self._wake.clear()
@@ -376,8 +380,9 @@ class QueueRunner:
 
     async def _scan(self) -> None:
         started = time.time()
+        scanned = time.monotonic()
         result = await asyncio.to_thread(self.spool.scan, dict(self._summaries))
-        self._last_scan = time.time()
+        self._last_scan = time.monotonic()
         self._summaries = result.entries
         self._unreadable = len(result.unreadable)
         for gone in self._paced.keys() - result.entries.keys():
@@ -389,16 +394,22 @@ class QueueRunner:
                     why = self.spool.damaged(held)
                     if why:
                         self.spool.quarantine(entry_id, why)
-        for entry_id in [i for i, until in self._backoff.items() if until <= started or i not in result.entries]:
-            del self._backoff[entry_id]
+        for entry_id in [
+            i
+            for i, until in self._backoff.items()
+            if until <= started or i not in result.entries or until > started + ERROR_RETRY + self.policy.longest_wait()
+        ]:
+            del self._backoff[entry_id]  # over, gone, or set before the clock stepped back
         for entry_id, summary in result.entries.items():
             if entry_id in self._inflight:
                 continue
             due = started if summary.dsn_pending else summary.due
+            if due is not None and self.policy.beyond_schedule(due, started):
+                due = started  # scheduled before the wall clock stepped back
             if due is not None:
                 self._schedule(entry_id, due)  # not before an in-memory backoff
-        if started - self._last_sweep >= DEAD_SWEEP_INTERVAL:
-            self._last_sweep = started
+        if scanned - self._last_sweep >= DEAD_SWEEP_INTERVAL:
+            self._last_sweep = scanned
             self._sweep_dead(started)
         self._publish(started)
 
@@ -523,7 +534,10 @@ class QueueRunner:
             await self._settle(held, entry, message, now)
             return
         due_at = [
-            i for i, r in enumerate(entry.recipients) if r.status == PENDING and r.next_attempt <= now + DUE_SLACK
+            i
+            for i, r in enumerate(entry.recipients)
+            if r.status == PENDING
+            and (r.next_attempt <= now + DUE_SLACK or self.policy.beyond_schedule(r.next_attempt, now))
         ]
         due = [entry.recipients[i] for i in due_at]
         pacer = self.pacer() if self.pacer is not None and due else None
