@@ -148,3 +148,29 @@ def test_list_shows_damaged_entries_and_removes_nothing(spool_config):
     entries = {e["id"]: e for e in json.loads(listed.stdout)}
     assert entries["waiting1"]["state"] == "damaged" and entries["dead1"]["state"] == "dead"
     assert leftover.exists() and spool.path("waiting1").exists()
+
+
+def test_list_and_show_name_files_that_are_not_entries_and_never_block_on_them(spool_config, tmp_path):
+    """A FIFO or a symbolic link where an entry should be (a stray `mkfifo`, a copy made with
+    `cp -s`, a restore gone wrong): before, `list` opened the FIFO and waited for a writer
+    for ever, and followed the link to whatever it named."""
+    import os
+
+    config, spool = spool_config
+    os.mkfifo(spool.entries / "fifo1")
+    outside = tmp_path / "outside"
+    outside.write_bytes(spool.path("waiting1").read_bytes())
+    os.symlink(outside, spool.entries / "link1")
+    listed = relay_queue(config, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = {e["id"]: e for e in json.loads(listed.stdout)}
+    assert entries["waiting1"]["state"] == "deferred" and entries["dead1"]["state"] == "dead"
+    assert entries["fifo1"]["state"] == "unreadable" and "not a regular file" in entries["fifo1"]["problem"]
+    assert entries["link1"]["state"] == "unreadable" and "symbolic link" in entries["link1"]["problem"]
+    text = relay_queue(config, "list")
+    assert text.returncode == 0 and "symbolic link" in text.stdout and "not a regular file" in text.stdout
+    shown = relay_queue(config, "show", "fifo1")
+    assert shown.returncode == 1 and "not a regular file" in shown.stderr
+    retried = relay_queue(config, "retry", "link1")
+    assert retried.returncode == 1 and "symbolic link" in retried.stderr
+    assert (spool.entries / "fifo1").exists() and (spool.entries / "link1").is_symlink()  # left alone

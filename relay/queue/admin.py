@@ -76,19 +76,20 @@ def list_entries(spool: Spool) -> list[dict[str, Any]]:
         except FileNotFoundError:
             continue
         except Exception as exc:  # noqa: BLE001 - changed since the scan: shown as it is now
-            out.append(_problem(spool, entry_id, "damaged" if isinstance(exc, CorruptEntry) else "unreadable", exc))
+            problem = f"{type(exc).__name__}: {exc}"
+            out.append(_problem(spool, entry_id, "damaged" if isinstance(exc, CorruptEntry) else "unreadable", problem))
             continue
         out.append(describe(entry, now))
     for state, ids in (("damaged", result.corrupt), ("unreadable", result.unreadable)):
         for entry_id in ids:
-            out.append(_problem(spool, entry_id, state, None))
+            out.append(_problem(spool, entry_id, state, result.problems.get(entry_id)))
     out.sort(key=lambda item: item["created"])
     return out
 
 
-def _problem(spool: Spool, entry_id: str, state: str, exc: Exception | None) -> dict[str, Any]:
+def _problem(spool: Spool, entry_id: str, state: str, problem: str | None) -> dict[str, Any]:
     try:
-        stat = os.stat(spool.path(entry_id))
+        stat = os.lstat(spool.path(entry_id))
         created, size = stat.st_mtime, stat.st_size
     except OSError:
         created, size = time.time(), 0
@@ -106,7 +107,7 @@ def _problem(spool: Spool, entry_id: str, state: str, exc: Exception | None) -> 
         "owner": None,
         "listener": None,
         "user": None,
-        "problem": f"{type(exc).__name__}: {exc}" if exc is not None else None,
+        "problem": problem,
     }
 
 
@@ -175,9 +176,12 @@ def requeue(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
 
 class _lock:
     def __init__(self, spool: Spool, entry_id: str, wait: float) -> None:
-        if not os.path.exists(spool.path(entry_id)):
+        if not os.path.lexists(spool.path(entry_id)):
             raise QueueCommandError(f"{entry_id}: no such entry in the queue")
-        held = spool.lock(entry_id, wait=wait)
+        try:
+            held = spool.lock(entry_id, wait=wait)
+        except OSError as exc:  # a symbolic link, a FIFO, no permission: named, not a traceback
+            raise QueueCommandError(f"{entry_id}: unreadable ({exc.strerror or exc})") from None
         if held is None:
             if os.path.exists(spool.path(entry_id)):
                 raise QueueCommandError(f"{entry_id} is being delivered right now; try again")
@@ -198,6 +202,8 @@ def _read(spool: Spool, entry_id: str) -> QueueEntry:
         raise QueueCommandError(f"{entry_id}: no such entry in the queue") from None
     except CorruptEntry as exc:
         raise QueueCommandError(f"{entry_id}: damaged ({exc})") from None
+    except OSError as exc:
+        raise QueueCommandError(f"{entry_id}: unreadable ({exc.strerror or exc})") from None
 
 
 def _read_held(spool: Spool, held: EntryLock) -> tuple[QueueEntry, bytes]:

@@ -138,6 +138,8 @@ def _list(spool: Spool, args: argparse.Namespace) -> int:
     for e in entries:
         sender = e["from"] or "<>"
         print(f"{e['id']:<18} {e['state']:<9} {_age(e['age_seconds']):>8} {e['size']:>9}  {sender}")
+        if e.get("problem"):
+            print(f"{'':<48}! {e['problem']}")
         for r in e["recipients"]:
             reply = f", {r['last_reply']}" if r["last_reply"] else ""
             print(f"{'':<48}→ {r['address']} ({r['status']}, {r['attempts']} tries{reply})")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -40,6 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR, S_ISFIFO, S_ISREG
 
 from relay.errors import SmtpError
 from relay.queue.commit import GroupCommitter, fsync_directory
@@ -134,6 +136,8 @@ class ScanResult:
     # Entries that could not be read for another reason (permissions, I/O error): skipped
     # and logged, never quarantined (the file may be fine), tried again at the next scan.
     unreadable: list[str] = field(default_factory=list)
+    # What is wrong with each damaged or unreadable entry, for `relay queue list`.
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 class Spool:
@@ -317,7 +321,7 @@ class Spool:
         deadline = time.monotonic() + wait
         while True:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_spool_file(path)
             except FileNotFoundError:
                 return None
             try:
@@ -362,7 +366,7 @@ class Spool:
 
     def read_meta(self, entry_id: str) -> QueueEntry:
         """Envelope and state without the message (FileNotFoundError when it is gone)."""
-        with open(self.path(entry_id), "rb") as fh:
+        with os.fdopen(open_spool_file(self.path(entry_id)), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEAD_READ)
             span = meta_span(head)
@@ -373,14 +377,15 @@ class Spool:
         return entry
 
     def read_message(self, entry_id: str) -> bytes:
-        with open(self.path(entry_id), "rb") as fh:
+        with os.fdopen(open_spool_file(self.path(entry_id)), "rb") as fh:
             return decode_entry(fh.read())[1]
 
     def _apply_state_file(self, entry: QueueEntry) -> str | None:
         """Apply the entry's `.state` file; returns why it was not usable (the entry then keeps
         the state embedded in its file), or None."""
         try:
-            data = self.state_path(entry.id).read_bytes()
+            with os.fdopen(open_spool_file(self.state_path(entry.id)), "rb") as fh:
+                data = fh.read()
         except FileNotFoundError:
             if not entry.since:
                 entry.since = entry.created
@@ -535,7 +540,7 @@ class Spool:
             for item in listing:
                 name = item.name
                 try:
-                    stat = item.stat()
+                    stat = item.stat(follow_symlinks=False)  # a link is listed as what it is
                 except FileNotFoundError:
                     continue
                 if name.startswith(TMP_PREFIX):
@@ -548,6 +553,7 @@ class Spool:
         summaries: dict[str, EntrySummary] = {}
         corrupt: list[str] = []
         unreadable: list[str] = []
+        problems: dict[str, str] = {}
         total = 0
         for entry_id, stat in files.items():
             state = states.get(entry_id)
@@ -564,9 +570,10 @@ class Spool:
             except CorruptEntry as exc:
                 log.debug("damaged entry found by scan", extra={"id": entry_id, "reason": str(exc)})
                 corrupt.append(entry_id)
+                problems[entry_id] = str(exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - one entry's problem is never the spool's
-                self._report_unreadable(entry_id, exc)
+                problems[entry_id] = self._report_unreadable(entry_id, exc)
                 unreadable.append(entry_id)
                 continue
             self._reported_unreadable.pop(entry_id, None)
@@ -580,16 +587,17 @@ class Spool:
                 if not self.path(entry_id).exists():
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.state_path(entry_id))
-        return ScanResult(summaries, corrupt, total, unreadable)
+        return ScanResult(summaries, corrupt, total, unreadable, problems)
 
-    def _report_unreadable(self, entry_id: str, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
+    def _report_unreadable(self, entry_id: str, exc: Exception) -> str:
+        reason = str(exc) if isinstance(exc, NotASpoolFile) else f"{type(exc).__name__}: {exc}"
         if self._reported_unreadable.get(entry_id) != reason:  # once per new reason, not every scan
             self._reported_unreadable[entry_id] = reason
             log.error(
                 "spool entry unreadable; skipped, tried again at the next scan",
                 extra={"id": entry_id, "reason": reason, "path": str(self.path(entry_id))},
             )
+        return reason
 
     def _remove_stale_tmp(self, name: str) -> None:
         """An old tmp file is a crash's leftover, unless its entry is held: a prepared state
@@ -710,6 +718,29 @@ def _discard_written(path: Path, write: asyncio.Future[int]) -> None:
     os.close(write.result())
 
 
+class NotASpoolFile(OSError):
+    """A symbolic link, a FIFO, a directory... where the spool expects one of its files."""
+
+
+def open_spool_file(path: Path) -> int:
+    """Open an entry or state file for reading, never following a symbolic link nor
+    blocking on a FIFO (a stray `mkfifo` would hold a scan, and so the start, for ever):
+    the spool writes only regular files, anything else is reported, never read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotASpoolFile(errno.ELOOP, "a symbolic link, not a spool file", str(path)) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if S_ISFIFO(mode) else "a directory" if S_ISDIR(mode) else "a special file"
+        raise NotASpoolFile(errno.EINVAL, f"not a regular file ({kind})", str(path))
+    os.set_blocking(fd, True)
+    return fd
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -722,8 +753,6 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def _storage_error(exc: OSError) -> SmtpError:
-    import errno
-
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SmtpError(
             452,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import fcntl
 import json
@@ -232,6 +233,51 @@ async def test_scan_removes_orphan_state_and_old_tmp_files(spool):
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert spool.scan({}).entries == {}
     assert list(spool.entries.iterdir()) == []
+    await spool.close()
+
+
+def test_files_that_are_not_spool_files_are_reported_never_opened_blocking(tmp_path):
+    """A FIFO named like an entry, a state file or a journal segment, and a symbolic link:
+    before, the scan (and so `Spool.open()`, the relay's start) waited for a FIFO's writer
+    for ever. Run in a thread, bounded, so that the old code fails instead of hanging."""
+    import threading
+
+    root = tmp_path / "spool"
+    Spool(root).open()
+    asyncio.run(_put_and_close(Spool(root), make_entry("good1")))
+    os.mkfifo(root / "entries" / "good1.state")
+    os.mkfifo(root / "entries" / "fifo1")
+    os.mkfifo(root / "journal" / "stray-1-1.log")
+    (tmp_path / "target").write_bytes(b"x")
+    os.symlink(tmp_path / "target", root / "entries" / "link1")
+    (root / "entries" / "dir1").mkdir()
+    outcome: list = []
+
+    def scan() -> None:
+        spool = Spool(root)
+        spool.open()
+        outcome.append(spool.opened_scan)
+
+    thread = threading.Thread(target=scan, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():  # free the thread before failing
+        for fifo in ("entries/fifo1", "journal/stray-1-1.log", "entries/good1.state"):
+            with contextlib.suppress(OSError):
+                os.close(os.open(root / fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the scan blocked on a FIFO")
+    result = outcome[0]
+    assert result.entries == {}
+    assert sorted(result.unreadable) == ["dir1", "fifo1", "good1", "link1"]
+    assert "symbolic link" in result.problems["link1"]
+    assert "FIFO" in result.problems["fifo1"] and "FIFO" in result.problems["good1"]
+    assert "directory" in result.problems["dir1"]
+    assert (root / "entries" / "link1").is_symlink() and (root / "journal" / "stray-1-1.log").exists()
+
+
+async def _put_and_close(spool: Spool, entry: QueueEntry) -> None:
+    spool.open()
+    (await spool.put(entry, MESSAGE)).release()
     await spool.close()
 
 
