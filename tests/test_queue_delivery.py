@@ -693,3 +693,24 @@ async def test_relay_queue_retry_after_the_clock_stepped_back_wakes_the_loop(har
     stamp = kick.stat().st_mtime - 3600
     os.utime(kick, (stamp, stamp))
     await eventually(lambda: len(upstream.messages) == 1, what="the retry after the step")
+
+
+async def test_retry_all_does_not_wait_for_deliveries_under_way(harness, upstream):
+    """`relay queue retry --all` while the upstream hangs: before, it waited for the lock of
+    every entry being delivered (up to 30 s each, and a hung upstream holds it until its
+    timeouts), then called each a failure ("being delivered right now") and exited 1,
+    though those entries were due already. Only the waiting ones are its business."""
+    upstream.behaviour.data_delay = 120  # each delivery under way holds its entry's lock
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 busy"}
+    h = harness(steps=(3600.0,))
+    h.runner.start()
+    deferred = await h.put(["later@example.net"])
+    await eventually(lambda: (e := state_of(h.spool, deferred)) and e.recipients[0].attempts == 1, what="deferred")
+    hung = [await h.put([f"hung{i}@example.net"]) for i in range(3)]
+    await eventually(lambda: h.runner.inflight == 3, what="three deliveries under way")
+    operator = Spool(h.spool.root, journal=False)
+    done, problems = await asyncio.wait_for(asyncio.to_thread(admin.retry_all, operator), timeout=150)
+    assert problems == []
+    assert done == 4  # every entry with a recipient waiting is due now
+    assert state_of(h.spool, deferred).recipients[0].next_attempt == 0.0
+    assert all(state_of(h.spool, i) is not None for i in hung)

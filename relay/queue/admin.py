@@ -25,6 +25,10 @@ class QueueCommandError(Exception):
     """An operator's request that cannot be done; the message says why."""
 
 
+class _Gone(QueueCommandError):
+    """The entry left the queue, or has nothing left to wait for, since it was listed."""
+
+
 def entry_state(entry: QueueEntry, now: float) -> str:
     if entry.done:
         return "dead" if entry.failed else "delivered"
@@ -130,7 +134,7 @@ def retry(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
         entry, _ = _read_held(spool, held)
         pending = entry.pending
         if not pending:
-            raise QueueCommandError(f"{entry_id} has no recipient waiting (state: {entry_state(entry, time.time())})")
+            raise _Gone(f"{entry_id} has no recipient waiting (state: {entry_state(entry, time.time())})")
         for r in pending:
             r.next_attempt = 0.0
         spool.save_sync(held, entry, owner=f"relay queue retry ({instance_name()})")
@@ -139,15 +143,27 @@ def retry(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
 
 
 def retry_all(spool: Spool, *, wait: float = LOCK_WAIT) -> tuple[int, list[str]]:
+    """Make every waiting recipient due now. Returns how many entries are due now, and
+    what could not be done."""
     done, busy = 0, []
+    now = time.time()
     for entry_id, summary in spool.scan({}, tidy=False).entries.items():
         if summary.due is None:
+            continue
+        if summary.due <= now:
+            # Due already: being delivered, or about to be. Nothing to change, and a
+            # delivery holds the entry's lock as long as its upstream takes (a hung one:
+            # until its timeouts), which the command would wait for, entry after entry.
+            done += 1
             continue
         try:
             retry(spool, entry_id, wait=wait)
             done += 1
+        except _Gone:
+            continue  # delivered (or finished) since the listing: nothing left to retry
         except QueueCommandError as exc:
             busy.append(str(exc))
+    spool.kick()  # the entries due already too: now, not after an in-memory backoff
     return done, busy
 
 
@@ -185,7 +201,7 @@ class _lock:
         if held is None:
             if os.path.exists(spool.path(entry_id)):
                 raise QueueCommandError(f"{entry_id} is being delivered right now; try again")
-            raise QueueCommandError(f"{entry_id} left the queue meanwhile (delivered or removed)")
+            raise _Gone(f"{entry_id} left the queue meanwhile (delivered or removed)")
         self.held = held
 
     def __enter__(self) -> EntryLock:
