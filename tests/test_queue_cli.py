@@ -174,3 +174,43 @@ def test_list_and_show_name_files_that_are_not_entries_and_never_block_on_them(s
     retried = relay_queue(config, "retry", "link1")
     assert retried.returncode == 1 and "symbolic link" in retried.stderr
     assert (spool.entries / "fifo1").exists() and (spool.entries / "link1").is_symlink()  # left alone
+
+
+def test_another_user_is_told_whose_spool_it_is_not_shown_a_traceback():
+    """The relay makes its spool directories mode 0700: `relay queue list` as another user
+    cannot read them. Before, a PermissionError traceback; now a sentence naming the path
+    and the user to run as, exit 1."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.fail("needs root and setpriv(1) to run the command as another user")
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:  # not under pytest's 0700 tmp dirs
+        os.chmod(top, 0o755)
+        root = Path(top) / "spool"
+        Spool(root).open()
+        config = Path(top) / "relay.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listeners": [{"name": "plain", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+                    "upstream": {"host": "127.0.0.1", "port": 2526, "tls": "none"},
+                    "queue": {"mode": "spool", "dir": str(root)},
+                }
+            )
+        )
+        os.chmod(config, 0o644)
+        for args in (("list",), ("show", "abc123")):
+            done = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+                + [sys.executable, "-m", "relay", "queue", *args, "-c", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, done.stderr
+            assert "Traceback" not in done.stderr
+            assert "Permission denied" in done.stderr and str(root) in done.stderr
+            assert "sudo -u root relay queue" in done.stderr
