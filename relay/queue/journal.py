@@ -217,6 +217,10 @@ class Journal:
     async def _drain_batches(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiters or self._checkpoint_due():
+            if self._fd >= 0 and not self._must_rotate and self._waiters and _unlinked(self._fd):
+                # The segment was removed under us (`journal/` deleted): a record in it would
+                # not outlive a power loss. A new one, or this batch is refused.
+                self._must_rotate = True
             if self._fd < 0 or self._must_rotate or self._checkpoint_due():
                 try:
                     await self._rotate()
@@ -394,6 +398,10 @@ def fsync_entry(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _unlinked(fd: int) -> bool:
+    return os.fstat(fd).st_nlink == 0
 
 
 def _append(fd: int, data: bytes) -> None:

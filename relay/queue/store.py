@@ -200,6 +200,9 @@ class Spool:
             return f"spool {self.entries}: {exc.strerror or exc}"
         if stats.f_flag & os.ST_RDONLY or not os.access(self.entries, os.W_OK | os.X_OK):
             return f"spool {self.entries} is not writable"
+        if self.journal is not None and not os.access(self.journal_dir, os.W_OK | os.X_OK):
+            # New entries are durable through the journal: without it, none is taken.
+            return f"spool journal {self.journal_dir} is missing or not writable"
         if stats.f_bavail * stats.f_frsize < self.reserve_bytes:
             return f"spool filesystem has less than {self.reserve_bytes} bytes free"
         return None

@@ -281,6 +281,26 @@ async def _put_and_close(spool: Spool, entry: QueueEntry) -> None:
     await spool.close()
 
 
+async def test_a_journal_directory_removed_under_a_running_spool_refuses_new_mail(spool):
+    """`journal/` removed while the relay runs (a clean-up script, an operator): the open
+    segment has no name any more, so what is appended to it would not outlive a power loss,
+    and no new segment can be opened, so no checkpoint ever makes the entries durable on
+    their own. Before, every message still got its 250 and /readyz stayed ready."""
+    import shutil
+
+    (await spool.put(make_entry("before1"), MESSAGE)).release()
+    shutil.rmtree(spool.journal_dir)
+    with pytest.raises(SmtpError) as refused:
+        await spool.put(make_entry("after1"), MESSAGE)
+    assert refused.value.temporary
+    assert not spool.path("after1").exists()  # not acknowledged, so not to be delivered
+    assert "journal" in (spool.problem() or "")
+    spool.journal_dir.mkdir()  # put back: new mail is taken again, without a restart
+    (await spool.put(make_entry("after2"), MESSAGE)).release()
+    assert spool.problem() is None
+    await spool.close()
+
+
 async def test_readiness_reports_a_spool_that_is_gone(spool):
     assert spool.problem() is None
     spool.entries.rename(spool.root / "elsewhere")  # e.g. the volume is not mounted
