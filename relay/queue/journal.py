@@ -159,8 +159,15 @@ class Journal:
         for fd, ids in [(self._fd, self._segment_ids), *self._retiring_segments]:
             if entry_id in ids and fd >= 0:
                 ids.discard(entry_id)
-                with contextlib.suppress(OSError):  # the retirement makes the removal durable anyway
-                    os.write(fd, encode_record(DONE, entry_id))
+                mark = encode_record(DONE, entry_id)
+                try:
+                    written = os.write(fd, mark)
+                except OSError:
+                    written = -1  # the retirement makes the removal durable anyway
+                if written != len(mark) and fd == self._fd:
+                    # Cut short (a full disk): a torn record, past which a replay reads
+                    # nothing. What comes next goes to a new segment.
+                    self._must_rotate = True
                 return
 
     def keep(self, entry_id: str, fd: int) -> bool:
