@@ -9,10 +9,13 @@ between processes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import json
 import logging
 import os
+import shutil
+import subprocess
 import threading
 import time
 import zlib
@@ -714,3 +717,40 @@ async def test_retry_all_does_not_wait_for_deliveries_under_way(harness, upstrea
     assert done == 4  # every entry with a recipient waiting is due now
     assert state_of(h.spool, deferred).recipients[0].next_attempt == 0.0
     assert all(state_of(h.spool, i) is not None for i in hung)
+
+
+@contextlib.contextmanager
+def unchangeable(directory):
+    """Nothing in `directory` can be created, renamed or removed, even by root (chattr +i):
+    what a spool remounted read-only (ext4's errors=remount-ro) or failing with EIO does to
+    the delivery loop's records."""
+    if os.geteuid() != 0 or not shutil.which("chattr"):
+        pytest.fail("needs root and chattr(1)")
+    subprocess.run(["chattr", "+i", str(directory)], check=True, timeout=30)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True, timeout=30)
+
+
+async def test_a_delivery_the_spool_cannot_record_is_not_sent_again(harness, upstream, monkeypatch):
+    """After the upstream's 250 the entry's removal failed (the spool had become read-only):
+    before, the attempt counted as failed unexpectedly and the message went out again at
+    every retry, once a minute, for as long as the spool stayed so."""
+    from relay.queue import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "ERROR_RETRY", 0.3)  # 60 s in production
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 busy"}
+    h = harness(steps=(0.3,))
+    entry_id = await h.put(["later@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) and e.recipients[0].attempts == 1, what="deferred")
+    with unchangeable(h.spool.entries):
+        upstream.behaviour.rcpt_replies = {}
+        await eventually(lambda: len(upstream.messages) == 1, what="the delivery")
+        await asyncio.sleep(3)  # ten retry steps: nothing more may go out
+        assert len(upstream.messages) == 1
+        assert state_of(h.spool, entry_id) is not None  # not recorded: the spool could not
+    # Writable again: the delivery is recorded (the entry removed), still not sent again.
+    await eventually(lambda: state_of(h.spool, entry_id) is None, what="the entry removed")
+    assert len(upstream.messages) == 1

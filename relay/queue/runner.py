@@ -181,6 +181,9 @@ class QueueRunner:
         # Not before these times (in memory only): a report that could not be queued, an
         # attempt that failed unexpectedly. A scan reschedules from disk, never earlier.
         self._backoff: dict[str, float] = {}
+        # Recipients (by position) this process delivered but could not record in the
+        # spool (read-only, I/O errors): never sent again by it while the spool stays so.
+        self._unrecorded: dict[str, set[int]] = {}
         self._unreadable = 0
         self.delivery_bytes = DELIVERY_BYTES
         self.error_backoff = LOOP_ERROR_BACKOFF
@@ -387,6 +390,8 @@ class QueueRunner:
         self._unreadable = len(result.unreadable)
         for gone in self._paced.keys() - result.entries.keys():
             del self._paced[gone]  # delivered or removed elsewhere
+        for gone in self._unrecorded.keys() - result.entries.keys():
+            del self._unrecorded[gone]
         for entry_id in result.corrupt:
             held = self.spool.lock(entry_id)
             if held is not None:
@@ -500,6 +505,18 @@ class QueueRunner:
         finally:
             self._reading -= size
 
+    def _apply_unrecorded(self, entry: QueueEntry) -> bool:
+        """Mark the recipients this process delivered but could not record as delivered;
+        True if there were any still pending on disk."""
+        now = time.time()
+        changed = False
+        for i in self._unrecorded.get(entry.id, ()):
+            if i < len(entry.recipients) and entry.recipients[i].status == PENDING:
+                r = entry.recipients[i]
+                self._set(r, DELIVERED, r.last_reply or "250 delivered", r.upstream, now)
+                changed = True
+        return changed
+
     def _back_off(self, entry_id: str, until: float) -> None:
         self._backoff[entry_id] = until
         self._schedule(entry_id, until)
@@ -516,6 +533,9 @@ class QueueRunner:
             self._back_off(entry.id, time.time() + max(ERROR_RETRY, self.policy.delay(1, self.rng)))
 
     async def _deliver_due(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
+        if self._apply_unrecorded(entry) and entry.done:
+            await self._settle(held, entry, message, time.time())
+            return
         if entry.dsn == "pending":
             await self._report(held, entry, message)
             return
@@ -687,7 +707,20 @@ class QueueRunner:
                 await asyncio.shield(tx.abort())
             raise
         if reply.positive:
-            prepared.commit()  # the one syscall between the upstream's 250 and the spool
+            try:
+                prepared.commit()  # the one syscall between the upstream's 250 and the spool
+            except OSError as exc:
+                # The upstream has the message; the spool cannot say so (remounted read-only,
+                # EIO). Kept in memory, so that this process does not send it again at every
+                # retry while the spool stays so; recorded by the entry's next attempt.
+                with contextlib.suppress(OSError):
+                    prepared.discard()
+                positions = {id(r): i for i, r in enumerate(entry.recipients)}
+                self._unrecorded.setdefault(entry.id, set()).update(positions[id(r)] for r in accepted)
+                log.error(
+                    "delivered, but the spool could not record it; not sent again by this process",
+                    extra={"id": entry.id, "reason": f"{exc.strerror or exc}"},
+                )
             if after is not None:
                 _copy_state(after, entry)
             else:
