@@ -754,3 +754,23 @@ async def test_a_delivery_the_spool_cannot_record_is_not_sent_again(harness, ups
     # Writable again: the delivery is recorded (the entry removed), still not sent again.
     await eventually(lambda: state_of(h.spool, entry_id) is None, what="the entry removed")
     assert len(upstream.messages) == 1
+
+
+async def test_a_damaged_entry_that_cannot_be_moved_does_not_stop_the_others(harness, upstream, monkeypatch):
+    """The quarantine of a damaged entry failed (a read-only spool): before, the error ended
+    the scan before anything was scheduled, at every scan, so no entry was delivered."""
+    from relay.queue import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "ERROR_RETRY", 0.3)  # 60 s in production
+    h = harness()
+    torn = await h.put(["torn@example.net"], submit=False)
+    good = await h.put(["good@example.net"], submit=False)
+    with open(h.spool.path(torn), "r+b") as fh:
+        fh.truncate(os.path.getsize(h.spool.path(torn)) // 2)
+    with unchangeable(h.spool.entries):
+        h.runner.start()
+        await eventually(lambda: len(upstream.messages) == 1, what="the intact entry delivered")
+        assert upstream.messages[0].rcpt_tos == ["good@example.net"]
+    await eventually(lambda: state_of(h.spool, good) is None, what="its delivery recorded once writable")
+    await eventually(lambda: not h.spool.path(torn).exists(), what="the damaged one quarantined")
+    assert len(upstream.messages) == 1

@@ -169,6 +169,7 @@ class Spool:
         # every entry a second time at start.
         self.opened_scan: ScanResult | None = None
         self._reported_unreadable: dict[str, str] = {}
+        self._unmovable: dict[str, str] = {}  # damaged entries whose quarantine failed, and why
 
     # -- setup and health ---------------------------------------------------------------
     def open(self) -> None:
@@ -411,8 +412,17 @@ class Spool:
         target = self.corrupt / source.name
         if target.exists():
             target = self.corrupt / f"{source.name}.{int(time.time())}"
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.rename(source, target)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # Left in place: the entry goes on from the state embedded in its file all the same.
+            log.error(
+                "spool state file damaged, and it cannot be moved to quarantine; left in place",
+                extra={"id": entry_id, "reason": why, "error": f"{exc.strerror or exc}"},
+            )
+            return
         log.error(
             "spool state file damaged; moved to quarantine, the message stays queued from its initial state",
             extra={"id": entry_id, "reason": why, "quarantine": str(target)},
@@ -486,12 +496,26 @@ class Spool:
         """Move a damaged entry out of the way, with a log line; it is never delivered."""
         moved = []
         for source in (self.path(entry_id), self.state_path(entry_id)):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 target = self.corrupt / source.name
                 if target.exists():
                     target = self.corrupt / f"{source.name}.{int(time.time())}"
                 os.rename(source, target)
                 moved.append(source.name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                # A read-only spool, no room in corrupt/: the entry stays where it is, still
+                # never delivered (every scan finds it damaged); one line per entry and reason.
+                reason = f"{exc.strerror or exc}"
+                if self._unmovable.get(entry_id) != reason:
+                    self._unmovable[entry_id] = reason
+                    log.error(
+                        "spool entry damaged, and it cannot be moved to quarantine; left in place, not delivered",
+                        extra={"id": entry_id, "reason": why, "error": reason, "path": str(source)},
+                    )
+                return
+        self._unmovable.pop(entry_id, None)
         log.error(
             "spool entry damaged; moved to quarantine and not delivered",
             extra={"id": entry_id, "reason": why, "files": moved, "quarantine": str(self.corrupt)},
