@@ -609,6 +609,31 @@ async def test_max_rate_is_shared_by_the_workers(tmp_path, monkeypatch):
         await t.close()
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [(-1e300, 1.0), (float("nan"), float("nan")), (-1e12, 1e300), (float("-inf"), 0.0)],
+    ids=["huge-debt", "nan", "debt-and-future-stamp", "minus-infinity"],
+)
+def test_a_damaged_shared_pacing_state_is_reset_not_obeyed(tmp_path, damaged):
+    """The shared `max_rate` state is 16 bytes in the spool directory, kept across restarts.
+    Damaged at rest into an absurd debt, it made every delivery to that upstream wait for
+    ages (for ever, restart or not)."""
+    import math
+    import struct
+
+    from relay.queue.pacing import SharedTokenBucket
+
+    path = tmp_path / "pacing" / "up"
+    path.parent.mkdir()
+    path.write_bytes(struct.pack("<dd", *damaged))
+    bucket = SharedTokenBucket(path, rate=14.0)
+    wait = bucket._reserve(1.0)
+    assert math.isfinite(wait) and wait <= 1.0
+    tokens, _stamp = struct.unpack("<dd", path.read_bytes())
+    assert math.isfinite(tokens)
+    bucket.close()
+
+
 async def test_an_entry_with_an_unreadable_state_is_skipped_not_fatal(spool, monkeypatch, caplog):
     """Before: any error but CorruptEntry in a scan (EACCES from a root-owned state file, a
     field written by a newer version) stopped the scan, the delivery loop and `open()`."""
