@@ -78,3 +78,60 @@ def test_a_completion_mark_cut_short_by_a_full_disk_does_not_hide_later_entries(
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["torn"], "the probe did not manage to cut the mark short"
     assert result["vouched"]
+
+
+def test_relay_queue_retry_on_a_full_disk_says_so_and_leaves_nothing(tmp_path):
+    """`relay queue retry` when the spool's disk is full: before, an OSError traceback and a
+    partial `.tmp-*` state file left in the spool; now one line, exit 1, nothing left."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("needs root and unshare(1) to mount a small tmpfs in a private namespace")
+    root = tmp_path / "spool"
+    root.mkdir()
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "listeners": [{"name": "plain", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+                "upstream": {"host": "127.0.0.1", "port": 2526, "tls": "none"},
+                "queue": {"mode": "spool", "dir": str(root)},
+            }
+        )
+    )
+    fill = (
+        "import asyncio, os, time\n"
+        "from pathlib import Path\n"
+        "from relay.queue.entry import QueueEntry, RecipientState\n"
+        "from relay.queue.store import Spool\n"
+        "async def main():\n"
+        f"    spool = Spool(Path({str(root)!r}), reserve_bytes=0)\n"
+        "    spool.open()\n"
+        "    entry = QueueEntry(id='waiting1', mail_from='app@example.com',\n"
+        "        recipients=[RecipientState('a@example.net', next_attempt=time.time() + 600, attempts=1)],\n"
+        "        created=time.time())\n"
+        "    (await spool.put(entry, b'Subject: x\\r\\n\\r\\nbody\\r\\n')).release()\n"
+        "    await spool.close()\n"
+        "    fd = os.open(spool.root / 'filler', os.O_WRONLY | os.O_CREAT, 0o600)\n"
+        "    try:\n"
+        "        while os.write(fd, bytes(4096)):\n"
+        "            pass\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "asyncio.run(main())\n"
+    )
+    script = (
+        f'mount -t tmpfs -o size=1m tmpfs {root} && {sys.executable} -c "$0" && '
+        f'{{ {sys.executable} -m relay queue retry waiting1 -c {config}; echo "rc=$?"; }} && '
+        f"ls -A {root}/entries"
+    )
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, fill],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rc=1" in done.stdout
+    assert "Traceback" not in done.stderr and "No space left on device" in done.stderr
+    left = done.stdout.split("rc=1", 1)[1].split()
+    assert left == ["waiting1"]  # the entry, untouched; no partial state file

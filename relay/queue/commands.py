@@ -104,7 +104,7 @@ def _run(
         hint = ""
         if isinstance(exc, PermissionError):
             hint = f"; {_owner(root) or 'check the permissions of the spool'}"
-        print(f"relay queue: cannot read the spool: {exc.strerror or exc}{where}{hint}", file=sys.stderr)
+        print(f"relay queue: {exc.strerror or exc}{where}{hint}", file=sys.stderr)
         return EXIT_FAILED
 
 

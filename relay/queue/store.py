@@ -775,6 +775,11 @@ def _write_synced(path: Path, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except BaseException:
+        # A full disk: the partial file would hold its blocks until a scan removed it.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
