@@ -214,3 +214,20 @@ def test_another_user_is_told_whose_spool_it_is_not_shown_a_traceback():
             assert "Traceback" not in done.stderr
             assert "Permission denied" in done.stderr and str(root) in done.stderr
             assert "sudo -u root relay queue" in done.stderr
+
+
+def test_list_and_show_say_when_an_entry_is_shown_from_its_initial_state(spool_config):
+    """A damaged `.state` file (zero length after a crash of the disk, say) is quarantined by
+    the relay's next attempt; until then `list` and `show` fell back to the state embedded in
+    the entry without a word: a dead letter showed as waiting, delivered recipients as not."""
+    config, spool = spool_config
+    spool.state_path("dead1").write_bytes(b"")
+    listed = relay_queue(config, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entry = {e["id"]: e for e in json.loads(listed.stdout)}["dead1"]
+    assert "state file" in (entry.get("problem") or "")
+    shown = relay_queue(config, "show", "dead1")
+    assert shown.returncode == 0 and "state file" in (json.loads(shown.stdout).get("problem") or "")
+    text = relay_queue(config, "list")
+    assert "state file" in text.stdout
+    assert spool.state_path("dead1").exists()  # the command only reads

@@ -76,14 +76,14 @@ def list_entries(spool: Spool) -> list[dict[str, Any]]:
     result = spool.scan({}, tidy=False)
     for entry_id in sorted(result.entries):
         try:
-            entry = spool.read_meta(entry_id)
+            entry, state_problem = spool.read_meta_checked(entry_id)
         except FileNotFoundError:
             continue
         except Exception as exc:  # noqa: BLE001 - changed since the scan: shown as it is now
             problem = f"{type(exc).__name__}: {exc}"
             out.append(_problem(spool, entry_id, "damaged" if isinstance(exc, CorruptEntry) else "unreadable", problem))
             continue
-        out.append(describe(entry, now))
+        out.append(_with_state_problem(describe(entry, now), state_problem))
     for state, ids in (("damaged", result.corrupt), ("unreadable", result.unreadable)):
         for entry_id in ids:
             out.append(_problem(spool, entry_id, state, result.problems.get(entry_id)))
@@ -115,9 +115,17 @@ def _problem(spool: Spool, entry_id: str, state: str, problem: str | None) -> di
     }
 
 
+def _with_state_problem(info: dict[str, Any], state_problem: str | None) -> dict[str, Any]:
+    if state_problem is not None:
+        # The relay quarantines the state file at the entry's next attempt; until then an
+        # operator must know that what is shown is the entry's initial state.
+        info["problem"] = f"state file damaged ({state_problem}): shown from the entry's initial state"
+    return info
+
+
 def show(spool: Spool, entry_id: str) -> dict[str, Any]:
-    entry = _read(spool, entry_id)
-    info = describe(entry, time.time())
+    entry, state_problem = _read(spool, entry_id)
+    info = _with_state_problem(describe(entry, time.time()), state_problem)
     info["envelope"] = {k: v for k, v in asdict(entry).items() if k in ("ret", "envid", "body_8bit", "smtputf8")}
     try:
         message = spool.read_message(entry_id)
@@ -211,9 +219,9 @@ class _lock:
         self.held.release()
 
 
-def _read(spool: Spool, entry_id: str) -> QueueEntry:
+def _read(spool: Spool, entry_id: str) -> tuple[QueueEntry, str | None]:
     try:
-        return spool.read_meta(entry_id)
+        return spool.read_meta_checked(entry_id)
     except FileNotFoundError:
         raise QueueCommandError(f"{entry_id}: no such entry in the queue") from None
     except CorruptEntry as exc:

@@ -370,6 +370,11 @@ class Spool:
 
     def read_meta(self, entry_id: str) -> QueueEntry:
         """Envelope and state without the message (FileNotFoundError when it is gone)."""
+        return self.read_meta_checked(entry_id)[0]
+
+    def read_meta_checked(self, entry_id: str) -> tuple[QueueEntry, str | None]:
+        """`read_meta`, and why the entry's state file could not be used (the entry then
+        has the state embedded in its file), or None."""
         with os.fdopen(open_spool_file(self.path(entry_id)), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEAD_READ)
@@ -377,8 +382,7 @@ class Spool:
             if span > len(head):
                 head += fh.read(span - len(head))
         entry = decode_meta(head, size)
-        self._apply_state_file(entry)
-        return entry
+        return entry, self._apply_state_file(entry)
 
     def read_message(self, entry_id: str) -> bytes:
         with os.fdopen(open_spool_file(self.path(entry_id)), "rb") as fh:
