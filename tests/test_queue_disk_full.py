@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,3 +137,60 @@ def test_relay_queue_retry_on_a_full_disk_says_so_and_leaves_nothing(tmp_path):
     assert "Traceback" not in done.stderr and "No space left on device" in done.stderr
     left = done.stdout.split("rc=1", 1)[1].split()
     assert left == ["waiting1"]  # the entry, untouched; no partial state file
+
+
+PREFILL = (
+    "import asyncio, sys, time\n"
+    "from pathlib import Path\n"
+    "from relay.queue.entry import QueueEntry, RecipientState\n"
+    "from relay.queue.store import Spool\n"
+    "async def main():\n"
+    "    spool = Spool(Path(sys.argv[1]))\n"
+    "    spool.open()\n"
+    "    entry = QueueEntry(id='queued1', mail_from='app@example.com',\n"
+    "        recipients=[RecipientState('a@example.net')], created=time.time())\n"
+    "    message = b'From: app@example.com\\r\\nTo: a@example.net\\r\\nSubject: queued1\\r\\n\\r\\nbody\\r\\n'\n"
+    "    (await spool.put(entry, message)).release()\n"
+    "    await spool.close()\n"
+    "asyncio.run(main())\n"
+)
+
+
+def test_a_spool_read_only_at_start_delivers_what_it_holds_once_and_takes_nothing_new(make_relay, pki, tmp_path):
+    """The spool's volume comes up read-only (ext4's errors=remount-ro after an I/O error):
+    relay starts, /readyz fails naming the spool, new mail gets 452 4.3.1, and what is queued
+    goes out once. Before, the removal after the upstream's 250 failed and the message went
+    out again at every retry, once a minute."""
+    from tests.support.smtp import submit
+    from tests.support.upstream import Upstream
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.fail("needs root and unshare(1) to mount a small tmpfs in a private namespace")
+    root = tmp_path / "spool"
+    root.mkdir()
+    with Upstream(tls="starttls", server_context=pki.server_context()) as up:
+        relay = make_relay(up.port, queue={"mode": "spool", "dir": str(root), "retry": ["1s"]}, start=False)
+        relay.command = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size=24m tmpfs "{root}" && "$0" -c "$PREFILL" "{root}" && '
+            f'mount -o remount,ro "{root}" && exec "$0" -m relay "$@"',
+            sys.executable,
+        ]
+        relay.env["PREFILL"] = PREFILL
+        relay.start(wait_ready=False)
+        up.wait_for(1)
+        status, body = relay.http_json("/readyz")
+        assert status == 503 and "not writable" in json.dumps(body), body
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            submit(relay, pki)
+        assert refused.value.recipients["user@example.net"][0] == 452
+        # Several retry steps (1 s) and the backoff after the failed removal go by; the
+        # message is not sent again.
+        relay.wait_log(lambda e: "could not record" in e.get("msg", ""), timeout=30)
+        time.sleep(3)
+        assert len(up.messages) == 1 and b"Subject: queued1" in up.messages[0].content
