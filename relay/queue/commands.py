@@ -118,7 +118,7 @@ def _not_the_owner(root: Any) -> str | None:
 
 
 def _owner(root: Any) -> str | None:
-    """ "the spool belongs to …; run this as that user", or None when this user owns it."""
+    """Which user to run as (the spool directory's owner), or None when it is this one."""
     import os
     import pwd
 

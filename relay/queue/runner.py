@@ -513,7 +513,7 @@ class QueueRunner:
         for i in self._unrecorded.get(entry.id, ()):
             if i < len(entry.recipients) and entry.recipients[i].status == PENDING:
                 r = entry.recipients[i]
-                self._set(r, DELIVERED, r.last_reply or "250 delivered", r.upstream, now)
+                self._set(r, DELIVERED, "250 delivered", r.upstream, now)
                 changed = True
         return changed
 
