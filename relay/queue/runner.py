@@ -462,7 +462,12 @@ class QueueRunner:
 
     # -- one attempt ------------------------------------------------------------------------
     async def _attempt(self, entry_id: str) -> None:
-        held = self.spool.lock(entry_id)
+        try:
+            held = self.spool.lock(entry_id)
+        except OSError as exc:  # replaced by a FIFO or a link since the scan; no permission
+            log.error("spool entry unreadable; will retry", extra={"id": entry_id, "reason": str(exc)})
+            self._back_off(entry_id, time.time() + ERROR_RETRY)
+            return
         if held is None:
             return  # gone, or another worker holds it: its state will come with the next scan
         with held:

@@ -287,7 +287,15 @@ class Spool:
         if not valid_id(entry_id):
             return False
         path = self.path(entry_id)
-        held = self.lock(entry_id)
+        try:
+            held = self.lock(entry_id)
+        except NotASpoolFile as exc:
+            # Not ours to overwrite: reported by the scan (`relay queue list`), left alone.
+            log.error(
+                "journal replay: not restoring over a file that is not an entry",
+                extra={"id": entry_id, "reason": str(exc)},
+            )
+            return False
         if held is None and (path.exists() or not lost_possible):
             # Held by a live delivery: it is there. Or removed by someone (delivered by
             # another worker, deleted by an operator): a kill does not lose a written file.
@@ -635,7 +643,10 @@ class Spool:
         (`.tmp-<id>.state-*`) waits for its transaction's end, however long it takes."""
         entry_id = name[len(TMP_PREFIX) :].rsplit("-", 1)[0].removesuffix(STATE_SUFFIX)
         if valid_id(entry_id) and self.path(entry_id).exists():
-            held = self.lock(entry_id)
+            try:
+                held = self.lock(entry_id)
+            except NotASpoolFile:
+                held = None  # the scan reports that name; the tmp file waits
             if held is None:
                 return  # held by a delivery under way (or gone this instant: next scan)
             try:

@@ -780,3 +780,22 @@ def test_a_recipient_due_now_is_shown_due_now_not_in_1970():
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.created + 600)),
     ]
     assert info["next_attempt"] == due_now
+
+
+async def test_a_replay_meeting_a_fifo_where_its_entry_was_goes_on(tmp_path):
+    """A dead writer's segment vouches for an entry whose file has become a FIFO: before,
+    the replay raised, so every scan (and the start) failed on that one name."""
+    killed = Spool(tmp_path / "spool")
+    killed.open()
+    killed.journal.checkpoint_interval = 3600
+    (await killed.put(make_entry("f1"), MESSAGE)).release()
+    (await killed.put(make_entry("f2"), MESSAGE)).release()
+    crash(killed)
+    os.unlink(killed.path("f1"))
+    os.mkfifo(killed.path("f1"))
+    restarted = Spool(tmp_path / "spool")
+    restarted.open()  # no exception
+    result = restarted.opened_scan
+    assert set(result.entries) == {"f2"} and result.unreadable == ["f1"]
+    assert list(restarted.journal_dir.glob("*.log")) == []  # the dead segment was replayed
+    await restarted.close()
