@@ -194,3 +194,6 @@ def test_a_spool_read_only_at_start_delivers_what_it_holds_once_and_takes_nothin
         relay.wait_log(lambda e: "could not record" in e.get("msg", ""), timeout=30)
         time.sleep(3)
         assert len(up.messages) == 1 and b"Subject: queued1" in up.messages[0].content
+        logged = [e.get("msg") for e in relay.logs()]
+        assert "spool cannot be written; delivery attempt put off" in logged
+        assert "delivery attempt failed unexpectedly; will retry" not in logged  # no traceback

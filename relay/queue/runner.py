@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import heapq
 import logging
 import math
@@ -115,6 +116,8 @@ REPORT_SIZE_GUESS = 8192  # a failure report with the returned header, for the r
 STUCK_AFTER = 300.0
 # Refusals made by the relay itself before the upstream saw the transaction: no attempt.
 NOT_ATTEMPTED = frozenset({"upstream_busy", "shutting_down"})
+# A spool that cannot take a state change: full, over quota, read-only.
+SPOOL_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class RouteSource(Protocol):
@@ -531,11 +534,20 @@ class QueueRunner:
             await self._deliver_due(held, entry, message)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
-        except Exception:
+        except Exception as exc:
             # Whatever went wrong, the entry stays in its last committed state and is
             # tried again later; a delivery task must never take the runner down.
-            log.exception("delivery attempt failed unexpectedly; will retry", extra={"id": entry.id})
-            self._back_off(entry.id, time.time() + max(ERROR_RETRY, self.policy.delay(1, self.rng)))
+            retry_in = max(ERROR_RETRY, self.policy.delay(1, self.rng))
+            if isinstance(exc, OSError) and exc.errno in SPOOL_UNWRITABLE:
+                # Expected while the disk is full or the volume read-only: one line per
+                # attempt, not a traceback.
+                log.error(
+                    "spool cannot be written; delivery attempt put off",
+                    extra={"id": entry.id, "reason": f"{exc.strerror}: {exc.filename}", "retry_in_s": round(retry_in)},
+                )
+            else:
+                log.exception("delivery attempt failed unexpectedly; will retry", extra={"id": entry.id})
+            self._back_off(entry.id, time.time() + retry_in)
 
     async def _deliver_due(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
         if self._apply_unrecorded(entry) and entry.done:
