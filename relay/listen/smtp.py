@@ -122,6 +122,8 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
 _SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
 _IDLE_TIMEOUT = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+_HOLD_TIMEOUT = b"421 4.4.2 Transaction not completed in time, closing connection\r\n"
+_HOLD_REASON = "the transaction held an upstream connection past clients.session_timeout waiting on the client"
 # Closing a TLS transport waits for the client's close_notify (asyncio gives it 30 s), and
 # closing any transport waits for its unsent data: a client that reads nothing would hold its
 # connection, and a drain, that long. Once our last reply is out, it gets this long to go.
@@ -224,6 +226,7 @@ class RelaySMTP(SMTP):
         self.max_connections_per_address = max_connections_per_address
         self._deadline: float | None = None
         self._idle_expiry = 0.0  # when the session is idle for too long (see _reset_timeout)
+        self._hold_expiry: float | None = None  # see _hold_upstream
         self._ending = "client disconnected"  # what ends an open transaction, for its log line
         self._abort_handle: asyncio.TimerHandle | None = None
         self.client = client
@@ -272,6 +275,8 @@ class RelaySMTP(SMTP):
         duration = duration or self._timeout_duration
         if self._deadline is not None:
             duration = max(0.01, min(duration, self._deadline - now))
+        if self._hold_expiry is not None:
+            duration = max(0.01, min(duration, self._hold_expiry - now))
         expiry = self._idle_expiry = now + duration
         handle = self._timeout_handle
         if handle is None or handle.cancelled() or handle.when() > expiry:
@@ -290,9 +295,26 @@ class RelaySMTP(SMTP):
         # Never runs while the upstream's answer is awaited (_waiting_for_upstream stops the
         # timer): after DATA, the session then ends right after the reply (smtp_DATA).
         reply = _IDLE_TIMEOUT
+        held = self._hold_expiry is not None and self.loop.time() >= self._hold_expiry - _TIMER_SLACK
         if self._past_deadline():
             self._ending = "session time limit"
             reply = _SESSION_OVER
+        elif held:
+            reply = _HOLD_TIMEOUT
+        else:
+            self._ending = "idle for clients.session_timeout"
+        if self.client.holds_upstream:
+            # An upstream connection was waiting on this client: the transaction is ended
+            # by the relay, with its reply, in its log line and the rejection count.
+            self.client.timed_out(
+                SmtpError(
+                    421,
+                    "4.4.2",
+                    "Transaction not completed in time" if held else "Timeout exceeded",
+                    reason=_HOLD_REASON if held else self._ending,
+                    label="timeout",
+                )
+            )
         transport = _writable(self.transport)
         if transport is not None and not transport.is_closing() and not self._handshaking:
             # RFC 5321 §3.8: a server that must close says 421 first, so that a client
@@ -322,8 +344,9 @@ class RelaySMTP(SMTP):
 
     def _set_post_data_state(self) -> None:
         # The message is answered: its bytes leave the budget (and on a lost connection, in
-        # connection_lost).
+        # connection_lost). Also every reset (RSET, EHLO, STARTTLS): no upstream is held.
         self._release_budget()
+        self._hold_expiry = None
         super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
     def _release_budget(self) -> None:
@@ -512,6 +535,7 @@ class RelaySMTP(SMTP):
             return
         with self._waiting_for_upstream():
             reply = await self.client.rcpt(address, dsn)
+        self._hold_upstream()
         if reply.positive:
             self.envelope.rcpt_tos.append(address)
             self.envelope.rcpt_options.extend(words)
@@ -664,6 +688,8 @@ class RelaySMTP(SMTP):
             await self.push(str(reply))
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        # From here the DATA phase is bounded by data_timeout (the upstream still waits).
+        self._hold_expiry = None
         assert self._deadline is not None
         time_left = min(self.data_timeout, self._deadline - self.loop.time())
         try:
@@ -753,12 +779,29 @@ class RelaySMTP(SMTP):
         """While the relay waits for the upstream's answer, the client waits for ours: it is
         not idle, so `session_timeout` does not run (the upstream's `command_timeout`
         bounds the wait). Otherwise, with session_timeout <= command_timeout, a slow
-        upstream would cost the client its connection with no reply at all."""
+        upstream would cost the client its connection with no reply at all. Nor is the
+        wait counted against the client's hold on the upstream (_hold_upstream)."""
         assert self._timeout_handle is not None
         self._timeout_handle.cancel()
+        started = self.loop.time()
         try:
             yield
         finally:
+            if self._hold_expiry is not None:
+                self._hold_expiry += self.loop.time() - started
+            self._reset_timeout()
+
+    def _hold_upstream(self) -> None:
+        """Once a RCPT has begun the upstream transaction, a pooled upstream connection waits
+        on this client until DATA. Commands that do not move the transaction on (NOOP, HELP,
+        VRFY, a refused RCPT) would reset the idle timer for ever, and `max_connections`
+        such clients would leave everyone else 451 4.4.5. So the client's own time from
+        here to DATA, all its pauses together (not the waits for the upstream), is bounded
+        by session_timeout, the server timeout for the next command of RFC 5321
+        §4.5.3.2.7; then 421 4.4.2, and the upstream transaction is reset (RSET) and its
+        connection goes back to the pool."""
+        if self._hold_expiry is None and self.client.holds_upstream:
+            self._hold_expiry = self.loop.time() + self._timeout_duration
             self._reset_timeout()
 
     async def _read_data(self) -> tuple[bytes | None, int]:
