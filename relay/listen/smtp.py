@@ -321,8 +321,7 @@ class RelaySMTP(SMTP):
             # waiting on its own timer knows the session is over and why (Postfix: "421
             # 4.4.2 … Error: timeout exceeded"); mid-handshake there is no channel to say it on.
             transport.write(reply)
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
-        self._abort_when_stuck()
+        self.close()  # aiosmtpd's closes at once: a command crossing the 421 would meet RST
 
     async def _handle_client(self) -> None:
         # Only the load balancer may say who the client is (listeners[].proxy_protocol_from).
@@ -409,12 +408,12 @@ class RelaySMTP(SMTP):
             self.close()
 
     def close(self) -> None:
-        """End the session after the relay's last reply. On plain TCP the connection lingers
-        (see _Linger); under TLS, and mid-STARTTLS, it closes."""
+        """End the session after the relay's last reply: the connection lingers (see
+        _Linger); mid-STARTTLS it closes."""
         transport = _writable(self.transport)
         if transport is None:
             return
-        if not self._handshaking and not transport.is_closing() and transport.can_write_eof():
+        if not self._handshaking and not transport.is_closing():
             linger = _Linger(cast(asyncio.Transport, transport), self.loop, self._connections, self._writer)
             transport.set_protocol(linger)
             # aiosmtpd's command loop, cancelled by connection_lost while it waits for a
@@ -921,7 +920,13 @@ class _Linger(asyncio.Protocol):
     sends RST, and a client reading its reply late then sees "connection reset" in its place
     (a PROXY header refused unread; a command crossing the final 421, a drain's among them).
     It stays among the open connections until then: a drain waits for it (within
-    drain_timeout) rather than exit with the socket still taking input."""
+    drain_timeout) rather than exit with the socket still taking input.
+
+    Under TLS there is no half-close: close_notify ends the relay's side (RFC 8446 §6.1), and
+    asyncio's TLS shutdown fails on application data that arrives after it (a command
+    crossing the 421) and aborts the connection. So the TLS session sends close_notify only
+    once the client has closed (its close_notify or FIN), or at CLOSE_GRACE, and the
+    connection is aborted if the shutdown is not done another CLOSE_GRACE later."""
 
     def __init__(
         self,
@@ -935,11 +940,21 @@ class _Linger(asyncio.Protocol):
         # The session's StreamWriter closes its transport when it is collected (asyncio's
         # StreamWriter.__del__): held until the socket is closed, or the GC cuts this short.
         self._writer: asyncio.StreamWriter | None = writer
+        self._loop = loop
         connections.add(self)  # before the session leaves them: a drain never sees none
-        transport.write_eof()  # after the reply still buffered, if any
+        self._tls = not transport.can_write_eof()
+        if not self._tls:
+            transport.write_eof()  # after the reply still buffered, if any
         if not transport.is_reading():  # paused by the session's full buffer
             transport.resume_reading()
-        self._deadline = loop.call_later(CLOSE_GRACE, transport.abort)
+        self._deadline = loop.call_later(CLOSE_GRACE, self._grace_over)
+
+    def _grace_over(self) -> None:
+        if self._tls and not self._transport.is_closing():
+            self._transport.close()  # close_notify, then the client's (or its FIN)
+            self._deadline = self._loop.call_later(CLOSE_GRACE, self._transport.abort)
+        else:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         pass  # nothing more is answered
