@@ -134,6 +134,7 @@ _TIMER_SLACK = 0.001
 # DATA is read in blocks of up to this size (see RelaySMTP._read_data).
 _DATA_BLOCK = 64 * 1024
 _END_OF_DATA = b"\r\n.\r\n"
+_BDAT_ARG = re.compile(r"(\d{1,20})(?: +LAST)?", re.IGNORECASE)  # RFC 3030 §2: chunk-size [SP end-marker]
 # What one header line costs once parsed (relay.message.Message.parse): the line, the
 # field's value and its HeaderField, and the signer's tuple of them (about 210 bytes for a
 # tiny field, measured); see RelaySMTP._charge_header_fields.
@@ -746,6 +747,33 @@ class RelaySMTP(SMTP):
         elif self._shutting_down or self.client.draining:
             await self.push("421 4.3.2 Service shutting down, closing connection")
             self.close()
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030: relay does not offer CHUNKING, yet a client may send BDAT anyway, its
+        chunk right behind it. Those octets are message content, not commands: read as
+        commands, a line of the message such as "RSET" or "RCPT TO:<...>" was carried out.
+        The chunk is read and dropped (within data_timeout, as DATA), then 502. Without a
+        chunk size nothing can be skipped: 501. No @syntax: HELP does not list it."""
+        assert self.session is not None and self._deadline is not None
+        match = _BDAT_ARG.fullmatch(arg or "")
+        if match is None:
+            await self.push("501 5.5.4 Syntax: BDAT chunk-size [LAST]")
+            return
+        left = int(match.group(1))
+        time_left = min(self.data_timeout, self._deadline - self.loop.time())
+        try:
+            async with asyncio.timeout(max(time_left, 0.01)):
+                while left:
+                    block = await self._reader.read(min(left, _DATA_BLOCK))
+                    if not block:
+                        raise ConnectionResetError("client closed the connection during BDAT")
+                    left -= len(block)
+                    self._reset_timeout()
+        except TimeoutError:
+            await self.push("421 4.4.2 Timeout: BDAT took too long, closing connection")
+            self.close()
+            return
+        await self.push("502 5.5.1 BDAT not implemented: CHUNKING is not offered (RFC 3030)")
 
     def _charge_header_fields(self, content: bytes) -> SmtpError | None:
         """Parsing makes an object of every header field (relay.message), some _FIELD_COST
