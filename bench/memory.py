@@ -29,6 +29,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.procs import wait_port  # noqa: E402
+
 SINK = ("127.0.0.1", 2536)
 RELAY_PORT = 2539
 METRICS_PORT = 9489
@@ -39,19 +43,6 @@ def require(tool: str) -> str:
     if not path:
         sys.exit(f"bench: {tool} not found; install Debian's postfix package (it ships smtp-sink)")
     return path
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"bench: nothing listens on 127.0.0.1:{port}")
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -153,8 +144,8 @@ def main() -> None:
         cwd=workdir,
     )
     try:
-        wait_port(SINK[1])
-        wait_port(RELAY_PORT)
+        wait_port("127.0.0.1", SINK[1], 30)
+        wait_port("127.0.0.1", RELAY_PORT, 30)
         time.sleep(2.0)
         before = status_kib(relay.pid, "VmRSS")
         started = time.monotonic()

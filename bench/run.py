@@ -35,8 +35,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 ANCHOR = REPO.parent / "shared" / "bench" / "anchor"
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
 
 from procstat import ProcessTree  # noqa: E402
+
+from tests.support.procs import wait_port  # noqa: E402
 
 SINK = ("127.0.0.1", 2526)
 RELAY_PORT = 2529
@@ -85,19 +88,6 @@ def bench_config(workdir: Path, key: Path, pool: int, spool: bool = False, limit
     return path
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"bench: nothing listens on 127.0.0.1:{port}")
-
-
 class Sink:
     def __init__(self, workdir: Path) -> None:
         self.out = workdir / "sink.out"
@@ -106,7 +96,7 @@ class Sink:
             stdout=open(self.out, "wb"),
             stderr=subprocess.STDOUT,
         )
-        wait_port(SINK[1])
+        wait_port("127.0.0.1", SINK[1], 30)
 
     def count(self) -> int:
         # smtp-sink -c rewrites "sess=N quit=N mesg=N" on one line; the last counter wins.
@@ -126,8 +116,8 @@ def start_relay(config: Path, workers: int, log: Path) -> subprocess.Popen:
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
     )
-    wait_port(RELAY_PORT)
-    wait_port(METRICS_PORT)
+    wait_port("127.0.0.1", RELAY_PORT, 30)
+    wait_port("127.0.0.1", METRICS_PORT, 30)
     time.sleep(1.0)  # let every worker bind
     return proc
 
@@ -203,24 +193,25 @@ def run_point(tool: str, size: int, conc: int, count: int, relay_pid: int, sink:
     return row
 
 
-def matrix(args) -> list[dict]:
-    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
-    key = ANCHOR_KEY if ANCHOR_KEY.exists() else workdir / "s1.key"
+def signing_key(workdir: Path) -> Path:
+    """The anchor's DKIM key when the anchor harness made one (both sign alike), else a new
+    one in `workdir`."""
+    if ANCHOR_KEY.exists():
+        return ANCHOR_KEY
+    key = workdir / "s1.key"
     if not key.exists():
+        relay = str(REPO / ".venv" / "bin" / "relay")
         subprocess.run(
-            [
-                str(REPO / ".venv" / "bin" / "relay"),
-                "keygen",
-                "-d",
-                "example.com",
-                "-s",
-                "s1",
-                "--store",
-                f"file://{key}",
-            ],
+            [relay, "keygen", "-d", "example.com", "-s", "s1", "--store", f"file://{key}"],
             check=True,
             stdout=subprocess.DEVNULL,
         )
+    return key
+
+
+def matrix(args) -> list[dict]:
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    key = signing_key(workdir)
     config = bench_config(workdir, key, pool=args.pool, spool=args.spool)
     sink = Sink(workdir)
     relay = start_relay(config, args.workers, workdir / "relay.log")
@@ -260,22 +251,7 @@ def limits_comparison(args) -> list[dict]:
     """The same point with each `--limits` mode, interleaved rep by rep (the machine is
     shared: alternating spreads its noise over every mode alike); a fresh relay per run."""
     workdir = Path(tempfile.mkdtemp(prefix="relay-bench-limits-"))
-    key = ANCHOR_KEY if ANCHOR_KEY.exists() else workdir / "s1.key"
-    if not key.exists():
-        subprocess.run(
-            [
-                str(REPO / ".venv" / "bin" / "relay"),
-                "keygen",
-                "-d",
-                "example.com",
-                "-s",
-                "s1",
-                "--store",
-                f"file://{key}",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+    key = signing_key(workdir)
     redis = None
     if "redis" in args.limits:
         redis = subprocess.Popen(
@@ -283,7 +259,7 @@ def limits_comparison(args) -> list[dict]:
             stdout=subprocess.DEVNULL,
             cwd=workdir,
         )
-        wait_port(6389)
+        wait_port("127.0.0.1", 6389, 30)
     sink = Sink(workdir)
     rows = []
     try:

@@ -40,23 +40,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.procs import wait_port  # noqa: E402
+
 UPSTREAM_PORT = 2546
 RELAY_PORT = 2549
 METRICS_PORT = 9499
 PASSWORD = "soak-password"
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"soak: nothing listens on 127.0.0.1:{port}")
 
 
 def rss_mib(pid: int) -> float:
@@ -271,8 +262,8 @@ def main() -> None:
         cwd=REPO,
     )
     try:
-        wait_port(UPSTREAM_PORT)
-        wait_port(RELAY_PORT)
+        wait_port("127.0.0.1", UPSTREAM_PORT, 30)
+        wait_port("127.0.0.1", RELAY_PORT, 30)
         time.sleep(3)
         idle_rss = rss_mib(relay.pid)
         load, samples = asyncio.run(run_load(args, context, relay.pid))

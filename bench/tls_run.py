@@ -46,8 +46,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
 
 from procstat import cpu_seconds  # noqa: E402
+
+from tests.support.procs import wait_port  # noqa: E402
 
 ANCHOR_SH = HERE / "tls_anchor.sh"
 TMP = Path(os.environ.get("TLS_BENCH_TMP", "/tmp/relay-tls-bench"))
@@ -87,19 +90,6 @@ def tool(name: str) -> str:
 def sh(*args: str, capture: bool = False) -> str:
     result = subprocess.run([str(ANCHOR_SH), *args], check=True, text=True, stdout=subprocess.PIPE if capture else None)
     return (result.stdout or "").strip()
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def loadavg() -> float:
@@ -179,9 +169,9 @@ def start_relay(
         cwd=str(src or REPO),
     )
     base = BASE_PORT[target] + CERT_OFFSET[cert]
-    wait_port(base)
-    wait_port(base + 1)
-    wait_port(RELAY_METRICS[target, cert])
+    wait_port("127.0.0.1", base, 30)
+    wait_port("127.0.0.1", base + 1, 30)
+    wait_port("127.0.0.1", RELAY_METRICS[target, cert], 30)
     time.sleep(1.0)  # let every worker bind
     return proc
 
@@ -529,8 +519,8 @@ def client_check(args, client: str, workdir: Path) -> list[dict]:
             for implicit in (0, 1)
         ]
         try:
-            wait_port(base)
-            wait_port(base + 1)
+            wait_port("127.0.0.1", base, 30)
+            wait_port("127.0.0.1", base + 1, 30)
             for conc in args.concs:
                 for rep in range(args.reps):
                     cell = {"cert": cert, "mode": "starttls", "tls": "1.3", "resume": "off", "conc": conc}
