@@ -87,10 +87,10 @@ def test_smtputf8_address_is_relayed(make_loop_relay, upstream, pki):
 
 @in_thread
 def test_smtputf8_asked_for_an_ascii_envelope_reaches_an_upstream_without_it(make_loop_relay, pki):
-    """A client may ask for SMTPUTF8 whether or not the message needs it (Postfix does for a
-    UTF-8 Subject it then encodes, smtplib's send_message for a UTF-8 display name). To an
-    upstream without SMTPUTF8 (Amazon SES's SMTP endpoint, for one) every such message got
-    553 5.6.7 at its first RCPT, although RFC 6531 §3.4 only forbids sending what needs it:
+    """A client may ask for SMTPUTF8 whether or not the message needs it: Go's net/smtp
+    (`smtp.SendMail`) does on every MAIL once the server offers it, as relay does. To an
+    upstream without SMTPUTF8 every message of such an application got 553 5.6.7 at its
+    first RCPT, although RFC 6531 §3.4 only forbids sending what needs it:
     an internationalized address (refused per recipient: 553 5.6.7) or a UTF-8 header
     (refused at DATA: 554 5.6.9, RFC 6532). An ASCII envelope and header go without it."""
     with Upstream(tls="starttls", server_context=pki.server_context(), smtputf8=False) as upstream:

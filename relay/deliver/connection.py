@@ -172,7 +172,7 @@ class UpstreamConnection:
                 # RFC 6531 §3.4: no internationalized address to a server without SMTPUTF8.
                 raise no_smtputf8(self.endpoint.label)
             # An ASCII sender goes without it: a client may ask for SMTPUTF8 whether or not
-            # the message needs it (Postfix does for a UTF-8 Subject); the recipients and
+            # the message needs it (Go's net/smtp does on every MAIL); the recipients and
             # the header are checked as they come (relay.deliver.smarthost).
         if self.supports("dsn"):
             options += envelope.dsn_params()  # RFC 3461 §5.2.1
