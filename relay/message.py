@@ -17,6 +17,7 @@ from relay.errors import SmtpError
 # RFC 5322 §2.2: field-name = 1*ftext, printable US-ASCII except ":".
 _FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
+_HEADER_END = re.compile(rb"\r\n\r\n")
 # The usual From: `a@b.c`, `<a@b.c>` or `Name Words <a@b.c>`: a dot-atom address of a few
 # plain characters, and a display name of plain words. For these the full parse
 # (email.utils.getaddresses, most of from_domain's cost) finds exactly this address
@@ -57,6 +58,17 @@ class WireMessage:
     def isascii(self) -> bool:
         # Searched in place: a memoryview has no isascii(), and bytes(view) would copy.
         return not any(_NON_ASCII.search(piece) for piece in self.pieces)
+
+    def header_isascii(self) -> bool:
+        """The header section, up to its empty line, is ASCII (the pieces split after it,
+        or not at all)."""
+        for piece in self.pieces:
+            end = _HEADER_END.search(piece)
+            if _NON_ASCII.search(piece, 0, end.end() if end else len(piece)):
+                return False
+            if end:
+                return True
+        return True
 
 
 class Message:

@@ -85,6 +85,38 @@ def test_smtputf8_address_is_relayed(make_loop_relay, upstream, pki):
     assert got.rcpt_tos == ["josé@example.net"]
 
 
+@in_thread
+def test_smtputf8_asked_for_an_ascii_envelope_reaches_an_upstream_without_it(make_loop_relay, pki):
+    """A client may ask for SMTPUTF8 whether or not the message needs it: Go's net/smtp
+    (`smtp.SendMail`) does on every MAIL once the server offers it, as relay does. To an
+    upstream without SMTPUTF8 every message of such an application got 553 5.6.7 at its
+    first RCPT, although RFC 6531 §3.4 only forbids sending what needs it:
+    an internationalized address (refused per recipient: 553 5.6.7) or a UTF-8 header
+    (refused at DATA: 554 5.6.9, RFC 6532). An ASCII envelope and header go without it."""
+    with Upstream(tls="starttls", server_context=pki.server_context(), smtputf8=False) as upstream:
+        relay = make_loop_relay(upstream.port)
+        client = connect(relay, pki)
+        body = "Grüße\r\n".encode()
+        data = message().replace(b"Hi there.\r\n", body)
+        refused = client.sendmail(
+            "app@example.com",
+            ["u@example.net", "jörg@example.net"],
+            data,
+            ["SMTPUTF8", "BODY=8BITMIME"],
+        )
+        assert refused == {"jörg@example.net": (553, b"5.6.7 Upstream does not support SMTPUTF8 addresses")}
+        [got] = upstream.wait_for(1)
+        assert got.rcpt_tos == ["u@example.net"] and "SMTPUTF8" not in got.mail_options
+        assert got.content.endswith(body)
+        utf8_header = message(subject="Grüße")
+        with pytest.raises(smtplib.SMTPDataError) as refusal:
+            client.sendmail("app@example.com", ["u@example.net"], utf8_header, ["SMTPUTF8", "BODY=8BITMIME"])
+        assert (refusal.value.smtp_code, refusal.value.smtp_error[:5]) == (554, b"5.6.9")
+        client.quit()
+        assert len(upstream.messages) == 1
+        assert relay.metric("relay_messages_rejected_total", reason="smtputf8") == 1
+
+
 @pytest.mark.parametrize(
     "command, expected",
     [

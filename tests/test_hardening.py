@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import select
 import smtplib
 import socket
 import time
@@ -162,6 +163,65 @@ def test_an_idle_session_gets_421_before_the_close(make_loop_relay, upstream, pk
     assert client.getreply() == (421, b"4.4.2 Timeout exceeded, closing connection")
     with pytest.raises(smtplib.SMTPServerDisconnected):
         client.noop()
+
+
+def reply_when_pending(client: smtplib.SMTP) -> tuple[int, bytes] | None:
+    """The reply the relay sent without being asked (a 421 before it closes), if any."""
+    sock = client.sock
+    assert sock is not None
+    if getattr(sock, "pending", lambda: 0)() or select.select([sock], [], [], 0)[0]:
+        return client.getreply()
+    return None
+
+
+@pytest.mark.parametrize("listener", ["submission", "submissions"])
+@in_thread
+def test_a_transaction_kept_open_with_noops_ends_and_frees_the_upstream(make_loop_relay, upstream, pki, listener):
+    """MAIL and RCPT take a pooled upstream connection for the transaction; NOOPs (or any
+    command that does not move it on) kept resetting the idle timer, so the connection
+    stayed taken until the upstream dropped it or max_session_duration: `max_connections`
+    such clients and everyone else got 451 4.4.5. The client's time from the first RCPT
+    to DATA is now bounded by session_timeout (RFC 5321 §4.5.3.2.7): 421 4.4.2, the
+    upstream transaction is reset and its connection serves the next client."""
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["upstream"]["pool"] = {"max_connections": 1, "acquire_timeout": "1s"}
+    relay.config["clients"]["session_timeout"] = "2s"
+    relay.start()
+    dawdler = connect(relay, pki, listener=listener)
+    assert reply(dawdler, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(dawdler, "RCPT TO:<u@example.net>")[0] == 250
+    ended = None
+    for _ in range(150):  # NOOPs well inside session_timeout, for up to 30 s
+        ended = reply_when_pending(dawdler)
+        if ended is not None:
+            break
+        assert dawdler.noop()[0] == 250
+        time.sleep(0.2)
+    assert ended == (421, b"4.4.2 Transaction not completed in time, closing connection")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        dawdler.noop()
+    line = relay.wait_log(lambda e: e.get("event") == "message")
+    assert (line["msg"], line["code"], line["enhanced"]) == ("refused", 421, "4.4.2")
+    assert "session_timeout" in line["reason"]
+    assert relay.metric("relay_messages_rejected_total", reason="timeout") == 1
+    wait_until(lambda: busy_upstream_connections(relay) == 0)
+    assert submit(relay, pki) == {}
+    assert len(upstream.wait_for(1)) == 1
+    transactions = [c for c in upstream.commands if c in ("MAIL", "RCPT", "RSET")]
+    assert transactions == ["MAIL", "RCPT", "RSET", "MAIL", "RCPT"]  # the held one was reset
+
+
+@in_thread
+def test_a_slow_upstream_does_not_count_against_the_clients_time_in_a_transaction(make_loop_relay, upstream, pki):
+    """The bound above is on the client's own pauses: recipients the upstream takes long to
+    answer, together longer than session_timeout, still make one message."""
+    upstream.behaviour.rcpt_delay = 0.8
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["clients"]["session_timeout"] = "2s"
+    relay.start()
+    rcpts = [f"u{i}@example.net" for i in range(5)]
+    assert submit(relay, pki, rcpts=rcpts) == {}
+    assert upstream.wait_for(1)[0].rcpt_tos == rcpts
 
 
 @in_thread

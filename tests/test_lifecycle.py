@@ -3,13 +3,16 @@ SIGTERM exits at once, SIGHUP reloads without dropping sessions, a bad reload is
 
 from __future__ import annotations
 
+import select
 import signal
 import socket
+import ssl
 import threading
 import time
 
 import pytest
 
+from tests.support.hold_points import HoldPoints
 from tests.support.smtp import connect, message, reply
 
 pytestmark = pytest.mark.e2e
@@ -107,6 +110,79 @@ def test_idle_sessions_sending_as_the_drain_starts_read_their_421_not_a_reset(ma
         thread.join(120)
     closing = b"421 4.3.2 Service shutting down, closing connection\r\n"
     assert outcomes == [(closing, b"", [])] * count
+    assert relay.proc.wait(30) == 0
+
+
+def _tls_session(port: int, listener: str, pki) -> ssl.SSLSocket:
+    """A TLS session on `listener`: implicit TLS, or STARTTLS. A close without close_notify
+    is an error here (suppress_ragged_eofs=False), not an end of data."""
+    context = pki.client_context()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    if listener == "submission":
+        lines = sock.makefile("rb")
+        assert lines.readline().startswith(b"220")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not (line := lines.readline()).startswith(b"250 "):
+            assert line.startswith(b"250-")
+        sock.sendall(b"STARTTLS\r\n")
+        assert lines.readline().startswith(b"220")
+        return context.wrap_socket(sock, server_hostname="localhost", suppress_ragged_eofs=False)
+    tls = context.wrap_socket(sock, server_hostname="localhost", suppress_ragged_eofs=False)
+    assert tls.recv(512).startswith(b"220")
+    return tls
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("listener", ["submission", "submissions"])
+def test_idle_tls_sessions_sending_as_the_drain_starts_read_their_421_and_close_notify(
+    make_relay, upstream, pki, listener, loop, tmp_path
+):
+    """The same over TLS (587 after STARTTLS, 465), where most idle sessions are: the drain
+    closed with close_notify at once, a NOOP crossing it then failed the TLS shutdown and the
+    connection was aborted (RST), the 421 often lost with it. Now each client reads its 421,
+    and the relay's close_notify ends the connection once the client has closed or stopped
+    sending; none of its writes or reads fails. (uvloop's TLS shutdown drops such data; the
+    asyncio loop, without relay's `speed` extra, aborted.)"""
+    without_uvloop = HoldPoints(tmp_path / "hold", not_installed=("uvloop",))
+    relay = make_relay(upstream.port, env=without_uvloop.env if loop == "asyncio" else None)
+    port = relay.port(listener)
+    count = 20
+    ready = threading.Barrier(count + 1, timeout=60)
+    outcomes: list[object] = [None] * count
+    closing = b"421 4.3.2 Service shutting down, closing connection\r\n"
+
+    def client(index: int) -> None:
+        try:
+            with _tls_session(port, listener, pki) as tls:
+                ready.wait()
+                received, data = b"", b"..."
+                deadline = time.monotonic() + 60
+                while closing not in received and data and time.monotonic() < deadline:
+                    tls.sendall(b"NOOP\r\n" * 4)
+                    while data and (tls.pending() or select.select([tls], [], [], 0)[0]):
+                        data = tls.recv(65536)
+                        received += data
+                try:  # as a pipelining client does before it reads the 421
+                    for _ in range(20):
+                        tls.sendall(b"NOOP\r\n" * 4)
+                        time.sleep(0.01)
+                except ssl.SSLZeroReturnError:
+                    data = b""  # the relay's close_notify came: a clean end
+                while data:  # up to the relay's close_notify
+                    data = tls.recv(65536)
+                    received += data
+                outcomes[index] = received.replace(b"250 2.0.0 OK\r\n", b"")
+        except (OSError, AssertionError) as exc:
+            outcomes[index] = repr(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    relay.signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(120)
+    assert outcomes == [closing] * count
     assert relay.proc.wait(30) == 0
 
 

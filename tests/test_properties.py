@@ -52,7 +52,7 @@ FIXED_COMMANDS = [
     b"AUTH PLAIN AGFwcABub3Bl",
     b"AUTH LOGIN",
     b"STARTTLS",
-    b"BDAT 10",
+    b"BDAT 12 LAST\r\nRSET\r\nNOOP",  # not offered; its chunk ("RSET\r\nNOOP\r\n") is dropped
     b"",
 ]
 

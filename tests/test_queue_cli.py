@@ -148,3 +148,86 @@ def test_list_shows_damaged_entries_and_removes_nothing(spool_config):
     entries = {e["id"]: e for e in json.loads(listed.stdout)}
     assert entries["waiting1"]["state"] == "damaged" and entries["dead1"]["state"] == "dead"
     assert leftover.exists() and spool.path("waiting1").exists()
+
+
+def test_list_and_show_name_files_that_are_not_entries_and_never_block_on_them(spool_config, tmp_path):
+    """A FIFO or a symbolic link where an entry should be (a stray `mkfifo`, a copy made with
+    `cp -s`, a restore gone wrong): before, `list` opened the FIFO and waited for a writer
+    for ever, and followed the link to whatever it named."""
+    import os
+
+    config, spool = spool_config
+    os.mkfifo(spool.entries / "fifo1")
+    outside = tmp_path / "outside"
+    outside.write_bytes(spool.path("waiting1").read_bytes())
+    os.symlink(outside, spool.entries / "link1")
+    listed = relay_queue(config, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = {e["id"]: e for e in json.loads(listed.stdout)}
+    assert entries["waiting1"]["state"] == "deferred" and entries["dead1"]["state"] == "dead"
+    assert entries["fifo1"]["state"] == "unreadable" and "not a regular file" in entries["fifo1"]["problem"]
+    assert entries["link1"]["state"] == "unreadable" and "symbolic link" in entries["link1"]["problem"]
+    text = relay_queue(config, "list")
+    assert text.returncode == 0 and "symbolic link" in text.stdout and "not a regular file" in text.stdout
+    shown = relay_queue(config, "show", "fifo1")
+    assert shown.returncode == 1 and "not a regular file" in shown.stderr
+    retried = relay_queue(config, "retry", "link1")
+    assert retried.returncode == 1 and "symbolic link" in retried.stderr
+    assert (spool.entries / "fifo1").exists() and (spool.entries / "link1").is_symlink()  # left alone
+
+
+def test_another_user_is_told_whose_spool_it_is_not_shown_a_traceback():
+    """The relay makes its spool directories mode 0700: `relay queue list` as another user
+    cannot read them. Before, a PermissionError traceback; now a sentence naming the path
+    and the user to run as, exit 1."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.fail("needs root and setpriv(1) to run the command as another user")
+    with tempfile.TemporaryDirectory(dir="/tmp") as top:  # not under pytest's 0700 tmp dirs
+        os.chmod(top, 0o755)
+        root = Path(top) / "spool"
+        Spool(root).open()
+        config = Path(top) / "relay.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listeners": [{"name": "plain", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+                    "upstream": {"host": "127.0.0.1", "port": 2526, "tls": "none"},
+                    "queue": {"mode": "spool", "dir": str(root)},
+                }
+            )
+        )
+        os.chmod(config, 0o644)
+        for args in (("list",), ("show", "abc123")):
+            done = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+                + [sys.executable, "-m", "relay", "queue", *args, "-c", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 1, done.stderr
+            assert "Traceback" not in done.stderr
+            assert "Permission denied" in done.stderr and str(root) in done.stderr
+            assert "sudo -u root relay queue" in done.stderr
+
+
+def test_list_and_show_say_when_an_entry_is_shown_from_its_initial_state(spool_config):
+    """A damaged `.state` file (zero length after a crash of the disk, say) is quarantined by
+    the relay's next attempt; until then `list` and `show` fell back to the state embedded in
+    the entry without a word: a dead letter showed as waiting, delivered recipients as not."""
+    config, spool = spool_config
+    spool.state_path("dead1").write_bytes(b"")
+    listed = relay_queue(config, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entry = {e["id"]: e for e in json.loads(listed.stdout)}["dead1"]
+    assert "state file" in (entry.get("problem") or "")
+    shown = relay_queue(config, "show", "dead1")
+    assert shown.returncode == 0 and "state file" in (json.loads(shown.stdout).get("problem") or "")
+    text = relay_queue(config, "list")
+    assert "state file" in text.stdout
+    assert spool.state_path("dead1").exists()  # the command only reads

@@ -9,10 +9,13 @@ between processes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import json
 import logging
 import os
+import shutil
+import subprocess
 import threading
 import time
 import zlib
@@ -438,7 +441,7 @@ async def test_the_sweep_keeps_a_dead_letter_the_operator_just_requeued(harness,
     entry_id = await h.put(["gone@example.net"])
     await eventually(lambda: (e := state_of(h.spool, entry_id)) is not None and e.done, what="dead")
     await asyncio.sleep(0.3)
-    h.runner._last_sweep = time.time()
+    h.runner._last_sweep = time.monotonic()
     await h.runner._scan()  # the summaries come from here
     upstream.behaviour.rcpt_replies = {}
     cli = Spool(h.spool.root, journal=False)
@@ -627,3 +630,147 @@ async def test_a_stop_ends_a_delivery_that_lets_its_first_cancellation_go_by(har
     assert late.cancellations == 2
     assert state_of(h.spool, entry_id) is not None  # not delivered: still spooled, for the next start
     assert upstream.messages == []
+
+
+class SteppedClock:
+    """The wall clock (`time.time`) moved by an operator or a bad NTP step, for this process
+    only; `time.monotonic` goes on undisturbed, as it does on a real machine."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.offset = 0.0
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + self.offset)
+
+    def step(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+async def test_a_clock_stepped_back_does_not_stall_the_delivery_loop(harness, upstream, monkeypatch):
+    """Before, the loop compared the wall clock with its last scan: stepped back five hours,
+    it scanned again only five hours later, so an entry another worker accepted (or a
+    restart left, or `relay queue retry` woke) waited that long."""
+    clock = SteppedClock(monkeypatch)
+    h = harness()
+    h.runner.start()
+    await h.put(["first@example.net"])
+    await eventually(lambda: len(upstream.messages) == 1, what="a delivery before the step")
+    clock.step(-5 * 3600)
+    await asyncio.sleep(0.5)  # the loop runs on with the clock stepped back
+    other = await h.put(["second@example.net"], submit=False)  # only a scan finds it
+    await eventually(lambda: len(upstream.messages) == 2, what="a delivery found by a scan after the step")
+    assert upstream.messages[1].rcpt_tos == ["second@example.net"]
+    await eventually(lambda: state_of(h.spool, other) is None, what="the entry removed")
+
+
+async def test_a_recipient_deferred_before_the_clock_stepped_back_is_retried(harness, upstream, monkeypatch):
+    """A retry is never scheduled further off than the longest retry step; one that is, was
+    scheduled by a clock since stepped back, and is due now rather than hours late."""
+    clock = SteppedClock(monkeypatch)
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 mailbox busy"}
+    h = harness(steps=(1.0,))
+    entry_id = await h.put(["later@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) and e.recipients[0].attempts == 1, what="deferred")
+    clock.step(-5 * 3600)
+    upstream.behaviour.rcpt_replies = {}
+    await eventually(lambda: len(upstream.messages) == 1, what="the retry after the step")
+    await eventually(lambda: state_of(h.spool, entry_id) is None, what="the entry removed")
+
+
+async def test_relay_queue_retry_after_the_clock_stepped_back_wakes_the_loop(harness, upstream, monkeypatch):
+    """`relay queue retry` touches the kick file; the loop took only a newer kick than the
+    last for one, and after a step back every kick is older."""
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 mailbox busy"}
+    h = harness(steps=(3600.0,))
+    h.runner.scan_interval = 3600.0  # only a kick makes the loop look at the spool
+    entry_id = await h.put(["later@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) and e.recipients[0].attempts == 1, what="deferred")
+    kick = h.spool.root / "kick"
+    assert await asyncio.to_thread(admin.retry, h.spool, entry_id) == 1
+    await eventually(lambda: state_of(h.spool, entry_id).recipients[0].attempts == 2, what="the first retry")
+    upstream.behaviour.rcpt_replies = {}
+    # The clock stepped back an hour since: the next `relay queue retry` touches the kick file
+    # with an older time than the one the loop took.
+    assert await asyncio.to_thread(admin.retry, h.spool, entry_id) == 1
+    stamp = kick.stat().st_mtime - 3600
+    os.utime(kick, (stamp, stamp))
+    await eventually(lambda: len(upstream.messages) == 1, what="the retry after the step")
+
+
+async def test_retry_all_does_not_wait_for_deliveries_under_way(harness, upstream):
+    """`relay queue retry --all` while the upstream hangs: before, it waited for the lock of
+    every entry being delivered (up to 30 s each, and a hung upstream holds it until its
+    timeouts), then called each a failure ("being delivered right now") and exited 1,
+    though those entries were due already. Only the waiting ones are its business."""
+    upstream.behaviour.data_delay = 120  # each delivery under way holds its entry's lock
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 busy"}
+    h = harness(steps=(3600.0,))
+    h.runner.start()
+    deferred = await h.put(["later@example.net"])
+    await eventually(lambda: (e := state_of(h.spool, deferred)) and e.recipients[0].attempts == 1, what="deferred")
+    hung = [await h.put([f"hung{i}@example.net"]) for i in range(3)]
+    await eventually(lambda: h.runner.inflight == 3, what="three deliveries under way")
+    operator = Spool(h.spool.root, journal=False)
+    done, problems = await asyncio.wait_for(asyncio.to_thread(admin.retry_all, operator), timeout=150)
+    assert problems == []
+    assert done == 4  # every entry with a recipient waiting is due now
+    assert state_of(h.spool, deferred).recipients[0].next_attempt == 0.0
+    assert all(state_of(h.spool, i) is not None for i in hung)
+
+
+@contextlib.contextmanager
+def unchangeable(directory):
+    """Nothing in `directory` can be created, renamed or removed, even by root (chattr +i):
+    what a spool remounted read-only (ext4's errors=remount-ro) or failing with EIO does to
+    the delivery loop's records."""
+    if os.geteuid() != 0 or not shutil.which("chattr"):
+        pytest.fail("needs root and chattr(1)")
+    subprocess.run(["chattr", "+i", str(directory)], check=True, timeout=30)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True, timeout=30)
+
+
+async def test_a_delivery_the_spool_cannot_record_is_not_sent_again(harness, upstream, monkeypatch):
+    """After the upstream's 250 the entry's removal failed (the spool had become read-only):
+    before, the attempt counted as failed unexpectedly and the message went out again at
+    every retry, once a minute, for as long as the spool stayed so."""
+    from relay.queue import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "ERROR_RETRY", 0.3)  # 60 s in production
+    upstream.behaviour.rcpt_replies = {"later@example.net": "451 4.2.0 busy"}
+    h = harness(steps=(0.3,))
+    entry_id = await h.put(["later@example.net"])
+    h.runner.start()
+    await eventually(lambda: (e := state_of(h.spool, entry_id)) and e.recipients[0].attempts == 1, what="deferred")
+    with unchangeable(h.spool.entries):
+        upstream.behaviour.rcpt_replies = {}
+        await eventually(lambda: len(upstream.messages) == 1, what="the delivery")
+        await asyncio.sleep(3)  # ten retry steps: nothing more may go out
+        assert len(upstream.messages) == 1
+        assert state_of(h.spool, entry_id) is not None  # not recorded: the spool could not
+    # Writable again: the delivery is recorded (the entry removed), still not sent again.
+    await eventually(lambda: state_of(h.spool, entry_id) is None, what="the entry removed")
+    assert len(upstream.messages) == 1
+
+
+async def test_a_damaged_entry_that_cannot_be_moved_does_not_stop_the_others(harness, upstream, monkeypatch):
+    """The quarantine of a damaged entry failed (a read-only spool): before, the error ended
+    the scan before anything was scheduled, at every scan, so no entry was delivered."""
+    from relay.queue import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "ERROR_RETRY", 0.3)  # 60 s in production
+    h = harness()
+    torn = await h.put(["torn@example.net"], submit=False)
+    good = await h.put(["good@example.net"], submit=False)
+    with open(h.spool.path(torn), "r+b") as fh:
+        fh.truncate(os.path.getsize(h.spool.path(torn)) // 2)
+    with unchangeable(h.spool.entries):
+        h.runner.start()
+        await eventually(lambda: len(upstream.messages) == 1, what="the intact entry delivered")
+        assert upstream.messages[0].rcpt_tos == ["good@example.net"]
+    await eventually(lambda: state_of(h.spool, good) is None, what="its delivery recorded once writable")
+    await eventually(lambda: not h.spool.path(torn).exists(), what="the damaged one quarantined")
+    assert len(upstream.messages) == 1

@@ -315,3 +315,27 @@ def test_kill_9_under_load_loses_no_acknowledged_message(make_relay, pki, tmp_pa
         )
         assert acknowledged
         assert not list((tmp_path / "spool" / "corrupt").iterdir())
+
+
+@in_thread
+def test_a_fifo_or_a_symlink_in_the_spool_neither_hangs_the_start_nor_stops_delivery(
+    make_loop_relay, upstream, pki, tmp_path
+):
+    """Before, `Spool.open()` opened a FIFO named like an entry and waited for a writer for
+    ever: the relay never got ready, nothing was taken or delivered."""
+    entries = tmp_path / "spool" / "entries"
+    entries.mkdir(parents=True)
+    os.mkfifo(entries / "fifo0000")
+    (tmp_path / "elsewhere").write_bytes(b"not an entry")
+    os.symlink(tmp_path / "elsewhere", entries / "link0000")
+    relay = make_loop_relay(upstream.port, queue=spool_queue(tmp_path))
+    assert submit(relay, pki) == {}
+    upstream.wait_for(1)
+    wait_for(lambda: relay.metric("relay_queue_unreadable_messages") == 2, what="both counted as unreadable")
+    logged = {
+        e.get("id"): e.get("reason", "")
+        for e in relay.logs()
+        if e.get("msg") == "spool entry unreadable; skipped, tried again at the next scan"
+    }
+    assert "not a regular file" in logged["fifo0000"] and "symbolic link" in logged["link0000"]
+    assert (entries / "fifo0000").exists() and (entries / "link0000").is_symlink()  # left alone

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.inloop import in_thread
-from tests.support.smtp import connect, reply
+from tests.support.smtp import connect, message, reply
 
 SMUGGLED = (
     b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\n"
@@ -107,3 +107,26 @@ def test_two_messages_pipelined_in_one_write_are_two_messages(make_loop_relay, u
     assert codes == [250, 250, 354, 250, 250, 250, 354, 250, 221]
     got = upstream.wait_for(2)
     assert [m.content.split(b"\r\n\r\n", 1)[1] for m in got] == [b".dot\r\n", b"end.\r\n"]
+
+
+@pytest.mark.parametrize("last", [b" LAST", b""])
+@in_thread
+def test_a_bdat_chunk_is_dropped_whole_not_read_as_commands(make_loop_relay, upstream, pki, last):
+    """relay does not offer CHUNKING (RFC 3030). A client that sends BDAT anyway sends its
+    chunk right behind it: message content, which was read as commands, so a line such as
+    "RCPT TO:<...>" in it was carried out (500 to BDAT, then 250 to the chunk's lines). The
+    chunk is now read and dropped: one 502 reply, and the session goes on."""
+    relay = make_loop_relay(upstream.port)
+    client = connect(relay, pki)
+    assert reply(client, "MAIL FROM:<app@example.com>")[0] == 250
+    assert reply(client, "RCPT TO:<u@example.net>")[0] == 250
+    chunk = b"RSET\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<smuggled@example.net>\r\nNOOP\r\n"
+    client.send(b"BDAT %d%s\r\n" % (len(chunk), last) + chunk)
+    code, text = client.getreply()
+    assert (code, text[:5]) == (502, b"5.5.1")
+    assert client.noop() == (250, b"2.0.0 OK")  # the next reply is NOOP's: none came for the chunk
+    assert reply(client, "BDAT x")[0] == 501
+    assert reply(client, "RCPT TO:<v@example.net>")[0] == 250  # the transaction goes on
+    assert client.data(message())[0] == 250
+    [got] = upstream.wait_for(1)
+    assert got.rcpt_tos == ["u@example.net", "v@example.net"]

@@ -16,8 +16,8 @@ Rules every implementation keeps:
 - `begin`, `add_recipient` and `send` raise `SmtpError` for failures of the path (connect,
   TLS, proxy, timeout, lost connection): always 4xx, with the hop in `reason`. The one
   exception is a path that can never carry the message: an upstream without SMTPUTF8 for a
-  UTF-8 address (553 5.6.7, RFC 6531), or without 8BITMIME for declared 8-bit content
-  (554 5.6.3, RFC 6152).
+  UTF-8 address (553 5.6.7, RFC 6531) or header (554 5.6.9, RFC 6532), or without 8BITMIME
+  for declared 8-bit content (554 5.6.3, RFC 6152).
 - An upstream's own refusal is returned (or raised from `begin`) as a `Reply`/`SmtpError`
   with the upstream's code, enhanced code and text.
 - With `dsn` (the first recipient's DSN request), `begin` may send that recipient's RCPT

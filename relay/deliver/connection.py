@@ -166,16 +166,14 @@ class UpstreamConnection:
         if envelope.body_8bit and self.supports("8bitmime"):
             options.append("BODY=8BITMIME")
         if envelope.smtputf8:
-            if not self.supports("smtputf8"):
-                # RFC 6531 §3.2: without SMTPUTF8 upstream the message cannot be relayed.
-                raise SmtpError(
-                    553,
-                    "5.6.7",
-                    "Upstream does not support SMTPUTF8 addresses",
-                    reason=f"{self.endpoint.label}: no SMTPUTF8",
-                    label="smtputf8",
-                )
-            options.append("SMTPUTF8")
+            if self.supports("smtputf8"):
+                options.append("SMTPUTF8")
+            elif not envelope.mail_from.isascii():
+                # RFC 6531 §3.4: no internationalized address to a server without SMTPUTF8.
+                raise no_smtputf8(self.endpoint.label)
+            # An ASCII sender goes without it: a client may ask for SMTPUTF8 whether or not
+            # the message needs it (Go's net/smtp does on every MAIL); the recipients and
+            # the header are checked as they come (relay.deliver.smarthost).
         if self.supports("dsn"):
             options += envelope.dsn_params()  # RFC 3461 §5.2.1
         if envelope.auth is not None and self.authenticated and self.supports("auth"):
@@ -402,6 +400,17 @@ class UpstreamConnection:
         if stage == "DATA":
             _replies(label, "data", f"{response.code // 100}xx").inc()
         return Reply.from_upstream(response.code, response.message)
+
+
+def no_smtputf8(upstream: str) -> SmtpError:
+    """RFC 6531 §3.4, §3.7.1: an internationalized address for a server without SMTPUTF8."""
+    return SmtpError(
+        553,
+        "5.6.7",
+        "Upstream does not support SMTPUTF8 addresses",
+        reason=f"{upstream}: no SMTPUTF8",
+        label="smtputf8",
+    )
 
 
 def _path_line(verb: bytes, address: str, options: list[str]) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from relay.deliver.base import NO_DSN, DsnRequest, Envelope
-from relay.deliver.connection import UpstreamConnection, UpstreamConnector
+from relay.deliver.connection import UpstreamConnection, UpstreamConnector, no_smtputf8
 from relay.deliver.pool import ConnectionPool
 from relay.errors import Reply, SmtpError
 from relay.message import WireMessage
@@ -17,7 +17,13 @@ class SmtpTransaction:
     """One upstream transaction on one connection (see `relay.deliver.base`)."""
 
     def __init__(
-        self, upstream: str, conn: UpstreamConnection, pool: ConnectionPool | None, *, body_8bit: bool = False
+        self,
+        upstream: str,
+        conn: UpstreamConnection,
+        pool: ConnectionPool | None,
+        *,
+        body_8bit: bool = False,
+        smtputf8: bool = False,
     ) -> None:
         self.upstream = upstream
         self._conn: UpstreamConnection | None = conn
@@ -26,6 +32,9 @@ class SmtpTransaction:
         # RFC 6152 §3: 8-bit content the client declared may not go to a 7-bit upstream,
         # and converting it would break the signature: it is refused instead (at DATA).
         self._7bit_only = body_8bit and not conn.supports("8bitmime")
+        # SMTPUTF8 asked for, with an ASCII sender, of an upstream without it (see
+        # UpstreamConnection._mail_options): a UTF-8 recipient or header cannot go there.
+        self._ascii_only = smtputf8 and not conn.supports("smtputf8")
         self._lost = False
         # The first recipient's reply when its RCPT went with MAIL (RFC 2920), for the
         # first add_recipient: (address, DSN request, reply).
@@ -45,6 +54,8 @@ class SmtpTransaction:
     async def add_recipient(self, address: str, dsn: DsnRequest = NO_DSN) -> Reply:
         if self._first is not None:
             return self._first_recipient(address, dsn)
+        if self._ascii_only and not address.isascii():
+            return no_smtputf8(self.upstream).reply  # RFC 6531 §3.4: never sent
         conn = self._require()
         try:
             return await conn.rcpt(address, dsn)
@@ -85,6 +96,17 @@ class SmtpTransaction:
                 "Upstream cannot take 8-bit content (no 8BITMIME)",
                 reason=f"upstream {self.upstream} does not offer 8BITMIME",
                 label="8bitmime",
+            )
+        if self._ascii_only and not message.header_isascii():
+            await self.abort()
+            # RFC 6532: a UTF-8 header only travels with SMTPUTF8 (RFC 6531's X.6.9: cannot
+            # be transferred, rejected); rewriting it (a downgrade) would break the signature.
+            raise SmtpError(
+                554,
+                "5.6.9",
+                "Upstream cannot take a UTF-8 header (no SMTPUTF8)",
+                reason=f"upstream {self.upstream} does not offer SMTPUTF8",
+                label="smtputf8",
             )
         try:
             reply = await conn.data(message)
@@ -152,7 +174,7 @@ async def begin_on(
     With `first` (the first recipient and its DSN request) and an upstream that offers
     PIPELINING, its RCPT goes in the same write (RFC 2920) and its reply is the
     transaction's answer to the first `add_recipient`, which must name that recipient."""
-    tx = SmtpTransaction(upstream, conn, pool, body_8bit=envelope.body_8bit)
+    tx = SmtpTransaction(upstream, conn, pool, body_8bit=envelope.body_8bit, smtputf8=envelope.smtputf8)
     rcpt: Reply | SmtpError | None = None
     try:
         if first is not None and conn.can_pipeline(envelope, first[0]):

@@ -14,6 +14,7 @@ through `relay.observe`:
     data(content) -> Reply                      the content after the final dot
     data_refused(error, size) -> Reply          DATA refused by the listener itself
     on_reset()                                  RSET, HELO, EHLO, STARTTLS: the transaction ends
+    timed_out(error)                            the relay's own timer ends the transaction
     on_close()                                  the connection is gone, whatever the reason
 """
 
@@ -217,6 +218,21 @@ class ClientSession:
             self.relaying = False
         messages.transaction_ended(tx, reply, None)
         return reply
+
+    @property
+    def holds_upstream(self) -> bool:
+        """A transaction is open and its upstream transaction has begun (the first RCPT): a
+        pooled upstream connection waits on this client."""
+        return self.transaction is not None and self.transaction.upstream is not None
+
+    def timed_out(self, error: SmtpError) -> None:
+        """The relay's own timer ends the open transaction (before DATA): the upstream
+        transaction is dropped and the transaction's one log line carries `error`."""
+        tx, self.transaction = self.transaction, None
+        if tx is None:
+            return
+        tx.pipeline.abandon(tx)
+        messages.transaction_ended(tx, error.reply, error)
 
     def data_refused(self, error: SmtpError, size: int) -> Reply:
         """DATA refused by the listener itself (too big, bare line endings)."""

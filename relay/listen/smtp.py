@@ -122,6 +122,8 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 _CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"
 _SESSION_OVER = b"421 4.4.2 Session time limit reached, closing connection\r\n"
 _IDLE_TIMEOUT = b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+_HOLD_TIMEOUT = b"421 4.4.2 Transaction not completed in time, closing connection\r\n"
+_HOLD_REASON = "the transaction held an upstream connection past clients.session_timeout waiting on the client"
 # Closing a TLS transport waits for the client's close_notify (asyncio gives it 30 s), and
 # closing any transport waits for its unsent data: a client that reads nothing would hold its
 # connection, and a drain, that long. Once our last reply is out, it gets this long to go.
@@ -132,6 +134,7 @@ _TIMER_SLACK = 0.001
 # DATA is read in blocks of up to this size (see RelaySMTP._read_data).
 _DATA_BLOCK = 64 * 1024
 _END_OF_DATA = b"\r\n.\r\n"
+_BDAT_ARG = re.compile(r"(\d{1,20})(?: +LAST)?", re.IGNORECASE)  # RFC 3030 §2: chunk-size [SP end-marker]
 # What one header line costs once parsed (relay.message.Message.parse): the line, the
 # field's value and its HeaderField, and the signer's tuple of them (about 210 bytes for a
 # tiny field, measured); see RelaySMTP._charge_header_fields.
@@ -224,6 +227,7 @@ class RelaySMTP(SMTP):
         self.max_connections_per_address = max_connections_per_address
         self._deadline: float | None = None
         self._idle_expiry = 0.0  # when the session is idle for too long (see _reset_timeout)
+        self._hold_expiry: float | None = None  # see _hold_upstream
         self._ending = "client disconnected"  # what ends an open transaction, for its log line
         self._abort_handle: asyncio.TimerHandle | None = None
         self.client = client
@@ -272,6 +276,8 @@ class RelaySMTP(SMTP):
         duration = duration or self._timeout_duration
         if self._deadline is not None:
             duration = max(0.01, min(duration, self._deadline - now))
+        if self._hold_expiry is not None:
+            duration = max(0.01, min(duration, self._hold_expiry - now))
         expiry = self._idle_expiry = now + duration
         handle = self._timeout_handle
         if handle is None or handle.cancelled() or handle.when() > expiry:
@@ -290,17 +296,33 @@ class RelaySMTP(SMTP):
         # Never runs while the upstream's answer is awaited (_waiting_for_upstream stops the
         # timer): after DATA, the session then ends right after the reply (smtp_DATA).
         reply = _IDLE_TIMEOUT
+        held = self._hold_expiry is not None and self.loop.time() >= self._hold_expiry - _TIMER_SLACK
         if self._past_deadline():
             self._ending = "session time limit"
             reply = _SESSION_OVER
+        elif held:
+            reply = _HOLD_TIMEOUT
+        else:
+            self._ending = "idle for clients.session_timeout"
+        if self.client.holds_upstream:
+            # An upstream connection was waiting on this client: the transaction is ended
+            # by the relay, with its reply, in its log line and the rejection count.
+            self.client.timed_out(
+                SmtpError(
+                    421,
+                    "4.4.2",
+                    "Transaction not completed in time" if held else "Timeout exceeded",
+                    reason=_HOLD_REASON if held else self._ending,
+                    label="timeout",
+                )
+            )
         transport = _writable(self.transport)
         if transport is not None and not transport.is_closing() and not self._handshaking:
             # RFC 5321 §3.8: a server that must close says 421 first, so that a client
             # waiting on its own timer knows the session is over and why (Postfix: "421
             # 4.4.2 … Error: timeout exceeded"); mid-handshake there is no channel to say it on.
             transport.write(reply)
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
-        self._abort_when_stuck()
+        self.close()  # aiosmtpd's closes at once: a command crossing the 421 would meet RST
 
     async def _handle_client(self) -> None:
         # Only the load balancer may say who the client is (listeners[].proxy_protocol_from).
@@ -322,8 +344,9 @@ class RelaySMTP(SMTP):
 
     def _set_post_data_state(self) -> None:
         # The message is answered: its bytes leave the budget (and on a lost connection, in
-        # connection_lost).
+        # connection_lost). Also every reset (RSET, EHLO, STARTTLS): no upstream is held.
         self._release_budget()
+        self._hold_expiry = None
         super()._set_post_data_state()  # type: ignore[no-untyped-call]
 
     def _release_budget(self) -> None:
@@ -386,12 +409,12 @@ class RelaySMTP(SMTP):
             self.close()
 
     def close(self) -> None:
-        """End the session after the relay's last reply. On plain TCP the connection lingers
-        (see _Linger); under TLS, and mid-STARTTLS, it closes."""
+        """End the session after the relay's last reply: the connection lingers (see
+        _Linger); mid-STARTTLS it closes."""
         transport = _writable(self.transport)
         if transport is None:
             return
-        if not self._handshaking and not transport.is_closing() and transport.can_write_eof():
+        if not self._handshaking and not transport.is_closing():
             linger = _Linger(cast(asyncio.Transport, transport), self.loop, self._connections, self._writer)
             transport.set_protocol(linger)
             # aiosmtpd's command loop, cancelled by connection_lost while it waits for a
@@ -512,6 +535,7 @@ class RelaySMTP(SMTP):
             return
         with self._waiting_for_upstream():
             reply = await self.client.rcpt(address, dsn)
+        self._hold_upstream()
         if reply.positive:
             self.envelope.rcpt_tos.append(address)
             self.envelope.rcpt_options.extend(words)
@@ -664,6 +688,8 @@ class RelaySMTP(SMTP):
             await self.push(str(reply))
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        # From here the DATA phase is bounded by data_timeout (the upstream still waits).
+        self._hold_expiry = None
         assert self._deadline is not None
         time_left = min(self.data_timeout, self._deadline - self.loop.time())
         try:
@@ -722,6 +748,33 @@ class RelaySMTP(SMTP):
             await self.push("421 4.3.2 Service shutting down, closing connection")
             self.close()
 
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """RFC 3030: relay does not offer CHUNKING, yet a client may send BDAT anyway, its
+        chunk right behind it. Those octets are message content, not commands: read as
+        commands, a line of the message such as "RSET" or "RCPT TO:<...>" was carried out.
+        The chunk is read and dropped (within data_timeout, as DATA), then 502. Without a
+        chunk size nothing can be skipped: 501. No @syntax: HELP does not list it."""
+        assert self.session is not None and self._deadline is not None
+        match = _BDAT_ARG.fullmatch(arg or "")
+        if match is None:
+            await self.push("501 5.5.4 Syntax: BDAT chunk-size [LAST]")
+            return
+        left = int(match.group(1))
+        time_left = min(self.data_timeout, self._deadline - self.loop.time())
+        try:
+            async with asyncio.timeout(max(time_left, 0.01)):
+                while left:
+                    block = await self._reader.read(min(left, _DATA_BLOCK))
+                    if not block:
+                        raise ConnectionResetError("client closed the connection during BDAT")
+                    left -= len(block)
+                    self._reset_timeout()
+        except TimeoutError:
+            await self.push("421 4.4.2 Timeout: BDAT took too long, closing connection")
+            self.close()
+            return
+        await self.push("502 5.5.1 BDAT not implemented: CHUNKING is not offered (RFC 3030)")
+
     def _charge_header_fields(self, content: bytes) -> SmtpError | None:
         """Parsing makes an object of every header field (relay.message), some _FIELD_COST
         bytes each: a header of millions of tiny fields ("a:x") takes forty times its own
@@ -753,12 +806,29 @@ class RelaySMTP(SMTP):
         """While the relay waits for the upstream's answer, the client waits for ours: it is
         not idle, so `session_timeout` does not run (the upstream's `command_timeout`
         bounds the wait). Otherwise, with session_timeout <= command_timeout, a slow
-        upstream would cost the client its connection with no reply at all."""
+        upstream would cost the client its connection with no reply at all. Nor is the
+        wait counted against the client's hold on the upstream (_hold_upstream)."""
         assert self._timeout_handle is not None
         self._timeout_handle.cancel()
+        started = self.loop.time()
         try:
             yield
         finally:
+            if self._hold_expiry is not None:
+                self._hold_expiry += self.loop.time() - started
+            self._reset_timeout()
+
+    def _hold_upstream(self) -> None:
+        """Once a RCPT has begun the upstream transaction, a pooled upstream connection waits
+        on this client until DATA. Commands that do not move the transaction on (NOOP, HELP,
+        VRFY, a refused RCPT) would reset the idle timer for ever, and `max_connections`
+        such clients would leave everyone else 451 4.4.5. So the client's own time from
+        here to DATA, all its pauses together (not the waits for the upstream), is bounded
+        by session_timeout, the server timeout for the next command of RFC 5321
+        §4.5.3.2.7; then 421 4.4.2, and the upstream transaction is reset (RSET) and its
+        connection goes back to the pool."""
+        if self._hold_expiry is None and self.client.holds_upstream:
+            self._hold_expiry = self.loop.time() + self._timeout_duration
             self._reset_timeout()
 
     async def _read_data(self) -> tuple[bytes | None, int]:
@@ -878,7 +948,13 @@ class _Linger(asyncio.Protocol):
     sends RST, and a client reading its reply late then sees "connection reset" in its place
     (a PROXY header refused unread; a command crossing the final 421, a drain's among them).
     It stays among the open connections until then: a drain waits for it (within
-    drain_timeout) rather than exit with the socket still taking input."""
+    drain_timeout) rather than exit with the socket still taking input.
+
+    Under TLS there is no half-close: close_notify ends the relay's side (RFC 8446 §6.1), and
+    asyncio's TLS shutdown fails on application data that arrives after it (a command
+    crossing the 421) and aborts the connection. So the TLS session sends close_notify only
+    once the client has closed (its close_notify or FIN), or at CLOSE_GRACE, and the
+    connection is aborted if the shutdown is not done another CLOSE_GRACE later."""
 
     def __init__(
         self,
@@ -892,11 +968,21 @@ class _Linger(asyncio.Protocol):
         # The session's StreamWriter closes its transport when it is collected (asyncio's
         # StreamWriter.__del__): held until the socket is closed, or the GC cuts this short.
         self._writer: asyncio.StreamWriter | None = writer
+        self._loop = loop
         connections.add(self)  # before the session leaves them: a drain never sees none
-        transport.write_eof()  # after the reply still buffered, if any
+        self._tls = not transport.can_write_eof()
+        if not self._tls:
+            transport.write_eof()  # after the reply still buffered, if any
         if not transport.is_reading():  # paused by the session's full buffer
             transport.resume_reading()
-        self._deadline = loop.call_later(CLOSE_GRACE, transport.abort)
+        self._deadline = loop.call_later(CLOSE_GRACE, self._grace_over)
+
+    def _grace_over(self) -> None:
+        if self._tls and not self._transport.is_closing():
+            self._transport.close()  # close_notify, then the client's (or its FIN)
+            self._deadline = self._loop.call_later(CLOSE_GRACE, self._transport.abort)
+        else:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         pass  # nothing more is answered

@@ -25,6 +25,10 @@ class QueueCommandError(Exception):
     """An operator's request that cannot be done; the message says why."""
 
 
+class _Gone(QueueCommandError):
+    """The entry left the queue, or has nothing left to wait for, since it was listed."""
+
+
 def entry_state(entry: QueueEntry, now: float) -> str:
     if entry.done:
         return "dead" if entry.failed else "delivered"
@@ -72,23 +76,24 @@ def list_entries(spool: Spool) -> list[dict[str, Any]]:
     result = spool.scan({}, tidy=False)
     for entry_id in sorted(result.entries):
         try:
-            entry = spool.read_meta(entry_id)
+            entry, state_problem = spool.read_meta_checked(entry_id)
         except FileNotFoundError:
             continue
         except Exception as exc:  # noqa: BLE001 - changed since the scan: shown as it is now
-            out.append(_problem(spool, entry_id, "damaged" if isinstance(exc, CorruptEntry) else "unreadable", exc))
+            problem = f"{type(exc).__name__}: {exc}"
+            out.append(_problem(spool, entry_id, "damaged" if isinstance(exc, CorruptEntry) else "unreadable", problem))
             continue
-        out.append(describe(entry, now))
+        out.append(_with_state_problem(describe(entry, now), state_problem))
     for state, ids in (("damaged", result.corrupt), ("unreadable", result.unreadable)):
         for entry_id in ids:
-            out.append(_problem(spool, entry_id, state, None))
+            out.append(_problem(spool, entry_id, state, result.problems.get(entry_id)))
     out.sort(key=lambda item: item["created"])
     return out
 
 
-def _problem(spool: Spool, entry_id: str, state: str, exc: Exception | None) -> dict[str, Any]:
+def _problem(spool: Spool, entry_id: str, state: str, problem: str | None) -> dict[str, Any]:
     try:
-        stat = os.stat(spool.path(entry_id))
+        stat = os.lstat(spool.path(entry_id))
         created, size = stat.st_mtime, stat.st_size
     except OSError:
         created, size = time.time(), 0
@@ -106,13 +111,21 @@ def _problem(spool: Spool, entry_id: str, state: str, exc: Exception | None) -> 
         "owner": None,
         "listener": None,
         "user": None,
-        "problem": f"{type(exc).__name__}: {exc}" if exc is not None else None,
+        "problem": problem,
     }
 
 
+def _with_state_problem(info: dict[str, Any], state_problem: str | None) -> dict[str, Any]:
+    if state_problem is not None:
+        # The relay quarantines the state file at the entry's next attempt; until then an
+        # operator must know that what is shown is the entry's initial state.
+        info["problem"] = f"state file damaged ({state_problem}): shown from the entry's initial state"
+    return info
+
+
 def show(spool: Spool, entry_id: str) -> dict[str, Any]:
-    entry = _read(spool, entry_id)
-    info = describe(entry, time.time())
+    entry, state_problem = _read(spool, entry_id)
+    info = _with_state_problem(describe(entry, time.time()), state_problem)
     info["envelope"] = {k: v for k, v in asdict(entry).items() if k in ("ret", "envid", "body_8bit", "smtputf8")}
     try:
         message = spool.read_message(entry_id)
@@ -129,7 +142,7 @@ def retry(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
         entry, _ = _read_held(spool, held)
         pending = entry.pending
         if not pending:
-            raise QueueCommandError(f"{entry_id} has no recipient waiting (state: {entry_state(entry, time.time())})")
+            raise _Gone(f"{entry_id} has no recipient waiting (state: {entry_state(entry, time.time())})")
         for r in pending:
             r.next_attempt = 0.0
         spool.save_sync(held, entry, owner=f"relay queue retry ({instance_name()})")
@@ -138,15 +151,27 @@ def retry(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
 
 
 def retry_all(spool: Spool, *, wait: float = LOCK_WAIT) -> tuple[int, list[str]]:
+    """Make every waiting recipient due now. Returns how many entries are due now, and
+    what could not be done."""
     done, busy = 0, []
+    now = time.time()
     for entry_id, summary in spool.scan({}, tidy=False).entries.items():
         if summary.due is None:
+            continue
+        if summary.due <= now:
+            # Due already: being delivered, or about to be. Nothing to change, and a
+            # delivery holds the entry's lock as long as its upstream takes (a hung one:
+            # until its timeouts), which the command would wait for, entry after entry.
+            done += 1
             continue
         try:
             retry(spool, entry_id, wait=wait)
             done += 1
+        except _Gone:
+            continue  # delivered (or finished) since the listing: nothing left to retry
         except QueueCommandError as exc:
             busy.append(str(exc))
+    spool.kick()  # the entries due already too: now, not after an in-memory backoff
     return done, busy
 
 
@@ -175,13 +200,16 @@ def requeue(spool: Spool, entry_id: str, *, wait: float = LOCK_WAIT) -> int:
 
 class _lock:
     def __init__(self, spool: Spool, entry_id: str, wait: float) -> None:
-        if not os.path.exists(spool.path(entry_id)):
+        if not os.path.lexists(spool.path(entry_id)):
             raise QueueCommandError(f"{entry_id}: no such entry in the queue")
-        held = spool.lock(entry_id, wait=wait)
+        try:
+            held = spool.lock(entry_id, wait=wait)
+        except OSError as exc:  # a symbolic link, a FIFO, no permission: named, not a traceback
+            raise QueueCommandError(f"{entry_id}: unreadable ({exc.strerror or exc})") from None
         if held is None:
             if os.path.exists(spool.path(entry_id)):
                 raise QueueCommandError(f"{entry_id} is being delivered right now; try again")
-            raise QueueCommandError(f"{entry_id} left the queue meanwhile (delivered or removed)")
+            raise _Gone(f"{entry_id} left the queue meanwhile (delivered or removed)")
         self.held = held
 
     def __enter__(self) -> EntryLock:
@@ -191,13 +219,15 @@ class _lock:
         self.held.release()
 
 
-def _read(spool: Spool, entry_id: str) -> QueueEntry:
+def _read(spool: Spool, entry_id: str) -> tuple[QueueEntry, str | None]:
     try:
-        return spool.read_meta(entry_id)
+        return spool.read_meta_checked(entry_id)
     except FileNotFoundError:
         raise QueueCommandError(f"{entry_id}: no such entry in the queue") from None
     except CorruptEntry as exc:
         raise QueueCommandError(f"{entry_id}: damaged ({exc})") from None
+    except OSError as exc:
+        raise QueueCommandError(f"{entry_id}: unreadable ({exc.strerror or exc})") from None
 
 
 def _read_held(spool: Spool, held: EntryLock) -> tuple[QueueEntry, bytes]:

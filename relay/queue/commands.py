@@ -80,32 +80,52 @@ def _run(
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
     root = settings.queue.dir
-    if not (root / "entries").is_dir():
-        print(f"relay queue: no spool at {root} (queue.dir)", file=sys.stderr)
-        return EXIT_FAILED
-    if changes and (problem := _not_the_owner(root)):
-        print(f"relay queue: {problem}", file=sys.stderr)
-        return EXIT_FAILED
-    # No journal: the command never adds entries, and must not replay a running relay's.
-    spool = Spool(root, max_bytes=settings.queue.max_bytes, journal=False)
-    entry_id = getattr(args, "id", None)
-    if entry_id is not None and not _valid(entry_id):
-        print(f"relay queue: not a queue id: {entry_id!r}", file=sys.stderr)
-        return EXIT_FAILED
     try:
+        if not (root / "entries").is_dir():
+            print(f"relay queue: no spool at {root} (queue.dir)", file=sys.stderr)
+            return EXIT_FAILED
+        if changes and (problem := _not_the_owner(root)):
+            print(f"relay queue: {problem}", file=sys.stderr)
+            return EXIT_FAILED
+        # No journal: the command never adds entries, and must not replay a running relay's.
+        spool = Spool(root, max_bytes=settings.queue.max_bytes, journal=False)
+        entry_id = getattr(args, "id", None)
+        if entry_id is not None and not _valid(entry_id):
+            print(f"relay queue: not a queue id: {entry_id!r}", file=sys.stderr)
+            return EXIT_FAILED
         return func(spool, args)
     except admin.QueueCommandError as exc:
         print(f"relay queue: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        # The spool's directories are the relay's alone (mode 0700): another user cannot
+        # even list them. Said so, with the path, never a traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        hint = ""
+        if isinstance(exc, PermissionError):
+            hint = f"; {_owner(root) or 'check the permissions of the spool'}"
+        print(f"relay queue: {exc.strerror or exc}{where}{hint}", file=sys.stderr)
         return EXIT_FAILED
 
 
 def _not_the_owner(root: Any) -> str | None:
     """Why this user must not change the spool, or None: files it writes (state files, mode
     0600) must stay readable by the relay, which runs as the spool directory's owner."""
+    owner = _owner(root)
+    if owner is None:
+        return None
+    return f"{owner}, or the relay could not read what it writes"
+
+
+def _owner(root: Any) -> str | None:
+    """Which user to run as (the spool directory's owner), or None when it is this one."""
     import os
     import pwd
 
-    owner = os.stat(root).st_uid
+    try:
+        owner = os.stat(root).st_uid
+    except OSError:
+        return None
     if os.geteuid() == owner:
         return None
     try:
@@ -113,8 +133,7 @@ def _not_the_owner(root: Any) -> str | None:
     except KeyError:
         name = str(owner)
     return (
-        f"the spool {root} belongs to {name} (uid {owner}); run this as that user "
-        f"(e.g. sudo -u {name} relay queue ...), or the relay could not read what it writes"
+        f"the spool {root} belongs to {name} (uid {owner}); run this as that user (e.g. sudo -u {name} relay queue ...)"
     )
 
 
@@ -138,6 +157,8 @@ def _list(spool: Spool, args: argparse.Namespace) -> int:
     for e in entries:
         sender = e["from"] or "<>"
         print(f"{e['id']:<18} {e['state']:<9} {_age(e['age_seconds']):>8} {e['size']:>9}  {sender}")
+        if e.get("problem"):
+            print(f"{'':<48}! {e['problem']}")
         for r in e["recipients"]:
             reply = f", {r['last_reply']}" if r["last_reply"] else ""
             print(f"{'':<48}→ {r['address']} ({r['status']}, {r['attempts']} tries{reply})")

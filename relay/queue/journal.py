@@ -42,9 +42,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import time
 import zlib
@@ -157,8 +159,15 @@ class Journal:
         for fd, ids in [(self._fd, self._segment_ids), *self._retiring_segments]:
             if entry_id in ids and fd >= 0:
                 ids.discard(entry_id)
-                with contextlib.suppress(OSError):  # the retirement makes the removal durable anyway
-                    os.write(fd, encode_record(DONE, entry_id))
+                mark = encode_record(DONE, entry_id)
+                try:
+                    written = os.write(fd, mark)
+                except OSError:
+                    written = -1  # the retirement makes the removal durable anyway
+                if written != len(mark) and fd == self._fd:
+                    # Cut short (a full disk): a torn record, past which a replay reads
+                    # nothing. What comes next goes to a new segment.
+                    self._must_rotate = True
                 return
 
     def keep(self, entry_id: str, fd: int) -> bool:
@@ -215,6 +224,10 @@ class Journal:
     async def _drain_batches(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiters or self._checkpoint_due():
+            if self._fd >= 0 and not self._must_rotate and self._waiters and _unlinked(self._fd):
+                # The segment was removed under us (`journal/` deleted): a record in it would
+                # not outlive a power loss. A new one, or this batch is refused.
+                self._must_rotate = True
             if self._fd < 0 or self._must_rotate or self._checkpoint_due():
                 try:
                     await self._rotate()
@@ -394,6 +407,10 @@ def fsync_entry(path: Path) -> None:
         os.close(fd)
 
 
+def _unlinked(fd: int) -> bool:
+    return os.fstat(fd).st_nlink == 0
+
+
 def _append(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -405,13 +422,23 @@ def _append_synced(fd: int, data: bytes) -> None:
     os.fdatasync(fd)
 
 
+def _open_segment_file(segment: Path) -> int:
+    """A segment for reading: never a symbolic link's target, never blocking on a FIFO."""
+    fd = os.open(segment, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(segment))
+    os.set_blocking(fd, True)
+    return fd
+
+
 def orphans(directory: Path, own_prefix: str) -> bool:
     """Whether some segment's writer is gone (its flock is free): a replay is due."""
     for segment in directory.glob(f"*{SEGMENT_SUFFIX}"):
         if segment.name.startswith((own_prefix + "-", ".")):
             continue
         try:
-            fd = os.open(segment, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_segment_file(segment)
         except OSError:
             continue
         try:
@@ -435,8 +462,11 @@ def replay_orphans(directory: Path, own_prefix: str, restore: Callable[[str, byt
         if segment.name.startswith((own_prefix + "-", ".")):
             continue
         try:
-            fd = os.open(segment, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_segment_file(segment)
         except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.error("journal: not a segment; left alone", extra={"segment": segment.name, "reason": str(exc)})
             continue
         try:
             try:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import re
 import struct
@@ -32,6 +33,9 @@ log = logging.getLogger("relay.queue")
 
 _STATE = struct.Struct("<dd")  # tokens, time.monotonic() of the last update
 FLOCK_TRIES = 200  # x 1 ms: the holder only reads and writes 16 bytes
+# Tokens owed by takers waiting their turn: at most the deliveries under way at once (64 per
+# worker); a larger debt in the file is damage, not pacing.
+MAX_DEBT = 100_000.0
 
 
 class TokenBucket:
@@ -104,6 +108,10 @@ class SharedTokenBucket:
             now = time.monotonic()
             raw = os.pread(fd, _STATE.size, 0)
             tokens, stamp = (float(v) for v in _STATE.unpack(raw)) if len(raw) == _STATE.size else (self.burst, now)
+            if not (math.isfinite(tokens) and math.isfinite(stamp)) or tokens < -MAX_DEBT:
+                # Damaged at rest: obeyed, it would hold every delivery to this upstream
+                # for ages, restart or not. Start afresh (one burst more at worst).
+                tokens, stamp = self.burst, now
             if stamp > now:
                 stamp = now
             tokens = min(self.burst, tokens + (now - stamp) * self.rate) - count

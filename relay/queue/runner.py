@@ -28,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import heapq
 import logging
+import math
 import os
 import random
 import time
@@ -114,6 +116,8 @@ REPORT_SIZE_GUESS = 8192  # a failure report with the returned header, for the r
 STUCK_AFTER = 300.0
 # Refusals made by the relay itself before the upstream saw the transaction: no attempt.
 NOT_ATTEMPTED = frozenset({"upstream_busy", "shutting_down"})
+# A spool that cannot take a state change: full, over quota, read-only.
+SPOOL_UNWRITABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 
 
 class RouteSource(Protocol):
@@ -180,14 +184,19 @@ class QueueRunner:
         # Not before these times (in memory only): a report that could not be queued, an
         # attempt that failed unexpectedly. A scan reschedules from disk, never earlier.
         self._backoff: dict[str, float] = {}
+        # Recipients (by position) this process delivered but could not record in the
+        # spool (read-only, I/O errors): never sent again by it while the spool stays so.
+        self._unrecorded: dict[str, set[int]] = {}
         self._unreadable = 0
         self.delivery_bytes = DELIVERY_BYTES
         self.error_backoff = LOOP_ERROR_BACKOFF
         self._reading = 0  # bytes of messages held by deliveries under way
-        self._last_scan = 0.0
-        self._loop_alive = time.time()
+        # The loop's own intervals run on the monotonic clock: a wall clock stepped back
+        # must not stop the scans (nor one stepped forward make /readyz call the loop stuck).
+        self._last_scan = -math.inf
+        self._loop_alive = time.monotonic()
         self._last_kick = 0.0
-        self._last_sweep = 0.0
+        self._last_sweep = -math.inf
         if spool.max_bytes is not None:
             MAX_BYTES.set(spool.max_bytes)
 
@@ -198,7 +207,7 @@ class QueueRunner:
             # The scan `Spool.open()` made: the first scan of the loop reads only what
             # changed since, not every entry again.
             self._summaries = dict(opened.entries)
-        self._loop_alive = time.time()
+        self._loop_alive = time.monotonic()
         self._main = asyncio.create_task(self._run(), name="queue-runner")
 
     def problem(self) -> str | None:
@@ -207,7 +216,7 @@ class QueueRunner:
             return None
         if self._main.done():
             return "spool delivery loop stopped"
-        stuck = time.time() - self._loop_alive
+        stuck = time.monotonic() - self._loop_alive
         if stuck > max(STUCK_AFTER, 3 * self.scan_interval):
             return f"spool delivery loop has not completed a scan for {stuck:.0f}s"
         return None
@@ -288,20 +297,21 @@ class QueueRunner:
                 # and the loop goes on after a pause (/readyz says so if it stays stuck).
                 LOOP_ERRORS.inc()
                 log.exception("spool delivery loop error; going on", extra={"retry_in_s": self.error_backoff})
-                self._last_scan = time.time() - self.scan_interval + self.error_backoff
+                self._last_scan = time.monotonic() - self.scan_interval + self.error_backoff
                 await asyncio.sleep(self.error_backoff)
 
     async def _step(self) -> None:
-        now = time.time()
         kicked = self.spool.kicked_at()
-        if now - self._last_scan >= self.scan_interval or kicked > self._last_kick:
-            if kicked > self._last_kick:
+        # Any change of the kick file's time is a kick: after the wall clock stepped back,
+        # `relay queue retry` touches it with an older time than the last one.
+        if time.monotonic() - self._last_scan >= self.scan_interval or kicked != self._last_kick:
+            if kicked != self._last_kick:
                 self._backoff.clear()  # an operator's retry: now, not after a backoff
             self._last_kick = kicked
             await self._scan()
-        self._loop_alive = time.time()
+        self._loop_alive = time.monotonic()
         self._dispatch(time.time())
-        wait = min(KICK_POLL, max(0.0, self._last_scan + self.scan_interval - time.time()))
+        wait = min(KICK_POLL, max(0.0, self._last_scan + self.scan_interval - time.monotonic()))
         if self._heap and len(self._inflight) < self.concurrency:
             wait = min(wait, max(0.0, self._heap[0][0] - time.time()))
         self._wake.clear()
@@ -376,12 +386,15 @@ class QueueRunner:
 
     async def _scan(self) -> None:
         started = time.time()
+        scanned = time.monotonic()
         result = await asyncio.to_thread(self.spool.scan, dict(self._summaries))
-        self._last_scan = time.time()
+        self._last_scan = time.monotonic()
         self._summaries = result.entries
         self._unreadable = len(result.unreadable)
         for gone in self._paced.keys() - result.entries.keys():
             del self._paced[gone]  # delivered or removed elsewhere
+        for gone in self._unrecorded.keys() - result.entries.keys():
+            del self._unrecorded[gone]
         for entry_id in result.corrupt:
             held = self.spool.lock(entry_id)
             if held is not None:
@@ -389,16 +402,22 @@ class QueueRunner:
                     why = self.spool.damaged(held)
                     if why:
                         self.spool.quarantine(entry_id, why)
-        for entry_id in [i for i, until in self._backoff.items() if until <= started or i not in result.entries]:
-            del self._backoff[entry_id]
+        for entry_id in [
+            i
+            for i, until in self._backoff.items()
+            if until <= started or i not in result.entries or until > started + ERROR_RETRY + self.policy.longest_wait()
+        ]:
+            del self._backoff[entry_id]  # over, gone, or set before the clock stepped back
         for entry_id, summary in result.entries.items():
             if entry_id in self._inflight:
                 continue
             due = started if summary.dsn_pending else summary.due
+            if due is not None and self.policy.beyond_schedule(due, started):
+                due = started  # scheduled before the wall clock stepped back
             if due is not None:
                 self._schedule(entry_id, due)  # not before an in-memory backoff
-        if started - self._last_sweep >= DEAD_SWEEP_INTERVAL:
-            self._last_sweep = started
+        if scanned - self._last_sweep >= DEAD_SWEEP_INTERVAL:
+            self._last_sweep = scanned
             self._sweep_dead(started)
         self._publish(started)
 
@@ -446,7 +465,12 @@ class QueueRunner:
 
     # -- one attempt ------------------------------------------------------------------------
     async def _attempt(self, entry_id: str) -> None:
-        held = self.spool.lock(entry_id)
+        try:
+            held = self.spool.lock(entry_id)
+        except OSError as exc:  # replaced by a FIFO or a link since the scan; no permission
+            log.error("spool entry unreadable; will retry", extra={"id": entry_id, "reason": str(exc)})
+            self._back_off(entry_id, time.time() + ERROR_RETRY)
+            return
         if held is None:
             return  # gone, or another worker holds it: its state will come with the next scan
         with held:
@@ -489,6 +513,18 @@ class QueueRunner:
         finally:
             self._reading -= size
 
+    def _apply_unrecorded(self, entry: QueueEntry) -> bool:
+        """Mark the recipients this process delivered but could not record as delivered;
+        True if there were any still pending on disk."""
+        now = time.time()
+        changed = False
+        for i in self._unrecorded.get(entry.id, ()):
+            if i < len(entry.recipients) and entry.recipients[i].status == PENDING:
+                r = entry.recipients[i]
+                self._set(r, DELIVERED, "250 delivered", r.upstream, now)
+                changed = True
+        return changed
+
     def _back_off(self, entry_id: str, until: float) -> None:
         self._backoff[entry_id] = until
         self._schedule(entry_id, until)
@@ -498,13 +534,25 @@ class QueueRunner:
             await self._deliver_due(held, entry, message)
         except (asyncio.CancelledError, KeyboardInterrupt):
             raise
-        except Exception:
+        except Exception as exc:
             # Whatever went wrong, the entry stays in its last committed state and is
             # tried again later; a delivery task must never take the runner down.
-            log.exception("delivery attempt failed unexpectedly; will retry", extra={"id": entry.id})
-            self._back_off(entry.id, time.time() + max(ERROR_RETRY, self.policy.delay(1, self.rng)))
+            retry_in = max(ERROR_RETRY, self.policy.delay(1, self.rng))
+            if isinstance(exc, OSError) and exc.errno in SPOOL_UNWRITABLE:
+                # Expected while the disk is full or the volume read-only: one line per
+                # attempt, not a traceback.
+                log.error(
+                    "spool cannot be written; delivery attempt put off",
+                    extra={"id": entry.id, "reason": f"{exc.strerror}: {exc.filename}", "retry_in_s": round(retry_in)},
+                )
+            else:
+                log.exception("delivery attempt failed unexpectedly; will retry", extra={"id": entry.id})
+            self._back_off(entry.id, time.time() + retry_in)
 
     async def _deliver_due(self, held: EntryLock, entry: QueueEntry, message: bytes) -> None:
+        if self._apply_unrecorded(entry) and entry.done:
+            await self._settle(held, entry, message, time.time())
+            return
         if entry.dsn == "pending":
             await self._report(held, entry, message)
             return
@@ -523,7 +571,10 @@ class QueueRunner:
             await self._settle(held, entry, message, now)
             return
         due_at = [
-            i for i, r in enumerate(entry.recipients) if r.status == PENDING and r.next_attempt <= now + DUE_SLACK
+            i
+            for i, r in enumerate(entry.recipients)
+            if r.status == PENDING
+            and (r.next_attempt <= now + DUE_SLACK or self.policy.beyond_schedule(r.next_attempt, now))
         ]
         due = [entry.recipients[i] for i in due_at]
         pacer = self.pacer() if self.pacer is not None and due else None
@@ -673,7 +724,20 @@ class QueueRunner:
                 await asyncio.shield(tx.abort())
             raise
         if reply.positive:
-            prepared.commit()  # the one syscall between the upstream's 250 and the spool
+            try:
+                prepared.commit()  # the one syscall between the upstream's 250 and the spool
+            except OSError as exc:
+                # The upstream has the message; the spool cannot say so (remounted read-only,
+                # EIO). Kept in memory, so that this process does not send it again at every
+                # retry while the spool stays so; recorded by the entry's next attempt.
+                with contextlib.suppress(OSError):
+                    prepared.discard()
+                positions = {id(r): i for i, r in enumerate(entry.recipients)}
+                self._unrecorded.setdefault(entry.id, set()).update(positions[id(r)] for r in accepted)
+                log.error(
+                    "delivered, but the spool could not record it; not sent again by this process",
+                    extra={"id": entry.id, "reason": f"{exc.strerror or exc}"},
+                )
             if after is not None:
                 _copy_state(after, entry)
             else:

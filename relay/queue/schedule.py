@@ -36,3 +36,13 @@ class RetryPolicy:
 
     def expired(self, now: float, since: float) -> bool:
         return now >= self.deadline(since)
+
+    def longest_wait(self) -> float:
+        """The furthest off a retry is ever scheduled (the longest step, with its jitter)."""
+        return max(self.steps) * (1 + self.jitter)
+
+    def beyond_schedule(self, when: float, now: float) -> bool:
+        """Whether a retry time lies further ahead than any step: the wall clock stepped back
+        since it was scheduled (an operator, an NTP step after a bad clock at boot). It is
+        due now, else the step would add itself to the wait."""
+        return when > now + self.longest_wait() + 1.0

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -40,6 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR, S_ISFIFO, S_ISREG
 
 from relay.errors import SmtpError
 from relay.queue.commit import GroupCommitter, fsync_directory
@@ -134,6 +136,8 @@ class ScanResult:
     # Entries that could not be read for another reason (permissions, I/O error): skipped
     # and logged, never quarantined (the file may be fine), tried again at the next scan.
     unreadable: list[str] = field(default_factory=list)
+    # What is wrong with each damaged or unreadable entry, for `relay queue list`.
+    problems: dict[str, str] = field(default_factory=dict)
 
 
 class Spool:
@@ -165,6 +169,7 @@ class Spool:
         # every entry a second time at start.
         self.opened_scan: ScanResult | None = None
         self._reported_unreadable: dict[str, str] = {}
+        self._unmovable: dict[str, str] = {}  # damaged entries whose quarantine failed, and why
 
     # -- setup and health ---------------------------------------------------------------
     def open(self) -> None:
@@ -196,6 +201,9 @@ class Spool:
             return f"spool {self.entries}: {exc.strerror or exc}"
         if stats.f_flag & os.ST_RDONLY or not os.access(self.entries, os.W_OK | os.X_OK):
             return f"spool {self.entries} is not writable"
+        if self.journal is not None and not os.access(self.journal_dir, os.W_OK | os.X_OK):
+            # New entries are durable through the journal: without it, none is taken.
+            return f"spool journal {self.journal_dir} is missing or not writable"
         if stats.f_bavail * stats.f_frsize < self.reserve_bytes:
             return f"spool filesystem has less than {self.reserve_bytes} bytes free"
         return None
@@ -279,7 +287,15 @@ class Spool:
         if not valid_id(entry_id):
             return False
         path = self.path(entry_id)
-        held = self.lock(entry_id)
+        try:
+            held = self.lock(entry_id)
+        except NotASpoolFile as exc:
+            # Not ours to overwrite: reported by the scan (`relay queue list`), left alone.
+            log.error(
+                "journal replay: not restoring over a file that is not an entry",
+                extra={"id": entry_id, "reason": str(exc)},
+            )
+            return False
         if held is None and (path.exists() or not lost_possible):
             # Held by a live delivery: it is there. Or removed by someone (delivered by
             # another worker, deleted by an operator): a kill does not lose a written file.
@@ -317,7 +333,7 @@ class Spool:
         deadline = time.monotonic() + wait
         while True:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_spool_file(path)
             except FileNotFoundError:
                 return None
             try:
@@ -362,25 +378,30 @@ class Spool:
 
     def read_meta(self, entry_id: str) -> QueueEntry:
         """Envelope and state without the message (FileNotFoundError when it is gone)."""
-        with open(self.path(entry_id), "rb") as fh:
+        return self.read_meta_checked(entry_id)[0]
+
+    def read_meta_checked(self, entry_id: str) -> tuple[QueueEntry, str | None]:
+        """`read_meta`, and why the entry's state file could not be used (the entry then
+        has the state embedded in its file), or None."""
+        with os.fdopen(open_spool_file(self.path(entry_id)), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEAD_READ)
             span = meta_span(head)
             if span > len(head):
                 head += fh.read(span - len(head))
         entry = decode_meta(head, size)
-        self._apply_state_file(entry)
-        return entry
+        return entry, self._apply_state_file(entry)
 
     def read_message(self, entry_id: str) -> bytes:
-        with open(self.path(entry_id), "rb") as fh:
+        with os.fdopen(open_spool_file(self.path(entry_id)), "rb") as fh:
             return decode_entry(fh.read())[1]
 
     def _apply_state_file(self, entry: QueueEntry) -> str | None:
         """Apply the entry's `.state` file; returns why it was not usable (the entry then keeps
         the state embedded in its file), or None."""
         try:
-            data = self.state_path(entry.id).read_bytes()
+            with os.fdopen(open_spool_file(self.state_path(entry.id)), "rb") as fh:
+                data = fh.read()
         except FileNotFoundError:
             if not entry.since:
                 entry.since = entry.created
@@ -403,8 +424,17 @@ class Spool:
         target = self.corrupt / source.name
         if target.exists():
             target = self.corrupt / f"{source.name}.{int(time.time())}"
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.rename(source, target)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            # Left in place: the entry goes on from the state embedded in its file all the same.
+            log.error(
+                "spool state file damaged, and it cannot be moved to quarantine; left in place",
+                extra={"id": entry_id, "reason": why, "error": f"{exc.strerror or exc}"},
+            )
+            return
         log.error(
             "spool state file damaged; moved to quarantine, the message stays queued from its initial state",
             extra={"id": entry_id, "reason": why, "quarantine": str(target)},
@@ -478,12 +508,26 @@ class Spool:
         """Move a damaged entry out of the way, with a log line; it is never delivered."""
         moved = []
         for source in (self.path(entry_id), self.state_path(entry_id)):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 target = self.corrupt / source.name
                 if target.exists():
                     target = self.corrupt / f"{source.name}.{int(time.time())}"
                 os.rename(source, target)
                 moved.append(source.name)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                # A read-only spool, no room in corrupt/: the entry stays where it is, still
+                # never delivered (every scan finds it damaged); one line per entry and reason.
+                reason = f"{exc.strerror or exc}"
+                if self._unmovable.get(entry_id) != reason:
+                    self._unmovable[entry_id] = reason
+                    log.error(
+                        "spool entry damaged, and it cannot be moved to quarantine; left in place, not delivered",
+                        extra={"id": entry_id, "reason": why, "error": reason, "path": str(source)},
+                    )
+                return
+        self._unmovable.pop(entry_id, None)
         log.error(
             "spool entry damaged; moved to quarantine and not delivered",
             extra={"id": entry_id, "reason": why, "files": moved, "quarantine": str(self.corrupt)},
@@ -535,7 +579,7 @@ class Spool:
             for item in listing:
                 name = item.name
                 try:
-                    stat = item.stat()
+                    stat = item.stat(follow_symlinks=False)  # a link is listed as what it is
                 except FileNotFoundError:
                     continue
                 if name.startswith(TMP_PREFIX):
@@ -548,6 +592,7 @@ class Spool:
         summaries: dict[str, EntrySummary] = {}
         corrupt: list[str] = []
         unreadable: list[str] = []
+        problems: dict[str, str] = {}
         total = 0
         for entry_id, stat in files.items():
             state = states.get(entry_id)
@@ -564,9 +609,10 @@ class Spool:
             except CorruptEntry as exc:
                 log.debug("damaged entry found by scan", extra={"id": entry_id, "reason": str(exc)})
                 corrupt.append(entry_id)
+                problems[entry_id] = str(exc)
                 continue
             except Exception as exc:  # noqa: BLE001 - one entry's problem is never the spool's
-                self._report_unreadable(entry_id, exc)
+                problems[entry_id] = self._report_unreadable(entry_id, exc)
                 unreadable.append(entry_id)
                 continue
             self._reported_unreadable.pop(entry_id, None)
@@ -580,23 +626,27 @@ class Spool:
                 if not self.path(entry_id).exists():
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.state_path(entry_id))
-        return ScanResult(summaries, corrupt, total, unreadable)
+        return ScanResult(summaries, corrupt, total, unreadable, problems)
 
-    def _report_unreadable(self, entry_id: str, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
+    def _report_unreadable(self, entry_id: str, exc: Exception) -> str:
+        reason = str(exc) if isinstance(exc, NotASpoolFile) else f"{type(exc).__name__}: {exc}"
         if self._reported_unreadable.get(entry_id) != reason:  # once per new reason, not every scan
             self._reported_unreadable[entry_id] = reason
             log.error(
                 "spool entry unreadable; skipped, tried again at the next scan",
                 extra={"id": entry_id, "reason": reason, "path": str(self.path(entry_id))},
             )
+        return reason
 
     def _remove_stale_tmp(self, name: str) -> None:
         """An old tmp file is a crash's leftover, unless its entry is held: a prepared state
         (`.tmp-<id>.state-*`) waits for its transaction's end, however long it takes."""
         entry_id = name[len(TMP_PREFIX) :].rsplit("-", 1)[0].removesuffix(STATE_SUFFIX)
         if valid_id(entry_id) and self.path(entry_id).exists():
-            held = self.lock(entry_id)
+            try:
+                held = self.lock(entry_id)
+            except NotASpoolFile:
+                held = None  # the scan reports that name; the tmp file waits
             if held is None:
                 return  # held by a delivery under way (or gone this instant: next scan)
             try:
@@ -710,6 +760,29 @@ def _discard_written(path: Path, write: asyncio.Future[int]) -> None:
     os.close(write.result())
 
 
+class NotASpoolFile(OSError):
+    """A symbolic link, a FIFO, a directory... where the spool expects one of its files."""
+
+
+def open_spool_file(path: Path) -> int:
+    """Open an entry or state file for reading, never following a symbolic link nor
+    blocking on a FIFO (a stray `mkfifo` would hold a scan, and so the start, for ever):
+    the spool writes only regular files, anything else is reported, never read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotASpoolFile(errno.ELOOP, "a symbolic link, not a spool file", str(path)) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if S_ISFIFO(mode) else "a directory" if S_ISDIR(mode) else "a special file"
+        raise NotASpoolFile(errno.EINVAL, f"not a regular file ({kind})", str(path))
+    os.set_blocking(fd, True)
+    return fd
+
+
 def _write_synced(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -717,13 +790,16 @@ def _write_synced(path: Path, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except BaseException:
+        # A full disk: the partial file would hold its blocks until a scan removed it.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     finally:
         os.close(fd)
 
 
 def _storage_error(exc: OSError) -> SmtpError:
-    import errno
-
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return SmtpError(
             452,

@@ -182,7 +182,7 @@ class Upstream:
     (and take AUTH= on MAIL). `dsn`: offer the DSN extension (RFC 3461). `eightbit=False`:
     do not offer 8BITMIME (RFC 6152). `idle_timeout`: drop a session idle that long.
     `pipelining`: offer PIPELINING (RFC 2920); `mails` records whether each MAIL came with
-    its first RCPT."""
+    its first RCPT. `smtputf8=False`: do not offer SMTPUTF8 (RFC 6531)."""
 
     def __init__(
         self,
@@ -197,6 +197,7 @@ class Upstream:
         eightbit: bool = True,
         idle_timeout: float | None = None,
         pipelining: bool = False,
+        smtputf8: bool = True,
     ) -> None:
         self.host = host
         self.dsn = dsn
@@ -213,6 +214,8 @@ class Upstream:
         self.mails: list[tuple[str, bool]] = []
         self.lock = threading.Lock()
         kwargs: dict = {"data_size_limit": 60 * 1024 * 1024}
+        if not smtputf8:
+            kwargs["enable_SMTPUTF8"] = False  # aiosmtpd's Controller offers it by default
         if idle_timeout is not None:
             kwargs["timeout"] = idle_timeout  # 421 and close after this long without a command
         if tls == "starttls":

@@ -53,6 +53,7 @@ def session(timeout: float = 300.0, deadline: float | None = None) -> SimpleName
         loop=loop,
         _timeout_duration=timeout,
         _deadline=deadline,
+        _hold_expiry=None,
         _idle_expiry=0.0,
         _timeout_handle=None,
         timed_out=[],
@@ -134,3 +135,17 @@ def test_a_timer_that_fires_a_millisecond_early_counts_as_due():
     state.loop.now = 29.9995
     state._timeout_handle._run()
     assert state.timed_out == [29.9995]
+
+
+def test_commands_while_a_transaction_holds_the_upstream_do_not_move_its_end():
+    # RelaySMTP._hold_upstream: the client's time from the first RCPT to DATA is bounded by
+    # session_timeout, however often it sends a NOOP.
+    state = session(timeout=300)
+    state.reset()
+    state._hold_expiry = 300.0
+    for t in range(10, 300, 10):  # a NOOP every 10 s
+        state.loop.advance(float(t))
+        state.reset()
+    assert state.timed_out == []
+    state.loop.advance(300.0)
+    assert state.timed_out == [300.0]

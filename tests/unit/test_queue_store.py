@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import fcntl
 import json
@@ -232,6 +233,71 @@ async def test_scan_removes_orphan_state_and_old_tmp_files(spool):
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     assert spool.scan({}).entries == {}
     assert list(spool.entries.iterdir()) == []
+    await spool.close()
+
+
+def test_files_that_are_not_spool_files_are_reported_never_opened_blocking(tmp_path):
+    """A FIFO named like an entry, a state file or a journal segment, and a symbolic link:
+    before, the scan (and so `Spool.open()`, the relay's start) waited for a FIFO's writer
+    for ever. Run in a thread, bounded, so that the old code fails instead of hanging."""
+    import threading
+
+    root = tmp_path / "spool"
+    Spool(root).open()
+    asyncio.run(_put_and_close(Spool(root), make_entry("good1")))
+    os.mkfifo(root / "entries" / "good1.state")
+    os.mkfifo(root / "entries" / "fifo1")
+    os.mkfifo(root / "journal" / "stray-1-1.log")
+    (tmp_path / "target").write_bytes(b"x")
+    os.symlink(tmp_path / "target", root / "entries" / "link1")
+    (root / "entries" / "dir1").mkdir()
+    outcome: list = []
+
+    def scan() -> None:
+        spool = Spool(root)
+        spool.open()
+        outcome.append(spool.opened_scan)
+
+    thread = threading.Thread(target=scan, daemon=True)
+    thread.start()
+    thread.join(20)
+    if thread.is_alive():  # free the thread before failing
+        for fifo in ("entries/fifo1", "journal/stray-1-1.log", "entries/good1.state"):
+            with contextlib.suppress(OSError):
+                os.close(os.open(root / fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("the scan blocked on a FIFO")
+    result = outcome[0]
+    assert result.entries == {}
+    assert sorted(result.unreadable) == ["dir1", "fifo1", "good1", "link1"]
+    assert "symbolic link" in result.problems["link1"]
+    assert "FIFO" in result.problems["fifo1"] and "FIFO" in result.problems["good1"]
+    assert "directory" in result.problems["dir1"]
+    assert (root / "entries" / "link1").is_symlink() and (root / "journal" / "stray-1-1.log").exists()
+
+
+async def _put_and_close(spool: Spool, entry: QueueEntry) -> None:
+    spool.open()
+    (await spool.put(entry, MESSAGE)).release()
+    await spool.close()
+
+
+async def test_a_journal_directory_removed_under_a_running_spool_refuses_new_mail(spool):
+    """`journal/` removed while the relay runs (a clean-up script, an operator): the open
+    segment has no name any more, so what is appended to it would not outlive a power loss,
+    and no new segment can be opened, so no checkpoint ever makes the entries durable on
+    their own. Before, every message still got its 250 and /readyz stayed ready."""
+    import shutil
+
+    (await spool.put(make_entry("before1"), MESSAGE)).release()
+    shutil.rmtree(spool.journal_dir)
+    with pytest.raises(SmtpError) as refused:
+        await spool.put(make_entry("after1"), MESSAGE)
+    assert refused.value.temporary
+    assert not spool.path("after1").exists()  # not acknowledged, so not to be delivered
+    assert "journal" in (spool.problem() or "")
+    spool.journal_dir.mkdir()  # put back: new mail is taken again, without a restart
+    (await spool.put(make_entry("after2"), MESSAGE)).release()
+    assert spool.problem() is None
     await spool.close()
 
 
@@ -543,6 +609,31 @@ async def test_max_rate_is_shared_by_the_workers(tmp_path, monkeypatch):
         await t.close()
 
 
+@pytest.mark.parametrize(
+    "damaged",
+    [(-1e300, 1.0), (float("nan"), float("nan")), (-1e12, 1e300), (float("-inf"), 0.0)],
+    ids=["huge-debt", "nan", "debt-and-future-stamp", "minus-infinity"],
+)
+def test_a_damaged_shared_pacing_state_is_reset_not_obeyed(tmp_path, damaged):
+    """The shared `max_rate` state is 16 bytes in the spool directory, kept across restarts.
+    Damaged at rest into an absurd debt, it made every delivery to that upstream wait for
+    ages (for ever, restart or not)."""
+    import math
+    import struct
+
+    from relay.queue.pacing import SharedTokenBucket
+
+    path = tmp_path / "pacing" / "up"
+    path.parent.mkdir()
+    path.write_bytes(struct.pack("<dd", *damaged))
+    bucket = SharedTokenBucket(path, rate=14.0)
+    wait = bucket._reserve(1.0)
+    assert math.isfinite(wait) and wait <= 1.0
+    tokens, _stamp = struct.unpack("<dd", path.read_bytes())
+    assert math.isfinite(tokens)
+    bucket.close()
+
+
 async def test_an_entry_with_an_unreadable_state_is_skipped_not_fatal(spool, monkeypatch, caplog):
     """Before: any error but CorruptEntry in a scan (EACCES from a root-owned state file, a
     field written by a newer version) stopped the scan, the delivery loop and `open()`."""
@@ -704,3 +795,22 @@ def test_a_state_or_metadata_nested_thousands_deep_is_corrupt_not_a_crash():
     entry = b"%s %d %d %08x\n" % (ENTRY_MAGIC, len(nested), 0, zlib.crc32(nested)) + nested
     with pytest.raises(CorruptEntry, match="bad metadata: RecursionError"):
         decode_entry(entry)
+
+
+async def test_a_replay_meeting_a_fifo_where_its_entry_was_goes_on(tmp_path):
+    """A dead writer's segment vouches for an entry whose file has become a FIFO: before,
+    the replay raised, so every scan (and the start) failed on that one name."""
+    killed = Spool(tmp_path / "spool")
+    killed.open()
+    killed.journal.checkpoint_interval = 3600
+    (await killed.put(make_entry("f1"), MESSAGE)).release()
+    (await killed.put(make_entry("f2"), MESSAGE)).release()
+    crash(killed)
+    os.unlink(killed.path("f1"))
+    os.mkfifo(killed.path("f1"))
+    restarted = Spool(tmp_path / "spool")
+    restarted.open()  # no exception
+    result = restarted.opened_scan
+    assert set(result.entries) == {"f2"} and result.unreadable == ["f1"]
+    assert list(restarted.journal_dir.glob("*.log")) == []  # the dead segment was replayed
+    await restarted.close()
