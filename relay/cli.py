@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 # supervisor process small, and `relay hash-password` starts fast.
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+MAX_WORKERS = 1024  # each is a whole relay process; far more than any machine has cores
 _CONFIG_HELP = "config file (default: $RELAY_CONFIG, else the dev default)"
 
 
@@ -144,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from relay.queue.commands import add_queue_commands
 
-    add_queue_commands(sub, _load)
+    add_queue_commands(sub, lambda path_arg: _load(path_arg, prepare=False))  # they only read
     return parser
 
 
@@ -153,8 +154,8 @@ def _worker_count(text: str) -> int:
         count = int(text)
     except ValueError:
         count = 0
-    if count < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of processes, 1 or more, got {text!r}")
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected a number of processes, 1 to {MAX_WORKERS}, got {text[:20]!r}")
     return count
 
 
@@ -168,14 +169,16 @@ def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], in
     return usage
 
 
-def _load(path_arg: str | None, *, offline: bool = False) -> tuple[Settings, Path | None]:
+def _load(path_arg: str | None, *, offline: bool = False, prepare: bool = True) -> tuple[Settings, Path | None]:
+    """The settings and the config file, None for the dev default. `prepare`: make the dev
+    default's folder if it is missing (a command that only reads passes False)."""
     from relay.config.load import config_path, load_settings
 
     path = config_path(path_arg)
     if path is None:
         from relay.config.dev import dev_settings
 
-        return dev_settings(), None
+        return dev_settings(prepare=prepare), None
     return load_settings(path, offline=offline), path
 
 
@@ -190,15 +193,20 @@ def _full_check(settings: Settings, path: Path | None) -> None:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
+    from relay.config.dev import dev_dir, dev_dir_is_prepared
     from relay.config.load import ConfigError, file_problems
 
     try:
-        settings, path = _load(args.config, offline=True)
+        # A validation writes nothing: the dev default's folder is made by `serve`.
+        settings, path = _load(args.config, offline=True, prepare=False)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EXIT_CONFIG
     source = str(path) if path else "embedded dev default"
-    if not args.offline:
+    note = " (offline: files and secrets not checked)" if args.offline else ""
+    if path is None and not args.offline and not dev_dir_is_prepared(dev_dir()):
+        note = f" (its files in {dev_dir()} are made by `relay serve`)"
+    elif not args.offline:
         # What `serve` would need here: the files it names, and every secret it references.
         problems = file_problems(settings)
         if not problems:
@@ -211,7 +219,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
             print(ConfigError(source, problems).render(), file=sys.stderr)
             return EXIT_CONFIG
     keys = ", ".join(f"{k.domain}/{k.selector}" for k in settings.dkim.keys) or "none"
-    print(f"{source}: configuration is valid" + (" (offline: files and secrets not checked)" if args.offline else ""))
+    print(f"{source}: configuration is valid{note}")
     listeners = ", ".join(f"{lst.name} {lst.bind} tls={lst.tls} auth={lst.auth}" for lst in settings.listeners)
     print(f"  listeners: {listeners}")
     key_sets = ", ".join(ks.domain for ks in settings.dkim.key_sets)
@@ -225,20 +233,50 @@ async def _unreadable_secrets(settings: Settings) -> list[tuple[str, str]]:
     """Fetch every secret reference once, as `serve` would; the ones that fail, by key path.
     Only the backends' reasons are reported, never a value."""
     from relay.config.load import secret_references
+    from relay.sign.keys import KeyMaterialError, load_signing_key
     from relay.wiring import load_secrets, new_secret_store
 
     store = new_secret_store(settings)
     logging.disable(logging.WARNING)  # the store's own warnings: reported below instead
     try:
         await load_secrets(store, settings)
-        return [
-            (key_path, f"cannot read: {store.error(ref)}")
-            for key_path, ref in secret_references(settings)
-            if store.get(ref) is None
-        ]
+        problems: list[tuple[str, str]] = []
+        dkim_refs = {key.key for key in settings.dkim.keys}
+        for key_path, ref in secret_references(settings):
+            value = store.get(ref)
+            if value is None:
+                problems.append((key_path, f"cannot read: {store.error(ref)}"))
+            elif ref not in dkim_refs and not _is_utf8(value.data):
+                # Passwords and tokens are sent as text; such bytes would fail at every use.
+                problems.append((key_path, "not UTF-8 text"))
+        # A DKIM key that is read but is no key: `serve` would start and answer 451 to
+        # every message from its domain.
+        for i, key in enumerate(settings.dkim.keys):
+            value = store.get(key.key)
+            if value is None:
+                continue
+            try:
+                load_signing_key(
+                    value.data,
+                    domain=key.domain,
+                    selector=key.selector,
+                    algorithm=key.algorithm,
+                    allow_weak_rsa=settings.dkim.allow_weak_rsa,
+                )
+            except KeyMaterialError as exc:
+                problems.append((f"dkim.keys[{i}].key", f"not a usable key: {exc}"))
+        return problems
     finally:
         logging.disable(logging.NOTSET)
         await store.close()
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -364,7 +402,7 @@ Stop with Ctrl-C.
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from relay.auth.passwords import hash_password
+    from relay.auth.passwords import MAX_PASSWORD_OCTETS, hash_password
 
     if sys.stdin is None:  # started with standard input closed
         print("no password given: pipe it on stdin", file=sys.stderr)
@@ -375,17 +413,35 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
             if getpass.getpass("Again: ") != password:
                 print("passwords differ", file=sys.stderr)
                 return EXIT_CONFIG
+            raw = password.encode("utf-8", "surrogateescape")
         else:
-            password = sys.stdin.readline().rstrip("\r\n")
+            # The first line, as bytes, read no further than a password can be long.
+            raw = sys.stdin.buffer.readline(MAX_PASSWORD_OCTETS + 3).rstrip(b"\r\n")
     except EOFError:
         # Ctrl-D at the prompt: no password given, which is not a crash.
         print("\nno password given", file=sys.stderr)
         return EXIT_CONFIG
-    if not password:
-        print("empty password", file=sys.stderr)
+    problem = _password_problem(raw, MAX_PASSWORD_OCTETS)
+    if problem:
+        print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    print(hash_password(password))
+    print(hash_password(raw.decode("utf-8")))
     return EXIT_OK
+
+
+def _password_problem(raw: bytes, limit: int) -> str | None:
+    """Why a client could never log in with `raw`, or None."""
+    if not raw:
+        return "empty password"
+    if len(raw) > limit:
+        return f"password longer than {limit} octets: AUTH could not carry it (RFC 4954 §4)"
+    if b"\0" in raw:
+        return "password holds a NUL character, which AUTH PLAIN cannot carry (RFC 4616 §2)"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "password is not UTF-8 text"
+    return None
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -399,7 +455,7 @@ def _dkim_settings(path_arg: str | None) -> Settings | None:
     from relay.config.load import ConfigError
 
     try:
-        settings, _ = _load(path_arg)
+        settings, _ = _load(path_arg, prepare=False)  # the dev default has no key sets to rotate
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return None

@@ -12,6 +12,7 @@ import sys
 from relay.secrets.base import SecretFetchError, SecretRef
 from relay.sign.keys import generate_private_key, load_signing_key, private_key_pem, txt_strings, zone_line
 from relay.sign.keyset import SELECTOR_SYNTAX
+from relay.spf.record import cut
 
 __all__ = ["keygen", "txt_strings", "zone_line"]  # txt_strings, zone_line: relay.rotate.publish uses them
 
@@ -37,10 +38,21 @@ def keygen(args: argparse.Namespace) -> int:
     # command cannot write, would leave a key pair nobody can use.
     domain = args.domain.lower().rstrip(".")
     if not re.fullmatch(_DOMAIN, domain):
-        print(f"relay keygen: -d: not a domain name: {args.domain!r}", file=sys.stderr)
+        print(f"relay keygen: -d: not a domain name: {cut(args.domain)!r}", file=sys.stderr)
         return 2
     if not re.fullmatch(SELECTOR_SYNTAX, args.selector):
-        print(f"relay keygen: -s: not a selector (letters, digits, '.', '-', '_'): {args.selector!r}", file=sys.stderr)
+        print(
+            f"relay keygen: -s: not a selector (letters, digits, '.', '-', '_'): {cut(args.selector)!r}",
+            file=sys.stderr,
+        )
+        return 2
+    name = f"{args.selector}._domainkey.{domain}"
+    if len(name) > 253 or any(len(label) > 63 for label in name.split(".")):
+        # RFC 1035 §2.3.4: DNS could not hold the record.
+        print(
+            f"relay keygen: {cut(name)} is not a DNS name: labels of at most 63 characters, 253 in all",
+            file=sys.stderr,
+        )
         return 2
     if args.store:
         try:
@@ -50,6 +62,10 @@ def keygen(args: argparse.Namespace) -> int:
             return 2
         if scheme not in _WRITABLE:
             print(f"relay keygen: --store supports file:// and aws-sm:// references, not {scheme}://", file=sys.stderr)
+            return 2
+        folder = os.path.dirname(SecretRef.parse(args.store).location)
+        if scheme == "file" and not os.path.isdir(folder):
+            print(f"relay keygen: --store: no such directory: {folder}", file=sys.stderr)
             return 2
     private = generate_private_key(args.algorithm, args.bits)
     pem = private_key_pem(private)

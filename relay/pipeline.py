@@ -112,6 +112,9 @@ class Pipeline:
         self.router = router
         self.gate = gate
         self.limiter = limiter
+        # The pipeline a reload put in this one's place (Relay.reload): where a transaction
+        # of this one begins upstream once this one's upstream is retired (`_begin`).
+        self.successor: Pipeline | None = None
         self.networks = ClientNetworks(settings.clients.networks)
         self.signer = DkimSigner(settings.dkim.sign_headers, settings.dkim.oversign)
         self._listener_senders = {
@@ -253,8 +256,7 @@ class Pipeline:
                 tx.limit = exc.limit
                 raise
         if tx.upstream is None:
-            target = self.router.target_for(tx.envelope.mail_from)
-            tx.upstream = await target.begin(tx.envelope, recipient, dsn)
+            tx.upstream = await self._begin(tx.envelope, recipient, dsn)
         try:
             reply = await tx.upstream.add_recipient(recipient, dsn)
         except SmtpError as exc:
@@ -270,6 +272,22 @@ class Pipeline:
             if dsn.notifies("SUCCESS"):
                 tx.notify_success.append((recipient, dsn))
         return reply
+
+    async def _begin(self, envelope: Envelope, recipient: str, dsn: DsnRequest | None = None) -> UpstreamTransaction:
+        """The upstream transaction for `envelope`, on the upstream this pipeline routes it to.
+        If a reload has retired that upstream since the client's MAIL (its pool is closed:
+        the host, port or credentials changed), the transaction begins where the running
+        config routes it instead: a reload costs no client a 4xx. A transaction already
+        begun upstream is not moved: it ends on its connection, which the retired pool
+        closes once it is given back."""
+        pipeline = self
+        while True:
+            try:
+                return await pipeline.router.target_for(envelope.mail_from).begin(envelope, recipient, dsn)
+            except SmtpError as exc:
+                if exc.label != "shutting_down" or pipeline.successor is None:
+                    raise  # not retired, or the relay is stopping: the 451 stands
+                pipeline = pipeline.successor
 
     async def add_recipient(self, tx: Transaction, recipient: str, dsn: DsnRequest = NO_DSN) -> Reply:
         """RCPT: the upstream's answer for `recipient`; a refusal (ours or the path's) raises
@@ -479,7 +497,7 @@ class Pipeline:
         envelope = Envelope(mail_from="", body_8bit=not signed.isascii(), smtputf8=not sender.isascii())
         upstream: UpstreamTransaction | None = None
         try:
-            upstream = await self.router.target_for(sender).begin(envelope, sender)
+            upstream = await self._begin(envelope, sender)
             reply = await upstream.add_recipient(sender)
             if reply.positive:
                 reply = await upstream.send(signed)

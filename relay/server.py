@@ -261,7 +261,9 @@ class Relay:
 
     async def _reload(self) -> bool:
         try:
-            settings = self._reload_settings()
+            # In a thread: reading and validating a large config (tens of thousands of users:
+            # seconds) must not stall every session meanwhile.
+            settings = await asyncio.to_thread(self._reload_settings)
             problem = check_tls_files(settings.tls)
             if problem:
                 raise ConfigError(str(self.config_path), [("tls", problem)])
@@ -301,6 +303,7 @@ class Relay:
         old.pipeline.keyring.detach()
         self._in_background(old.pipeline.keyring.close())  # its key fetches end
         new.pipeline.keyring.attach()
+        old.pipeline.successor = new.pipeline  # before the retired targets close (below)
         self.components = new
         if self._posture_task is not None:
             self._posture_task.cancel()

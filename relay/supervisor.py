@@ -43,11 +43,26 @@ EXIT_CONFIG = 2
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
+def _stop_with(supervisor: int) -> None:
+    """In a worker: a SIGTERM (a drain) when the supervisor dies, even of SIGKILL, so that no
+    worker goes on serving unsupervised, on ports its replacement then shares (SO_REUSEPORT).
+    Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != supervisor:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
     """Run `run_worker(index)` in `workers` forked processes until they stop; returns the
     exit code. The worker function gets its settings as arguments, not from the environment:
     only PROMETHEUS_MULTIPROC_DIR is set here, because prometheus-client reads it."""
     children: dict[int, int] = {}  # pid → worker index
+    supervisor = os.getpid()
     stopping = False
     pauses = [0.0] * workers
 
@@ -58,6 +73,7 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
         try:
             pid = os.fork()
             if pid == 0:  # the worker
+                _stop_with(supervisor)
                 # It records signals until its relay runs and acts on them, rather than
                 # dying of them while it starts; SIGINT is the supervisor's (relay.startup_signals).
                 startup_signals.hold(worker=True)
@@ -99,11 +115,25 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
     gc.freeze()
 
     codes: list[int] = []
+
+    def cannot_start(index: int, exc: OSError) -> None:
+        # fork() refused (EAGAIN: a process limit; ENOMEM): the workers already running are
+        # stopped rather than left serving unsupervised, and the supervisor exits 1.
+        nonlocal stopping
+        print(f"relay: cannot start worker {index}: {exc.strerror or exc}; stopping", file=sys.stderr, flush=True)
+        codes.append(1)
+        if not stopping:
+            stopping = True
+            forward(signal.SIGTERM, None)
+
     try:
         for index in range(workers):
             if stopping:  # a stop while the others started: passed on to them, none more
                 break
-            start(index)
+            try:
+                start(index)
+            except OSError as exc:
+                cannot_start(index, exc)
         while children:
             try:
                 pid, status = os.wait()
@@ -130,7 +160,10 @@ def supervise(workers: int, run_worker: Callable[[int], int]) -> int:
             )
             time.sleep(pauses[index])
             if not stopping:  # a stop during the pause was passed on to the others only
-                start(index)
+                try:
+                    start(index)
+                except OSError as exc:
+                    cannot_start(index, exc)
     finally:
         shutil.rmtree(multiproc_dir, ignore_errors=True)
     # Every worker is gone: nothing to pass a signal on to, and one now must not change the

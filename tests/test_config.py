@@ -99,8 +99,10 @@ def test_shipped_configs_pass_offline_validation(tmp_path, name, text):
 
 
 def test_full_validation_names_every_file_and_secret_it_cannot_read_without_values(tmp_path, pki, monkeypatch):
+    from relay.sign.keys import generate_private_key, private_key_pem
+
     key = tmp_path / "dkim.key"
-    key.write_text("not shown")
+    key.write_bytes(private_key_pem(generate_private_key("ed25519-sha256", 0)))
     monkeypatch.setenv("RELAY_TEST_UPSTREAM_PW", "Upstream-Pa55-QX81")
     monkeypatch.delenv("RELAY_TEST_MISSING_PW", raising=False)
     config = {
@@ -109,7 +111,7 @@ def test_full_validation_names_every_file_and_secret_it_cannot_read_without_valu
         "clients": {"users": [{"username": "app", "password": "env://RELAY_TEST_MISSING_PW", "senders": ["a.test"]}]},
         "dkim": {
             "keys": [
-                {"domain": "a.test", "selector": "s1", "key": f"file://{key}"},
+                {"domain": "a.test", "selector": "s1", "key": f"file://{key}", "algorithm": "ed25519-sha256"},
                 {"domain": "a.test", "selector": "s2", "key": f"file://{tmp_path / 'absent.key'}"},
             ]
         },
@@ -122,7 +124,7 @@ def test_full_validation_names_every_file_and_secret_it_cannot_read_without_valu
     assert result.returncode == 2
     problems = [line.strip() for line in result.stderr.splitlines()[1:]]
     assert [p.split(":")[0] for p in problems] == ["tls.cert_file", "dkim.keys[1].key", "clients.users[0].password"]
-    assert "Upstream-Pa55-QX81" not in result.stderr + result.stdout and "not shown" not in result.stderr
+    assert "Upstream-Pa55-QX81" not in result.stderr + result.stdout and "PRIVATE KEY" not in result.stderr
 
 
 def test_example_config_covers_every_key():
@@ -245,3 +247,135 @@ def test_binds_clash_on_one_port_of_one_address_or_its_wildcard(one, other, clas
     from relay.config.units import HostPort
 
     assert (_bind_clash(HostPort(*other), [("listeners[0]", HostPort(*one))]) is not None) is clash
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"\xff\xfe\x00l\x00i\x00", "not UTF-8 text: byte 0xff on line 1"),  # UTF-16
+        (b"hostname: relay\nlisteners: []\nupstream: {host: caf\xe9.example}\n", "not UTF-8 text: byte 0xe9 on line 3"),
+    ],
+    ids=["utf-16", "latin-1"],
+)
+def test_a_config_that_is_not_utf8_text_is_named_without_a_traceback(tmp_path, content, problem):
+    path = tmp_path / "relay.yaml"
+    path.write_bytes(content)
+    result = validate(path, "--offline")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[1:] == [f"  (top level): {problem}"]
+
+
+def test_validating_the_dev_default_writes_nothing(tmp_path, monkeypatch):
+    dev = tmp_path / "dev"
+    monkeypatch.setenv("RELAY_DEV_DIR", str(dev))
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    for options in ([], ["--offline"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["config", "validate", *options]) == 0
+        assert "embedded dev default: configuration is valid" in out.getvalue()
+        assert not dev.exists()
+    # Once `serve` has made the folder, its files are checked as any config's.
+    from relay.config.dev import prepare_dev_dir
+
+    prepare_dev_dir(dev)
+    (dev / "tls.crt").write_text("not a certificate")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["config", "validate"]) == 2
+    assert "tls.cert_file:" in err.getvalue()
+
+
+def test_full_validation_names_a_key_that_is_no_key_and_a_password_that_is_not_text(tmp_path, monkeypatch):
+    junk = tmp_path / "junk.key"
+    junk.write_bytes(b"\x00\x01 not a key")
+    password = tmp_path / "upstream.pw"
+    password.write_bytes(b"\xff\xfe")
+    monkeypatch.setenv("RELAY_TEST_PROXY_PW", b"\xff".decode("utf-8", "surrogateescape"))
+    config = {
+        "listeners": [{"name": "side", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        "dkim": {"keys": [{"domain": "a.test", "selector": "s1", "key": f"file://{junk}"}]},
+        "upstream": {
+            "host": "smtp.a.test",
+            "username": "relay",
+            "password": f"file://{password}",
+            "proxy": "socks5://relay@127.0.0.1:1080",
+            "proxy_password": "env://RELAY_TEST_PROXY_PW",
+        },
+    }
+    path = tmp_path / "relay.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = validate(path)
+    assert result.returncode == 2, result.stdout
+    assert [line.strip() for line in result.stderr.splitlines()[1:]] == [
+        "upstream[0].password: not UTF-8 text",
+        "upstream[0].proxy_password: not UTF-8 text",
+        "dkim.keys[0].key: not a usable key: not a PEM key and not a base64 Ed25519 seed",
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def _bounded_validate(path: Path) -> subprocess.CompletedProcess:
+    """`relay config validate --offline -c PATH` as a process, its memory bounded (1 GiB)."""
+    import resource
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "relay", "config", "validate", "--offline", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit_memory,
+    )
+
+
+@pytest.mark.e2e
+def test_a_config_path_that_is_a_device_a_fifo_or_huge_is_refused_unread(tmp_path):
+    fifo = tmp_path / "relay.fifo"
+    os.mkfifo(fifo)  # no writer: the read used to wait for one for ever
+    huge = tmp_path / "huge.yaml"
+    huge.write_bytes(b"#" * (16 * 1024 * 1024 + 1))
+    for path, problem in (
+        (Path("/dev/zero"), "cannot read: not a regular file"),  # was read without end
+        (fifo, "the file must hold a mapping of settings"),
+        (huge, "larger than 16 MiB: not a relay config"),
+    ):
+        result = _bounded_validate(path)
+        assert result.returncode == 2, result.stderr[-500:]
+        assert result.stderr.splitlines()[1:] == [f"  (top level): {problem}"]
+
+
+@pytest.mark.parametrize("command", [["queue", "list"], ["dkim", "status"], ["dkim", "rotate", "-d", "example.test"]])
+def test_commands_that_only_read_write_nothing_for_the_dev_default(tmp_path, monkeypatch, command):
+    dev = tmp_path / "dev"
+    monkeypatch.setenv("RELAY_DEV_DIR", str(dev))
+    monkeypatch.delenv("RELAY_CONFIG", raising=False)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        main(command)
+    assert not dev.exists()
+
+
+def test_unknown_limit_users_among_many_users_are_named_with_a_bounded_number_of_guesses(monkeypatch):
+    """2,000 limits for users not in a list of 50,000: a "did you mean" for each compared with
+    every user name (442 s). The first ten get a guess; every one is named (here 200 and 300)."""
+    import difflib
+
+    from relay.config.load import ConfigError, settings_from_mapping
+
+    guesses = []
+    real = difflib.get_close_matches
+    monkeypatch.setattr(difflib, "get_close_matches", lambda *a, **k: guesses.append(1) or real(*a, **k))
+    config = {
+        "listeners": [{"name": "side", "bind": "127.0.0.1:2525", "tls": "none", "auth": "none"}],
+        "upstream": {"host": "smtp.example.com"},
+        "clients": {
+            "users": [{"username": f"u{i}", "password": "env://PW", "senders": ["a.test"]} for i in range(300)]
+        },
+        "limits": {"users": {f"x{i}": {"daily": 10} for i in range(200)}},
+    }
+    with pytest.raises(ConfigError) as err:
+        settings_from_mapping(config, offline=True)
+    assert len(err.value.problems) == 200 and len(guesses) <= 10
+    assert err.value.problems[0] == ("limits.users.x0", "no user named 'x0' in clients.users")

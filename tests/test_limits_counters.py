@@ -550,3 +550,42 @@ async def test_redis_over_tls_checks_the_host_name_whatever_the_client_version(t
         assert counters._client.connection_pool.connection_kwargs["ssl_check_hostname"] is True
     finally:
         await counters.close()
+
+
+# -- a take whose caller is cancelled while Redis runs it ---------------------------------
+@pytest.mark.binaries
+async def test_a_count_whose_caller_is_cancelled_mid_script_is_given_back(tmp_path):
+    """A client that vanishes at DATA while its message is counted cancels `take` after the
+    script went to Redis: Redis counted the message, and nothing gave the count back (the
+    reservation never reached the pipeline). Now the count comes back once the reply does."""
+    user = Entity("user", "app")
+    demand = [Demand(user, Limits(daily=100), 1, 1)]
+    with RedisServer(tmp_path) as redis:
+        counters = RedisCounters(redis.url, fallback=LocalCounters(tmp_path / "limits"), clock=Clock(), timeout=10)
+        try:
+            assert isinstance(await counters.take(demand), Taken)
+            scripts = redis.command_calls("evalsha")
+            redis.freeze()
+            try:
+                calls = counters.round_trips
+                take = asyncio.ensure_future(counters.take(demand))
+                while counters.round_trips == calls:  # the script call has begun
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.1)  # and is, most likely, in Redis's socket already
+                take.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await take
+            finally:
+                redis.thaw()
+            for _ in range(500):  # bounded: Redis runs the cancelled call's script
+                if redis.command_calls("evalsha") > scripts:
+                    break
+                await asyncio.sleep(0.02)
+            for _ in range(500):  # and, with the fix, the give-back after it
+                if (await counters.usage([user]))[user] == Usage(1, 1):
+                    break
+                await asyncio.sleep(0.02)
+            assert (await counters.usage([user]))[user] == Usage(1, 1)
+            assert counters.available and counters.problem() is None
+        finally:
+            await counters.close()

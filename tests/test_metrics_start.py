@@ -38,3 +38,22 @@ def test_each_listener_shows_zero_sessions_and_messages_before_its_first_client(
     lines = relay.scrape().splitlines()
     assert f'relay_sessions_active{{listener="{name}"}} 0.0' in lines
     assert f'relay_messages_received_total{{listener="{name}"}} 0.0' in lines
+
+
+@in_thread
+def test_an_unusable_dkim_key_counts_and_logs_one_failure(make_loop_relay, upstream, tmp_path):
+    """The key ring re-reads what the secret store holds each time it re-indexes; at start
+    that made one unusable key count 4 failures (and log 4 errors)."""
+    selector = f"junk{uuid.uuid4().hex[:8]}"  # a series no other test made
+    junk = tmp_path / "junk.key"
+    junk.write_bytes(b"not a key")
+    junk.chmod(0o600)
+    relay = make_loop_relay(upstream.port, start=False)
+    relay.config["dkim"]["keys"].append({"domain": "example.com", "selector": selector, "key": f"file://{junk}"})
+    relay.start(wait_ready=False)
+    relay.wait_log(lambda e: e.get("msg") == "listening")
+    assert relay.metric("relay_dkim_key_load_failures_total", domain="example.com", selector=selector) == 1
+    unusable = [
+        e for e in relay.logs() if e.get("msg", "").startswith("DKIM key unusable") and e["selector"] == selector
+    ]
+    assert len(unusable) == 1

@@ -190,10 +190,11 @@ def test_a_bad_relay_workers_is_a_usage_error_of_serve_only():
     assert "Traceback" not in serve.stderr
 
 
-@pytest.mark.parametrize("count", ["0", "-2"])
-def test_serve_refuses_a_worker_count_below_one(count):
+@pytest.mark.parametrize("count", ["0", "-2", "1025", "1000000000000"])
+def test_serve_refuses_a_worker_count_out_of_range(count):
+    # A trillion workers was a MemoryError traceback before anything forked.
     result = relay_cli("serve", "--workers", count)
-    assert result.returncode == 2 and "1 or more" in result.stderr, result.stderr
+    assert result.returncode == 2 and "1 to 1024" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(
@@ -201,6 +202,8 @@ def test_serve_refuses_a_worker_count_below_one(count):
     [
         ("-s", "bad selector", "-s: not a selector"),
         ("-d", "exa mple.com", "-d: not a domain name"),
+        ("-d", "a" * 64 + ".example.com", "is not a DNS name: labels of at most 63 characters, 253 in all"),
+        ("-s", "s" * 200, "is not a DNS name: labels of at most 63 characters, 253 in all"),
         ("--store", "env://DKIM_KEY", "--store supports file:// and aws-sm://"),
         ("--store", "file://keys/s1.key", "--store: file:// reference needs an absolute path"),
     ],
@@ -235,3 +238,57 @@ def test_output_cut_short_by_its_reader_is_no_traceback():
         cwd=ROOT,
     )
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("stdin", "says"),
+    [
+        (b"\xff\xfepass\n", "password is not UTF-8 text"),
+        (b"a" * 50_000 + b"\n", "password longer than 8192 octets"),
+        (b"pass\x00word\n", "password holds a NUL character"),
+        (b"\r\n", "empty password"),
+    ],
+    ids=["not-utf8", "huge", "nul", "empty"],
+)
+def test_hash_password_refuses_what_no_client_could_log_in_with(stdin, says):
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "hash-password"], input=stdin, capture_output=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr.decode()
+    assert b"Traceback" not in result.stderr and result.stdout == b""
+
+
+def test_hash_password_takes_the_first_line_as_utf8():
+    from relay.auth.passwords import verify_password
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "hash-password"],
+        input="pässwörd\r\nignored\n".encode(),
+        capture_output=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert verify_password("pässwörd".encode(), result.stdout.decode().strip())
+
+
+@pytest.mark.parametrize(
+    ("store", "code", "says"),
+    [
+        ("file://{tmp}/absent/s1.key", 2, "--store: no such directory: {tmp}/absent"),
+        ("file:///proc/relay-test-s1.key", 1, "cannot store the key: file:///proc/relay-test-s1.key: cannot write ("),
+        (
+            "file://{tmp}/a-directory",
+            1,
+            "cannot store the key: file://{tmp}/a-directory: cannot write (Is a directory)",
+        ),
+    ],
+    ids=["missing-directory", "unwritable", "directory-at-the-name"],
+)
+def test_keygen_to_a_store_it_cannot_write_says_so_without_a_traceback(tmp_path, store, code, says):
+    (tmp_path / "a-directory").mkdir()
+    result = relay_cli("keygen", "-d", "example.com", "-s", "s1", "--force", "--store", store.format(tmp=tmp_path))
+    assert result.returncode == code, result.stderr
+    assert says.format(tmp=tmp_path) in result.stderr
+    assert "Traceback" not in result.stderr and "TXT" not in result.stdout

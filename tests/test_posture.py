@@ -986,3 +986,49 @@ async def test_monitor_against_the_real_zones(tmp_path, key_files, resolver):
     assert found["example.net"].dkim[0].problem == "k=rsa does not fit the ed25519-sha256 key"
     assert sample("relay_dkim_dns_key_match", domain="example.net", selector="s1") == 0
     assert sample("relay_dmarc_policy", domain="example.net", policy="missing") == 1
+
+
+# -- a hostile zone: loops, a 61 KB record, tag lists that are not ----------------------------
+
+
+@pytest.mark.parametrize("domain", ["loop.hostile.test", "self.hostile.test"])
+async def test_an_spf_include_loop_is_named_as_a_loop(resolver, domain):
+    """Evaluation meets a loop only as "more than 10 DNS-querying terms"; the analysis used
+    to follow it to its cap (31 lookups) and advise replacing include: terms with ip4:."""
+    spf = await check_spf(resolver, domain, [EGRESS])
+    assert (spf.status, spf.level) == ("permerror", "fail")
+    assert spf.record.over_limit and spf.record.lookups <= 2
+    assert spf.remediation.startswith(f"break the loop in the SPF records of {domain}: include:")
+    assert f"loops: {domain} -> " in spf.remediation
+
+
+async def test_an_spf_loop_is_permerror_also_without_an_egress_ip(resolver):
+    spf = await check_spf(resolver, "loop.hostile.test", [])
+    assert spf.level == "fail"
+
+
+async def test_more_than_two_void_lookups_is_permerror(resolver):
+    spf = await check_spf(resolver, "void.hostile.test", [EGRESS])
+    assert spf.status == "permerror"
+    assert spf.failing.result.problem == "more than 2 void lookups (at A nx3.hostile.test)"
+
+
+async def test_a_61_kb_spf_record_is_read_and_its_error_is_cut(resolver):
+    spf = await check_spf(resolver, "big.hostile.test", [EGRESS])
+    assert spf.status == "permerror" and spf.record.length > 60_000  # the whole record, over TCP
+    assert "... (61448 characters)" in spf.summary
+    assert len(spf.summary) < 1000 and len(spf.remediation) < 1000  # not the 61 KB word
+
+
+async def test_a_tag_list_that_is_not_one_says_what_is_wrong(resolver):
+    async def problem(selector):
+        key = signing_key("hostile.test", selector)
+        return (
+            await check_dkim_record(resolver, domain="hostile.test", selector=selector, algorithm="rsa-sha256", key=key)
+        ).problem
+
+    assert await problem("s1") == "not a DKIM key record: tag k= given twice (RFC 6376 §3.2)"
+    assert await problem("s2") == r"not a DKIM key record: '\x00\x01\\xffgarbage' is not tag=value (RFC 6376 §3.2)"
+    dmarc = await check_dmarc(resolver, "hostile.test")
+    assert dmarc.status == "invalid"
+    assert dmarc.problem.startswith("tag p= given twice (RFC 7489 §6.4)")

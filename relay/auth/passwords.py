@@ -15,6 +15,9 @@ import os
 # (verified logins are cached by the user directory).
 _N, _R, _P = 2**14, 8, 1
 _DKLEN = 32
+# AUTH PLAIN carries the username and the password in 12288 octets of base64, 9216 octets
+# (RFC 4954 §4): a longer password could never be sent; 8192 leaves room for the username.
+MAX_PASSWORD_OCTETS = 8192
 
 
 def hash_password(password: str) -> str:

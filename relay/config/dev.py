@@ -34,9 +34,11 @@ def dev_dir() -> Path:
     return Path(base) / "relay" / "dev"
 
 
-def dev_settings(base: Path | None = None) -> Settings:
+def dev_settings(base: Path | None = None, *, prepare: bool = True) -> Settings:
+    """The dev default's settings. `prepare`: make the folder, certificate and key if they
+    are missing (serve); without it nothing is written (`relay config validate`)."""
     base = base or dev_dir()
-    paths = prepare_dev_dir(base)
+    paths = prepare_dev_dir(base) if prepare else dev_paths(base)
     return settings_from_mapping(
         {
             "hostname": "localhost",
@@ -57,17 +59,27 @@ def dev_settings(base: Path | None = None) -> Settings:
             "data_dir": str(base),
         },
         source="embedded dev default",
+        offline=not prepare,  # the files are not there yet: serve makes them
     )
 
 
-def prepare_dev_dir(base: Path) -> dict[str, Path]:
-    paths = {
+def dev_paths(base: Path) -> dict[str, Path]:
+    return {
         "cert": base / "tls.crt",
         "key": base / "tls.key",
         "dkim": base / f"{DEV_SELECTOR}.{DEV_DOMAIN}.key",
         "dkim_txt": base / f"{DEV_SELECTOR}.{DEV_DOMAIN}.txt",
         "outbox": base / "outbox",
     }
+
+
+def dev_dir_is_prepared(base: Path) -> bool:
+    """Whether `relay serve` has made the dev folder's files already."""
+    return all(path.exists() for path in dev_paths(base).values())
+
+
+def prepare_dev_dir(base: Path) -> dict[str, Path]:
+    paths = dev_paths(base)
     paths["outbox"].mkdir(parents=True, exist_ok=True)
     os.chmod(base, 0o700)
     if not paths["cert"].exists() or not paths["key"].exists():

@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 import ipaddress
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -77,10 +78,12 @@ def load_settings(path: Path, *, offline: bool = False) -> Settings:
     """The validated settings of `path`. `offline`: syntax and meaning only, without looking
     at the files the config names (they may exist only where it is deployed)."""
     source = str(path)
+    raw = _read_config(path, source)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(source, [("", f"not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line}")]) from None
     try:
         data = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
@@ -88,9 +91,44 @@ def load_settings(path: Path, *, offline: bool = False) -> Settings:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(source, [("", f"YAML syntax error at {where}{problem}")]) from None
+    except RecursionError:
+        # PyYAML composes and constructs recursively: thousands of nested [ or { (no config
+        # nests more than a few levels).
+        raise ConfigError(source, [("", "YAML nested too deeply")]) from None
+    except ValueError as exc:
+        # Python's own limit on integer digits (int_max_str_digits), met by a 5,000-digit number.
+        raise ConfigError(source, [("", f"YAML value out of range: {str(exc).partition(':')[0]}")]) from None
     if not isinstance(data, dict):
         raise ConfigError(source, [("", "the file must hold a mapping of settings")])
     return settings_from_mapping(data, source, offline=offline)
+
+
+# A config with thousands of users is well under a megabyte; more is the wrong file.
+MAX_CONFIG_SIZE = 16 * 1024 * 1024
+
+
+def _read_config(path: Path, source: str) -> bytes:
+    """The file's bytes. A regular file or a pipe (`-c <(envsubst < relay.tpl)`); not a
+    device (`/dev/zero` would be read without end) nor anything over MAX_CONFIG_SIZE."""
+    try:
+        # O_NONBLOCK: a FIFO without a writer must not block the open (at a reload, the loop).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        os.close(fd)
+        kind = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(source, [("", f"cannot read: {kind}")])
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            os.set_blocking(fd, True)
+            raw = fh.read(MAX_CONFIG_SIZE + 1)
+        except OSError as exc:
+            raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_CONFIG_SIZE:
+        raise ConfigError(source, [("", f"larger than {MAX_CONFIG_SIZE // (1024 * 1024)} MiB: not a relay config")])
+    return raw
 
 
 def settings_from_mapping(data: dict[str, Any], source: str = "config", *, offline: bool = False) -> Settings:
@@ -121,9 +159,14 @@ def _key_path(loc: Iterable[Any]) -> str:
 def _describe(err: dict[str, Any]) -> tuple[str, str]:
     loc = list(err["loc"])
     # Union members show up as extra loc entries ("list[...]", "literal['auto']"); drop them.
+    kind = err["type"]
+    if kind == "invalid_key":
+        # YAML keys may be numbers, booleans or null; pydantic puts the key itself in loc.
+        key = err.get("input")
+        shown = "null" if key is None else str(key).lower() if isinstance(key, bool) else repr(key)
+        return _key_path(loc[:-1]), f"a key must be a name, not {shown}"
     loc = [p for p in loc if isinstance(p, int) or ("[" not in p and "(" not in p)]
     path = _key_path(loc)
-    kind = err["type"]
     message = err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
         field = str(loc[-1])
@@ -281,13 +324,23 @@ def _token_checks(key: str, upstream: UpstreamSettings) -> Iterable[tuple[str, s
         )
 
 
+MAX_GUESSES = 10
+
+
 def _limits_checks(settings: Settings) -> Iterable[tuple[str, str]]:
     assert settings.limits is not None
     usernames = [user.username for user in settings.clients.users]
+    known = set(usernames)
+    # Each guess compares with every user name: with tens of thousands of users, a guess for
+    # each of thousands of unknown names took minutes. The first few are enough to see a typo.
+    guesses_left = MAX_GUESSES
     for username in settings.limits.users.model_extra or {}:
-        if username not in usernames:
-            guess = difflib.get_close_matches(username, usernames, n=1)
-            hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+        if username not in known:
+            hint = ""
+            if guesses_left:
+                guesses_left -= 1
+                guess = difflib.get_close_matches(username, usernames, n=1)
+                hint = f" (did you mean {guess[0]!r}?)" if guess else ""
             yield _key_path(["limits", "users", username]), f"no user named {username!r} in clients.users{hint}"
     redis = settings.limits.redis
     if redis is not None and redis.ca_file is not None and not redis.ca_file.is_file():

@@ -72,7 +72,10 @@ def _egress_ip(value: object) -> str | list[str]:
 
 def _domain(value: str) -> str:
     value = value.strip().lower().rstrip(".")
-    if not value or " " in value or "@" in value or ".." in value:
+    if len(value) > 253 or any(len(label) > 63 for label in value.split(".")):
+        # RFC 1035 §2.3.4: no DNS query (SPF, DKIM, DMARC, MX) could ask for it.
+        raise ValueError("expected a domain name: labels of at most 63 characters, 253 in all")
+    if not value or " " in value or "@" in value or ".." in value or not value.isprintable():
         raise ValueError(f"expected a domain name, got {value!r}")
     return value
 
@@ -802,6 +805,8 @@ class QueueSettings(Strict):
 def _hostname(value: str) -> str:
     # It is the greeting's and EHLO's domain, the Received: header's "by", MAILER-DAEMON@it:
     # a space or a control character there would break each (RFC 5321 §4.1.1.1).
+    if len(value) > 253:  # RFC 1035 §2.3.4: 255 octets on the wire, 253 characters written out
+        raise ValueError(f"a host name is at most 253 characters, got {len(value)}")
     if not value or re.search(r"[\x00-\x20\x7f]", value):
         raise ValueError(f"expected a host name like relay.example.com, got {value!r}")
     return value

@@ -306,6 +306,7 @@ class RedisCounters:
         self._clock = clock
         self._client, self._script = self._connect()
         self._retiring: set[asyncio.Task[Any]] = set()  # retired clients' closes, old recoveries
+        self._unclaimed: set[asyncio.Future[Any]] = set()  # cancelled takes' calls and their give-backs
         self._secrets: SecretChanges | None = None
         self._password_ref: str | None = None
         self._seen: dict[str, _Seen] = {}
@@ -396,8 +397,17 @@ class RedisCounters:
             return Taken((), 0, self.name)
         if not self.available:
             return self._fall_back(demands)
+        call = asyncio.ensure_future(self._run("take", demands))
         try:
-            reply = await self._run("take", demands)
+            reply = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The caller is gone (a client that vanished at DATA, a stop) while the script
+            # was sent or about to be: Redis may count the message when it runs it, and no
+            # one would give that count back. The call finishes on its own (bounded by
+            # `timeout`); a count it took is given back then.
+            call.add_done_callback(lambda done: self._give_back_unclaimed(done, demands))
+            self._track_unclaimed(call)
+            raise
         except self._errors as exc:
             self._went_down(exc)
             return self._fall_back(demands)
@@ -409,6 +419,25 @@ class RedisCounters:
         self._remember(demands, reply[8:], slot, redis_now)
         demand = demands[int(index) - 1]
         return Excess(demand.entity, _KINDS[int(kind)], float(used), float(limit), max(0.0, float(wait)))
+
+    def _give_back_unclaimed(self, call: asyncio.Future[list[Any]], demands: Sequence[Demand]) -> None:
+        """`take`'s script, finished after its caller was cancelled: what it counted goes back.
+        Not knowable, and so left counted (erring on the safe side): a call that failed or
+        timed out, where Redis may or may not have run the script."""
+        if call.cancelled() or call.exception() is not None:
+            return  # the exception is retrieved: no "never retrieved" warning
+        reply = call.result()
+        if int(reply[0]) != 1:
+            return  # refused: nothing was counted
+        taken = Taken(tuple(demands), int(reply[1]), self.name)
+        self._track_unclaimed(
+            asyncio.get_running_loop().create_task(self.give_back(taken), name="limits-redis-unclaimed")
+        )
+
+    def _track_unclaimed(self, task: asyncio.Future[Any]) -> None:
+        """Held until done; close() lets it finish (bounded) before it closes the client."""
+        self._unclaimed.add(task)
+        task.add_done_callback(self._unclaimed.discard)
 
     async def give_back(self, taken: Taken) -> None:
         if taken.backend == self._fallback.name:
@@ -473,6 +502,11 @@ class RedisCounters:
         if self._recovery is not None:
             await cancel_and_wait({self._recovery})
         await cancel_and_wait(list(self._retiring))  # a retire closes its client when cancelled
+        for _ in range(2):  # a take's call, then the give-back it may start
+            if self._unclaimed:
+                # Each is one script call, bounded by `timeout`: let them reach Redis.
+                await asyncio.wait(list(self._unclaimed), timeout=self._timeout)
+        await cancel_and_wait(list(self._unclaimed))
         with contextlib.suppress(*self._errors):
             await self._client.aclose()
         await self._fallback.close()

@@ -55,6 +55,28 @@ class _Exposition:
 
 
 _MAX_REQUEST_HEAD = 8192
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line, once the whole head (up to the empty line) is in: lines end in
+    CRLF or, from a hand-typed request, a bare LF (RFC 9112 §2.2). Past _MAX_REQUEST_HEAD
+    octets in all: ValueError."""
+    request_line = b""
+    read = 0
+    while True:
+        line = await reader.readuntil(b"\n")
+        read += len(line)
+        if read > _MAX_REQUEST_HEAD:
+            raise ValueError("request head too long")
+        line = line.rstrip(b"\r\n")
+        if not line:
+            if not request_line:
+                continue  # RFC 9112 §2.2: empty lines before the request line are ignored
+            return request_line
+        if not request_line:
+            request_line = line
+
+
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
@@ -82,6 +104,8 @@ class HealthServer:
         self._detail = detail
         self._scraped = scraped
         self._server: asyncio.Server | None = None
+        self._making: asyncio.Future[bytes] | None = None  # the exposition being made
+        self._queued: asyncio.Future[bytes] | None = None  # the next, for requests arriving meanwhile
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
         self._server = await asyncio.get_running_loop().create_server(
@@ -102,21 +126,27 @@ class HealthServer:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        method = ""
         try:
             async with asyncio.timeout(10):
-                head = await reader.readuntil(b"\r\n\r\n")
-            method, path, _ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+                request_line = await _read_head(reader)
+            method, path, _ = request_line.decode("latin-1").split(" ", 2)
             path = path.split("?", 1)[0]
-            status, content_type, body = await self._respond(method, path)
+            # RFC 9110 §9.3.2: HEAD is GET without the body (curl -I, some health checkers).
+            status, content_type, body = await self._respond("GET" if method == "HEAD" else method, path)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
             status, content_type, body = 400, "text/plain", b"bad request\n"
         except ConnectionError:
             writer.close()
             return
+        # RFC 9110 §15.5.6: a 405 names the methods the resource takes.
+        allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
         head = (
             f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"Content-Length: {len(body)}\r\n{allow}Connection: close\r\n\r\n"
         ).encode("latin-1")
+        if method == "HEAD":
+            body = b""
         try:
             writer.write(head + body)
             await writer.drain()
@@ -125,16 +155,30 @@ class HealthServer:
         finally:
             writer.close()
 
+    def _scrape(self) -> asyncio.Future[bytes]:
+        """The exposition for a request arriving now. One is made at a time, and every request
+        that arrives while one is being made shares the next (made after it, so never older
+        than the request): many clients scraping at once cost the event loop, which the
+        SMTP sessions share, about what one does."""
+        if self._queued is None:
+            self._queued = asyncio.ensure_future(self._generate(self._making))
+        return self._queued
+
+    async def _generate(self, before: asyncio.Future[bytes] | None) -> bytes:
+        if before is not None:
+            await asyncio.wait([before])
+        self._making, self._queued = self._queued, None
+        ready = all(v is None for v in self._readiness().values())
+        READY.set(1 if ready else 0)  # relay_ready tracks readiness even if nothing probes
+        sources = self._scraped() if self._scraped is not None else []
+        await asyncio.gather(*(source.refresh() for source in sources))
+        return await asyncio.to_thread(generate_latest, _Exposition(metrics_registry(), sources))
+
     async def _respond(self, method: str, path: str) -> tuple[int, str, bytes]:
         if method != "GET":
             return 405, "text/plain", b"GET only\n"
         if path == "/metrics":
-            ready = all(v is None for v in self._readiness().values())
-            READY.set(1 if ready else 0)  # relay_ready tracks readiness even if nothing probes
-            sources = self._scraped() if self._scraped is not None else []
-            await asyncio.gather(*(source.refresh() for source in sources))
-            body = await asyncio.to_thread(generate_latest, _Exposition(metrics_registry(), sources))
-            return 200, CONTENT_TYPE_LATEST, body
+            return 200, CONTENT_TYPE_LATEST, await asyncio.shield(self._scrape())
         if path == "/healthz":
             return 200, "application/json", b'{"status": "ok"}'
         if path == "/readyz":

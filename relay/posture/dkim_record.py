@@ -27,11 +27,12 @@ from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import DuplicateTag, InvalidTagValueList, parse_tag_value
 
 from relay.dns.resolver import DnsNameError, DnsService, DnsTemporaryError
 from relay.posture.levels import FAIL, OK, WARN
 from relay.sign.keys import MIN_RSA_BITS, WEAK_RSA_BITS, SigningKey
+from relay.spf.record import cut
 
 _KEY_TYPES = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
 
@@ -161,6 +162,16 @@ async def check_dkim_record(
     return replace(common, status="match", warnings=tuple(warnings))
 
 
+def tag_list_problem(exc: InvalidTagValueList) -> str:
+    """What is wrong with a tag=value list (RFC 6376 §3.2, RFC 7489 §6.4), in words: dkimpy's
+    exception carries only the raw bytes (of a record that may be 64 KiB)."""
+    raw = exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""
+    text = cut(raw.decode("ascii", "backslashreplace"))
+    if isinstance(exc, DuplicateTag):
+        return f"tag {text}= given twice (RFC 6376 §3.2)"
+    return f"{text!r} is not tag=value (RFC 6376 §3.2)"
+
+
 def _test_mode(tags: dict[str, str]) -> bool:
     return "y" in [flag.strip().lower() for flag in tags.get("t", "").split(":")]
 
@@ -170,7 +181,7 @@ def _parse(raw: bytes) -> tuple[dict[str, str], str, bytes | None, int | None] |
     try:
         parsed = parse_tag_value(raw)
     except InvalidTagValueList as exc:
-        return f"not a DKIM key record (tag syntax: {exc})"
+        return f"not a DKIM key record: {tag_list_problem(exc)}"
     tags = {k.decode("ascii", "replace").lower(): v.decode("ascii", "replace") for k, v in parsed.items()}
     if "v" in tags and (tags["v"] != "DKIM1" or next(iter(tags)) != "v"):
         return "v= must be DKIM1 and come first (RFC 6376 §3.6.1)"
@@ -178,13 +189,13 @@ def _parse(raw: bytes) -> tuple[dict[str, str], str, bytes | None, int | None] |
         return "no p= tag (RFC 6376 §3.6.1)"
     key_type = tags.get("k", "rsa").strip().lower()
     if key_type not in ("rsa", "ed25519"):
-        return f"unknown key type k={key_type}"
+        return f"unknown key type k={cut(key_type)}"
     hashes = [h.strip().lower() for h in tags.get("h", "").split(":") if h.strip()]
     if hashes and "sha256" not in hashes:
-        return f"h={tags['h']} excludes sha256, which the relay signs with"
+        return f"h={cut(tags['h'])} excludes sha256, which the relay signs with"
     services = [s.strip().lower() for s in tags.get("s", "*").split(":")]
     if "*" not in services and "email" not in services:
-        return f"s={tags['s']}: the key is not for email"
+        return f"s={cut(tags['s'])}: the key is not for email"
     p = "".join(tags["p"].split())  # §3.6.1: FWS may appear inside p=
     if not p:
         return tags, key_type, None, None

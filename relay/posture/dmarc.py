@@ -28,7 +28,9 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from publicsuffixlist import PublicSuffixList
 
 from relay.dns.resolver import DnsNameError, DnsService, DnsTemporaryError
+from relay.posture.dkim_record import tag_list_problem
 from relay.posture.levels import FAIL, OK, WARN
+from relay.spf.record import cut
 
 POLICIES = ("none", "quarantine", "reject")
 _VERSION = re.compile(rb"^v\s*=\s*DMARC1\s*(;|$)")
@@ -203,7 +205,7 @@ def _evaluate(base: DmarcCheck, name: str, raw: bytes, *, subdomain: bool) -> Dm
             for k, v in parse_tag_value(raw).items()
         }
     except InvalidTagValueList as exc:
-        tags, syntax = {}, f"tag syntax: {exc}"
+        tags, syntax = {}, tag_list_problem(exc).replace("RFC 6376 §3.2", "RFC 7489 §6.4")
     else:
         syntax = None
     warnings: list[str] = []
@@ -212,7 +214,7 @@ def _evaluate(base: DmarcCheck, name: str, raw: bytes, *, subdomain: bool) -> Dm
     aspf = tags.get("aspf", "r").lower()
     for tag, value in (("adkim", adkim), ("aspf", aspf)):
         if value not in _MODES:
-            warnings.append(f"{tag}={value} is invalid (r assumed)")
+            warnings.append(f"{tag}={cut(value)} is invalid (r assumed)")
     adkim = adkim if adkim in _MODES else "r"
     aspf = aspf if aspf in _MODES else "r"
     pct = 100
@@ -220,7 +222,7 @@ def _evaluate(base: DmarcCheck, name: str, raw: bytes, *, subdomain: bool) -> Dm
         if tags["pct"].isdigit() and 0 <= int(tags["pct"]) <= 100:
             pct = int(tags["pct"])
         else:
-            warnings.append(f"pct={tags['pct']} is invalid (100 assumed)")
+            warnings.append(f"pct={cut(tags['pct'])} is invalid (100 assumed)")
     rua = _uris(tags.get("rua", ""))
     ruf = _uris(tags.get("ruf", ""))
     policy = tags.get("p", "").lower() or None
@@ -231,7 +233,7 @@ def _evaluate(base: DmarcCheck, name: str, raw: bytes, *, subdomain: bool) -> Dm
         # §6.6.3 step 6: no valid p= (or an invalid sp=): with a valid rua= act as p=none,
         # else no DMARC processing at all.
         status = "invalid"
-        bad = f"p={policy}" if policy not in POLICIES else f"sp={sub}"
+        bad = f"p={cut(policy or '')}" if policy not in POLICIES else f"sp={cut(sub or '')}"
         problem = problem or (f"{bad} is not none, quarantine or reject" if policy or sub else "no p= tag")
         applied = "none" if any(u.lower().startswith("mailto:") for u in rua) else "missing"
         problem += "; taken as p=none (rua= present)" if applied == "none" else "; no DMARC applies"

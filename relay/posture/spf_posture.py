@@ -82,11 +82,19 @@ class SpfPosture:
             why = f" ({r.problem})" if r.problem and r.result in ("permerror", "temperror", "none") else ""
             parts.append(f"{r.result} for {v.ip}{how}{why}")
         rec = self.record
-        if rec.record is not None and not rec.over_limit:
+        if self.include_loop:
+            parts.append(self.include_loop)
+        elif rec.record is not None and not rec.over_limit:
             parts.append(f"{rec.lookups}/{MAX_DNS_TERMS} DNS lookups")
         elif rec.record is None and rec.problem and not any(v.result.result == "temperror" for v in self.egress):
             parts.append(rec.problem)
         return "; ".join(parts + list(self.smells))
+
+    @property
+    def include_loop(self) -> str | None:
+        """The include/redirect chain that comes back to a domain on it, as the analysis found
+        it: evaluation meets it only as "more than 10 DNS-querying terms"."""
+        return next((p for p in self.record.problem.split("; ") if " loops: " in p), None)
 
     @property
     def remediation(self) -> str | None:
@@ -95,6 +103,8 @@ class SpfPosture:
             return "the DNS lookup failed: check dns.nameservers and run the check again"
         if rec.records_found > 1:
             return f"merge the {rec.records_found} SPF records of {self.domain} into one"
+        if self.include_loop:
+            return f"break the loop in the SPF records of {self.domain}: {self.include_loop}"
         if rec.over_limit:
             return (
                 f"cut the record to at most {MAX_DNS_TERMS} DNS lookups (now {rec.lookups}): "

@@ -188,7 +188,7 @@ def decode_entry(data: bytes) -> tuple[QueueEntry, bytes]:
         raise CorruptEntry("checksum mismatch")
     try:
         entry = QueueEntry.from_meta(json.loads(bytes(view[start : start + meta_len])))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise CorruptEntry(f"bad metadata: {type(exc).__name__}") from None
     return entry, bytes(view[start + meta_len :])
 
@@ -203,7 +203,7 @@ def decode_meta(head: bytes, file_size: int) -> QueueEntry:
         raise CorruptEntry("metadata cut short")
     try:
         return QueueEntry.from_meta(json.loads(head[start : start + meta_len]))
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise CorruptEntry(f"bad metadata: {type(exc).__name__}") from None
 
 
@@ -225,6 +225,6 @@ def decode_state(data: bytes) -> dict[str, Any]:
         state = json.loads(body)
         if not isinstance(state, dict) or not isinstance(state.get("recipients"), list):
             raise ValueError("no recipients")
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise CorruptState(f"bad state: {type(exc).__name__}") from None
     return state

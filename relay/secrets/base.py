@@ -58,7 +58,10 @@ class SecretValue:
         return f"SecretValue(<redacted {len(self.data)} bytes>, version={self.version!r})"
 
     def text(self) -> str:
-        return self.data.decode("utf-8").strip()
+        # Bytes that are not UTF-8 (a binary file, a variable set from one) become U+FFFD:
+        # the login fails as a wrong password would, where it is used; `relay config
+        # validate` names the key.
+        return self.data.decode("utf-8", "replace").strip()
 
 
 class SecretFetchError(Exception):

@@ -13,6 +13,10 @@ from relay.secrets.base import SecretFetchError, SecretNotFoundError, SecretRef,
 
 log = logging.getLogger("relay.secrets")
 
+# A DKIM key, a password or a key-set document is a few KiB (AWS Secrets Manager takes 64 KiB
+# at most); a larger file is the wrong file, and reading it every refresh would cost memory.
+MAX_SECRET_FILE_SIZE = 1024 * 1024
+
 
 class FileBackend:
     """Kubernetes/Docker mounted secrets. The version is the file's identity and mtime, so a
@@ -29,13 +33,25 @@ class FileBackend:
     def _read(self, ref: SecretRef) -> SecretValue:
         path = ref.location
         try:
-            st = os.stat(path)
-            with open(path, "rb") as fh:
-                data = fh.read()
+            # O_NONBLOCK: a FIFO at the path must not block the open (and this thread) forever.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise SecretNotFoundError(f"{ref}: cannot read (no such file)") from None
         except OSError as exc:
             raise SecretFetchError(f"{ref}: cannot read ({exc.strerror or type(exc).__name__})") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            # /dev/zero or /dev/urandom would be read without end, a FIFO waits for a writer.
+            os.close(fd)
+            raise SecretFetchError(f"{ref}: cannot read (not a regular file)")
+        with os.fdopen(fd, "rb") as fh:
+            try:
+                os.set_blocking(fd, True)
+                data = fh.read(MAX_SECRET_FILE_SIZE + 1)
+            except OSError as exc:
+                raise SecretFetchError(f"{ref}: cannot read ({exc.strerror or type(exc).__name__})") from None
+        if len(data) > MAX_SECRET_FILE_SIZE:
+            raise SecretFetchError(f"{ref}: cannot read (larger than {MAX_SECRET_FILE_SIZE // 1024} KiB)")
         if st.st_mode & (stat.S_IRGRP | stat.S_IROTH) and path not in self._warned:
             self._warned.add(path)
             log.warning(
@@ -56,7 +72,10 @@ class FileBackend:
             raise SecretFetchError(f"{ref}: exists; pass --force to overwrite")
         # mkstemp: a new file of an unpredictable name, created with O_EXCL and mode 0600, so
         # nothing planted beside the key (a symlink at a guessable name) is followed.
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path) or ".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path) or ".")
+        except OSError as exc:
+            raise SecretFetchError(f"{ref}: cannot write ({exc.strerror or type(exc).__name__})") from None
         try:
             try:
                 os.write(fd, data)
@@ -64,9 +83,11 @@ class FileBackend:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError):  # a full disk, a directory at the key's name
+                raise SecretFetchError(f"{ref}: cannot write ({exc.strerror or type(exc).__name__})") from None
             raise
         return "file"
 
@@ -96,7 +117,8 @@ class EnvBackend:
         value = self._environ.get(ref.location)
         if value is None:
             raise SecretFetchError(f"{ref}: variable is not set")
-        data = value.encode("utf-8")
+        # The variable's own bytes: os.environ holds undecodable ones as lone surrogates.
+        data = value.encode("utf-8", "surrogateescape")
         return SecretValue(data, version=str(hash(data)))
 
     async def close(self) -> None:
@@ -108,7 +130,7 @@ def _json_field(ref: SecretRef, data: bytes) -> bytes:
 
     try:
         obj = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise SecretFetchError(f"{ref}: #{ref.field} given but the content is not JSON") from None
     if not isinstance(obj, dict) or ref.field not in obj:
         raise SecretFetchError(f"{ref}: JSON has no field {ref.field!r}")

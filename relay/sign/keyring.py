@@ -76,6 +76,7 @@ class KeyRing:
         self._static_refs = {k.key for k in settings.keys}
         self._keys: dict[tuple[str, str], SigningKey] = {}
         self._problems: dict[tuple[str, str], str] = {}
+        self._failed: dict[tuple[str, str], tuple[str, int]] = {}  # the last unusable value, by key
         self._by_domain: dict[str, tuple[SigningKey, ...]] = {}
         self._by_ref: dict[str, list[HeldKey]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -200,6 +201,7 @@ class KeyRing:
             del self._keys[ident]
         for ident in [i for i in self._problems if i not in wanted]:
             del self._problems[ident]
+            self._failed.pop(ident, None)
         for ref, cfgs in by_ref.items():
             value = self._store.get(ref)
             if value is None:
@@ -240,6 +242,12 @@ class KeyRing:
             )
         except KeyMaterialError as exc:
             self._problems[ident] = str(exc)
+            # The ring re-reads what the store holds whenever it re-indexes (start, attach,
+            # a key-set change): the same unusable value is one failure, logged once.
+            failure = (ref, hash(value.data))
+            if self._failed.get(ident) == failure:
+                return False
+            self._failed[ident] = failure
             KEY_LOAD_FAILURES.labels(cfg.domain, cfg.selector).inc()
             consequence = "keeping the previous key" if ident in self._keys else "domain cannot be signed"
             log.error(
@@ -250,6 +258,7 @@ class KeyRing:
             return False
         old = self._keys.get(ident)
         self._problems.pop(ident, None)
+        self._failed.pop(ident, None)
         if old is not None and old.public_b64 == key.public_b64:
             return False  # a new version of the same key
         self._keys[ident] = key

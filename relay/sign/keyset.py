@@ -125,12 +125,12 @@ class KeySet(_Model):
     def from_bytes(cls, data: bytes, domain: str) -> KeySet:
         try:
             raw = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             raise KeySetError("not JSON") from None
         if not isinstance(raw, dict):
             raise KeySetError("not a JSON object")
         if raw.get("version") != VERSION:
-            raise KeySetError(f"version {raw.get('version')!r}; this relay reads version {VERSION}")
+            raise KeySetError(f"version {repr(raw.get('version'))[:40]}; this relay reads version {VERSION}")
         try:
             keyset = cls.model_validate(raw)
         except ValidationError as exc:

@@ -45,6 +45,8 @@ class _Analyser:
         self.lookups = 0
         self.problems: list[str] = []
         self.uses_ptr = False
+        self.path: list[str] = []  # the include/redirect chain being walked
+        self.looped = False
 
     async def records(self, domain: str) -> list[bytes]:
         answer = await self.dns.resolve(domain, "TXT")
@@ -52,6 +54,13 @@ class _Analyser:
 
     async def walk(self, domain: str, record: SpfRecord) -> str | None:
         """Count the DNS-querying terms of `record` and below; return its `all` qualifier."""
+        self.path.append(domain)
+        try:
+            return await self._walk(domain, record)
+        finally:
+            self.path.pop()
+
+    async def _walk(self, domain: str, record: SpfRecord) -> str | None:
         all_qualifier = None
         for d in record.directives:
             if d.name == "all" and all_qualifier is None:
@@ -73,7 +82,14 @@ class _Analyser:
             return None
         if not letters_used(spec) <= {"d"}:
             return None  # depends on the sender or client: cannot be followed statically
-        target = truncate((await expand(spec, {"d": domain})).rstrip("."))
+        target = truncate((await expand(spec, {"d": domain})).rstrip(".")).lower()
+        if target in self.path:
+            # Evaluation would follow it until the 10-lookup limit (§4.6.4): a permerror for
+            # every sender, whatever the record's other terms say.
+            loop = " -> ".join([*self.path[self.path.index(target) :], target])
+            self.problems.append(f"{term} loops: {loop} (permerror)")
+            self.looped = True
+            return None
         try:
             found = await self.records(target) if valid_name(target) else []
         except (DnsTemporaryError, DnsNameError) as exc:
@@ -120,7 +136,8 @@ async def analyze_record(dns: DnsService, domain: str) -> SpfRecordReport:
     except SpfPermError as exc:
         analyser.problems.insert(0, f"{exc} (permerror)")
     lookups = min(analyser.lookups, _ANALYSIS_CAP + 1)
-    over_limit = lookups > MAX_DNS_TERMS
+    # A loop is followed by evaluation until the limit: over it for every sender.
+    over_limit = lookups > MAX_DNS_TERMS or analyser.looped
     if all_qualifier == "+":
         smells.append("+all authorizes the whole internet")
     elif all_qualifier == "?":
@@ -129,9 +146,11 @@ async def analyze_record(dns: DnsService, domain: str) -> SpfRecordReport:
         smells.append("no all mechanism: unlisted senders get neutral")
     if analyser.uses_ptr:
         smells.append("ptr mechanism is deprecated (RFC 7208 §5.5)")
-    if over_limit:
+    if lookups > MAX_DNS_TERMS:
         smells.append(f"{lookups} DNS lookups, over the limit of {MAX_DNS_TERMS} (permerror)")
         analyser.problems.append(f"more than {MAX_DNS_TERMS} DNS-querying terms (permerror)")
+    elif analyser.looped:
+        smells.append(f"include/redirect loop: evaluation goes over the limit of {MAX_DNS_TERMS} lookups (permerror)")
     return SpfRecordReport(
         domain=domain,
         record=text,

@@ -29,6 +29,7 @@ from relay.spf.record import (
     Directive,
     SpfPermError,
     as_bytes,
+    cut,
     is_spf,
     parse_record,
     truncate,
@@ -78,7 +79,7 @@ class _Evaluation:
         # §4.6.4: at most 10 mechanisms/modifiers that query DNS, else permerror.
         self.lookups += 1
         if self.lookups > MAX_DNS_TERMS:
-            raise SpfPermError(f"more than {MAX_DNS_TERMS} DNS-querying terms (at {term})")
+            raise SpfPermError(f"more than {MAX_DNS_TERMS} DNS-querying terms (at {cut(term)})")
 
     async def query(self, name: str, rdtype: str, *, count_void: bool) -> tuple[Any, ...]:
         if valid_name(name):
@@ -207,7 +208,7 @@ async def _matches(ev: _Evaluation, d: Directive, domain: str) -> bool:
     if d.name == "mx":
         mxs = await ev.query(target, "MX", count_void=True)
         if len(mxs) > MAX_NAMES:  # §4.6.4: more than 10 MX names is a permerror
-            raise SpfPermError(f"{d.text}: {target} has more than {MAX_NAMES} MX records")
+            raise SpfPermError(f"{cut(d.text)}: {target} has more than {MAX_NAMES} MX records")
         for _, exchange in sorted(mxs):
             exchange = exchange.lower().rstrip(".")
             # RFC 7505 null MX (".") names no host; never fall back to the target's A (§5.4).

@@ -86,47 +86,47 @@ def parse_record(text: str) -> SpfRecord:
                 # §6: unknown modifiers are ignored, but must be syntactically valid (A/3).
                 parse_macro_string(value, letters=ALL_LETTERS)
         except MacroSyntaxError as exc:
-            raise SpfPermError(f"{term!r}: {exc}") from exc
+            raise SpfPermError(f"{shown(term)}: {exc}") from exc
     return SpfRecord(tuple(directives), modifiers.get("redirect"), modifiers.get("exp"))
 
 
 def _parse_directive(term: str) -> Directive:
     match = _MECHANISM.fullmatch(term)
     if match is None:
-        raise SpfPermError(f"unknown term {term!r}")
+        raise SpfPermError(f"unknown term {shown(term)}")
     qualifier, name, rest = match[1] or "+", match[2].lower(), match[3] or ""
     if name == "all":
         if rest:
-            raise SpfPermError(f"{term!r}: all takes no argument (§5.1)")
+            raise SpfPermError(f"{shown(term)}: all takes no argument (§5.1)")
         return Directive(term, qualifier, name)
     if name in ("include", "exists", "ptr"):
         # §5.2, §5.5, §5.7: ":" domain-spec (optional for ptr), no CIDR length.
         if name == "ptr" and not rest:
             return Directive(term, qualifier, name)
         if not rest.startswith(":"):
-            raise SpfPermError(f"{term!r}: expected ':' domain-spec")
+            raise SpfPermError(f"{shown(term)}: expected ':' domain-spec")
         return Directive(term, qualifier, name, domain=_domain_spec(term, rest[1:]))
     if name in ("a", "mx"):
         # §5.3, §5.4: [":" domain-spec] [dual-cidr-length]
         parts = _DOMAIN_AND_CIDR.fullmatch(rest)
         if parts is None:
-            raise SpfPermError(f"{term!r}: bad CIDR length")
+            raise SpfPermError(f"{shown(term)}: bad CIDR length")
         spec, c4, c6 = parts.groups()
         cidr4, cidr6 = int(c4 or 32), int(c6 or 128)
         if cidr4 > 32 or cidr6 > 128:
-            raise SpfPermError(f"{term!r}: CIDR length out of range (§5.6)")
+            raise SpfPermError(f"{shown(term)}: CIDR length out of range (§5.6)")
         domain = None if spec is None else _domain_spec(term, spec)
         return Directive(term, qualifier, name, domain=domain, cidr4=cidr4, cidr6=cidr6)
     if name in ("ip4", "ip6"):
         return Directive(term, qualifier, name, network=_network(term, name, rest))
-    raise SpfPermError(f"unknown mechanism {term!r}")
+    raise SpfPermError(f"unknown mechanism {shown(term)}")
 
 
 def _domain_spec(term: str, text: str) -> MacroString:
     try:
         return parse_domain_spec(text)
     except MacroSyntaxError as exc:
-        raise SpfPermError(f"{term!r}: {exc}") from exc
+        raise SpfPermError(f"{shown(term)}: {exc}") from exc
 
 
 def _network(term: str, name: str, rest: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -134,11 +134,27 @@ def _network(term: str, name: str, rest: str) -> ipaddress.IPv4Network | ipaddre
     match = (_IP4 if name == "ip4" else _IP6).fullmatch(rest)
     limit = 32 if name == "ip4" else 128
     if match is None or int(match[2] or limit) > limit:
-        raise SpfPermError(f"invalid {term!r}")
+        raise SpfPermError(f"invalid {shown(term)}")
     try:
         return ipaddress.ip_network(f"{match[1]}/{match[2] or limit}", strict=False)
     except ValueError as exc:
-        raise SpfPermError(f"invalid {term!r}") from exc
+        raise SpfPermError(f"invalid {shown(term)}") from exc
+
+
+_SHOWN_MAX = 80
+
+
+def shown(term: str) -> str:
+    """A term quoted for an error message, cut: a record may be 64 KiB of one term, and its
+    error goes into `relay check`'s report and, at every posture check, the log."""
+    if len(term) <= _SHOWN_MAX:
+        return repr(term)
+    return f"{term[:_SHOWN_MAX]!r}... ({len(term)} characters)"
+
+
+def cut(term: str) -> str:
+    """`shown` without the quotes."""
+    return term if len(term) <= _SHOWN_MAX else f"{term[:_SHOWN_MAX]}... ({len(term)} characters)"
 
 
 def valid_name(name: str) -> bool:

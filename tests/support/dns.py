@@ -148,14 +148,28 @@ def black_hole() -> Iterator[tuple[str, int]]:
     """A loopback port where nothing ever answers: UDP datagrams are never read and TCP
     connections are never accepted (they sit in the backlog). A resolver pointed here times
     out, which is how a DNS outage looks from the relay."""
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    udp, tcp, port = _udp_and_tcp_on_one_port()
     try:
-        udp.bind((HOST, 0))
-        port = udp.getsockname()[1]
-        tcp.bind((HOST, port))
-        tcp.listen(1)
         yield HOST, port
     finally:
         udp.close()
         tcp.close()
+
+
+def _udp_and_tcp_on_one_port() -> tuple[socket.socket, socket.socket, int]:
+    # The UDP port the kernel picks may be in use for TCP (another test's connection, from
+    # the same ephemeral range): then another one is picked. Bounded.
+    for _ in range(100):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        udp.bind((HOST, 0))
+        port = udp.getsockname()[1]
+        try:
+            tcp.bind((HOST, port))
+        except OSError:
+            udp.close()
+            tcp.close()
+            continue
+        tcp.listen(1)
+        return udp, tcp, port
+    raise OSError("no loopback port free for both UDP and TCP after 100 tries")

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 
+import pytest
+
 from relay.config.schema import DkimSettings
 from relay.secrets.local import FileBackend
 from relay.secrets.store import SecretStore
@@ -95,3 +97,13 @@ async def test_the_signing_set_follows_the_document(tmp_path, caplog):
     assert store.get(f"file://{tmp_path}/s1.key") is None and store.get(f"file://{tmp_path}/s2.key") is None
     assert not ring.owns("example.com", "s2") and ring.owns("example.com", "s1")  # s1: still in dkim.keys
     ring.detach()
+
+
+def test_a_key_set_document_nested_thousands_deep_or_with_a_huge_version_is_refused_briefly():
+    from relay.sign.keyset import KeySet, KeySetError
+
+    with pytest.raises(KeySetError, match="^not JSON$"):
+        KeySet.from_bytes(b"[" * 100_000 + b"]" * 100_000, "example.com")
+    with pytest.raises(KeySetError) as err:
+        KeySet.from_bytes(b'{"version": "' + b"v" * 100_000 + b'"}', "example.com")
+    assert len(str(err.value)) < 100

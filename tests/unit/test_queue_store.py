@@ -782,6 +782,21 @@ def test_a_recipient_due_now_is_shown_due_now_not_in_1970():
     assert info["next_attempt"] == due_now
 
 
+def test_a_state_or_metadata_nested_thousands_deep_is_corrupt_not_a_crash():
+    """json.loads recurses: arrays nested thousands deep raised RecursionError, which the
+    spool's scan did not take for a damaged file."""
+    import zlib
+
+    from relay.queue.entry import ENTRY_MAGIC, STATE_MAGIC, CorruptEntry, CorruptState, decode_entry, decode_state
+
+    nested = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(CorruptState, match="bad state: RecursionError"):
+        decode_state(b"%s %d %08x\n" % (STATE_MAGIC, len(nested), zlib.crc32(nested)) + nested)
+    entry = b"%s %d %d %08x\n" % (ENTRY_MAGIC, len(nested), 0, zlib.crc32(nested)) + nested
+    with pytest.raises(CorruptEntry, match="bad metadata: RecursionError"):
+        decode_entry(entry)
+
+
 async def test_a_replay_meeting_a_fifo_where_its_entry_was_goes_on(tmp_path):
     """A dead writer's segment vouches for an entry whose file has become a FIFO: before,
     the replay raised, so every scan (and the start) failed on that one name."""
