@@ -23,15 +23,15 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fill(tmp_path: Path, reserve: int) -> dict:
+def probe(tmp_path: Path, module: str, *args: object) -> dict:
+    """Run `python -m tests.support.<module> SPOOL ARGS...` on a 2 MiB tmpfs mounted in a
+    private mount namespace; the probe's last stdout line is its JSON result."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.fail("needs root and unshare(1) to mount a small tmpfs in a private namespace")
     root = tmp_path / "spool"
     root.mkdir()
-    script = (
-        f"mount -t tmpfs -o size=2m tmpfs {root} && "
-        f"exec {sys.executable} -m tests.support.disk_full_probe {root} {reserve}"
-    )
+    words = " ".join(str(a) for a in args)
+    script = f"mount -t tmpfs -o size=2m tmpfs {root} && exec {sys.executable} -m tests.support.{module} {root} {words}"
     done = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
         cwd=REPO,
@@ -41,6 +41,10 @@ def fill(tmp_path: Path, reserve: int) -> dict:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fill(tmp_path: Path, reserve: int) -> dict:
+    return probe(tmp_path, "disk_full_probe", reserve)
 
 
 def test_disk_full_refuses_new_mail_and_keeps_the_queue(tmp_path):
@@ -62,22 +66,7 @@ def test_a_completion_mark_cut_short_by_a_full_disk_does_not_hide_later_entries(
     full disk the write may be cut short (a torn record). A replay reads a segment up to its
     first torn record, so before, every entry acknowledged later into that segment was
     invisible to it: after a power loss, lost. Now a torn mark starts a new segment."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.fail("needs root and unshare(1) to mount a small tmpfs in a private namespace")
-    root = tmp_path / "spool"
-    root.mkdir()
-    script = (
-        f"mount -t tmpfs -o size=2m tmpfs {root} && exec {sys.executable} -m tests.support.journal_full_probe {root}"
-    )
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = probe(tmp_path, "journal_full_probe")
     assert result["torn"], "the probe did not manage to cut the mark short"
     assert result["vouched"]
 
