@@ -6,7 +6,6 @@ import difflib
 import importlib.util
 import ipaddress
 import os
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from relay.config.schema import Settings, UpstreamSettings
 from relay.config.units import HostPort
+from relay.files import NotARegularFile, open_regular, read_at_most
 
 # Field names whose values must never be echoed in an error, even when wrong.
 _SECRET_FIELDS = {
@@ -111,21 +111,12 @@ def _read_config(path: Path, source: str) -> bytes:
     """The file's bytes. A regular file or a pipe (`-c <(envsubst < relay.tpl)`); not a
     device (`/dev/zero` would be read without end) nor anything over MAX_CONFIG_SIZE."""
     try:
-        # O_NONBLOCK: a FIFO without a writer must not block the open (at a reload, the loop).
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        raw = read_at_most(open_regular(path, fifo=True), MAX_CONFIG_SIZE)
+    except NotARegularFile as exc:
+        kind = "Is a directory" if exc.kind == "a directory" else "not a regular file"
+        raise ConfigError(source, [("", f"cannot read: {kind}")]) from None
     except OSError as exc:
         raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
-    mode = os.fstat(fd).st_mode
-    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
-        os.close(fd)
-        kind = "Is a directory" if stat.S_ISDIR(mode) else "not a regular file"
-        raise ConfigError(source, [("", f"cannot read: {kind}")])
-    with os.fdopen(fd, "rb") as fh:
-        try:
-            os.set_blocking(fd, True)
-            raw = fh.read(MAX_CONFIG_SIZE + 1)
-        except OSError as exc:
-            raise ConfigError(source, [("", f"cannot read: {exc.strerror or exc}")]) from None
     if len(raw) > MAX_CONFIG_SIZE:
         raise ConfigError(source, [("", f"larger than {MAX_CONFIG_SIZE // (1024 * 1024)} MiB: not a relay config")])
     return raw

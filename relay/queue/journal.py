@@ -42,11 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import fcntl
 import logging
 import os
-import stat
 import struct
 import time
 import zlib
@@ -54,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from relay.files import open_regular
 from relay.queue.commit import COMMIT_BATCH, COMMIT_WAIT, fsync_directory
 
 log = logging.getLogger("relay.queue")
@@ -422,23 +421,13 @@ def _append_synced(fd: int, data: bytes) -> None:
     os.fdatasync(fd)
 
 
-def _open_segment_file(segment: Path) -> int:
-    """A segment for reading: never a symbolic link's target, never blocking on a FIFO."""
-    fd = os.open(segment, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file", str(segment))
-    os.set_blocking(fd, True)
-    return fd
-
-
 def orphans(directory: Path, own_prefix: str) -> bool:
     """Whether some segment's writer is gone (its flock is free): a replay is due."""
     for segment in directory.glob(f"*{SEGMENT_SUFFIX}"):
         if segment.name.startswith((own_prefix + "-", ".")):
             continue
         try:
-            fd = _open_segment_file(segment)
+            fd = open_regular(segment, follow_symlinks=False)
         except OSError:
             continue
         try:
@@ -462,7 +451,7 @@ def replay_orphans(directory: Path, own_prefix: str, restore: Callable[[str, byt
         if segment.name.startswith((own_prefix + "-", ".")):
             continue
         try:
-            fd = _open_segment_file(segment)
+            fd = open_regular(segment, follow_symlinks=False)
         except FileNotFoundError:
             continue
         except OSError as exc:

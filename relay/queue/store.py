@@ -41,9 +41,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from stat import S_ISDIR, S_ISFIFO, S_ISREG
 
 from relay.errors import SmtpError
+from relay.files import NotARegularFile, open_regular
 from relay.queue.commit import GroupCommitter, fsync_directory
 from relay.queue.entry import (
     CorruptEntry,
@@ -289,7 +289,7 @@ class Spool:
         path = self.path(entry_id)
         try:
             held = self.lock(entry_id)
-        except NotASpoolFile as exc:
+        except NotARegularFile as exc:
             # Not ours to overwrite: reported by the scan (`relay queue list`), left alone.
             log.error(
                 "journal replay: not restoring over a file that is not an entry",
@@ -333,7 +333,7 @@ class Spool:
         deadline = time.monotonic() + wait
         while True:
             try:
-                fd = open_spool_file(path)
+                fd = open_regular(path, follow_symlinks=False)
             except FileNotFoundError:
                 return None
             try:
@@ -383,7 +383,7 @@ class Spool:
     def read_meta_checked(self, entry_id: str) -> tuple[QueueEntry, str | None]:
         """`read_meta`, and why the entry's state file could not be used (the entry then
         has the state embedded in its file), or None."""
-        with os.fdopen(open_spool_file(self.path(entry_id)), "rb") as fh:
+        with os.fdopen(open_regular(self.path(entry_id), follow_symlinks=False), "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             head = fh.read(HEAD_READ)
             span = meta_span(head)
@@ -393,14 +393,14 @@ class Spool:
         return entry, self._apply_state_file(entry)
 
     def read_message(self, entry_id: str) -> bytes:
-        with os.fdopen(open_spool_file(self.path(entry_id)), "rb") as fh:
+        with os.fdopen(open_regular(self.path(entry_id), follow_symlinks=False), "rb") as fh:
             return decode_entry(fh.read())[1]
 
     def _apply_state_file(self, entry: QueueEntry) -> str | None:
         """Apply the entry's `.state` file; returns why it was not usable (the entry then keeps
         the state embedded in its file), or None."""
         try:
-            with os.fdopen(open_spool_file(self.state_path(entry.id)), "rb") as fh:
+            with os.fdopen(open_regular(self.state_path(entry.id), follow_symlinks=False), "rb") as fh:
                 data = fh.read()
         except FileNotFoundError:
             if not entry.since:
@@ -629,7 +629,7 @@ class Spool:
         return ScanResult(summaries, corrupt, total, unreadable, problems)
 
     def _report_unreadable(self, entry_id: str, exc: Exception) -> str:
-        reason = str(exc) if isinstance(exc, NotASpoolFile) else f"{type(exc).__name__}: {exc}"
+        reason = str(exc) if isinstance(exc, NotARegularFile) else f"{type(exc).__name__}: {exc}"
         if self._reported_unreadable.get(entry_id) != reason:  # once per new reason, not every scan
             self._reported_unreadable[entry_id] = reason
             log.error(
@@ -645,7 +645,7 @@ class Spool:
         if valid_id(entry_id) and self.path(entry_id).exists():
             try:
                 held = self.lock(entry_id)
-            except NotASpoolFile:
+            except NotARegularFile:
                 held = None  # the scan reports that name; the tmp file waits
             if held is None:
                 return  # held by a delivery under way (or gone this instant: next scan)
@@ -758,29 +758,6 @@ def _discard_written(path: Path, write: asyncio.Future[int]) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
     os.close(write.result())
-
-
-class NotASpoolFile(OSError):
-    """A symbolic link, a FIFO, a directory... where the spool expects one of its files."""
-
-
-def open_spool_file(path: Path) -> int:
-    """Open an entry or state file for reading, never following a symbolic link nor
-    blocking on a FIFO (a stray `mkfifo` would hold a scan, and so the start, for ever):
-    the spool writes only regular files, anything else is reported, never read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise NotASpoolFile(errno.ELOOP, "a symbolic link, not a spool file", str(path)) from None
-        raise
-    mode = os.fstat(fd).st_mode
-    if not S_ISREG(mode):
-        os.close(fd)
-        kind = "a FIFO" if S_ISFIFO(mode) else "a directory" if S_ISDIR(mode) else "a special file"
-        raise NotASpoolFile(errno.EINVAL, f"not a regular file ({kind})", str(path))
-    os.set_blocking(fd, True)
-    return fd
 
 
 def _write_synced(path: Path, data: bytes) -> None:

@@ -9,6 +9,7 @@ import os
 import stat
 import tempfile
 
+from relay.files import NotARegularFile, open_regular, read_at_most
 from relay.secrets.base import SecretFetchError, SecretNotFoundError, SecretRef, SecretValue
 
 log = logging.getLogger("relay.secrets")
@@ -33,23 +34,16 @@ class FileBackend:
     def _read(self, ref: SecretRef) -> SecretValue:
         path = ref.location
         try:
-            # O_NONBLOCK: a FIFO at the path must not block the open (and this thread) forever.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            # Not a FIFO (it waits for a writer) nor a device (/dev/zero is read without end).
+            fd = open_regular(path)
+            st = os.fstat(fd)
+            data = read_at_most(fd, MAX_SECRET_FILE_SIZE)
         except FileNotFoundError:
             raise SecretNotFoundError(f"{ref}: cannot read (no such file)") from None
+        except NotARegularFile:
+            raise SecretFetchError(f"{ref}: cannot read (not a regular file)") from None
         except OSError as exc:
             raise SecretFetchError(f"{ref}: cannot read ({exc.strerror or type(exc).__name__})") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            # /dev/zero or /dev/urandom would be read without end, a FIFO waits for a writer.
-            os.close(fd)
-            raise SecretFetchError(f"{ref}: cannot read (not a regular file)")
-        with os.fdopen(fd, "rb") as fh:
-            try:
-                os.set_blocking(fd, True)
-                data = fh.read(MAX_SECRET_FILE_SIZE + 1)
-            except OSError as exc:
-                raise SecretFetchError(f"{ref}: cannot read ({exc.strerror or type(exc).__name__})") from None
         if len(data) > MAX_SECRET_FILE_SIZE:
             raise SecretFetchError(f"{ref}: cannot read (larger than {MAX_SECRET_FILE_SIZE // 1024} KiB)")
         if st.st_mode & (stat.S_IRGRP | stat.S_IROTH) and path not in self._warned:
