@@ -17,6 +17,8 @@ from tests.support.smtp import connect, message, reply
 
 pytestmark = pytest.mark.e2e
 
+CLOSING = b"421 4.3.2 Service shutting down, closing connection\r\n"  # the drain's
+
 
 def test_sigterm_lets_the_message_in_flight_complete_then_exits_0(make_relay, upstream, pki):
     relay = make_relay(upstream.port)
@@ -101,6 +103,13 @@ def test_idle_sessions_sending_as_the_drain_starts_read_their_421_not_a_reset(ma
         except OSError as exc:
             outcomes[index] = exc
 
+    _clients_through_a_drain(relay, client, count, ready)
+    assert outcomes == [(CLOSING, b"", [])] * count
+    assert relay.proc.wait(30) == 0
+
+
+def _clients_through_a_drain(relay, client, count: int, ready: threading.Barrier) -> None:
+    """`count` threads run `client(index)`; once all are at `ready`, the relay gets SIGTERM."""
     threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
@@ -108,9 +117,6 @@ def test_idle_sessions_sending_as_the_drain_starts_read_their_421_not_a_reset(ma
     relay.signal(signal.SIGTERM)
     for thread in threads:
         thread.join(120)
-    closing = b"421 4.3.2 Service shutting down, closing connection\r\n"
-    assert outcomes == [(closing, b"", [])] * count
-    assert relay.proc.wait(30) == 0
 
 
 def _tls_session(port: int, listener: str, pki) -> ssl.SSLSocket:
@@ -149,7 +155,6 @@ def test_idle_tls_sessions_sending_as_the_drain_starts_read_their_421_and_close_
     count = 20
     ready = threading.Barrier(count + 1, timeout=60)
     outcomes: list[object] = [None] * count
-    closing = b"421 4.3.2 Service shutting down, closing connection\r\n"
 
     def client(index: int) -> None:
         try:
@@ -157,7 +162,7 @@ def test_idle_tls_sessions_sending_as_the_drain_starts_read_their_421_and_close_
                 ready.wait()
                 received, data = b"", b"..."
                 deadline = time.monotonic() + 60
-                while closing not in received and data and time.monotonic() < deadline:
+                while CLOSING not in received and data and time.monotonic() < deadline:
                     tls.sendall(b"NOOP\r\n" * 4)
                     while data and (tls.pending() or select.select([tls], [], [], 0)[0]):
                         data = tls.recv(65536)
@@ -175,14 +180,8 @@ def test_idle_tls_sessions_sending_as_the_drain_starts_read_their_421_and_close_
         except (OSError, AssertionError) as exc:
             outcomes[index] = repr(exc)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    ready.wait()
-    relay.signal(signal.SIGTERM)
-    for thread in threads:
-        thread.join(120)
-    assert outcomes == [closing] * count
+    _clients_through_a_drain(relay, client, count, ready)
+    assert outcomes == [CLOSING] * count
     assert relay.proc.wait(30) == 0
 
 
