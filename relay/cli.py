@@ -437,9 +437,7 @@ def _password_problem(raw: bytes, limit: int) -> str | None:
         return f"password longer than {limit} octets: AUTH could not carry it (RFC 4954 §4)"
     if b"\0" in raw:
         return "password holds a NUL character, which AUTH PLAIN cannot carry (RFC 4616 §2)"
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
+    if not _is_utf8(raw):
         return "password is not UTF-8 text"
     return None
 
